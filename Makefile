@@ -1,0 +1,36 @@
+# actprune — developer entry points. `make test` is the only set-up a fresh machine needs.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# On a GPU pod: make test EXTRA=gpu
+EXTRA ?= cpu
+STAMP := $(VENV)/.actprune-installed-$(EXTRA)-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: install test test-fast lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e '.[$(EXTRA),test]'
+	@# PyPI's torchvision/torchaudio break transformers' imports beside the CPU torch
+	@# ("operator torchvision::nms does not exist"); nothing here needs them.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	@rm -f $(VENV)/.actprune-installed-*
+	@touch $@
+
+test: install
+	$(PY) -m ruff check server client pruning tests bench
+	$(PY) -m pytest tests
+
+test-fast: install
+	$(PY) -m pytest tests -m "not slow"
+
+lint: install
+	$(PY) -m ruff check server client pruning tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

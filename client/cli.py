@@ -1,0 +1,55 @@
+"""The `actprune` command.
+
+Each sub-command lives in its own module that exposes ``configure(parser)`` and
+``run(args) -> int``; the module's top level stays light and imports torch / vLLM inside
+``run``, so `actprune stats show` works on a laptop without either. ``serve`` passes every
+argument it does not know straight to vLLM, so it is dispatched before argparse.
+
+Exit codes: 0 success, 1 failure while working, 2 a usage error (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+__all__ = ["COMMANDS", "UserError", "main"]
+
+# sub-command -> (module, one-line help). Add a command by adding a line.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("actprune.server.launch", "start vLLM's OpenAI server with activation capture"),
+}
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line, exit code 2."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":
+        from actprune.server.launch import main as serve_main
+
+        return serve_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="actprune", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        if name == "serve":
+            continue
+        modules[name] = importlib.import_module(module_name)
+        modules[name].configure(sp)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except UserError as e:
+        print(f"actprune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"actprune {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,1 @@
+"""actprune.pruning: score units from stats, plan, slice checkpoints, recover and evaluate."""
