@@ -115,7 +115,9 @@ class Stats:
         meta = {k: v if isinstance(v, str) else json.dumps(v) for k, v in self.meta.items()}
         meta.setdefault("format", FORMAT_NAME)
         meta.setdefault("format_version", str(FORMAT_VERSION))
-        return st_save({k: np.ascontiguousarray(v) for k, v in self.tensors.items()}, metadata=meta)
+        # reshape: ascontiguousarray turns 0-d scalars (count, cos_sum) into shape (1,)
+        tensors = {k: np.ascontiguousarray(v).reshape(np.shape(v)) for k, v in self.tensors.items()}
+        return st_save(tensors, metadata=meta)
 
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str = "<bytes>") -> Stats:
