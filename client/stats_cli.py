@@ -32,6 +32,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     pull.add_argument("-o", "--output", required=True, help="stats file to write (.safetensors)")
     pull.add_argument("--api-key", help="API key (default: $ACTPRUNE_API_KEY, then $VLLM_API_KEY)")
     pull.add_argument("--timeout", type=float, help="seconds per request (default 60)")
+    pull.add_argument("--retries", type=int, help="connection retries per server (default 3)")
     show = sub.add_parser("show", help="print a per-layer table of a stats file")
     show.add_argument("file", help="stats file (.safetensors)")
     show.add_argument("--layer", type=int, help="details of one layer: spreads, weakest neurons and heads")
@@ -45,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
 def _pull(args: argparse.Namespace) -> int:
     if args.timeout is not None and args.timeout <= 0:
         raise UserError(f"--timeout must be > 0, got {args.timeout}")
-    settings = ClientSettings.from_env(api_key=args.api_key, timeout=args.timeout)
+    if args.retries is not None and args.retries < 0:
+        raise UserError(f"--retries must be >= 0, got {args.retries}")
+    settings = ClientSettings.from_env(api_key=args.api_key, timeout=args.timeout, retries=args.retries)
     try:
         merged = asyncio.run(amerge_from(args.base_url, settings=settings))
     except ActpruneHTTPError as e:

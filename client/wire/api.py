@@ -6,7 +6,7 @@ Light on purpose: pydantic only.
 
 Routes (same process and port as vLLM's OpenAI API)::
 
-    GET  /activations/stats                     -> StatsSummary (JSON)
+    GET  /activations/stats[?k=10]              -> StatsSummary (JSON; k least-important units)
     GET  /activations/stats?format=safetensors  -> the stats file (see ``wire/stats.py``)
     GET  /activations/status                    -> StatusResponse
     POST /activations/reset                     -> ResetResponse
