@@ -19,6 +19,8 @@ __all__ = ["COMMANDS", "UserError", "main"]
 # sub-command -> (module, one-line help). Add a command by adding a line.
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("actprune.server.launch", "start vLLM's OpenAI server with activation capture"),
+    "plan": ("actprune.pruning.cli_plan", "score units from stats and write a pruning plan (plan.json)"),
+    "prune": ("actprune.pruning.cli_prune", "slice a checkpoint by a plan, tensor by tensor"),
     "collect": ("actprune.client.collect", "replay JSONL prompts through a server's OpenAI API"),
     "stats": ("actprune.client.stats_cli", "pull and merge stats from servers; show a stats file"),
 }

@@ -205,7 +205,10 @@ def slice_checkpoint(
     model_dir, out = Path(model_dir).resolve(), Path(out).resolve()
     config = _read_config(model_dir)
     _check_paths(model_dir, out, overwrite)
-    adapter = adapter_for(config)
+    try:
+        adapter = adapter_for(config)
+    except ValueError as e:
+        raise SliceError(f"{model_dir}: {e}") from e
     plan.validate_for(config, config_hash(config))
     if stats is not None and stats.meta.get("config_hash") != plan.source.config_hash:
         raise SliceError("stats for bias compensation were recorded on a different model than the plan's")
