@@ -188,3 +188,15 @@ def test_response_models_give_fastapi_an_openapi_description(raw_a):
     assert {"StatsSummary", "StatusResponse", "ResetResponse", "PauseResponse", "LayerSummary"} <= set(schemas)
     ok = spec["paths"]["/activations/status"]["get"]["responses"]["200"]
     assert ok["content"]["application/json"]["schema"]["$ref"].endswith("/StatusResponse")
+
+
+def test_async_client_also_retries_connection_refused(raw_a):
+    sock = bound_socket()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    async def go():
+        async with AsyncClient(url, settings=NO_ENV, retries=8, backoff=0.05) as c:
+            return await c.pause()
+
+    with serve(FakeState(stats=stats_from_raw(raw_a)), sock=sock, delay=0.3) as _:
+        assert asyncio.run(go()).status.paused
