@@ -66,9 +66,8 @@ def parse_weights(text: str) -> dict[str, float]:
 
 
 def request_from_args(args: argparse.Namespace):
-    from pydantic import ValidationError
-
     from actprune.client.wire.plan import PlanRequest, format_validation_error
+    from pydantic import ValidationError
 
     fields = {n: getattr(args, n) for n in _request_fields() if getattr(args, n, None) is not None}
     if isinstance(fields.get("weights"), str):
