@@ -23,6 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prune": ("actprune.pruning.cli_prune", "slice a checkpoint by a plan, tensor by tensor"),
     "collect": ("actprune.client.collect", "replay JSONL prompts through a server's OpenAI API"),
     "stats": ("actprune.client.stats_cli", "pull and merge stats from servers; show a stats file"),
+    "record": ("actprune.pruning.cli_record", "record activation stats offline with transformers"),
+    "finetune": ("actprune.pruning.cli_finetune", "recover a pruned checkpoint: fine-tune / distil"),
+    "eval": ("actprune.pruning.cli_eval", "perplexity, KL and generations of checkpoints, with a report"),
 }
 
 
