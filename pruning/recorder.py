@@ -20,8 +20,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from actprune.client.wire.stats import GROUP_FIELDS, Stats, config_hash
+from actprune.client.wire.stats import Stats, config_hash
 from actprune.server.accumulate import (
+    export_state,
     new_block_state,
     new_channel_state,
     update_block,
@@ -135,11 +136,9 @@ class Recorder:
     def stats(self, model_name: str, config: dict[str, Any]) -> Stats:
         tensors = {}
         for i in range(len(self.taps)):
-            for kind, state in (("mlp", self.mlp[i]), ("attn", self.attn[i])):
-                for f in GROUP_FIELDS:
-                    tensors[f"layers.{i}.{kind}.{f}"] = state[f].detach().cpu().numpy().copy()
-            for f in ("cos_sum", "count"):
-                tensors[f"layers.{i}.block.{f}"] = self.block[i][f].detach().cpu().numpy().copy()
+            for kind, state in (("mlp", self.mlp[i]), ("attn", self.attn[i]), ("block", self.block[i])):
+                for f, a in export_state(state).items():
+                    tensors[f"layers.{i}.{kind}.{f}"] = a
         arch = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
         meta = {
             "format": "actprune.stats",

@@ -6,7 +6,7 @@ in the offline recorder (plain transformers hooks), so both produce identical st
 A *channel group* is the state of one set of channels (MLP neurons at the input of
 ``down_proj``, or attention channels at the input of ``o_proj``):
 
-    count    ()   float64   tokens seen
+    count    (1,) float64   tokens seen (a scalar in the stats file)
     mean     (C,) float64   running mean          } merged with Chan's formula: no
     m2       (C,) float64   sum of sq. deviations } catastrophic cancellation at 1e8+ tokens
     sum      (C,) float64
@@ -21,12 +21,16 @@ graphs and CUDA-graph replays: rows are masked with ``valid`` instead of being s
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from actprune.client.wire.stats import GROUP_FIELDS
 
 __all__ = [
     "GROUP_FIELDS",
+    "SCALAR_FIELDS",
+    "export_state",
+    "merge_channels",
     "new_block_state",
     "new_channel_state",
     "update_block",
@@ -35,10 +39,16 @@ __all__ = [
 ]
 
 
+# Counts are kept as shape-(1,) tensors, not 0-d: torch.compile treats a captured 0-d float64
+# CPU tensor like a Python float, and vLLM's full-graph AOT compile then fails with
+# TensorifyScalarRestartAnalysis. ``export_state`` turns them into the wire format's scalars.
+SCALAR_FIELDS = ("count", "cos_sum")
+
+
 def new_channel_state(width: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     f64 = dict(dtype=torch.float64, device=device)
     return {
-        "count": torch.zeros((), **f64),
+        "count": torch.zeros(1, **f64),
         "mean": torch.zeros(width, **f64),
         "m2": torch.zeros(width, **f64),
         "sum": torch.zeros(width, **f64),
@@ -51,15 +61,19 @@ def new_channel_state(width: int, device: torch.device | str = "cpu") -> dict[st
 
 def new_block_state(device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     return {
-        "cos_sum": torch.zeros((), dtype=torch.float64, device=device),
-        "count": torch.zeros((), dtype=torch.float64, device=device),
+        "cos_sum": torch.zeros(1, dtype=torch.float64, device=device),
+        "count": torch.zeros(1, dtype=torch.float64, device=device),
     }
 
 
 def update_channels(
-    state: dict[str, torch.Tensor], x: torch.Tensor, valid: torch.Tensor, threshold: float
+    state: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    valid: torch.Tensor,
+    threshold: float | torch.Tensor,
 ) -> None:
-    """Fold a batch into ``state``. x: (T, C) any float dtype; valid: (T,) bool."""
+    """Fold a batch into ``state``. x: (T, C) any float dtype; valid: (T,) bool;
+    threshold: |x| at or below which a value counts as near zero (float or 0-d tensor)."""
     xf = x.float()  # (T, C)
     v = valid.view(-1, 1)  # (T, 1)
     # torch.where, not multiplication: vLLM's profile run pushes NaN rows through the model
@@ -72,19 +86,34 @@ def update_channels(
     m2_b = (d * d).sum(0, dtype=torch.float64)
     absx = xm.abs()
 
-    n_a = state["count"]
+    batch = {
+        "count": n_b,
+        "mean": mean_b,
+        "m2": m2_b,
+        "sum": s,
+        "sum_sq": (xm * xm).sum(0, dtype=torch.float64),
+        "sum_abs": absx.sum(0, dtype=torch.float64),
+        "max_abs": absx.amax(0),
+        "near_zero": torch.logical_and(v, xf.abs() <= threshold).sum(0, dtype=torch.float64),
+    }
+    merge_channels(state, batch)
+
+
+def merge_channels(state: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> None:
+    """Fold the accumulators of a disjoint sample ``other`` into ``state`` in place.
+
+    Moments merge with Chan et al.'s pairwise update; sums add; maxima take the maximum."""
+    n_a = state["count"].clone()
+    n_b = other["count"]
     n = n_a + n_b
-    delta = mean_b - state["mean"]
+    delta = other["mean"] - state["mean"]
     inv_n = 1.0 / n.clamp(min=1.0)
     state["mean"].add_(delta * (n_b * inv_n))
-    state["m2"].add_(m2_b + delta * delta * (n_a * n_b * inv_n))
+    state["m2"].add_(other["m2"] + delta * delta * (n_a * n_b * inv_n))
     state["count"].copy_(n)
-    state["sum"].add_(s)
-    state["sum_sq"].add_((xm * xm).sum(0, dtype=torch.float64))
-    state["sum_abs"].add_(absx.sum(0, dtype=torch.float64))
-    state["max_abs"].copy_(torch.maximum(state["max_abs"], absx.amax(0)))
-    near = torch.logical_and(v, xf.abs() <= threshold)
-    state["near_zero"].add_(near.sum(0, dtype=torch.float64))
+    for f in ("sum", "sum_sq", "sum_abs", "near_zero"):
+        state[f].add_(other[f])
+    state["max_abs"].copy_(torch.maximum(state["max_abs"], other["max_abs"]))
 
 
 def update_block(
@@ -103,3 +132,12 @@ def update_block(
 def reset_state(state: dict[str, torch.Tensor]) -> None:
     for t in state.values():
         t.zero_()
+
+
+def export_state(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Copy a channel or block state to host numpy arrays in the stats-file layout."""
+    out = {}
+    for f, t in state.items():
+        a = t.detach().to("cpu", copy=True).numpy()
+        out[f] = a.reshape(()) if f in SCALAR_FIELDS else a
+    return out
