@@ -49,7 +49,7 @@ def test_finetune_lowers_validation_loss_on_repeated_text(tiny, pr_jsonl, tmp_pa
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float32"
 
 
-def test_resume_after_a_kill_gives_bit_identical_weights(tiny, pr_jsonl, tmp_path):
+def test_resume_after_a_kill_gives_bit_identical_weights(tiny, pr_jsonl, tmp_path, capsys):
     kw = dict(max_steps=6, save_every=2, grad_accum=2, batch_size=1, eval_every=3)
     full = main(_cfg(tiny, pr_jsonl, tmp_path / "full", **kw))
     killed = tmp_path / "killed"
@@ -57,6 +57,7 @@ def test_resume_after_a_kill_gives_bit_identical_weights(tiny, pr_jsonl, tmp_pat
     assert not (killed / "model.safetensors").exists()
     assert sorted(p.name for p in (killed / "checkpoints").iterdir()) == ["step-000002"]
     resumed = main(_cfg(tiny, pr_jsonl, killed, resume=True, **kw))
+    assert "step-000002 (step 2)" in capsys.readouterr().out  # continued, not started over
     a = load_file(str(full / "model.safetensors"))
     b = load_file(str(resumed / "model.safetensors"))
     assert a.keys() == b.keys()
