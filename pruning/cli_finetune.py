@@ -42,6 +42,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="stop after N validations without improvement (0: never)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in -o")
+    p.add_argument("--device-map", default=None,
+                   help="'auto': spread the model over all visible GPUs in one process")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters, merged before saving")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)

@@ -61,6 +61,7 @@ class FinetuneConfig:
     early_stop_patience: int = 0  # evaluations without improvement before stopping; 0: off
     save_every: int = 0  # 0: no intermediate checkpoints
     resume: bool = False
+    device_map: str | None = None  # "auto": spread layers over all visible GPUs (one process)
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
@@ -125,7 +126,13 @@ class FinetuneRecipe:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tok = load_tokenizer(cfg.model)
         self.stored_dtype = self.model_dtype(cfg.model)
-        model = load_causal_lm(cfg.model, torch.float32).to(self.device)
+        # Full fine-tuning keeps float32 master weights; under LoRA the frozen base stays in its
+        # stored dtype (half the memory in bf16) and peft keeps the adapters in float32.
+        dtype = self.stored_dtype if cfg.lora else torch.float32
+        model = load_causal_lm(cfg.model, dtype, device_map=cfg.device_map)
+        if cfg.device_map is None:
+            model = model.to(self.device)
+        self.device = next(model.parameters()).device  # where inputs go (first shard)
         if cfg.grad_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -141,7 +148,8 @@ class FinetuneRecipe:
             if read_config(cfg.teacher).get("vocab_size") != read_config(cfg.model).get("vocab_size"):
                 raise data_mod.DataError("--teacher has another vocabulary than --model; distillation needs the same one")
             dtype = torch.bfloat16 if self.use_bf16 else torch.float32
-            self.teacher = load_causal_lm(cfg.teacher, dtype).to(self.device).requires_grad_(False)
+            teacher = load_causal_lm(cfg.teacher, dtype, device_map=cfg.device_map)
+            self.teacher = (teacher if cfg.device_map else teacher.to(self.device)).requires_grad_(False)
         self._setup_data()
         params = [p for p in model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)

@@ -39,8 +39,11 @@ def needs_remote_code(model_dir: str | Path) -> bool:
     return "auto_map" in read_config(model_dir)
 
 
-def load_causal_lm(model_dir: str | Path, dtype: torch.dtype | None = None) -> Any:
-    """The model in ``dtype`` (default: as stored), in eval mode, on CPU."""
+def load_causal_lm(
+    model_dir: str | Path, dtype: torch.dtype | None = None, device_map: str | None = None
+) -> Any:
+    """The model in ``dtype`` (default: as stored), in eval mode, on CPU unless a
+    ``device_map`` (e.g. "auto": layers spread over the visible GPUs) is given."""
     from transformers import AutoModelForCausalLM
 
     cfg = read_config(model_dir)
@@ -49,6 +52,7 @@ def load_causal_lm(model_dir: str | Path, dtype: torch.dtype | None = None) -> A
         str(model_dir),
         dtype=dtype or getattr(torch, stored),
         trust_remote_code="auto_map" in cfg,
+        **({"device_map": device_map} if device_map else {}),
     )
     return model.eval()
 

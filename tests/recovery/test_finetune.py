@@ -179,3 +179,17 @@ def test_finetune_cli_reports_a_missing_text_field(tiny, pr_jsonl, tmp_path, cap
               "-o", str(tmp_path / "x")])
     assert rc == 2
     assert "no field 'answer'" in capsys.readouterr().err
+
+
+def test_lora_on_a_bf16_checkpoint_keeps_the_base_in_bf16(pr_jsonl, tmp_path):
+    src = build_checkpoint(tmp_path / "bf16", arch="qwen3", dtype="bfloat16")
+    recipe = FinetuneRecipe(_cfg(src, pr_jsonl, tmp_path / "out", lora=True, lora_r=4, max_steps=2))
+    recipe.setup()
+    base = recipe.model.get_base_model().model.layers[0].mlp.down_proj
+    assert base.base_layer.weight.dtype == torch.bfloat16  # frozen base: stored dtype
+    assert base.lora_A["default"].weight.dtype == torch.float32  # adapters: float32
+    recipe.train()
+    out = recipe.save()
+    w = load_file(str(out / "model.safetensors"))
+    assert {t.dtype for t in w.values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
