@@ -27,6 +27,7 @@ import json
 import shutil
 import struct
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -102,20 +103,28 @@ def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
     return (idx[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)  # (n, D) -> (n*D,)
 
 
+def _take(t: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor:
+    """``t.index_select(dim, idx)``, bit-exact, through numpy on an integer view: numpy's gather
+    along columns is about 4x faster than torch's for bf16 on CPU."""
+    as_int = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    out = np.take(t.view(as_int).numpy(), idx.numpy(), axis=dim)
+    return torch.from_numpy(out).view(t.dtype)
+
+
 def slice_tensor(t: torch.Tensor, role: Role, lp: LayerPlan, head_dim: int) -> torch.Tensor:
     """The part of ``t`` that layer plan ``lp`` keeps (weights (out, in), biases (out,))."""
     if role is Role.COPY:
         return t
     if role is Role.NEURON_ROWS:
-        return t.index_select(0, torch.tensor(lp.mlp_keep, dtype=torch.long))
+        return _take(t, 0, torch.tensor(lp.mlp_keep, dtype=torch.long))
     if role is Role.NEURON_COLS:
-        return t.index_select(1, torch.tensor(lp.mlp_keep, dtype=torch.long))
+        return _take(t, 1, torch.tensor(lp.mlp_keep, dtype=torch.long))
     if role is Role.Q_ROWS:
-        return t.index_select(0, _head_rows(lp.heads_keep, head_dim))
+        return _take(t, 0, _head_rows(lp.heads_keep, head_dim))
     if role is Role.KV_ROWS:
-        return t.index_select(0, _head_rows(lp.kv_heads_keep, head_dim))
+        return _take(t, 0, _head_rows(lp.kv_heads_keep, head_dim))
     if role is Role.Q_COLS:
-        return t.index_select(1, _head_rows(lp.heads_keep, head_dim))
+        return _take(t, 1, _head_rows(lp.heads_keep, head_dim))
     raise ValueError(f"unknown role {role}")
 
 
@@ -185,15 +194,26 @@ def _write_shard(path: Path, entries: list[_Entry], produce, bar: tqdm) -> None:
         offset += n
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format wants the data 8-byte aligned
-    with open(path, "wb") as f:
+    # One writer thread: writing tensor k overlaps slicing tensor k+1 (both release the GIL);
+    # at most two tensors are in flight, so peak memory stays ~2 tensors.
+    with open(path, "wb") as f, ThreadPoolExecutor(max_workers=1) as pool:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
+        pending = None
         for e in entries:
             t = produce(e).to(e.dtype).contiguous()
             if list(t.shape) != e.shape:
                 raise RuntimeError(f"{e.name}: produced shape {list(t.shape)}, header says {e.shape}")
-            f.write(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-            bar.update(t.numel() * t.element_size())
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(_write_tensor, f, t, bar)
+        if pending is not None:
+            pending.result()
+
+
+def _write_tensor(f, t: torch.Tensor, bar: tqdm) -> None:
+    f.write(t.reshape(-1).view(torch.uint8).numpy().data)  # the tensor's own bytes, no copy
+    bar.update(t.numel() * t.element_size())
 
 
 def slice_checkpoint(

@@ -11,6 +11,7 @@ import torch
 from actprune.client.wire.plan import Plan
 from actprune.client.wire.stats import Stats, config_hash
 from actprune.server.accumulate import (
+    export_state,
     new_block_state,
     new_channel_state,
     update_block,
@@ -83,8 +84,8 @@ def record_stats(model_dir: Path, threshold: float = 0.02) -> Stats:
     hooks.remove_all()
     for i, st in states.items():
         for kind in ("mlp", "attn", "block"):
-            for f, t in st[kind].items():
-                tensors[f"layers.{i}.{kind}.{f}"] = t.numpy()
+            for f, a in export_state(st[kind]).items():
+                tensors[f"layers.{i}.{kind}.{f}"] = a
     meta = {
         "format": "actprune.stats", "format_version": "1", "model": str(model_dir),
         "architecture": cfg["architectures"][0], "config_hash": config_hash(cfg),
