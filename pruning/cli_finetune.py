@@ -28,11 +28,13 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="cosine decay, or one learning rate per epoch (--epoch-lrs)")
     p.add_argument("--epoch-lrs", type=float, nargs="+", default=[],
                    help="for --schedule steps, e.g. 2e-5 1e-5 5e-6 (default: halve each epoch)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor, as a fraction of --lr")
     p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per packed row")
     p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--max-val-batches", type=int, default=50, help="validation batches at most")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
     p.add_argument("--grad-checkpointing", action="store_true")
