@@ -137,7 +137,7 @@ def test_refuses_to_overwrite_input_or_existing_output(checkpoints, stats_for, t
 def test_interrupted_run_leaves_no_output_and_no_partial_directory(checkpoints, stats_for, tmp_path, monkeypatch):
     plan = make(checkpoints, stats_for, "qwen3", mlp_ratio=0.25)
     calls = {"n": 0}
-    real = slicer.slice_tensor
+    real = slicer.slice_array
 
     def dying(*a, **kw):
         calls["n"] += 1
@@ -145,7 +145,7 @@ def test_interrupted_run_leaves_no_output_and_no_partial_directory(checkpoints, 
             raise KeyboardInterrupt
         return real(*a, **kw)
 
-    monkeypatch.setattr(slicer, "slice_tensor", dying)
+    monkeypatch.setattr(slicer, "slice_array", dying)
     with pytest.raises(KeyboardInterrupt):
         slice_checkpoint(checkpoints["qwen3"], plan, tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []
