@@ -41,19 +41,19 @@ def main(argv: list[str] | None = None) -> int:
         return serve_main(argv[1:])
     parser = argparse.ArgumentParser(prog="actprune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    modules = {}
+    chosen = argv[0] if argv and argv[0] in COMMANDS else None
+    module = None
     for name, (module_name, help_text) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=help_text)
-        if name == "serve":
-            continue
-        modules[name] = importlib.import_module(module_name)
-        modules[name].configure(sp)
+        if name == chosen:  # import only the command that runs: one broken command can't break others
+            module = importlib.import_module(module_name)
+            module.configure(sp)
     args = parser.parse_args(argv)
-    if args.command is None:
+    if args.command is None or module is None:
         parser.print_help(sys.stderr)
         return 2
     try:
-        return int(modules[args.command].run(args) or 0)
+        return int(module.run(args) or 0)
     except UserError as e:
         print(f"actprune {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-
 from actprune.client.wire.stats import GROUP_FIELDS
 
 __all__ = [

@@ -42,6 +42,7 @@ __all__ = [
     "StatsFormatError",
     "config_hash",
     "merge",
+    "read_metadata",
 ]
 
 FORMAT_NAME = "actprune.stats"
@@ -123,7 +124,7 @@ class Stats:
     def from_bytes(cls, data: bytes, *, source: str = "<bytes>") -> Stats:
         try:
             tensors = st_load(data)
-            meta_raw = _read_metadata(data)
+            meta_raw = read_metadata(data)
         except (SafetensorError, ValueError, json.JSONDecodeError) as e:
             raise StatsFormatError(f"{source}: not a safetensors stats file ({e})") from e
         stats = cls(tensors=tensors, meta={k: _decode(v) for k, v in meta_raw.items()})
@@ -237,7 +238,8 @@ def merge(parts: Iterable[Stats]) -> Stats:
     return Stats(tensors=tensors, meta=meta)
 
 
-def _read_metadata(data: bytes) -> dict[str, str]:
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The raw ``__metadata__`` strings of safetensors bytes (no validation)."""
     if len(data) < 8:
         raise ValueError("file too short")
     n = int.from_bytes(data[:8], "little")

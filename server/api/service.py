@@ -1,0 +1,145 @@
+"""The API-process side of capture: talks to the workers through ``collective_rpc``.
+
+The engine core runs each RPC between forward steps, on every rank, so a snapshot is taken at
+one step boundary for all ranks (never half-updated ranks) and a reset zeroes every layer of
+every rank before the next step (never a mix of layers from before and after a reset).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from actprune.client.wire.api import StatusResponse
+from actprune.client.wire.stats import Stats, StatsFormatError, config_hash
+
+from ..settings import Settings
+from ..snapshot import assemble, parse_shard
+
+__all__ = ["CaptureService", "CaptureUnavailable"]
+
+log = logging.getLogger("actprune.server")
+
+
+class CaptureUnavailable(RuntimeError):
+    """The server runs without capture (plain vLLM load format)."""
+
+
+class CaptureService:
+    def __init__(self, engine_client: Any, settings: Settings, api_keys: list[str]) -> None:
+        self.engine = engine_client
+        self.settings = settings
+        self.api_keys = api_keys
+        mc = engine_client.model_config
+        hf = mc.hf_config.to_dict()
+        pc = engine_client.vllm_config.parallel_config
+        self.meta: dict[str, Any] = {
+            "model": str(mc.served_model_name or mc.model),
+            "model_path": str(mc.model),
+            "architecture": (mc.architectures or ["unknown"])[0],
+            "config_hash": config_hash(hf),
+            "num_layers": int(hf.get("num_hidden_layers", 0)),
+            "head_dim": int(hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]),
+            "tensor_parallel_size": int(pc.tensor_parallel_size),
+            "pipeline_parallel_size": int(pc.pipeline_parallel_size),
+        }
+        self.last_snapshot_time: float | None = None
+        self.snapshots_written = 0
+        self._task: asyncio.Task | None = None
+
+    # ---- RPC ------------------------------------------------------------------------------
+    async def _rpc(self, method: str, *args: Any) -> list[Any]:
+        try:
+            return await self.engine.collective_rpc(method, args=args)
+        except NotImplementedError as e:  # worker extension missing
+            raise CaptureUnavailable(
+                "activation capture is not enabled on this server; start it with `actprune serve`"
+            ) from e
+        except Exception as e:
+            if "actprune capture is not active" in str(e) or "is not implemented" in str(e):
+                raise CaptureUnavailable(str(e)) from e
+            raise
+
+    async def snapshot(self) -> Stats:
+        shards = await self._rpc("actprune_snapshot")
+        status = parse_shard(shards[0]).status
+        meta = dict(self.meta, near_zero_threshold=status["near_zero_threshold"], created=time.time())
+        return assemble(shards, meta)
+
+    async def status(self) -> StatusResponse:
+        st = (await self._rpc("actprune_status"))[0]
+        return self._status(st)
+
+    async def control(self, action: str) -> StatusResponse:
+        st = (await self._rpc(f"actprune_{action}"))[0]
+        return self._status(st)
+
+    def _status(self, st: dict[str, Any]) -> StatusResponse:
+        return StatusResponse(
+            capturing=bool(st["started"] and not st["paused"]),
+            paused=bool(st["paused"]),
+            tokens_prefill=int(st["tokens_prefill"]),
+            tokens_decode=int(st["tokens_decode"]),
+            window_start=float(st["window_start"]),
+            last_snapshot_time=self.last_snapshot_time,
+            model=self.meta["model"],
+            architecture=self.meta["architecture"],
+            config_hash=self.meta["config_hash"],
+            tensor_parallel_size=self.meta["tensor_parallel_size"],
+            pipeline_parallel_size=self.meta["pipeline_parallel_size"],
+            num_layers=self.meta["num_layers"],
+            near_zero_threshold=float(st["near_zero_threshold"]),
+        )
+
+    # ---- persistence ----------------------------------------------------------------------
+    @property
+    def snapshot_path(self) -> Path:
+        return self.settings.snapshot_dir / f"stats-{self.meta['config_hash']}.safetensors"
+
+    async def write_snapshot(self) -> Path:
+        stats = await self.snapshot()
+        path = await asyncio.to_thread(stats.save, self.snapshot_path)
+        self.last_snapshot_time = time.time()
+        self.snapshots_written += 1
+        return path
+
+    async def resume_from_disk(self) -> bool:
+        """Fold the last snapshot of this model back into the workers' accumulators."""
+        others = [
+            p for p in self.settings.snapshot_dir.glob("stats-*.safetensors") if p != self.snapshot_path
+        ]
+        if others:
+            log.warning(
+                "actprune: %s holds snapshots of other models (%s); not mixing them with %s",
+                self.settings.snapshot_dir, ", ".join(p.name for p in others), self.meta["model"],
+            )
+        if not self.settings.resume or not self.snapshot_path.is_file():
+            return False
+        try:
+            saved = await asyncio.to_thread(Stats.load, self.snapshot_path)
+        except StatsFormatError as e:
+            log.error("actprune: cannot resume from %s: %s; starting from zero", self.snapshot_path, e)
+            return False
+        if saved.meta["config_hash"] != self.meta["config_hash"]:
+            log.error("actprune: %s is from another model; starting from zero", self.snapshot_path)
+            return False
+        await self._rpc("actprune_load", saved.to_bytes())
+        log.info("actprune: resumed %d tokens from %s", saved.tokens, self.snapshot_path)
+        return True
+
+    def start_background(self) -> None:
+        if self.settings.snapshot_interval > 0 and self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.snapshot_interval)
+            try:
+                await self.write_snapshot()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # keep serving; say why the snapshot failed
+                log.error("actprune: writing snapshot failed: %s", e)

@@ -1,0 +1,266 @@
+"""Per-worker capture: accumulators on the model's device, hooks on every decoder layer.
+
+One :class:`Capture` lives in each vLLM worker process (one per tensor/pipeline-parallel
+rank), attached to the loaded model. It owns a :class:`HookRegistry` and these hooks:
+
+* pre-hook on ``mlp.down_proj``  -> actprune::observe_channels  (MLP neurons, local shard)
+* pre-hook on ``self_attn.o_proj`` -> actprune::observe_channels (attention channels, local heads)
+* pre-hook on the decoder layer  -> actprune::stash_stream      (residual stream entering)
+* post-hook on the decoder layer -> actprune::observe_block     (cosine with stream leaving)
+* pre-hook on the top-level model (runs eagerly, outside the compiled graph, once per step):
+  arms capture at the first real step and counts prefill / decode tokens.
+
+``snapshot()`` returns this rank's shard as safetensors bytes; the API process assembles the
+shards of all ranks into one stats file (:mod:`actprune.server.snapshot`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from actprune.client.wire.stats import read_metadata
+from safetensors.numpy import save as st_save
+from safetensors.torch import load as st_load
+from torch import nn
+
+from . import ops  # noqa: F401  (registers torch.ops.actprune.*)
+from .accumulate import (
+    GROUP_FIELDS,
+    export_state,
+    merge_channels,
+    new_block_state,
+    new_channel_state,
+    reset_state,
+)
+from .adapters import VllmAdapter
+from .registry import HookRegistry
+
+__all__ = ["Capture", "CaptureOptions", "ShardInfo"]
+
+HOOK_GROUP = "actprune.capture"
+
+
+@dataclass(frozen=True)
+class CaptureOptions:
+    near_zero_threshold: float = 1e-3
+    max_tokens: int = 8192  # rows of the residual-stream scratch buffer (max batched tokens)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """Where this rank's channels sit in the global layout."""
+
+    tp_rank: int = 0
+    tp_size: int = 1
+    pp_rank: int = 0
+    pp_size: int = 1
+
+
+def _partition(linear: nn.Module) -> tuple[int, int, int]:
+    """(offset, local width, global width) of a RowParallelLinear's input.
+
+    Sizes come from the layer's attributes, never from ``weight.shape``: the CPU backend may
+    repack fp32 weights into a blocked layout."""
+    local = int(getattr(linear, "input_size_per_partition", 0) or 0)
+    total = int(getattr(linear, "input_size", 0) or 0)
+    rank = int(getattr(linear, "tp_rank", 0) or 0)
+    if not local:  # a plain nn.Linear (tests, unsharded models)
+        local = total = int(linear.in_features)
+    return rank * local, local, total
+
+
+class Capture:
+    def __init__(
+        self,
+        model: nn.Module,
+        adapter: VllmAdapter,
+        options: CaptureOptions,
+        shard: ShardInfo,
+        device: torch.device,
+        hidden_size: int,
+    ) -> None:
+        self.adapter = adapter
+        self.options = options
+        self.shard = shard
+        self.device = device
+        self.registry = HookRegistry()
+        # Device flag read by the ops: 0 through warm-up and while paused.
+        self.armed = torch.zeros((), dtype=torch.float32, device=device)
+        self.threshold = torch.tensor(float(options.near_zero_threshold), dtype=torch.float32, device=device)
+        self.started = False  # a real step has been seen
+        self.paused = False
+        self.tokens_prefill = 0
+        self.tokens_decode = 0
+        self.window_start = time.time()
+        self.scratch = torch.zeros(options.max_tokens, hidden_size, dtype=torch.float32, device=device)
+        self.groups: dict[str, dict[str, torch.Tensor]] = {}
+        self.partitions: dict[str, tuple[int, int, int]] = {}
+        self._install(model)
+
+    # ---- hooks --------------------------------------------------------------------------
+    def _install(self, model: nn.Module) -> None:
+        layers = self.adapter.decoder_layers(model)
+        if not layers:
+            raise RuntimeError(f"actprune: found no decoder layers under {self.adapter.layers!r}")
+        for i, layer in layers:
+            for kind, path in (("mlp", self.adapter.mlp_in), ("attn", self.adapter.attn_in)):
+                linear = layer.get_submodule(path)
+                offset, local, total = _partition(linear)
+                state = new_channel_state(local, self.device)
+                self.groups[f"layers.{i}.{kind}"] = state
+                self.partitions[f"layers.{i}.{kind}"] = (offset, local, total)
+                self.registry.pre_hook(HOOK_GROUP, linear, self._channels_hook(state))
+            block = new_block_state(self.device)
+            self.groups[f"layers.{i}.block"] = block
+            self.registry.pre_hook(HOOK_GROUP, layer, self._stash_hook())
+            self.registry.post_hook(HOOK_GROUP, layer, self._block_hook(block))
+        self.registry.pre_hook(HOOK_GROUP, model, self._on_step, with_kwargs=True)
+
+    def _channels_hook(self, st: dict[str, torch.Tensor]):
+        armed, thr = self.armed, self.threshold
+
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            torch.ops.actprune.observe_channels(
+                args[0], armed, st["count"], st["mean"], st["m2"], st["sum"], st["sum_sq"],
+                st["sum_abs"], st["max_abs"], st["near_zero"], thr,
+            )
+
+        return hook
+
+    def _stash_hook(self):
+        scratch, h, r = self.scratch, self.adapter.hidden_arg, self.adapter.residual_arg
+
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            torch.ops.actprune.stash_stream(args[h], args[r], scratch)
+
+        return hook
+
+    def _block_hook(self, st: dict[str, torch.Tensor]):
+        scratch, armed = self.scratch, self.armed
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            hidden, residual = output
+            torch.ops.actprune.observe_block(scratch, hidden, residual, armed, st["cos_sum"], st["count"])
+
+        return hook
+
+    def _on_step(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """Eager, once per forward step: arm at the first real step, count tokens."""
+        split = _step_tokens()
+        if split is None:  # vLLM's profile / warm-up / padding-only dummy runs
+            return
+        if not self.started:
+            self.started = True
+            if not self.paused:
+                self.armed.fill_(1.0)
+        if self.paused:
+            return
+        self.tokens_prefill += split[0]
+        self.tokens_decode += split[1]
+
+    # ---- control ------------------------------------------------------------------------
+    def reset(self) -> None:
+        for st in self.groups.values():
+            reset_state(st)
+        self.tokens_prefill = self.tokens_decode = 0
+        self.window_start = time.time()
+
+    def pause(self) -> None:
+        self.paused = True
+        self.armed.fill_(0.0)
+
+    def resume(self) -> None:
+        self.paused = False
+        if self.started:
+            self.armed.fill_(1.0)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "started": self.started,
+            "paused": self.paused,
+            "tokens_prefill": self.tokens_prefill,
+            "tokens_decode": self.tokens_decode,
+            "window_start": self.window_start,
+            "near_zero_threshold": float(self.options.near_zero_threshold),
+            "tp_rank": self.shard.tp_rank,
+            "pp_rank": self.shard.pp_rank,
+            "layers": sorted({int(k.split(".")[1]) for k in self.groups}),
+        }
+
+    # ---- snapshot -----------------------------------------------------------------------
+    def snapshot(self) -> bytes:
+        """This rank's accumulators as safetensors bytes, with the partition of each group."""
+        tensors: dict[str, np.ndarray] = {}
+        for name, st in self.groups.items():
+            for f, a in export_state(st).items():
+                tensors[f"{name}.{f}"] = a
+        meta = {
+            "shard": json.dumps(self.shard.__dict__),
+            "partitions": json.dumps(self.partitions),
+            "status": json.dumps(self.status()),
+        }
+        return st_save(tensors, metadata=meta)
+
+    def load(self, data: bytes) -> None:
+        """Fold a saved stats file (the assembled, global layout) into this rank's
+        accumulators, taking this rank's slice of each group: resume after a restart."""
+        saved = st_load(data)
+        meta = json.loads(json.dumps(read_metadata(data)))
+        for name, st in self.groups.items():
+            for f in st:
+                if f"{name}.{f}" not in saved:
+                    raise ValueError(f"saved stats lack {name}.{f}")
+        for name, st in self.groups.items():
+            if name.endswith(".block"):
+                for f in st:
+                    st[f].add_(saved[f"{name}.{f}"].to(st[f].device).reshape(st[f].shape))
+                continue
+            offset, local, total = self.partitions[name]
+            other = {}
+            for f in GROUP_FIELDS:
+                t = saved[f"{name}.{f}"]
+                if f != "count":
+                    if t.shape[0] != total:
+                        raise ValueError(f"saved {name}.{f} has {t.shape[0]} channels, model has {total}")
+                    t = t[offset : offset + local]
+                other[f] = t.to(st[f].device).reshape(st[f].shape)
+            merge_channels(st, other)
+        self.tokens_prefill += int(meta.get("tokens_prefill", 0))
+        self.tokens_decode += int(meta.get("tokens_decode", 0))
+
+    def remove(self) -> None:
+        self.registry.remove_all()
+
+
+def _step_tokens() -> tuple[int, int] | None:
+    """(prefill, decode) real tokens of the current forward step, or None for a dummy run.
+
+    A request whose query in this step is one token long is counted as decode (a one-token
+    prompt chunk is indistinguishable here and rare)."""
+    try:
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+    except ImportError:
+        return None
+    if not is_forward_context_available():
+        return None
+    md = get_forward_context().attn_metadata
+    if isinstance(md, list):  # dual-batch overlap: one dict per micro-batch
+        md = md[0] if md else None
+    if not md:
+        return None
+    m = next(iter(md.values()))
+    qsl = getattr(m, "query_start_loc_cpu", None)
+    if qsl is None:
+        qsl = getattr(m, "query_start_loc", None)
+    if qsl is None:
+        n = int(getattr(m, "num_actual_tokens", 0))
+        return (n, 0) if n else None
+    q = torch.diff(qsl.to("cpu")).tolist()
+    q = [x for x in q if x > 0]
+    decode = sum(1 for x in q if x == 1)
+    return sum(q) - decode, decode

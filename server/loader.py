@@ -1,0 +1,90 @@
+"""The ``actprune`` load format: vLLM's default loader, then capture hooks on the model.
+
+Selected with ``--load-format actprune`` (``actprune serve`` adds it). Options travel in
+``--model-loader-extra-config '{"actprune": {...}}'`` so that every worker process — local or
+on another node under Ray — gets them with the config, not through the environment:
+
+    load_format          the weight format to hand to the default loader ("auto")
+    near_zero_threshold  |x| at or below which an activation counts as near zero (1e-3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from torch import nn
+from vllm.config import ModelConfig, VllmConfig
+from vllm.config.load import LoadConfig
+from vllm.distributed import parallel_state as ps
+from vllm.logger import init_logger
+from vllm.model_executor.model_loader import register_model_loader
+from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+from .adapters import adapter_for
+from .capture import Capture, CaptureOptions, ShardInfo
+
+__all__ = ["LOAD_FORMAT", "CaptureModelLoader", "get_capture"]
+
+logger = init_logger(__name__)
+LOAD_FORMAT = "actprune"
+_ATTR = "_actprune_capture"
+
+
+def _split_config(load_config: LoadConfig) -> tuple[LoadConfig, dict[str, Any]]:
+    extra = dict(load_config.model_loader_extra_config or {})
+    ours = dict(extra.pop("actprune", {}) or {})
+    inner_format = ours.pop("load_format", "auto")
+    if inner_format == LOAD_FORMAT:
+        raise ValueError("actprune: the inner load_format cannot be 'actprune' itself")
+    inner = dataclasses.replace(load_config, load_format=inner_format, model_loader_extra_config=extra)
+    return inner, ours
+
+
+@register_model_loader(LOAD_FORMAT)
+class CaptureModelLoader(DefaultModelLoader):
+    def __init__(self, load_config: LoadConfig):
+        inner, ours = _split_config(load_config)
+        super().__init__(inner)
+        unknown = set(ours) - {f.name for f in dataclasses.fields(CaptureOptions)}
+        if unknown:
+            raise ValueError(f"actprune: unknown capture options {sorted(unknown)}")
+        self.capture_options = ours
+
+    def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
+        model = super().load_model(vllm_config, model_config, prefix)
+        arch = model_config.architectures[0] if model_config.architectures else type(model).__name__
+        options = CaptureOptions(
+            max_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
+            **self.capture_options,
+        )
+        shard = ShardInfo(
+            tp_rank=ps.get_tensor_model_parallel_rank(),
+            tp_size=ps.get_tensor_model_parallel_world_size(),
+            pp_rank=ps.get_pp_group().rank_in_group,
+            pp_size=ps.get_pp_group().world_size,
+        )
+        device = next(model.parameters()).device
+        capture = Capture(
+            model, adapter_for(arch), options, shard, device,
+            hidden_size=model_config.get_hidden_size(),
+        )
+        # A plain attribute: the worker extension finds the capture through the model.
+        object.__setattr__(model, _ATTR, capture)
+        logger.info(
+            "actprune: capturing %d layers (tp %d/%d, pp %d/%d)",
+            len(capture.groups) // 3, shard.tp_rank, shard.tp_size, shard.pp_rank, shard.pp_size,
+        )
+        return model
+
+
+def get_capture(model: nn.Module) -> Capture | None:
+    """The Capture attached to a loaded model (looking through CUDA-graph wrappers)."""
+    seen = 0
+    while model is not None and seen < 4:
+        cap = getattr(model, _ATTR, None)
+        if cap is not None:
+            return cap
+        model = getattr(model, "runnable", None) or getattr(model, "model", None)
+        seen += 1
+    return None

@@ -1,0 +1,91 @@
+"""Assemble the per-rank shards returned by ``collective_rpc("actprune_snapshot")`` into one
+stats file (numpy only; runs in the API process).
+
+Tensor parallelism splits ``down_proj`` / ``o_proj`` inputs into contiguous slices: rank r of
+t holds MLP neurons ``[r*I/t, (r+1)*I/t)`` and query heads ``[r*H/t, (r+1)*H/t)``. Each shard
+records ``(offset, local, total)`` per group, so placing slices is a copy, and TP=2 gives the
+same file as TP=1. Pipeline parallelism gives each stage its own layers; the union is taken.
+The residual stream is replicated across TP ranks, so block figures come from the lowest rank.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+from actprune.client.wire.stats import (
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    GROUP_FIELDS,
+    Stats,
+    read_metadata,
+)
+from safetensors.numpy import load as st_load
+
+__all__ = ["Shard", "assemble", "parse_shard"]
+
+
+class Shard:
+    def __init__(self, data: bytes) -> None:
+        self.tensors: dict[str, np.ndarray] = st_load(data)
+        meta = read_metadata(data)
+        self.info: dict[str, int] = json.loads(meta["shard"])
+        self.partitions: dict[str, list[int]] = json.loads(meta["partitions"])
+        self.status: dict[str, Any] = json.loads(meta["status"])
+
+
+def parse_shard(data: bytes) -> Shard:
+    return Shard(data)
+
+
+def assemble(shards: list[bytes], meta: dict[str, Any]) -> Stats:
+    """One stats file from every rank's shard; ``meta`` supplies the model-level metadata."""
+    parsed = sorted((Shard(s) for s in shards), key=lambda s: (s.info["pp_rank"], s.info["tp_rank"]))
+    if not parsed:
+        raise ValueError("no shards to assemble")
+    tensors: dict[str, np.ndarray] = {}
+    for group in sorted({g for s in parsed for g in s.partitions}, key=_group_key):
+        owners = [s for s in parsed if group in s.partitions]
+        total = owners[0].partitions[group][2]
+        counts = {float(s.tensors[f"{group}.count"]) for s in owners}
+        if len(counts) != 1:
+            # Ranks of one TP group run the same steps; different counts mean a torn snapshot.
+            raise RuntimeError(f"actprune: ranks disagree on token count for {group}: {sorted(counts)}")
+        for f in GROUP_FIELDS:
+            name = f"{group}.{f}"
+            if f == "count":
+                tensors[name] = owners[0].tensors[name]
+                continue
+            out = np.zeros(total, dtype=owners[0].tensors[name].dtype)
+            covered = 0
+            for s in owners:
+                offset, local, _ = s.partitions[group]
+                out[offset : offset + local] = s.tensors[name]
+                covered += local
+            if covered != total:
+                raise RuntimeError(f"actprune: shards cover {covered} of {total} channels of {group}")
+            tensors[name] = out
+    for s in parsed:
+        for name, t in s.tensors.items():
+            if ".block." in name and name not in tensors:
+                tensors[name] = t
+    lead = parsed[0].status
+    full_meta = dict(meta)
+    full_meta.update(
+        format=FORMAT_NAME,
+        format_version=FORMAT_VERSION,
+        tokens_prefill=int(lead["tokens_prefill"]),
+        tokens_decode=int(lead["tokens_decode"]),
+        window_start=float(lead["window_start"]),
+        tensor_parallel_size=max(s.info["tp_size"] for s in parsed),
+        pipeline_parallel_size=max(s.info["pp_size"] for s in parsed),
+    )
+    stats = Stats(tensors=tensors, meta=full_meta)
+    stats.validate(source="server snapshot")
+    return stats
+
+
+def _group_key(group: str) -> tuple[int, str]:
+    _, i, kind = group.split(".")
+    return int(i), kind
