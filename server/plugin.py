@@ -18,3 +18,6 @@ def register() -> None:
         return
     _registered = True
     from . import loader  # noqa: F401  (registers the load format on import)
+    from .models import register as register_models  # ActpruneForCausalLM, by name (lazy)
+
+    register_models()

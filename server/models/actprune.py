@@ -1,0 +1,183 @@
+"""vLLM's ``ActpruneForCausalLM``: a Qwen3 / Qwen2 / Llama decoder whose layers differ in width.
+
+Serves the checkpoints ``actprune prune`` writes with the actprune architecture (config keys in
+``docs/formats.md``): every decoder layer has its own MLP width, query-head and KV-head counts,
+and optionally a ``down_proj`` / ``o_proj`` output bias (FLAP bias compensation).
+
+Each layer is the base family's own vLLM decoder layer, built from a per-layer copy of the
+stock config (``ActpruneConfig.layer_config``), so the maths, kernels, tensor-parallel
+sharding and module names (``model.layers.{i}.mlp.down_proj``, ``...self_attn.o_proj``, which
+capture relies on) are exactly those of the stock model. vLLM 0.32 sizes the KV cache per
+attention layer (``UniformTypeKVCacheSpecs``) and builds one attention-metadata group per
+distinct (KV spec, query-head count), so per-layer head and KV-head counts need nothing here.
+
+Qwen2 layers are built as vLLM Llama layers with q/k/v biases: vLLM's ``Qwen2Attention``
+derives head_dim as hidden_size // num_heads, which is wrong once heads are pruned; the Llama
+layer reads the explicit ``head_dim`` and is otherwise the same computation.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from vllm.compilation.decorators import support_torch_compile
+from vllm.config import VllmConfig
+from vllm.distributed import get_pp_group
+from vllm.model_executor.layers.linear import RowParallelLinear
+from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+from vllm.model_executor.models.interfaces import SupportsPP
+from vllm.model_executor.models.llama import LlamaDecoderLayer
+from vllm.model_executor.models.qwen2 import Qwen2Model
+from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer
+from vllm.model_executor.models.utils import (
+    AutoWeightsLoader,
+    PPMissingLayer,
+    extract_layer_index,
+    maybe_prefix,
+)
+from vllm.sequence import IntermediateTensors
+
+__all__ = ["LAYER_BUILDERS", "ActpruneForCausalLM", "ActpruneModel", "layer_configs"]
+
+LayerBuilder = Callable[[PretrainedConfig, VllmConfig, str], nn.Module]
+
+
+def _qwen3_layer(cfg: PretrainedConfig, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+    return Qwen3DecoderLayer(config=cfg, cache_config=vllm_config.cache_config,
+                             quant_config=vllm_config.quant_config, prefix=prefix)
+
+
+def _llama_layer(cfg: PretrainedConfig, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+    return LlamaDecoderLayer(vllm_config=vllm_config, prefix=prefix, config=cfg)
+
+
+def _qwen2_layer(cfg: PretrainedConfig, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+    cfg = copy.copy(cfg)
+    cfg.qkv_bias = True  # Qwen2: biases on q/k/v (LlamaDecoderLayer reads `qkv_bias`) ...
+    cfg.attention_bias = False  # ... and none on o_proj
+    return LlamaDecoderLayer(vllm_config=vllm_config, prefix=prefix, config=cfg)
+
+
+# Base model_type -> the vLLM decoder layer built for it.
+LAYER_BUILDERS: dict[str, LayerBuilder] = {
+    "qwen3": _qwen3_layer,
+    "qwen2": _qwen2_layer,
+    "llama": _llama_layer,
+}
+
+
+def layer_configs(hf_config: PretrainedConfig) -> list[PretrainedConfig]:
+    """One stock-family config per decoder layer, with that layer's widths."""
+    if not hasattr(hf_config, "actprune_layer_widths") or not hasattr(hf_config, "base_config"):
+        raise ValueError(
+            f"ActpruneForCausalLM needs an actprune config (model_type 'actprune'), got "
+            f"{type(hf_config).__name__}; is the checkpoint's config.json from `actprune prune`?"
+        )
+    base_type = hf_config.actprune_base_model_type
+    if base_type not in LAYER_BUILDERS:
+        raise ValueError(
+            f"actprune_base_model_type {base_type!r} is not served by ActpruneForCausalLM; "
+            f"supported: {sorted(LAYER_BUILDERS)}"
+        )
+    base = hf_config.base_config()
+    n = base.num_hidden_layers
+    if len(hf_config.actprune_layer_widths) != n:
+        raise ValueError(
+            f"actprune_layer_widths has {len(hf_config.actprune_layer_widths)} entries for "
+            f"num_hidden_layers {n}; the config.json is inconsistent"
+        )
+    return [hf_config.layer_config(base, i) for i in range(n)]
+
+
+def _add_output_biases(layer: nn.Module, cfg: PretrainedConfig, vllm_config: VllmConfig,
+                       prefix: str, bias: dict[str, bool]) -> None:
+    """FLAP compensation: swap in down_proj / o_proj with a bias. RowParallelLinear adds its
+    bias once (on rank 0, before the all-reduce), so tensor parallelism stays correct."""
+    quant = vllm_config.quant_config
+    if bias.get("down_proj"):
+        layer.mlp.down_proj = RowParallelLinear(
+            cfg.intermediate_size, cfg.hidden_size, bias=True, quant_config=quant,
+            prefix=f"{prefix}.mlp.down_proj",
+        )
+    if bias.get("o_proj"):
+        attn = layer.self_attn
+        layer.self_attn.o_proj = RowParallelLinear(
+            attn.total_num_heads * attn.head_dim, cfg.hidden_size, bias=True, quant_config=quant,
+            prefix=f"{prefix}.self_attn.o_proj",
+        )
+
+
+@support_torch_compile(
+    dynamic_arg_dims={
+        "input_ids": 0,
+        "positions": -1,
+        "intermediate_tensors": 0,
+        "inputs_embeds": 0,
+    }
+)
+class ActpruneModel(Qwen2Model):
+    """Qwen2Model's embedding, layer loop, final norm and stacked-weight loading (the same
+    for all three families), with layers from :data:`LAYER_BUILDERS`."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        hf_config = vllm_config.model_config.hf_config
+        configs = layer_configs(hf_config)
+        build = LAYER_BUILDERS[hf_config.actprune_base_model_type]
+        bias = dict(getattr(hf_config, "actprune_bias", None) or {})
+
+        def make_layer(*, config, cache_config, quant_config, prefix: str) -> nn.Module:
+            cfg = configs[extract_layer_index(prefix)]
+            layer = build(cfg, vllm_config, prefix)
+            _add_output_biases(layer, cfg, vllm_config, prefix, bias)
+            return layer
+
+        super().__init__(vllm_config=vllm_config, prefix=prefix, decoder_layer_type=make_layer)
+
+
+class ActpruneForCausalLM(nn.Module, SupportsPP):
+    hf_to_vllm_mapper = Qwen2Model.hf_to_vllm_mapper
+    packed_modules_mapping = {
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        config = vllm_config.model_config.hf_config
+        self.config = config
+        self.quant_config = vllm_config.quant_config
+        self.model = ActpruneModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        if get_pp_group().is_last_rank:
+            self.lm_head = ParallelLMHead(
+                config.vocab_size, config.hidden_size, quant_config=self.quant_config,
+                prefix=maybe_prefix(prefix, "lm_head"),
+            )
+            if config.tie_word_embeddings:
+                self.lm_head = self.lm_head.tie_weights(self.model.embed_tokens)
+        else:
+            self.lm_head = PPMissingLayer()
+        self.logits_processor = LogitsProcessor(config.vocab_size)
+        self.make_empty_intermediate_tensors = self.model.make_empty_intermediate_tensors
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_input_ids(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        return self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        return self.logits_processor(self.lm_head, hidden_states)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return AutoWeightsLoader(self).load_weights(weights)
