@@ -12,8 +12,14 @@
 #                                "--max-model-len 8192 --gpu-memory-utilization 0.92"
 #
 # Arguments given to the container (`docker run IMAGE --foo`) are appended after
-# EXTRA_VLLM_ARGS. A bad value stops the container with one line naming the variable.
+# EXTRA_VLLM_ARGS. A first argument that is not a flag is run instead of the server
+# (`docker run IMAGE sleep infinity`, or RunPod's start command): a pod for pruning and
+# fine-tuning with the GPU free. A bad value stops the container with one line naming the variable.
 set -euo pipefail
+
+if [[ $# -gt 0 && "$1" != -* ]]; then
+    exec "$@"
+fi
 
 die() {
     echo "actprune entrypoint: error: $*" >&2

@@ -89,6 +89,13 @@ def test_capture_off_serves_plain_vllm_without_snapshot_flags(run_entrypoint):
                            "--tensor-parallel-size", "1", "--no-capture"]
 
 
+def test_a_command_argument_runs_instead_of_the_server(run_entrypoint, tmp_path):
+    marker = tmp_path / "ran"
+    proc, got = run_entrypoint({}, "touch", str(marker))  # no MODEL needed: no server
+    assert proc.returncode == 0, proc.stderr
+    assert got is None and marker.exists()
+
+
 def test_fractional_snapshot_interval_and_zero_are_accepted(run_entrypoint, tmp_path):
     for value in ("0", "2.5"):
         proc, got = run_entrypoint({"MODEL": "m", "ACTPRUNE_SNAPSHOT_DIR": str(tmp_path),
