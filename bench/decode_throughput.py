@@ -1,0 +1,182 @@
+"""Decode throughput of MLP-pruned vs unpruned models served by ``actprune serve``.
+
+Builds (once, cached in --dir) a random fp32 Qwen3-shaped model of ~150M parameters (hidden
+1024, 12 layers, MLP 3072, 16 query heads × 64, 8 KV heads), serves it, sends a few texts and
+pulls the captured stats from the server, plans 25 % and 50 % MLP pruning (uniform → stock
+Qwen3 architecture) and 50 % with per-layer widths (→ actprune architecture), slices, and serves
+every checkpoint at once. Then, in interleaved rounds so that the load of a shared machine hits
+every model alike, streams greedy completions and times the decode phase (tokens after the
+first), at batch 1 and at --batch concurrent requests.
+
+    .venv/bin/python bench/decode_throughput.py --dir /tmp/actprune-decode
+
+Ideal speed-up = parameters before ÷ after (decode streams every weight once per step).
+Goal (issue #4): measured speed-up ≥ 0.9 × ideal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from pathlib import Path
+
+import httpx
+
+SHAPE = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=16,
+             num_key_value_heads=8, head_dim=64, max_position_embeddings=4096)
+SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "16",
+               "--max-num-batched-tokens", "1024"]
+# name -> plan request fields (None: the unpruned model)
+VARIANTS: dict[str, dict | None] = {
+    "base": None,
+    "mlp25": {"strategy": "magnitude", "mlp_ratio": 0.25, "width_multiple": 64},
+    "mlp50": {"strategy": "magnitude", "mlp_ratio": 0.5, "width_multiple": 64},
+    "mlp50-per-layer": {"strategy": "magnitude", "mlp_ratio": 0.5, "width_multiple": 64, "per_layer": True},
+}
+TEXTS = [
+    "The old harbour town lies at the mouth of the river, where fishing boats return at dawn.",
+    "Pruning removes neurons, attention heads or whole layers to make a model smaller.",
+    "What is the capital of France? Paris is the capital and largest city of France.",
+    "Visitors walk along the stone walls, past the cathedral and the market square.",
+] * 4
+
+
+# ---- setup --------------------------------------------------------------------------------
+def build_source(root: Path) -> Path:
+    from actprune.pruning.synthetic import build_checkpoint
+
+    src = root / "base"
+    if not (src / "config.json").is_file():
+        build_checkpoint(src, arch="qwen3", dtype="float32", **SHAPE)
+    return src
+
+
+def server(model: Path, log: Path, compiled: bool):
+    from actprune.server.process import ServerProcess
+
+    args = [*SERVER_ARGS, *([] if compiled else ["--enforce-eager"])]
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", "ACTPRUNE_SNAPSHOT_DIR": str(log.parent / f"snap-{log.stem}"),
+           "ACTPRUNE_SNAPSHOT_INTERVAL": "0"}
+    return ServerProcess(model, args, env=env, log_path=log, startup_timeout=1200)
+
+
+def prune_all(src: Path, base_url: str, root: Path) -> dict[str, tuple[Path, int, int]]:
+    """Stats captured by the base server -> plans -> sliced checkpoints.
+    Returns name -> (checkpoint, params before, params after)."""
+    from actprune.client.http import Client
+    from actprune.client.wire.plan import PlanRequest
+    from actprune.pruning.planner import make_plan
+    from actprune.pruning.slicer import slice_checkpoint
+
+    for text in TEXTS:
+        httpx.post(base_url + "/v1/completions", timeout=300,
+                   json={"model": str(src), "prompt": text, "max_tokens": 1}).raise_for_status()
+    with Client(base_url) as client:
+        stats = client.stats()
+    cfg = json.loads((src / "config.json").read_text())
+    out = {}
+    for name, fields in VARIANTS.items():
+        if fields is None:
+            continue
+        plan = make_plan(stats, cfg, PlanRequest(**fields), src)
+        ckpt = root / name
+        if not (ckpt / "config.json").is_file():
+            slice_checkpoint(src, plan, ckpt, progress=False)
+        out[name] = (ckpt, plan.params_before, plan.params_after)
+    return out
+
+
+# ---- measuring ----------------------------------------------------------------------------
+def decode_rate(base_url: str, model: str, tokens: int) -> tuple[float, float]:
+    """One streamed greedy completion: (decode tokens/s after the first token, seconds)."""
+    body = {"model": model, "prompt": "The museum opens at nine", "max_tokens": tokens,
+            "temperature": 0.0, "ignore_eos": True, "stream": True}
+    stamps = []
+    t0 = time.perf_counter()
+    with httpx.stream("POST", base_url + "/v1/completions", json=body, timeout=600) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                stamps.append(time.perf_counter())
+    if len(stamps) < 2:
+        raise RuntimeError(f"{model}: got {len(stamps)} streamed chunks")
+    return (len(stamps) - 1) / (stamps[-1] - stamps[0]), stamps[-1] - t0
+
+
+def batch_rate(base_url: str, model: str, tokens: int, batch: int) -> float:
+    """``batch`` concurrent streamed completions: decode tokens/s of all of them together."""
+    with ThreadPoolExecutor(batch) as pool:
+        t0 = time.perf_counter()
+        runs = list(pool.map(lambda _: decode_rate(base_url, model, tokens), range(batch)))
+    return batch * tokens / (time.perf_counter() - t0) if runs else 0.0
+
+
+def measure(servers: dict[str, object], rounds: int, tokens: int, batch: int) -> dict[str, dict[str, float]]:
+    for srv in servers.values():  # warm-up: first requests pay one-off costs
+        decode_rate(srv.base_url, srv.model, 8)
+    res: dict[str, dict[str, list[float]]] = {n: {"b1": [], "bN": []} for n in servers}
+    for r in range(rounds):
+        order = list(servers) if r % 2 == 0 else list(reversed(servers))
+        for name in order:
+            srv = servers[name]
+            res[name]["b1"].append(decode_rate(srv.base_url, srv.model, tokens)[0])
+            if batch > 1:
+                res[name]["bN"].append(batch_rate(srv.base_url, srv.model, tokens, batch))
+        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {res[n]['b1'][-1]:.1f} tok/s" for n in servers),
+              flush=True)
+    return {n: {k: statistics.median(v) if v else float("nan") for k, v in d.items()} for n, d in res.items()}
+
+
+def report(medians, params: dict[str, int], batch: int, load: tuple[float, ...]) -> str:
+    """``params``: name -> parameter count (the base model's included)."""
+    base = medians["base"]
+    lines = [
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average before "
+        f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}",
+        "",
+        f"| model | params | ideal speed-up | batch 1 tok/s | speed-up | ÷ ideal | batch {batch} tok/s | speed-up | ÷ ideal |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in medians.items():
+        after = params[name]
+        ideal = params["base"] / after
+        s1, sn = m["b1"] / base["b1"], m["bN"] / base["bN"]
+        lines.append(
+            f"| {name} | {after / 1e6:.1f} M | {ideal:.2f}× | {m['b1']:.1f} | {s1:.2f}× | {s1 / ideal:.2f} "
+            f"| {m['bN']:.1f} | {sn:.2f}× | {sn / ideal:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/actprune-decode"))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
+    ap.add_argument("--batch", type=int, default=4, help="concurrent requests for the batched figure")
+    ap.add_argument("--compiled", action="store_true", help="torch.compile (default: --enforce-eager)")
+    args = ap.parse_args()
+    args.dir.mkdir(parents=True, exist_ok=True)
+    src = build_source(args.dir)
+    with ExitStack() as stack:
+        print("starting the base server ...", flush=True)
+        servers = {"base": stack.enter_context(server(src, args.dir / "base.log", args.compiled))}
+        pruned = prune_all(src, servers["base"].base_url, args.dir)
+        for name, (ckpt, _, _) in pruned.items():
+            print(f"starting {name} ...", flush=True)
+            servers[name] = stack.enter_context(server(ckpt, args.dir / f"{name}.log", args.compiled))
+        load = os.getloadavg()
+        medians = measure(servers, args.rounds, args.tokens, args.batch)
+    params = {"base": next(iter(pruned.values()))[1], **{n: a for n, (_, _, a) in pruned.items()}}
+    print(report(medians, params, args.batch, load))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,42 @@
+"""Pruned checkpoints for the integration tests. Stats come from the offline recorder on the
+source model (transformers); plans and slices are the real planner and slicer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from actprune.client.wire.plan import Plan, PlanRequest
+from actprune.client.wire.stats import Stats
+from actprune.pruning.planner import make_plan
+from actprune.pruning.recorder import record
+from actprune.pruning.slicer import slice_checkpoint
+from actprune.pruning.synthetic import build_checkpoint
+from serving import SOURCE_SHAPE, TEXTS, VARIANTS, load_hf, tokenize
+
+
+@pytest.fixture(scope="session")
+def source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Stats]:
+    """The fp32 tiny Qwen3 and stats recorded on it (transformers, offline recorder)."""
+    src = build_checkpoint(tmp_path_factory.mktemp("src") / "qwen3", arch="qwen3", **SOURCE_SHAPE)
+    cfg = json.loads((src / "config.json").read_text())
+    stats = record(load_hf(src), tokenize(src, TEXTS), model_name=str(src), config=cfg,
+                   batch_size=1, progress=False)
+    return src, stats
+
+
+@pytest.fixture(scope="session")
+def pruned(source, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Plan]]:
+    """variant name -> (sliced checkpoint, plan)."""
+    src, stats = source
+    cfg = json.loads((src / "config.json").read_text())
+    out = {}
+    root = tmp_path_factory.mktemp("pruned")
+    for name, (fields, compensate) in VARIANTS.items():
+        plan = make_plan(stats, cfg, PlanRequest(**fields), src)
+        ckpt = slice_checkpoint(src, plan, root / name, stats=stats if compensate else None,
+                                progress=False)
+        out[name] = (ckpt, plan)
+    return out
+
