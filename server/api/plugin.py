@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from argparse import Namespace
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -24,15 +25,22 @@ class ActpruneEndpoints:
     required_tasks = ("generate",)
 
     def attach_router(self, app: FastAPI) -> None:
-        from .routes import router
+        from .plan_route import router as plan_router
+        from .routes import ApiError, router
         from .service import CaptureUnavailable
 
         app.include_router(router)
+        app.include_router(plan_router)
 
         async def unavailable(request: Request, exc: Exception) -> JSONResponse:
             return JSONResponse({"detail": str(exc)}, status_code=409)
 
+        async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
         app.add_exception_handler(CaptureUnavailable, unavailable)
+        app.add_exception_handler(ApiError, api_error)
+        _write_snapshot_on_shutdown(app)
 
     async def init_state(self, engine_client: Any, state: Any, args: Namespace) -> None:
         if engine_client is None:  # vLLM's CPU-only render server has no engine
@@ -50,3 +58,20 @@ class ActpruneEndpoints:
             log.warning("actprune: routes loaded but capture is off (load format is not 'actprune')")
             return
         svc.start_background()
+
+
+def _write_snapshot_on_shutdown(app: FastAPI) -> None:
+    """Wrap vLLM's lifespan: our exit step runs inside it, while the engine is still up."""
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(a: FastAPI):
+        async with inner(a) as value:
+            try:
+                yield value
+            finally:
+                svc = getattr(a.state, "actprune", None)
+                if svc is not None:
+                    await svc.shutdown()
+
+    app.router.lifespan_context = lifespan

@@ -25,13 +25,19 @@ from fastapi.responses import Response
 
 from .service import CaptureService
 
-__all__ = ["router"]
+__all__ = ["ApiError", "router"]
+
+
+class ApiError(HTTPException):
+    """An HTTP error of an actprune route. vLLM turns plain HTTPExceptions into OpenAI-style
+    ``{"error": ...}`` bodies; this subclass has its own handler so our answers keep the
+    documented ``{"detail": "..."}`` (ErrorBody)."""
 
 
 def get_service(request: Request) -> CaptureService:
     svc = getattr(request.app.state, "actprune", None)
     if svc is None:
-        raise HTTPException(503, "actprune is starting up or not initialised on this server")
+        raise ApiError(503, "actprune is starting up or not initialised on this server")
     return svc
 
 
@@ -44,7 +50,7 @@ def require_key(request: Request, svc: Annotated[CaptureService, Depends(get_ser
     for key in svc.api_keys:  # compare against every key: no early exit, constant time each
         ok |= hmac.compare_digest(token.encode(), key.encode()) and scheme.lower() == "bearer"
     if not ok:
-        raise HTTPException(
+        raise ApiError(
             401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
             headers={"WWW-Authenticate": "Bearer"},
         )

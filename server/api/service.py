@@ -18,10 +18,12 @@ from actprune.client.wire.stats import Stats, StatsFormatError, config_hash
 
 from ..settings import Settings
 from ..snapshot import assemble, parse_shard
+from .metrics import CaptureMetrics
 
 __all__ = ["CaptureService", "CaptureUnavailable"]
 
 log = logging.getLogger("actprune.server")
+METRICS_REFRESH_S = 5.0
 
 
 class CaptureUnavailable(RuntimeError):
@@ -35,6 +37,7 @@ class CaptureService:
         self.api_keys = api_keys
         mc = engine_client.model_config
         hf = mc.hf_config.to_dict()
+        self.hf_config = hf
         pc = engine_client.vllm_config.parallel_config
         self.meta: dict[str, Any] = {
             "model": str(mc.served_model_name or mc.model),
@@ -47,7 +50,7 @@ class CaptureService:
             "pipeline_parallel_size": int(pc.pipeline_parallel_size),
         }
         self.last_snapshot_time: float | None = None
-        self.snapshots_written = 0
+        self.metrics = CaptureMetrics()
         self._task: asyncio.Task | None = None
 
     # ---- RPC ------------------------------------------------------------------------------
@@ -78,6 +81,7 @@ class CaptureService:
         return self._status(st)
 
     def _status(self, st: dict[str, Any]) -> StatusResponse:
+        self.metrics.observe_status(int(st["tokens_prefill"]), int(st["tokens_decode"]))
         return StatusResponse(
             capturing=bool(st["started"] and not st["paused"]),
             paused=bool(st["paused"]),
@@ -103,7 +107,7 @@ class CaptureService:
         stats = await self.snapshot()
         path = await asyncio.to_thread(stats.save, self.snapshot_path)
         self.last_snapshot_time = time.time()
-        self.snapshots_written += 1
+        self.metrics.snapshot_written(self.last_snapshot_time)
         return path
 
     async def resume_from_disk(self) -> bool:
@@ -131,15 +135,34 @@ class CaptureService:
         return True
 
     def start_background(self) -> None:
-        if self.settings.snapshot_interval > 0 and self._task is None:
+        if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.settings.snapshot_interval)
+    async def shutdown(self) -> None:
+        """Stop the background task and write a last snapshot (when persistence is on)."""
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if self.settings.snapshot_interval > 0:
             try:
-                await self.write_snapshot()
+                path = await self.write_snapshot()
+                log.info("actprune: wrote final snapshot %s", path)
+            except Exception as e:
+                log.error("actprune: final snapshot failed: %s", e)
+
+    async def _loop(self) -> None:
+        """Refresh the token gauges every few seconds; write a snapshot every interval."""
+        interval = self.settings.snapshot_interval
+        tick = min(interval, METRICS_REFRESH_S) if interval > 0 else METRICS_REFRESH_S
+        next_write = time.monotonic() + interval
+        while True:
+            await asyncio.sleep(tick)
+            try:
+                await self.status()
+                if interval > 0 and time.monotonic() >= next_write:
+                    await self.write_snapshot()
+                    next_write = time.monotonic() + interval
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # keep serving; say why the snapshot failed
-                log.error("actprune: writing snapshot failed: %s", e)
+            except Exception as e:  # keep serving; say why
+                log.error("actprune: background snapshot/metrics failed: %s", e)
