@@ -32,6 +32,12 @@ test-fast: install
 lint: install
 	$(PY) -m ruff check server client pruning tests bench
 
+# The whole loop on one machine: capture -> stats -> plan -> prune -> recover -> eval -> reload.
+# make demo [MODEL=smollm2|tiny|DIR|HF_ID] [PORT=8000]; outputs in runs/demo/.
+DEMO_MODEL ?= $(or $(MODEL),smollm2)
+demo: install
+	$(PY) bench/demo.py --model '$(DEMO_MODEL)' --port $(or $(PORT),8000)
+
 # Docker cannot run here: lint the Dockerfile (hadolint) and its entrypoint (shellcheck), both
 # binaries shipped in PyPI wheels; tests/docker runs the entrypoint itself.
 lint-docker: install
