@@ -19,6 +19,11 @@ killed run never leaves a directory that looks complete)::
 Bias compensation (FLAP): with stats, the mean contribution of removed MLP neurons / attention
 channels, ``W[:, removed] @ mean[removed]``, becomes a ``down_proj`` / ``o_proj`` bias. Stock
 families have no such biases, so compensated checkpoints always use the actprune architecture.
+
+Refit (``mlp_refit``, from :func:`actprune.pruning.calibrate.layerwise_refit`): per source layer,
+a new ``down_proj`` weight for the kept columns, (H, K), and a bias (H,) replace the sliced
+weight and become its ``down_proj`` bias (added to any bias it had); again the actprune
+architecture.
 """
 
 from __future__ import annotations
@@ -249,9 +254,11 @@ def _write_array(f, a: np.ndarray, bar: tqdm) -> None:
 def slice_checkpoint(
     model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Stats | None = None,
     overwrite: bool = False, progress: bool = True,
+    mlp_refit: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> Path:
     """Write the checkpoint ``plan`` describes to ``out``; returns ``out``. With ``stats``,
-    fold the removed units' mean contribution into output biases (FLAP)."""
+    fold the removed units' mean contribution into output biases (FLAP). With ``mlp_refit``
+    (source layer -> (down_proj weight (H, K), bias (H,))), write those instead (refit)."""
     model_dir, out = Path(model_dir).resolve(), Path(out).resolve()
     config = _read_config(model_dir)
     _check_paths(model_dir, out, overwrite)
@@ -262,13 +269,15 @@ def slice_checkpoint(
     plan.validate_for(config, config_hash(config))
     if stats is not None and stats.meta.get("config_hash") != plan.source.config_hash:
         raise SliceError("stats for bias compensation were recorded on a different model than the plan's")
+    refit = _check_refit(plan, mlp_refit, stats)
     index = ShardIndex(model_dir)
-    shard_entries = _plan_entries(index, adapter, plan, config, compensate=stats is not None)
+    shard_entries = _plan_entries(index, adapter, plan, config, compensate=stats is not None, refit=refit)
     old_bias = config.get("actprune_bias") or {}
     bias = {k: bool(stats is not None or old_bias.get(k)) for k in ("down_proj", "o_proj")}
+    bias["down_proj"] = bias["down_proj"] or bool(refit)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        _write_all(index, adapter, plan, stats, shard_entries, tmp, progress)
+        _write_all(index, adapter, plan, stats, shard_entries, tmp, progress, refit)
         new_config = output_config(config, adapter, plan, bias)
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
         if new_config["architectures"] == [ACTPRUNE_ARCHITECTURE]:
@@ -278,6 +287,7 @@ def slice_checkpoint(
         record = json.loads(plan.to_json())
         record["slice"] = {
             "source": str(model_dir), "bias_compensation": stats is not None,
+            "mlp_refit_layers": sorted(refit),
             "bias_stats_tokens": stats.tokens if stats is not None else None,
             "output_config_hash": config_hash(new_config),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -309,7 +319,19 @@ def _check_paths(model_dir: Path, out: Path, overwrite: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _plan_entries(index: ShardIndex, adapter: Adapter, plan: Plan, config: dict, compensate: bool):
+def _check_refit(plan: Plan, refit, stats) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    refit = dict(refit or {})
+    if refit and stats is not None:
+        raise SliceError("give bias-compensation stats or an MLP refit, not both (the refit fits the bias too)")
+    for i, (w, b) in refit.items():
+        lp = plan.layers[i] if 0 <= i < len(plan.layers) else None
+        if lp is None or lp.drop or w.ndim != 2 or w.shape[1] != len(lp.mlp_keep) or b.shape != (w.shape[0],):
+            raise SliceError(f"MLP refit of layer {i} does not fit the plan (weight {tuple(w.shape)}, bias {tuple(b.shape)})")
+    return refit
+
+
+def _plan_entries(index: ShardIndex, adapter: Adapter, plan: Plan, config: dict, compensate: bool,
+                  refit: dict | None = None):
     """Output entries per input shard, with shapes from headers alone (no tensor data read)."""
     new_index = {lp.index: k for k, lp in enumerate(lp for lp in plan.layers if not lp.drop)}
     shards: list[list[_Entry]] = []
@@ -331,7 +353,12 @@ def _plan_entries(index: ShardIndex, adapter: Adapter, plan: Plan, config: dict,
                     shape = _sliced_shape(shape, ref.role, plan.layers[ref.layer], plan.source.head_dim)
                     if compensate and ref.suffix in (adapter.down_bias, adapter.o_bias):
                         continue  # re-emitted below, old bias plus new compensation
+                    if ref.layer in (refit or {}) and ref.suffix == adapter.down_bias:
+                        continue  # re-emitted below, old bias plus the refit's
                 entries.append(_Entry(out_name, name, ref.layer, ref.role, dtype, shape))
+                if ref.layer in (refit or {}) and ref.suffix == adapter.down_proj:
+                    entries.append(_Entry(adapter.layer_name(new_index[ref.layer], adapter.down_bias), None,
+                                          ref.layer, Role.COPY, dtype, [shape[0]]))
                 if compensate and ref.layer is not None and ref.suffix in (adapter.down_proj, adapter.o_proj):
                     bias_suffix = adapter.down_bias if ref.suffix == adapter.down_proj else adapter.o_bias
                     entries.append(_Entry(adapter.layer_name(new_index[ref.layer], bias_suffix), None,
@@ -358,7 +385,7 @@ def _torch_dtype_name(st: str) -> str:
     return names[st]
 
 
-def _write_all(index, adapter, plan, stats, shard_entries, tmp: Path, progress: bool) -> None:
+def _write_all(index, adapter, plan, stats, shard_entries, tmp: Path, progress: bool, refit=None) -> None:
     d = plan.source.head_dim
     n = len(shard_entries)
     files = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
@@ -373,6 +400,9 @@ def _write_all(index, adapter, plan, stats, shard_entries, tmp: Path, progress: 
 
     def produce(e: _Entry, slot: int) -> np.ndarray:
         itemsize = torch.empty((), dtype=e.dtype).element_size()
+        if refit and e.layer in refit and (e.source is None or e.source.endswith(adapter.down_proj)):
+            t = _refit_tensor(index, adapter, refit[e.layer], e).to(e.dtype).contiguous()
+            return t.view(_TORCH_INT[itemsize]).numpy()
         if e.source is None:
             t = _bias(index, adapter, plan, stats, e).to(e.dtype)
             return t.view(_TORCH_INT[itemsize]).numpy()
@@ -394,6 +424,15 @@ def _input_nbytes(index: ShardIndex, name: str) -> int:
         sl = f.get_slice(name)
         size = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}[sl.get_dtype()]
         return int(np.prod(sl.get_shape(), dtype=np.int64)) * size
+
+
+def _refit_tensor(index: ShardIndex, adapter: Adapter, refit: tuple[torch.Tensor, torch.Tensor], e: _Entry) -> torch.Tensor:
+    """The refitted down_proj weight, or its bias plus the bias the layer had."""
+    w, b = refit
+    if e.source is not None:
+        return w.float()
+    old = adapter.layer_name(e.layer, adapter.down_bias)
+    return b.float() + (index.read(old).float() if old in index.weight_map else 0.0)
 
 
 def _bias(index: ShardIndex, adapter: Adapter, plan: Plan, stats: Stats, e: _Entry) -> torch.Tensor:

@@ -1,0 +1,272 @@
+"""Quality of MLP-neuron pruning on a real model (SmolLM2-135M-Instruct), no fine-tuning.
+
+    .venv/bin/python bench/quality.py --cache /tmp/aq --suite table      # issue 5 table
+    .venv/bin/python bench/quality.py --cache /tmp/aq --suite issue7     # published rows + ours
+    .venv/bin/python bench/quality.py --cache /tmp/aq --markdown         # print the tables
+
+Setup (cached under --cache): the converted checkpoint (:mod:`actprune.pruning.smollm2`);
+activation stats and the full per-layer second moments of the ``down_proj`` input over 256
+``wiki:calibration`` summaries, from the offline recorder (``--via-server``: the stats come from
+``actprune serve`` fed the same summaries through the OpenAI API, pulled with
+``Client.stats()``); packed evaluation rows of held-out Wikipedia (``wiki:heldout``) and of an
+out-of-domain text (Newton's *Opticks*, Project Gutenberg, shipped in the PyPI package
+apache-tvm-ffi), never used for calibration or choices.
+
+A config is ``strategy|ratio|compensation|allocation``: strategy is a planner strategy, or the
+baselines ``random`` / ``weight`` (‖gate_j‖² + ‖up_j‖² + ‖down_j‖²), or ``obs`` (greedy optimal
+brain surgeon on the second moments, :func:`compensate.obs_select`); compensation ``none``,
+``bias`` (FLAP), ``refit`` (ridge least squares, :func:`compensate.refit`), ``seq-local`` /
+``seq-dense`` (refit layer by layer with earlier layers pruned, :func:`calibrate.layerwise_refit`);
+allocation ``uniform`` or ``per_layer`` (the planner's standardised-score allocation). Pruned
+models are built in memory exactly as the slicer writes them (tests check the equality) and
+results are appended to ``results.jsonl``, so a rerun only computes what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from actprune.client.wire.plan import PlanRequest
+from actprune.client.wire.stats import Stats
+from actprune.pruning import calibrate, compensate
+from actprune.pruning.data import pack, tokenize, wiki_texts
+from actprune.pruning.evaluate import nll_and_kl
+from actprune.pruning.planner import make_plan
+from actprune.pruning.recorder import Recorder, batches
+from actprune.pruning.smollm2 import ensure_smollm2
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+RATIOS = (0.1, 0.2, 0.3, 0.4)
+STRATEGIES = ("importance", "magnitude", "variance", "sparsity", "wifv", "wanda_sp")
+OOD_PACKAGE, OOD_FILE = "tvm_ffi", "3rdparty/libbacktrace/Isaac.Newton-Opticks.txt"
+
+
+# ---- setup ------------------------------------------------------------------------------------
+def ood_text() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec(OOD_PACKAGE)
+    path = Path(next(iter(spec.submodule_search_locations))) / OOD_FILE
+    text = path.read_text(encoding="utf-8")
+    return text[text.index("SIR ISAAC NEWTON'S ADVERTISEMENTS"):]  # skip the Gutenberg credits
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.args = args
+        self.cache = Path(args.cache)
+        self.model_dir = ensure_smollm2(self.cache / "models")
+        self.config = json.loads((self.model_dir / "config.json").read_text())
+        self.tok = AutoTokenizer.from_pretrained(str(self.model_dir))
+        self.dense = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32).eval()
+        eos = self.tok.eos_token_id
+        calib = tokenize(self.tok, wiki_texts("calibration")[: args.calib_docs])
+        self.calib_ids = [ids[: args.seq_len] for ids in calib]
+        self.calib_rows = pack(self.calib_ids, args.seq_len, eos)  # (N, L) for the layer-wise refit
+        self.rows = {
+            "wiki": pack(tokenize(self.tok, wiki_texts("heldout")), args.seq_len, eos)[: args.eval_tokens // args.seq_len],
+            "ood": pack(tokenize(self.tok, [ood_text()]), args.seq_len, eos)[: args.ood_tokens // args.seq_len],
+        }
+        self.stats, self.grams = self._calibrate()
+
+    def _calibrate(self) -> tuple[Stats, list[torch.Tensor]]:
+        tag = "server" if self.args.via_server else "offline"
+        sp, gp = self.cache / f"stats-{tag}.safetensors", self.cache / "grams.safetensors"
+        if not gp.is_file():
+            self._record(sp if not self.args.via_server else None, gp)
+        if not sp.is_file():
+            self._stats_via_server(sp)
+        grams = load_file(str(gp))
+        return Stats.load(sp), [grams[f"layers.{i}"] for i in range(len(grams))]
+
+    @torch.no_grad()
+    def _record(self, stats_path: Path | None, gram_path: Path) -> None:
+        """One offline forward over the calibration summaries: stats and second moments."""
+        order = sorted(range(len(self.calib_ids)), key=lambda j: len(self.calib_ids[j]))
+        todo = batches([self.calib_ids[j] for j in order], 8, self.tok.pad_token_id or 0)
+        rec, gram = Recorder(self.dense), calibrate.GramRecorder(self.dense)
+        rec.install()
+        for ids, mask in tqdm(todo, desc="calibrating", unit="batch"):
+            gram.valid = mask.reshape(-1).bool()
+            rec.forward(ids, mask)
+        rec.remove()
+        save_file({f"layers.{i}": g.contiguous() for i, g in enumerate(gram.close())}, str(gram_path))
+        if stats_path is not None:
+            rec.stats(str(self.model_dir), self.config).save(stats_path)
+
+    def _stats_via_server(self, path: Path) -> None:
+        """Serve the dense model, replay the calibration summaries, pull the stats."""
+        import httpx
+        from actprune.client.http import Client
+        from actprune.server.process import ServerProcess
+
+        args = ["--dtype", "float32", "--max-model-len", str(self.args.seq_len + 8), "--max-num-seqs", "8",
+                "--enforce-eager"]
+        env = {"VLLM_CPU_KVCACHE_SPACE": "1", "ACTPRUNE_SNAPSHOT_DIR": str(self.cache / "snapshots")}
+        with ServerProcess(self.model_dir, args, env=env, log_path=self.cache / "server.log") as srv:
+            client = Client(srv.base_url)
+            client.reset()
+            for ids in tqdm(self.calib_ids, desc="replaying", unit="prompt"):
+                body = {"model": str(self.model_dir), "prompt": ids, "max_tokens": 1, "temperature": 0.0}
+                httpx.post(srv.base_url + "/v1/completions", json=body, timeout=300).raise_for_status()
+            client.stats().save(path)
+
+    # ---- choices --------------------------------------------------------------------------------
+    def keep(self, strategy: str, ratio: float, alloc: str) -> dict[int, list[int]]:
+        layers = [ly for ly in self.dense.model.layers]
+        width = calibrate.mlp_modules(layers[0])[2].in_features
+        n_keep = round((1 - ratio) * width)
+        if strategy in ("random", "weight", "obs"):
+            out = {}
+            for i, ly in enumerate(layers):
+                gate, up, down = calibrate.mlp_modules(ly)
+                if strategy == "random":
+                    g = torch.Generator().manual_seed(i)
+                    out[i] = sorted(torch.randperm(width, generator=g)[:n_keep].tolist())
+                elif strategy == "weight":
+                    s = gate.weight.norm(dim=1) ** 2 + up.weight.norm(dim=1) ** 2 + down.weight.norm(dim=0) ** 2
+                    out[i] = sorted(torch.argsort(-s)[:n_keep].tolist())
+                else:
+                    out[i] = compensate.obs_select(self.grams[i], down.weight.detach(), n_keep,
+                                                   self.args.ridge, step=self.args.obs_step)[0]
+            return out
+        req = PlanRequest(strategy=strategy, mlp_ratio=ratio, per_layer=alloc == "per_layer")
+        plan = make_plan(self.stats, self.config, req, self.model_dir)
+        return {lp.index: lp.mlp_keep for lp in plan.layers}
+
+    def build(self, keep: dict[int, list[int]], comp: str) -> torch.nn.Module:
+        model = copy.deepcopy(self.dense)
+        if comp.startswith("seq-"):
+            calibrate.layerwise_refit(model, self.calib_rows, keep, ridge=self.args.ridge,
+                                      sequential=comp.removeprefix("seq-"), progress=False)
+            return model
+        for i, ly in enumerate(model.model.layers):
+            w = calibrate.mlp_modules(ly)[2].weight.detach()
+            if comp == "none":
+                calibrate.apply_mlp(ly, keep[i])
+            elif comp == "bias":
+                mean = self.stats.tensors[f"layers.{i}.mlp.mean"]
+                calibrate.apply_mlp(ly, keep[i], None, compensate.flap_bias(w, keep[i], mean))
+            elif comp == "refit":
+                a, b = compensate.moments_from_gram(self.grams[i], w, keep[i])
+                w_new, bias = compensate.refit(a, b, w[:, keep[i]], self.args.ridge)
+                calibrate.apply_mlp(ly, keep[i], w_new, bias)
+            else:
+                raise ValueError(f"unknown compensation {comp!r}")
+        return model
+
+    def perplexity(self, model: torch.nn.Module) -> dict[str, float]:
+        out = {}
+        for name, rows in self.rows.items():
+            nll, _, tokens = nll_and_kl([model], rows, batch_size=2, progress=False)
+            out[name] = math.exp(nll[0] / tokens)
+        return out
+
+
+# ---- suites and results -------------------------------------------------------------------------
+def suite(name: str) -> list[str]:
+    if name == "table":
+        return [f"{s}|{r}|{c}|uniform" for c in ("none", "bias") for s in (*STRATEGIES, "random", "weight")
+                for r in RATIOS]
+    if name == "issue7":
+        pub = [f"{s}|{r}|{c}|uniform" for r in RATIOS
+               for s, c in (("wanda_sp", "none"), ("wifv", "bias"), ("magnitude", "none"), ("importance", "none"))]
+        return pub + ["wifv|0.2|bias|per_layer"] + [f"obs|{r}|refit|uniform" for r in RATIOS]
+    return [k for k in name.split(",") if k]
+
+
+def load_results(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    return {r["key"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
+
+
+def run(bench: Bench, keys: list[str], path: Path) -> None:
+    done = load_results(path)
+    if "dense" not in done:
+        _append(path, {"key": "dense", **bench.perplexity(bench.dense)})
+    for key in keys:
+        full = f"{key}|ridge={bench.args.ridge}" if "|refit" in key or "|seq-" in key else key
+        if full in done:
+            continue
+        strategy, ratio, comp, alloc = key.split("|")
+        t0 = time.time()
+        model = bench.build(bench.keep(strategy, float(ratio), alloc), comp)
+        t1 = time.time()
+        rec = {"key": full, "strategy": strategy, "ratio": float(ratio), "comp": comp, "alloc": alloc,
+               **bench.perplexity(model), "prune_s": round(t1 - t0, 1), "eval_s": round(time.time() - t1, 1)}
+        tqdm.write(json.dumps(rec))
+        _append(path, rec)
+        del model
+
+
+def _append(path: Path, rec: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+
+
+def markdown(path: Path) -> str:
+    res = load_results(path)
+    dense = res["dense"]
+    lines = [f"dense perplexity: wiki {dense['wiki']:.2f}, ood {dense['ood']:.2f}", "",
+             "| strategy | compensation | allocation | " + " | ".join(f"{int(r * 100)} %" for r in RATIOS) + " |",
+             "|---|---|---|" + "---|" * len(RATIOS)]
+    groups: dict[tuple, dict[float, dict]] = {}
+    for r in res.values():
+        if r["key"] != "dense":
+            groups.setdefault((r["strategy"], r["comp"], r["alloc"], r["key"].partition("ridge=")[2]), {})[r["ratio"]] = r
+    for (s, c, a, ridge), by in sorted(groups.items()):
+        cells = []
+        for ratio in RATIOS:
+            r = by.get(ratio)
+            cells.append("–" if r is None else f"{_x(r['wiki'] / dense['wiki'])} / {_x(r['ood'] / dense['ood'])}")
+        comp = f"{c} (ridge {ridge})" if ridge else c
+        lines.append(f"| {s} | {comp} | {a} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _x(v: float) -> str:
+    return f"{v:.2f}×" if v < 100 else f"{v:.0e}×"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", default="/tmp/actprune-quality")
+    p.add_argument("--suite", default="", help="table | issue7 | comma-separated config keys")
+    p.add_argument("--results", default=None, help="results JSONL (default: CACHE/results.jsonl)")
+    p.add_argument("--via-server", action="store_true", help="stats from `actprune serve` + the OpenAI API")
+    p.add_argument("--calib-docs", type=int, default=256)
+    p.add_argument("--eval-tokens", type=int, default=4096, help="held-out Wikipedia tokens")
+    p.add_argument("--ood-tokens", type=int, default=2048, help="out-of-domain tokens")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--ridge", type=float, default=compensate.DEFAULT_RIDGE)
+    p.add_argument("--obs-step", type=int, default=8, help="OBS units costed per round")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--markdown", action="store_true", help="print the results as tables and exit")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    path = Path(args.results or Path(args.cache) / "results.jsonl")
+    if args.markdown:
+        print(markdown(path))
+        return
+    Path(args.cache).mkdir(parents=True, exist_ok=True)
+    bench = Bench(args)
+    print(f"calibration: {sum(map(len, bench.calib_ids))} tokens ({'server' if args.via_server else 'offline recorder'}); "
+          f"eval rows: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in bench.rows.items()))
+    run(bench, suite(args.suite), path)
+    print(markdown(path))
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
