@@ -2,6 +2,9 @@
 
 ``--bias-compensation --stats F`` folds the mean contribution of removed units into output
 biases (FLAP); the result then uses the actprune architecture (``trust_remote_code=True``).
+``--refit DATA`` instead refits the kept ``down_proj`` columns and a bias by ridge least squares
+on the activations of DATA, layer by layer (:mod:`actprune.pruning.calibrate`): the pruned MLP
+reproduces the dense one's output, not only its mean. Same architecture.
 """
 
 from __future__ import annotations
@@ -22,6 +25,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="fold removed units' mean output into down_proj/o_proj biases (needs --stats)")
     parser.add_argument("--stats", type=Path, default=None, help="stats file, for --bias-compensation")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    g = parser.add_argument_group("MLP refit (generalised bias compensation)")
+    g.add_argument("--refit", metavar="DATA", default=None,
+                   help="refit kept down_proj columns + bias on DATA: wiki:calibration, FILE.txt or FILE.jsonl")
+    g.add_argument("--refit-tokens", type=int, default=32768, help="calibration tokens for --refit")
+    g.add_argument("--refit-seq-len", type=int, default=512, help="tokens per packed row for --refit")
+    g.add_argument("--refit-ridge", type=float, default=None,
+                   help="ridge towards the plain slice, relative to the mean activation power (default 1e-2)")
+    g.add_argument("--refit-sequential", choices=("off", "local", "dense"), default="off",
+                   help="refit layer by layer with earlier layers already pruned (see docs/plan.md)")
+    g.add_argument("--text-field", default=None, help="JSONL field of --refit data")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,11 +46,36 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--bias-compensation needs --stats (the means of the removed units)")
     if args.stats is not None and not args.bias_compensation:
         raise UserError("--stats is only used with --bias-compensation")
+    if args.refit and args.bias_compensation:
+        raise UserError("--refit fits the bias itself; drop --bias-compensation")
+    if args.refit is None and (args.refit_ridge is not None or args.refit_sequential != "off"):
+        raise UserError("--refit-ridge / --refit-sequential need --refit DATA")
+    if args.refit_tokens < 1 or (args.refit_ridge is not None and args.refit_ridge < 0):
+        raise UserError("--refit-tokens must be >= 1 and --refit-ridge >= 0")
     try:
         plan = Plan.load(args.plan)
         stats = Stats.load(args.stats) if args.bias_compensation else None
-        out = slice_checkpoint(args.model, plan, args.output, stats=stats, overwrite=args.overwrite)
+        refit = _refit(args, plan) if args.refit else None
+        out = slice_checkpoint(args.model, plan, args.output, stats=stats, overwrite=args.overwrite,
+                               mlp_refit=refit)
     except (PlanError, StatsFormatError, SliceError) as e:
         raise UserError(str(e)) from e
     print(f"pruned checkpoint: {out} ({plan.params_after:,} parameters, was {plan.params_before:,})")
     return 0
+
+
+def _refit(args: argparse.Namespace, plan):
+    from actprune.pruning.calibrate import refit_for_plan
+    from actprune.pruning.compensate import DEFAULT_RIDGE
+    from actprune.pruning.data import DataError
+    from actprune.pruning.hf_io import CheckpointError
+
+    if args.output.exists() and not args.overwrite:  # fail before the calibration pass, not after
+        raise UserError(f"output {args.output} exists; remove it or pass --overwrite")
+    seq = {"off": False}.get(args.refit_sequential, args.refit_sequential)
+    try:
+        return refit_for_plan(args.model, plan, args.refit, tokens=args.refit_tokens,
+                              seq_len=args.refit_seq_len, sequential=seq, text_field=args.text_field,
+                              ridge=DEFAULT_RIDGE if args.refit_ridge is None else args.refit_ridge)
+    except (DataError, CheckpointError) as e:
+        raise UserError(str(e)) from e

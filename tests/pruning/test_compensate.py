@@ -13,8 +13,9 @@ from actprune.client.wire.plan import PlanRequest
 from actprune.pruning import calibrate, compensate
 from actprune.pruning.planner import make_plan
 from actprune.pruning.slicer import slice_checkpoint
+from actprune.pruning.synthetic import build_checkpoint
 from actprune.server.registry import HookRegistry
-from pruning_helpers import load, logits, record_stats
+from pruning_helpers import SHAPE, load, logits, record_stats
 
 torch.set_num_threads(2)
 
@@ -35,8 +36,8 @@ def _down_inputs(model: torch.nn.Module, rows: torch.Tensor) -> list[torch.Tenso
 
 
 @pytest.fixture(scope="module")
-def llama(checkpoints):
-    d = checkpoints["llama"]
+def llama(tmp_path_factory):
+    d = build_checkpoint(tmp_path_factory.mktemp("refit") / "llama", arch="llama", **SHAPE)
     plan = make_plan(record_stats(d), json.loads((d / "config.json").read_text()),
                      PlanRequest(strategy="magnitude", mlp_ratio=0.25), d)
     return d, plan, load(d)
@@ -135,3 +136,26 @@ def test_refitted_checkpoint_equals_masked_and_refitted_reference(llama, tmp_pat
     diff = (logits(sliced, ids) - logits(ref, ids)).abs().max().item()
     assert diff <= 1e-5
     assert np.isfinite(diff)
+
+
+def test_cli_prune_refit_writes_a_checkpoint_with_down_proj_biases(llama, tmp_path, capsys):
+    from actprune.client.cli import main
+
+    d, plan, _ = llama
+    plan.save(tmp_path / "plan.json")
+    data = tmp_path / "calib.txt"
+    data.write_text("\n\n".join(f"The museum number {k} opens at nine and the harbour town lies by the river."
+                                for k in range(40)))
+    out = tmp_path / "refit"
+    rc = main(["prune", "--model", str(d), "--plan", str(tmp_path / "plan.json"), "-o", str(out),
+               "--refit", str(data), "--refit-seq-len", "32", "--refit-sequential", "local"])
+    assert rc == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["actprune_bias"]["down_proj"] and not cfg["actprune_bias"]["o_proj"]
+    assert json.loads((out / "actprune_plan.json").read_text())["slice"]["mlp_refit_layers"] == [0, 1, 2, 3]
+    assert torch.isfinite(logits(load(out, trust_remote_code=True), _rows(100, 1, 0))).all()
+    capsys.readouterr()
+    rc = main(["prune", "--model", str(d), "--plan", str(tmp_path / "plan.json"), "-o", str(tmp_path / "x"),
+               "--refit", str(data), "--bias-compensation", "--stats", str(data)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--refit" in err[0]
