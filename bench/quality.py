@@ -127,8 +127,12 @@ class Bench:
         width = calibrate.mlp_modules(layers[0])[2].in_features
         n_keep = round((1 - ratio) * width)
         if strategy in ("random", "weight", "obs"):
+            counts = [n_keep] * len(layers)
+            if alloc == "per_layer":  # widths from the planner's standardised wifv scores
+                counts = [len(k) for k in self.keep("wifv", ratio, alloc).values()]
             out = {}
             for i, ly in enumerate(layers):
+                n_keep = counts[i]
                 gate, up, down = calibrate.mlp_modules(ly)
                 if strategy == "random":
                     g = torch.Generator().manual_seed(i)
@@ -137,8 +141,8 @@ class Bench:
                     s = gate.weight.norm(dim=1) ** 2 + up.weight.norm(dim=1) ** 2 + down.weight.norm(dim=0) ** 2
                     out[i] = sorted(torch.argsort(-s)[:n_keep].tolist())
                 else:
-                    out[i] = compensate.obs_select(self.grams[i], down.weight.detach(), n_keep,
-                                                   self.args.ridge, step=self.args.obs_step)[0]
+                    a, b = compensate.moments_from_gram(self.grams[i], down.weight.detach(), range(width))
+                    out[i] = compensate.obs_select(a, b, n_keep, self.args.ridge, step=self.args.obs_step)
             return out
         req = PlanRequest(strategy=strategy, mlp_ratio=ratio, per_layer=alloc == "per_layer")
         plan = make_plan(self.stats, self.config, req, self.model_dir)
@@ -210,6 +214,17 @@ def run(bench: Bench, keys: list[str], path: Path) -> None:
         del model
 
 
+def evaluate_dir(bench: Bench, d: Path, path: Path) -> None:
+    """Perplexity of a checkpoint directory (e.g. what `actprune prune` / `finetune` wrote)."""
+    from actprune.pruning.hf_io import load_causal_lm
+
+    key = f"dir:{d.resolve()}"
+    if key not in load_results(path):
+        rec = {"key": key, **bench.perplexity(load_causal_lm(d, torch.float32))}
+        tqdm.write(json.dumps(rec))
+        _append(path, rec)
+
+
 def _append(path: Path, rec: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(rec) + "\n")
@@ -222,8 +237,12 @@ def markdown(path: Path) -> str:
              "| strategy | compensation | allocation | " + " | ".join(f"{int(r * 100)} %" for r in RATIOS) + " |",
              "|---|---|---|" + "---|" * len(RATIOS)]
     groups: dict[tuple, dict[float, dict]] = {}
+    lines_dirs: list[str] = []
     for r in res.values():
-        if r["key"] != "dense":
+        if r["key"].startswith("dir:"):
+            lines_dirs.append(f"| `{r['key'][4:]}` | {_x(r['wiki'] / dense['wiki'])} ({r['wiki']:.2f}) | "
+                              f"{_x(r['ood'] / dense['ood'])} ({r['ood']:.2f}) |")
+        elif r["key"] != "dense":
             groups.setdefault((r["strategy"], r["comp"], r["alloc"], r["key"].partition("ridge=")[2]), {})[r["ratio"]] = r
     for (s, c, a, ridge), by in sorted(groups.items()):
         cells = []
@@ -232,6 +251,8 @@ def markdown(path: Path) -> str:
             cells.append("–" if r is None else f"{_x(r['wiki'] / dense['wiki'])} / {_x(r['ood'] / dense['ood'])}")
         comp = f"{c} (ridge {ridge})" if ridge else c
         lines.append(f"| {s} | {comp} | {a} | " + " | ".join(cells) + " |")
+    if lines_dirs:
+        lines += ["", "| checkpoint | wiki ×dense (ppl) | ood ×dense (ppl) |", "|---|---|---|", *lines_dirs]
     return "\n".join(lines)
 
 
@@ -252,6 +273,8 @@ def main() -> None:
     p.add_argument("--ridge", type=float, default=compensate.DEFAULT_RIDGE)
     p.add_argument("--obs-step", type=int, default=8, help="OBS units costed per round")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-dirs", nargs="*", default=[],
+                   help="also evaluate these checkpoint directories (sliced / fine-tuned) on the same rows")
     p.add_argument("--markdown", action="store_true", help="print the results as tables and exit")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -264,6 +287,8 @@ def main() -> None:
     print(f"calibration: {sum(map(len, bench.calib_ids))} tokens ({'server' if args.via_server else 'offline recorder'}); "
           f"eval rows: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in bench.rows.items()))
     run(bench, suite(args.suite), path)
+    for d in args.eval_dirs:
+        evaluate_dir(bench, Path(d), path)
     print(markdown(path))
 
 

@@ -32,7 +32,7 @@ from actprune.server.registry import HookRegistry
 from torch import nn
 from tqdm.auto import tqdm
 
-from .compensate import DEFAULT_RIDGE, refit, update_gram, update_moments
+from .compensate import DEFAULT_RIDGE, obs_select, refit, update_gram, update_moments
 
 __all__ = ["GramRecorder", "apply_mlp", "layerwise_refit", "mlp_modules", "refit_for_plan"]
 
@@ -134,12 +134,17 @@ def layerwise_refit(
     *,
     ridge: float = DEFAULT_RIDGE,
     sequential: bool | str = False,
+    reselect: bool = False,
+    obs_step: int = 8,
     batch: int = 4,
     progress: bool = True,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Refitted ``(down_proj weight (H, K), bias (H,))`` per pruned layer; ``model`` is left
     pruned and refitted in place. rows: (N, T) packed token ids; keep: layer -> kept neurons
-    (layers absent are left whole). ``sequential``: False, "local" or "dense" (see module doc)."""
+    (layers absent are left whole). ``sequential``: False, "local" or "dense" (see module doc).
+    ``reselect``: keep as many units per layer, but choose them by greedy OBS
+    (:func:`compensate.obs_select`) on the moments of all units, (I+1)² per layer, and write
+    the choice back into ``keep``."""
     if sequential not in (False, "local", "dense"):
         raise ValueError(f"sequential must be False, 'local' or 'dense', got {sequential!r}")
     base = getattr(model, "model", model)
@@ -160,7 +165,8 @@ def layerwise_refit(
                 if h_dense is not None:
                     h_dense = _run(layer, h_dense, pe, pos, batch)
                 continue
-            k = torch.as_tensor(keep[i], dtype=torch.long, device=dev)
+            k = torch.arange(w_in := down.in_features, device=dev) if reselect else \
+                torch.as_tensor(keep[i], dtype=torch.long, device=dev)
             w = down.weight.detach()
             hid = w.shape[0]
             a = torch.zeros(len(k) + 1, len(k) + 1, dtype=torch.float64, device=dev)
@@ -179,7 +185,12 @@ def layerwise_refit(
             h_in = h
             h_out = _run(layer, h_in, pe, pos, batch)
             cap.sink = None
-            w_new, bias = refit(a.cpu(), b.cpu(), w.index_select(1, k).cpu(), ridge)
+            a, b = a.cpu(), b.cpu()
+            if reselect:
+                keep[i] = obs_select(a, b, len(keep[i]), ridge, obs_step)
+                kb = torch.tensor([*keep[i], w_in])  # (K+1,) the constant stays
+                a, b, k = a[kb][:, kb], b[kb], torch.as_tensor(keep[i], device=dev)
+            w_new, bias = refit(a, b, w.index_select(1, k).cpu(), ridge)
             out[i] = (w_new, bias)
             apply_mlp(layer, keep[i], w_new.to(dev), bias.to(dev))
             h = _run(layer, h_in, pe, pos, batch) if sequential else h_out
@@ -198,12 +209,14 @@ def refit_for_plan(
     ridge: float = DEFAULT_RIDGE,
     sequential: bool | str = False,
     text_field: str | None = None,
+    reselect: bool = False,
     progress: bool = True,
-) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+) -> tuple[Plan, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
     """:func:`layerwise_refit` of the kept MLP neurons of ``plan`` over ``tokens`` tokens of
     ``data`` (a ``wiki:PART`` name or a .txt/.jsonl file), for ``slice_checkpoint(mlp_refit=)``.
-    The activations are those of the model with only its MLPs pruned: a plan that also drops
-    layers is refused (their inputs would differ)."""
+    Returns the plan (with ``reselect``, the same widths but the OBS-chosen neurons) and the
+    refits. The activations are those of the model with only its MLPs pruned: a plan that also
+    drops layers is refused (their inputs would differ)."""
     from .data import DataError, load_texts, pack, tokenize
     from .hf_io import load_causal_lm, load_tokenizer
 
@@ -215,4 +228,11 @@ def refit_for_plan(
     model = load_causal_lm(model_dir, torch.float32)
     full = [mlp_modules(ly)[2].in_features for ly in _layers(model)]
     keep = {lp.index: lp.mlp_keep for lp in plan.layers if len(lp.mlp_keep) < full[lp.index]}
-    return layerwise_refit(model, rows, keep, ridge=ridge, sequential=sequential, progress=progress)
+    refits = layerwise_refit(model, rows, keep, ridge=ridge, sequential=sequential, reselect=reselect,
+                             progress=progress)
+    if reselect:
+        layers = [lp.model_copy(update={"mlp_keep": sorted(keep[lp.index])}) if lp.index in keep else lp
+                  for lp in plan.layers]
+        plan = plan.model_copy(update={"layers": layers})
+        plan.check(source="refit")
+    return plan, refits

@@ -34,6 +34,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="ridge towards the plain slice, relative to the mean activation power (default 1e-2)")
     g.add_argument("--refit-sequential", choices=("off", "local", "dense"), default="off",
                    help="refit layer by layer with earlier layers already pruned (see docs/plan.md)")
+    g.add_argument("--refit-reselect", action="store_true",
+                   help="keep the plan's widths but choose the neurons by greedy OBS on the --refit data")
     g.add_argument("--text-field", default=None, help="JSONL field of --refit data")
 
 
@@ -48,14 +50,16 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--stats is only used with --bias-compensation")
     if args.refit and args.bias_compensation:
         raise UserError("--refit fits the bias itself; drop --bias-compensation")
-    if args.refit is None and (args.refit_ridge is not None or args.refit_sequential != "off"):
-        raise UserError("--refit-ridge / --refit-sequential need --refit DATA")
+    if args.refit is None and (args.refit_ridge is not None or args.refit_sequential != "off" or args.refit_reselect):
+        raise UserError("--refit-ridge / --refit-sequential / --refit-reselect need --refit DATA")
     if args.refit_tokens < 1 or (args.refit_ridge is not None and args.refit_ridge < 0):
         raise UserError("--refit-tokens must be >= 1 and --refit-ridge >= 0")
     try:
         plan = Plan.load(args.plan)
         stats = Stats.load(args.stats) if args.bias_compensation else None
-        refit = _refit(args, plan) if args.refit else None
+        refit = None
+        if args.refit:
+            plan, refit = _refit(args, plan)
         out = slice_checkpoint(args.model, plan, args.output, stats=stats, overwrite=args.overwrite,
                                mlp_refit=refit)
     except (PlanError, StatsFormatError, SliceError) as e:
@@ -76,6 +80,7 @@ def _refit(args: argparse.Namespace, plan):
     try:
         return refit_for_plan(args.model, plan, args.refit, tokens=args.refit_tokens,
                               seq_len=args.refit_seq_len, sequential=seq, text_field=args.text_field,
+                              reselect=args.refit_reselect,
                               ridge=DEFAULT_RIDGE if args.refit_ridge is None else args.refit_ridge)
     except (DataError, CheckpointError) as e:
         raise UserError(str(e)) from e

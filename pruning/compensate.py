@@ -65,7 +65,7 @@ def update_moments(a: torch.Tensor, b: torch.Tensor, x_kept: torch.Tensor, targe
 def moments_from_gram(gram: torch.Tensor, w: torch.Tensor, keep: list[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) of the kept units for the target ``W x`` from G (I+1, I+1) and W (H, I)."""
     i = w.shape[1]
-    kb = torch.cat([torch.as_tensor(keep, dtype=torch.long), torch.tensor([i])])  # (K+1,)
+    kb = torch.cat([torch.as_tensor(list(keep), dtype=torch.long), torch.tensor([i])])  # (K+1,)
     a = gram.index_select(0, kb).index_select(1, kb)  # (K+1, K+1)
     b = gram.index_select(0, kb)[:, :i] @ w.double().T  # (K+1, I) @ (I, H) -> (K+1, H)
     return a, b
@@ -112,23 +112,24 @@ def output_error(x: torch.Tensor, w: torch.Tensor, keep: list[int], w_new: torch
     return float(((dense - pruned) ** 2).mean())
 
 
-def obs_select(gram: torch.Tensor, w: torch.Tensor, n_keep: int, ridge: float = DEFAULT_RIDGE,
-               step: int = 1) -> tuple[list[int], torch.Tensor, torch.Tensor]:
-    """Greedy optimal-brain-surgeon choice of the units to keep, with the refit that goes with it.
+def obs_select(a: torch.Tensor, b: torch.Tensor, n_keep: int, ridge: float = DEFAULT_RIDGE,
+               step: int = 1) -> list[int]:
+    """Greedy optimal-brain-surgeon choice of the ``n_keep`` units to keep (sorted).
 
-    The target is the dense output ``W x``. With ``P = (G + λI)⁻¹`` of the current units (the
-    constant stays), removing unit j and refitting the rest optimally costs
-    ``‖W'[:, j]‖² / P_jj`` and changes ``W' -= W'[:, j] P[j, :] / P_jj``; ``P`` is downdated the
-    same way (Schur complement). ``step`` units go per round (each costed alone, then removed
-    one by one exactly). Returns (kept units sorted, W' (H, K), bias (H,)) float32.
-    gram: (I+1, I+1) with the constant last; w: (H, I)."""
-    i = w.shape[1]
-    g = gram.double()
-    lam = ridge * float(torch.diagonal(g)[:i].mean().clamp_min(1e-12))
+    a: (I+1, I+1), b: (I+1, H) moments of all units (constant last; :func:`moments_from_gram`
+    with every unit kept, or accumulated against any target). With ``P = (A + λD)⁻¹`` and the
+    least-squares map ``Θ = P B``, removing unit j and refitting the rest costs
+    ``‖Θ[j]‖² / P_jj`` and changes ``Θ -= P[:, j] Θ[j] / P_jj``; ``P`` is downdated the same
+    way (Schur complement). ``step`` units go per round (costed alone, removed one by one
+    exactly). Refit the kept units afterwards with :func:`refit`."""
+    i = a.shape[0] - 1
+    a = a.double()
+    lam = ridge * float(torch.diagonal(a)[:i].mean().clamp_min(1e-12))
     d = torch.ones(i + 1, dtype=torch.float64)
     d[i] = 0.0
-    p = torch.linalg.inv(g + lam * torch.diag(d) + 1e-10 * float(g.diagonal().abs().max()) * torch.eye(i + 1, dtype=torch.float64))
-    theta = torch.cat([w.double().T, torch.zeros(1, w.shape[0], dtype=torch.float64)])  # (I+1, H)
+    jitter = 1e-10 * float(a.diagonal().abs().max().clamp_min(1e-12))
+    p = torch.linalg.inv(a + lam * torch.diag(d) + jitter * torch.eye(i + 1, dtype=torch.float64))
+    theta = p @ b.double()  # (I+1, H)
     alive = torch.ones(i + 1, dtype=torch.bool)
     while int(alive[:i].sum()) > n_keep:
         cost = (theta**2).sum(1) / torch.diagonal(p).clamp_min(1e-30)  # (I+1,)
@@ -144,5 +145,4 @@ def obs_select(gram: torch.Tensor, w: torch.Tensor, n_keep: int, ridge: float = 
             p[:, j] = 0.0
             p[j, j] = 1.0  # keeps the removed unit inert in later downdates
             alive[j] = False
-    kept = torch.nonzero(alive[:i]).flatten()
-    return kept.tolist(), theta[kept].T.float().contiguous(), theta[i].float().contiguous()
+    return torch.nonzero(alive[:i]).flatten().tolist()

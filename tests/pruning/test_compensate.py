@@ -90,7 +90,8 @@ def test_obs_removes_a_duplicated_unit_at_no_cost():
     w = torch.randn(3, 5, generator=g)
     gram = torch.zeros(6, 6, dtype=torch.float64)
     compensate.update_gram(gram, x)
-    kept, w_new, bias = compensate.obs_select(gram, w, 4, ridge=0.0)
+    kept = compensate.obs_select(*compensate.moments_from_gram(gram, w, range(5)), 4, ridge=0.0)
+    w_new, bias = compensate.refit(*compensate.moments_from_gram(gram, w, kept), w[:, kept], ridge=0.0)
     assert len(kept) == 4 and (0 in kept) != (4 in kept)
     assert compensate.output_error(x, w, kept, w_new, bias) < 1e-8
 
@@ -148,14 +149,32 @@ def test_cli_prune_refit_writes_a_checkpoint_with_down_proj_biases(llama, tmp_pa
                                 for k in range(40)))
     out = tmp_path / "refit"
     rc = main(["prune", "--model", str(d), "--plan", str(tmp_path / "plan.json"), "-o", str(out),
-               "--refit", str(data), "--refit-seq-len", "32", "--refit-sequential", "local"])
+               "--refit", str(data), "--refit-seq-len", "32", "--refit-sequential", "local", "--refit-reselect"])
     assert rc == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["actprune_bias"]["down_proj"] and not cfg["actprune_bias"]["o_proj"]
-    assert json.loads((out / "actprune_plan.json").read_text())["slice"]["mlp_refit_layers"] == [0, 1, 2, 3]
+    record = json.loads((out / "actprune_plan.json").read_text())
+    assert record["slice"]["mlp_refit_layers"] == [0, 1, 2, 3]
+    assert [len(lp["mlp_keep"]) for lp in record["layers"]] == [len(lp.mlp_keep) for lp in plan.layers]
     assert torch.isfinite(logits(load(out, trust_remote_code=True), _rows(100, 1, 0))).all()
     capsys.readouterr()
     rc = main(["prune", "--model", str(d), "--plan", str(tmp_path / "plan.json"), "-o", str(tmp_path / "x"),
                "--refit", str(data), "--bias-compensation", "--stats", str(data)])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--refit" in err[0]
+
+
+def test_layerwise_reselect_picks_what_obs_picks_from_full_second_moments(llama):
+    d, plan, _ = llama
+    rows = _rows(load(d).config.vocab_size, 4, 2)
+    rec_model = load(d)
+    rec = calibrate.GramRecorder(rec_model)
+    rec.forward(rows)
+    grams = rec.close()
+    keep = {lp.index: lp.mlp_keep for lp in plan.layers}
+    calibrate.layerwise_refit(load(d), rows, keep, reselect=True, progress=False)
+    for i, kept in keep.items():
+        w = calibrate.mlp_modules(rec_model.model.layers[i])[2].weight.detach()
+        want = compensate.obs_select(*compensate.moments_from_gram(grams[i], w, range(w.shape[1])),
+                                     len(plan.layers[i].mlp_keep), step=8)
+        assert kept == want
