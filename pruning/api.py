@@ -28,8 +28,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from actprune.client.wire.plan import ImportanceWeights, Plan, PlanRequest
+from actprune.client.wire.plan import (
+    ImportanceWeights,
+    Plan,
+    PlanError,
+    PlanRequest,
+    format_validation_error,
+)
 from actprune.client.wire.stats import Stats
+from pydantic import ValidationError
 
 from .scores import STRATEGIES, GroupSummary, ScoreInput, head_scores, layer_scores, summarise
 
@@ -194,8 +201,12 @@ def make_plan(stats: Stats | PathLike, model_dir: PathLike, *, output: PathLike 
     from .hf_io import read_config
     from .planner import make_plan as _make_plan
 
+    try:
+        req = PlanRequest(**request)
+    except ValidationError as e:
+        raise PlanError(format_validation_error(e)) from None
     stats = stats if isinstance(stats, Stats) else Stats.load(stats)
-    plan = _make_plan(stats, read_config(model_dir), PlanRequest(**request), Path(model_dir))
+    plan = _make_plan(stats, read_config(model_dir), req, Path(model_dir))
     if output is not None:
         plan.save(output)
     return plan

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from actprune.client.wire.plan import ImportanceWeights
+from actprune.client.wire.plan import ImportanceWeights, PlanError
 from actprune.client.wire.stats import Stats
 from actprune.pruning import api
 from actprune.pruning.scores import STRATEGIES, ScoreInput
@@ -79,11 +79,13 @@ def test_weight_aware_and_head_candidates_need_the_checkpoint(stats, model):
     assert sorted(layers) == sorted(np.argsort(bi)[:2].tolist())
 
 
-def test_bad_ratio_or_strategy_is_refused_with_the_choices(stats):
+def test_bad_ratio_or_strategy_is_refused_with_the_choices(stats, model):
     with pytest.raises(ValueError, match=r"ratio must be in \[0, 1\)"):
         api.pruning_candidates(stats, 1.0)
     with pytest.raises(ValueError, match="strategy must be one of"):
         api.pruning_candidates(stats, 0.3, "random")
+    with pytest.raises(PlanError, match="^mlp_ratio: "):  # one line naming the field, not pydantic's dump
+        api.make_plan(stats, model, mlp_ratio=1.5)
 
 
 def test_prune_helpers_cut_mlp_heads_and_layers(stats, model, tmp_path):
