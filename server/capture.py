@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from actprune.client.wire.stats import read_metadata
+from actprune.client.wire.stats import from_file_arrays, read_metadata, to_file_arrays
+from safetensors.numpy import load as st_load_np
 from safetensors.numpy import save as st_save
-from safetensors.torch import load as st_load
 from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.actprune.*)
@@ -199,6 +199,7 @@ class Capture:
         for name, st in self.groups.items():
             for f, a in export_state(st).items():
                 tensors[f"{name}.{f}"] = a
+        tensors = to_file_arrays(tensors)  # the stats file's own layout and dtypes
         meta = {
             "shard": json.dumps(self.shard.__dict__),
             "partitions": json.dumps(self.partitions),
@@ -209,8 +210,8 @@ class Capture:
     def load(self, data: bytes) -> None:
         """Fold a saved stats file (the assembled, global layout) into this rank's
         accumulators, taking this rank's slice of each group: resume after a restart."""
-        saved = st_load(data)
-        meta = json.loads(json.dumps(read_metadata(data)))
+        saved = {k: torch.from_numpy(v) for k, v in from_file_arrays(st_load_np(data)).items()}
+        meta = read_metadata(data)
         for name, st in self.groups.items():
             for f in st:
                 if f"{name}.{f}" not in saved:

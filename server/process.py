@@ -93,18 +93,18 @@ class ServerProcess:
                 pass
             self.proc.wait(timeout=60)
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 60.0) -> None:
+        """Graceful stop: SIGTERM to the API server only (it shuts its engine down and writes
+        the final snapshot), then SIGKILL to whatever is left in the process group."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
             try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.send_signal(signal.SIGTERM)
                 self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
+            except (subprocess.TimeoutExpired, ProcessLookupError):
                 pass
-            except ProcessLookupError:
-                pass
-        try:  # whatever vLLM left in the group
+        try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass

@@ -19,6 +19,7 @@ from actprune.client.wire.stats import (
     FORMAT_VERSION,
     GROUP_FIELDS,
     Stats,
+    from_file_arrays,
     read_metadata,
 )
 from safetensors.numpy import load as st_load
@@ -28,7 +29,7 @@ __all__ = ["Shard", "assemble", "parse_shard"]
 
 class Shard:
     def __init__(self, data: bytes) -> None:
-        self.tensors: dict[str, np.ndarray] = st_load(data)
+        self.tensors: dict[str, np.ndarray] = from_file_arrays(st_load(data))
         meta = read_metadata(data)
         self.info: dict[str, int] = json.loads(meta["shard"])
         self.partitions: dict[str, list[int]] = json.loads(meta["partitions"])

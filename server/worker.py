@@ -7,6 +7,7 @@ lands in the middle of a step and all ranks see the same step boundary.
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 __all__ = ["CaptureWorkerExtension"]
@@ -45,8 +46,8 @@ class CaptureWorkerExtension:
     def actprune_status(self) -> dict[str, Any]:
         return self._actprune().status()
 
-    def actprune_load(self, shards: list[bytes]) -> dict[str, Any]:
-        """Add this rank's saved shard (picked by rank from ``shards``) to its accumulators."""
+    def actprune_load(self, stats_b64: str) -> dict[str, Any]:
+        """Fold a saved stats file (base64 of its bytes) into this rank's accumulators."""
         cap = self._actprune()
-        cap.load(shards[cap.shard.pp_rank * cap.shard.tp_size + cap.shard.tp_rank])
+        cap.load(base64.b64decode(stats_b64))
         return cap.status()

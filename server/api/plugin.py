@@ -57,7 +57,10 @@ class ActpruneEndpoints:
         except CaptureUnavailable:
             log.warning("actprune: routes loaded but capture is off (load format is not 'actprune')")
             return
+        except Exception as e:  # a bad snapshot must not stop the server from serving
+            log.error("actprune: resuming from %s failed (%s); starting from zero", svc.snapshot_path, e)
         svc.start_background()
+        svc.hook_engine_shutdown()
 
 
 def _write_snapshot_on_shutdown(app: FastAPI) -> None:

@@ -8,7 +8,9 @@ every rank before the next step (never a mix of layers from before and after a r
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,8 @@ class CaptureService:
         self.last_snapshot_time: float | None = None
         self.metrics = CaptureMetrics()
         self._task: asyncio.Task | None = None
+        self._closed = False
+        self._loop_thread: int | None = None
 
     # ---- RPC ------------------------------------------------------------------------------
     async def _rpc(self, method: str, *args: Any) -> list[Any]:
@@ -130,7 +134,8 @@ class CaptureService:
         if saved.meta["config_hash"] != self.meta["config_hash"]:
             log.error("actprune: %s is from another model; starting from zero", self.snapshot_path)
             return False
-        await self._rpc("actprune_load", saved.to_bytes())
+        # base64 text: bytes arguments do not survive the trip to the workers intact
+        await self._rpc("actprune_load", base64.b64encode(saved.to_bytes()).decode("ascii"))
         log.info("actprune: resumed %d tokens from %s", saved.tokens, self.snapshot_path)
         return True
 
@@ -138,8 +143,31 @@ class CaptureService:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._loop())
 
+    def hook_engine_shutdown(self) -> None:
+        """Write the final snapshot before the engine stops.
+
+        On SIGTERM vLLM's launcher stops the engine client first (in an executor thread) and
+        only then leaves the app's lifespan, when no RPC can reach the workers any more. So the
+        engine client's ``shutdown`` is wrapped: it first runs :meth:`shutdown` on the loop."""
+        engine, loop = self.engine, asyncio.get_running_loop()
+        inner = engine.shutdown
+
+        def shutdown(*args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() != self._loop_thread:
+                try:
+                    asyncio.run_coroutine_threadsafe(self.shutdown(), loop).result(timeout=120)
+                except Exception as e:
+                    log.error("actprune: final snapshot failed: %s", e)
+            return inner(*args, **kwargs)
+
+        self._loop_thread = threading.get_ident()
+        engine.shutdown = shutdown
+
     async def shutdown(self) -> None:
-        """Stop the background task and write a last snapshot (when persistence is on)."""
+        """Stop the background task and write a last snapshot (when persistence is on); once."""
+        if self._closed:
+            return
+        self._closed = True
         if self._task is not None:
             self._task.cancel()
             self._task = None

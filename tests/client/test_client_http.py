@@ -41,7 +41,8 @@ def test_stats_status_and_summary_match_what_the_server_holds(server):
         status = c.status()
         summary = c.summary(k=3)
     assert stats.layers == state.stats.layers
-    for name, t in state.stats.tensors.items():
+    held = Stats.from_bytes(state.stats.to_bytes())  # per-channel arrays travel as float32
+    for name, t in held.tensors.items():
         np.testing.assert_array_equal(stats.tensors[name], t)
     assert status.tokens == state.stats.tokens and status.num_layers == 3 and not status.paused
     assert summary == summarize(state.stats, k=3)
@@ -137,7 +138,8 @@ def _assert_equals_union(merged: Stats, raws: list[list[RawLayer]]) -> None:
             want = accumulate(np.concatenate([getattr(r[i], kind) for r in raws]))
             got = merged.group(i, kind)
             for f in GROUP_FIELDS:
-                np.testing.assert_allclose(got[f], want[f], rtol=1e-9, atol=1e-9, err_msg=f"layer {i} {kind} {f}")
+                # the servers' files hold float32 per-channel arrays: one rounding each
+                np.testing.assert_allclose(got[f], want[f], rtol=1e-6, atol=1e-9, err_msg=f"layer {i} {kind} {f}")
             np.testing.assert_array_equal(got["max_abs"], want["max_abs"])
             np.testing.assert_array_equal(got["near_zero"], want["near_zero"])
         cos = np.concatenate([r[i].cos for r in raws])
@@ -156,7 +158,7 @@ def test_merge_of_two_servers_equals_stats_over_the_union_of_their_data(raw_a, r
     # The naive variance sum_sq/n - mean^2 is useless on the offset channels; Chan's is not.
     m = merged.group(0, "mlp")
     want_var = np.concatenate([raw_a[0].mlp, raw_b[0].mlp]).var(axis=0)
-    np.testing.assert_allclose(m["m2"] / m["count"], want_var, rtol=1e-9)
+    np.testing.assert_allclose(m["m2"] / m["count"], want_var, rtol=1e-6)
 
 
 def test_merge_refuses_servers_of_different_models_and_names_them(raw_a, raw_b):

@@ -15,10 +15,10 @@ def test_pull_merges_every_server_into_one_file(tmp_path, capsys, run_cli, raw_a
     with serve(a) as url_a, serve(b) as url_b:
         code = run_cli(["stats", "pull", "--base-url", url_a, "--base-url", url_b, "-o", str(out)])
     assert code == 0
-    got, want = Stats.load(out), merge([a.stats, b.stats])
+    got, want = Stats.load(out), Stats.from_bytes(merge([a.stats, b.stats]).to_bytes())
     assert got.tokens == 470 and got.meta["merged_from"] == 2
-    for name, t in want.tensors.items():
-        np.testing.assert_array_equal(got.tensors[name], t)
+    for name, t in want.tensors.items():  # float32 files on both paths: one rounding apart
+        np.testing.assert_allclose(got.tensors[name], t, rtol=1e-6, err_msg=name)
     assert "pulled 2 servers: tiny/qwen3, 470 tokens, 3 layers" in capsys.readouterr().out
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,8 +45,14 @@ def server(request: pytest.FixtureRequest, tiny_qwen3: Path,
     srv.stop()
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _no_stray_servers() -> Iterator[None]:
-    yield
-    # Every ServerProcess kills its process group; check nothing of ours is left.
-    os.environ.pop("ACTPRUNE_TEST_SENTINEL", None)
+API_KEY = "s3cret-key"
+
+
+@pytest.fixture(scope="session")
+def keyed(tiny_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """One eager server with an API key, shared by the API and load tests."""
+    tmp = tmp_path_factory.mktemp("keyed")
+    srv = start_server(tiny_qwen3, "eager", tmp, extra=["--api-key", API_KEY],
+                       env={"ACTPRUNE_SNAPSHOT_INTERVAL": "0"})
+    yield srv
+    srv.stop()

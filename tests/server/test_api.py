@@ -4,32 +4,19 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 from actprune.client.wire.plan import Plan, PlanRequest
 from actprune.client.wire.stats import Stats
-from actprune.server.process import ServerProcess
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .conftest import start_server
+from .conftest import API_KEY as KEY
 from .test_capture_fidelity import PROMPTS
 
 pytestmark = pytest.mark.slow
-KEY = "s3cret-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-@pytest.fixture(scope="module")
-def keyed(tiny_qwen3: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    tmp = tmp_path_factory.mktemp("keyed")
-    srv = start_server(tiny_qwen3, "eager", tmp, extra=["--api-key", KEY],
-                       env={"ACTPRUNE_SNAPSHOT_INTERVAL": "0"})
-    yield srv
-    srv.stop()
 
 
 def _send(base: str, prompts=PROMPTS) -> None:
