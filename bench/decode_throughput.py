@@ -6,7 +6,8 @@ pulls the captured stats from the server, plans 25 % and 50 % MLP pruning (unifo
 Qwen3 architecture) and 50 % with per-layer widths (→ actprune architecture), slices, and serves
 every checkpoint at once. Then, in interleaved rounds so that the load of a shared machine hits
 every model alike, streams greedy completions and times the decode phase (tokens after the
-first), at batch 1 and at --batch concurrent requests.
+first), at batch 1 and at --batch concurrent requests, and the CPU time the whole server process
+group spends per generated token (steadier than wall time when the machine is shared).
 
     .venv/bin/python bench/decode_throughput.py --dir /tmp/actprune-decode
 
@@ -93,6 +94,23 @@ def prune_all(src: Path, base_url: str, root: Path) -> dict[str, tuple[Path, int
 
 
 # ---- measuring ----------------------------------------------------------------------------
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """user + system CPU time of every process in the server's process group (API server,
+    engine core, worker). On a shared machine this is steadier than wall time."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # the process ended meanwhile
+        if int(fields[2]) == pgid:  # fields[0] is field 3 of proc(5): state; pgrp is field 5
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / _TICK
+
+
 def decode_rate(base_url: str, model: str, tokens: int) -> tuple[float, float]:
     """One streamed greedy completion: (decode tokens/s after the first token, seconds)."""
     body = {"model": model, "prompt": "The museum opens at nine", "max_tokens": tokens,
@@ -120,16 +138,18 @@ def batch_rate(base_url: str, model: str, tokens: int, batch: int) -> float:
 def measure(servers: dict[str, object], rounds: int, tokens: int, batch: int) -> dict[str, dict[str, float]]:
     for srv in servers.values():  # warm-up: first requests pay one-off costs
         decode_rate(srv.base_url, srv.model, 8)
-    res: dict[str, dict[str, list[float]]] = {n: {"b1": [], "bN": []} for n in servers}
+    res: dict[str, dict[str, list[float]]] = {n: {"b1": [], "bN": [], "cpu": []} for n in servers}
     for r in range(rounds):
         order = list(servers) if r % 2 == 0 else list(reversed(servers))
         for name in order:
             srv = servers[name]
+            cpu0 = group_cpu_seconds(srv.proc.pid)
             res[name]["b1"].append(decode_rate(srv.base_url, srv.model, tokens)[0])
+            res[name]["cpu"].append(tokens / (group_cpu_seconds(srv.proc.pid) - cpu0))
             if batch > 1:
                 res[name]["bN"].append(batch_rate(srv.base_url, srv.model, tokens, batch))
-        print(f"round {r + 1}/{rounds}: " + ", ".join(f"{n} {res[n]['b1'][-1]:.1f} tok/s" for n in servers),
-              flush=True)
+        print(f"round {r + 1}/{rounds}: " + ", ".join(
+            f"{n} {res[n]['b1'][-1]:.1f} tok/s ({res[n]['cpu'][-1]:.1f} per CPU-s)" for n in servers), flush=True)
     return {n: {k: statistics.median(v) if v else float("nan") for k, v in d.items()} for n, d in res.items()}
 
 
@@ -140,15 +160,17 @@ def report(medians, params: dict[str, int], batch: int, load: tuple[float, ...])
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average before "
         f"{load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}",
         "",
-        f"| model | params | ideal speed-up | batch 1 tok/s | speed-up | ÷ ideal | batch {batch} tok/s | speed-up | ÷ ideal |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| model | params | ideal speed-up | batch 1 tok/s | speed-up | ÷ ideal "
+        f"| batch 1 tok per CPU-s | speed-up | ÷ ideal | batch {batch} tok/s | speed-up | ÷ ideal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in medians.items():
         after = params[name]
         ideal = params["base"] / after
-        s1, sn = m["b1"] / base["b1"], m["bN"] / base["bN"]
+        s1, sc, sn = m["b1"] / base["b1"], m["cpu"] / base["cpu"], m["bN"] / base["bN"]
         lines.append(
             f"| {name} | {after / 1e6:.1f} M | {ideal:.2f}× | {m['b1']:.1f} | {s1:.2f}× | {s1 / ideal:.2f} "
+            f"| {m['cpu']:.1f} | {sc:.2f}× | {sc / ideal:.2f} "
             f"| {m['bN']:.1f} | {sn:.2f}× | {sn / ideal:.2f} |"
         )
     return "\n".join(lines)

@@ -186,7 +186,10 @@ def output_config(config: dict[str, Any], adapter: Adapter, plan: Plan, bias: di
         out["layer_types"] = [config["layer_types"][i] for i in kept]
     for key in ("intermediate_size", "num_attention_heads", "num_key_value_heads"):
         out[key] = max(w[key] for w in widths)
-    if plan.uniform and not any(bias.values()):
+    # transformers' LlamaConfig refuses a hidden_size that is not a multiple of the head count;
+    # the actprune config sets head counts after validation, so such checkpoints still load.
+    heads_divide = out["hidden_size"] % out["num_attention_heads"] == 0
+    if plan.uniform and not any(bias.values()) and heads_divide:
         out["architectures"] = [adapter.architecture]
         out["model_type"] = adapter.model_type
         return out

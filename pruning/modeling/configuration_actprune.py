@@ -22,6 +22,7 @@ from transformers import AutoConfig, PretrainedConfig
 __all__ = ["ActpruneConfig"]
 
 _OWN_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path")
+_HEAD_KEYS = ("num_attention_heads", "num_key_value_heads")
 
 
 class ActpruneConfig(PretrainedConfig):
@@ -47,7 +48,13 @@ class ActpruneConfig(PretrainedConfig):
             k: v for k, v in self.to_dict().items()
             if k not in _OWN_KEYS and not k.startswith("actprune_")
         }
-        return AutoConfig.for_model(self.actprune_base_model_type, **fields)
+        # LlamaConfig refuses a hidden_size that is not a multiple of the head count, which
+        # pruned head counts need not be (head_dim is explicit): set the counts after init.
+        heads = {k: fields.pop(k) for k in _HEAD_KEYS if k in fields}
+        cfg = AutoConfig.for_model(self.actprune_base_model_type, **{k: 1 for k in heads}, **fields)
+        for key, value in heads.items():
+            setattr(cfg, key, value)
+        return cfg
 
     def layer_config(self, base: PretrainedConfig, layer: int) -> PretrainedConfig:
         """``base`` with the widths of decoder layer ``layer``."""

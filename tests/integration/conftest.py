@@ -17,26 +17,28 @@ from serving import SOURCE_SHAPE, TEXTS, VARIANTS, load_hf, tokenize
 
 
 @pytest.fixture(scope="session")
-def source(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Stats]:
-    """The fp32 tiny Qwen3 and stats recorded on it (transformers, offline recorder)."""
-    src = build_checkpoint(tmp_path_factory.mktemp("src") / "qwen3", arch="qwen3", **SOURCE_SHAPE)
-    cfg = json.loads((src / "config.json").read_text())
-    stats = record(load_hf(src), tokenize(src, TEXTS), model_name=str(src), config=cfg,
-                   batch_size=1, progress=False)
-    return src, stats
+def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Stats]]:
+    """arch -> an fp32 tiny checkpoint and stats recorded on it (transformers, offline recorder)."""
+    out = {}
+    root = tmp_path_factory.mktemp("src")
+    for arch in sorted({a for a, _, _ in VARIANTS.values()}):
+        src = build_checkpoint(root / arch, arch=arch, **SOURCE_SHAPE)
+        cfg = json.loads((src / "config.json").read_text())
+        out[arch] = src, record(load_hf(src), tokenize(src, TEXTS), model_name=str(src), config=cfg,
+                                batch_size=1, progress=False)
+    return out
 
 
 @pytest.fixture(scope="session")
-def pruned(source, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Plan]]:
+def pruned(sources, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Plan]]:
     """variant name -> (sliced checkpoint, plan)."""
-    src, stats = source
-    cfg = json.loads((src / "config.json").read_text())
     out = {}
     root = tmp_path_factory.mktemp("pruned")
-    for name, (fields, compensate) in VARIANTS.items():
+    for name, (arch, fields, compensate) in VARIANTS.items():
+        src, stats = sources[arch]
+        cfg = json.loads((src / "config.json").read_text())
         plan = make_plan(stats, cfg, PlanRequest(**fields), src)
         ckpt = slice_checkpoint(src, plan, root / name, stats=stats if compensate else None,
                                 progress=False)
         out[name] = (ckpt, plan)
     return out
-

@@ -26,13 +26,18 @@ TEXTS = [
 ]
 PROMPTS = ["The old harbour", "Pruning removes", "What is the capital", "Numbers: one two"]
 
-# name -> (plan request fields, bias compensation)
-VARIANTS: dict[str, tuple[dict[str, Any], bool]] = {
-    "uniform": ({"strategy": "wanda_sp", "mlp_ratio": 0.25, "head_ratio": 0.5}, False),
-    "per_layer": ({"strategy": "magnitude", "mlp_ratio": 0.4, "head_ratio": 0.5, "per_layer": True,
-                   "width_multiple": 8, "drop_layers": 1}, False),
-    "per_layer_bias": ({"strategy": "wifv", "mlp_ratio": 0.4, "head_ratio": 0.25,
-                        "head_mode": "query_heads", "per_layer": True, "width_multiple": 8}, True),
+# name -> (source architecture, plan request fields, bias compensation)
+VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "uniform": ("qwen3", {"strategy": "wanda_sp", "mlp_ratio": 0.25, "head_ratio": 0.5}, False),
+    "per_layer": ("qwen3", {"strategy": "magnitude", "mlp_ratio": 0.4, "head_ratio": 0.5,
+                            "per_layer": True, "width_multiple": 8, "drop_layers": 1}, False),
+    "per_layer_bias": ("qwen3", {"strategy": "wifv", "mlp_ratio": 0.4, "head_ratio": 0.25,
+                                 "head_mode": "query_heads", "per_layer": True,
+                                 "width_multiple": 8}, True),
+    "qwen2_per_layer_bias": ("qwen2", {"strategy": "wifv", "mlp_ratio": 0.4, "head_ratio": 0.5,
+                                       "per_layer": True, "width_multiple": 8}, True),
+    "llama_per_layer_bias": ("llama", {"strategy": "magnitude", "mlp_ratio": 0.4, "head_ratio": 0.5,
+                                       "per_layer": True, "width_multiple": 8}, True),
 }
 
 

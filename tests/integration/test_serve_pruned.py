@@ -1,7 +1,8 @@
-"""The same ``actprune serve`` that captured the stats serves the pruned checkpoints: greedy
+"""``actprune serve`` on pruned checkpoints: greedy
 tokens equal transformers' and logprobs agree to 1e-3 in fp32, for the stock architecture
 (uniform widths) and the actprune architecture (per-layer MLP widths, per-layer query and KV
-heads, a dropped layer, FLAP biases), and capture works on a pruned model.
+heads, a dropped layer, FLAP biases; Qwen3, Qwen2 and Llama bases), and capture works on a
+pruned model.
 
 One server per checkpoint (each start costs 30-90 s on a shared CPU), reused across tests."""
 
@@ -27,17 +28,21 @@ MAX_TOKENS = 8
 
 @pytest.fixture(scope="module")
 def server_for(pruned, tmp_path_factory) -> Iterator[Callable[..., ServerProcess]]:
-    """``server_for(variant, compiled=False)``: a started server on that pruned checkpoint."""
-    started: dict[str, ServerProcess] = {}
+    """``server_for(variant, compiled=False)``: a started server on that pruned checkpoint.
+    Tests of one variant are adjacent, so only the latest server is kept running."""
+    current: dict[str, ServerProcess] = {}
 
     def get(name: str, compiled: bool = False) -> ServerProcess:
-        if name not in started:
+        if name not in current:
+            for srv in current.values():
+                srv.stop()
+            current.clear()
             log = tmp_path_factory.mktemp(f"srv-{name}") / "server.log"
-            started[name] = serve(pruned[name][0], log, compiled=compiled).start()
-        return started[name]
+            current[name] = serve(pruned[name][0], log, compiled=compiled).start()
+        return current[name]
 
     yield get
-    for srv in started.values():
+    for srv in current.values():
         srv.stop()
 
 
@@ -95,3 +100,14 @@ def test_bias_compensated_checkpoint_compiled_serves_transformers_greedy_tokens(
     assert cfg["actprune_bias"] == {"down_proj": True, "o_proj": True}
     assert len({w.num_attention_heads for w in plan.widths}) > 1
     assert_matches_transformers(server_for("per_layer_bias", compiled=True), ckpt)
+
+
+@pytest.mark.parametrize("variant", ["qwen2_per_layer_bias", "llama_per_layer_bias"])
+def test_qwen2_and_llama_bases_with_per_layer_heads_and_biases_serve_transformers_greedy_tokens(
+    pruned, server_for, variant
+):
+    ckpt, plan = pruned[variant]
+    cfg = json.loads((ckpt / "config.json").read_text())
+    assert cfg["architectures"] == ["ActpruneForCausalLM"] and cfg["actprune_bias"]["o_proj"]
+    assert len({w.num_key_value_heads for w in plan.widths}) > 1
+    assert_matches_transformers(server_for(variant), ckpt)
