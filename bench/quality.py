@@ -214,6 +214,29 @@ def run(bench: Bench, keys: list[str], path: Path) -> None:
         del model
 
 
+def save_checkpoint(bench: Bench, key: str, out: Path) -> Path:
+    """Write config ``key`` (uniform, compensation none/bias/refit) as a checkpoint through the
+    slicer, the way `actprune prune` does, e.g. as the starting point of recovery."""
+    from actprune.pruning.slicer import slice_checkpoint
+
+    strategy, ratio, comp, alloc = key.split("|")
+    keep = bench.keep(strategy, float(ratio), alloc)
+    req = PlanRequest(strategy="magnitude", mlp_ratio=float(ratio), per_layer=alloc == "per_layer")
+    plan = make_plan(bench.stats, bench.config, req, bench.model_dir)
+    layers = [lp.model_copy(update={"mlp_keep": sorted(keep[lp.index])}) for lp in plan.layers]
+    plan = plan.model_copy(update={"layers": layers})
+    plan.check(source=key)
+    refit = None
+    if comp == "refit":
+        refit = {}
+        for i, ly in enumerate(bench.dense.model.layers):
+            w = calibrate.mlp_modules(ly)[2].weight.detach()
+            a, b = compensate.moments_from_gram(bench.grams[i], w, keep[i])
+            refit[i] = compensate.refit(a, b, w[:, keep[i]], bench.args.ridge)
+    stats = bench.stats if comp == "bias" else None
+    return slice_checkpoint(bench.model_dir, plan, out, stats=stats, mlp_refit=refit, overwrite=True)
+
+
 def evaluate_dir(bench: Bench, d: Path, path: Path) -> None:
     """Perplexity of a checkpoint directory (e.g. what `actprune prune` / `finetune` wrote)."""
     from actprune.pruning.hf_io import load_causal_lm
@@ -275,6 +298,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-dirs", nargs="*", default=[],
                    help="also evaluate these checkpoint directories (sliced / fine-tuned) on the same rows")
+    p.add_argument("--save", nargs=2, metavar=("KEY", "DIR"), default=None,
+                   help="write config KEY as a checkpoint to DIR through the slicer, then exit")
     p.add_argument("--markdown", action="store_true", help="print the results as tables and exit")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -286,6 +311,9 @@ def main() -> None:
     bench = Bench(args)
     print(f"calibration: {sum(map(len, bench.calib_ids))} tokens ({'server' if args.via_server else 'offline recorder'}); "
           f"eval rows: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in bench.rows.items()))
+    if args.save:
+        print(f"wrote {save_checkpoint(bench, args.save[0], Path(args.save[1]))}")
+        return
     run(bench, suite(args.suite), path)
     for d in args.eval_dirs:
         evaluate_dir(bench, Path(d), path)
