@@ -120,8 +120,8 @@ def obs_select(a: torch.Tensor, b: torch.Tensor, n_keep: int, ridge: float = DEF
     with every unit kept, or accumulated against any target). With ``P = (A + λD)⁻¹`` and the
     least-squares map ``Θ = P B``, removing unit j and refitting the rest costs
     ``‖Θ[j]‖² / P_jj`` and changes ``Θ -= P[:, j] Θ[j] / P_jj``; ``P`` is downdated the same
-    way (Schur complement). ``step`` units go per round (costed alone, removed one by one
-    exactly). Refit the kept units afterwards with :func:`refit`."""
+    way (Schur complement). ``step`` units go per round: each costed alone, removed together
+    exactly (block downdate). Refit the kept units afterwards with :func:`refit`."""
     i = a.shape[0] - 1
     a = a.double()
     lam = ridge * float(torch.diagonal(a)[:i].mean().clamp_min(1e-12))
@@ -136,13 +136,14 @@ def obs_select(a: torch.Tensor, b: torch.Tensor, n_keep: int, ridge: float = DEF
         cost[~alive] = float("inf")
         cost[i] = float("inf")
         n = min(step, int(alive[:i].sum()) - n_keep)
-        for j in torch.argsort(cost)[:n].tolist():
-            pj = p[j].clone()  # (I+1,)
-            theta -= pj[:, None] * (theta[j] / pj[j])[None, :]
-            p -= torch.outer(pj, pj) / pj[j]
-            theta[j] = 0.0
-            p[j] = 0.0
-            p[:, j] = 0.0
-            p[j, j] = 1.0  # keeps the removed unit inert in later downdates
-            alive[j] = False
+        r = torch.argsort(cost)[:n]  # (n,) removed together: one block downdate (BLAS-3)
+        prr = torch.linalg.inv(p[r][:, r])  # (n, n)
+        pr = p[:, r]  # (I+1, n)
+        theta -= pr @ (prr @ theta[r])
+        p -= pr @ prr @ pr.T
+        theta[r] = 0.0
+        p[r] = 0.0
+        p[:, r] = 0.0
+        p[r, r] = 1.0  # keeps removed units inert in later downdates
+        alive[r] = False
     return torch.nonzero(alive[:i]).flatten().tolist()
