@@ -26,7 +26,7 @@ from .capture import Capture, CaptureOptions, ShardInfo
 
 __all__ = ["LOAD_FORMAT", "CaptureModelLoader", "get_capture"]
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.actprune")
 LOAD_FORMAT = "actprune"
 _ATTR = "_actprune_capture"
 

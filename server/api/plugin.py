@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 
 __all__ = ["ActpruneEndpoints"]
 
-log = logging.getLogger("actprune.server")
+log = logging.getLogger("vllm.actprune")  # under "vllm": its handlers apply
 
 
 class ActpruneEndpoints:

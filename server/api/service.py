@@ -24,7 +24,7 @@ from .metrics import CaptureMetrics
 
 __all__ = ["CaptureService", "CaptureUnavailable"]
 
-log = logging.getLogger("actprune.server")
+log = logging.getLogger("vllm.actprune")  # under "vllm": its handlers apply
 METRICS_REFRESH_S = 5.0
 
 
