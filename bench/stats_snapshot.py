@@ -17,12 +17,11 @@ import statistics
 import time
 
 import torch
-from torch import nn
-
 from actprune.client.summary import summarize
 from actprune.server.adapters import VllmAdapter
 from actprune.server.capture import Capture, CaptureOptions, ShardInfo
 from actprune.server.snapshot import assemble
+from torch import nn
 
 LAYERS, HIDDEN, MLP, HEADS, HEAD_DIM = 64, 5120, 25600, 64, 128
 
@@ -61,7 +60,7 @@ def main() -> None:
         cap = Capture(skeleton(r, args.tp), VllmAdapter("Qwen3ForCausalLM"), CaptureOptions(max_tokens=8),
                       ShardInfo(tp_rank=r, tp_size=args.tp), torch.device("cpu"), HIDDEN)
         for name, st in cap.groups.items():
-            for f, t in st.items():
+            for t in st.values():
                 t.copy_(torch.rand(t.shape, generator=g, dtype=torch.float64).to(t.dtype) * 1000)
             st["count"].copy_(counts.setdefault(name, st["count"].clone()))
         caps.append(cap)
