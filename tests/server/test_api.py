@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from .conftest import API_KEY as KEY
+from .conftest import start_server
 from .test_capture_fidelity import PROMPTS
 
 pytestmark = pytest.mark.slow
@@ -140,3 +141,45 @@ def test_stats_json_summary_lists_least_important_units(keyed):
     assert len(s["layers"]) == 2
     layer = s["layers"][0]
     assert layer["tokens"] > 0 and len(layer["mlp"]["least_important"]) == 3
+
+
+def _greedy(base: str, headers: dict[str, str]) -> list[tuple[list[int], list[float]]]:
+    out = []
+    model = httpx.get(f"{base}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+    for prompt, n in PROMPTS:
+        r = httpx.post(f"{base}/v1/completions", headers=headers, timeout=120, json={
+            "model": model, "prompt": prompt, "max_tokens": n, "temperature": 0.0,
+            "ignore_eos": True, "logprobs": 1, "return_token_ids": True})
+        r.raise_for_status()
+        c = r.json()["choices"][0]
+        out.append((c["token_ids"], c["logprobs"]["token_logprobs"]))
+    return out
+
+
+def test_capture_off_serves_as_plain_vllm_with_identical_outputs(keyed, tiny_qwen3, tmp_path):
+    plain = start_server(tiny_qwen3, "eager", tmp_path, extra=["--no-capture"])
+    try:
+        r = httpx.get(f"{plain.base_url}/activations/status", timeout=30)
+        assert r.status_code == 404  # no actprune routes: vLLM as it is
+        log = (tmp_path / "server-eager.log").read_text(errors="replace")
+        assert "load_format': 'actprune'" not in log and "CaptureWorkerExtension" not in log
+        without = _greedy(plain.base_url, {})
+    finally:
+        plain.stop()
+    with_capture = _greedy(keyed.base_url, AUTH)
+    for (ids_a, lp_a), (ids_b, lp_b) in zip(with_capture, without, strict=True):
+        assert ids_a == ids_b
+        assert max(abs(a - b) for a, b in zip(lp_a, lp_b, strict=True)) <= 1e-5
+
+
+def test_prefix_caching_is_off_under_capture_so_repeated_prompts_count_fully(keyed):
+    base = keyed.base_url
+    long_prompt = " ".join(p for p, _ in PROMPTS) * 4  # several KV-cache blocks long
+    httpx.post(f"{base}/activations/reset", headers=AUTH, timeout=30).raise_for_status()
+    usage = []
+    for _ in range(2):
+        r = httpx.post(f"{base}/v1/completions", headers=AUTH, timeout=120, json={
+            "model": _model(base), "prompt": long_prompt, "max_tokens": 1})
+        usage.append(r.json()["usage"]["prompt_tokens"])
+    st = httpx.get(f"{base}/activations/status", headers=AUTH, timeout=30).json()
+    assert usage[0] > 256 and st["tokens_prefill"] == sum(usage)
