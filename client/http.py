@@ -44,6 +44,7 @@ from .wire.api import (
     StatusResponse,
     control_path,
 )
+from .wire.plan import Plan
 from .wire.stats import Stats, StatsFormatError, merge
 
 __all__ = [
@@ -211,9 +212,10 @@ class Client(_Base):
     def resume(self) -> PauseResponse:
         return self._model(self._send("POST", control_path("resume")), PauseResponse)
 
-    def plan(self, **fields: Any) -> dict[str, Any]:
-        """Ask the server's planner for a pruning plan; ``fields`` are the JSON request body."""
-        return self._json(self._send("POST", PLAN_PATH, json=fields))
+    def plan(self, **fields: Any) -> Plan:
+        """Ask the server's planner for a pruning plan from its live stats; ``fields`` are the
+        `actprune plan` options (``mlp_ratio=0.3``, ``strategy="wanda_sp"``, ...)."""
+        return self._model(self._send("POST", PLAN_PATH, json=fields), Plan)
 
     def close(self) -> None:
         self._http.close()
@@ -269,8 +271,8 @@ class AsyncClient(_Base):
     async def resume(self) -> PauseResponse:
         return self._model(await self._send("POST", control_path("resume")), PauseResponse)
 
-    async def plan(self, **fields: Any) -> dict[str, Any]:
-        return self._json(await self._send("POST", PLAN_PATH, json=fields))
+    async def plan(self, **fields: Any) -> Plan:
+        return self._model(await self._send("POST", PLAN_PATH, json=fields), Plan)
 
     async def aclose(self) -> None:
         await self._http.aclose()

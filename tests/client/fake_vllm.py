@@ -109,6 +109,7 @@ class FakeState:
     resets: int = 0
     hits: Counter[str] = field(default_factory=Counter)
     openai_bodies: list[dict[str, Any]] = field(default_factory=list)
+    last_plan_body: dict[str, Any] | None = None
 
 
 def build_app(state: FakeState) -> FastAPI:
@@ -158,7 +159,8 @@ def build_app(state: FakeState) -> FastAPI:
 
     @app.post("/prune/plan")
     async def plan(request: Request) -> Any:
-        return {"received": await request.json()}
+        state.last_plan_body = await request.json()
+        return {"received": state.last_plan_body}
 
     @app.get("/v1/models")
     def models() -> Any:

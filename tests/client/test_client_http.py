@@ -117,7 +117,10 @@ def test_pause_resume_reset_and_plan_round_trip(raw_a):
         assert c.pause().status.paused and state.paused
         assert not c.resume().status.paused and not state.paused
         assert c.reset().status.tokens == state.stats.tokens and state.resets == 1
-        assert c.plan(target_params=0.5, score="wanda") == {"received": {"target_params": 0.5, "score": "wanda"}}
+        # the fake server echoes the body instead of a plan: the client must say so plainly
+        with pytest.raises(ActpruneHTTPError, match="not a valid Plan"):
+            c.plan(mlp_ratio=0.5, strategy="wanda_sp")
+        assert state.last_plan_body == {"mlp_ratio": 0.5, "strategy": "wanda_sp"}
 
 
 def test_stats_file_writes_a_valid_file_and_nothing_on_a_corrupt_answer(raw_a, tmp_path):
