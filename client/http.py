@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -44,6 +43,7 @@ from .wire.api import (
     StatusResponse,
     control_path,
 )
+from .wire.files import atomic_write
 from .wire.plan import Plan
 from .wire.stats import Stats, StatsFormatError, merge
 
@@ -194,7 +194,7 @@ class Client(_Base):
         """Download the snapshot to ``path`` atomically, after checking it is a valid stats file."""
         r = self._send("GET", STATS_PATH, params={"format": "safetensors"})
         self._stats(r)
-        return _atomic_write(Path(path), r.content)
+        return atomic_write(Path(path), r.content)
 
     def summary(self, k: int | None = None) -> StatsSummary:
         params = {} if k is None else {"k": k}
@@ -253,7 +253,7 @@ class AsyncClient(_Base):
     async def stats_file(self, path: str | os.PathLike[str]) -> Path:
         r = await self._send("GET", STATS_PATH, params={"format": "safetensors"})
         self._stats(r)
-        return _atomic_write(Path(path), r.content)
+        return atomic_write(Path(path), r.content)
 
     async def summary(self, k: int | None = None) -> StatsSummary:
         params = {} if k is None else {"k": k}
@@ -325,21 +325,6 @@ def _merge_checked(parts: list[tuple[str, Stats]]) -> Stats:
                 f"{s.meta['config_hash']}); merge only servers of the same model"
             )
     return merge(s for _, s in parts)
-
-
-def _atomic_write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _detail(r: httpx.Response) -> str:

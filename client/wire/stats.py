@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from ..stats_math import ChannelFigures, figures, merge_channel_arrays
+from .files import atomic_write
 
 __all__ = [
     "FORMAT_NAME",
@@ -138,19 +138,7 @@ class Stats:
 
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write atomically: a temporary file in the same directory, then rename."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(self.to_bytes())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Stats:
