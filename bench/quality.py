@@ -215,16 +215,20 @@ def run(bench: Bench, keys: list[str], path: Path) -> None:
 
 
 def save_checkpoint(bench: Bench, key: str, out: Path) -> Path:
-    """Write config ``key`` (uniform, compensation none/bias/refit) as a checkpoint through the
-    slicer, the way `actprune prune` does, e.g. as the starting point of recovery."""
+    """Write config ``key`` (compensation none/bias/refit) as a checkpoint through the slicer,
+    the way `actprune prune` does, e.g. as the starting point of recovery. (For the baselines,
+    ``params_after`` in its plan record is the template plan's.)"""
     from actprune.pruning.slicer import slice_checkpoint
 
     strategy, ratio, comp, alloc = key.split("|")
     keep = bench.keep(strategy, float(ratio), alloc)
-    req = PlanRequest(strategy="magnitude", mlp_ratio=float(ratio), per_layer=alloc == "per_layer")
+    template = strategy if strategy in STRATEGIES else "magnitude"  # then the plan is exact
+    req = PlanRequest(strategy=template, mlp_ratio=float(ratio), per_layer=alloc == "per_layer")
     plan = make_plan(bench.stats, bench.config, req, bench.model_dir)
     layers = [lp.model_copy(update={"mlp_keep": sorted(keep[lp.index])}) for lp in plan.layers]
-    plan = plan.model_copy(update={"layers": layers})
+    widths = [w.model_copy(update={"intermediate_size": len(keep[i])}) for i, w in enumerate(plan.widths)]
+    plan = plan.model_copy(update={"layers": layers, "widths": widths,
+                                   "uniform": len({len(k) for k in keep.values()}) == 1})
     plan.check(source=key)
     refit = None
     if comp == "refit":
