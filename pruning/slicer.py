@@ -32,7 +32,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -47,6 +46,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from .adapters import ACTPRUNE_ARCHITECTURE, Adapter, Role, adapter_for
+from .files import staged_directory
 
 __all__ = [
     "INDEX_NAME",
@@ -278,8 +278,7 @@ def slice_checkpoint(
     old_bias = config.get("actprune_bias") or {}
     bias = {k: bool(stats is not None or old_bias.get(k)) for k in ("down_proj", "o_proj")}
     bias["down_proj"] = bias["down_proj"] or bool(refit)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_directory(out) as tmp:
         _write_all(index, adapter, plan, stats, shard_entries, tmp, progress, refit)
         new_config = output_config(config, adapter, plan, bias)
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
@@ -296,12 +295,6 @@ def slice_checkpoint(
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         (tmp / PLAN_RECORD).write_text(json.dumps(record, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

