@@ -24,7 +24,7 @@ from actprune.client.wire.stats import (
 )
 from safetensors.numpy import load as st_load
 
-__all__ = ["Shard", "assemble", "parse_shard"]
+__all__ = ["Shard", "assemble"]
 
 
 class Shard:
@@ -34,10 +34,6 @@ class Shard:
         self.info: dict[str, int] = json.loads(meta["shard"])
         self.partitions: dict[str, list[int]] = json.loads(meta["partitions"])
         self.status: dict[str, Any] = json.loads(meta["status"])
-
-
-def parse_shard(data: bytes) -> Shard:
-    return Shard(data)
 
 
 def assemble(shards: list[bytes], meta: dict[str, Any]) -> Stats:
@@ -76,6 +72,7 @@ def assemble(shards: list[bytes], meta: dict[str, Any]) -> Stats:
     full_meta.update(
         format=FORMAT_NAME,
         format_version=FORMAT_VERSION,
+        near_zero_threshold=float(lead["near_zero_threshold"]),
         tokens_prefill=int(lead["tokens_prefill"]),
         tokens_decode=int(lead["tokens_decode"]),
         window_start=float(lead["window_start"]),

@@ -19,7 +19,7 @@ from actprune.client.wire.api import StatusResponse
 from actprune.client.wire.stats import Stats, StatsFormatError, config_hash
 
 from ..settings import Settings
-from ..snapshot import assemble, parse_shard
+from ..snapshot import assemble
 from .metrics import CaptureMetrics
 
 __all__ = ["CaptureService", "CaptureUnavailable"]
@@ -72,9 +72,7 @@ class CaptureService:
 
     async def snapshot(self) -> Stats:
         shards = await self._rpc("actprune_snapshot")
-        status = parse_shard(shards[0]).status
-        meta = dict(self.meta, near_zero_threshold=status["near_zero_threshold"], created=time.time())
-        return assemble(shards, meta)
+        return assemble(shards, dict(self.meta, created=time.time()))
 
     async def status(self) -> StatusResponse:
         st = (await self._rpc("actprune_status"))[0]
