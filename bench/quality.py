@@ -70,12 +70,17 @@ class Bench:
         self.tok = AutoTokenizer.from_pretrained(str(self.model_dir))
         self.dense = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32).eval()
         eos = self.tok.eos_token_id
-        calib = tokenize(self.tok, wiki_texts("calibration")[: args.calib_docs])
+        calib_docs = wiki_texts("calibration")
+        calib = tokenize(self.tok, calib_docs[: args.calib_docs])
         self.calib_ids = [ids[: args.seq_len] for ids in calib]
         self.calib_rows = pack(self.calib_ids, args.seq_len, eos)  # (N, L) for the layer-wise refit
         self.rows = {
             "wiki": pack(tokenize(self.tok, wiki_texts("heldout")), args.seq_len, eos)[: args.eval_tokens // args.seq_len],
             "ood": pack(tokenize(self.tok, [ood_text()]), args.seq_len, eos)[: args.ood_tokens // args.seq_len],
+            # Validation for choices (ridge, allocation): calibration-part summaries the
+            # calibration pass never saw; neither evaluation text is ever used to choose.
+            "val": pack(tokenize(self.tok, calib_docs[args.calib_docs: args.calib_docs + 64]), args.seq_len,
+                        eos)[: args.val_tokens // args.seq_len],
         }
         self.stats, self.grams = self._calibrate()
 
@@ -122,14 +127,14 @@ class Bench:
             client.stats().save(path)
 
     # ---- choices --------------------------------------------------------------------------------
-    def keep(self, strategy: str, ratio: float, alloc: str) -> dict[int, list[int]]:
+    def keep(self, strategy: str, ratio: float, alloc: str, ridge: float) -> dict[int, list[int]]:
         layers = [ly for ly in self.dense.model.layers]
         width = calibrate.mlp_modules(layers[0])[2].in_features
         n_keep = round((1 - ratio) * width)
         if strategy in ("random", "weight", "obs"):
             counts = [n_keep] * len(layers)
             if alloc == "per_layer":  # widths from the planner's standardised wifv scores
-                counts = [len(k) for k in self.keep("wifv", ratio, alloc).values()]
+                counts = [len(k) for k in self.keep("wifv", ratio, alloc, ridge).values()]
             out = {}
             for i, ly in enumerate(layers):
                 n_keep = counts[i]
@@ -142,16 +147,16 @@ class Bench:
                     out[i] = sorted(torch.argsort(-s)[:n_keep].tolist())
                 else:
                     a, b = compensate.moments_from_gram(self.grams[i], down.weight.detach(), range(width))
-                    out[i] = compensate.obs_select(a, b, n_keep, self.args.ridge, step=self.args.obs_step)
+                    out[i] = compensate.obs_select(a, b, n_keep, ridge, step=self.args.obs_step)
             return out
         req = PlanRequest(strategy=strategy, mlp_ratio=ratio, per_layer=alloc == "per_layer")
         plan = make_plan(self.stats, self.config, req, self.model_dir)
         return {lp.index: lp.mlp_keep for lp in plan.layers}
 
-    def build(self, keep: dict[int, list[int]], comp: str) -> torch.nn.Module:
+    def build(self, keep: dict[int, list[int]], comp: str, ridge: float) -> torch.nn.Module:
         model = copy.deepcopy(self.dense)
         if comp.startswith("seq-"):
-            calibrate.layerwise_refit(model, self.calib_rows, keep, ridge=self.args.ridge,
+            calibrate.layerwise_refit(model, self.calib_rows, keep, ridge=ridge,
                                       sequential=comp.removeprefix("seq-"), progress=False)
             return model
         for i, ly in enumerate(model.model.layers):
@@ -163,7 +168,7 @@ class Bench:
                 calibrate.apply_mlp(ly, keep[i], None, compensate.flap_bias(w, keep[i], mean))
             elif comp == "refit":
                 a, b = compensate.moments_from_gram(self.grams[i], w, keep[i])
-                w_new, bias = compensate.refit(a, b, w[:, keep[i]], self.args.ridge)
+                w_new, bias = compensate.refit(a, b, w[:, keep[i]], ridge)
                 calibrate.apply_mlp(ly, keep[i], w_new, bias)
             else:
                 raise ValueError(f"unknown compensation {comp!r}")
@@ -197,15 +202,18 @@ def load_results(path: Path) -> dict[str, dict]:
 
 def run(bench: Bench, keys: list[str], path: Path) -> None:
     done = load_results(path)
-    if "dense" not in done:
+    if "val" not in done.get("dense", {}):
         _append(path, {"key": "dense", **bench.perplexity(bench.dense)})
     for key in keys:
-        full = f"{key}|ridge={bench.args.ridge}" if "|refit" in key or "|seq-" in key else key
-        if full in done:
+        # strategy|ratio|comp|alloc[|ridge=R]: the ridge defaults to --ridge
+        strategy, ratio, comp, alloc, *rest = key.split("|")
+        ridge = float(rest[0].removeprefix("ridge=")) if rest else bench.args.ridge
+        solves = comp in ("refit",) or comp.startswith("seq-") or strategy == "obs"
+        full = f"{strategy}|{ratio}|{comp}|{alloc}" + (f"|ridge={ridge}" if solves else "")
+        if full in done and ("val" in done[full] or not bench.args.need_val):
             continue
-        strategy, ratio, comp, alloc = key.split("|")
         t0 = time.time()
-        model = bench.build(bench.keep(strategy, float(ratio), alloc), comp)
+        model = bench.build(bench.keep(strategy, float(ratio), alloc, ridge), comp, ridge)
         t1 = time.time()
         rec = {"key": full, "strategy": strategy, "ratio": float(ratio), "comp": comp, "alloc": alloc,
                **bench.perplexity(model), "prune_s": round(t1 - t0, 1), "eval_s": round(time.time() - t1, 1)}
@@ -221,7 +229,7 @@ def save_checkpoint(bench: Bench, key: str, out: Path) -> Path:
     from actprune.pruning.slicer import slice_checkpoint
 
     strategy, ratio, comp, alloc = key.split("|")
-    keep = bench.keep(strategy, float(ratio), alloc)
+    keep = bench.keep(strategy, float(ratio), alloc, bench.args.ridge)
     template = strategy if strategy in STRATEGIES else "magnitude"  # then the plan is exact
     req = PlanRequest(strategy=template, mlp_ratio=float(ratio), per_layer=alloc == "per_layer")
     plan = make_plan(bench.stats, bench.config, req, bench.model_dir)
@@ -296,6 +304,8 @@ def main() -> None:
     p.add_argument("--calib-docs", type=int, default=256)
     p.add_argument("--eval-tokens", type=int, default=4096, help="held-out Wikipedia tokens")
     p.add_argument("--ood-tokens", type=int, default=2048, help="out-of-domain tokens")
+    p.add_argument("--val-tokens", type=int, default=4096, help="validation tokens (for choices)")
+    p.add_argument("--need-val", action="store_true", help="recompute results recorded before validation")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--ridge", type=float, default=compensate.DEFAULT_RIDGE)
     p.add_argument("--obs-step", type=int, default=8, help="OBS units costed per round")

@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "record": ("actprune.pruning.cli_record", "record activation stats offline with transformers"),
     "finetune": ("actprune.pruning.cli_finetune", "recover a pruned checkpoint: fine-tune / distil"),
     "eval": ("actprune.pruning.cli_eval", "perplexity, KL and generations of checkpoints, with a report"),
+    "iterate": ("actprune.pruning.cli_iterate", "gradual pruning: prune, recover, re-collect, repeat"),
 }
 
 

@@ -6,8 +6,9 @@ For every model, on the same packed held-out rows (documents joined by EOS, cut 
     perplexity = exp(Σ NLL / predicted tokens)
     kl         = mean over predicted tokens of KL(p_first ‖ p_model)   (0 for the first model)
 
-plus greedy generations for a prompt set. All models are held in memory at once, so each
-batch is run through every model while the reference logits are at hand.
+plus greedy generations for a prompt set. At most two models are in memory at once: the first
+(the reference) and the one being scored, so the reference runs once more per compared model
+(one extra forward each) instead of every checkpoint sharing the memory.
 """
 
 from __future__ import annotations
@@ -79,14 +80,15 @@ def mlp_widths(config: dict[str, Any]) -> list[int]:
 
 @torch.no_grad()
 def nll_and_kl(
-    models: Sequence[torch.nn.Module], rows: torch.Tensor, batch_size: int = 4, progress: bool = True
+    models: Sequence[torch.nn.Module], rows: torch.Tensor, batch_size: int = 4, progress: bool = True,
+    desc: str = "perplexity",
 ) -> tuple[list[float], list[float], int]:
     """Σ NLL and Σ KL(p_models[0] ‖ p_model) over the predicted tokens of ``rows`` (N, L);
     returns (nll sums, kl sums, predicted tokens)."""
     nll = [0.0] * len(models)
     kl = [0.0] * len(models)
     tokens = 0
-    for ids in tqdm(rows.split(batch_size), desc="perplexity", unit="batch", disable=not progress):
+    for ids in tqdm(rows.split(batch_size), desc=desc, unit="batch", disable=not progress):
         target = ids[:, 1:].flatten()  # (B*(L-1),)
         ref_logp = None
         for j, m in enumerate(models):
@@ -158,17 +160,21 @@ def evaluate_models(
 
         raise CheckpointError(f"the models have different vocabularies {sorted(vocab)}; KL needs one")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    models = [load_causal_lm(d).to(device) for d in model_dirs]
     tok = load_tokenizer(model_dirs[0])
-    nll, kl, tokens = nll_and_kl(models, rows, batch_size, progress)
+    ref = load_causal_lm(model_dirs[0]).to(device)
     results = []
-    for d, cfg, m, s_nll, s_kl in zip(model_dirs, configs, models, nll, kl, strict=True):
-        mean_nll = s_nll / tokens
-        results.append(ModelResult(
+    for j, (d, cfg) in enumerate(zip(model_dirs, configs, strict=True)):
+        m = ref if j == 0 else load_causal_lm(d).to(device)
+        desc = f"{Path(d).name} ({j + 1}/{len(model_dirs)})"
+        nll, kl, tokens = nll_and_kl([ref] if j == 0 else [ref, m], rows, batch_size, progress, desc=desc)
+        mean_nll = nll[-1] / tokens
+        r = ModelResult(
             name=Path(d).name, path=str(d), perplexity=math.exp(mean_nll), nll=mean_nll,
-            tokens=tokens, kl_vs_first=s_kl / tokens, parameters=sum(p.numel() for p in m.parameters()),
+            tokens=tokens, kl_vs_first=kl[-1] / tokens, parameters=sum(p.numel() for p in m.parameters()),
             mlp_widths=mlp_widths(cfg),
-        ))
-    for r, m in tqdm(list(zip(results, models, strict=True)), desc="generating", disable=not progress):
+        )
         r.generations = generate_greedy(m, tok, prompts, max_new_tokens)
+        results.append(r)
+        if m is not ref:
+            del m  # free it before the next checkpoint loads
     return results
