@@ -5,6 +5,11 @@
 
 With ``--teacher`` the loss is distillation mixed with the LM loss (see actprune.pruning.
 finetune); without it, plain fine-tuning. The output is a normal Hugging Face checkpoint.
+
+Several GPUs, one process each, model and teacher sharded with FSDP2 (actprune.pruning.
+distributed); ``--batch-size`` is per process:
+
+    torchrun --nproc-per-node 8 $(which actprune) finetune --fsdp --model pruned/ ...
 """
 
 from __future__ import annotations
@@ -41,11 +46,16 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast where supported")
     p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: at the end)")
     p.add_argument("--early-stop-patience", type=int, default=0,
-                   help="stop after N validations without improvement (0: never)")
+                   help="stop after N validations without improvement (0: never); the output "
+                        "then holds the weights of the best validation")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in -o")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in -o (not with --fsdp yet)")
     p.add_argument("--device-map", default=None,
                    help="'auto': spread the model over all visible GPUs in one process")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: one process per GPU, model sharded with FSDP2, "
+                        "--batch-size per process; --resume/--save-every not supported yet")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters, merged before saving")
     p.add_argument("--lora-r", type=int, default=16)
     p.add_argument("--lora-alpha", type=int, default=32)
@@ -66,5 +76,6 @@ def run(args: argparse.Namespace) -> int:
         out = main(cfg)
     except (DataError, CheckpointError) as e:
         raise UserError(str(e)) from e
-    print(f"wrote {out}")
+    if out is not None:  # None on ranks other than 0 under --fsdp
+        print(f"wrote {out}")
     return 0

@@ -9,6 +9,12 @@ averaged over predicted tokens (Hinton et al.; Minitron reports distillation rec
 than fine-tuning alone). One optimizer step is ``grad_accum`` micro-batches of ``batch_size``
 packed rows. The learning rate is a pure function of the step (:func:`lr_at`) and the data
 order a pure function of (seed, epoch), so a checkpoint's step restores both exactly.
+
+With ``--early-stop-patience`` the output holds the weights of the best validation, staged
+under ``OUT/best/`` when found (see :mod:`actprune.pruning.train_state`); the log's last
+record names the step kept. ``--fsdp`` runs the same recipe in every process of a torchrun
+launch (:mod:`actprune.pruning.distributed`): rank ``r`` of ``W`` trains on its block of
+``batch_size`` rows of each micro-batch of ``W · batch_size`` rows.
 """
 
 from __future__ import annotations
@@ -23,14 +29,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from actprune.pruning import data as data_mod
+from actprune.pruning import train_state as ts
 from actprune.pruning.hf_io import finish_output_dir, load_causal_lm, load_tokenizer, read_config
-from actprune.pruning.train_state import latest_checkpoint, load_checkpoint, save_checkpoint
 from tqdm.auto import tqdm
 
 __all__ = ["FinetuneConfig", "FinetuneRecipe", "kd_loss", "lm_loss", "lr_at", "main", "mixed_loss"]
-
-# Options that may change between a killed run and its resume without breaking exactness.
-_RESUME_FREE = ("resume", "stop_after_steps", "save_every", "progress")
 
 
 @dataclass
@@ -62,6 +65,7 @@ class FinetuneConfig:
     save_every: int = 0  # 0: no intermediate checkpoints
     resume: bool = False
     device_map: str | None = None  # "auto": spread layers over all visible GPUs (one process)
+    fsdp: bool = False  # one process per GPU under torchrun, model sharded with FSDP2
     lora: bool = False
     lora_r: int = 16
     lora_alpha: int = 32
@@ -114,25 +118,54 @@ class FinetuneRecipe:
         self.out = Path(cfg.output)
         self.history: list[dict[str, Any]] = []
         self.step = 0
-        self.best_val = math.inf
-        self.bad_evals = 0
-        self.stopped_early = False
+        self.early = ts.EarlyStop(cfg.early_stop_patience)
+        self.rank, self.world, self.is_main = 0, 1, True  # set by the distributed recipe
+        self.best_root = self.out / "best"
+        self.ckpt_root = self.out / "checkpoints"
+
+    def _say(self, msg: str) -> None:
+        if self.is_main:
+            tqdm.write(msg)
 
     # -- setup --
     def setup(self) -> None:
         cfg = self.cfg
         _check(cfg)
         torch.manual_seed(cfg.seed)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = self._init_device()
         self.tok = load_tokenizer(cfg.model)
         self.stored_dtype = self.model_dtype(cfg.model)
+        self.model = self._build_student()
+        self.teacher = None
+        if cfg.teacher:
+            if read_config(cfg.teacher).get("vocab_size") != read_config(cfg.model).get("vocab_size"):
+                raise data_mod.DataError("--teacher has another vocabulary than --model; distillation needs the same one")
+            self.teacher = self._build_teacher(torch.bfloat16 if self.use_bf16 else torch.float32)
+        self._setup_data()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+        if cfg.resume:
+            self._resume()
+
+    def _init_device(self) -> torch.device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def train_dtype(self) -> torch.dtype:
         # Full fine-tuning keeps float32 master weights; under LoRA the frozen base stays in its
         # stored dtype (half the memory in bf16) and peft keeps the adapters in float32.
-        dtype = self.stored_dtype if cfg.lora else torch.float32
-        model = load_causal_lm(cfg.model, dtype, device_map=cfg.device_map)
-        if cfg.device_map is None:
+        return self.stored_dtype if self.cfg.lora else torch.float32
+
+    def _build_student(self) -> Any:
+        model = load_causal_lm(self.cfg.model, self.train_dtype, device_map=self.cfg.device_map)
+        if self.cfg.device_map is None:
             model = model.to(self.device)
         self.device = next(model.parameters()).device  # where inputs go (first shard)
+        return self.prepare(model)
+
+    def prepare(self, model: Any) -> Any:
+        """Gradient checkpointing, no KV cache, LoRA adapters (their init draws from the RNG)."""
+        cfg = self.cfg
         if cfg.grad_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -142,20 +175,11 @@ class FinetuneRecipe:
             lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
                               target_modules="all-linear", task_type="CAUSAL_LM")
             model = get_peft_model(model, lcfg)
-        self.model = model
-        self.teacher = None
-        if cfg.teacher:
-            if read_config(cfg.teacher).get("vocab_size") != read_config(cfg.model).get("vocab_size"):
-                raise data_mod.DataError("--teacher has another vocabulary than --model; distillation needs the same one")
-            dtype = torch.bfloat16 if self.use_bf16 else torch.float32
-            teacher = load_causal_lm(cfg.teacher, dtype, device_map=cfg.device_map)
-            self.teacher = (teacher if cfg.device_map else teacher.to(self.device)).requires_grad_(False)
-        self._setup_data()
-        params = [p for p in model.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
-        self.ckpt_root = self.out / "checkpoints"
-        if cfg.resume:
-            self._resume()
+        return model
+
+    def _build_teacher(self, dtype: torch.dtype) -> Any:
+        teacher = load_causal_lm(self.cfg.teacher, dtype, device_map=self.cfg.device_map)
+        return (teacher if self.cfg.device_map else teacher.to(self.device)).requires_grad_(False)
 
     @staticmethod
     def model_dtype(model_dir: str) -> torch.dtype:
@@ -183,39 +207,46 @@ class FinetuneRecipe:
                 self.val_rows = data_mod.pack(data_mod.tokenize(self.tok, val), cfg.seq_len, eos)
             except data_mod.DataError as e:
                 raise data_mod.DataError(f"validation data: {e}; raise --val-fraction or lower --seq-len") from e
-        per_step = cfg.batch_size * cfg.grad_accum
+        per_step = cfg.batch_size * cfg.grad_accum * self.world
         self.steps_per_epoch = len(self.train_rows) // per_step
         if self.steps_per_epoch == 0:
             raise data_mod.DataError(
                 f"{len(self.train_rows)} training rows of {cfg.seq_len} tokens: fewer than one step "
-                f"(batch {cfg.batch_size} × accumulation {cfg.grad_accum}); lower --seq-len or add data"
+                f"(batch {cfg.batch_size} × accumulation {cfg.grad_accum} × {self.world} processes); "
+                "lower --seq-len or add data"
             )
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
 
     def _resume(self) -> None:
-        path = latest_checkpoint(self.ckpt_root)
+        path = ts.latest_checkpoint(self.ckpt_root)
         if path is None:
-            tqdm.write(f"no checkpoint under {self.ckpt_root}; starting from step 0")
+            self._say(f"no checkpoint under {self.ckpt_root}; starting from step 0")
             return
-        state = load_checkpoint(path, self.model, self.opt)
-        saved = {k: v for k, v in state["config"].items() if k not in _RESUME_FREE}
-        now = {k: v for k, v in asdict(self.cfg).items() if k not in _RESUME_FREE}
-        changed = sorted(k for k in now if saved.get(k) != now[k])
+        state = ts.load_checkpoint(path, self.model, self.opt)
+        changed = ts.changed_options(state["config"], asdict(self.cfg))
         if changed:
             raise data_mod.DataError(f"cannot resume {path}: options changed since it was saved: {changed}")
-        self.step = state["step"]
-        self.history = state["history"]
-        self.best_val = state["best_val"]
-        self.bad_evals = state["bad_evals"]
-        tqdm.write(f"resumed from {path} (step {self.step})")
+        self.step, self.history = state["step"], state["history"]
+        self.early.restore(state)
+        self._say(f"resumed from {path} (step {self.step})")
 
     # -- train --
     def batch_rows(self, step: int) -> torch.Tensor:
-        """The rows of optimizer step ``step``: (grad_accum · batch_size, L)."""
+        """The rows of optimizer step ``step``, all ranks': (grad_accum · world · batch_size, L)."""
         epoch, k = divmod(step, self.steps_per_epoch)
         order = torch.randperm(len(self.train_rows), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-        n = self.cfg.batch_size * self.cfg.grad_accum
+        n = self.cfg.batch_size * self.cfg.grad_accum * self.world
         return self.train_rows[order[k * n : (k + 1) * n]]
+
+    def micro_batches(self, step: int) -> list[torch.Tensor]:
+        """This process's micro-batches of step ``step``: grad_accum × (batch_size, L)."""
+        return list(self.batch_rows(step).split(self.cfg.batch_size))
+
+    def _clip(self, params: list[torch.nn.Parameter]) -> float:
+        return torch.nn.utils.clip_grad_norm_(params, self.cfg.clip).item()
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        return values
 
     def autocast(self) -> AbstractContextManager[Any]:
         if self.use_bf16:
@@ -238,21 +269,21 @@ class FinetuneRecipe:
     def train(self) -> None:
         cfg = self.cfg
         bar = tqdm(total=self.total_steps, initial=self.step, desc="finetune", unit="step",
-                   disable=not cfg.progress)
-        while self.step < self.total_steps and not self.stopped_early:
+                   disable=not (cfg.progress and self.is_main))
+        while self.step < self.total_steps and not self.early.stop:
             if cfg.stop_after_steps is not None and self.step >= cfg.stop_after_steps:
                 bar.close()
                 return
             self.model.train()
-            rows = self.batch_rows(self.step).to(self.device)
             sums: dict[str, float] = {}
-            for micro in rows.split(cfg.batch_size):
-                parts = self.losses(micro)
+            for micro in self.micro_batches(self.step):
+                parts = self.losses(micro.to(self.device))
                 (parts["loss"] / cfg.grad_accum).backward()
                 for k, v in parts.items():
                     sums[k] = sums.get(k, 0.0) + v.item() / cfg.grad_accum
+            sums = self._mean_over_ranks(sums)
             params = [p for p in self.model.parameters() if p.requires_grad]
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip).item()
+            grad_norm = self._clip(params)
             lr = lr_at(self.step, cfg, self.steps_per_epoch, self.total_steps)
             for g in self.opt.param_groups:
                 g["lr"] = lr
@@ -274,30 +305,41 @@ class FinetuneRecipe:
         if self.val_rows is None:
             return
         self.model.eval()
+        total, n = self._val_sums()
+        val = total / n
+        self.history.append({"step": self.step, "val_loss": val, "val_ppl": math.exp(val)})
+        self._say(f"step {self.step}: validation loss {val:.4f}, perplexity {math.exp(val):.3f}")
+        if self.early.update(self.step, val) and self.early.patience:
+            weights = self.trainable_state()  # collective under FSDP: every rank calls it
+            if weights is not None:
+                ts.save_best(self.best_root, self.ckpt_root, self.step, weights, val)
+        if self.early.stop:
+            self._say(f"early stop: no improvement in {self.early.bad_evals} evaluations")
+
+    def _val_sums(self) -> tuple[float, float]:
+        """(Σ loss · tokens, Σ tokens) over the first ``max_val_batches`` batches."""
         total, n = 0.0, 0
-        for b, ids in enumerate(self.val_rows.split(self.cfg.batch_size)):
-            if b >= self.cfg.max_val_batches:
-                break
+        for ids in self.val_rows.split(self.cfg.batch_size)[: self.cfg.max_val_batches]:
+            ids = ids.to(self.device)  # (B, L)
             with self.autocast():
-                loss = lm_loss(self.model(input_ids=ids.to(self.device)).logits, ids.to(self.device))
+                loss = lm_loss(self.model(input_ids=ids).logits, ids)
             tokens = ids.shape[0] * (ids.shape[1] - 1)
             total += loss.item() * tokens
             n += tokens
-        val = total / n
-        self.history.append({"step": self.step, "val_loss": val, "val_ppl": math.exp(val)})
-        tqdm.write(f"step {self.step}: validation loss {val:.4f}, perplexity {math.exp(val):.3f}")
-        if val < self.best_val:
-            self.best_val, self.bad_evals = val, 0
-        else:
-            self.bad_evals += 1
-            if self.cfg.early_stop_patience and self.bad_evals >= self.cfg.early_stop_patience:
-                tqdm.write(f"early stop: no improvement in {self.bad_evals} evaluations")
-                self.stopped_early = True
+        return total, n
+
+    def trainable_state(self) -> dict[str, torch.Tensor] | None:
+        """Trainable parameters on CPU in the dtype the output gets (LoRA adapters: float32,
+        merged later); None on ranks other than 0."""
+        dtype = None if self.cfg.lora else self.stored_dtype
+        return {n: p.detach().to("cpu", dtype, copy=True)
+                for n, p in self.model.named_parameters() if p.requires_grad}
 
     def save_checkpoint(self) -> None:
-        state = {"config": asdict(self.cfg), "history": self.history,
-                 "best_val": self.best_val, "bad_evals": self.bad_evals}
-        save_checkpoint(self.ckpt_root, self.step, self.model, self.opt, state)
+        state = {"config": asdict(self.cfg), "history": self.history, **self.early.state()}
+        ts.save_checkpoint(self.ckpt_root, self.step, self.model, self.opt, state)
+        if self.early.patience:
+            ts.prune_best(self.best_root, self.ckpt_root, self.early.best_step)
         self._write_log()
 
     def _write_log(self) -> None:
@@ -308,8 +350,17 @@ class FinetuneRecipe:
 
     # -- save --
     def save(self) -> Path:
-        """Write a plain Hugging Face checkpoint (LoRA merged) in the input's dtype."""
-        model = self.model.merge_and_unload() if self.cfg.lora else self.model
+        """Write a plain Hugging Face checkpoint (LoRA merged) in the input's dtype: the weights
+        of the best validation under early stopping, else the last ones."""
+        best = self.early.best_step if self.early.patience else None
+        if best is None:
+            self.history.append({"kept_step": self.step, "kept": "last"})
+        else:
+            self.history.append({"kept_step": best, "kept": "best", "kept_val_loss": self.early.best_val})
+        model = self.final_model(best)
+        if model is None:  # not rank 0
+            return self.out
+        model = model.merge_and_unload() if self.cfg.lora else model
         model = model.to(self.stored_dtype)
         model.config.use_cache = True
         model.save_pretrained(str(self.out), safe_serialization=True)
@@ -318,6 +369,12 @@ class FinetuneRecipe:
         self._write_log()
         (self.out / "finetune_config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
         return self.out
+
+    def final_model(self, best_step: int | None) -> Any:
+        """The model to write, holding the weights of ``best_step`` when given."""
+        if best_step is not None:
+            ts.copy_into(self.model, ts.load_best(self.best_root, best_step))
+        return self.model
 
     def cleanup(self) -> None:
         self.teacher = None
@@ -341,13 +398,20 @@ def _check(cfg: FinetuneConfig) -> None:
 
 
 def main(cfg: FinetuneConfig) -> Path | None:
-    """Run the recipe; returns the output directory, or None when stopped like a kill."""
-    recipe = FinetuneRecipe(cfg)
+    """Run the recipe; returns the output directory, or None when stopped like a kill (and on
+    ranks other than 0 under ``--fsdp``)."""
+    if cfg.fsdp:
+        from actprune.pruning.distributed import DistributedRecipe
+
+        recipe: FinetuneRecipe = DistributedRecipe(cfg)
+    else:
+        recipe = FinetuneRecipe(cfg)
     recipe.setup()
     try:
         recipe.train()
-        if cfg.stop_after_steps is not None and recipe.step < recipe.total_steps and not recipe.stopped_early:
+        if cfg.stop_after_steps is not None and recipe.step < recipe.total_steps and not recipe.early.stop:
             return None
-        return recipe.save()
+        out = recipe.save()  # every rank: gathering the sharded weights is collective
+        return out if recipe.is_main else None
     finally:
         recipe.cleanup()
