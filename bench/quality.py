@@ -149,9 +149,39 @@ class Bench:
                     a, b = compensate.moments_from_gram(self.grams[i], down.weight.detach(), range(width))
                     out[i] = compensate.obs_select(a, b, n_keep, ridge, step=self.args.obs_step)
             return out
+        if alloc.startswith("recon"):
+            return self.keep_recon(strategy, ratio, alloc, ridge)
         req = PlanRequest(strategy=strategy, mlp_ratio=ratio, per_layer=alloc == "per_layer")
         plan = make_plan(self.stats, self.config, req, self.model_dir)
         return {lp.index: lp.mlp_keep for lp in plan.layers}
+
+    def keep_recon(self, strategy: str, ratio: float, alloc: str, ridge: float) -> dict[int, list[int]]:
+        """Widths from each layer's refit residual: every layer keeps its best-scored units;
+        the widths minimise the summed residual (``recon``) or the summed residual relative
+        to the layer's MLP output energy (``recon_rel``), in steps of 32 units."""
+        from actprune.pruning.planner import _channel_scores, allocate_by_cost
+
+        req = PlanRequest(strategy=strategy)
+        layers = list(self.dense.model.layers)
+        costs, orders = [], []
+        for i, ly in enumerate(tqdm(layers, desc="error curves", unit="layer")):
+            w = calibrate.mlp_modules(ly)[2].weight.detach()  # (H, I)
+            width = w.shape[1]
+            norms = lambda _l, _k, w=w: torch.linalg.vector_norm(w.float(), dim=0).double().numpy()  # noqa: E731
+            order = np.argsort(-_channel_scores(self.stats, i, "mlp", req, norms), kind="stable")
+            g = self.grams[i]
+            energy = float(torch.einsum("hi,ij,hj->", w.double(), g[:width, :width], w.double()))
+            curve = {}
+            for k in range(max(32, round(width * 0.3) // 32 * 32), width + 1, 32):
+                keep = sorted(order[:k].tolist())
+                a, b = compensate.moments_from_gram(g, w, keep)
+                w_new, bias = compensate.refit(a, b, w[:, keep], ridge)
+                err = max(compensate.refit_residual(a, b, energy, w_new, bias), 0.0)
+                curve[k] = err / energy if alloc == "recon_rel" else err
+            costs.append(curve)
+            orders.append(order)
+        counts = allocate_by_cost(costs, round((1 - ratio) * sum(len(o) for o in orders)))
+        return {i: sorted(orders[i][:c].tolist()) for i, c in enumerate(counts)}
 
     def build(self, keep: dict[int, list[int]], comp: str, ridge: float) -> torch.nn.Module:
         model = copy.deepcopy(self.dense)

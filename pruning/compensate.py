@@ -33,6 +33,7 @@ __all__ = [
     "obs_select",
     "output_error",
     "refit",
+    "refit_residual",
     "update_gram",
     "update_moments",
 ]
@@ -90,6 +91,15 @@ def refit(
     jitter = 1e-10 * float(torch.diagonal(a).abs().max().clamp_min(1e-12))
     theta = torch.linalg.solve(lhs + jitter * torch.eye(k + 1, dtype=torch.float64), rhs)  # (K+1, H)
     return theta[:k].T.float().contiguous(), theta[k].float().contiguous()
+
+
+def refit_residual(a: torch.Tensor, b: torch.Tensor, target_energy: float, w_new: torch.Tensor,
+                   bias: torch.Tensor) -> float:
+    """``Σ ‖t − W' x_k − bias‖²`` over the calibration tokens, from the moments alone:
+    ``Σ‖t‖² − 2 tr(Θᵀ B) + tr(Θᵀ A Θ)`` with ``Θ = [W'ᵀ; biasᵀ]`` ((K+1, H)). a: (K+1, K+1),
+    b: (K+1, H); target_energy: ``Σ ‖t‖²`` (``tr(W G Wᵀ)`` for the dense output)."""
+    theta = torch.cat([w_new.double().T, bias.double()[None]])  # (K+1, H)
+    return float(target_energy - 2 * (theta * b.double()).sum() + (theta * (a.double() @ theta)).sum())
 
 
 def flap_bias(w: torch.Tensor, keep: list[int], mean: np.ndarray | torch.Tensor) -> torch.Tensor:

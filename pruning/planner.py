@@ -77,6 +77,34 @@ def allocate(
     return counts
 
 
+def allocate_by_cost(costs: list[dict[int, float]], target: int) -> list[int]:
+    """Kept count per layer with ``sum <= target`` (as close as the steps allow) and the least
+    total cost, greedily: from every layer whole, take the step down (to the next smaller
+    allowed count) whose cost increase is smallest, until the total reaches ``target``.
+
+    costs[i]: allowed kept count -> cost of layer i at that width (e.g. the output error left
+    after refitting, :func:`compensate.refit_residual`); the largest count is the layer whole.
+    Exact when each layer's cost is convex in the count, a good heuristic otherwise."""
+    allowed = [sorted(c) for c in costs]
+    pos = [len(a) - 1 for a in allowed]
+    heap: list[tuple[float, int]] = []
+
+    def push(i: int) -> None:
+        if pos[i] > 0:
+            lo, hi = allowed[i][pos[i] - 1], allowed[i][pos[i]]
+            heapq.heappush(heap, ((costs[i][lo] - costs[i][hi]) / (hi - lo), i))
+
+    for i in range(len(allowed)):
+        push(i)
+    counts = [a[-1] for a in allowed]
+    while sum(counts) > target and heap:
+        _, i = heapq.heappop(heap)
+        pos[i] -= 1
+        counts[i] = allowed[i][pos[i]]
+        push(i)
+    return counts
+
+
 def _nearest(allowed: list[int], want: float) -> int:
     return min(allowed, key=lambda k: (abs(k - want), -k))
 

@@ -178,3 +178,17 @@ def test_layerwise_reselect_picks_what_obs_picks_from_full_second_moments(llama)
         want = compensate.obs_select(*compensate.moments_from_gram(grams[i], w, range(w.shape[1])),
                                      len(plan.layers[i].mlp_keep), step=8)
         assert kept == want
+
+
+def test_refit_residual_from_moments_equals_the_direct_error():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 8, generator=g) + 0.5
+    w = torch.randn(4, 8, generator=g)
+    keep = [1, 2, 5, 6]
+    gram = torch.zeros(9, 9, dtype=torch.float64)
+    compensate.update_gram(gram, x)
+    a, b = compensate.moments_from_gram(gram, w, keep)
+    w_new, bias = compensate.refit(a, b, w[:, keep], ridge=0.1)
+    energy = float(((x.double() @ w.double().T) ** 2).sum())
+    direct = compensate.output_error(x, w, keep, w_new, bias) * x.shape[0] * w.shape[0]
+    assert compensate.refit_residual(a, b, energy, w_new, bias) == pytest.approx(direct, rel=1e-6)

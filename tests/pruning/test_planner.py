@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from actprune.client.wire.plan import Plan, PlanError, PlanRequest
-from actprune.pruning.planner import allocate, allowed_counts, make_plan
+from actprune.pruning.planner import allocate, allocate_by_cost, allowed_counts, make_plan
 from actprune.pruning.synthetic import tiny_config
 from pruning_helpers import stats_from_samples
 
@@ -124,6 +124,15 @@ def test_allocate_uniform_picks_nearest_allowed_count():
     scores = [np.arange(10.0)[::-1]] * 2
     assert allocate(scores, [allowed_counts(10, 4, 1)] * 2, 0.7, False) == [8, 8]
     assert allocate(scores, [allowed_counts(10, 1, 1)] * 2, 0.25, False) == [3, 3]  # 2.5: keep more
+
+
+def test_allocate_by_cost_takes_the_cheapest_steps_down():
+    # layer 0's error rises fast, layer 1's slowly: the budget comes out of layer 1 first
+    costs = [{2: 9.0, 4: 2.0, 6: 0.0}, {2: 2.5, 4: 1.0, 6: 0.0}]
+    assert allocate_by_cost(costs, 10) == [6, 4]
+    assert allocate_by_cost(costs, 8) == [6, 2]  # layer 1's second step (0.75/unit) beats layer 0's first (1.0)
+    assert allocate_by_cost(costs, 6) == [4, 2]
+    assert allocate_by_cost(costs, 100) == [6, 6]
 
 
 def test_allocate_per_layer_removes_the_globally_cheapest_units():
