@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 
 from .cli import UserError
 from .http import ClientSettings
+from .wire.files import JsonlError, read_jsonl
 
 __all__ = ["EXAMPLE_PROMPTS", "CollectReport", "PromptItem", "configure", "load_prompts", "run"]
 
@@ -74,28 +74,16 @@ def load_prompts(path: str | Path) -> list[PromptItem]:
     """Parse a prompts JSONL file; raise UserError naming the file and line of the first problem."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as e:
-        raise UserError(f"--prompts: no such file {path}") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--prompts: cannot read {path}: {e}") from e
-    items = []
-    for n, raw in enumerate(text.splitlines(), start=1):
-        if raw.strip():
-            items.append(_parse_line(raw, n, path))
+        items = [_parse_obj(obj, n, path) for n, obj in read_jsonl(path)]
+    except JsonlError as e:
+        raise UserError(f"--prompts: {e}") from e
     if not items:
         raise UserError(f"{path}: no prompts (the file is empty); expected one JSON object per line")
     return items
 
 
-def _parse_line(raw: str, n: int, path: Path) -> PromptItem:
+def _parse_obj(obj: dict[str, Any], n: int, path: Path) -> PromptItem:
     where = f"{path}:{n}"
-    try:
-        obj = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from e
-    if not isinstance(obj, dict):
-        raise UserError(f"{where}: expected a JSON object with 'prompt' or 'messages', got {type(obj).__name__}")
     has_p, has_m = "prompt" in obj, "messages" in obj
     if has_p == has_m:
         raise UserError(f"{where}: needs exactly one of 'prompt' (completions) or 'messages' (chat)")

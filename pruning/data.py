@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from actprune.client.wire.files import JsonlError, read_jsonl
 
 from .files import package_data_file
 
@@ -113,19 +114,11 @@ def load_texts(source: str, text_field: str | None = None, tokenizer: Any = None
 
 
 def _jsonl_texts(path: Path, text_field: str | None, tokenizer: Any) -> list[str]:
-    texts = []
-    with path.open(encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not JSON ({e.msg})") from e
-            if not isinstance(rec, dict):
-                raise DataError(f"{path}:{n}: expected a JSON object per line")
-            texts.append(_record_text(rec, text_field, tokenizer, f"{path}:{n}"))
-    return texts
+    try:
+        records = read_jsonl(path)
+    except JsonlError as e:
+        raise DataError(str(e)) from e
+    return [_record_text(rec, text_field, tokenizer, f"{path}:{n}") for n, rec in records]
 
 
 def _record_text(rec: dict[str, Any], text_field: str | None, tokenizer: Any, where: str) -> str:

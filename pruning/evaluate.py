@@ -13,7 +13,6 @@ plus greedy generations for a prompt set. At most two models are in memory at on
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -127,13 +126,17 @@ def load_prompts(path: str | None) -> list[str]:
     if not p.is_file():
         raise DataError(f"--prompts {path}: no such file")
     if p.suffix == ".jsonl":
+        from actprune.client.wire.files import JsonlError, read_jsonl
+
+        try:
+            records = read_jsonl(p)
+        except JsonlError as e:
+            raise DataError(f"--prompts: {e}") from e
         prompts = []
-        for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-            if line.strip():
-                rec = json.loads(line)
-                if "prompt" not in rec:
-                    raise DataError(f"{p}:{n}: no 'prompt' field")
-                prompts.append(str(rec["prompt"]))
+        for n, rec in records:
+            if "prompt" not in rec:
+                raise DataError(f"{p}:{n}: no 'prompt' field")
+            prompts.append(str(rec["prompt"]))
     else:
         prompts = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if not prompts:
