@@ -151,9 +151,54 @@ class Bench:
             return out
         if alloc.startswith("recon"):
             return self.keep_recon(strategy, ratio, alloc, ridge)
+        if alloc in ("sens", "sens_cap2"):  # cap: 0.8, or twice the mean ratio
+            return self.keep_sens(strategy, ratio, ridge, cap=0.8 if alloc == "sens" else 2 * ratio)
         req = PlanRequest(strategy=strategy, mlp_ratio=ratio, per_layer=alloc == "per_layer")
         plan = make_plan(self.stats, self.config, req, self.model_dir)
         return {lp.index: lp.mlp_keep for lp in plan.layers}
+
+    @torch.no_grad()
+    def keep_sens(self, strategy: str, ratio: float, ridge: float, cap: float = 0.8) -> dict[int, list[int]]:
+        """Widths from each layer's measured sensitivity: prune that layer alone by ``ratio``
+        (its best-scored units, refitted), measure the loss increase Δ_i on calibration rows;
+        with the model Δ_i(p) = Δ_i · (p / ratio)², the removed fractions minimising Σ Δ_i(p_i)
+        at a fixed total are p_i ∝ 1 / Δ_i (capped at ``cap``, water-filled)."""
+        from actprune.pruning.planner import _channel_scores
+
+        rows = self.calib_rows[:8]  # (8, L) calibration text: no evaluation text is used
+
+        def loss(m: torch.nn.Module) -> float:
+            nll, _, tokens = nll_and_kl([m], rows, batch_size=2, progress=False)
+            return nll[0] / tokens
+
+        base = loss(self.dense)
+        req = PlanRequest(strategy=strategy)
+        layers = list(self.dense.model.layers)
+        orders, deltas = [], []
+        for i, ly in enumerate(tqdm(layers, desc="sensitivity", unit="layer")):
+            gate, up, down = calibrate.mlp_modules(ly)
+            w = down.weight.detach()  # (H, I)
+            norms = lambda _l, _k, w=w: torch.linalg.vector_norm(w.float(), dim=0).double().numpy()  # noqa: E731
+            order = np.argsort(-_channel_scores(self.stats, i, "mlp", req, norms), kind="stable")
+            keep = sorted(order[: round((1 - ratio) * w.shape[1])].tolist())
+            a, b = compensate.moments_from_gram(self.grams[i], w, keep)
+            calibrate.apply_mlp(ly, keep, *compensate.refit(a, b, w[:, keep], ridge))
+            deltas.append(max(loss(self.dense) - base, 1e-9))
+            ly.mlp.gate_proj, ly.mlp.up_proj, ly.mlp.down_proj = gate, up, down  # restore
+            orders.append(order)
+        inv = 1.0 / np.asarray(deltas)
+        p = np.zeros(len(inv))
+        free = np.ones(len(inv), dtype=bool)
+        budget = ratio * len(inv)
+        while True:  # water-filling: p_i = c / Δ_i below the cap, the cap above it
+            c = (budget - cap * (~free).sum()) / inv[free].sum()
+            p = np.where(free, c * inv, cap)
+            if not (p[free] > cap).any():
+                break
+            free &= p <= cap
+        tqdm.write("sensitivity Δ: " + " ".join(f"{d:.3f}" for d in deltas))
+        tqdm.write("removed fraction: " + " ".join(f"{x:.2f}" for x in p))
+        return {i: sorted(o[: round((1 - p[i]) * len(o))].tolist()) for i, o in enumerate(orders)}
 
     def keep_recon(self, strategy: str, ratio: float, alloc: str, ridge: float) -> dict[int, list[int]]:
         """Widths from each layer's refit residual: every layer keeps its best-scored units;

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from collections.abc import Callable
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -57,24 +58,8 @@ def allocate(
     if not per_layer:
         return [_nearest(a, keep * len(s)) for s, a in zip(unit_scores, allowed, strict=True)]
     z = [standardise(s) for s in unit_scores]
-    counts = [a[-1] for a in allowed]
-    pos = [len(a) - 1 for a in allowed]
     target = round(keep * sum(len(s) for s in unit_scores))
-    heap: list[tuple[float, int]] = []
-
-    def push(i: int) -> None:
-        if pos[i] > 0:
-            lo, hi = allowed[i][pos[i] - 1], allowed[i][pos[i]]
-            heapq.heappush(heap, (float(z[i][lo:hi].mean()), i))
-
-    for i in range(len(allowed)):
-        push(i)
-    while sum(counts) > target and heap:
-        _, i = heapq.heappop(heap)
-        pos[i] -= 1
-        counts[i] = allowed[i][pos[i]]
-        push(i)
-    return counts
+    return _step_down(allowed, lambda i, lo, hi: float(z[i][lo:hi].mean()), target)
 
 
 def allocate_by_cost(costs: list[dict[int, float]], target: int) -> list[int]:
@@ -85,18 +70,24 @@ def allocate_by_cost(costs: list[dict[int, float]], target: int) -> list[int]:
     costs[i]: allowed kept count -> cost of layer i at that width (e.g. the output error left
     after refitting, :func:`compensate.refit_residual`); the largest count is the layer whole.
     Exact when each layer's cost is convex in the count, a good heuristic otherwise."""
-    allowed = [sorted(c) for c in costs]
+    return _step_down([sorted(c) for c in costs],
+                      lambda i, lo, hi: (costs[i][lo] - costs[i][hi]) / (hi - lo), target)
+
+
+def _step_down(allowed: list[list[int]], step_cost: Callable[[int, int, int], float], target: int) -> list[int]:
+    """From every layer at its largest allowed count, take the cheapest step down (layer i
+    from count hi to the next smaller lo costs ``step_cost(i, lo, hi)``) until the total kept
+    is at most ``target`` or no step is left."""
     pos = [len(a) - 1 for a in allowed]
+    counts = [a[-1] for a in allowed]
     heap: list[tuple[float, int]] = []
 
     def push(i: int) -> None:
         if pos[i] > 0:
-            lo, hi = allowed[i][pos[i] - 1], allowed[i][pos[i]]
-            heapq.heappush(heap, ((costs[i][lo] - costs[i][hi]) / (hi - lo), i))
+            heapq.heappush(heap, (step_cost(i, allowed[i][pos[i] - 1], allowed[i][pos[i]]), i))
 
     for i in range(len(allowed)):
         push(i)
-    counts = [a[-1] for a in allowed]
     while sum(counts) > target and heap:
         _, i = heapq.heappop(heap)
         pos[i] -= 1
