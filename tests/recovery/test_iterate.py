@@ -35,7 +35,7 @@ def _args(tiny: Path, work: Path, text: Path, threshold: float, *extra: str) -> 
     return ["iterate", "--model", str(tiny), "-o", str(work), "--ratios", "0.2", "0.4",
             "--max-ppl-ratio", str(threshold), "--calibration", str(text), "--calibration-tokens", "1500",
             "--train-data", str(text), "--finetune-steps", "2", "--eval-data", str(text),
-            "--eval-tokens", "512", "--eval-seq-len", "64", "--per-layer", "--strategy", "wifv",
+            "--eval-tokens", "512", "--eval-seq-len", "64", "--per-layer", "--strategy", "wifv", "--refit",
             "--finetune-config", '{"batch_size": 2, "seq_len": 64, "val_fraction": 0.0, "progress": false}',
             *extra]
 
