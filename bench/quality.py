@@ -230,9 +230,13 @@ class Bench:
 
     def build(self, keep: dict[int, list[int]], comp: str, ridge: float) -> torch.nn.Module:
         model = copy.deepcopy(self.dense)
-        if comp.startswith("seq-"):
-            calibrate.layerwise_refit(model, self.calib_rows, keep, ridge=ridge,
-                                      sequential=comp.removeprefix("seq-"), progress=False)
+        if comp.startswith("seq-") or comp == "lw":  # the shipped layer-wise pass (lw: one-shot)
+            chosen: dict[int, float] = {}
+            calibrate.layerwise_refit(model, self.calib_rows, keep, ridge=ridge, chosen=chosen,
+                                      sequential=False if comp == "lw" else comp.removeprefix("seq-"),
+                                      progress=False)
+            if ridge == "auto":
+                tqdm.write("chosen ridge per layer: " + " ".join(f"{r:g}" for r in chosen.values()))
             return model
         for i, ly in enumerate(model.model.layers):
             w = calibrate.mlp_modules(ly)[2].weight.detach()
@@ -282,8 +286,9 @@ def run(bench: Bench, keys: list[str], path: Path) -> None:
     for key in keys:
         # strategy|ratio|comp|alloc[|ridge=R]: the ridge defaults to --ridge
         strategy, ratio, comp, alloc, *rest = key.split("|")
-        ridge = float(rest[0].removeprefix("ridge=")) if rest else bench.args.ridge
-        solves = comp in ("refit",) or comp.startswith("seq-") or strategy == "obs"
+        ridge = rest[0].removeprefix("ridge=") if rest else bench.args.ridge
+        ridge = ridge if ridge == "auto" else float(ridge)
+        solves = comp in ("refit", "lw") or comp.startswith("seq-") or strategy == "obs"
         full = f"{strategy}|{ratio}|{comp}|{alloc}" + (f"|ridge={ridge}" if solves else "")
         if full in done and ("val" in done[full] or not bench.args.need_val):
             continue

@@ -32,11 +32,12 @@ from actprune.server.registry import HookRegistry
 from torch import nn
 from tqdm.auto import tqdm
 
-from .compensate import DEFAULT_RIDGE, obs_select, refit, update_gram, update_moments
+from .compensate import DEFAULT_RIDGE, choose_ridge, obs_select, refit, update_gram, update_moments
 
 __all__ = ["GramRecorder", "apply_mlp", "layerwise_refit", "mlp_modules", "refit_for_plan"]
 
 HOOK_GROUP = "actprune.calibrate"
+HOLD_OUT = 5  # ridge="auto": every 5th batch of rows is held out to choose the ridge
 
 
 def mlp_modules(layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
@@ -132,21 +133,27 @@ def layerwise_refit(
     rows: torch.Tensor,
     keep: dict[int, list[int]],
     *,
-    ridge: float = DEFAULT_RIDGE,
+    ridge: float | str = DEFAULT_RIDGE,
     sequential: bool | str = False,
     reselect: bool = False,
     obs_step: int = 8,
     batch: int = 4,
     progress: bool = True,
+    chosen: dict[int, float] | None = None,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Refitted ``(down_proj weight (H, K), bias (H,))`` per pruned layer; ``model`` is left
     pruned and refitted in place. rows: (N, T) packed token ids; keep: layer -> kept neurons
     (layers absent are left whole). ``sequential``: False, "local" or "dense" (see module doc).
     ``reselect``: keep as many units per layer, but choose them by greedy OBS
     (:func:`compensate.obs_select`) on the moments of all units, (I+1)² per layer, and write
-    the choice back into ``keep``."""
+    the choice back into ``keep``. ``ridge="auto"``: every ``HOLD_OUT``-th batch of rows is held
+    out, each layer takes the ridge of :data:`compensate.RIDGE_GRID` whose fit on the other
+    batches leaves the least output error on the held-out ones (:func:`compensate.choose_ridge`),
+    then refits on all rows with it; the choices go into ``chosen`` (layer -> ridge)."""
     if sequential not in (False, "local", "dense"):
         raise ValueError(f"sequential must be False, 'local' or 'dense', got {sequential!r}")
+    if isinstance(ridge, str) and ridge != "auto":
+        raise ValueError(f"ridge must be a number >= 0 or 'auto', got {ridge!r}")
     base = getattr(model, "model", model)
     dev = next(model.parameters()).device
     rows = rows.to(dev)
@@ -171,26 +178,44 @@ def layerwise_refit(
             hid = w.shape[0]
             a = torch.zeros(len(k) + 1, len(k) + 1, dtype=torch.float64, device=dev)
             b = torch.zeros(len(k) + 1, hid, dtype=torch.float64, device=dev)
+            held = (torch.zeros_like(a), torch.zeros_like(b), torch.zeros((), dtype=torch.float64, device=dev))
+            n_batch = [0]
             targets: list[torch.Tensor] = []
             if sequential == "dense":  # dense MLP output on the dense trajectory, chunk by chunk
                 cap.sink = lambda x, w=w, targets=targets: targets.append(x @ w.T)
                 h_dense = _run(layer, h_dense, pe, pos, batch)
             it = iter(targets)
 
-            def acc(x: torch.Tensor, w=w, k=k, a=a, b=b, it=it) -> None:
+            def acc(x: torch.Tensor, w=w, k=k, a=a, b=b, it=it, held=held, n_batch=n_batch) -> None:
                 t = next(it) if sequential == "dense" else x @ w.T  # (T, H)
-                update_moments(a, b, x.index_select(1, k), t)
+                if ridge == "auto" and n_batch[0] % HOLD_OUT == HOLD_OUT - 1:
+                    update_moments(held[0], held[1], x.index_select(1, k), t)
+                    held[2].add_((t.double() ** 2).sum())
+                else:
+                    update_moments(a, b, x.index_select(1, k), t)
+                n_batch[0] += 1
 
             cap.sink = acc
             h_in = h
             h_out = _run(layer, h_in, pe, pos, batch)
             cap.sink = None
             a, b = a.cpu(), b.cpu()
+            a_h, b_h, e_h = held[0].cpu(), held[1].cpu(), float(held[2])
             if reselect:
-                keep[i] = obs_select(a, b, len(keep[i]), ridge, obs_step)
+                keep[i] = obs_select(a + a_h, b + b_h, len(keep[i]), DEFAULT_RIDGE if ridge == "auto" else ridge,
+                                     obs_step)
                 kb = torch.tensor([*keep[i], w_in])  # (K+1,) the constant stays
                 a, b, k = a[kb][:, kb], b[kb], torch.as_tensor(keep[i], device=dev)
-            w_new, bias = refit(a, b, w.index_select(1, k).cpu(), ridge)
+                a_h, b_h = a_h[kb][:, kb], b_h[kb]
+            w_k = w.index_select(1, k).cpu()
+            r = ridge
+            if ridge == "auto":
+                # Too few batches to hold any out: the default, rather than a choice from nothing.
+                r = choose_ridge((a, b), (a_h, b_h, e_h), w_k)[0] if e_h > 0 else DEFAULT_RIDGE
+                a, b = a + a_h, b + b_h
+            if chosen is not None:
+                chosen[i] = float(r)
+            w_new, bias = refit(a, b, w_k, float(r))
             out[i] = (w_new, bias)
             apply_mlp(layer, keep[i], w_new.to(dev), bias.to(dev))
             h = _run(layer, h_in, pe, pos, batch) if sequential else h_out
@@ -206,7 +231,7 @@ def refit_for_plan(
     *,
     tokens: int = 32768,
     seq_len: int = 512,
-    ridge: float = DEFAULT_RIDGE,
+    ridge: float | str = DEFAULT_RIDGE,
     sequential: bool | str = False,
     text_field: str | None = None,
     reselect: bool = False,

@@ -30,8 +30,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="refit kept down_proj columns + bias on DATA: wiki:calibration, FILE.txt or FILE.jsonl")
     g.add_argument("--refit-tokens", type=int, default=32768, help="calibration tokens for --refit")
     g.add_argument("--refit-seq-len", type=int, default=512, help="tokens per packed row for --refit")
-    g.add_argument("--refit-ridge", type=float, default=None,
-                   help="ridge towards the plain slice, relative to the mean activation power (default 1e-2)")
+    g.add_argument("--refit-ridge", type=_ridge, default=None,
+                   help="ridge towards the plain slice, relative to the mean activation power (default 1e-2), "
+                        "or 'auto': per layer, the value that reconstructs held-out calibration tokens best")
     g.add_argument("--refit-sequential", choices=("off", "local", "dense"), default="off",
                    help="refit layer by layer with earlier layers already pruned (see docs/plan.md)")
     g.add_argument("--refit-reselect", action="store_true",
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--refit fits the bias itself; drop --bias-compensation")
     if args.refit is None and (args.refit_ridge is not None or args.refit_sequential != "off" or args.refit_reselect):
         raise UserError("--refit-ridge / --refit-sequential / --refit-reselect need --refit DATA")
-    if args.refit_tokens < 1 or (args.refit_ridge is not None and args.refit_ridge < 0):
+    if args.refit_tokens < 1 or (isinstance(args.refit_ridge, float) and args.refit_ridge < 0):
         raise UserError("--refit-tokens must be >= 1 and --refit-ridge >= 0")
     try:
         plan = Plan.load(args.plan)
@@ -66,6 +67,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(str(e)) from e
     print(f"pruned checkpoint: {out} ({plan.params_after:,} parameters, was {plan.params_before:,})")
     return 0
+
+
+def _ridge(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
 def _refit(args: argparse.Namespace, plan):

@@ -34,11 +34,14 @@ __all__ = [
     "output_error",
     "refit",
     "refit_residual",
+    "RIDGE_GRID",
+    "choose_ridge",
     "update_gram",
     "update_moments",
 ]
 
 DEFAULT_RIDGE = 1e-2
+RIDGE_GRID = (1e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)
 
 
 def augment(x: torch.Tensor) -> torch.Tensor:
@@ -100,6 +103,15 @@ def refit_residual(a: torch.Tensor, b: torch.Tensor, target_energy: float, w_new
     b: (K+1, H); target_energy: ``Σ ‖t‖²`` (``tr(W G Wᵀ)`` for the dense output)."""
     theta = torch.cat([w_new.double().T, bias.double()[None]])  # (K+1, H)
     return float(target_energy - 2 * (theta * b.double()).sum() + (theta * (a.double() @ theta)).sum())
+
+
+def choose_ridge(fit: tuple[torch.Tensor, torch.Tensor], held: tuple[torch.Tensor, torch.Tensor, float],
+                 w_kept: torch.Tensor, grid: tuple[float, ...] = RIDGE_GRID) -> tuple[float, list[float]]:
+    """The ridge of ``grid`` whose refit on the ``fit`` moments (A, B) leaves the least output
+    error on held-out tokens (their moments A, B and target energy ``Σ‖t‖²``); also returns
+    every ridge's held-out error (same order as ``grid``). w_kept: (H, K) the plain slice."""
+    errors = [refit_residual(*held[:2], held[2], *refit(*fit, w_kept, r)) for r in grid]
+    return grid[min(range(len(grid)), key=errors.__getitem__)], errors
 
 
 def flap_bias(w: torch.Tensor, keep: list[int], mean: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -149,7 +149,8 @@ def test_cli_prune_refit_writes_a_checkpoint_with_down_proj_biases(llama, tmp_pa
                                 for k in range(40)))
     out = tmp_path / "refit"
     rc = main(["prune", "--model", str(d), "--plan", str(tmp_path / "plan.json"), "-o", str(out),
-               "--refit", str(data), "--refit-seq-len", "32", "--refit-sequential", "local", "--refit-reselect"])
+               "--refit", str(data), "--refit-seq-len", "32", "--refit-sequential", "local", "--refit-reselect",
+               "--refit-ridge", "auto"])
     assert rc == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["actprune_bias"]["down_proj"] and not cfg["actprune_bias"]["o_proj"]
@@ -192,3 +193,39 @@ def test_refit_residual_from_moments_equals_the_direct_error():
     energy = float(((x.double() @ w.double().T) ** 2).sum())
     direct = compensate.output_error(x, w, keep, w_new, bias) * x.shape[0] * w.shape[0]
     assert compensate.refit_residual(a, b, energy, w_new, bias) == pytest.approx(direct, rel=1e-6)
+
+
+def test_choose_ridge_picks_the_least_heldout_error_computed_directly():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(400, 10, generator=g)
+    x[:, 1] = x[:, 0] + 0.01 * torch.randn(400, generator=g)  # near-collinear: the ridge matters
+    w = torch.randn(3, 10, generator=g)
+    keep = [0, 1, 2, 4, 7]
+    fit, held = x[:60], x[60:]  # few fit tokens, so the unregularised fit overfits
+    moments = []
+    for part in (fit, held):
+        gram = torch.zeros(11, 11, dtype=torch.float64)
+        compensate.update_gram(gram, part)
+        moments.append(compensate.moments_from_gram(gram, w, keep))
+    energy = float(((held.double() @ w.double().T) ** 2).sum())
+    best, errors = compensate.choose_ridge(moments[0], (*moments[1], energy), w[:, keep])
+    direct = [compensate.output_error(held, w, keep, *compensate.refit(*moments[0], w[:, keep], r))
+              * held.shape[0] * w.shape[0] for r in compensate.RIDGE_GRID]
+    np.testing.assert_allclose(errors, direct, rtol=1e-5)
+    assert best == compensate.RIDGE_GRID[int(np.argmin(direct))]
+
+
+def test_layerwise_auto_ridge_refits_each_layer_with_its_chosen_ridge(llama):
+    d, plan, _ = llama
+    rows = _rows(load(d).config.vocab_size, 10, 3, t=24)  # 10 rows, batch 1: rows 4 and 9 held out
+    keep = {lp.index: lp.mlp_keep for lp in plan.layers}
+    chosen: dict[int, float] = {}
+    got = calibrate.layerwise_refit(load(d), rows, keep, ridge="auto", batch=1, chosen=chosen, progress=False)
+    assert set(chosen) == set(got) and set(chosen.values()) <= set(compensate.RIDGE_GRID)
+    for r in set(chosen.values()):  # one-shot: each layer's refit depends on its own ridge only
+        fixed = calibrate.layerwise_refit(load(d), rows, keep, ridge=r, batch=1, progress=False)
+        for i in (i for i, ri in chosen.items() if ri == r):
+            torch.testing.assert_close(got[i][0], fixed[i][0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(got[i][1], fixed[i][1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="auto"):
+        calibrate.layerwise_refit(load(d), rows, keep, ridge="best", progress=False)
