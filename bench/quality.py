@@ -151,6 +151,8 @@ class Bench:
             return out
         if alloc.startswith("recon"):
             return self.keep_recon(strategy, ratio, alloc, ridge)
+        if alloc.startswith("mix"):  # mixNN: NN % per-layer widths, the rest uniform
+            return self.keep_mix(strategy, ratio, int(alloc[3:]) / 100)
         if alloc in ("sens", "sens_cap2"):  # cap: 0.8, or twice the mean ratio
             return self.keep_sens(strategy, ratio, ridge, cap=0.8 if alloc == "sens" else 2 * ratio)
         req = PlanRequest(strategy=strategy, mlp_ratio=ratio, per_layer=alloc == "per_layer")
@@ -199,6 +201,23 @@ class Bench:
         tqdm.write("sensitivity Δ: " + " ".join(f"{d:.3f}" for d in deltas))
         tqdm.write("removed fraction: " + " ".join(f"{x:.2f}" for x in p))
         return {i: sorted(o[: round((1 - p[i]) * len(o))].tolist()) for i, o in enumerate(orders)}
+
+    def keep_mix(self, strategy: str, ratio: float, alpha: float) -> dict[int, list[int]]:
+        """Removed fraction per layer ``alpha · p_i + (1 - alpha) · ratio``, p_i the planner's
+        per-layer allocation; each layer keeps its best-scored units."""
+        from actprune.pruning.planner import _channel_scores
+
+        per = make_plan(self.stats, self.config, PlanRequest(strategy=strategy, mlp_ratio=ratio, per_layer=True),
+                        self.model_dir)
+        req = PlanRequest(strategy=strategy)
+        out = {}
+        for lp, ly in zip(per.layers, self.dense.model.layers, strict=True):
+            w = calibrate.mlp_modules(ly)[2].weight.detach()
+            norms = lambda _l, _k, w=w: torch.linalg.vector_norm(w.float(), dim=0).double().numpy()  # noqa: E731
+            order = np.argsort(-_channel_scores(self.stats, lp.index, "mlp", req, norms), kind="stable")
+            p = alpha * (1 - len(lp.mlp_keep) / w.shape[1]) + (1 - alpha) * ratio
+            out[lp.index] = sorted(order[: round((1 - p) * w.shape[1])].tolist())
+        return out
 
     def keep_recon(self, strategy: str, ratio: float, alloc: str, ridge: float) -> dict[int, list[int]]:
         """Widths from each layer's refit residual: every layer keeps its best-scored units;
