@@ -94,7 +94,7 @@ def make_plan_file(src: Path, out: Path) -> Path:
     meta = {"format": "actprune.stats", "format_version": "1", "model": "bench", "architecture": "Qwen3ForCausalLM",
             "config_hash": config_hash(cfg), "tensor_parallel_size": 1, "near_zero_threshold": 0.01,
             "tokens_prefill": 100, "tokens_decode": 0}
-    plan = make_plan(Stats(tensors, meta), cfg, PlanRequest(mlp_ratio=0.3, head_ratio=0.25), None)
+    plan = make_plan(Stats(tensors, meta), cfg, PlanRequest(mlp_ratio=0.3, head_ratio=0.25, strategy="magnitude"), None)
     return plan.save(out)
 
 

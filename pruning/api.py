@@ -143,7 +143,7 @@ def analyze(stats: Stats) -> list[LayerAnalysis]:
 
 
 def pruning_candidates(
-    stats: Stats, ratio: float, strategy: str = "importance", *, unit: Unit = "mlp",
+    stats: Stats, ratio: float, strategy: str = "wifv", *, unit: Unit = "mlp",
     model_dir: PathLike | None = None, weights: ImportanceWeights | None = None,
 ) -> dict[int, list[int]]:
     """The lowest-scored ``ratio`` of units, least important first.
@@ -224,14 +224,14 @@ def prune(model_dir: PathLike, plan: Plan | PathLike, out: PathLike, *,
 
 
 def prune_mlp(model_dir: PathLike, stats: Stats, ratio: float, out: PathLike, *,
-              strategy: str = "importance", overwrite: bool = False, **request: Any) -> Path:
+              strategy: str = "wifv", overwrite: bool = False, **request: Any) -> Path:
     """Remove ``ratio`` of every layer's MLP neurons (plan + slice in one call)."""
     plan = make_plan(stats, model_dir, mlp_ratio=ratio, strategy=strategy, **request)
     return prune(model_dir, plan, out, overwrite=overwrite)
 
 
 def prune_heads(model_dir: PathLike, stats: Stats, ratio: float, out: PathLike, *,
-                strategy: str = "importance", head_mode: str = "kv_groups",
+                strategy: str = "wifv", head_mode: str = "kv_groups",
                 overwrite: bool = False, **request: Any) -> Path:
     """Remove ``ratio`` of attention heads (whole KV groups, or query heads evenly per group)."""
     plan = make_plan(stats, model_dir, head_ratio=ratio, strategy=strategy, head_mode=head_mode, **request)

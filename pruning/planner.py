@@ -161,7 +161,8 @@ def _check_inputs(stats: Stats, shape: ModelShape, chash: str, request: PlanRequ
     if request.layer_strategy not in LAYER_STRATEGIES:
         raise PlanError(f"layer_strategy: unknown {request.layer_strategy!r}; choose one of {sorted(LAYER_STRATEGIES)}")
     if STRATEGIES[request.strategy].needs_weights and weights_dir is None:
-        raise PlanError(f"strategy {request.strategy!r} reads weight norms; give the model directory")
+        raise PlanError(f"strategy {request.strategy!r} reads weight norms; give the model directory, "
+                        "or choose a strategy from activations alone (importance, magnitude, variance, sparsity)")
     for i, s in enumerate(shape.layers):
         for kind, width in (("mlp", s.intermediate_size), ("attn", s.num_attention_heads * shape.head_dim)):
             got = stats.tensors[f"layers.{i}.{kind}.mean"].shape[0]

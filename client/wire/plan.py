@@ -74,7 +74,7 @@ class PlanRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    strategy: str = Field("importance", description="unit scoring strategy")
+    strategy: str = Field("wifv", description="unit scoring strategy")
     layer_strategy: str = Field("block_influence", description="layer scoring strategy")
     weights: ImportanceWeights = Field(default_factory=ImportanceWeights)
     mlp_ratio: float | None = Field(None, ge=0, lt=1, description="fraction of MLP neurons removed")

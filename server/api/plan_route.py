@@ -56,10 +56,22 @@ async def plan(request: Request, svc: Service) -> Plan:
         raise ApiError(409, "no tokens captured yet: send traffic (actprune collect) before planning")
     from actprune.pruning.planner import make_plan
 
-    weights = Path(svc.meta["model_path"])
+    weights = _weights_dir(svc.meta["model_path"])
     try:
-        return await asyncio.to_thread(
-            make_plan, stats, svc.hf_config, req, weights if weights.is_dir() else None
-        )
+        return await asyncio.to_thread(make_plan, stats, svc.hf_config, req, weights)
     except PlanError as e:
         raise ApiError(422, str(e)) from None
+
+
+def _weights_dir(model: str) -> Path | None:
+    """The served checkpoint's directory, for weight-aware strategies (the default, wifv):
+    the path itself, or for a Hub id the snapshot vLLM already downloaded into the Hugging Face
+    cache (nothing is downloaded here). None when neither exists."""
+    if Path(model).is_dir():
+        return Path(model)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception:  # not a Hub id, or not in the cache: the planner names what is missing
+        return None

@@ -59,7 +59,7 @@ def test_analyze_gives_one_row_per_layer_with_the_guides_figures(stats):
 
 def test_mlp_candidates_are_the_lowest_scores_and_the_complement_of_the_plan(stats, model):
     cands = api.pruning_candidates(stats, 0.25, "importance")
-    plan = api.make_plan(stats, model, mlp_ratio=0.25)
+    plan = api.make_plan(stats, model, mlp_ratio=0.25, strategy="importance")
     for i in stats.layers:
         s = STRATEGIES["importance"].fn(ScoreInput(stats.figures(i, "mlp"), ImportanceWeights()))
         assert len(cands[i]) == 24

@@ -19,7 +19,7 @@ def plan() -> Plan:
     import numpy as np
 
     stats = stats_from_samples(CFG, lambda i, k, w: np.random.default_rng(i).standard_normal((16, w)))
-    return make_plan(stats, CFG, PlanRequest(mlp_ratio=0.25, head_ratio=0.5), None)
+    return make_plan(stats, CFG, PlanRequest(mlp_ratio=0.25, head_ratio=0.5, strategy="importance"), None)
 
 
 def edited(plan: Plan, fn) -> str:

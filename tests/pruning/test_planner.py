@@ -26,7 +26,8 @@ def stats():
 
 
 def plan(stats, **fields) -> Plan:
-    return make_plan(stats, CFG, PlanRequest(**fields), None)
+    # No checkpoint here: a weight-free strategy unless a test names another.
+    return make_plan(stats, CFG, PlanRequest(**{"strategy": "importance", **fields}), None)
 
 
 def test_mlp_ratio_removes_that_fraction_of_neurons_in_every_layer(stats):

@@ -107,7 +107,7 @@ def test_output_records_plan_copies_tokenizer_and_never_pickles(checkpoints, sta
     assert {"tokenizer.json", "generation_config.json", PLAN_RECORD, "model.safetensors.index.json"} <= names
     assert "training_args.bin" not in names
     record = json.loads((out / PLAN_RECORD).read_text())
-    assert record["provenance"]["strategy"] == "importance" and record["slice"]["bias_compensation"] is False
+    assert record["provenance"]["strategy"] == "wifv" and record["slice"]["bias_compensation"] is False
     assert Plan.model_validate({k: v for k, v in record.items() if k != "slice"}) == plan
 
 
