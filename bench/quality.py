@@ -151,6 +151,8 @@ class Bench:
             return out
         if alloc.startswith("recon"):
             return self.keep_recon(strategy, ratio, alloc, ridge)
+        if alloc == "sensitivity":  # the shipped path: actprune sensitivity + plan --layer-sensitivity
+            return self.keep_sensitivity(strategy, ratio, ridge)
         if alloc.startswith("mix"):  # mixNN: NN % per-layer widths, the rest uniform
             return self.keep_mix(strategy, ratio, int(alloc[3:]) / 100)
         if alloc in ("sens", "sens_cap2"):  # cap: 0.8, or twice the mean ratio
@@ -201,6 +203,18 @@ class Bench:
         tqdm.write("sensitivity Δ: " + " ".join(f"{d:.3f}" for d in deltas))
         tqdm.write("removed fraction: " + " ".join(f"{x:.2f}" for x in p))
         return {i: sorted(o[: round((1 - p[i]) * len(o))].tolist()) for i, o in enumerate(orders)}
+
+    def keep_sensitivity(self, strategy: str, ratio: float, ridge: float) -> dict[int, list[int]]:
+        from actprune.pruning.sensitivity import layer_sensitivity
+
+        uniform = make_plan(self.stats, self.config, PlanRequest(strategy=strategy, mlp_ratio=ratio), self.model_dir)
+        deltas = layer_sensitivity(self.dense, self.calib_rows, {lp.index: lp.mlp_keep for lp in uniform.layers},
+                                   ridge=ridge, probe_rows=8)
+        tqdm.write("sensitivity Δ: " + " ".join(f"{deltas[i]:.3f}" for i in sorted(deltas)))
+        req = PlanRequest(strategy=strategy, mlp_ratio=ratio, per_layer=True,
+                          layer_sensitivity=[deltas[i] for i in sorted(deltas)])
+        plan = make_plan(self.stats, self.config, req, self.model_dir)
+        return {lp.index: lp.mlp_keep for lp in plan.layers}
 
     def keep_mix(self, strategy: str, ratio: float, alpha: float) -> dict[int, list[int]]:
         """Removed fraction per layer ``alpha · p_i + (1 - alpha) · ratio``, p_i the planner's

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("actprune.server.launch", "start vLLM's OpenAI server with activation capture"),
     "plan": ("actprune.pruning.cli_plan", "score units from stats and write a pruning plan (plan.json)"),
     "prune": ("actprune.pruning.cli_prune", "slice a checkpoint by a plan, tensor by tensor"),
+    "sensitivity": ("actprune.pruning.cli_sensitivity", "measure each layer's loss increase, for per-layer widths"),
     "collect": ("actprune.client.collect", "replay JSONL prompts through a server's OpenAI API"),
     "stats": ("actprune.client.stats_cli", "pull and merge stats from servers; show a stats file"),
     "record": ("actprune.pruning.cli_record", "record activation stats offline with transformers"),

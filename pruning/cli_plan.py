@@ -34,6 +34,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         ann = field.annotation
         if ann is bool:
             parser.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
+        elif name == "layer_sensitivity":
+            parser.add_argument(flag, dest=name, default=None, metavar="FILE",
+                                help="sensitivity JSON from `actprune sensitivity`: per-layer MLP widths from "
+                                     "measured loss increases (with --per-layer)")
         elif name == "weights":
             parser.add_argument(flag, dest=name, default=None, metavar="M,V,S",
                                 help="importance weights magnitude,variance,sparsity (default: 0.3,0.4,0.3)")
@@ -65,6 +69,18 @@ def parse_weights(text: str) -> dict[str, float]:
     raise UserError(f"--weights: expected three numbers M,V,S (magnitude,variance,sparsity), got {text!r}")
 
 
+def _read_sensitivity(path: str) -> list[float]:
+    from actprune.pruning.sensitivity import SENSITIVITY_FORMAT
+
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--layer-sensitivity {path}: cannot read it ({e})") from None
+    if not isinstance(record, dict) or record.get("format") != SENSITIVITY_FORMAT:
+        raise UserError(f"--layer-sensitivity {path}: not a file from `actprune sensitivity` ({SENSITIVITY_FORMAT})")
+    return [float(d) for d in record["deltas"]]
+
+
 def request_from_args(args: argparse.Namespace):
     from actprune.client.wire.plan import PlanRequest, format_validation_error
     from pydantic import ValidationError
@@ -72,6 +88,8 @@ def request_from_args(args: argparse.Namespace):
     fields = {n: getattr(args, n) for n in _request_fields() if getattr(args, n, None) is not None}
     if isinstance(fields.get("weights"), str):
         fields["weights"] = parse_weights(fields["weights"])
+    if isinstance(fields.get("layer_sensitivity"), str):
+        fields["layer_sensitivity"] = _read_sensitivity(fields["layer_sensitivity"])
     try:
         return PlanRequest(**fields)
     except ValidationError as e:

@@ -96,6 +96,29 @@ def _step_down(allowed: list[list[int]], step_cost: Callable[[int, int, int], fl
     return counts
 
 
+def removed_fractions(deltas: list[float], ratio: float, sizes: list[int] | None = None,
+                      cap: float | None = None) -> list[float]:
+    """Removed MLP fraction per layer from measured sensitivities Δ (:mod:`.sensitivity`), so
+    that ``ratio`` of all units (layer i has ``sizes[i]``, default equal) go: ``p_i = c / Δ_i``
+    below ``cap`` (default ``min(2 · ratio, 0.9)``), ``cap`` above it (water-filling). With the
+    model ``Δ_i(p) = Δ_i · (p / ratio)²`` this minimises the summed loss increase at that total."""
+    if not 0 <= ratio < 1:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    cap = min(2 * ratio, 0.9) if cap is None else cap
+    if ratio == 0 or not deltas:
+        return [0.0] * len(deltas)
+    inv = 1.0 / np.maximum(np.asarray(deltas, dtype=np.float64), 1e-6)  # Δ ≤ 0 is noise: a small cost
+    n = np.ones(len(inv)) if sizes is None else np.asarray(sizes, dtype=np.float64)
+    free = np.ones(len(inv), dtype=bool)
+    budget = ratio * n.sum()
+    while True:
+        c = (budget - cap * n[~free].sum()) / (n[free] * inv[free]).sum()
+        p = np.where(free, c * inv, cap)
+        if not (p[free] > cap + 1e-12).any():
+            return [float(x) for x in p]
+        free &= p <= cap + 1e-12
+
+
 def _nearest(allowed: list[int], want: float) -> int:
     return min(allowed, key=lambda k: (abs(k - want), -k))
 
@@ -168,6 +191,9 @@ def _check_inputs(stats: Stats, shape: ModelShape, chash: str, request: PlanRequ
             got = stats.tensors[f"layers.{i}.{kind}.mean"].shape[0]
             if got != width:
                 raise PlanError(f"stats layers.{i}.{kind} have {got} channels, the model has {width}")
+    if request.layer_sensitivity is not None and len(request.layer_sensitivity) != shape.num_layers:
+        raise PlanError(f"layer_sensitivity has {len(request.layer_sensitivity)} values, the model has "
+                        f"{shape.num_layers} layers; measure it on this model (actprune sensitivity)")
     if request.tp_size > 1 and any(_tp_ok(s.num_key_value_heads, request.tp_size) is False for s in shape.layers):
         raise PlanError(f"tp_size: the model's KV heads do not fit tensor parallelism {request.tp_size}")
 
@@ -197,7 +223,11 @@ def _mlp_choice(stats, shape, kept, request, ratio, norms) -> dict[int, list[int
                 f"layer {i}: no MLP width <= {full[i]} is a multiple of {q} (width_multiple × tp_size) "
                 f"and >= min_mlp_width {request.min_mlp_width}"
             )
-    counts = allocate([scores[i][order[i]] for i in kept], allowed, 1.0 - ratio, request.per_layer)
+    if request.layer_sensitivity is not None:
+        fractions = removed_fractions([request.layer_sensitivity[i] for i in kept], ratio, [full[i] for i in kept])
+        counts = [_nearest(a, (1 - p) * full[i]) for i, a, p in zip(kept, allowed, fractions, strict=True)]
+    else:
+        counts = allocate([scores[i][order[i]] for i in kept], allowed, 1.0 - ratio, request.per_layer)
     return {i: sorted(int(j) for j in order[i][:c]) for i, c in zip(kept, counts, strict=True)}
 
 

@@ -94,11 +94,18 @@ class PlanRequest(BaseModel):
     per_layer: bool = Field(
         False, description="per-layer widths from scores standardised per layer (else uniform)"
     )
+    layer_sensitivity: list[float] | None = Field(
+        None,
+        description="per-layer loss increases from `actprune sensitivity` (CLI: the JSON file); "
+        "with per_layer and mlp_ratio, MLP widths come from them (removed fraction ∝ 1/Δ, at most 2× the ratio)",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> PlanRequest:
         if self.drop_layers is not None and self.drop_layer_ratio is not None:
             raise ValueError("give drop_layers or drop_layer_ratio, not both")
+        if self.layer_sensitivity is not None and not (self.per_layer and self.mlp_ratio):
+            raise ValueError("layer_sensitivity sets per-layer MLP widths: it needs per_layer and mlp_ratio")
         if self.param_ratio is not None and (self.mlp_ratio is not None or self.head_ratio is not None):
             raise ValueError("param_ratio splits the budget itself; do not combine it with mlp_ratio/head_ratio")
         return self
