@@ -12,6 +12,7 @@ slicer renumbers. ``widths`` describe the *output* model, one entry per kept lay
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -104,6 +105,8 @@ class PlanRequest(BaseModel):
     def _consistent(self) -> PlanRequest:
         if self.drop_layers is not None and self.drop_layer_ratio is not None:
             raise ValueError("give drop_layers or drop_layer_ratio, not both")
+        if self.layer_sensitivity is not None and not all(math.isfinite(d) for d in self.layer_sensitivity):
+            raise ValueError("layer_sensitivity values must be finite numbers")
         if self.layer_sensitivity is not None and not (self.per_layer and self.mlp_ratio):
             raise ValueError("layer_sensitivity sets per-layer MLP widths: it needs per_layer and mlp_ratio")
         if self.param_ratio is not None and (self.mlp_ratio is not None or self.head_ratio is not None):
