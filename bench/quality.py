@@ -161,13 +161,21 @@ class Bench:
         plan = make_plan(self.stats, self.config, req, self.model_dir)
         return {lp.index: lp.mlp_keep for lp in plan.layers}
 
+    def order(self, strategy: str, i: int) -> np.ndarray:
+        """Layer i's MLP neurons, best-scored first, by the planner's scores for ``strategy``."""
+        from actprune.pruning.planner import _channel_scores
+
+        w = calibrate.mlp_modules(self.dense.model.layers[i])[2].weight.detach()  # (H, I)
+        norms = lambda _l, _k: torch.linalg.vector_norm(w.float(), dim=0).double().numpy()  # noqa: E731
+        return np.argsort(-_channel_scores(self.stats, i, "mlp", PlanRequest(strategy=strategy), norms), kind="stable")
+
     @torch.no_grad()
     def keep_sens(self, strategy: str, ratio: float, ridge: float, cap: float = 0.8) -> dict[int, list[int]]:
         """Widths from each layer's measured sensitivity: prune that layer alone by ``ratio``
         (its best-scored units, refitted), measure the loss increase Δ_i on calibration rows;
         with the model Δ_i(p) = Δ_i · (p / ratio)², the removed fractions minimising Σ Δ_i(p_i)
         at a fixed total are p_i ∝ 1 / Δ_i (capped at ``cap``, water-filled)."""
-        from actprune.pruning.planner import _channel_scores
+        from actprune.pruning.planner import removed_fractions
 
         rows = self.calib_rows[:8]  # (8, L) calibration text: no evaluation text is used
 
@@ -176,30 +184,19 @@ class Bench:
             return nll[0] / tokens
 
         base = loss(self.dense)
-        req = PlanRequest(strategy=strategy)
         layers = list(self.dense.model.layers)
         orders, deltas = [], []
         for i, ly in enumerate(tqdm(layers, desc="sensitivity", unit="layer")):
             gate, up, down = calibrate.mlp_modules(ly)
             w = down.weight.detach()  # (H, I)
-            norms = lambda _l, _k, w=w: torch.linalg.vector_norm(w.float(), dim=0).double().numpy()  # noqa: E731
-            order = np.argsort(-_channel_scores(self.stats, i, "mlp", req, norms), kind="stable")
+            order = self.order(strategy, i)
             keep = sorted(order[: round((1 - ratio) * w.shape[1])].tolist())
             a, b = compensate.moments_from_gram(self.grams[i], w, keep)
             calibrate.apply_mlp(ly, keep, *compensate.refit(a, b, w[:, keep], ridge))
-            deltas.append(max(loss(self.dense) - base, 1e-9))
+            deltas.append(loss(self.dense) - base)
             ly.mlp.gate_proj, ly.mlp.up_proj, ly.mlp.down_proj = gate, up, down  # restore
             orders.append(order)
-        inv = 1.0 / np.asarray(deltas)
-        p = np.zeros(len(inv))
-        free = np.ones(len(inv), dtype=bool)
-        budget = ratio * len(inv)
-        while True:  # water-filling: p_i = c / Δ_i below the cap, the cap above it
-            c = (budget - cap * (~free).sum()) / inv[free].sum()
-            p = np.where(free, c * inv, cap)
-            if not (p[free] > cap).any():
-                break
-            free &= p <= cap
+        p = removed_fractions(deltas, ratio, cap=cap, floor=1e-9)  # p_i ∝ 1/Δ_i, water-filled under the cap
         tqdm.write("sensitivity Δ: " + " ".join(f"{d:.3f}" for d in deltas))
         tqdm.write("removed fraction: " + " ".join(f"{x:.2f}" for x in p))
         return {i: sorted(o[: round((1 - p[i]) * len(o))].tolist()) for i, o in enumerate(orders)}
@@ -219,34 +216,27 @@ class Bench:
     def keep_mix(self, strategy: str, ratio: float, alpha: float) -> dict[int, list[int]]:
         """Removed fraction per layer ``alpha · p_i + (1 - alpha) · ratio``, p_i the planner's
         per-layer allocation; each layer keeps its best-scored units."""
-        from actprune.pruning.planner import _channel_scores
-
         per = make_plan(self.stats, self.config, PlanRequest(strategy=strategy, mlp_ratio=ratio, per_layer=True),
                         self.model_dir)
-        req = PlanRequest(strategy=strategy)
         out = {}
-        for lp, ly in zip(per.layers, self.dense.model.layers, strict=True):
-            w = calibrate.mlp_modules(ly)[2].weight.detach()
-            norms = lambda _l, _k, w=w: torch.linalg.vector_norm(w.float(), dim=0).double().numpy()  # noqa: E731
-            order = np.argsort(-_channel_scores(self.stats, lp.index, "mlp", req, norms), kind="stable")
-            p = alpha * (1 - len(lp.mlp_keep) / w.shape[1]) + (1 - alpha) * ratio
-            out[lp.index] = sorted(order[: round((1 - p) * w.shape[1])].tolist())
+        for lp in per.layers:
+            order = self.order(strategy, lp.index)
+            p = alpha * (1 - len(lp.mlp_keep) / len(order)) + (1 - alpha) * ratio
+            out[lp.index] = sorted(order[: round((1 - p) * len(order))].tolist())
         return out
 
     def keep_recon(self, strategy: str, ratio: float, alloc: str, ridge: float) -> dict[int, list[int]]:
         """Widths from each layer's refit residual: every layer keeps its best-scored units;
         the widths minimise the summed residual (``recon``) or the summed residual relative
         to the layer's MLP output energy (``recon_rel``), in steps of 32 units."""
-        from actprune.pruning.planner import _channel_scores, allocate_by_cost
+        from actprune.pruning.planner import allocate_by_cost
 
-        req = PlanRequest(strategy=strategy)
         layers = list(self.dense.model.layers)
         costs, orders = [], []
         for i, ly in enumerate(tqdm(layers, desc="error curves", unit="layer")):
             w = calibrate.mlp_modules(ly)[2].weight.detach()  # (H, I)
             width = w.shape[1]
-            norms = lambda _l, _k, w=w: torch.linalg.vector_norm(w.float(), dim=0).double().numpy()  # noqa: E731
-            order = np.argsort(-_channel_scores(self.stats, i, "mlp", req, norms), kind="stable")
+            order = self.order(strategy, i)
             g = self.grams[i]
             energy = float(torch.einsum("hi,ij,hj->", w.double(), g[:width, :width], w.double()))
             curve = {}

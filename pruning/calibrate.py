@@ -107,7 +107,7 @@ class GramRecorder:
 
 
 # ---- layer by layer -------------------------------------------------------------------------
-class _Capture:
+class Capture:
     """Pre-hook on one down_proj: hands the (T, I) input to ``sink`` while armed."""
 
     def __init__(self) -> None:
@@ -118,7 +118,18 @@ class _Capture:
             self.sink(args[0].reshape(-1, args[0].shape[-1]))
 
 
-def _run(layer: nn.Module, h: torch.Tensor, pe: Any, pos: torch.Tensor, batch: int) -> torch.Tensor:
+def embed_rows(model: nn.Module, rows: torch.Tensor) -> tuple[torch.Tensor, Any, torch.Tensor]:
+    """Start of a layer-by-layer pass over packed rows (N, T): the embeddings h (N, T, H), the
+    rotary position embeddings and the position ids (1, T), all on the model's device."""
+    base = getattr(model, "model", model)
+    dev = next(model.parameters()).device
+    rows = rows.to(dev)
+    h = base.embed_tokens(rows)  # (N, T, H)
+    pos = torch.arange(rows.shape[1], device=dev)[None]  # (1, T)
+    return h, base.rotary_emb(h[:1], position_ids=pos), pos
+
+
+def run_layer(layer: nn.Module, h: torch.Tensor, pe: Any, pos: torch.Tensor, batch: int) -> torch.Tensor:
     """Layer output for hidden states h (N, T, H), ``batch`` rows at a time."""
     outs = []
     for hb in h.split(batch):
@@ -156,21 +167,18 @@ def layerwise_refit(
         raise ValueError(f"ridge must be a number >= 0 or 'auto', got {ridge!r}")
     base = getattr(model, "model", model)
     dev = next(model.parameters()).device
-    rows = rows.to(dev)
-    h = base.embed_tokens(rows)  # (N, T, H)
-    pos = torch.arange(rows.shape[1], device=dev)[None]  # (1, T)
-    pe = base.rotary_emb(h[:1], position_ids=pos)
+    h, pe, pos = embed_rows(model, rows)
     h_dense = h if sequential == "dense" else None
     hooks, out = HookRegistry(), {}
     for i, layer in enumerate(tqdm(base.layers, desc="refit", unit="layer", disable=not progress)):
         down = mlp_modules(layer)[2]
-        cap = _Capture()
+        cap = Capture()
         hooks.pre_hook(HOOK_GROUP, down, cap)
         try:
             if i not in keep:
-                h = _run(layer, h, pe, pos, batch)
+                h = run_layer(layer, h, pe, pos, batch)
                 if h_dense is not None:
-                    h_dense = _run(layer, h_dense, pe, pos, batch)
+                    h_dense = run_layer(layer, h_dense, pe, pos, batch)
                 continue
             k = torch.arange(w_in := down.in_features, device=dev) if reselect else \
                 torch.as_tensor(keep[i], dtype=torch.long, device=dev)
@@ -183,7 +191,7 @@ def layerwise_refit(
             targets: list[torch.Tensor] = []
             if sequential == "dense":  # dense MLP output on the dense trajectory, chunk by chunk
                 cap.sink = lambda x, w=w, targets=targets: targets.append(x @ w.T)
-                h_dense = _run(layer, h_dense, pe, pos, batch)
+                h_dense = run_layer(layer, h_dense, pe, pos, batch)
             it = iter(targets)
 
             def acc(x: torch.Tensor, w=w, k=k, a=a, b=b, it=it, held=held, n_batch=n_batch) -> None:
@@ -197,7 +205,7 @@ def layerwise_refit(
 
             cap.sink = acc
             h_in = h
-            h_out = _run(layer, h_in, pe, pos, batch)
+            h_out = run_layer(layer, h_in, pe, pos, batch)
             cap.sink = None
             a, b = a.cpu(), b.cpu()
             a_h, b_h, e_h = held[0].cpu(), held[1].cpu(), float(held[2])
@@ -218,7 +226,7 @@ def layerwise_refit(
             w_new, bias = refit(a, b, w_k, float(r))
             out[i] = (w_new, bias)
             apply_mlp(layer, keep[i], w_new.to(dev), bias.to(dev))
-            h = _run(layer, h_in, pe, pos, batch) if sequential else h_out
+            h = run_layer(layer, h_in, pe, pos, batch) if sequential else h_out
         finally:
             hooks.remove(HOOK_GROUP)
     return out

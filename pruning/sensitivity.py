@@ -32,7 +32,7 @@ from actprune.client.wire.plan import Plan
 from actprune.server.registry import HookRegistry
 from tqdm.auto import tqdm
 
-from .calibrate import HOOK_GROUP, _Capture, _run, apply_mlp, mlp_modules
+from .calibrate import HOOK_GROUP, Capture, apply_mlp, embed_rows, mlp_modules, run_layer
 from .compensate import DEFAULT_RIDGE, refit, update_moments
 
 __all__ = ["SENSITIVITY_FORMAT", "layer_sensitivity", "sensitivity_for_plan"]
@@ -44,7 +44,7 @@ def _loss(base: Any, head: Any, layers: Any, h: torch.Tensor, ids: torch.Tensor,
           pos: torch.Tensor, batch: int) -> float:
     """Mean next-token loss of ids (P, T) from hidden states h (P, T, H) entering ``layers``."""
     for layer in layers:
-        h = _run(layer, h, pe, pos, batch)
+        h = run_layer(layer, h, pe, pos, batch)
     total = 0.0
     for hb, ib in zip(h.split(batch), ids.split(batch), strict=True):  # (B, T, V) logits at a time
         logits = head(base.norm(hb)).float()
@@ -61,11 +61,8 @@ def layer_sensitivity(model: torch.nn.Module, rows: torch.Tensor, keep: dict[int
     base = getattr(model, "model", model)
     head = model.get_output_embeddings()
     dev = next(model.parameters()).device
-    rows = rows.to(dev)
-    probe = rows[:probe_rows]  # (P, T)
-    h = base.embed_tokens(rows)  # (N, T, H) on the dense trajectory
-    pos = torch.arange(rows.shape[1], device=dev)[None]  # (1, T)
-    pe = base.rotary_emb(h[:1], position_ids=pos)
+    probe = rows[:probe_rows].to(dev)  # (P, T)
+    h, pe, pos = embed_rows(model, rows)  # h (N, T, H) on the dense trajectory
     layers = list(base.layers)
     dense = _loss(base, head, layers, h[:probe_rows], probe, pe, pos, batch)
     hooks, out = HookRegistry(), {}
@@ -77,11 +74,11 @@ def layer_sensitivity(model: torch.nn.Module, rows: torch.Tensor, keep: dict[int
             w = down.weight.detach()  # (H, I)
             a = torch.zeros(len(k) + 1, len(k) + 1, dtype=torch.float64, device=dev)
             b = torch.zeros(len(k) + 1, w.shape[0], dtype=torch.float64, device=dev)
-            cap = _Capture()
+            cap = Capture()
             cap.sink = lambda x, w=w, k=k, a=a, b=b: update_moments(a, b, x.index_select(1, k), x @ w.T)
             hooks.pre_hook(HOOK_GROUP, down, cap)
             try:
-                h_next = _run(layer, h, pe, pos, batch)
+                h_next = run_layer(layer, h, pe, pos, batch)
             finally:
                 hooks.remove(HOOK_GROUP)
             w_new, bias = refit(a.cpu(), b.cpu(), w.index_select(1, k).cpu(), ridge)
@@ -92,7 +89,7 @@ def layer_sensitivity(model: torch.nn.Module, rows: torch.Tensor, keep: dict[int
                 mlp.gate_proj, mlp.up_proj, mlp.down_proj = gate, up, down  # the dense layer again
             h = h_next
         else:
-            h = _run(layer, h, pe, pos, batch)
+            h = run_layer(layer, h, pe, pos, batch)
     return out
 
 

@@ -28,6 +28,13 @@ TEXTS = [
 SHAPE = dict(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, intermediate_size=96)
 
 
+def write_calibration_text(path: Path, lines: int) -> Path:
+    """A small calibration .txt for the CLI passes (refit, sensitivity): ``lines`` documents."""
+    path.write_text("\n\n".join(f"The museum number {k} opens at nine and the harbour town lies by the river."
+                                 for k in range(lines)))
+    return path
+
+
 def load(model_dir: Path, **kw) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 

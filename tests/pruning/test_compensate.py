@@ -15,7 +15,7 @@ from actprune.pruning.planner import make_plan
 from actprune.pruning.slicer import slice_checkpoint
 from actprune.pruning.synthetic import build_checkpoint
 from actprune.server.registry import HookRegistry
-from pruning_helpers import SHAPE, load, logits, record_stats
+from pruning_helpers import SHAPE, load, logits, record_stats, write_calibration_text
 
 torch.set_num_threads(2)
 
@@ -144,9 +144,7 @@ def test_cli_prune_refit_writes_a_checkpoint_with_down_proj_biases(llama, tmp_pa
 
     d, plan, _ = llama
     plan.save(tmp_path / "plan.json")
-    data = tmp_path / "calib.txt"
-    data.write_text("\n\n".join(f"The museum number {k} opens at nine and the harbour town lies by the river."
-                                for k in range(40)))
+    data = write_calibration_text(tmp_path / "calib.txt", 40)
     out = tmp_path / "refit"
     rc = main(["prune", "--model", str(d), "--plan", str(tmp_path / "plan.json"), "-o", str(out),
                "--refit", str(data), "--refit-seq-len", "32", "--refit-sequential", "local", "--refit-reselect",

@@ -16,7 +16,7 @@ from actprune.pruning import calibrate
 from actprune.pruning.planner import make_plan, removed_fractions
 from actprune.pruning.sensitivity import layer_sensitivity
 from actprune.pruning.synthetic import build_checkpoint
-from pruning_helpers import SHAPE, load, record_stats
+from pruning_helpers import SHAPE, load, record_stats, write_calibration_text
 
 torch.set_num_threads(2)
 
@@ -65,9 +65,7 @@ def test_one_pass_equals_pruning_each_layer_alone(llama):
 def test_cli_plan_sensitivity_plan_chain(llama, tmp_path, capsys):
     d, stats, _ = llama
     stats.save(tmp_path / "stats.safetensors")
-    text = tmp_path / "calib.txt"
-    text.write_text("\n\n".join(f"The museum number {k} opens at nine near the harbour and the river."
-                                for k in range(60)))
+    text = write_calibration_text(tmp_path / "calib.txt", 60)
     base = ["plan", "--stats", str(tmp_path / "stats.safetensors"), "--model", str(d), "--mlp-ratio", "0.25"]
     assert cli([*base, "-o", str(tmp_path / "uniform.json")]) == 0
     assert cli(["sensitivity", "--model", str(d), "--plan", str(tmp_path / "uniform.json"), "--data", str(text),
