@@ -10,7 +10,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["package_data_file", "staged_directory"]
+__all__ = ["STAGING_MARK", "package_data_file", "staged_directory"]
+
+STAGING_MARK = ".partial-"  # in the name of every staging directory: ``.OUT.partial-XXXX``
 
 
 def package_data_file(package: str, relative: str, missing: str) -> Path:
@@ -31,7 +33,7 @@ def staged_directory(out: Path) -> Iterator[Path]:
     """Yield a hidden ``.OUT.partial-*`` directory beside ``out``; on success it replaces
     ``out`` by one rename, on any error (or a kill) nothing that looks complete is left."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_MARK}", dir=out.parent))
     try:
         yield tmp
         if out.exists():

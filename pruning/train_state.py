@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +38,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .files import STAGING_MARK, staged_directory
 
 __all__ = [
     "EarlyStop",
@@ -129,14 +130,14 @@ def save_checkpoint(
     state: dict[str, Any], keep: int = 2,
 ) -> Path:
     """Write checkpoint ``step`` under ``root`` atomically; keep the ``keep`` newest."""
-    final, tmp = _staging(root, step)
-    weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(weights, str(tmp / "weights.safetensors"))
-    opt_tensors, opt_blob = _optimizer_split(opt)
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_blob}))
-    _publish(tmp, final)
+    final = root / f"{_PREFIX}{step:06d}"
+    with staged_directory(final) as tmp:
+        weights = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+        save_file(weights, str(tmp / "weights.safetensors"))
+        opt_tensors, opt_blob = _optimizer_split(opt)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
+        save_file(_rng_tensors(), str(tmp / "rng.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "optimizer": opt_blob}))
     for old in sorted(root.glob(f"{_PREFIX}*"))[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -148,21 +149,6 @@ def copy_into(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, t in weights.items():
             params[name].copy_(t)
-
-
-def _staging(root: Path, step: int) -> tuple[Path, Path]:
-    """(final directory of ``step``, an empty temporary sibling to write it in)."""
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"{_PREFIX}{step:06d}"
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    return final, tmp
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
 
 
 def latest_checkpoint(root: Path) -> Path | None:
@@ -197,10 +183,10 @@ def save_best(
 ) -> Path:
     """Stage the weights of the new best evaluation, at ``step``, as ``root/step-NNNNNN``
     (atomically), then drop the bests no kept checkpoint under ``ckpt_root`` refers to."""
-    final, tmp = _staging(root, step)
-    save_file({n: t.contiguous() for n, t in weights.items()}, str(tmp / "weights.safetensors"))
-    (tmp / "best.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))
-    _publish(tmp, final)
+    final = root / f"{_PREFIX}{step:06d}"
+    with staged_directory(final) as tmp:
+        save_file({n: t.contiguous() for n, t in weights.items()}, str(tmp / "weights.safetensors"))
+        (tmp / "best.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))
     prune_best(root, ckpt_root, step)
     return final
 
@@ -222,5 +208,5 @@ def prune_best(root: Path, ckpt_root: Path, current: int | None) -> None:
     for p in root.glob(f"{_PREFIX}*"):
         if int(p.name[len(_PREFIX):]) not in keep:
             shutil.rmtree(p, ignore_errors=True)
-    for p in root.glob(".tmp-*"):
+    for p in root.glob(f".{_PREFIX}*{STAGING_MARK}*"):  # left by a kill while staging
         shutil.rmtree(p, ignore_errors=True)

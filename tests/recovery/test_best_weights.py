@@ -73,6 +73,7 @@ def test_prune_best_keeps_the_current_best_and_those_kept_checkpoints_refer_to(t
     assert kept == [[1], [2], [2, 3], [2, 4]]
     assert json.loads((best / "step-000004" / "best.json").read_text()) == {"step": 4, "val_loss": 0.25}
     shutil.rmtree(ckpts / "step-000003")  # rotated out: nothing resumes to best 2 any more
+    (best / ".step-000005.partial-x1y2").mkdir()  # what a kill while staging best 5 leaves
     prune_best(best, ckpts, current=4)
     assert [p.name for p in best.iterdir()] == ["step-000004"]
     assert torch.equal(load_best(best, 4)["w"], torch.full((2,), 4.0))
