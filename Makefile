@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 EXTRA ?= cpu
 STAMP := $(VENV)/.actprune-installed-$(EXTRA)-$(shell cat pyproject.toml | sha1sum | cut -c1-12)
 
-.PHONY: install test test-fast lint lint-docker demo bench clean
+.PHONY: install test test-fast lint lint-imports lint-docker demo bench clean
 
 install: $(STAMP)
 
@@ -22,15 +22,23 @@ $(STAMP): pyproject.toml
 	@rm -f $(VENV)/.actprune-installed-*
 	@touch $@
 
-test: install lint-docker
-	$(PY) -m ruff check server client pruning tests bench
+test: install lint-docker lint-imports
+	$(PY) -m ruff check core server client pruning tests bench
 	$(PY) -m pytest tests
 
 test-fast: install
 	$(PY) -m pytest tests -m "not slow"
 
-lint: install
-	$(PY) -m ruff check server client pruning tests bench
+lint: install lint-imports
+	$(PY) -m ruff check core server client pruning tests bench
+
+# The layer contract of pyproject.toml ([tool.importlinter]; docs/architecture.md). The import
+# graph is read from a tree of links laid out as installed (build/lint/actprune/{core,...}):
+# import-linter cannot walk the editable install's path hook.
+lint-imports: install
+	@mkdir -p build/lint/actprune
+	@for d in core server client pruning; do ln -sfn "$(CURDIR)/$$d" build/lint/actprune/$$d; done
+	PYTHONPATH=build/lint $(VENV)/bin/lint-imports
 
 # The whole loop on one machine: capture -> stats -> plan -> prune -> recover -> eval -> reload.
 # make demo [MODEL=smollm2|tiny|DIR|HF_ID] [PORT=8000]; outputs in runs/demo/.

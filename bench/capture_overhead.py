@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import httpx
-from actprune.pruning.synthetic import build_checkpoint
+from actprune.pruning.fixtures.synthetic import build_checkpoint
 from actprune.server.process import ServerProcess
 
 PROMPT = ("A tour guide explains the history of the castle, built in the twelfth century, to "

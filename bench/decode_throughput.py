@@ -50,7 +50,7 @@ TEXTS = [
 
 # ---- setup --------------------------------------------------------------------------------
 def build_source(root: Path) -> Path:
-    from actprune.pruning.synthetic import build_checkpoint
+    from actprune.pruning.fixtures.synthetic import build_checkpoint
 
     src = root / "base"
     if not (src / "config.json").is_file():
@@ -71,9 +71,10 @@ def prune_all(src: Path, base_url: str, root: Path) -> dict[str, tuple[Path, int
     """Stats captured by the base server -> plans -> sliced checkpoints.
     Returns name -> (checkpoint, params before, params after)."""
     from actprune.client.http import Client
-    from actprune.client.wire.plan import PlanRequest
-    from actprune.pruning.planner import make_plan
-    from actprune.pruning.slicer import slice_checkpoint
+    from actprune.core.planning.planner import make_plan
+    from actprune.core.tensor.checkpoint import ColumnNorms
+    from actprune.core.wire.plan import PlanRequest
+    from actprune.pruning.checkpoint.slicer import slice_checkpoint
 
     for text in TEXTS:
         httpx.post(base_url + "/v1/completions", timeout=300,
@@ -85,7 +86,7 @@ def prune_all(src: Path, base_url: str, root: Path) -> dict[str, tuple[Path, int
     for name, fields in VARIANTS.items():
         if fields is None:
             continue
-        plan = make_plan(stats, cfg, PlanRequest(**fields), src)
+        plan = make_plan(stats, cfg, PlanRequest(**fields), ColumnNorms.of(src))
         ckpt = root / name
         if not (ckpt / "config.json").is_file():
             slice_checkpoint(src, plan, ckpt, progress=False)

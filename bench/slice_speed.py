@@ -30,7 +30,7 @@ SHAPE = dict(hidden_size=5120, intermediate_size=25600, num_attention_heads=64, 
 def build(root: Path, layers: int) -> Path:
     """Random bf16 weights, one shard per layer (plus one for embeddings)."""
     import torch
-    from actprune.pruning.synthetic import tiny_config
+    from actprune.pruning.fixtures.synthetic import tiny_config
     from safetensors.torch import save_file
 
     src = root / "src"
@@ -75,9 +75,9 @@ def build(root: Path, layers: int) -> Path:
 
 
 def make_plan_file(src: Path, out: Path) -> Path:
-    from actprune.client.wire.plan import PlanRequest
-    from actprune.client.wire.stats import Stats, config_hash
-    from actprune.pruning.planner import make_plan
+    from actprune.core.planning.planner import make_plan
+    from actprune.core.wire.plan import PlanRequest
+    from actprune.core.wire.stats import Stats, config_hash
 
     cfg = json.loads((src / "config.json").read_text())
     rng = np.random.default_rng(0)
@@ -107,13 +107,13 @@ for p in sorted(src.glob("*.safetensors")):
     shutil.copyfile(p, dst / p.name)
 """
 _IMPORT = """
-from actprune.client.wire.plan import Plan
-from actprune.pruning.slicer import slice_checkpoint
+from actprune.core.wire.plan import Plan
+from actprune.pruning.checkpoint.slicer import slice_checkpoint
 """
 _SLICE = """
 import sys
-from actprune.client.wire.plan import Plan
-from actprune.pruning.slicer import slice_checkpoint
+from actprune.core.wire.plan import Plan
+from actprune.pruning.checkpoint.slicer import slice_checkpoint
 slice_checkpoint(sys.argv[1], Plan.load(sys.argv[3]), sys.argv[2], progress=False)
 """
 

@@ -17,7 +17,7 @@ import statistics
 import time
 
 import torch
-from actprune.client.summary import summarize
+from actprune.core.summary import summarize
 from actprune.server.adapters import VllmAdapter
 from actprune.server.capture import Capture, CaptureOptions, ShardInfo
 from actprune.server.snapshot import assemble

@@ -1,11 +1,14 @@
 """The `actprune` command.
 
-Each sub-command lives in its own module that exposes ``configure(parser)`` and
-``run(args) -> int``; the module's top level stays light and imports torch / vLLM inside
-``run``, so `actprune stats show` works on a laptop without either. ``serve`` passes every
-argument it does not know straight to vLLM, so it is dispatched before argparse.
+Each sub-command lives in the package that does its work (``client`` for the light commands,
+``server`` for ``serve``, ``pruning.cli`` for the offline ones) in a module that exposes
+``configure(parser)`` and ``run(args) -> int``. This dispatcher names those modules in one
+table and imports only the one that runs, so `actprune stats show` works on a laptop without
+torch or vLLM, and nothing in ``actprune.client`` imports ``server`` or ``pruning``. ``serve``
+passes every argument it does not know straight to vLLM, so it is dispatched before argparse.
 
-Exit codes: 0 success, 1 failure while working, 2 a usage error (one line on stderr).
+Exit codes: 0 success, 1 failure while working, 2 a mistake the user can fix (any
+:class:`~actprune.core.errors.ActpruneError`: one line on stderr, no traceback).
 """
 
 from __future__ import annotations
@@ -14,33 +17,29 @@ import argparse
 import importlib
 import sys
 
-__all__ = ["COMMANDS", "UserError", "main"]
+from actprune.core.errors import ActpruneError
+
+__all__ = ["COMMANDS", "main"]
 
 # sub-command -> (module, one-line help). Add a command by adding a line.
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("actprune.server.launch", "start vLLM's OpenAI server with activation capture"),
-    "plan": ("actprune.pruning.cli_plan", "score units from stats and write a pruning plan (plan.json)"),
-    "prune": ("actprune.pruning.cli_prune", "slice a checkpoint by a plan, tensor by tensor"),
-    "sensitivity": ("actprune.pruning.cli_sensitivity", "measure each layer's loss increase, for per-layer widths"),
+    "plan": ("actprune.pruning.cli.plan", "score units from stats and write a pruning plan (plan.json)"),
+    "prune": ("actprune.pruning.cli.prune", "slice a checkpoint by a plan, tensor by tensor"),
+    "sensitivity": ("actprune.pruning.cli.sensitivity", "measure each layer's loss increase, for per-layer widths"),
     "collect": ("actprune.client.collect", "replay JSONL prompts through a server's OpenAI API"),
     "stats": ("actprune.client.stats_cli", "pull and merge stats from servers; show a stats file"),
-    "record": ("actprune.pruning.cli_record", "record activation stats offline with transformers"),
-    "finetune": ("actprune.pruning.cli_finetune", "recover a pruned checkpoint: fine-tune / distil"),
-    "eval": ("actprune.pruning.cli_eval", "perplexity, KL and generations of checkpoints, with a report"),
-    "iterate": ("actprune.pruning.cli_iterate", "gradual pruning: prune, recover, re-collect, repeat"),
+    "record": ("actprune.pruning.cli.record", "record activation stats offline with transformers"),
+    "finetune": ("actprune.pruning.cli.finetune", "recover a pruned checkpoint: fine-tune / distil"),
+    "eval": ("actprune.pruning.cli.eval", "perplexity, KL and generations of checkpoints, with a report"),
+    "iterate": ("actprune.pruning.cli.iterate", "gradual pruning: prune, recover, re-collect, repeat"),
 }
-
-
-class UserError(Exception):
-    """A mistake the user can fix; printed as one line, exit code 2."""
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "serve":
-        from actprune.server.launch import main as serve_main
-
-        return serve_main(argv[1:])
+        return int(importlib.import_module(COMMANDS["serve"][0]).main(argv[1:]) or 0)
     parser = argparse.ArgumentParser(prog="actprune", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = argv[0] if argv and argv[0] in COMMANDS else None
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(module.run(args) or 0)
-    except UserError as e:
+    except ActpruneError as e:
         print(f"actprune {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

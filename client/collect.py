@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .cli import UserError
-from .http import ClientSettings
-from .wire.files import JsonlError, read_jsonl
+from actprune.client.http import ClientSettings
+from actprune.core.errors import UsageError
+from actprune.core.files import JsonlError, read_jsonl
 
 __all__ = ["EXAMPLE_PROMPTS", "CollectReport", "PromptItem", "configure", "load_prompts", "run"]
 
@@ -71,14 +71,14 @@ class CollectReport:
 
 
 def load_prompts(path: str | Path) -> list[PromptItem]:
-    """Parse a prompts JSONL file; raise UserError naming the file and line of the first problem."""
+    """Parse a prompts JSONL file; raise UsageError naming the file and line of the first problem."""
     path = Path(path)
     try:
         items = [_parse_obj(obj, n, path) for n, obj in read_jsonl(path)]
     except JsonlError as e:
-        raise UserError(f"--prompts: {e}") from e
+        raise UsageError(f"--prompts: {e}") from e
     if not items:
-        raise UserError(f"{path}: no prompts (the file is empty); expected one JSON object per line")
+        raise UsageError(f"{path}: no prompts (the file is empty); expected one JSON object per line")
     return items
 
 
@@ -86,20 +86,20 @@ def _parse_obj(obj: dict[str, Any], n: int, path: Path) -> PromptItem:
     where = f"{path}:{n}"
     has_p, has_m = "prompt" in obj, "messages" in obj
     if has_p == has_m:
-        raise UserError(f"{where}: needs exactly one of 'prompt' (completions) or 'messages' (chat)")
+        raise UsageError(f"{where}: needs exactly one of 'prompt' (completions) or 'messages' (chat)")
     max_tokens = obj.get("max_tokens")
     if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
-        raise UserError(f"{where}: 'max_tokens' must be a positive integer, got {max_tokens!r}")
+        raise UsageError(f"{where}: 'max_tokens' must be a positive integer, got {max_tokens!r}")
     if has_p:
         if not isinstance(obj["prompt"], str) or not obj["prompt"]:
-            raise UserError(f"{where}: 'prompt' must be a non-empty string")
+            raise UsageError(f"{where}: 'prompt' must be a non-empty string")
         return PromptItem(line=n, prompt=obj["prompt"], max_tokens=max_tokens)
     msgs = obj["messages"]
     if not isinstance(msgs, list) or not msgs:
-        raise UserError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
+        raise UsageError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     for j, m in enumerate(msgs):
         if not isinstance(m, dict) or not isinstance(m.get("content"), str) or m.get("role") not in _ROLES:
-            raise UserError(
+            raise UsageError(
                 f"{where}: messages[{j}] must be an object with 'role' (one of {', '.join(_ROLES)}) "
                 f"and a string 'content'"
             )
@@ -121,16 +121,16 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     for name in ("concurrency", "max_tokens"):
         if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.retries < 0:
-        raise UserError(f"--retries must be >= 0, got {args.retries}")
+        raise UsageError(f"--retries must be >= 0, got {args.retries}")
     if not args.base_url.startswith(("http://", "https://")):
-        raise UserError(f"--base-url must start with http:// or https://, got {args.base_url!r}")
+        raise UsageError(f"--base-url must start with http:// or https://, got {args.base_url!r}")
     items = load_prompts(args.prompts)
     try:
         import openai
     except ImportError as e:
-        raise UserError("collect needs the OpenAI SDK: pip install 'actprune[client]'") from e
+        raise UsageError("collect needs the OpenAI SDK: pip install 'actprune[client]'") from e
     settings = ClientSettings.from_env(api_key=args.api_key)
     base = args.base_url.rstrip("/")
     client = openai.AsyncOpenAI(
@@ -187,11 +187,11 @@ async def _default_model(client: Any, base_url: str) -> str:
     try:
         models = await client.models.list()
     except openai.APIConnectionError as e:
-        raise UserError(f"cannot reach {base_url}: {e}; is the server up?") from e
+        raise UsageError(f"cannot reach {base_url}: {e}; is the server up?") from e
     except openai.APIStatusError as e:
-        raise UserError(f"GET /v1/models answered {e.status_code}: {_describe(e)}") from e
+        raise UsageError(f"GET /v1/models answered {e.status_code}: {_describe(e)}") from e
     if not models.data:
-        raise UserError(f"{base_url} serves no model (/v1/models is empty); pass --model")
+        raise UsageError(f"{base_url} serves no model (/v1/models is empty); pass --model")
     return models.data[0].id
 
 

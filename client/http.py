@@ -31,9 +31,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
-from pydantic import BaseModel, ValidationError
-
-from .wire.api import (
+from actprune.core.files import atomic_write
+from actprune.core.wire.api import (
     PLAN_PATH,
     STATS_PATH,
     STATUS_PATH,
@@ -43,9 +42,9 @@ from .wire.api import (
     StatusResponse,
     control_path,
 )
-from .wire.files import atomic_write
-from .wire.plan import Plan
-from .wire.stats import Stats, StatsFormatError, merge
+from actprune.core.wire.plan import Plan
+from actprune.core.wire.stats import Stats, StatsFormatError, merge
+from pydantic import BaseModel, ValidationError
 
 __all__ = [
     "ActpruneClientError",

@@ -15,11 +15,11 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from .cli import UserError
-from .http import ActpruneClientError, ActpruneHTTPError, ClientSettings, amerge_from
-from .summary import summarize
-from .wire.api import LayerSummary, Spread, StatsSummary, UnitScore
-from .wire.stats import Stats, StatsFormatError
+from actprune.client.http import ActpruneClientError, ActpruneHTTPError, ClientSettings, amerge_from
+from actprune.core.errors import UsageError
+from actprune.core.summary import summarize
+from actprune.core.wire.api import LayerSummary, Spread, StatsSummary, UnitScore
+from actprune.core.wire.stats import Stats, StatsFormatError
 
 __all__ = ["configure", "format_layer", "format_table", "run"]
 
@@ -45,9 +45,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _pull(args: argparse.Namespace) -> int:
     if args.timeout is not None and args.timeout <= 0:
-        raise UserError(f"--timeout must be > 0, got {args.timeout}")
+        raise UsageError(f"--timeout must be > 0, got {args.timeout}")
     if args.retries is not None and args.retries < 0:
-        raise UserError(f"--retries must be >= 0, got {args.retries}")
+        raise UsageError(f"--retries must be >= 0, got {args.retries}")
     settings = ClientSettings.from_env(api_key=args.api_key, timeout=args.timeout, retries=args.retries)
     try:
         merged = asyncio.run(amerge_from(args.base_url, settings=settings))
@@ -55,9 +55,9 @@ def _pull(args: argparse.Namespace) -> int:
         if e.status_code >= 500:
             print(f"actprune stats pull: {e}", file=sys.stderr)
             return 1
-        raise UserError(str(e)) from e
+        raise UsageError(str(e)) from e
     except (ActpruneClientError, StatsFormatError, ValueError) as e:
-        raise UserError(str(e)) from e
+        raise UsageError(str(e)) from e
     path = merged.save(args.output)
     n = len(args.base_url)
     print(
@@ -69,17 +69,17 @@ def _pull(args: argparse.Namespace) -> int:
 
 def _show(args: argparse.Namespace) -> int:
     if args.k < 0:
-        raise UserError(f"--k must be >= 0, got {args.k}")
+        raise UsageError(f"--k must be >= 0, got {args.k}")
     try:
         summary = summarize(Stats.load(args.file), k=args.k)
     except StatsFormatError as e:
-        raise UserError(str(e)) from e
+        raise UsageError(str(e)) from e
     if args.layer is None:
         print(format_table(summary))
         return 0
     by_index = {ls.layer: ls for ls in summary.layers}
     if args.layer not in by_index:
-        raise UserError(f"--layer {args.layer}: {args.file} holds layers {sorted(by_index)}")
+        raise UsageError(f"--layer {args.layer}: {args.file} holds layers {sorted(by_index)}")
     print(format_table(summary, layers=[args.layer]))
     print()
     print(format_layer(by_index[args.layer]))

@@ -25,9 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from actprune.client.wire.files import JsonlError, read_jsonl
-
-from .files import package_data_file
+from actprune.core.errors import ActpruneError
+from actprune.core.files import JsonlError, package_data_file, read_jsonl
 
 __all__ = [
     "WIKI_PARTS",
@@ -52,7 +51,7 @@ WIKI_PARTS: dict[str, range] = {
 }
 
 
-class DataError(ValueError):
+class DataError(ActpruneError):
     """Input data the user has to fix (missing field, empty file, unknown part)."""
 
 

@@ -23,22 +23,28 @@ from typing import Any
 
 import numpy as np
 import torch
-from actprune.client.wire.stats import from_file_arrays, read_metadata, to_file_arrays
-from safetensors.numpy import load as st_load_np
-from safetensors.numpy import save as st_save
-from torch import nn
-
-from . import ops  # noqa: F401  (registers torch.ops.actprune.*)
-from .accumulate import (
-    GROUP_FIELDS,
+from actprune.core.archs import VllmLayout
+from actprune.core.tensor.accumulate import (
     export_state,
     merge_channels,
     new_block_state,
     new_channel_state,
     reset_state,
 )
-from .adapters import VllmAdapter
-from .registry import HookRegistry
+from actprune.core.tensor.hooks import HookRegistry
+from actprune.core.wire.schema import (
+    BLOCK_KIND,
+    CHANNEL_KINDS,
+    DEFAULT_NEAR_ZERO,
+    GROUP_FIELDS,
+    group_name,
+)
+from actprune.core.wire.stats import from_file_arrays, read_metadata, to_file_arrays
+from safetensors.numpy import load as st_load_np
+from safetensors.numpy import save as st_save
+from torch import nn
+
+from . import ops  # noqa: F401  (registers torch.ops.actprune.*)
 
 __all__ = ["Capture", "CaptureOptions", "ShardInfo"]
 
@@ -47,7 +53,7 @@ HOOK_GROUP = "actprune.capture"
 
 @dataclass(frozen=True)
 class CaptureOptions:
-    near_zero_threshold: float = 1e-3
+    near_zero_threshold: float = DEFAULT_NEAR_ZERO
     max_tokens: int = 8192  # rows of the residual-stream scratch buffer (max batched tokens)
 
 
@@ -74,17 +80,32 @@ def _partition(linear: nn.Module) -> tuple[int, int, int]:
     return rank * local, local, total
 
 
+def decoder_layers(model: nn.Module, layout: VllmLayout) -> list[tuple[int, nn.Module]]:
+    """(global index, layer) for the decoder layers this rank owns; pipeline-parallel ranks hold
+    placeholders (PPMissingLayer) for the others, which have no MLP."""
+    return [(i, layer) for i, layer in enumerate(model.get_submodule(layout.layers))
+            if _has(layer, layout.mlp_in)]
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
 class Capture:
     def __init__(
         self,
         model: nn.Module,
-        adapter: VllmAdapter,
+        layout: VllmLayout,
         options: CaptureOptions,
         shard: ShardInfo,
         device: torch.device,
         hidden_size: int,
     ) -> None:
-        self.adapter = adapter
+        self.layout = layout
         self.options = options
         self.shard = shard
         self.device = device
@@ -104,36 +125,36 @@ class Capture:
 
     # ---- hooks --------------------------------------------------------------------------
     def _install(self, model: nn.Module) -> None:
-        layers = self.adapter.decoder_layers(model)
+        layers = decoder_layers(model, self.layout)
         if not layers:
-            raise RuntimeError(f"actprune: found no decoder layers under {self.adapter.layers!r}")
+            raise RuntimeError(f"actprune: found no decoder layers under {self.layout.layers!r}")
+        paths = dict(zip(CHANNEL_KINDS, (self.layout.mlp_in, self.layout.attn_in), strict=True))
         for i, layer in layers:
-            for kind, path in (("mlp", self.adapter.mlp_in), ("attn", self.adapter.attn_in)):
+            for kind, path in paths.items():
                 linear = layer.get_submodule(path)
                 offset, local, total = _partition(linear)
                 state = new_channel_state(local, self.device)
-                self.groups[f"layers.{i}.{kind}"] = state
-                self.partitions[f"layers.{i}.{kind}"] = (offset, local, total)
+                name = group_name(i, kind)
+                self.groups[name] = state
+                self.partitions[name] = (offset, local, total)
                 self.registry.pre_hook(HOOK_GROUP, linear, self._channels_hook(state))
             block = new_block_state(self.device)
-            self.groups[f"layers.{i}.block"] = block
+            self.groups[group_name(i, BLOCK_KIND)] = block
             self.registry.pre_hook(HOOK_GROUP, layer, self._stash_hook())
             self.registry.post_hook(HOOK_GROUP, layer, self._block_hook(block))
         self.registry.pre_hook(HOOK_GROUP, model, self._on_step, with_kwargs=True)
 
     def _channels_hook(self, st: dict[str, torch.Tensor]):
         armed, thr = self.armed, self.threshold
+        acc = [st[f] for f in GROUP_FIELDS]  # the op's accumulator arguments, in schema order
 
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            torch.ops.actprune.observe_channels(
-                args[0], armed, st["count"], st["mean"], st["m2"], st["sum"], st["sum_sq"],
-                st["sum_abs"], st["max_abs"], st["near_zero"], thr,
-            )
+            torch.ops.actprune.observe_channels(args[0], armed, *acc, thr)
 
         return hook
 
     def _stash_hook(self):
-        scratch, h, r = self.scratch, self.adapter.hidden_arg, self.adapter.residual_arg
+        scratch, h, r = self.scratch, self.layout.hidden_arg, self.layout.residual_arg
 
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             torch.ops.actprune.stash_stream(args[h], args[r], scratch)
@@ -189,7 +210,7 @@ class Capture:
             "near_zero_threshold": float(self.options.near_zero_threshold),
             "tp_rank": self.shard.tp_rank,
             "pp_rank": self.shard.pp_rank,
-            "layers": sorted({int(k.split(".")[1]) for k in self.groups}),
+            "layers": sorted({int(name.split(".")[1]) for name in self.groups}),
         }
 
     # ---- snapshot -----------------------------------------------------------------------
@@ -212,25 +233,29 @@ class Capture:
         accumulators, taking this rank's slice of each group: resume after a restart."""
         saved = {k: torch.from_numpy(v) for k, v in from_file_arrays(st_load_np(data)).items()}
         meta = read_metadata(data)
+        # Check and slice everything first: a bad file must leave the accumulators untouched.
+        parts: dict[str, dict[str, torch.Tensor]] = {}
         for name, st in self.groups.items():
             for f in st:
                 if f"{name}.{f}" not in saved:
                     raise ValueError(f"saved stats lack {name}.{f}")
-        for name, st in self.groups.items():
-            if name.endswith(".block"):
-                for f in st:
-                    st[f].add_(saved[f"{name}.{f}"].to(st[f].device).reshape(st[f].shape))
-                continue
-            offset, local, total = self.partitions[name]
-            other = {}
-            for f in GROUP_FIELDS:
-                t = saved[f"{name}.{f}"]
-                if f != "count":
-                    if t.shape[0] != total:
+            if name in self.partitions:
+                offset, local, total = self.partitions[name]
+                for f in GROUP_FIELDS:
+                    t = saved[f"{name}.{f}"]
+                    if f != "count" and t.shape[0] != total:
                         raise ValueError(f"saved {name}.{f} has {t.shape[0]} channels, model has {total}")
-                    t = t[offset : offset + local]
-                other[f] = t.to(st[f].device).reshape(st[f].shape)
-            merge_channels(st, other)
+                parts[name] = {f: (saved[f"{name}.{f}"] if f == "count" else saved[f"{name}.{f}"][offset:offset + local])
+                               for f in GROUP_FIELDS}
+            else:  # a block group: scalars
+                parts[name] = {f: saved[f"{name}.{f}"] for f in st}
+        for name, st in self.groups.items():
+            other = {f: t.to(st[f].device).reshape(st[f].shape) for f, t in parts[name].items()}
+            if name in self.partitions:
+                merge_channels(st, other)
+            else:
+                for f in st:
+                    st[f].add_(other[f])
         self.tokens_prefill += int(meta.get("tokens_prefill", 0))
         self.tokens_decode += int(meta.get("tokens_decode", 0))
 

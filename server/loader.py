@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from actprune.core.archs import spec_for_architecture
 from torch import nn
 from vllm.config import ModelConfig, VllmConfig
 from vllm.config.load import LoadConfig
@@ -21,7 +22,6 @@ from vllm.logger import init_logger
 from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
-from .adapters import adapter_for
 from .capture import Capture, CaptureOptions, ShardInfo
 
 __all__ = ["LOAD_FORMAT", "CaptureModelLoader", "get_capture"]
@@ -52,8 +52,10 @@ class CaptureModelLoader(DefaultModelLoader):
         self.capture_options = ours
 
     def load_model(self, vllm_config: VllmConfig, model_config: ModelConfig, prefix: str = "") -> nn.Module:
+        arch = (model_config.architectures or ["(none)"])[0]
+        base = getattr(model_config.hf_config, "actprune_base_architecture", None)
+        spec = spec_for_architecture(arch, base)  # an unknown family is refused before loading
         model = super().load_model(vllm_config, model_config, prefix)
-        arch = model_config.architectures[0] if model_config.architectures else type(model).__name__
         options = CaptureOptions(
             max_tokens=vllm_config.scheduler_config.max_num_batched_tokens,
             **self.capture_options,
@@ -66,7 +68,7 @@ class CaptureModelLoader(DefaultModelLoader):
         )
         device = next(model.parameters()).device
         capture = Capture(
-            model, adapter_for(arch), options, shard, device,
+            model, spec.vllm, options, shard, device,
             hidden_size=model_config.get_hidden_size(),
         )
         # A plain attribute: the worker extension finds the capture through the model.

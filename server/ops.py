@@ -20,9 +20,8 @@ from __future__ import annotations
 import functools
 
 import torch
+from actprune.core.tensor.accumulate import update_block, update_channels
 from torch import Tensor
-
-from .accumulate import update_block, update_channels
 
 __all__ = ["valid_rows"]
 

@@ -14,7 +14,7 @@ import json
 from typing import Any
 
 import numpy as np
-from actprune.client.wire.stats import (
+from actprune.core.wire.stats import (
     FORMAT_NAME,
     FORMAT_VERSION,
     GROUP_FIELDS,

@@ -1,7 +1,7 @@
 """``POST /prune/plan``: a pruning plan computed from the live stats of the served model.
 
 The body carries the same fields as ``actprune plan`` (``{"strategy": "importance",
-"mlp_ratio": 0.3, ...}``, see :class:`actprune.client.wire.plan.PlanRequest`); the answer is the
+"mlp_ratio": 0.3, ...}``, see :class:`actprune.core.wire.plan.PlanRequest`); the answer is the
 same plan JSON the CLI writes. The body is validated here rather than by FastAPI so that a
 mistake comes back as one readable line (``{"detail": "mlp_ratio: ..."}``, 422).
 """
@@ -9,10 +9,11 @@ mistake comes back as one readable line (``{"detail": "mlp_ratio: ..."}``, 422).
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
-from actprune.client.wire.api import ErrorBody
-from actprune.client.wire.plan import Plan, PlanError, PlanRequest, format_validation_error
+from actprune.core.errors import ActpruneError
+from actprune.core.planning.planner import make_plan
+from actprune.core.wire.api import ErrorBody
+from actprune.core.wire.plan import Plan, PlanRequest, format_validation_error
 from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
 
@@ -54,24 +55,7 @@ async def plan(request: Request, svc: Service) -> Plan:
     stats = await svc.snapshot()
     if stats.tokens == 0:
         raise ApiError(409, "no tokens captured yet: send traffic (actprune collect) before planning")
-    from actprune.pruning.planner import make_plan
-
-    weights = _weights_dir(svc.meta["model_path"])
     try:
-        return await asyncio.to_thread(make_plan, stats, svc.hf_config, req, weights)
-    except PlanError as e:
+        return await asyncio.to_thread(make_plan, stats, svc.hf_config, req, svc.column_norms())
+    except ActpruneError as e:
         raise ApiError(422, str(e)) from None
-
-
-def _weights_dir(model: str) -> Path | None:
-    """The served checkpoint's directory, for weight-aware strategies (the default, wifv):
-    the path itself, or for a Hub id the snapshot vLLM already downloaded into the Hugging Face
-    cache (nothing is downloaded here). None when neither exists."""
-    if Path(model).is_dir():
-        return Path(model)
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(model, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
-    except Exception:  # not a Hub id, or not in the cache: the planner names what is missing
-        return None

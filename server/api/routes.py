@@ -3,7 +3,7 @@
 vLLM's own API-key middleware only guards paths under /v1 (and a few others), so every route
 here depends on :func:`require_key`, which refuses a missing or wrong key with 401 whenever
 the server has one, comparing in constant time. ``CaptureUnavailable`` becomes a 409 through
-the exception handler that :mod:`actprune.server.api.plugin` installs.
+the exception handler that :mod:`actprune.server.api.endpoints` installs.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import hmac
 from typing import Annotated, Literal
 
-from actprune.client.summary import summarize
-from actprune.client.wire.api import (
+from actprune.core.summary import summarize
+from actprune.core.wire.api import (
     SAFETENSORS_MEDIA_TYPE,
     ErrorBody,
     PauseResponse,

@@ -15,8 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from actprune.client.wire.api import StatusResponse
-from actprune.client.wire.stats import Stats, StatsFormatError, config_hash
+from actprune.core.archs import spec_for_config
+from actprune.core.errors import ActpruneError
+from actprune.core.tensor.checkpoint import ColumnNorms
+from actprune.core.wire.api import StatusResponse
+from actprune.core.wire.stats import Stats, StatsFormatError, config_hash
 
 from ..settings import Settings
 from ..snapshot import assemble
@@ -51,11 +54,26 @@ class CaptureService:
             "tensor_parallel_size": int(pc.tensor_parallel_size),
             "pipeline_parallel_size": int(pc.pipeline_parallel_size),
         }
+        self._column_norms: ColumnNorms | None = None
         self.last_snapshot_time: float | None = None
         self.metrics = CaptureMetrics()
         self._task: asyncio.Task | None = None
         self._closed = False
         self._loop_thread: int | None = None
+
+    def column_norms(self) -> ColumnNorms | None:
+        """Column norms of the served checkpoint for weight-aware plans (the default, wifv),
+        read once per (layer, kind) and kept for every later plan; None when the weights are
+        not on this machine as safetensors (the planner then names what is missing)."""
+        if self._column_norms is None:
+            weights = _weights_dir(self.meta["model_path"])
+            if weights is None:
+                return None
+            try:
+                self._column_norms = ColumnNorms(weights, spec_for_config(self.hf_config))
+            except ActpruneError:
+                return None
+        return self._column_norms
 
     # ---- RPC ------------------------------------------------------------------------------
     async def _rpc(self, method: str, *args: Any) -> list[Any]:
@@ -192,3 +210,17 @@ class CaptureService:
                 raise
             except Exception as e:  # keep serving; say why
                 log.error("actprune: background snapshot/metrics failed: %s", e)
+
+
+def _weights_dir(model: str) -> Path | None:
+    """The served checkpoint's directory: the path itself, or for a Hub id the snapshot vLLM
+    already downloaded into the Hugging Face cache (nothing is downloaded here). None when
+    neither exists."""
+    if Path(model).is_dir():
+        return Path(model)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception:  # not a Hub id, or not in the cache
+        return None

@@ -7,15 +7,14 @@ the config of a pruned checkpoint without ``--trust-remote-code``.
 
 from __future__ import annotations
 
-__all__ = ["ARCHITECTURE", "register"]
-
-ARCHITECTURE = "ActpruneForCausalLM"
+__all__ = ["register"]
 
 
 def register() -> None:
-    from actprune.pruning.modeling.configuration_actprune import ActpruneConfig
+    from actprune.core.archs import ACTPRUNE_ARCHITECTURE
+    from actprune.core.tensor.modeling.configuration_actprune import ActpruneConfig
     from transformers import AutoConfig
     from vllm import ModelRegistry
 
     AutoConfig.register(ActpruneConfig.model_type, ActpruneConfig, exist_ok=True)
-    ModelRegistry.register_model(ARCHITECTURE, "actprune.server.models.actprune:ActpruneForCausalLM")
+    ModelRegistry.register_model(ACTPRUNE_ARCHITECTURE, "actprune.server.models.actprune:ActpruneForCausalLM")

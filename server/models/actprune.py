@@ -11,17 +11,20 @@ capture relies on) are exactly those of the stock model. vLLM 0.32 sizes the KV 
 attention layer (``UniformTypeKVCacheSpecs``) and builds one attention-metadata group per
 distinct (KV spec, query-head count), so per-layer head and KV-head counts need nothing here.
 
-Qwen2 layers are built as vLLM Llama layers with q/k/v biases: vLLM's ``Qwen2Attention``
-derives head_dim as hidden_size // num_heads, which is wrong once heads are pruned; the Llama
-layer reads the explicit ``head_dim`` and is otherwise the same computation.
+Which stock layer a family uses, and any attribute set on its per-layer config first, is data
+in the architecture registry (``ArchSpec.vllm.decoder_layer`` / ``layer_config``): Qwen2, for
+example, is built as vLLM Llama layers with q/k/v biases (see ``core/archs/qwen2.py``).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable
+import importlib
+import inspect
+from collections.abc import Iterable
 
 import torch
+from actprune.core.archs import REGISTRY, VllmLayout
 from torch import nn
 from transformers import PretrainedConfig
 from vllm.compilation.decorators import support_torch_compile
@@ -31,9 +34,7 @@ from vllm.model_executor.layers.linear import RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.interfaces import SupportsPP
-from vllm.model_executor.models.llama import LlamaDecoderLayer
 from vllm.model_executor.models.qwen2 import Qwen2Model
-from vllm.model_executor.models.qwen3 import Qwen3DecoderLayer
 from vllm.model_executor.models.utils import (
     AutoWeightsLoader,
     PPMissingLayer,
@@ -42,33 +43,25 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-__all__ = ["LAYER_BUILDERS", "ActpruneForCausalLM", "ActpruneModel", "layer_configs"]
+__all__ = ["ActpruneForCausalLM", "ActpruneModel", "build_layer", "layer_configs"]
 
-LayerBuilder = Callable[[PretrainedConfig, VllmConfig, str], nn.Module]
-
-
-def _qwen3_layer(cfg: PretrainedConfig, vllm_config: VllmConfig, prefix: str) -> nn.Module:
-    return Qwen3DecoderLayer(config=cfg, cache_config=vllm_config.cache_config,
-                             quant_config=vllm_config.quant_config, prefix=prefix)
+_LAYOUTS: dict[str, VllmLayout] = {spec.model_type: spec.vllm for spec in REGISTRY.values()}
 
 
-def _llama_layer(cfg: PretrainedConfig, vllm_config: VllmConfig, prefix: str) -> nn.Module:
-    return LlamaDecoderLayer(vllm_config=vllm_config, prefix=prefix, config=cfg)
-
-
-def _qwen2_layer(cfg: PretrainedConfig, vllm_config: VllmConfig, prefix: str) -> nn.Module:
-    cfg = copy.copy(cfg)
-    cfg.qkv_bias = True  # Qwen2: biases on q/k/v (LlamaDecoderLayer reads `qkv_bias`) ...
-    cfg.attention_bias = False  # ... and none on o_proj
-    return LlamaDecoderLayer(vllm_config=vllm_config, prefix=prefix, config=cfg)
-
-
-# Base model_type -> the vLLM decoder layer built for it.
-LAYER_BUILDERS: dict[str, LayerBuilder] = {
-    "qwen3": _qwen3_layer,
-    "qwen2": _qwen2_layer,
-    "llama": _llama_layer,
-}
+def build_layer(layout: VllmLayout, cfg: PretrainedConfig, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+    """The family's stock vLLM decoder layer (``layout.decoder_layer``) for one layer's config.
+    vLLM's layers take one of two constructor shapes: Llama's ``(vllm_config, prefix, config)``
+    or Qwen3's ``(config, cache_config, quant_config, prefix)``."""
+    module, name = layout.decoder_layer.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    if layout.layer_config:
+        cfg = copy.copy(cfg)
+        for k, v in layout.layer_config.items():
+            setattr(cfg, k, v)
+    if "vllm_config" in inspect.signature(cls.__init__).parameters:
+        return cls(vllm_config=vllm_config, prefix=prefix, config=cfg)
+    return cls(config=cfg, cache_config=vllm_config.cache_config, quant_config=vllm_config.quant_config,
+               prefix=prefix)
 
 
 def layer_configs(hf_config: PretrainedConfig) -> list[PretrainedConfig]:
@@ -79,10 +72,10 @@ def layer_configs(hf_config: PretrainedConfig) -> list[PretrainedConfig]:
             f"{type(hf_config).__name__}; is the checkpoint's config.json from `actprune prune`?"
         )
     base_type = hf_config.actprune_base_model_type
-    if base_type not in LAYER_BUILDERS:
+    if base_type not in _LAYOUTS:
         raise ValueError(
             f"actprune_base_model_type {base_type!r} is not served by ActpruneForCausalLM; "
-            f"supported: {sorted(LAYER_BUILDERS)}"
+            f"supported: {sorted(_LAYOUTS)}"
         )
     base = hf_config.base_config()
     n = base.num_hidden_layers
@@ -122,17 +115,17 @@ def _add_output_biases(layer: nn.Module, cfg: PretrainedConfig, vllm_config: Vll
 )
 class ActpruneModel(Qwen2Model):
     """Qwen2Model's embedding, layer loop, final norm and stacked-weight loading (the same
-    for all three families), with layers from :data:`LAYER_BUILDERS`."""
+    for every registry family), with each layer built by :func:`build_layer`."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         hf_config = vllm_config.model_config.hf_config
         configs = layer_configs(hf_config)
-        build = LAYER_BUILDERS[hf_config.actprune_base_model_type]
+        layout = _LAYOUTS[hf_config.actprune_base_model_type]
         bias = dict(getattr(hf_config, "actprune_bias", None) or {})
 
         def make_layer(*, config, cache_config, quant_config, prefix: str) -> nn.Module:
             cfg = configs[extract_layer_index(prefix)]
-            layer = build(cfg, vllm_config, prefix)
+            layer = build_layer(layout, cfg, vllm_config, prefix)
             _add_output_biases(layer, cfg, vllm_config, prefix, bias)
             return layer
 
@@ -141,10 +134,9 @@ class ActpruneModel(Qwen2Model):
 
 class ActpruneForCausalLM(nn.Module, SupportsPP):
     hf_to_vllm_mapper = Qwen2Model.hf_to_vllm_mapper
-    packed_modules_mapping = {
-        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
-        "gate_up_proj": ["gate_proj", "up_proj"],
-    }
+    # Every registry family stacks the same projections (VllmLayout.packed_modules); a family
+    # that stacked others would need its own class.
+    packed_modules_mapping = {k: list(v) for k, v in VllmLayout().packed_modules.items()}
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()

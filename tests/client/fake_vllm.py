@@ -23,15 +23,15 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import uvicorn
-from actprune.client.summary import summarize
-from actprune.client.wire.api import (
+from actprune.core.summary import summarize
+from actprune.core.wire.api import (
     SAFETENSORS_MEDIA_TYPE,
     PauseResponse,
     ResetResponse,
     StatsSummary,
     StatusResponse,
 )
-from actprune.client.wire.stats import Stats
+from actprune.core.wire.stats import Stats
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 

@@ -8,8 +8,8 @@ import json
 import re
 
 import pytest
-from actprune.client.cli import UserError
 from actprune.client.collect import EXAMPLE_PROMPTS, load_prompts
+from actprune.core.errors import UsageError
 from fake_vllm import FakeState, serve, stats_from_raw
 
 
@@ -38,16 +38,16 @@ def _summary(out: str) -> dict[str, str]:
 )
 def test_bad_jsonl_line_is_reported_with_its_line_number(tmp_path, line, message):
     path = _write(tmp_path, [{"prompt": "fine"}, "", line, {"prompt": "never reached"}])
-    with pytest.raises(UserError) as e:
+    with pytest.raises(UsageError) as e:
         load_prompts(path)
     assert f"{path}:3:" in str(e.value) and message in str(e.value)
 
 
 def test_empty_or_missing_prompt_file_is_a_user_error(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n\n")
-    with pytest.raises(UserError, match="no prompts"):
+    with pytest.raises(UsageError, match="no prompts"):
         load_prompts(tmp_path / "empty.jsonl")
-    with pytest.raises(UserError, match="no such file"):
+    with pytest.raises(UsageError, match="no such file"):
         load_prompts(tmp_path / "absent.jsonl")
 
 

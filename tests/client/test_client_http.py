@@ -19,8 +19,8 @@ from actprune.client.http import (
     amerge_from,
     merge_from,
 )
-from actprune.client.summary import summarize
-from actprune.client.wire.stats import GROUP_FIELDS, Stats, StatsFormatError
+from actprune.core.summary import summarize
+from actprune.core.wire.stats import GROUP_FIELDS, Stats, StatsFormatError
 from fake_vllm import (
     FakeState,
     RawLayer,

@@ -12,7 +12,7 @@ import json, sys
 import actprune.client
 import actprune.client.cli as cli
 import actprune.client.collect, actprune.client.http, actprune.client.stats_cli
-import actprune.client.summary, actprune.client.wire.api, actprune.client.wire.stats
+import actprune.core.summary, actprune.core.wire.api, actprune.core.wire.stats
 cli.COMMANDS = {k: v for k, v in cli.COMMANDS.items() if k in ("collect", "stats")}
 try:
     cli.main(["stats", "--help"])

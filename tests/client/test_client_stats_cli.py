@@ -4,8 +4,8 @@ with the actprune routes) on loopback HTTP."""
 from __future__ import annotations
 
 import numpy as np
-from actprune.client.summary import summarize
-from actprune.client.wire.stats import Stats, merge
+from actprune.core.summary import summarize
+from actprune.core.wire.stats import Stats, merge
 from fake_vllm import FakeState, serve, stats_from_raw
 
 

@@ -6,9 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from actprune.client.summary import summarize
-from actprune.client.wire.api import StatsSummary
-from actprune.client.wire.stats import StatsFormatError
+from actprune.core.summary import summarize
+from actprune.core.wire.api import StatsSummary
+from actprune.core.wire.stats import StatsFormatError
 from fake_vllm import RawLayer, stats_from_raw
 
 

@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 
 import pytest
-from actprune.client.wire.plan import Plan, PlanRequest
-from actprune.client.wire.stats import Stats
-from actprune.pruning.planner import make_plan
-from actprune.pruning.recorder import record
-from actprune.pruning.slicer import slice_checkpoint
-from actprune.pruning.synthetic import build_checkpoint
+from actprune.core.planning.planner import make_plan
+from actprune.core.tensor.checkpoint import ColumnNorms
+from actprune.core.wire.plan import Plan, PlanRequest
+from actprune.core.wire.stats import Stats
+from actprune.pruning.checkpoint.slicer import slice_checkpoint
+from actprune.pruning.fixtures.synthetic import build_checkpoint
+from actprune.pruning.record import record
 from serving import SOURCE_SHAPE, TEXTS, VARIANTS, load_hf, tokenize
 
 
@@ -37,7 +38,7 @@ def pruned(sources, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple
     for name, (arch, fields, compensate) in VARIANTS.items():
         src, stats = sources[arch]
         cfg = json.loads((src / "config.json").read_text())
-        plan = make_plan(stats, cfg, PlanRequest(**fields), src)
+        plan = make_plan(stats, cfg, PlanRequest(**fields), ColumnNorms.of(src))
         ckpt = slice_checkpoint(src, plan, root / name, stats=stats if compensate else None,
                                 progress=False)
         out[name] = (ckpt, plan)

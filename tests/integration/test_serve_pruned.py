@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 from actprune.client.http import Client
-from actprune.client.wire.plan import PlanRequest
-from actprune.client.wire.stats import config_hash
-from actprune.pruning.planner import make_plan
+from actprune.core.planning.planner import make_plan
+from actprune.core.tensor.checkpoint import ColumnNorms
+from actprune.core.wire.plan import PlanRequest
+from actprune.core.wire.stats import config_hash
 from actprune.server.process import ServerProcess
 from serving import PROMPTS, complete, hf_greedy, load_hf, serve, tokenize
 
@@ -90,7 +91,7 @@ def test_capture_on_pruned_model_reports_the_plan_widths_and_replans(pruned, ser
     cfg = json.loads((ckpt / "config.json").read_text())
     assert stats.meta["config_hash"] == config_hash(cfg)
     # The loop closes: stats captured on the pruned model plan its next pruning step.
-    again = make_plan(stats, cfg, PlanRequest(mlp_ratio=0.25, per_layer=True), ckpt)
+    again = make_plan(stats, cfg, PlanRequest(mlp_ratio=0.25, per_layer=True), ColumnNorms.of(ckpt))
     assert again.params_after < again.params_before
 
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 from actprune.client.cli import main
-from actprune.client.wire.plan import Plan
+from actprune.core.wire.plan import Plan
 
 
 @pytest.fixture()

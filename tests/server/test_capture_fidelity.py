@@ -13,7 +13,7 @@ import concurrent.futures as cf
 import httpx
 import numpy as np
 import pytest
-from actprune.client.wire.stats import Stats
+from actprune.core.wire.stats import Stats
 
 from .reference import reference_activations
 

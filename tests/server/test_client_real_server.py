@@ -9,7 +9,7 @@ import pytest
 from actprune.client.cli import main as cli
 from actprune.client.collect import EXAMPLE_PROMPTS
 from actprune.client.http import ActpruneHTTPError, Client, ClientSettings
-from actprune.client.wire.stats import Stats
+from actprune.core.wire.stats import Stats
 
 from .conftest import API_KEY
 

@@ -71,7 +71,7 @@ def test_concurrent_streams_with_polling_and_reset_give_no_errors_and_exact_coun
     assert st["tokens_prefill"] == sum(p for p, _ in results)
     assert st["tokens_decode"] == sum(c - 1 for _, c in results)
     raw = httpx.get(f"{base}/activations/stats", params={"format": "safetensors"}, headers=AUTH, timeout=60)
-    from actprune.client.wire.stats import Stats
+    from actprune.core.wire.stats import Stats
 
     stats = Stats.from_bytes(raw.content)
     want = sum(p + c - 1 for p, c in results)

@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import torch
 import vllm.forward_context as fc
+from actprune.core.tensor.accumulate import export_state, new_channel_state
 from actprune.server import ops
-from actprune.server.accumulate import export_state, new_channel_state
 
 
 def _observe(x: torch.Tensor, armed: float) -> dict:

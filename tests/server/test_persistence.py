@@ -8,8 +8,8 @@ from pathlib import Path
 
 import httpx
 import pytest
-from actprune.client.wire.stats import Stats
-from actprune.pruning.synthetic import build_checkpoint
+from actprune.core.wire.stats import Stats
+from actprune.pruning.fixtures.synthetic import build_checkpoint
 
 from .conftest import start_server
 from .test_capture_fidelity import complete

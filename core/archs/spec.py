@@ -1,0 +1,182 @@
+"""What the registry says about one architecture family: names and layout, as data.
+
+An :class:`ArchSpec` is read by every part of actprune that touches a model: the vLLM capture
+(:class:`VllmLayout`), the offline recorder, calibration and sensitivity passes (module paths of
+a transformers model, :class:`HfLayout`), the slicer (tensor names and their slicing
+:class:`Role`), the actprune architecture (which stock decoder layer to build per layer), and
+the tiny test models. Code elsewhere asks the spec and never spells a name itself.
+
+Module paths are dotted paths inside a transformers (or vLLM) model; a tensor's name is its
+module path plus ``.weight`` / ``.bias``. Paths inside a decoder layer are relative to
+``model.layers.{i}``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+__all__ = ["ArchSpec", "HfLayout", "MoeLayout", "Role", "TensorRef", "VllmLayout"]
+
+
+class Role(str, Enum):
+    """How a tensor of a decoder layer is sliced (dim 0 = rows of an nn.Linear weight)."""
+
+    NEURON_ROWS = "neuron_rows"  # gate/up: (I, hidden), keep rows of kept neurons
+    NEURON_COLS = "neuron_cols"  # down: (hidden, I), keep columns
+    Q_ROWS = "q_rows"  # q weight (H*D, hidden) or bias (H*D,): keep whole heads
+    KV_ROWS = "kv_rows"  # k/v weight (K*D, hidden) or bias (K*D,): keep whole KV heads
+    Q_COLS = "q_cols"  # o weight (hidden, H*D): keep the columns of kept heads
+    COPY = "copy"  # layer norms, q_norm/k_norm (per head_dim, shared by all heads), biases of outputs
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A checkpoint tensor classified by a spec: ``layer`` is None for global tensors."""
+
+    layer: int | None
+    role: Role
+    suffix: str  # the name inside the layer, e.g. 'mlp.down_proj.weight'
+
+
+@dataclass(frozen=True)
+class HfLayout:
+    """Module paths of a transformers decoder-only model (the Llama layout by default)."""
+
+    layers: str = "model.layers"
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    rotary: str = "model.rotary_emb"
+    lm_head: str = "lm_head"
+    # inside a decoder layer
+    input_norm: str = "input_layernorm"
+    post_attention_norm: str = "post_attention_layernorm"
+    q_proj: str = "self_attn.q_proj"
+    k_proj: str = "self_attn.k_proj"
+    v_proj: str = "self_attn.v_proj"
+    o_proj: str = "self_attn.o_proj"
+    q_norm: str | None = None  # per-head RMSNorm over head_dim (Qwen3)
+    k_norm: str | None = None
+    gate_proj: str = "mlp.gate_proj"
+    up_proj: str = "mlp.up_proj"
+    down_proj: str = "mlp.down_proj"
+
+
+@dataclass(frozen=True)
+class VllmLayout:
+    """Where capture hooks go in vLLM's implementation of the family, and how the actprune
+    architecture builds one of its decoder layers with per-layer widths."""
+
+    layers: str = "model.layers"
+    mlp_in: str = "mlp.down_proj"  # RowParallelLinear: its input is the MLP neurons (TP-sharded)
+    attn_in: str = "self_attn.o_proj"  # RowParallelLinear: its input is the attention heads
+    # positional index of (hidden_states, residual) in ``layer(positions, hidden, residual)``
+    hidden_arg: int = 1
+    residual_arg: int = 2
+    # vLLM's fused projections: name -> the Hugging Face projections stacked into it
+    packed_modules: dict[str, tuple[str, ...]] = field(default_factory=lambda: {
+        "qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")})
+    # "module:Class" of the stock decoder layer ActpruneForCausalLM builds per layer, and config
+    # attributes set on its per-layer config first
+    decoder_layer: str = "vllm.model_executor.models.llama:LlamaDecoderLayer"
+    layer_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MoeLayout:
+    """Routed experts of a mixture-of-experts MLP (Qwen3-MoE): the router's (E, hidden) weight
+    at ``router``, expert ``e``'s projections at ``{experts}.{e}.{gate_proj|up_proj|down_proj}``;
+    the config keys that hold the expert count, top-k and whether top-k weights are renormalised."""
+
+    router: str = "mlp.gate"
+    experts: str = "mlp.experts"
+    num_experts_key: str = "num_experts"
+    top_k_key: str = "num_experts_per_tok"
+    norm_topk_key: str = "norm_topk_prob"
+
+
+_LAYER_RE = re.compile(r"^(.+?)\.(\d+)\.(.+)$")
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Everything architecture-specific about one decoder-only family."""
+
+    architecture: str  # the `architectures` entry of config.json (transformers and vLLM)
+    model_type: str  # config.json's `model_type`
+    hf: HfLayout = field(default_factory=HfLayout)
+    vllm: VllmLayout = field(default_factory=VllmLayout)
+    qkv_bias: bool = False  # biases on q/k/v, sliced with their heads (Qwen2)
+    moe: MoeLayout | None = None
+    # config keys of a tiny test model beyond the shared shape (pruning.fixtures.synthetic)
+    tiny_config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.hf.q_norm is not None
+
+    # ---- tensor names ------------------------------------------------------------------------
+    def layer_name(self, layer: int, suffix: str) -> str:
+        """``model.layers.{layer}.{suffix}``: a tensor or module of decoder layer ``layer``."""
+        return f"{self.hf.layers}.{layer}.{suffix}"
+
+    @property
+    def global_names(self) -> frozenset[str]:
+        h = self.hf
+        return frozenset({f"{h.embed}.weight", f"{h.final_norm}.weight", f"{h.lm_head}.weight"})
+
+    @property
+    def down_weight(self) -> str:
+        return f"{self.hf.down_proj}.weight"
+
+    @property
+    def o_weight(self) -> str:
+        return f"{self.hf.o_proj}.weight"
+
+    @property
+    def down_bias(self) -> str:
+        """The output bias actprune adds for compensation (stock families have none)."""
+        return f"{self.hf.down_proj}.bias"
+
+    @property
+    def o_bias(self) -> str:
+        return f"{self.hf.o_proj}.bias"
+
+    def layer_roles(self) -> dict[str, Role]:
+        """Suffix inside ``model.layers.{i}.`` -> how the slicer treats that tensor."""
+        h = self.hf
+        roles = {
+            f"{h.input_norm}.weight": Role.COPY,
+            f"{h.post_attention_norm}.weight": Role.COPY,
+            f"{h.q_proj}.weight": Role.Q_ROWS,
+            f"{h.k_proj}.weight": Role.KV_ROWS,
+            f"{h.v_proj}.weight": Role.KV_ROWS,
+            f"{h.o_proj}.weight": Role.Q_COLS,
+            f"{h.gate_proj}.weight": Role.NEURON_ROWS,
+            f"{h.up_proj}.weight": Role.NEURON_ROWS,
+            f"{h.down_proj}.weight": Role.NEURON_COLS,
+        }
+        if self.qkv_bias:
+            roles.update({f"{h.q_proj}.bias": Role.Q_ROWS, f"{h.k_proj}.bias": Role.KV_ROWS,
+                          f"{h.v_proj}.bias": Role.KV_ROWS})
+        for norm in (h.q_norm, h.k_norm):
+            if norm is not None:
+                roles[f"{norm}.weight"] = Role.COPY
+        return roles
+
+    def classify(self, name: str) -> TensorRef:
+        """Role of a checkpoint tensor; ValueError for a name this family does not have
+        (slicing an unknown tensor by guess could silently produce a broken checkpoint)."""
+        if name in self.global_names:
+            return TensorRef(None, Role.COPY, name)
+        m = _LAYER_RE.match(name)
+        if m and m.group(1) == self.hf.layers:
+            layer, suffix = int(m.group(2)), m.group(3)
+            roles = self.layer_roles()
+            if suffix in roles:
+                return TensorRef(layer, roles[suffix], suffix)
+            if suffix in (self.down_bias, self.o_bias):  # compensation biases of a pruned checkpoint
+                return TensorRef(layer, Role.COPY, suffix)
+        raise ValueError(f"{self.architecture}: actprune does not know tensor {name!r}")

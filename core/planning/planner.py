@@ -1,0 +1,354 @@
+"""Planner: statistics + config + request -> a validated :class:`Plan`.
+
+``make_plan`` is the one entry point (the CLI and the server's ``POST /prune/plan`` call it).
+Steps: score units per layer (:mod:`.scores`), pick layers to drop by layer score, turn the
+request's ratios (or its parameter budget) into kept counts per layer that satisfy the
+constraints (:func:`allocate`), then keep the best-scored units of every layer.
+
+A *unit* is what the planner counts: an MLP neuron; a KV group (``head_mode="kv_groups"``, all
+its query heads go with it); or, with ``head_mode="query_heads"``, one *level* of query heads,
+i.e. the j-th best query head of every KV group (GQA needs the same number per group).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+from actprune.core.archs import LayerShape, ModelShape, model_shape, spec_for_config
+from actprune.core.planning.scores import (
+    LAYER_STRATEGIES,
+    STRATEGIES,
+    ScoreInput,
+    head_scores,
+    layer_scores,
+    standardise,
+)
+from actprune.core.wire.plan import (
+    LayerPlan,
+    LayerWidths,
+    Plan,
+    PlanError,
+    PlanRequest,
+    Provenance,
+    SourceModel,
+)
+from actprune.core.wire.schema import key
+from actprune.core.wire.stats import Stats, config_hash
+
+__all__ = ["ColumnNormsFn", "allocate", "allocate_by_cost", "allowed_counts", "make_plan", "removed_fractions"]
+
+# (layer, kind) -> (C,) L2 norms of the input columns of that layer's down_proj ("mlp") or
+# o_proj ("attn") weight; actprune.core.tensor.checkpoint.ColumnNorms reads them from a checkpoint.
+ColumnNormsFn = Callable[[int, str], np.ndarray]
+
+
+# ---- pure allocation ----------------------------------------------------------------------
+def allowed_counts(full: int, multiple: int, minimum: int, ok=None) -> list[int]:
+    """Kept counts in [minimum, full] that are multiples of ``multiple`` and pass ``ok``."""
+    return [k for k in range(multiple, full + 1, multiple) if k >= minimum and (ok is None or ok(k))]
+
+
+def allocate(
+    unit_scores: list[np.ndarray], allowed: list[list[int]], keep: float, per_layer: bool
+) -> list[int]:
+    """Kept unit count per layer keeping about ``keep`` of all units.
+
+    unit_scores[i]: (n_i,) scores of layer i sorted best first; allowed[i]: ascending legal kept
+    counts. Uniform: every layer keeps the legal count nearest to ``keep * n_i`` (ties keep
+    more). Per-layer: scores are standardised within each layer, then the globally cheapest
+    steps down (mean standardised score of the units a step removes) are taken until the total
+    reaches ``round(keep * sum n_i)``.
+    """
+    if not per_layer:
+        return [_nearest(a, keep * len(s)) for s, a in zip(unit_scores, allowed, strict=True)]
+    z = [standardise(s) for s in unit_scores]
+    target = round(keep * sum(len(s) for s in unit_scores))
+    return _step_down(allowed, lambda i, lo, hi: float(z[i][lo:hi].mean()), target)
+
+
+def allocate_by_cost(costs: list[dict[int, float]], target: int) -> list[int]:
+    """Kept count per layer with ``sum <= target`` (as close as the steps allow) and the least
+    total cost, greedily: from every layer whole, take the step down (to the next smaller
+    allowed count) whose cost increase is smallest, until the total reaches ``target``.
+
+    costs[i]: allowed kept count -> cost of layer i at that width (e.g. the output error left
+    after refitting, :func:`compensate.refit_residual`); the largest count is the layer whole.
+    Exact when each layer's cost is convex in the count, a good heuristic otherwise."""
+    return _step_down([sorted(c) for c in costs],
+                      lambda i, lo, hi: (costs[i][lo] - costs[i][hi]) / (hi - lo), target)
+
+
+def _step_down(allowed: list[list[int]], step_cost: Callable[[int, int, int], float], target: int) -> list[int]:
+    """From every layer at its largest allowed count, take the cheapest step down (layer i
+    from count hi to the next smaller lo costs ``step_cost(i, lo, hi)``) until the total kept
+    is at most ``target`` or no step is left."""
+    pos = [len(a) - 1 for a in allowed]
+    counts = [a[-1] for a in allowed]
+    heap: list[tuple[float, int]] = []
+
+    def push(i: int) -> None:
+        if pos[i] > 0:
+            heapq.heappush(heap, (step_cost(i, allowed[i][pos[i] - 1], allowed[i][pos[i]]), i))
+
+    for i in range(len(allowed)):
+        push(i)
+    while sum(counts) > target and heap:
+        _, i = heapq.heappop(heap)
+        pos[i] -= 1
+        counts[i] = allowed[i][pos[i]]
+        push(i)
+    return counts
+
+
+def removed_fractions(deltas: list[float], ratio: float, sizes: list[int] | None = None,
+                      cap: float | None = None, floor: float = 1e-6) -> list[float]:
+    """Removed MLP fraction per layer from measured sensitivities Δ (:mod:`.sensitivity`), so
+    that ``ratio`` of all units (layer i has ``sizes[i]``, default equal) go: ``p_i = c / Δ_i``
+    below ``cap`` (default ``min(2 · ratio, 0.9)``), ``cap`` above it (water-filling). With the
+    model ``Δ_i(p) = Δ_i · (p / ratio)²`` this minimises the summed loss increase at that total.
+    Δ below ``floor`` (zero or negative: noise) counts as ``floor``."""
+    if not 0 <= ratio < 1:
+        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    cap = min(2 * ratio, 0.9) if cap is None else cap
+    if ratio == 0 or not deltas:
+        return [0.0] * len(deltas)
+    inv = 1.0 / np.maximum(np.asarray(deltas, dtype=np.float64), floor)
+    n = np.ones(len(inv)) if sizes is None else np.asarray(sizes, dtype=np.float64)
+    free = np.ones(len(inv), dtype=bool)
+    budget = ratio * n.sum()
+    while True:
+        c = (budget - cap * n[~free].sum()) / (n[free] * inv[free]).sum()
+        p = np.where(free, c * inv, cap)
+        if not (p[free] > cap + 1e-12).any():
+            return [float(x) for x in p]
+        free &= p <= cap + 1e-12
+
+
+def _nearest(allowed: list[int], want: float) -> int:
+    return min(allowed, key=lambda k: (abs(k - want), -k))
+
+
+def _tp_ok(k: int, tp: int) -> bool:
+    # vLLM shards KV heads across ranks, or replicates them when there are fewer heads than ranks.
+    return k % tp == 0 or tp % k == 0
+
+
+# ---- scoring ------------------------------------------------------------------------------
+def _channel_scores(stats: Stats, layer: int, kind: str, request: PlanRequest, norms) -> np.ndarray:
+    strat = STRATEGIES[request.strategy]
+    col = norms(layer, kind) if strat.needs_weights else None
+    s = strat.fn(ScoreInput(stats.figures(layer, kind), request.weights, col))
+    return np.nan_to_num(np.asarray(s, dtype=np.float64), nan=0.0, posinf=np.finfo(np.float64).max)
+
+
+# ---- the entry point ----------------------------------------------------------------------
+def make_plan(stats: Stats, config: dict[str, Any], request: PlanRequest,
+              column_norms: ColumnNormsFn | None = None) -> Plan:
+    """Plan structured pruning of the model ``config`` from ``stats``; PlanError on bad input.
+    ``column_norms`` feeds the weight-aware strategies (``wifv``, ``wanda_sp``)."""
+    try:
+        shape = model_shape(config)
+    except (ValueError, KeyError, TypeError) as e:
+        raise PlanError(f"model config: {e}") from e
+    chash = config_hash(config)
+    _check_inputs(stats, shape, chash, request, column_norms)
+    norms = column_norms
+
+    dropped = _dropped_layers(stats, shape, request)
+    kept = [i for i in range(shape.num_layers) if i not in dropped]
+    mlp_ratio, head_ratio = request.mlp_ratio, request.head_ratio
+    heads = _HeadChoice(stats, shape, kept, request, norms)
+    if request.param_ratio is not None:
+        mlp_ratio, head_ratio = _split_budget(shape, kept, dropped, request, heads)
+    head_keep = heads.choose(head_ratio)
+    mlp_keep = _mlp_choice(stats, shape, kept, request, mlp_ratio, norms)
+    return _assemble(stats, config, shape, chash, request, dropped, mlp_keep, head_keep)
+
+
+def _check_inputs(stats: Stats, shape: ModelShape, chash: str, request: PlanRequest,
+                  column_norms: ColumnNormsFn | None) -> None:
+    if stats.meta.get("config_hash") != chash:
+        raise PlanError(
+            f"stats were recorded on a different model (config_hash {stats.meta.get('config_hash')} "
+            f"of {stats.meta.get('model')!r}, this model is {chash}); record stats on this model"
+        )
+    if stats.layers != list(range(shape.num_layers)):
+        raise PlanError(f"stats cover layers {stats.layers}, the model has {shape.num_layers}; capture every layer")
+    if request.strategy not in STRATEGIES:
+        raise PlanError(f"strategy: unknown {request.strategy!r}; choose one of {sorted(STRATEGIES)}")
+    if request.layer_strategy not in LAYER_STRATEGIES:
+        raise PlanError(f"layer_strategy: unknown {request.layer_strategy!r}; choose one of {sorted(LAYER_STRATEGIES)}")
+    if STRATEGIES[request.strategy].needs_weights and column_norms is None:
+        raise PlanError(f"strategy {request.strategy!r} reads weight norms; give the model directory, "
+                        "or choose a strategy from activations alone (importance, magnitude, variance, sparsity)")
+    for i, s in enumerate(shape.layers):
+        for kind, width in (("mlp", s.intermediate_size), ("attn", s.num_attention_heads * shape.head_dim)):
+            got = stats.tensors[key(i, kind, "mean")].shape[0]
+            if got != width:
+                raise PlanError(f"stats layers.{i}.{kind} have {got} channels, the model has {width}")
+    if request.layer_sensitivity is not None and len(request.layer_sensitivity) != shape.num_layers:
+        raise PlanError(f"layer_sensitivity has {len(request.layer_sensitivity)} values, the model has "
+                        f"{shape.num_layers} layers; measure it on this model (actprune sensitivity)")
+    if request.tp_size > 1 and any(_tp_ok(s.num_key_value_heads, request.tp_size) is False for s in shape.layers):
+        raise PlanError(f"tp_size: the model's KV heads do not fit tensor parallelism {request.tp_size}")
+
+
+def _dropped_layers(stats: Stats, shape: ModelShape, request: PlanRequest) -> list[int]:
+    n = shape.num_layers
+    k = request.drop_layers if request.drop_layers is not None else round((request.drop_layer_ratio or 0) * n)
+    if k >= n:
+        raise PlanError(f"drop_layers: cannot drop {k} of {n} layers; keep at least one")
+    if k == 0:
+        return []
+    s = layer_scores(stats, list(range(n)), request.layer_strategy)
+    return sorted(int(i) for i in np.argsort(s, kind="stable")[:k])
+
+
+def _mlp_choice(stats, shape, kept, request, ratio, norms) -> dict[int, list[int]]:
+    full = {i: shape.layers[i].intermediate_size for i in kept}
+    if not ratio:
+        return {i: list(range(full[i])) for i in kept}
+    q = math.lcm(request.width_multiple, request.tp_size)
+    scores = {i: _channel_scores(stats, i, "mlp", request, norms) for i in kept}
+    order = {i: np.argsort(-scores[i], kind="stable") for i in kept}
+    allowed = [allowed_counts(full[i], q, request.min_mlp_width) for i in kept]
+    for i, a in zip(kept, allowed, strict=True):
+        if not a:
+            raise PlanError(
+                f"layer {i}: no MLP width <= {full[i]} is a multiple of {q} (width_multiple × tp_size) "
+                f"and >= min_mlp_width {request.min_mlp_width}"
+            )
+    if request.layer_sensitivity is not None:
+        fractions = removed_fractions([request.layer_sensitivity[i] for i in kept], ratio, [full[i] for i in kept])
+        counts = [_nearest(a, (1 - p) * full[i]) for i, a, p in zip(kept, allowed, fractions, strict=True)]
+    else:
+        counts = allocate([scores[i][order[i]] for i in kept], allowed, 1.0 - ratio, request.per_layer)
+    return {i: sorted(int(j) for j in order[i][:c]) for i, c in zip(kept, counts, strict=True)}
+
+
+class _HeadChoice:
+    """Head scores of the kept layers and their conversion to kept heads for a ratio."""
+
+    def __init__(self, stats: Stats, shape: ModelShape, kept: list[int], request: PlanRequest, norms) -> None:
+        self.shape, self.kept, self.request = shape, kept, request
+        self._stats, self._norms = stats, norms
+        self._scores: dict[int, np.ndarray] | None = None
+
+    def scores(self, i: int) -> np.ndarray:
+        if self._scores is None:
+            self._scores = {
+                j: head_scores(_channel_scores(self._stats, j, "attn", self.request, self._norms),
+                               self.shape.layers[j].num_attention_heads)
+                for j in self.kept
+            }
+        return self._scores[i]
+
+    def choose(self, ratio: float | None) -> dict[int, tuple[list[int], list[int]]]:
+        """Layer -> (kept query heads, kept KV heads)."""
+        out = {}
+        if not ratio:
+            for i in self.kept:
+                s = self.shape.layers[i]
+                out[i] = (list(range(s.num_attention_heads)), list(range(s.num_key_value_heads)))
+            return out
+        units, allowed, pick = [], [], []
+        for i in self.kept:
+            u, a, p = self._units(i)
+            units.append(u)
+            allowed.append(a)
+            pick.append(p)
+        counts = allocate(units, allowed, 1.0 - ratio, self.request.per_layer)
+        return {i: p(c) for i, p, c in zip(self.kept, pick, counts, strict=True)}
+
+    def _units(self, i: int):
+        s, r = self.shape.layers[i], self.request
+        g = s.num_attention_heads // s.num_key_value_heads
+        hs = self.scores(i).reshape(s.num_key_value_heads, g)  # (K, g)
+        if r.head_mode == "kv_groups":
+            group = hs.sum(axis=1)  # (K,)
+            order = np.argsort(-group, kind="stable")
+            allowed = allowed_counts(s.num_key_value_heads, 1, r.min_kv_heads,
+                                     lambda k: _tp_ok(k, r.tp_size) and (k * g) % r.tp_size == 0)
+
+            def pick(c: int) -> tuple[list[int], list[int]]:
+                kv = sorted(int(k) for k in order[:c])
+                return [k * g + j for k in kv for j in range(g)], kv
+        else:
+            within = np.argsort(-hs, axis=1, kind="stable")  # (K, g) best first per group
+            group = np.take_along_axis(hs, within, axis=1).sum(axis=0)  # (g,) level scores
+            order = np.arange(g)
+            allowed = allowed_counts(g, 1, 1, lambda c: (c * s.num_key_value_heads) % r.tp_size == 0)
+
+            def pick(c: int) -> tuple[list[int], list[int]]:
+                heads = sorted(int(k * g + j) for k in range(s.num_key_value_heads) for j in within[k, :c])
+                return heads, list(range(s.num_key_value_heads))
+        if not allowed:
+            raise PlanError(f"layer {i}: no head count satisfies tp_size {r.tp_size} and min_kv_heads {r.min_kv_heads}")
+        return group[order], allowed, pick
+
+
+def _split_budget(shape, kept, dropped, request, heads: _HeadChoice) -> tuple[float, float]:
+    """Turn `param_ratio` into (mlp_ratio, head_ratio): attention and MLP give up the same share
+    of their parameters, then the MLP (fine-grained) absorbs the rounding of the heads."""
+    before = shape.params()
+    budget = request.param_ratio * before - sum(shape.layer_params(shape.layers[i]) for i in dropped)
+    if budget <= 0:
+        return 0.0, 0.0
+    mlp = sum(3 * shape.hidden_size * shape.layers[i].intermediate_size for i in kept)
+    attn = sum(shape.layer_params(shape.layers[i]) for i in kept) - mlp
+    r = min(budget / (mlp + attn), 0.99)
+    head_keep = heads.choose(r)
+    widths = tuple(
+        LayerShape(shape.layers[i].intermediate_size, len(head_keep[i][0]), len(head_keep[i][1])) for i in kept
+    )
+    removed_attn = sum(shape.layer_params(shape.layers[i]) for i in kept) - shape.params(widths) + shape.global_params()
+    mlp_ratio = (budget - removed_attn) / mlp
+    if mlp_ratio >= 1:
+        raise PlanError(f"param_ratio: {request.param_ratio} removes more than the MLPs and heads hold")
+    return max(mlp_ratio, 0.0), r
+
+
+def _assemble(stats, config, shape, chash, request, dropped, mlp_keep, head_keep) -> Plan:
+    layers, widths = [], []
+    for i in range(shape.num_layers):
+        if i in dropped:
+            layers.append(LayerPlan(index=i, drop=True))
+            continue
+        q, kv = head_keep[i]
+        layers.append(LayerPlan(index=i, mlp_keep=mlp_keep[i], heads_keep=q, kv_heads_keep=kv))
+        widths.append(LayerWidths(intermediate_size=len(mlp_keep[i]), num_attention_heads=len(q), num_key_value_heads=len(kv)))
+    source_widths = [LayerWidths(**vars(s)) for s in shape.layers]
+    after = shape.params(tuple(LayerShape(**w.model_dump()) for w in widths))
+    try:
+        version = metadata.version("actprune")
+    except metadata.PackageNotFoundError:
+        version = "0+unknown"
+    plan = Plan(
+        source=SourceModel(
+            architecture=spec_for_config(config).architecture, config_hash=chash,
+            num_hidden_layers=shape.num_layers, hidden_size=shape.hidden_size, head_dim=shape.head_dim,
+            widths=source_widths,
+        ),
+        layers=layers,
+        dropped_layers=list(dropped),
+        widths=widths,
+        uniform=len({(w.intermediate_size, w.num_attention_heads, w.num_key_value_heads) for w in widths}) == 1,
+        params_before=shape.params(),
+        params_after=after,
+        bytes_before=shape.params() * shape.dtype_bytes,
+        bytes_after=after * shape.dtype_bytes,
+        provenance=Provenance(
+            strategy=request.strategy, layer_strategy=request.layer_strategy, weights=request.weights,
+            request=request.model_dump(mode="json"), stats_tokens=stats.tokens,
+            stats_config_hash=str(stats.meta.get("config_hash")),
+            created=datetime.now(timezone.utc).isoformat(timespec="seconds"), actprune_version=version,
+        ),
+    )
+    plan.check(source="planner")
+    return plan

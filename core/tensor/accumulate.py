@@ -1,0 +1,130 @@
+"""Streaming accumulators, as pure torch functions that update preallocated buffers in place.
+
+The same functions run inside vLLM (through the custom ops in :mod:`actprune.server.ops`) and
+in the offline recorder (plain transformers hooks), so both produce identical stats files. The
+field names are the stats file's own (:mod:`actprune.core.wire.schema`).
+
+A *channel group* is the state of one set of channels (MLP neurons at the input of
+``down_proj``, or attention channels at the input of ``o_proj``):
+
+    count    (1,) float64   tokens seen (a scalar in the stats file)
+    mean     (C,) float64   running mean          } merged with Chan's formula: no
+    m2       (C,) float64   sum of sq. deviations } catastrophic cancellation at 1e8+ tokens
+    sum      (C,) float64
+    sum_sq   (C,) float64
+    sum_abs  (C,) float64
+    max_abs  (C,) float32
+    near_zero(C,) float64   tokens with |x| <= threshold
+
+Nothing here branches on tensor values in Python, so the updates are safe inside torch.compile
+graphs and CUDA-graph replays: rows are masked with ``valid`` instead of being sliced away.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from actprune.core.wire.schema import BLOCK_FIELDS, GROUP_FIELDS, SCALAR_FIELDS, SUMMED_FIELDS
+
+__all__ = [
+    "export_state",
+    "merge_channels",
+    "new_block_state",
+    "new_channel_state",
+    "update_block",
+    "reset_state",
+    "update_channels",
+]
+
+
+# Scalars (count, cos_sum) are kept as shape-(1,) tensors, not 0-d: torch.compile treats a
+# captured 0-d float64 CPU tensor like a Python float, and vLLM's full-graph AOT compile then
+# fails with TensorifyScalarRestartAnalysis. ``export_state`` turns them into the file's scalars.
+def new_channel_state(width: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Zeroed accumulators of ``width`` channels: float64, ``max_abs`` float32, ``count`` (1,)."""
+    def zeros(f: str) -> torch.Tensor:
+        dtype = torch.float32 if f == "max_abs" else torch.float64
+        return torch.zeros(1 if f in SCALAR_FIELDS else width, dtype=dtype, device=device)
+
+    return {f: zeros(f) for f in GROUP_FIELDS}
+
+
+def new_block_state(device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    return {f: torch.zeros(1, dtype=torch.float64, device=device) for f in BLOCK_FIELDS}
+
+
+def update_channels(
+    state: dict[str, torch.Tensor],
+    x: torch.Tensor,
+    valid: torch.Tensor,
+    threshold: float | torch.Tensor,
+) -> None:
+    """Fold a batch into ``state``. x: (T, C) any float dtype; valid: (T,) bool;
+    threshold: |x| at or below which a value counts as near zero (float or 0-d tensor)."""
+    xf = x.float()  # (T, C)
+    v = valid.view(-1, 1)  # (T, 1)
+    # torch.where, not multiplication: vLLM's profile run pushes NaN rows through the model
+    # and NaN * 0 is still NaN.
+    xm = torch.where(v, xf, 0.0)  # (T, C)
+    n_b = valid.sum(dtype=torch.float64)  # ()
+    s = xm.sum(0, dtype=torch.float64)  # (C,)
+    mean_b = s / n_b.clamp(min=1.0)
+    d = torch.where(v, xf - mean_b.float(), 0.0)
+    m2_b = (d * d).sum(0, dtype=torch.float64)
+    absx = xm.abs()
+
+    batch = {
+        "count": n_b,
+        "mean": mean_b,
+        "m2": m2_b,
+        "sum": s,
+        "sum_sq": (xm * xm).sum(0, dtype=torch.float64),
+        "sum_abs": absx.sum(0, dtype=torch.float64),
+        "max_abs": absx.amax(0),
+        "near_zero": torch.logical_and(v, xf.abs() <= threshold).sum(0, dtype=torch.float64),
+    }
+    merge_channels(state, batch)
+
+
+def merge_channels(state: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> None:
+    """Fold the accumulators of a disjoint sample ``other`` into ``state`` in place.
+
+    Moments merge with Chan et al.'s pairwise update; sums add; maxima take the maximum."""
+    n_a = state["count"].clone()
+    n_b = other["count"]
+    n = n_a + n_b
+    delta = other["mean"] - state["mean"]
+    inv_n = 1.0 / n.clamp(min=1.0)
+    state["mean"].add_(delta * (n_b * inv_n))
+    state["m2"].add_(other["m2"] + delta * delta * (n_a * n_b * inv_n))
+    state["count"].copy_(n)
+    for f in SUMMED_FIELDS:
+        state[f].add_(other[f])
+    state["max_abs"].copy_(torch.maximum(state["max_abs"], other["max_abs"]))
+
+
+def update_block(
+    state: dict[str, torch.Tensor], h_in: torch.Tensor, h_out: torch.Tensor, valid: torch.Tensor
+) -> None:
+    """Add the per-token cosine similarity between the residual stream entering (h_in) and
+    leaving (h_out) a decoder layer. h_in, h_out: (T, H); valid: (T,) bool."""
+    a = h_in.float()
+    b = h_out.float()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12)  # (T,)
+    cos = torch.where(valid, cos, 0.0)
+    state["cos_sum"].add_(cos.sum(dtype=torch.float64))
+    state["count"].add_(valid.sum(dtype=torch.float64))
+
+
+def reset_state(state: dict[str, torch.Tensor]) -> None:
+    for t in state.values():
+        t.zero_()
+
+
+def export_state(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """Copy a channel or block state to host numpy arrays in the stats-file layout."""
+    out = {}
+    for f, t in state.items():
+        a = t.detach().to("cpu", copy=True).numpy()
+        out[f] = a.reshape(()) if f in SCALAR_FIELDS else a
+    return out

@@ -1,0 +1,58 @@
+"""A transformers model seen through its registry spec: the modules actprune reads and replaces,
+found by the paths in :class:`~actprune.core.archs.HfLayout` (no names spelled here).
+
+    view = HfModel.of(model)          # the spec comes from model.config.architectures
+    for i, layer in enumerate(view.layers):
+        gate, up, down = view.mlp(layer)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from actprune.core.archs import ArchSpec, spec_for_config
+from torch import nn
+
+__all__ = ["HfModel"]
+
+
+@dataclass(frozen=True)
+class HfModel:
+    model: nn.Module
+    spec: ArchSpec
+
+    @classmethod
+    def of(cls, model: nn.Module, spec: ArchSpec | None = None) -> HfModel:
+        """The view of a transformers causal LM (spec from its config unless given)."""
+        return cls(model, spec or spec_for_config(model.config.to_dict()))
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.spec.hf.layers)
+
+    @property
+    def embed(self) -> nn.Module:
+        return self.model.get_submodule(self.spec.hf.embed)
+
+    @property
+    def rotary(self) -> nn.Module:
+        return self.model.get_submodule(self.spec.hf.rotary)
+
+    @property
+    def final_norm(self) -> nn.Module:
+        return self.model.get_submodule(self.spec.hf.final_norm)
+
+    def mlp(self, layer: nn.Module) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
+        """(gate_proj, up_proj, down_proj) of one decoder layer."""
+        h = self.spec.hf
+        return layer.get_submodule(h.gate_proj), layer.get_submodule(h.up_proj), layer.get_submodule(h.down_proj)
+
+    def o_proj(self, layer: nn.Module) -> nn.Linear:
+        return layer.get_submodule(self.spec.hf.o_proj)
+
+    def set_mlp(self, layer: nn.Module, gate: nn.Module, up: nn.Module, down: nn.Module) -> None:
+        """Replace one layer's MLP projections (a sliced or refitted MLP, or the dense one back)."""
+        h = self.spec.hf
+        for path, new in ((h.gate_proj, gate), (h.up_proj, up), (h.down_proj, down)):
+            parent, _, attr = path.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, attr, new)

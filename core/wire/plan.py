@@ -1,0 +1,288 @@
+"""The pruning plan: what to keep, as a versioned JSON document, plus the request that makes one.
+
+Defined once here (documented in ``docs/plan.md`` and ``docs/formats.md``) and shared by the
+planner (``actprune plan``), the server route (``POST /prune/plan``), the slicer (``actprune
+prune``) and the client. Light on purpose: stdlib and pydantic only.
+
+Indices in a plan always refer to the *source* checkpoint: layer ``i`` of ``layers`` is layer
+``i`` of the model the plan was made for, neuron ``j`` is row ``j`` of its ``gate_proj``; the
+slicer renumbers. ``widths`` describe the *output* model, one entry per kept layer, in order.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from actprune.core.errors import ActpruneError
+from actprune.core.files import atomic_write
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "PLAN_FORMAT",
+    "PLAN_VERSION",
+    "ImportanceWeights",
+    "LayerPlan",
+    "LayerWidths",
+    "Plan",
+    "PlanError",
+    "PlanRequest",
+    "Provenance",
+    "SourceModel",
+    "format_validation_error",
+]
+
+PLAN_FORMAT = "actprune.plan"
+PLAN_VERSION = 1
+
+
+class PlanError(ActpruneError):
+    """A plan that is malformed or does not fit the model it is applied to."""
+
+
+def format_validation_error(e: ValidationError) -> str:
+    """One line per problem, each naming the field: pydantic's own text is too noisy for users."""
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "request"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)
+
+
+class ImportanceWeights(BaseModel):
+    """Weights of the `importance` composite (normalised per layer, then summed)."""
+
+    model_config = ConfigDict(extra="forbid")
+    magnitude: float = Field(0.3, ge=0)
+    variance: float = Field(0.4, ge=0)
+    sparsity: float = Field(0.3, ge=0)
+
+    @model_validator(mode="after")
+    def _not_all_zero(self) -> ImportanceWeights:
+        if self.magnitude + self.variance + self.sparsity <= 0:
+            raise ValueError("importance weights must not all be zero")
+        return self
+
+
+class PlanRequest(BaseModel):
+    """What to prune. Field names equal the `actprune plan` flags (`mlp_ratio` = `--mlp-ratio`).
+
+    Ratios are fractions *removed*: ``mlp_ratio=0.3`` removes 30 % of MLP neurons.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: str = Field("wifv", description="unit scoring strategy")
+    layer_strategy: str = Field("block_influence", description="layer scoring strategy")
+    weights: ImportanceWeights = Field(default_factory=ImportanceWeights)
+    mlp_ratio: float | None = Field(None, ge=0, lt=1, description="fraction of MLP neurons removed")
+    head_ratio: float | None = Field(None, ge=0, lt=1, description="fraction of attention heads removed")
+    head_mode: Literal["kv_groups", "query_heads"] = Field(
+        "kv_groups", description="remove whole KV groups, or query heads evenly within every group"
+    )
+    drop_layers: int | None = Field(None, ge=0, description="number of decoder layers to drop")
+    drop_layer_ratio: float | None = Field(None, ge=0, lt=1, description="fraction of layers dropped")
+    param_ratio: float | None = Field(
+        None, gt=0, lt=1, description="fraction of all parameters removed, split by the planner"
+    )
+    width_multiple: int = Field(1, ge=1, description="kept MLP widths are multiples of this")
+    tp_size: int = Field(1, ge=1, description="tensor-parallel size the result must support")
+    min_mlp_width: int = Field(1, ge=1, description="minimum MLP neurons kept per layer")
+    min_kv_heads: int = Field(1, ge=1, description="minimum KV heads kept per layer")
+    per_layer: bool = Field(
+        False, description="per-layer widths from scores standardised per layer (else uniform)"
+    )
+    layer_sensitivity: list[float] | None = Field(
+        None,
+        description="per-layer loss increases from `actprune sensitivity` (CLI: the JSON file); "
+        "with per_layer and mlp_ratio, MLP widths come from them (removed fraction ∝ 1/Δ, at most 2× the ratio)",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PlanRequest:
+        if self.drop_layers is not None and self.drop_layer_ratio is not None:
+            raise ValueError("give drop_layers or drop_layer_ratio, not both")
+        if self.layer_sensitivity is not None and not all(math.isfinite(d) for d in self.layer_sensitivity):
+            raise ValueError("layer_sensitivity values must be finite numbers")
+        if self.layer_sensitivity is not None and not (self.per_layer and self.mlp_ratio):
+            raise ValueError("layer_sensitivity sets per-layer MLP widths: it needs per_layer and mlp_ratio")
+        if self.param_ratio is not None and (self.mlp_ratio is not None or self.head_ratio is not None):
+            raise ValueError("param_ratio splits the budget itself; do not combine it with mlp_ratio/head_ratio")
+        return self
+
+
+class LayerWidths(BaseModel):
+    """Shape of one decoder layer of the *output* model (the `actprune_layer_widths` entry)."""
+
+    model_config = ConfigDict(extra="forbid")
+    intermediate_size: int = Field(ge=1)
+    num_attention_heads: int = Field(ge=1)
+    num_key_value_heads: int = Field(ge=1)
+
+
+class LayerPlan(BaseModel):
+    """What one source layer keeps. Index lists are sorted, unique, source numbering."""
+
+    model_config = ConfigDict(extra="forbid")
+    index: int = Field(ge=0)
+    drop: bool = False
+    mlp_keep: list[int] = Field(default_factory=list)
+    heads_keep: list[int] = Field(default_factory=list)
+    kv_heads_keep: list[int] = Field(default_factory=list)
+
+
+class SourceModel(BaseModel):
+    """The model a plan was made for; the slicer refuses any other."""
+
+    model_config = ConfigDict(extra="forbid")
+    architecture: str
+    config_hash: str
+    num_hidden_layers: int
+    hidden_size: int
+    head_dim: int
+    widths: list[LayerWidths]
+
+
+class Provenance(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    strategy: str
+    layer_strategy: str
+    weights: ImportanceWeights
+    request: dict[str, Any]
+    stats_tokens: int
+    stats_config_hash: str
+    created: str
+    actprune_version: str
+
+
+class Plan(BaseModel):
+    """A versioned pruning plan (see module docstring for the numbering rules)."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: Literal["actprune.plan"] = PLAN_FORMAT
+    format_version: int = PLAN_VERSION
+    source: SourceModel
+    layers: list[LayerPlan]
+    dropped_layers: list[int]
+    widths: list[LayerWidths]
+    uniform: bool
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+    provenance: Provenance
+
+    # ---- serialisation ---------------------------------------------------------------------
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=1) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes, *, source: str = "<plan>") -> Plan:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"{source}: not JSON ({e})") from e
+        if not isinstance(raw, dict) or raw.get("format") != PLAN_FORMAT:
+            raise PlanError(f"{source}: not an actprune plan (format must be {PLAN_FORMAT!r})")
+        if int(raw.get("format_version", 0)) > PLAN_VERSION:
+            raise PlanError(
+                f"{source}: plan format_version {raw['format_version']} is newer than this "
+                f"actprune understands ({PLAN_VERSION}); upgrade actprune"
+            )
+        try:
+            plan = cls.model_validate(raw)
+        except ValidationError as e:
+            raise PlanError(f"{source}: {format_validation_error(e)}") from e
+        plan.check(source=source)
+        return plan
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write atomically: a temporary file in the same directory, then rename."""
+        return atomic_write(path, self.to_json())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Plan:
+        path = Path(path)
+        if not path.is_file():
+            raise PlanError(f"{path}: no such plan file")
+        return cls.from_json(path.read_text(), source=str(path))
+
+    # ---- validation ------------------------------------------------------------------------
+    def check(self, *, source: str = "<plan>") -> None:
+        """Internal consistency: every layer listed once, lists sorted and in range, GQA groups
+        kept whole and even, and `widths` equal to what the keep lists give."""
+        src = self.source
+        if [lp.index for lp in self.layers] != list(range(src.num_hidden_layers)):
+            raise PlanError(f"{source}: `layers` must list layers 0..{src.num_hidden_layers - 1} in order")
+        if len(src.widths) != src.num_hidden_layers:
+            raise PlanError(f"{source}: source.widths has {len(src.widths)} entries for {src.num_hidden_layers} layers")
+        dropped = [lp.index for lp in self.layers if lp.drop]
+        if dropped != self.dropped_layers:
+            raise PlanError(f"{source}: dropped_layers {self.dropped_layers} disagrees with layers[].drop {dropped}")
+        if len(dropped) == src.num_hidden_layers:
+            raise PlanError(f"{source}: the plan drops every layer")
+        out = [self._layer_widths(lp, src.widths[lp.index], source) for lp in self.layers if not lp.drop]
+        if out != self.widths:
+            raise PlanError(f"{source}: `widths` disagree with the keep lists")
+
+    @staticmethod
+    def _layer_widths(lp: LayerPlan, w: LayerWidths, source: str) -> LayerWidths:
+        where = f"{source}: layer {lp.index}"
+        _check_index_list(lp.mlp_keep, w.intermediate_size, f"{where} mlp_keep")
+        _check_index_list(lp.heads_keep, w.num_attention_heads, f"{where} heads_keep")
+        _check_index_list(lp.kv_heads_keep, w.num_key_value_heads, f"{where} kv_heads_keep")
+        group = w.num_attention_heads // w.num_key_value_heads
+        per_group: dict[int, int] = {}
+        for h in lp.heads_keep:
+            per_group[h // group] = per_group.get(h // group, 0) + 1
+        if sorted(per_group) != lp.kv_heads_keep:
+            raise PlanError(
+                f"{where}: query heads {lp.heads_keep} use KV groups {sorted(per_group)} but "
+                f"kv_heads_keep is {lp.kv_heads_keep}; every kept KV head needs query heads and back"
+            )
+        if len(set(per_group.values())) > 1:
+            raise PlanError(
+                f"{where}: KV groups keep unequal numbers of query heads {per_group}; "
+                "grouped-query attention needs the same number in every group"
+            )
+        return LayerWidths(
+            intermediate_size=len(lp.mlp_keep),
+            num_attention_heads=len(lp.heads_keep),
+            num_key_value_heads=len(lp.kv_heads_keep),
+        )
+
+    def validate_for(self, config: dict[str, Any], config_hash: str) -> None:
+        """Raise PlanError unless this plan was made for the model described by ``config``."""
+        archs = config.get("architectures") or []
+        base = config.get("actprune_base_architecture")
+        if self.source.architecture not in archs and self.source.architecture != base:
+            raise PlanError(
+                f"plan is for {self.source.architecture}, the model is {archs}; make a plan for this model"
+            )
+        if int(config.get("num_hidden_layers", -1)) != self.source.num_hidden_layers:
+            raise PlanError(
+                f"plan is for {self.source.num_hidden_layers} layers, the model has "
+                f"{config.get('num_hidden_layers')}"
+            )
+        if config_hash != self.source.config_hash:
+            raise PlanError(
+                f"plan was made for a model with config hash {self.source.config_hash}, this model "
+                f"has {config_hash} (different widths or heads); make a plan for this model"
+            )
+
+    @property
+    def is_identity(self) -> bool:
+        """True when the plan keeps every unit of every layer."""
+        return self.widths == self.source.widths
+
+
+def _check_index_list(xs: list[int], n: int, what: str) -> None:
+    if not xs:
+        raise PlanError(f"{what} is empty; a kept layer needs at least one unit")
+    if any(b <= a for a, b in zip(xs, xs[1:], strict=False)):
+        raise PlanError(f"{what} must be sorted and unique")
+    if xs[0] < 0 or xs[-1] >= n:
+        raise PlanError(f"{what} has index {xs[-1] if xs[-1] >= n else xs[0]} outside 0..{n - 1}")

@@ -1,0 +1,318 @@
+"""Slicer: apply a :class:`Plan` to a safetensors checkpoint, one tensor at a time.
+
+Memory: every output shard's header is computed from the input headers and the plan before any
+data is read, then tensors are read (``safe_open``, memory-mapped), sliced and appended one by
+one. Peak memory is about one input tensor plus its slice, whatever the model size.
+
+Output (written to a hidden temporary directory beside ``out``, renamed at the very end, so a
+killed run never leaves a directory that looks complete)::
+
+    config.json                      stock family when widths are uniform and no bias is added;
+                                     else the actprune architecture (auto_map + the two files below)
+    configuration_actprune.py        only for the actprune architecture
+    modeling_actprune.py             ditto
+    model-0000k-of-0000n.safetensors one output shard per input shard that still holds tensors
+    model.safetensors.index.json
+    actprune_plan.json               the plan plus slice provenance (source, bias compensation)
+    tokenizer*, generation_config.json, ... copied unchanged
+
+Bias compensation (FLAP): with stats, the mean contribution of removed MLP neurons / attention
+channels, ``W[:, removed] @ mean[removed]``, becomes a ``down_proj`` / ``o_proj`` bias. Stock
+families have no such biases, so compensated checkpoints always use the actprune architecture.
+
+Refit (``mlp_refit``, from :func:`actprune.pruning.compensate.calibrate.layerwise_refit`): per source layer,
+a new ``down_proj`` weight for the kept columns, (H, K), and a bias (H,) replace the sliced
+weight and become its ``down_proj`` bias (added to any bias it had); again the actprune
+architecture.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from actprune.core.archs import (
+    ACTPRUNE_ARCHITECTURE,
+    ACTPRUNE_MODEL_TYPE,
+    ArchSpec,
+    Role,
+    spec_for_config,
+)
+from actprune.core.config import read_config
+from actprune.core.errors import ActpruneError
+from actprune.core.files import staged_directory
+from actprune.core.tensor.checkpoint import INDEX_NAME, TORCH_INT, ShardIndex, dtype_of
+from actprune.core.tensor.modeling import MODELING_FILES, modeling_dir
+from actprune.core.wire.plan import LayerPlan, Plan
+from actprune.core.wire.schema import key
+from actprune.core.wire.stats import Stats, config_hash
+from actprune.pruning.compensate.maths import flap_bias
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from .writer import Entry, write_shard
+
+__all__ = ["PLAN_RECORD", "SliceError", "output_config", "slice_array", "slice_checkpoint", "slice_tensor"]
+
+PLAN_RECORD = "actprune_plan.json"
+_NOT_COPIED = {"config.json", INDEX_NAME, PLAN_RECORD}
+_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+class SliceError(ActpruneError):
+    """A checkpoint, plan or output path the slicer cannot use."""
+
+
+# ---- pure slicing -------------------------------------------------------------------------
+def _head_rows(heads: list[int], head_dim: int) -> torch.Tensor:
+    idx = torch.tensor(heads, dtype=torch.long)  # (n,)
+    return (idx[:, None] * head_dim + torch.arange(head_dim)).reshape(-1)  # (n, D) -> (n*D,)
+
+
+def _index(role: Role, lp: LayerPlan, head_dim: int) -> tuple[int, np.ndarray] | None:
+    """(dim, kept indices along it) for a role; None for tensors copied whole."""
+    if role in (Role.NEURON_ROWS, Role.NEURON_COLS):
+        return (0 if role is Role.NEURON_ROWS else 1), np.asarray(lp.mlp_keep, dtype=np.int64)
+    if role in (Role.Q_ROWS, Role.Q_COLS):
+        return (0 if role is Role.Q_ROWS else 1), _head_rows(lp.heads_keep, head_dim).numpy()
+    if role is Role.KV_ROWS:
+        return 0, _head_rows(lp.kv_heads_keep, head_dim).numpy()
+    return None
+
+
+def slice_array(a: np.ndarray, role: Role, lp: LayerPlan, head_dim: int, out: np.ndarray | None = None) -> np.ndarray:
+    """The part of ``a`` that ``lp`` keeps; ``out`` (flat, large enough) receives it if given.
+    Works on integer views of the raw bytes, so it is bit-exact for every float dtype, and
+    numpy's gather along columns is ~4x faster than torch's for bf16 on CPU."""
+    spec = _index(role, lp, head_dim)
+    if spec is None:
+        return a
+    dim, idx = spec
+    shape = list(a.shape)
+    shape[dim] = len(idx)
+    target = None if out is None else out.view(a.dtype)[: int(np.prod(shape))].reshape(shape)
+    return np.take(a, idx, axis=dim, out=target)
+
+
+def slice_tensor(t: torch.Tensor, role: Role, lp: LayerPlan, head_dim: int) -> torch.Tensor:
+    """The part of ``t`` that layer plan ``lp`` keeps (weights (out, in), biases (out,))."""
+    a = t.contiguous().view(TORCH_INT[t.element_size()]).numpy()
+    return torch.from_numpy(slice_array(a, role, lp, head_dim).copy()).view(t.dtype)
+
+
+# ---- output config ------------------------------------------------------------------------
+def output_config(config: dict[str, Any], spec: ArchSpec, plan: Plan, bias: dict[str, bool]) -> dict[str, Any]:
+    """config.json of the sliced model (stock family if possible, else the actprune one)."""
+    out = {k: v for k, v in config.items() if not k.startswith("actprune_") and k != "auto_map"}
+    kept = [lp.index for lp in plan.layers if not lp.drop]
+    widths = [w.model_dump() for w in plan.widths]
+    out["num_hidden_layers"] = len(kept)
+    out["head_dim"] = plan.source.head_dim  # stock configs would re-derive it from the head count
+    if isinstance(config.get("layer_types"), list):
+        out["layer_types"] = [config["layer_types"][i] for i in kept]
+    for field in ("intermediate_size", "num_attention_heads", "num_key_value_heads"):
+        out[field] = max(w[field] for w in widths)
+    # transformers' LlamaConfig refuses a hidden_size that is not a multiple of the head count;
+    # the actprune config sets head counts after validation, so such checkpoints still load.
+    heads_divide = out["hidden_size"] % out["num_attention_heads"] == 0
+    if plan.uniform and not any(bias.values()) and heads_divide:
+        out["architectures"] = [spec.architecture]
+        out["model_type"] = spec.model_type
+        return out
+    out.update(
+        architectures=[ACTPRUNE_ARCHITECTURE],
+        model_type=ACTPRUNE_MODEL_TYPE,
+        actprune_base_model_type=spec.model_type,
+        actprune_base_architecture=spec.architecture,
+        actprune_layer_widths=widths,
+        actprune_bias=bias,
+        auto_map={
+            "AutoConfig": "configuration_actprune.ActpruneConfig",
+            "AutoModelForCausalLM": "modeling_actprune.ActpruneForCausalLM",
+        },
+    )
+    return out
+
+
+# ---- slicing a checkpoint --------------------------------------------------------------
+def slice_checkpoint(
+    model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Stats | None = None,
+    overwrite: bool = False, progress: bool = True,
+    mlp_refit: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> Path:
+    """Write the checkpoint ``plan`` describes to ``out``; returns ``out``. With ``stats``,
+    fold the removed units' mean contribution into output biases (FLAP). With ``mlp_refit``
+    (source layer -> (down_proj weight (H, K), bias (H,))), write those instead (refit)."""
+    model_dir, out = Path(model_dir).resolve(), Path(out).resolve()
+    config = read_config(model_dir)
+    _check_paths(model_dir, out, overwrite)
+    try:
+        spec = spec_for_config(config)
+    except ValueError as e:
+        raise SliceError(f"{model_dir}: {e}") from e
+    plan.validate_for(config, config_hash(config))
+    if stats is not None and stats.meta.get("config_hash") != plan.source.config_hash:
+        raise SliceError("stats for bias compensation were recorded on a different model than the plan's")
+    refit = _check_refit(plan, mlp_refit, stats)
+    index = ShardIndex(model_dir)
+    shard_entries = _plan_entries(index, spec, plan, config, compensate=stats is not None, refit=refit)
+    old_bias = config.get("actprune_bias") or {}
+    bias = {k: bool(stats is not None or old_bias.get(k)) for k in ("down_proj", "o_proj")}
+    bias["down_proj"] = bias["down_proj"] or bool(refit)
+    with staged_directory(out) as tmp:
+        _write_all(index, spec, plan, stats, shard_entries, tmp, progress, refit)
+        new_config = output_config(config, spec, plan, bias)
+        (tmp / "config.json").write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
+        if new_config["architectures"] == [ACTPRUNE_ARCHITECTURE]:
+            for f in MODELING_FILES:
+                shutil.copy2(modeling_dir() / f, tmp / f)
+        _copy_side_files(model_dir, tmp)
+        record = json.loads(plan.to_json())
+        record["slice"] = {
+            "source": str(model_dir), "bias_compensation": stats is not None,
+            "mlp_refit_layers": sorted(refit),
+            "bias_stats_tokens": stats.tokens if stats is not None else None,
+            "output_config_hash": config_hash(new_config),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        (tmp / PLAN_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    return out
+
+
+def _check_paths(model_dir: Path, out: Path, overwrite: bool) -> None:
+    if out == model_dir or out in model_dir.parents:
+        raise SliceError(f"output {out} would overwrite the input checkpoint {model_dir}; choose another -o")
+    if model_dir in out.parents:
+        raise SliceError(f"output {out} is inside the input checkpoint {model_dir}; choose another -o")
+    if out.exists() and not overwrite:
+        raise SliceError(f"output {out} exists; remove it or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+
+def _check_refit(plan: Plan, refit, stats) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    refit = dict(refit or {})
+    if refit and stats is not None:
+        raise SliceError("give bias-compensation stats or an MLP refit, not both (the refit fits the bias too)")
+    for i, (w, b) in refit.items():
+        lp = plan.layers[i] if 0 <= i < len(plan.layers) else None
+        if lp is None or lp.drop or w.ndim != 2 or w.shape[1] != len(lp.mlp_keep) or b.shape != (w.shape[0],):
+            raise SliceError(f"MLP refit of layer {i} does not fit the plan (weight {tuple(w.shape)}, bias {tuple(b.shape)})")
+    return refit
+
+
+def _plan_entries(index: ShardIndex, spec: ArchSpec, plan: Plan, config: dict, compensate: bool,
+                  refit: dict | None = None):
+    """Output entries per input shard, with shapes from headers alone (no tensor data read)."""
+    new_index = {lp.index: k for k, lp in enumerate(lp for lp in plan.layers if not lp.drop)}
+    shards: list[list[Entry]] = []
+    for shard in index.shards:
+        entries = []
+        with safe_open(index.dir / shard, framework="pt") as f:
+            for name in index.names_in(shard):
+                try:
+                    ref = spec.classify(name)
+                except ValueError as e:
+                    raise SliceError(str(e)) from e
+                if ref.layer is not None and plan.layers[ref.layer].drop:
+                    continue
+                sl = f.get_slice(name)
+                dtype = dtype_of(sl.get_dtype(), name)
+                shape = list(sl.get_shape())
+                out_name = name if ref.layer is None else spec.layer_name(new_index[ref.layer], ref.suffix)
+                if ref.layer is not None:
+                    shape = _sliced_shape(shape, ref.role, plan.layers[ref.layer], plan.source.head_dim)
+                    if compensate and ref.suffix in (spec.down_bias, spec.o_bias):
+                        continue  # re-emitted below, old bias plus new compensation
+                    if ref.layer in (refit or {}) and ref.suffix == spec.down_bias:
+                        continue  # re-emitted below, old bias plus the refit's
+                entries.append(Entry(out_name, name, ref.layer, ref.role, dtype, shape))
+                if ref.layer in (refit or {}) and ref.suffix == spec.down_weight:
+                    entries.append(Entry(spec.layer_name(new_index[ref.layer], spec.down_bias), None,
+                                          ref.layer, Role.COPY, dtype, [shape[0]]))
+                if compensate and ref.layer is not None and ref.suffix in (spec.down_weight, spec.o_weight):
+                    bias_suffix = spec.down_bias if ref.suffix == spec.down_weight else spec.o_bias
+                    entries.append(Entry(spec.layer_name(new_index[ref.layer], bias_suffix), None,
+                                          ref.layer, Role.COPY, dtype, [shape[0]]))
+        if entries:
+            shards.append(entries)
+    return shards
+
+
+def _sliced_shape(shape: list[int], role: Role, lp: LayerPlan, d: int) -> list[int]:
+    n = {Role.NEURON_ROWS: len(lp.mlp_keep), Role.NEURON_COLS: len(lp.mlp_keep),
+         Role.Q_ROWS: len(lp.heads_keep) * d, Role.Q_COLS: len(lp.heads_keep) * d,
+         Role.KV_ROWS: len(lp.kv_heads_keep) * d}.get(role)
+    if n is None:
+        return shape
+    dim = 1 if role in (Role.NEURON_COLS, Role.Q_COLS) else 0
+    return [*shape[:dim], n, *shape[dim + 1:]]
+
+
+def _write_all(index, spec, plan, stats, shard_entries, tmp: Path, progress: bool, refit=None) -> None:
+    d = plan.source.head_dim
+    n = len(shard_entries)
+    files = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
+    total = sum(e.nbytes for es in shard_entries for e in es)
+    weight_map: dict[str, str] = {}
+
+    # Reused buffers: one input, two outputs (see writer.write_shard). Peak ~3 of the largest tensor.
+    largest_in = max(index.nbytes(e.source) for es in shard_entries for e in es if e.source)
+    largest_out = max(e.nbytes for es in shard_entries for e in es)
+    inbuf = np.empty(largest_in, dtype=np.uint8)
+    outbufs = [np.empty(largest_out, dtype=np.uint8) for _ in range(2)]
+
+    def produce(e: Entry, slot: int) -> np.ndarray:
+        itemsize = torch.empty((), dtype=e.dtype).element_size()
+        if refit and e.layer in refit and (e.source is None or e.source.endswith(spec.down_weight)):
+            t = _refit_tensor(index, spec, refit[e.layer], e).to(e.dtype).contiguous()
+            return t.view(TORCH_INT[itemsize]).numpy()
+        if e.source is None:
+            t = _bias(index, spec, plan, stats, e).to(e.dtype)
+            return t.view(TORCH_INT[itemsize]).numpy()
+        if e.layer is None or e.role is Role.COPY:
+            return index.read_raw(e.source, outbufs[slot], itemsize)
+        a = index.read_raw(e.source, inbuf, itemsize)
+        return slice_array(a, e.role, plan.layers[e.layer], d, outbufs[slot])
+
+    with tqdm(total=total, unit="B", unit_scale=True, desc="slicing", disable=not progress) as bar:
+        for entries, fname in zip(shard_entries, files, strict=True):
+            write_shard(tmp / fname, entries, produce, bar)
+            weight_map.update({e.name: fname for e in entries})
+    meta = {"total_size": total}
+    (tmp / INDEX_NAME).write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2) + "\n")
+
+
+def _refit_tensor(index: ShardIndex, spec: ArchSpec, refit: tuple[torch.Tensor, torch.Tensor], e: Entry) -> torch.Tensor:
+    """The refitted down_proj weight, or its bias plus the bias the layer had."""
+    w, b = refit
+    if e.source is not None:
+        return w.float()
+    old = spec.layer_name(e.layer, spec.down_bias)
+    return b.float() + (index.read(old).float() if old in index.weight_map else 0.0)
+
+
+def _bias(index: ShardIndex, spec: ArchSpec, plan: Plan, stats: Stats, e: Entry) -> torch.Tensor:
+    lp = plan.layers[e.layer]
+    mlp = e.name.endswith(spec.down_bias)
+    weight = spec.layer_name(e.layer, spec.down_weight if mlp else spec.o_weight)
+    w = index.read(weight)  # (hidden, in) before slicing
+    keep = lp.mlp_keep if mlp else _head_rows(lp.heads_keep, plan.source.head_dim).tolist()
+    b = flap_bias(w, keep, stats.tensors[key(e.layer, "mlp" if mlp else "attn", "mean")])
+    old = spec.layer_name(e.layer, spec.down_bias if mlp else spec.o_bias)
+    if old in index.weight_map:
+        b = b + index.read(old).float()
+    return b
+
+
+def _copy_side_files(model_dir: Path, tmp: Path) -> None:
+    """Tokenizer, generation config, chat template...: every top-level file except weights
+    (pickled formats are never copied), config and our own records."""
+    for p in sorted(model_dir.iterdir()):
+        if p.is_file() and p.name not in _NOT_COPIED and not p.name.endswith(_NOT_COPIED_SUFFIXES) \
+                and not (tmp / p.name).exists():
+            shutil.copy2(p, tmp / p.name)

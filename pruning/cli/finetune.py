@@ -1,0 +1,81 @@
+"""`actprune finetune`: recover a pruned checkpoint by fine-tuning or distillation.
+
+    actprune finetune --model pruned/ --teacher original/ --data train.jsonl --text-field response \
+        -o recovered/ --max-steps 2000 --save-every 200 --eval-every 100 [--resume]
+
+With ``--teacher`` the loss is distillation mixed with the LM loss (see actprune.pruning.
+finetune); without it, plain fine-tuning. The output is a normal Hugging Face checkpoint.
+
+Several GPUs, one process each, model and teacher sharded with FSDP2 (actprune.pruning.
+distributed); ``--batch-size`` is per process:
+
+    torchrun --nproc-per-node 8 $(which actprune) finetune --fsdp --model pruned/ ...
+"""
+
+from __future__ import annotations
+
+import argparse
+
+__all__ = ["configure", "run"]
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint to train (the pruned model)")
+    p.add_argument("--data", required=True, help="FILE.jsonl, FILE.txt or wiki:train")
+    p.add_argument("--text-field", default=None, help="JSONL field to train on, e.g. response")
+    p.add_argument("--val-data", default=None, help="validation data (default: split off --data)")
+    p.add_argument("-o", "--output", required=True, help="output checkpoint directory")
+    p.add_argument("--teacher", default=None, help="the unpruned original: distil from it")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: --epochs)")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--schedule", choices=("cosine", "steps"), default="cosine",
+                   help="cosine decay, or one learning rate per epoch (--epoch-lrs)")
+    p.add_argument("--epoch-lrs", type=float, nargs="+", default=[],
+                   help="for --schedule steps, e.g. 2e-5 1e-5 5e-6 (default: halve each epoch)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor, as a fraction of --lr")
+    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per packed row")
+    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--max-val-batches", type=int, default=50, help="validation batches at most")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast where supported")
+    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: at the end)")
+    p.add_argument("--early-stop-patience", type=int, default=0,
+                   help="stop after N validations without improvement (0: never); the output "
+                        "then holds the weights of the best validation")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest checkpoint in -o (not with --fsdp yet)")
+    p.add_argument("--device-map", default=None,
+                   help="'auto': spread the model over all visible GPUs in one process")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: one process per GPU, model sharded with FSDP2, "
+                        "--batch-size per process; --resume/--save-every not supported yet")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters, merged before saving")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
+    p.add_argument("--kd-temperature", type=float, default=1.0)
+    p.add_argument("--kd-alpha", type=float, default=0.5, help="weight of the KL term (1: KL only)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    from actprune.core.errors import UsageError
+    from actprune.pruning.checkpoint.hf_io import CheckpointError
+    from actprune.pruning.data import DataError
+    from actprune.pruning.recover.finetune import FinetuneConfig, main
+
+    fields = set(FinetuneConfig.__dataclass_fields__)
+    cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    try:
+        out = main(cfg)
+    except (DataError, CheckpointError) as e:
+        raise UsageError(str(e)) from e
+    if out is not None:  # None on ranks other than 0 under --fsdp
+        print(f"wrote {out}")
+    return 0

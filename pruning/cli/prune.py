@@ -1,0 +1,96 @@
+"""`actprune prune`: checkpoint + plan.json -> a sliced checkpoint directory.
+
+``--bias-compensation --stats F`` folds the mean contribution of removed units into output
+biases (FLAP); the result then uses the actprune architecture (``trust_remote_code=True``).
+``--refit DATA`` instead refits the kept ``down_proj`` columns and a bias by ridge least squares
+on the activations of DATA, layer by layer (:mod:`actprune.pruning.compensate.calibrate`): the pruned MLP
+reproduces the dense one's output, not only its mean. Same architecture.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from actprune.core.errors import UsageError
+
+__all__ = ["configure", "run"]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, type=Path, help="source Hugging Face checkpoint directory")
+    parser.add_argument("--plan", required=True, type=Path, help="plan.json from `actprune plan`")
+    parser.add_argument("-o", "--output", required=True, type=Path, help="output checkpoint directory")
+    parser.add_argument("--bias-compensation", action="store_true",
+                        help="fold removed units' mean output into down_proj/o_proj biases (needs --stats)")
+    parser.add_argument("--stats", type=Path, default=None, help="stats file, for --bias-compensation")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    g = parser.add_argument_group("MLP refit (generalised bias compensation)")
+    g.add_argument("--refit", metavar="DATA", default=None,
+                   help="refit kept down_proj columns + bias on DATA: wiki:calibration, FILE.txt or FILE.jsonl")
+    g.add_argument("--refit-tokens", type=int, default=32768, help="calibration tokens for --refit")
+    g.add_argument("--refit-seq-len", type=int, default=512, help="tokens per packed row for --refit")
+    g.add_argument("--refit-ridge", type=_ridge, default=None,
+                   help="ridge towards the plain slice, relative to the mean activation power (default 1e-2), "
+                        "or 'auto': per layer, the value that reconstructs held-out calibration tokens best")
+    g.add_argument("--refit-sequential", choices=("off", "local", "dense"), default="off",
+                   help="refit layer by layer with earlier layers already pruned (see docs/plan.md)")
+    g.add_argument("--refit-reselect", action="store_true",
+                   help="keep the plan's widths but choose the neurons by greedy OBS on the --refit data")
+    g.add_argument("--text-field", default=None, help="JSONL field of --refit data")
+
+
+def run(args: argparse.Namespace) -> int:
+    from actprune.core.wire.plan import Plan, PlanError
+    from actprune.core.wire.stats import Stats, StatsFormatError
+    from actprune.pruning.checkpoint.slicer import SliceError, slice_checkpoint
+
+    if args.bias_compensation and args.stats is None:
+        raise UsageError("--bias-compensation needs --stats (the means of the removed units)")
+    if args.stats is not None and not args.bias_compensation:
+        raise UsageError("--stats is only used with --bias-compensation")
+    if args.refit and args.bias_compensation:
+        raise UsageError("--refit fits the bias itself; drop --bias-compensation")
+    if args.refit is None and (args.refit_ridge is not None or args.refit_sequential != "off" or args.refit_reselect):
+        raise UsageError("--refit-ridge / --refit-sequential / --refit-reselect need --refit DATA")
+    if args.refit_tokens < 1 or (isinstance(args.refit_ridge, float) and args.refit_ridge < 0):
+        raise UsageError("--refit-tokens must be >= 1 and --refit-ridge >= 0")
+    try:
+        plan = Plan.load(args.plan)
+        stats = Stats.load(args.stats) if args.bias_compensation else None
+        refit = None
+        if args.refit:
+            plan, refit = _refit(args, plan)
+        out = slice_checkpoint(args.model, plan, args.output, stats=stats, overwrite=args.overwrite,
+                               mlp_refit=refit)
+    except (PlanError, StatsFormatError, SliceError) as e:
+        raise UsageError(str(e)) from e
+    print(f"pruned checkpoint: {out} ({plan.params_after:,} parameters, was {plan.params_before:,})")
+    return 0
+
+
+def _ridge(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
+
+
+def _refit(args: argparse.Namespace, plan):
+    from actprune.pruning.checkpoint.hf_io import CheckpointError
+    from actprune.pruning.compensate.calibrate import refit_for_plan
+    from actprune.pruning.compensate.maths import DEFAULT_RIDGE
+    from actprune.pruning.data import DataError
+
+    if args.output.exists() and not args.overwrite:  # fail before the calibration pass, not after
+        raise UsageError(f"output {args.output} exists; remove it or pass --overwrite")
+    seq = {"off": False}.get(args.refit_sequential, args.refit_sequential)
+    try:
+        return refit_for_plan(args.model, plan, args.refit, tokens=args.refit_tokens,
+                              seq_len=args.refit_seq_len, sequential=seq, text_field=args.text_field,
+                              reselect=args.refit_reselect,
+                              ridge=DEFAULT_RIDGE if args.refit_ridge is None else args.refit_ridge)
+    except (DataError, CheckpointError) as e:
+        raise UsageError(str(e)) from e

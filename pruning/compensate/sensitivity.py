@@ -1,0 +1,125 @@
+"""Measured layer sensitivity, for per-layer MLP widths (``actprune sensitivity``).
+
+For each layer ``i`` of a plan (normally a *uniform* plan at the target ratio: every layer keeps
+its best-scored units), prune that layer alone, refit its kept ``down_proj`` columns
+(:func:`compensate.refit`), and measure how much the model's loss on probe rows rises::
+
+    Δ_i = loss(model with only layer i pruned and refitted) − loss(dense model)
+
+One pass, layer by layer, over calibration rows on the dense trajectory (the hidden states
+``(N, T, H)`` are held, as in :func:`calibrate.layerwise_refit`): at layer ``i`` the kept units'
+moments give the refit, and the probe rows' hidden states at layer ``i`` are run through the
+pruned layer and the dense rest of the model. Cost: one layer forward per layer over the
+calibration rows plus ``(L − i)`` layer forwards over the probe rows, i.e. about ``L / 2`` full
+forwards of the probe rows (8 × 512 tokens by default), and one (K+1)³ solve per layer. Memory as
+``layerwise_refit``.
+
+:func:`actprune.core.planning.planner` turns Δ into widths (``PlanRequest.layer_sensitivity``): with
+the model ``Δ_i(p) = Δ_i · (p / ratio)²`` for removed fraction ``p``, the fractions minimising
+``Σ Δ_i(p_i)`` at a fixed total are ``p_i ∝ 1 / Δ_i``, capped at twice the mean ratio so that no
+layer is gutted on the strength of one noisy measurement (:func:`planner.removed_fractions`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from actprune.core.tensor.hf_model import HfModel
+from actprune.core.tensor.hooks import HookRegistry
+from actprune.core.wire.plan import Plan
+from actprune.pruning.compensate.calibrate import (
+    HOOK_GROUP,
+    InputTap,
+    apply_mlp,
+    embed_rows,
+    run_layer,
+)
+from actprune.pruning.compensate.maths import DEFAULT_RIDGE, refit, update_moments
+from tqdm.auto import tqdm
+
+__all__ = ["SENSITIVITY_FORMAT", "layer_sensitivity", "sensitivity_for_plan"]
+
+SENSITIVITY_FORMAT = "actprune.layer_sensitivity/1"
+
+
+def _loss(view: HfModel, head: Any, layers: Any, h: torch.Tensor, ids: torch.Tensor, pe: Any,
+          pos: torch.Tensor, batch: int) -> float:
+    """Mean next-token loss of ids (P, T) from hidden states h (P, T, H) entering ``layers``."""
+    for layer in layers:
+        h = run_layer(layer, h, pe, pos, batch)
+    total = 0.0
+    for hb, ib in zip(h.split(batch), ids.split(batch), strict=True):  # (B, T, V) logits at a time
+        logits = head(view.final_norm(hb)).float()
+        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), ib[:, 1:].flatten(), reduction="sum"))
+    return total / (ids.shape[0] * (ids.shape[1] - 1))
+
+
+@torch.no_grad()
+def layer_sensitivity(model: torch.nn.Module, rows: torch.Tensor, keep: dict[int, list[int]], *,
+                      ridge: float = DEFAULT_RIDGE, probe_rows: int = 8, batch: int = 4,
+                      progress: bool = True) -> dict[int, float]:
+    """Δ loss per layer of ``keep`` (see the module doc). rows: (N, T) packed calibration token
+    ids, the first ``probe_rows`` of them also the probe; ``model`` is left unchanged."""
+    view = HfModel.of(model)
+    head = model.get_output_embeddings()
+    dev = next(model.parameters()).device
+    probe = rows[:probe_rows].to(dev)  # (P, T)
+    h, pe, pos = embed_rows(view, rows)  # h (N, T, H) on the dense trajectory
+    layers = list(view.layers)
+    dense = _loss(view, head, layers, h[:probe_rows], probe, pe, pos, batch)
+    hooks, out = HookRegistry(), {}
+    for i, layer in enumerate(tqdm(layers, desc="sensitivity", unit="layer", disable=not progress)):
+        gate, up, down = view.mlp(layer)
+        if i in keep:
+            k = torch.as_tensor(keep[i], dtype=torch.long, device=dev)
+            w = down.weight.detach()  # (H, I)
+            a = torch.zeros(len(k) + 1, len(k) + 1, dtype=torch.float64, device=dev)
+            b = torch.zeros(len(k) + 1, w.shape[0], dtype=torch.float64, device=dev)
+            tap = InputTap()
+            tap.sink = lambda x, w=w, k=k, a=a, b=b: update_moments(a, b, x.index_select(1, k), x @ w.T)
+            hooks.pre_hook(HOOK_GROUP, down, tap)
+            try:
+                h_next = run_layer(layer, h, pe, pos, batch)
+            finally:
+                hooks.remove(HOOK_GROUP)
+            w_new, bias = refit(a.cpu(), b.cpu(), w.index_select(1, k).cpu(), ridge)
+            apply_mlp(view, layer, keep[i], w_new.to(dev), bias.to(dev))
+            try:
+                out[i] = _loss(view, head, layers[i:], h[:probe_rows], probe, pe, pos, batch) - dense
+            finally:
+                view.set_mlp(layer, gate, up, down)  # the dense layer again
+            h = h_next
+        else:
+            h = run_layer(layer, h, pe, pos, batch)
+    return out
+
+
+def sensitivity_for_plan(model_dir: str | Path, plan: Plan, data: str, output: str | Path, *,
+                         tokens: int = 32768, seq_len: int = 512, ridge: float = DEFAULT_RIDGE,
+                         probe_rows: int = 8, text_field: str | None = None, progress: bool = True) -> Path:
+    """Measure Δ for the MLP keep lists of ``plan`` over ``tokens`` tokens of ``data`` and write
+    ``{"format", "deltas": [per layer], "ratio", ...}`` to ``output`` (JSON)."""
+    from actprune.core.files import atomic_write
+    from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
+    from actprune.pruning.data import load_texts, pack, tokenize
+
+    tok = load_tokenizer(model_dir)
+    rows = pack(tokenize(tok, load_texts(data, text_field, tok)), seq_len, tok.eos_token_id)
+    rows = rows[: max(tokens // seq_len, probe_rows)]  # (N, T)
+    model = load_causal_lm(model_dir, torch.float32)
+    keep = {lp.index: lp.mlp_keep for lp in plan.layers}
+    deltas = layer_sensitivity(model, rows, keep, ridge=ridge, probe_rows=probe_rows, progress=progress)
+    n = len(HfModel.of(model).layers)
+    record = {
+        "format": SENSITIVITY_FORMAT,
+        "deltas": [deltas.get(i, 0.0) for i in range(n)],
+        "plan_mlp_ratio": plan.provenance.request.get("mlp_ratio"),
+        "strategy": plan.provenance.strategy,
+        "data": data, "tokens": int(rows.numel()), "probe_tokens": int(rows[:probe_rows].numel()),
+        "ridge": ridge,
+    }
+    return atomic_write(output, json.dumps(record, indent=2) + "\n")

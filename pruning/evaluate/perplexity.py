@@ -1,0 +1,183 @@
+"""Side-by-side evaluation of checkpoints (original first, then pruned / recovered ones).
+
+For every model, on the same packed held-out rows (documents joined by EOS, cut into rows of
+``seq_len`` tokens, every position but the first predicted)::
+
+    perplexity = exp(Σ NLL / predicted tokens)
+    kl         = mean over predicted tokens of KL(p_first ‖ p_model)   (0 for the first model)
+
+plus greedy generations for a prompt set. At most two models are in memory at once: the first
+(the reference) and the one being scored, so the reference runs once more per compared model
+(one extra forward each) instead of every checkpoint sharing the memory.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+__all__ = [
+    "DEFAULT_PROMPTS",
+    "ModelResult",
+    "evaluate_models",
+    "generate_greedy",
+    "load_prompts",
+    "mlp_widths",
+    "nll_and_kl",
+]
+
+DEFAULT_PROMPTS = [
+    "The capital of France is",
+    "Neural networks learn",
+    "The museum opens at",
+    "Question: where is the station?\nAnswer:",
+]
+
+
+@dataclass
+class ModelResult:
+    name: str
+    path: str
+    perplexity: float
+    nll: float  # mean NLL per predicted token
+    tokens: int
+    kl_vs_first: float
+    parameters: int
+    mlp_widths: list[int]
+    generations: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def mlp_widths(config: dict[str, Any]) -> list[int]:
+    """Kept MLP width of each layer: ``actprune_layer_widths`` when the slicer wrote one
+    (a list of ints, or of dicts with ``intermediate_size`` / ``mlp``), else the uniform width."""
+    n = int(config.get("num_hidden_layers", 0))
+    per_layer = config.get("actprune_layer_widths")
+    if isinstance(per_layer, dict):
+        per_layer = per_layer.get("mlp") or per_layer.get("intermediate_size")
+    if isinstance(per_layer, list) and per_layer:
+        out = []
+        for w in per_layer:
+            if isinstance(w, dict):
+                w = w.get("intermediate_size", w.get("mlp"))
+            out.append(int(w))
+        return out
+    width = config.get("intermediate_size")
+    if isinstance(width, list):
+        return [int(w) for w in width]
+    return [int(width)] * n if width is not None else []
+
+
+@torch.no_grad()
+def nll_and_kl(
+    models: Sequence[torch.nn.Module], rows: torch.Tensor, batch_size: int = 4, progress: bool = True,
+    desc: str = "perplexity",
+) -> tuple[list[float], list[float], int]:
+    """Σ NLL and Σ KL(p_models[0] ‖ p_model) over the predicted tokens of ``rows`` (N, L);
+    returns (nll sums, kl sums, predicted tokens)."""
+    nll = [0.0] * len(models)
+    kl = [0.0] * len(models)
+    tokens = 0
+    for ids in tqdm(rows.split(batch_size), desc=desc, unit="batch", disable=not progress):
+        target = ids[:, 1:].flatten()  # (B*(L-1),)
+        ref_logp = None
+        for j, m in enumerate(models):
+            dev = next(m.parameters()).device
+            logits = m(input_ids=ids.to(dev), use_cache=False).logits[:, :-1]  # (B, L-1, V)
+            logp = F.log_softmax(logits.float().flatten(0, 1), dim=-1).cpu()  # (B*(L-1), V)
+            nll[j] += F.nll_loss(logp, target, reduction="sum").item()
+            if ref_logp is None:
+                ref_logp = logp
+            else:
+                kl[j] += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+        tokens += target.numel()
+    return nll, kl, tokens
+
+
+@torch.no_grad()
+def generate_greedy(model: Any, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int = 32) -> list[str]:
+    """Greedy continuation of each prompt (one at a time: no padding to get wrong)."""
+    out = []
+    dev = next(model.parameters()).device
+    for p in prompts:
+        enc = tokenizer(p, return_tensors="pt").to(dev)
+        gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        out.append(tokenizer.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+    return out
+
+
+def load_prompts(path: str | None) -> list[str]:
+    """Prompts from a .txt file (one per line) or .jsonl (field ``prompt``); default set if None."""
+    from actprune.pruning.data import DataError
+
+    if path is None:
+        return list(DEFAULT_PROMPTS)
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"--prompts {path}: no such file")
+    if p.suffix == ".jsonl":
+        from actprune.core.files import JsonlError, read_jsonl
+
+        try:
+            records = read_jsonl(p)
+        except JsonlError as e:
+            raise DataError(f"--prompts: {e}") from e
+        prompts = []
+        for n, rec in records:
+            if "prompt" not in rec:
+                raise DataError(f"{p}:{n}: no 'prompt' field")
+            prompts.append(str(rec["prompt"]))
+    else:
+        prompts = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not prompts:
+        raise DataError(f"--prompts {path}: no prompts")
+    return prompts
+
+
+def evaluate_models(
+    model_dirs: Sequence[str],
+    rows: torch.Tensor,
+    prompts: Sequence[str],
+    *,
+    batch_size: int = 4,
+    max_new_tokens: int = 32,
+    progress: bool = True,
+) -> list[ModelResult]:
+    """Load every checkpoint, score them on ``rows`` against the first, generate."""
+    from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer, read_config
+
+    configs = [read_config(d) for d in model_dirs]
+    vocab = {c.get("vocab_size") for c in configs}
+    if len(vocab) > 1:
+        from actprune.pruning.checkpoint.hf_io import CheckpointError
+
+        raise CheckpointError(f"the models have different vocabularies {sorted(vocab)}; KL needs one")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    tok = load_tokenizer(model_dirs[0])
+    ref = load_causal_lm(model_dirs[0]).to(device)
+    results = []
+    for j, (d, cfg) in enumerate(zip(model_dirs, configs, strict=True)):
+        m = ref if j == 0 else load_causal_lm(d).to(device)
+        desc = f"{Path(d).name} ({j + 1}/{len(model_dirs)})"
+        nll, kl, tokens = nll_and_kl([ref] if j == 0 else [ref, m], rows, batch_size, progress, desc=desc)
+        mean_nll = nll[-1] / tokens
+        r = ModelResult(
+            name=Path(d).name, path=str(d), perplexity=math.exp(mean_nll), nll=mean_nll,
+            tokens=tokens, kl_vs_first=kl[-1] / tokens, parameters=sum(p.numel() for p in m.parameters()),
+            mlp_widths=mlp_widths(cfg),
+        )
+        r.generations = generate_greedy(m, tok, prompts, max_new_tokens)
+        results.append(r)
+        if m is not ref:
+            del m  # free it before the next checkpoint loads
+    return results

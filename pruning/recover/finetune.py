@@ -1,0 +1,422 @@
+"""Recovery fine-tuning recipe: setup → train → save → cleanup.
+
+Plain fine-tuning minimises the language-model loss (next-token cross-entropy). With a
+teacher (the unpruned original) the loss is the documented mix::
+
+    loss = kd_alpha * T² * KL(softmax(teacher / T) ‖ softmax(student / T)) + (1 - kd_alpha) * CE
+
+averaged over predicted tokens (Hinton et al.; Minitron reports distillation recovers far more
+than fine-tuning alone). One optimizer step is ``grad_accum`` micro-batches of ``batch_size``
+packed rows. The learning rate is a pure function of the step (:func:`lr_at`) and the data
+order a pure function of (seed, epoch), so a checkpoint's step restores both exactly.
+
+With ``--early-stop-patience`` the output holds the weights of the best validation, staged
+under ``OUT/best/`` when found (see :mod:`actprune.pruning.recover.train_state`); the log's last
+record names the step kept. ``--fsdp`` runs the same recipe in every process of a torchrun
+launch (:mod:`actprune.pruning.recover.distributed`): rank ``r`` of ``W`` trains on its block of
+``batch_size`` rows of each micro-batch of ``W · batch_size`` rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from actprune.pruning import data as data_mod
+from actprune.pruning.recover import train_state as ts
+from actprune.pruning.checkpoint.hf_io import (
+    finish_output_dir,
+    load_causal_lm,
+    load_tokenizer,
+    read_config,
+)
+from tqdm.auto import tqdm
+
+__all__ = ["FinetuneConfig", "FinetuneRecipe", "kd_loss", "lm_loss", "lr_at", "main", "mixed_loss"]
+
+
+@dataclass
+class FinetuneConfig:
+    model: str
+    data: str
+    output: str
+    text_field: str | None = None
+    val_data: str | None = None
+    teacher: str | None = None
+    max_steps: int | None = None  # default: epochs × steps per epoch
+    epochs: int = 1
+    lr: float = 2e-5
+    schedule: str = "cosine"  # or "steps": epoch e uses epoch_lrs[e] (the last one repeats)
+    epoch_lrs: list[float] = field(default_factory=list)  # default lr, lr/2, lr/4, ...
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
+    warmup_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 1024
+    val_fraction: float = 0.05
+    max_val_batches: int = 50
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    grad_checkpointing: bool = False
+    bf16: bool = False
+    eval_every: int = 0  # 0: evaluate once, at the end
+    early_stop_patience: int = 0  # evaluations without improvement before stopping; 0: off
+    save_every: int = 0  # 0: no intermediate checkpoints
+    resume: bool = False
+    device_map: str | None = None  # "auto": spread layers over all visible GPUs (one process)
+    fsdp: bool = False  # one process per GPU under torchrun, model sharded with FSDP2
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    kd_temperature: float = 1.0
+    kd_alpha: float = 0.5
+    seed: int = 0
+    progress: bool = True
+    stop_after_steps: int | None = None  # leave the loop as a kill would (tests of resume)
+
+
+# ---- maths -----------------------------------------------------------------------------------
+def lr_at(step: int, cfg: FinetuneConfig, steps_per_epoch: int, total_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then the schedule."""
+    if cfg.schedule == "steps":
+        lrs = cfg.epoch_lrs or [cfg.lr * 0.5**e for e in range(max(cfg.epochs, 1))]
+        base = lrs[min(step // steps_per_epoch, len(lrs) - 1)]
+        after = base
+    else:
+        base = cfg.lr
+        floor = cfg.lr * cfg.min_lr_ratio
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        after = floor + (base - floor) * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    if step < cfg.warmup_steps:
+        return base * (step + 1) / cfg.warmup_steps
+    return after
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy. logits: (B, T, V); ids: (B, T)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · KL(p_teacher ‖ p_student) at temperature T, mean over the predicting positions.
+    student, teacher: (B, T, V) logits; the last position predicts nothing and is left out."""
+    s = F.log_softmax(student[:, :-1].float() / temperature, dim=-1)  # (B, T-1, V)
+    t = F.log_softmax(teacher[:, :-1].float() / temperature, dim=-1)
+    kl = (t.exp() * (t - s)).sum(-1)  # (B, T-1)
+    return kl.mean() * temperature**2
+
+
+def mixed_loss(lm: torch.Tensor, kd: torch.Tensor, alpha: float) -> torch.Tensor:
+    return alpha * kd + (1.0 - alpha) * lm
+
+
+# ---- recipe ----------------------------------------------------------------------------------
+class FinetuneRecipe:
+    def __init__(self, cfg: FinetuneConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.output)
+        self.history: list[dict[str, Any]] = []
+        self.step = 0
+        self.early = ts.EarlyStop(cfg.early_stop_patience)
+        self.rank, self.world, self.is_main = 0, 1, True  # set by the distributed recipe
+        self.best_root = self.out / "best"
+        self.ckpt_root = self.out / "checkpoints"
+
+    def _say(self, msg: str) -> None:
+        if self.is_main:
+            tqdm.write(msg)
+
+    # -- setup --
+    def setup(self) -> None:
+        cfg = self.cfg
+        _check(cfg)
+        torch.manual_seed(cfg.seed)
+        self.device = self._init_device()
+        self.tok = load_tokenizer(cfg.model)
+        self.stored_dtype = self.model_dtype(cfg.model)
+        self.model = self._build_student()
+        self.teacher = None
+        if cfg.teacher:
+            if read_config(cfg.teacher).get("vocab_size") != read_config(cfg.model).get("vocab_size"):
+                raise data_mod.DataError("--teacher has another vocabulary than --model; distillation needs the same one")
+            self.teacher = self._build_teacher(torch.bfloat16 if self.use_bf16 else torch.float32)
+        self._setup_data()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+        if cfg.resume:
+            self._resume()
+
+    def _init_device(self) -> torch.device:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    @property
+    def train_dtype(self) -> torch.dtype:
+        # Full fine-tuning keeps float32 master weights; under LoRA the frozen base stays in its
+        # stored dtype (half the memory in bf16) and peft keeps the adapters in float32.
+        return self.stored_dtype if self.cfg.lora else torch.float32
+
+    def _build_student(self) -> Any:
+        model = load_causal_lm(self.cfg.model, self.train_dtype, device_map=self.cfg.device_map)
+        if self.cfg.device_map is None:
+            model = model.to(self.device)
+        self.device = next(model.parameters()).device  # where inputs go (first shard)
+        return self.prepare(model)
+
+    def prepare(self, model: Any) -> Any:
+        """Gradient checkpointing, no KV cache, LoRA adapters (their init draws from the RNG)."""
+        cfg = self.cfg
+        if cfg.grad_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        if cfg.lora:
+            from peft import LoraConfig, get_peft_model
+
+            lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                              target_modules="all-linear", task_type="CAUSAL_LM")
+            model = get_peft_model(model, lcfg)
+        return model
+
+    def _build_teacher(self, dtype: torch.dtype) -> Any:
+        teacher = load_causal_lm(self.cfg.teacher, dtype, device_map=self.cfg.device_map)
+        return (teacher if self.cfg.device_map else teacher.to(self.device)).requires_grad_(False)
+
+    @staticmethod
+    def model_dtype(model_dir: str) -> torch.dtype:
+        c = read_config(model_dir)
+        return getattr(torch, c.get("torch_dtype") or c.get("dtype") or "float32")
+
+    @property
+    def use_bf16(self) -> bool:
+        if not self.cfg.bf16:
+            return False
+        return self.device.type == "cpu" or torch.cuda.is_bf16_supported()
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        texts = data_mod.load_texts(cfg.data, cfg.text_field, self.tok)
+        if cfg.val_data:
+            train, val = texts, data_mod.load_texts(cfg.val_data, cfg.text_field, self.tok)
+        else:
+            train, val = data_mod.split_train_val(texts, cfg.val_fraction, cfg.seed)
+        eos = self.tok.eos_token_id
+        self.train_rows = data_mod.pack(data_mod.tokenize(self.tok, train), cfg.seq_len, eos)  # (N, L)
+        self.val_rows = None
+        if val:
+            try:
+                self.val_rows = data_mod.pack(data_mod.tokenize(self.tok, val), cfg.seq_len, eos)
+            except data_mod.DataError as e:
+                raise data_mod.DataError(f"validation data: {e}; raise --val-fraction or lower --seq-len") from e
+        per_step = cfg.batch_size * cfg.grad_accum * self.world
+        self.steps_per_epoch = len(self.train_rows) // per_step
+        if self.steps_per_epoch == 0:
+            raise data_mod.DataError(
+                f"{len(self.train_rows)} training rows of {cfg.seq_len} tokens: fewer than one step "
+                f"(batch {cfg.batch_size} × accumulation {cfg.grad_accum} × {self.world} processes); "
+                "lower --seq-len or add data"
+            )
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+
+    def _resume(self) -> None:
+        path = ts.latest_checkpoint(self.ckpt_root)
+        if path is None:
+            self._say(f"no checkpoint under {self.ckpt_root}; starting from step 0")
+            return
+        state = ts.load_checkpoint(path, self.model, self.opt)
+        changed = ts.changed_options(state["config"], asdict(self.cfg))
+        if changed:
+            raise data_mod.DataError(f"cannot resume {path}: options changed since it was saved: {changed}")
+        self.step, self.history = state["step"], state["history"]
+        self.early.restore(state)
+        self._say(f"resumed from {path} (step {self.step})")
+
+    # -- train --
+    def batch_rows(self, step: int) -> torch.Tensor:
+        """The rows of optimizer step ``step``, all ranks': (grad_accum · world · batch_size, L)."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.train_rows), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+        n = self.cfg.batch_size * self.cfg.grad_accum * self.world
+        return self.train_rows[order[k * n : (k + 1) * n]]
+
+    def micro_batches(self, step: int) -> list[torch.Tensor]:
+        """This process's micro-batches of step ``step``: grad_accum × (batch_size, L)."""
+        return list(self.batch_rows(step).split(self.cfg.batch_size))
+
+    def _clip(self, params: list[torch.nn.Parameter]) -> float:
+        return torch.nn.utils.clip_grad_norm_(params, self.cfg.clip).item()
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        return values
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        if self.use_bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def losses(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        with self.autocast():
+            logits = self.model(input_ids=ids).logits  # (B, T, V)
+            out = {"lm_loss": lm_loss(logits, ids)}
+            if self.teacher is not None:
+                with torch.no_grad():
+                    t_logits = self.teacher(input_ids=ids).logits
+                out["kd_loss"] = kd_loss(logits, t_logits, self.cfg.kd_temperature)
+                out["loss"] = mixed_loss(out["lm_loss"], out["kd_loss"], self.cfg.kd_alpha)
+            else:
+                out["loss"] = out["lm_loss"]
+        return out
+
+    def train(self) -> None:
+        cfg = self.cfg
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="finetune", unit="step",
+                   disable=not (cfg.progress and self.is_main))
+        while self.step < self.total_steps and not self.early.stop:
+            if cfg.stop_after_steps is not None and self.step >= cfg.stop_after_steps:
+                bar.close()
+                return
+            self.model.train()
+            sums: dict[str, float] = {}
+            for micro in self.micro_batches(self.step):
+                parts = self.losses(micro.to(self.device))
+                (parts["loss"] / cfg.grad_accum).backward()
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v.item() / cfg.grad_accum
+            sums = self._mean_over_ranks(sums)
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            grad_norm = self._clip(params)
+            lr = lr_at(self.step, cfg, self.steps_per_epoch, self.total_steps)
+            for g in self.opt.param_groups:
+                g["lr"] = lr
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.step += 1
+            self.history.append({"step": self.step, **sums, "lr": lr, "grad_norm": grad_norm})
+            bar.update(1)
+            bar.set_postfix(loss=f"{sums['loss']:.4f}", lr=f"{lr:.2e}")
+            last = self.step == self.total_steps
+            if (cfg.eval_every and self.step % cfg.eval_every == 0) or last:
+                self.evaluate()
+            if cfg.save_every and self.step % cfg.save_every == 0 and not last:
+                self.save_checkpoint()
+        bar.close()
+
+    @torch.no_grad()
+    def evaluate(self) -> None:
+        if self.val_rows is None:
+            return
+        self.model.eval()
+        total, n = self._val_sums()
+        val = total / n
+        self.history.append({"step": self.step, "val_loss": val, "val_ppl": math.exp(val)})
+        self._say(f"step {self.step}: validation loss {val:.4f}, perplexity {math.exp(val):.3f}")
+        if self.early.update(self.step, val) and self.early.patience:
+            weights = self.trainable_state()  # collective under FSDP: every rank calls it
+            if weights is not None:
+                ts.save_best(self.best_root, self.ckpt_root, self.step, weights, val)
+        if self.early.stop:
+            self._say(f"early stop: no improvement in {self.early.bad_evals} evaluations")
+
+    def _val_sums(self) -> tuple[float, float]:
+        """(Σ loss · tokens, Σ tokens) over the first ``max_val_batches`` batches."""
+        total, n = 0.0, 0
+        for ids in self.val_rows.split(self.cfg.batch_size)[: self.cfg.max_val_batches]:
+            ids = ids.to(self.device)  # (B, L)
+            with self.autocast():
+                loss = lm_loss(self.model(input_ids=ids).logits, ids)
+            tokens = ids.shape[0] * (ids.shape[1] - 1)
+            total += loss.item() * tokens
+            n += tokens
+        return total, n
+
+    def trainable_state(self) -> dict[str, torch.Tensor] | None:
+        """Trainable parameters on CPU in the dtype the output gets (LoRA adapters: float32,
+        merged later); None on ranks other than 0."""
+        dtype = None if self.cfg.lora else self.stored_dtype
+        return {n: p.detach().to("cpu", dtype, copy=True)
+                for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def save_checkpoint(self) -> None:
+        state = {"config": asdict(self.cfg), "history": self.history, **self.early.state()}
+        ts.save_checkpoint(self.ckpt_root, self.step, self.model, self.opt, state)
+        if self.early.patience:
+            ts.prune_best(self.best_root, self.ckpt_root, self.early.best_step)
+        self._write_log()
+
+    def _write_log(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        with (self.out / "finetune_log.jsonl").open("w") as f:
+            for rec in self.history:
+                f.write(json.dumps(rec) + "\n")
+
+    # -- save --
+    def save(self) -> Path:
+        """Write a plain Hugging Face checkpoint (LoRA merged) in the input's dtype: the weights
+        of the best validation under early stopping, else the last ones."""
+        best = self.early.best_step if self.early.patience else None
+        if best is None:
+            self.history.append({"kept_step": self.step, "kept": "last"})
+        else:
+            self.history.append({"kept_step": best, "kept": "best", "kept_val_loss": self.early.best_val})
+        model = self.final_model(best)
+        if model is None:  # not rank 0
+            return self.out
+        model = model.merge_and_unload() if self.cfg.lora else model
+        model = model.to(self.stored_dtype)
+        model.config.use_cache = True
+        model.save_pretrained(str(self.out), safe_serialization=True)
+        self.tok.save_pretrained(str(self.out))
+        finish_output_dir(self.cfg.model, self.out)
+        self._write_log()
+        (self.out / "finetune_config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+        return self.out
+
+    def final_model(self, best_step: int | None) -> Any:
+        """The model to write, holding the weights of ``best_step`` when given."""
+        if best_step is not None:
+            ts.copy_into(self.model, ts.load_best(self.best_root, best_step))
+        return self.model
+
+    def cleanup(self) -> None:
+        self.teacher = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _check(cfg: FinetuneConfig) -> None:
+    positive = ("epochs", "batch_size", "grad_accum", "seq_len", "max_val_batches")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise data_mod.DataError(f"--{name.replace('_', '-')} must be >= 1")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise data_mod.DataError("--max-steps must be >= 1")
+    if cfg.schedule not in ("cosine", "steps"):
+        raise data_mod.DataError(f"--schedule must be cosine or steps, got {cfg.schedule!r}")
+    if not 0.0 <= cfg.kd_alpha <= 1.0 or cfg.kd_temperature <= 0:
+        raise data_mod.DataError("--kd-alpha must be in [0, 1] and --kd-temperature > 0")
+    if cfg.lr <= 0 or cfg.warmup_steps < 0:
+        raise data_mod.DataError("--lr must be > 0 and --warmup-steps >= 0")
+
+
+def main(cfg: FinetuneConfig) -> Path | None:
+    """Run the recipe; returns the output directory, or None when stopped like a kill (and on
+    ranks other than 0 under ``--fsdp``)."""
+    if cfg.fsdp:
+        from actprune.pruning.recover.distributed import DistributedRecipe
+
+        recipe: FinetuneRecipe = DistributedRecipe(cfg)
+    else:
+        recipe = FinetuneRecipe(cfg)
+    recipe.setup()
+    try:
+        recipe.train()
+        if cfg.stop_after_steps is not None and recipe.step < recipe.total_steps and not recipe.early.stop:
+            return None
+        out = recipe.save()  # every rank: gathering the sharded weights is collective
+        return out if recipe.is_main else None
+    finally:
+        recipe.cleanup()
