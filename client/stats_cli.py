@@ -70,10 +70,7 @@ def _pull(args: argparse.Namespace) -> int:
 def _show(args: argparse.Namespace) -> int:
     if args.k < 0:
         raise UsageError(f"--k must be >= 0, got {args.k}")
-    try:
-        summary = summarize(Stats.load(args.file), k=args.k)
-    except StatsFormatError as e:
-        raise UsageError(str(e)) from e
+    summary = summarize(Stats.load(args.file), k=args.k)
     if args.layer is None:
         print(format_table(summary))
         return 0

@@ -331,9 +331,9 @@ def run_pipeline(
     pruned = prune(model_dir, plan, paths["pruned"], overwrite=True, progress=progress)
     recovered = None
     if finetune_steps > 0:
-        cfg = {"max_steps": finetune_steps, "warmup_steps": max(1, finetune_steps // 10),
-               "lr": 1e-4, "batch_size": 4, "seq_len": 256, "max_val_batches": 4,
-               "progress": progress, **(finetune_config or {})}
+        from actprune.pruning.recover.recipe_config import loop_recovery
+
+        cfg = loop_recovery(finetune_steps, **{"progress": progress, **(finetune_config or {})})
         recovered = finetune(pruned, train_data, paths["recovered"],
                              teacher=model_dir if distil else None, **cfg)
     models = [Path(model_dir), pruned, *([recovered] if recovered else [])]

@@ -15,14 +15,7 @@ from typing import Any
 import torch
 from actprune.core.config import CheckpointError, read_config
 
-__all__ = [
-    "CheckpointError",
-    "finish_output_dir",
-    "load_causal_lm",
-    "load_tokenizer",
-    "needs_remote_code",
-    "read_config",
-]
+__all__ = ["finish_output_dir", "load_causal_lm", "load_tokenizer", "needs_remote_code"]
 
 
 def needs_remote_code(model_dir: str | Path) -> bool:

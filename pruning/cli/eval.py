@@ -34,21 +34,18 @@ def run(args: argparse.Namespace) -> int:
     if len(set(args.model)) != len(args.model):
         raise UsageError("--model: the same checkpoint is given twice")
 
-    from actprune.pruning.checkpoint.hf_io import CheckpointError, load_tokenizer
-    from actprune.pruning.data import DataError, load_texts, pack, tokenize
+    from actprune.pruning.checkpoint.hf_io import load_tokenizer
+    from actprune.pruning.data import load_texts, pack, tokenize
     from actprune.pruning.evaluate.perplexity import evaluate_models, load_prompts
     from actprune.pruning.evaluate.report import write_report
 
-    try:
-        tok = load_tokenizer(args.model[0])
-        texts = load_texts(args.data, args.text_field, tok)
-        rows = pack(tokenize(tok, texts), args.seq_len, tok.eos_token_id)
-        rows = rows[: max(1, args.max_tokens // args.seq_len)]  # (N, L)
-        prompts = load_prompts(args.prompts)
-        results = evaluate_models(args.model, rows, prompts, batch_size=args.batch_size,
-                                  max_new_tokens=args.max_new_tokens)
-    except (DataError, CheckpointError) as e:
-        raise UsageError(str(e)) from e
+    tok = load_tokenizer(args.model[0])
+    texts = load_texts(args.data, args.text_field, tok)
+    rows = pack(tokenize(tok, texts), args.seq_len, tok.eos_token_id)
+    rows = rows[: max(1, args.max_tokens // args.seq_len)]  # (N, L)
+    prompts = load_prompts(args.prompts)
+    results = evaluate_models(args.model, rows, prompts, batch_size=args.batch_size,
+                              max_new_tokens=args.max_new_tokens)
     meta = {"data": args.data, "text_field": args.text_field, "seq_len": args.seq_len,
             "rows": len(rows)}
     report = write_report(args.output, results, prompts, meta)

@@ -65,17 +65,11 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from actprune.core.errors import UsageError
-    from actprune.pruning.checkpoint.hf_io import CheckpointError
-    from actprune.pruning.data import DataError
     from actprune.pruning.recover.finetune import FinetuneConfig, main
 
     fields = set(FinetuneConfig.__dataclass_fields__)
     cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields})
-    try:
-        out = main(cfg)
-    except (DataError, CheckpointError) as e:
-        raise UsageError(str(e)) from e
+    out = main(cfg)
     if out is not None:  # None on ranks other than 0 under --fsdp
         print(f"wrote {out}")
     return 0

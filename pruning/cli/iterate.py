@@ -62,13 +62,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from actprune.core.wire.plan import PlanError
-    from actprune.core.wire.stats import StatsFormatError
-    from actprune.pruning.checkpoint.hf_io import CheckpointError
-    from actprune.pruning.checkpoint.slicer import SliceError
-    from actprune.pruning.data import DataError
     from actprune.pruning.recover.finetune import FinetuneConfig
-    from actprune.pruning.recover.iterate import IterateConfig, IterateError, run_iterate, table
+    from actprune.pruning.recover.iterate import IterateConfig, run_iterate, table
 
     try:
         finetune = json.loads(args.finetune_config)
@@ -81,10 +76,7 @@ def run(args: argparse.Namespace) -> int:
     plan = {k: getattr(args, k) for k in _PLAN_FLAGS if getattr(args, k, None) is not None}
     fields = set(IterateConfig.__dataclass_fields__) - {"plan", "finetune"}
     cfg = IterateConfig(**{k: v for k, v in vars(args).items() if k in fields}, plan=plan, finetune=finetune)
-    try:
-        state = run_iterate(cfg)
-    except (IterateError, PlanError, StatsFormatError, SliceError, DataError, CheckpointError) as e:
-        raise UsageError(str(e)) from e
+    state = run_iterate(cfg)
     print(table(state))
     if state["final"] is None:
         print(f"no step stayed within {cfg.max_ppl_ratio}× the original perplexity; "

@@ -41,9 +41,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from actprune.core.wire.plan import Plan, PlanError
-    from actprune.core.wire.stats import Stats, StatsFormatError
-    from actprune.pruning.checkpoint.slicer import SliceError, slice_checkpoint
+    from actprune.core.wire.plan import Plan
+    from actprune.core.wire.stats import Stats
+    from actprune.pruning.checkpoint.slicer import slice_checkpoint
 
     if args.bias_compensation and args.stats is None:
         raise UsageError("--bias-compensation needs --stats (the means of the removed units)")
@@ -55,16 +55,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--refit-ridge / --refit-sequential / --refit-reselect need --refit DATA")
     if args.refit_tokens < 1 or (isinstance(args.refit_ridge, float) and args.refit_ridge < 0):
         raise UsageError("--refit-tokens must be >= 1 and --refit-ridge >= 0")
-    try:
-        plan = Plan.load(args.plan)
-        stats = Stats.load(args.stats) if args.bias_compensation else None
-        refit = None
-        if args.refit:
-            plan, refit = _refit(args, plan)
-        out = slice_checkpoint(args.model, plan, args.output, stats=stats, overwrite=args.overwrite,
-                               mlp_refit=refit)
-    except (PlanError, StatsFormatError, SliceError) as e:
-        raise UsageError(str(e)) from e
+    plan = Plan.load(args.plan)
+    stats = Stats.load(args.stats) if args.bias_compensation else None
+    refit = None
+    if args.refit:
+        plan, refit = _refit(args, plan)
+    out = slice_checkpoint(args.model, plan, args.output, stats=stats, overwrite=args.overwrite,
+                           mlp_refit=refit)
     print(f"pruned checkpoint: {out} ({plan.params_after:,} parameters, was {plan.params_before:,})")
     return 0
 
@@ -79,18 +76,13 @@ def _ridge(text: str) -> float | str:
 
 
 def _refit(args: argparse.Namespace, plan):
-    from actprune.pruning.checkpoint.hf_io import CheckpointError
     from actprune.pruning.compensate.calibrate import refit_for_plan
     from actprune.pruning.compensate.maths import DEFAULT_RIDGE
-    from actprune.pruning.data import DataError
 
     if args.output.exists() and not args.overwrite:  # fail before the calibration pass, not after
         raise UsageError(f"output {args.output} exists; remove it or pass --overwrite")
     seq = {"off": False}.get(args.refit_sequential, args.refit_sequential)
-    try:
-        return refit_for_plan(args.model, plan, args.refit, tokens=args.refit_tokens,
-                              seq_len=args.refit_seq_len, sequential=seq, text_field=args.text_field,
-                              reselect=args.refit_reselect,
-                              ridge=DEFAULT_RIDGE if args.refit_ridge is None else args.refit_ridge)
-    except (DataError, CheckpointError) as e:
-        raise UsageError(str(e)) from e
+    return refit_for_plan(args.model, plan, args.refit, tokens=args.refit_tokens,
+                          seq_len=args.refit_seq_len, sequential=seq, text_field=args.text_field,
+                          reselect=args.refit_reselect,
+                          ridge=DEFAULT_RIDGE if args.refit_ridge is None else args.refit_ridge)

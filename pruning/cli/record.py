@@ -35,21 +35,17 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from actprune.core.wire.schema import DEFAULT_NEAR_ZERO
     from actprune.pruning.checkpoint.hf_io import (
-        CheckpointError,
         load_causal_lm,
         load_tokenizer,
         read_config,
     )
-    from actprune.pruning.data import DataError, load_texts, tokenize
+    from actprune.pruning.data import load_texts, tokenize
     from actprune.pruning.record import budget, record
 
-    try:
-        config = read_config(args.model)
-        tok = load_tokenizer(args.model)
-        texts = load_texts(args.data, args.text_field, tok)
-        model = load_causal_lm(args.model, getattr(torch, args.dtype) if args.dtype else None)
-    except (DataError, CheckpointError) as e:
-        raise UsageError(str(e)) from e
+    config = read_config(args.model)
+    tok = load_tokenizer(args.model)
+    texts = load_texts(args.data, args.text_field, tok)
+    model = load_causal_lm(args.model, getattr(torch, args.dtype) if args.dtype else None)
     token_lists = budget(tokenize(tok, texts), args.max_len, args.max_tokens)
     if not token_lists:
         raise UsageError(f"--data {args.data}: no tokens to record")

@@ -34,22 +34,17 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from actprune.core.wire.plan import Plan, PlanError
-    from actprune.pruning.checkpoint.hf_io import CheckpointError
+    from actprune.core.wire.plan import Plan
     from actprune.pruning.compensate.maths import DEFAULT_RIDGE
     from actprune.pruning.compensate.sensitivity import sensitivity_for_plan
-    from actprune.pruning.data import DataError
 
     if args.tokens < 1 or args.probe_rows < 1 or (args.ridge is not None and args.ridge < 0):
         raise UsageError("--tokens and --probe-rows must be >= 1, --ridge >= 0")
-    try:
-        plan = Plan.load(args.plan)
-        if plan.dropped_layers:
-            raise UsageError("the plan drops layers; measure sensitivity on an MLP-only plan")
-        out = sensitivity_for_plan(args.model, plan, args.data, args.output, tokens=args.tokens,
-                                   seq_len=args.seq_len, probe_rows=args.probe_rows, text_field=args.text_field,
-                                   ridge=DEFAULT_RIDGE if args.ridge is None else args.ridge)
-    except (PlanError, DataError, CheckpointError) as e:
-        raise UsageError(str(e)) from e
+    plan = Plan.load(args.plan)
+    if plan.dropped_layers:
+        raise UsageError("the plan drops layers; measure sensitivity on an MLP-only plan")
+    out = sensitivity_for_plan(args.model, plan, args.data, args.output, tokens=args.tokens,
+                               seq_len=args.seq_len, probe_rows=args.probe_rows, text_field=args.text_field,
+                               ridge=DEFAULT_RIDGE if args.ridge is None else args.ridge)
     print(f"wrote {out}; use it with: actprune plan ... --per-layer --layer-sensitivity {out}")
     return 0

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from actprune.core.archs import model_shape
 from tqdm.auto import tqdm
 
 __all__ = [
@@ -29,7 +30,6 @@ __all__ = [
     "evaluate_models",
     "generate_greedy",
     "load_prompts",
-    "mlp_widths",
     "nll_and_kl",
 ]
 
@@ -55,26 +55,6 @@ class ModelResult:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def mlp_widths(config: dict[str, Any]) -> list[int]:
-    """Kept MLP width of each layer: ``actprune_layer_widths`` when the slicer wrote one
-    (a list of ints, or of dicts with ``intermediate_size`` / ``mlp``), else the uniform width."""
-    n = int(config.get("num_hidden_layers", 0))
-    per_layer = config.get("actprune_layer_widths")
-    if isinstance(per_layer, dict):
-        per_layer = per_layer.get("mlp") or per_layer.get("intermediate_size")
-    if isinstance(per_layer, list) and per_layer:
-        out = []
-        for w in per_layer:
-            if isinstance(w, dict):
-                w = w.get("intermediate_size", w.get("mlp"))
-            out.append(int(w))
-        return out
-    width = config.get("intermediate_size")
-    if isinstance(width, list):
-        return [int(w) for w in width]
-    return [int(width)] * n if width is not None else []
 
 
 @torch.no_grad()
@@ -154,12 +134,13 @@ def evaluate_models(
     progress: bool = True,
 ) -> list[ModelResult]:
     """Load every checkpoint, score them on ``rows`` against the first, generate."""
-    from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer, read_config
+    from actprune.core.config import read_config
+    from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
 
     configs = [read_config(d) for d in model_dirs]
     vocab = {c.get("vocab_size") for c in configs}
     if len(vocab) > 1:
-        from actprune.pruning.checkpoint.hf_io import CheckpointError
+        from actprune.core.config import CheckpointError
 
         raise CheckpointError(f"the models have different vocabularies {sorted(vocab)}; KL needs one")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -174,7 +155,7 @@ def evaluate_models(
         r = ModelResult(
             name=Path(d).name, path=str(d), perplexity=math.exp(mean_nll), nll=mean_nll,
             tokens=tokens, kl_vs_first=kl[-1] / tokens, parameters=sum(p.numel() for p in m.parameters()),
-            mlp_widths=mlp_widths(cfg),
+            mlp_widths=model_shape(cfg).mlp_widths,
         )
         r.generations = generate_greedy(m, tok, prompts, max_new_tokens)
         results.append(r)

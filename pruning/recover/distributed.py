@@ -35,9 +35,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from actprune.pruning.checkpoint.hf_io import CheckpointError, load_causal_lm, needs_remote_code
+from actprune.core.config import CheckpointError
+from actprune.pruning.checkpoint.hf_io import load_causal_lm, needs_remote_code
 from actprune.pruning.data import DataError
-from actprune.pruning.recover.finetune import FinetuneRecipe, lm_loss
+from actprune.pruning.recover.finetune import FinetuneRecipe
+from actprune.pruning.recover.recipe_config import lm_loss
 from actprune.pruning.recover.train_state import copy_into, load_best
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (

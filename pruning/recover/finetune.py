@@ -22,98 +22,30 @@ from __future__ import annotations
 import json
 import math
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from actprune.pruning import data as data_mod
-from actprune.pruning.recover import train_state as ts
 from actprune.pruning.checkpoint.hf_io import (
     finish_output_dir,
     load_causal_lm,
     load_tokenizer,
     read_config,
 )
+from actprune.pruning.recover import train_state as ts
+from actprune.pruning.recover.recipe_config import (
+    FinetuneConfig,
+    check_config,
+    kd_loss,
+    lm_loss,
+    lr_at,
+    mixed_loss,
+)
 from tqdm.auto import tqdm
 
-__all__ = ["FinetuneConfig", "FinetuneRecipe", "kd_loss", "lm_loss", "lr_at", "main", "mixed_loss"]
-
-
-@dataclass
-class FinetuneConfig:
-    model: str
-    data: str
-    output: str
-    text_field: str | None = None
-    val_data: str | None = None
-    teacher: str | None = None
-    max_steps: int | None = None  # default: epochs × steps per epoch
-    epochs: int = 1
-    lr: float = 2e-5
-    schedule: str = "cosine"  # or "steps": epoch e uses epoch_lrs[e] (the last one repeats)
-    epoch_lrs: list[float] = field(default_factory=list)  # default lr, lr/2, lr/4, ...
-    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
-    warmup_steps: int = 100
-    batch_size: int = 8
-    grad_accum: int = 1
-    seq_len: int = 1024
-    val_fraction: float = 0.05
-    max_val_batches: int = 50
-    weight_decay: float = 0.0
-    clip: float = 1.0
-    grad_checkpointing: bool = False
-    bf16: bool = False
-    eval_every: int = 0  # 0: evaluate once, at the end
-    early_stop_patience: int = 0  # evaluations without improvement before stopping; 0: off
-    save_every: int = 0  # 0: no intermediate checkpoints
-    resume: bool = False
-    device_map: str | None = None  # "auto": spread layers over all visible GPUs (one process)
-    fsdp: bool = False  # one process per GPU under torchrun, model sharded with FSDP2
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    kd_temperature: float = 1.0
-    kd_alpha: float = 0.5
-    seed: int = 0
-    progress: bool = True
-    stop_after_steps: int | None = None  # leave the loop as a kill would (tests of resume)
-
-
-# ---- maths -----------------------------------------------------------------------------------
-def lr_at(step: int, cfg: FinetuneConfig, steps_per_epoch: int, total_steps: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then the schedule."""
-    if cfg.schedule == "steps":
-        lrs = cfg.epoch_lrs or [cfg.lr * 0.5**e for e in range(max(cfg.epochs, 1))]
-        base = lrs[min(step // steps_per_epoch, len(lrs) - 1)]
-        after = base
-    else:
-        base = cfg.lr
-        floor = cfg.lr * cfg.min_lr_ratio
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        after = floor + (base - floor) * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-    if step < cfg.warmup_steps:
-        return base * (step + 1) / cfg.warmup_steps
-    return after
-
-
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy. logits: (B, T, V); ids: (B, T)."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-
-
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T² · KL(p_teacher ‖ p_student) at temperature T, mean over the predicting positions.
-    student, teacher: (B, T, V) logits; the last position predicts nothing and is left out."""
-    s = F.log_softmax(student[:, :-1].float() / temperature, dim=-1)  # (B, T-1, V)
-    t = F.log_softmax(teacher[:, :-1].float() / temperature, dim=-1)
-    kl = (t.exp() * (t - s)).sum(-1)  # (B, T-1)
-    return kl.mean() * temperature**2
-
-
-def mixed_loss(lm: torch.Tensor, kd: torch.Tensor, alpha: float) -> torch.Tensor:
-    return alpha * kd + (1.0 - alpha) * lm
+__all__ = ["FinetuneConfig", "FinetuneRecipe", "main"]
 
 
 # ---- recipe ----------------------------------------------------------------------------------
@@ -135,7 +67,7 @@ class FinetuneRecipe:
     # -- setup --
     def setup(self) -> None:
         cfg = self.cfg
-        _check(cfg)
+        check_config(cfg)
         torch.manual_seed(cfg.seed)
         self.device = self._init_device()
         self.tok = load_tokenizer(cfg.model)
@@ -344,7 +276,7 @@ class FinetuneRecipe:
         state = {"config": asdict(self.cfg), "history": self.history, **self.early.state()}
         ts.save_checkpoint(self.ckpt_root, self.step, self.model, self.opt, state)
         if self.early.patience:
-            ts.prune_best(self.best_root, self.ckpt_root, self.early.best_step)
+            ts.delete_stale_best(self.best_root, self.ckpt_root, self.early.best_step)
         self._write_log()
 
     def _write_log(self) -> None:
@@ -385,21 +317,6 @@ class FinetuneRecipe:
         self.teacher = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def _check(cfg: FinetuneConfig) -> None:
-    positive = ("epochs", "batch_size", "grad_accum", "seq_len", "max_val_batches")
-    for name in positive:
-        if getattr(cfg, name) < 1:
-            raise data_mod.DataError(f"--{name.replace('_', '-')} must be >= 1")
-    if cfg.max_steps is not None and cfg.max_steps < 1:
-        raise data_mod.DataError("--max-steps must be >= 1")
-    if cfg.schedule not in ("cosine", "steps"):
-        raise data_mod.DataError(f"--schedule must be cosine or steps, got {cfg.schedule!r}")
-    if not 0.0 <= cfg.kd_alpha <= 1.0 or cfg.kd_temperature <= 0:
-        raise data_mod.DataError("--kd-alpha must be in [0, 1] and --kd-temperature > 0")
-    if cfg.lr <= 0 or cfg.warmup_steps < 0:
-        raise data_mod.DataError("--lr must be > 0 and --warmup-steps >= 0")
 
 
 def main(cfg: FinetuneConfig) -> Path | None:

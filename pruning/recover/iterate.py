@@ -33,6 +33,7 @@ from typing import Any
 
 from actprune.core.errors import ActpruneError
 from actprune.core.files import atomic_write
+from actprune.pruning.recover.recipe_config import loop_recovery
 
 __all__ = ["IterateConfig", "IterateError", "StepResult", "local_ratio", "run_iterate", "table"]
 
@@ -105,10 +106,10 @@ def local_ratio(ratio: float, original_total: int, current_total: int) -> float:
 
 
 def _mlp_total(model_dir: Path) -> int:
-    from actprune.pruning.checkpoint.hf_io import read_config
-    from actprune.pruning.evaluate.perplexity import mlp_widths
+    from actprune.core.archs import model_shape
+    from actprune.core.config import read_config
 
-    return sum(mlp_widths(read_config(model_dir)))
+    return sum(model_shape(read_config(model_dir)).mlp_widths)
 
 
 def _parameters(model_dir: Path) -> int:
@@ -176,9 +177,7 @@ def _step(cfg: IterateConfig, n: int, ratio: float, current: Path, original_tota
                               stats=stats_in if cfg.bias_compensation else None, mlp_refit=refit)
     recovered = pruned
     if cfg.finetune_steps > 0:
-        ft = {"max_steps": cfg.finetune_steps, "warmup_steps": max(1, cfg.finetune_steps // 10),
-              "lr": 1e-4, "batch_size": 4, "seq_len": 256, "max_val_batches": 4,
-              "text_field": cfg.text_field, "progress": cfg.progress, **cfg.finetune}
+        ft = loop_recovery(cfg.finetune_steps, **{"text_field": cfg.text_field, "progress": cfg.progress, **cfg.finetune})
         if (work / "recovered").exists():
             shutil.rmtree(work / "recovered")  # a killed step starts its recovery over
         recovered = api.finetune(pruned, cfg.train_data, work / "recovered",

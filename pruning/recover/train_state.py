@@ -47,7 +47,7 @@ __all__ = [
     "latest_checkpoint",
     "load_best",
     "load_checkpoint",
-    "prune_best",
+    "delete_stale_best",
     "save_best",
     "save_checkpoint",
 ]
@@ -186,7 +186,7 @@ def save_best(
     with staged_directory(final) as tmp:
         save_file({n: t.contiguous() for n, t in weights.items()}, str(tmp / "weights.safetensors"))
         (tmp / "best.json").write_text(json.dumps({"step": step, "val_loss": val_loss}))
-    prune_best(root, ckpt_root, step)
+    delete_stale_best(root, ckpt_root, step)
     return final
 
 
@@ -198,7 +198,7 @@ def load_best(root: Path, step: int) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def prune_best(root: Path, ckpt_root: Path, current: int | None) -> None:
+def delete_stale_best(root: Path, ckpt_root: Path, current: int | None) -> None:
     """Remove staged best weights (and stale temporaries) of every step other than ``current``
     and the ``best_step`` of each kept checkpoint, which a resume from it will load."""
     keep = {current}

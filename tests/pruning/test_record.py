@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 from actprune.client.cli import main
+from actprune.core.config import read_config
 from actprune.core.tensor.hooks import HookRegistry
 from actprune.core.wire.stats import REQUIRED_META, Stats, config_hash
-from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer, read_config
+from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
 from actprune.pruning.data import tokenize
 from actprune.pruning.record import budget, decoder_taps, record
 from pruning_helpers import SENTENCES

@@ -11,15 +11,10 @@ from actprune.core.planning.scores import STRATEGIES, ScoreInput
 from actprune.core.wire.plan import ImportanceWeights, PlanError
 from actprune.core.wire.stats import Stats
 from actprune.pruning import workflow as api
-from actprune.pruning.fixtures.synthetic import build_checkpoint
+from actprune.pruning.fixtures.synthetic import build_checkpoint, tiny_config
+from pruning_helpers import SENTENCES, stats_from_samples
 
 SHAPE = dict(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, intermediate_size=96)
-SENTENCES = [
-    "The old harbour town lies at the mouth of the river.",
-    "Visitors walk along the stone walls, past the cathedral and the market square.",
-    "Pruning removes neurons, attention heads or whole layers to make a model smaller.",
-    "The museum opens at nine in the morning and closes at six in the evening.",
-]
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +41,38 @@ def _config(d: Path) -> dict:
     return json.loads((d / "config.json").read_text())
 
 
-def test_analyze_gives_one_row_per_layer_with_the_guides_figures(stats):
+def test_analyze_figures_equal_numpy_on_the_raw_activations():
+    """Each figure of ``analyze`` against the same figure computed directly on the samples the
+    stats summarise (float64 numpy, one pass over all tokens x channels)."""
+    cfg = tiny_config("qwen3", num_hidden_layers=2, intermediate_size=24, num_attention_heads=2,
+                      num_key_value_heads=1)
+    rng = np.random.default_rng(0)
+    raw = {}
+
+    def samples(i: int, kind: str, width: int) -> np.ndarray:
+        x = rng.standard_t(df=3, size=(200, width)) + rng.uniform(-2, 2, width)  # (N, C)
+        x[:, :3] *= rng.random((200, 3)) < 0.05  # mostly-zero channels
+        raw[(i, kind)] = x
+        return x
+
+    stats = stats_from_samples(cfg, samples, blocks=[0.9, 0.6], threshold=0.05)
     table = api.analyze(stats)
-    assert [a.layer for a in table] == [0, 1, 2, 3]
+    assert [a.layer for a in table] == [0, 1]
+    for a in table:
+        assert a.block_influence == pytest.approx(1 - [0.9, 0.6][a.layer])
+        for kind in ("mlp", "attn"):
+            x, g = raw[(a.layer, kind)], getattr(a, kind)
+            near = np.abs(x) <= 0.05
+            want = {"l1_norm": np.abs(x).sum(), "l2_norm": np.sqrt((x * x).sum()), "max_abs": np.abs(x).max(),
+                    "mean_abs": np.abs(x).mean(), "variance": x.var(), "sparsity": near.mean(),
+                    "sparse_90_ratio": (near.mean(0) > 0.9).mean(),
+                    "variance_min": x.var(0).min(), "variance_max": x.var(0).max()}
+            for name, value in want.items():
+                assert getattr(g, name) == pytest.approx(value, rel=1e-6), (a.layer, kind, name)
+            np.testing.assert_allclose(g.channel_variance, x.var(0), rtol=1e-9)
+            np.testing.assert_allclose(g.channel_l1, np.abs(x).sum(0), rtol=1e-6)
     row = table[0].row()
-    for key in ("mlp_l1_norm", "mlp_l2_norm", "mlp_variance", "mlp_sparsity", "mlp_sparse_90_ratio",
-                "attn_mean_abs", "block_influence", "tokens"):
-        assert key in row and np.isfinite(row[key])
-    assert table[0].mlp.channel_l1.shape == (96,) and table[0].attn.channel_l1.shape == (8 * 32,)
-    assert row["mlp_mean_abs"] == pytest.approx(float(stats.figures(0, "mlp").mean_abs.mean()))
+    assert row["mlp_variance"] == pytest.approx(raw[(0, "mlp")].var(), rel=1e-6) and "attn_l2_norm" in row
 
 
 def test_mlp_candidates_are_the_lowest_scores_and_the_complement_of_the_plan(stats, model):

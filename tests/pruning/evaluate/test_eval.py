@@ -11,7 +11,7 @@ import torch
 from actprune.client.cli import main as cli
 from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
 from actprune.pruning.data import load_texts, pack, tokenize
-from actprune.pruning.evaluate.perplexity import evaluate_models, mlp_widths
+from actprune.pruning.evaluate.perplexity import evaluate_models
 from actprune.pruning.fixtures.synthetic import build_checkpoint
 
 
@@ -47,14 +47,6 @@ def test_kl_of_a_model_against_itself_is_zero_and_against_another_positive(tiny,
     assert abs(results[1].kl_vs_first) < 1e-9
     assert results[2].kl_vs_first > 0.05
     assert results[0].generations == results[1].generations  # greedy is deterministic
-
-
-def test_mlp_widths_come_from_per_layer_config_when_present():
-    assert mlp_widths({"num_hidden_layers": 3, "intermediate_size": 64}) == [64, 64, 64]
-    assert mlp_widths({"num_hidden_layers": 2, "intermediate_size": 64,
-                       "actprune_layer_widths": [48, 32]}) == [48, 32]
-    assert mlp_widths({"num_hidden_layers": 2, "actprune_layer_widths": [
-        {"intermediate_size": 40, "num_heads": 4}, {"intermediate_size": 24}]}) == [40, 24]
 
 
 def test_eval_cli_writes_json_markdown_and_plots(tiny, other, pr_jsonl, tmp_path, capsys):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from actprune.pruning.recover.finetune import FinetuneConfig, main
-from actprune.pruning.recover.train_state import EarlyStop, load_best, prune_best, save_best
+from actprune.pruning.recover.train_state import EarlyStop, delete_stale_best, load_best, save_best
 from safetensors.torch import load_file
 
 
@@ -74,7 +74,7 @@ def test_prune_best_keeps_the_current_best_and_those_kept_checkpoints_refer_to(t
     assert json.loads((best / "step-000004" / "best.json").read_text()) == {"step": 4, "val_loss": 0.25}
     shutil.rmtree(ckpts / "step-000003")  # rotated out: nothing resumes to best 2 any more
     (best / ".step-000005.partial-x1y2").mkdir()  # what a kill while staging best 5 leaves
-    prune_best(best, ckpts, current=4)
+    delete_stale_best(best, ckpts, current=4)
     assert [p.name for p in best.iterdir()] == ["step-000004"]
     assert torch.equal(load_best(best, 4)["w"], torch.full((2,), 4.0))
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 from actprune.client.cli import main as cli
+from actprune.core.archs import model_shape
+from actprune.core.config import read_config
 from actprune.core.wire.stats import Stats
-from actprune.pruning.checkpoint.hf_io import load_causal_lm, read_config
-from actprune.pruning.evaluate.perplexity import mlp_widths
+from actprune.pruning.checkpoint.hf_io import load_causal_lm
 from actprune.pruning.recover.iterate import IterateError, local_ratio
 from pruning_helpers import SENTENCES
 
@@ -44,16 +45,16 @@ def test_iterate_steps_resume_and_threshold(tiny: Path, text: Path, tmp_path: Pa
     assert cli(_args(tiny, work, text, 1000.0)) == 0
     state = json.loads((work / "iterate.json").read_text())
     s1, s2 = state["steps"]
-    original = sum(mlp_widths(read_config(tiny)))
+    original = sum(model_shape(read_config(tiny)).mlp_widths)
     for s, target in ((s1, 0.2), (s2, 0.4)):
         assert abs(s["achieved_ratio"] - target) < 0.01, s
         assert s["accepted"] and s["ppl_ratio"] == pytest.approx(s["recovered_perplexity"] / state["original"]["perplexity"])
-        widths = mlp_widths(read_config(s["recovered"]))
+        widths = model_shape(read_config(s["recovered"])).mlp_widths
         assert sum(widths) == s["mlp_neurons"] == round(original * (1 - s["achieved_ratio"]))
     assert state["final"] == s2["recovered"]
     # step 2 planned from statistics re-collected on step 1's recovered (per-layer) model
     stats2 = Stats.load(work / "step-2-40" / "stats.safetensors")
-    assert [stats2.figures(i, "mlp").mean.shape[0] for i in stats2.layers] == mlp_widths(read_config(s1["recovered"]))
+    assert [stats2.figures(i, "mlp").mean.shape[0] for i in stats2.layers] == model_shape(read_config(s1["recovered"])).mlp_widths
     assert load_causal_lm(state["final"]) is not None
 
     # A stricter threshold on rerun: no step is recomputed, the loop stops where it is exceeded.

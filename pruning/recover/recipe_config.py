@@ -1,0 +1,115 @@
+"""What a recovery run is: its configuration (:class:`FinetuneConfig`, the fields of
+``actprune finetune``), the learning-rate schedule and the losses, as pure functions.
+
+The recipe itself (setup → train → save → cleanup) is :mod:`.finetune`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from actprune.pruning.data import DataError
+
+__all__ = ["FinetuneConfig", "check_config", "kd_loss", "lm_loss", "loop_recovery", "lr_at", "mixed_loss"]
+
+
+@dataclass
+class FinetuneConfig:
+    model: str
+    data: str
+    output: str
+    text_field: str | None = None
+    val_data: str | None = None
+    teacher: str | None = None
+    max_steps: int | None = None  # default: epochs × steps per epoch
+    epochs: int = 1
+    lr: float = 2e-5
+    schedule: str = "cosine"  # or "steps": epoch e uses epoch_lrs[e] (the last one repeats)
+    epoch_lrs: list[float] = field(default_factory=list)  # default lr, lr/2, lr/4, ...
+    min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
+    warmup_steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 1024
+    val_fraction: float = 0.05
+    max_val_batches: int = 50
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    grad_checkpointing: bool = False
+    bf16: bool = False
+    eval_every: int = 0  # 0: evaluate once, at the end
+    early_stop_patience: int = 0  # evaluations without improvement before stopping; 0: off
+    save_every: int = 0  # 0: no intermediate checkpoints
+    resume: bool = False
+    device_map: str | None = None  # "auto": spread layers over all visible GPUs (one process)
+    fsdp: bool = False  # one process per GPU under torchrun, model sharded with FSDP2
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    kd_temperature: float = 1.0
+    kd_alpha: float = 0.5
+    seed: int = 0
+    progress: bool = True
+    stop_after_steps: int | None = None  # leave the loop as a kill would (tests of resume)
+
+
+# ---- maths -----------------------------------------------------------------------------------
+def lr_at(step: int, cfg: FinetuneConfig, steps_per_epoch: int, total_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then the schedule."""
+    if cfg.schedule == "steps":
+        lrs = cfg.epoch_lrs or [cfg.lr * 0.5**e for e in range(max(cfg.epochs, 1))]
+        base = lrs[min(step // steps_per_epoch, len(lrs) - 1)]
+        after = base
+    else:
+        base = cfg.lr
+        floor = cfg.lr * cfg.min_lr_ratio
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        after = floor + (base - floor) * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    if step < cfg.warmup_steps:
+        return base * (step + 1) / cfg.warmup_steps
+    return after
+
+
+def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy. logits: (B, T, V); ids: (B, T)."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T² · KL(p_teacher ‖ p_student) at temperature T, mean over the predicting positions.
+    student, teacher: (B, T, V) logits; the last position predicts nothing and is left out."""
+    s = F.log_softmax(student[:, :-1].float() / temperature, dim=-1)  # (B, T-1, V)
+    t = F.log_softmax(teacher[:, :-1].float() / temperature, dim=-1)
+    kl = (t.exp() * (t - s)).sum(-1)  # (B, T-1)
+    return kl.mean() * temperature**2
+
+
+def mixed_loss(lm: torch.Tensor, kd: torch.Tensor, alpha: float) -> torch.Tensor:
+    return alpha * kd + (1.0 - alpha) * lm
+
+
+def check_config(cfg: FinetuneConfig) -> None:
+    """DataError naming the first field out of range."""
+    positive = ("epochs", "batch_size", "grad_accum", "seq_len", "max_val_batches")
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise DataError(f"--{name.replace('_', '-')} must be >= 1")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise DataError("--max-steps must be >= 1")
+    if cfg.schedule not in ("cosine", "steps"):
+        raise DataError(f"--schedule must be cosine or steps, got {cfg.schedule!r}")
+    if not 0.0 <= cfg.kd_alpha <= 1.0 or cfg.kd_temperature <= 0:
+        raise DataError("--kd-alpha must be in [0, 1] and --kd-temperature > 0")
+    if cfg.lr <= 0 or cfg.warmup_steps < 0:
+        raise DataError("--lr must be > 0 and --warmup-steps >= 0")
+
+
+def loop_recovery(steps: int, **overrides: object) -> dict[str, object]:
+    """FinetuneConfig fields of the short recovery that ``run_pipeline`` and ``actprune
+    iterate`` run between pruning steps (``overrides`` win): a 10 % warm-up, lr 1e-4, small
+    batches of 256-token rows."""
+    return {"max_steps": steps, "warmup_steps": max(1, steps // 10), "lr": 1e-4, "batch_size": 4,
+            "seq_len": 256, "max_val_batches": 4, **overrides}
