@@ -24,7 +24,7 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
 from .capture import Capture, CaptureOptions, ShardInfo
 
-__all__ = ["LOAD_FORMAT", "CaptureModelLoader", "get_capture"]
+__all__ = ["LOAD_FORMAT", "CaptureModelLoader", "attach_capture", "get_capture"]
 
 logger = init_logger("vllm.actprune")
 LOAD_FORMAT = "actprune"
@@ -71,13 +71,18 @@ class CaptureModelLoader(DefaultModelLoader):
             model, spec.vllm, options, shard, device,
             hidden_size=model_config.get_hidden_size(),
         )
-        # A plain attribute: the worker extension finds the capture through the model.
-        object.__setattr__(model, _ATTR, capture)
+        attach_capture(model, capture)
         logger.info(
             "actprune: capturing %d layers (tp %d/%d, pp %d/%d)",
             len(capture.groups) // 3, shard.tp_rank, shard.tp_size, shard.pp_rank, shard.pp_size,
         )
         return model
+
+
+def attach_capture(model: nn.Module, capture: Capture) -> None:
+    """Attach ``capture`` to ``model`` as a plain attribute (not a submodule): the worker
+    extension finds it through the model (:func:`get_capture`)."""
+    object.__setattr__(model, _ATTR, capture)
 
 
 def get_capture(model: nn.Module) -> Capture | None:

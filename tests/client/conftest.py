@@ -1,4 +1,5 @@
-"""Fixtures for the client tests: random snapshots with their raw samples, and a fake server."""
+"""Fixtures for the client tests: random raw samples, and a fake vLLM server that has served
+them (the real actprune routes over a fake engine: ``fake_vllm``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 from actprune.client import cli
-from fake_vllm import FakeState, RawLayer, random_raw, serve, stats_from_raw
+from fake_vllm import FakeVllm, fake_vllm, serve
+from raw_samples import RawLayer, random_raw
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +23,12 @@ def raw_b() -> list[RawLayer]:
 
 
 @pytest.fixture(scope="module")
-def server(raw_a: list[RawLayer]) -> Iterator[tuple[str, FakeState]]:
-    """One fake server for read-only tests of a module (tests must not change its state)."""
-    state = FakeState(stats=stats_from_raw(raw_a))
-    with serve(state) as url:
-        yield url, state
+def server(raw_a: list[RawLayer]) -> Iterator[tuple[str, FakeVllm]]:
+    """One fake server that has served ``raw_a``, for read-only tests of a module (tests must
+    not change its state)."""
+    srv = fake_vllm(raw_a)
+    with serve(srv) as url:
+        yield url, srv
 
 
 @pytest.fixture

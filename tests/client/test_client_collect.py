@@ -1,5 +1,5 @@
-"""`actprune collect` against ``fake_vllm``, a stand-in for the vLLM server's OpenAI API on
-loopback HTTP whose usage counts are words, so the summary's totals are known in advance."""
+"""`actprune collect` against ``fake_vllm`` on loopback HTTP, whose OpenAI API (a fake: it is
+vLLM's, not ours) counts words as tokens, so the summary's totals are known in advance."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import re
 import pytest
 from actprune.client.collect import EXAMPLE_PROMPTS, load_prompts
 from actprune.core.errors import UsageError
-from fake_vllm import FakeState, serve, stats_from_raw
+from fake_vllm import fake_vllm, serve
 
 
 def _write(tmp_path, lines: list) -> str:
@@ -67,8 +67,8 @@ def test_collect_replays_every_line_and_sums_usage(tmp_path, capsys, run_cli, ra
         {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]},
         {"prompt": "four five", "max_tokens": 2},
     ] * 5
-    state = FakeState(stats=stats_from_raw(raw_a), fail_first=2)  # two 503s: retried by the SDK
-    with serve(state) as url:
+    srv = fake_vllm(raw_a, fail_first=2)  # two 503s: retried by the SDK
+    with serve(srv) as url:
         code = run_cli(["collect", "--base-url", url, "--prompts", _write(tmp_path, lines),
                         "--concurrency", "4", "--max-tokens", "7"])
     out = capsys.readouterr().out
@@ -78,16 +78,16 @@ def test_collect_replays_every_line_and_sums_usage(tmp_path, capsys, run_cli, ra
     assert s["prompt tokens"] == str(5 * (3 + 4 + 2))
     assert s["completion tokens"] == str(5 * (7 + 7 + 2))
     assert float(s["tokens/s"].split()[0]) > 0
-    assert len(state.openai_bodies) == 15
-    assert state.hits["/v1/completions"] + state.hits["/v1/chat/completions"] == 15 + 2  # 2 retried
-    assert {b["model"] for b in state.openai_bodies} == {"tiny/qwen3"}  # the first /v1/models entry
-    assert sum("messages" in b for b in state.openai_bodies) == 5
+    assert len(srv.openai_bodies) == 15
+    assert srv.hits["/v1/completions"] + srv.hits["/v1/chat/completions"] == 15 + 2  # 2 retried
+    assert {b["model"] for b in srv.openai_bodies} == {"tiny/qwen3"}  # the first /v1/models entry
+    assert sum("messages" in b for b in srv.openai_bodies) == 5
 
 
 def test_failed_requests_are_counted_named_by_line_and_exit_1(tmp_path, capsys, run_cli, raw_a):
     lines = [{"prompt": "fine"}, {"prompt": "please FAIL"}, {"messages": [{"role": "user", "content": "ok"}]}]
-    state = FakeState(stats=stats_from_raw(raw_a), api_key="k")
-    with serve(state) as url:
+    srv = fake_vllm(raw_a, api_key="k")
+    with serve(srv) as url:
         code = run_cli(["collect", "--base-url", url + "/v1", "--prompts", _write(tmp_path, lines),
                         "--api-key", "k", "--model", "chosen", "--max-tokens", "3"])
     out = capsys.readouterr().out
@@ -95,7 +95,7 @@ def test_failed_requests_are_counted_named_by_line_and_exit_1(tmp_path, capsys, 
     assert code == 1
     assert s["requests"] == "2 ok / 3 sent" and s["errors"] == "1" and s["completion tokens"] == "6"
     assert "line 2: 400 prompt rejected by the fake" in out
-    assert {b["model"] for b in state.openai_bodies} == {"chosen"}
+    assert {b["model"] for b in srv.openai_bodies} == {"chosen"}
 
 
 def test_collect_usage_errors_exit_2_with_one_line(tmp_path, capsys, run_cli):

@@ -1,30 +1,28 @@
-"""`actprune stats pull|show`, pulling from ``fake_vllm`` servers (stand-ins for vLLM servers
-with the actprune routes) on loopback HTTP."""
+"""`actprune stats pull|show`, pulling from ``fake_vllm`` servers (the real actprune routes over
+a fake engine that has served known samples) on loopback HTTP."""
 
 from __future__ import annotations
 
-import numpy as np
 from actprune.core.summary import summarize
-from actprune.core.wire.stats import Stats, merge
-from fake_vllm import FakeState, serve, stats_from_raw
+from actprune.core.wire.stats import Stats
+from fake_vllm import fake_vllm, serve
+from raw_samples import assert_stats_match, concat, stats_from_raw
 
 
 def test_pull_merges_every_server_into_one_file(tmp_path, capsys, run_cli, raw_a, raw_b):
-    a, b = FakeState(stats=stats_from_raw(raw_a)), FakeState(stats=stats_from_raw(raw_b))
     out = tmp_path / "stats.safetensors"
-    with serve(a) as url_a, serve(b) as url_b:
+    with serve(fake_vllm(raw_a)) as url_a, serve(fake_vllm(raw_b)) as url_b:
         code = run_cli(["stats", "pull", "--base-url", url_a, "--base-url", url_b, "-o", str(out)])
     assert code == 0
-    got, want = Stats.load(out), Stats.from_bytes(merge([a.stats, b.stats]).to_bytes())
+    got = Stats.load(out)
     assert got.tokens == 470 and got.meta["merged_from"] == 2
-    for name, t in want.tensors.items():  # float32 files on both paths: one rounding apart
-        np.testing.assert_allclose(got.tensors[name], t, rtol=1e-6, err_msg=name)
+    assert_stats_match(got, stats_from_raw(concat(raw_a, raw_b)))
     assert "pulled 2 servers: tiny/qwen3, 470 tokens, 3 layers" in capsys.readouterr().out
 
 
 def test_pull_errors_are_one_line_naming_the_server(tmp_path, capsys, run_cli, raw_a):
     out = str(tmp_path / "s.safetensors")
-    with serve(FakeState(stats=stats_from_raw(raw_a), api_key="k")) as url:
+    with serve(fake_vllm(raw_a, api_key="k")) as url:
         assert run_cli(["stats", "pull", "--base-url", url, "-o", out]) == 2
         err = capsys.readouterr().err
         assert "401 Unauthorized" in err and "missing or wrong API key" in err and len(err.splitlines()) == 1

@@ -9,7 +9,7 @@ import pytest
 from actprune.core.summary import summarize
 from actprune.core.wire.api import StatsSummary
 from actprune.core.wire.stats import StatsFormatError
-from fake_vllm import RawLayer, stats_from_raw
+from raw_samples import RawLayer, stats_from_raw
 
 
 def _tiny(head_dim: int | None = 2):

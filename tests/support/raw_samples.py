@@ -1,4 +1,5 @@
-"""Known activations and the statistics they must give, computed directly with numpy.
+"""Known activations, the statistics they must give (computed directly with numpy), and the
+comparisons tests make against them.
 
 Tests feed raw samples to a server (through :mod:`fake_engine`, which runs actprune's real
 capture over them) and compare what the server answers against :func:`stats_from_raw`: whole
