@@ -87,22 +87,21 @@ def layer_configs(hf_config: PretrainedConfig) -> list[PretrainedConfig]:
     return [hf_config.layer_config(base, i) for i in range(n)]
 
 
-def _add_output_biases(layer: nn.Module, cfg: PretrainedConfig, vllm_config: VllmConfig,
-                       prefix: str, bias: dict[str, bool]) -> None:
-    """FLAP compensation: swap in down_proj / o_proj with a bias. RowParallelLinear adds its
-    bias once (on rank 0, before the all-reduce), so tensor parallelism stays correct."""
-    quant = vllm_config.quant_config
-    if bias.get("down_proj"):
-        layer.mlp.down_proj = RowParallelLinear(
-            cfg.intermediate_size, cfg.hidden_size, bias=True, quant_config=quant,
-            prefix=f"{prefix}.mlp.down_proj",
-        )
-    if bias.get("o_proj"):
-        attn = layer.self_attn
-        layer.self_attn.o_proj = RowParallelLinear(
-            attn.total_num_heads * attn.head_dim, cfg.hidden_size, bias=True, quant_config=quant,
-            prefix=f"{prefix}.self_attn.o_proj",
-        )
+def _add_output_biases(layer: nn.Module, layout: VllmLayout, cfg: PretrainedConfig,
+                       vllm_config: VllmConfig, prefix: str, bias: dict[str, bool]) -> None:
+    """Compensation biases (``actprune_bias``): swap the layer's ``down_proj`` / ``o_proj``
+    (the layout's ``mlp_in`` / ``attn_in``) for the same RowParallelLinear with a bias.
+    RowParallelLinear adds its bias once (on rank 0, before the all-reduce), so tensor
+    parallelism stays correct."""
+    for key, path in (("down_proj", layout.mlp_in), ("o_proj", layout.attn_in)):
+        if not bias.get(key):
+            continue
+        old = layer.get_submodule(path)  # input_size: the global width, whatever the TP rank
+        parent, _, name = path.rpartition(".")
+        setattr(layer.get_submodule(parent) if parent else layer, name, RowParallelLinear(
+            old.input_size, cfg.hidden_size, bias=True, quant_config=vllm_config.quant_config,
+            prefix=f"{prefix}.{path}",
+        ))
 
 
 @support_torch_compile(
@@ -126,7 +125,7 @@ class ActpruneModel(Qwen2Model):
         def make_layer(*, config, cache_config, quant_config, prefix: str) -> nn.Module:
             cfg = configs[extract_layer_index(prefix)]
             layer = build_layer(layout, cfg, vllm_config, prefix)
-            _add_output_biases(layer, cfg, vllm_config, prefix, bias)
+            _add_output_biases(layer, layout, cfg, vllm_config, prefix, bias)
             return layer
 
         super().__init__(vllm_config=vllm_config, prefix=prefix, decoder_layer_type=make_layer)
