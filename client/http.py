@@ -26,7 +26,7 @@ import json
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -43,7 +43,7 @@ from actprune.core.wire.api import (
     control_path,
 )
 from actprune.core.wire.plan import Plan
-from actprune.core.wire.stats import Stats, StatsFormatError, merge
+from actprune.core.wire.stats import Stats, StatsFormatError, instance_ids, merge
 from pydantic import BaseModel, ValidationError
 
 __all__ = [
@@ -83,7 +83,7 @@ class ActpruneHTTPError(ActpruneClientError):
 class ClientSettings:
     """Everything the client takes from its environment, read in one place."""
 
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)  # never in logs or tracebacks
     timeout: float = 60.0  # seconds, per request (connect, read, write, pool)
     retries: int = 3  # extra connection attempts after the first
     backoff: float = 0.5  # seconds before the first retry; doubles each time
@@ -203,13 +203,13 @@ class Client(_Base):
         return self._model(self._send("GET", STATUS_PATH), StatusResponse)
 
     def reset(self) -> ResetResponse:
-        return self._model(self._send("POST", control_path("reset")), ResetResponse)
+        return self._model(self._send("POST", control_path("reset"), json={}), ResetResponse)
 
     def pause(self) -> PauseResponse:
-        return self._model(self._send("POST", control_path("pause")), PauseResponse)
+        return self._model(self._send("POST", control_path("pause"), json={}), PauseResponse)
 
     def resume(self) -> PauseResponse:
-        return self._model(self._send("POST", control_path("resume")), PauseResponse)
+        return self._model(self._send("POST", control_path("resume"), json={}), PauseResponse)
 
     def plan(self, **fields: Any) -> Plan:
         """Ask the server's planner for a pruning plan from its live stats; ``fields`` are the
@@ -262,13 +262,13 @@ class AsyncClient(_Base):
         return self._model(await self._send("GET", STATUS_PATH), StatusResponse)
 
     async def reset(self) -> ResetResponse:
-        return self._model(await self._send("POST", control_path("reset")), ResetResponse)
+        return self._model(await self._send("POST", control_path("reset"), json={}), ResetResponse)
 
     async def pause(self) -> PauseResponse:
-        return self._model(await self._send("POST", control_path("pause")), PauseResponse)
+        return self._model(await self._send("POST", control_path("pause"), json={}), PauseResponse)
 
     async def resume(self) -> PauseResponse:
-        return self._model(await self._send("POST", control_path("resume")), PauseResponse)
+        return self._model(await self._send("POST", control_path("resume"), json={}), PauseResponse)
 
     async def plan(self, **fields: Any) -> Plan:
         return self._model(await self._send("POST", PLAN_PATH, json=fields), Plan)
@@ -284,7 +284,9 @@ class AsyncClient(_Base):
 
 
 def merge_from(urls: Sequence[str], **client_kw: Any) -> Stats:
-    """Pull the snapshot of every server (one after another) and merge them exactly."""
+    """Pull the snapshot of every server (one after another) and merge them exactly. A server
+    reached under two URLs (``URL`` and ``URL/v1``, ``localhost`` and ``127.0.0.1``) is found by
+    its instance identity and refused (ValueError): its tokens would count twice."""
     parts = []
     for url in _unique(urls):
         with Client(url, **client_kw) as c:
@@ -314,7 +316,17 @@ def _unique(urls: Sequence[str]) -> list[str]:
 
 
 def _merge_checked(parts: list[tuple[str, Stats]]) -> Stats:
-    """Merge, naming the servers when they do not hold the same model."""
+    """Merge, naming the servers when they do not hold the same model, or when two URLs lead to
+    one server (the same ``instance_id`` in their stats' metadata: URL text cannot tell)."""
+    seen: dict[str, str] = {}
+    for url, s in parts:
+        for instance in instance_ids(s):
+            if instance in seen:
+                raise ValueError(
+                    f"{seen[instance]} and {url} are the same server (instance_id {instance!r}); "
+                    f"list each server once, or its tokens count twice"
+                )
+            seen[instance] = url
     url0, first = parts[0]
     for url, s in parts[1:]:
         if s.meta["config_hash"] != first.meta["config_hash"]:

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
+import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -21,7 +24,8 @@ from typing import Any
 
 from .errors import ActpruneError
 
-__all__ = ["STAGING_MARK", "JsonlError", "atomic_write", "package_data_file", "read_jsonl", "staged_directory"]
+__all__ = ["RETIRED_MARK", "STAGING_MARK", "JsonlError", "atomic_temporaries", "atomic_write", "fsync_dir",
+           "package_data_file", "read_jsonl", "staged_directory"]
 
 
 class JsonlError(ActpruneError):
@@ -53,8 +57,10 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[tuple[int, dict[str, Any]]]
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
-    """Write ``data`` to a temporary file beside ``path``, fsync, then rename over ``path``:
-    a reader sees the old file or the new one, never half of one, even after a kill -9."""
+    """Write ``data`` to a temporary file beside ``path``, fsync, rename over ``path``, then fsync
+    the directory (the rename itself is durable only then): a reader sees the old file or the
+    new one, never half of one, even after a kill -9 or a power loss. A kill during the write
+    leaves the temporary file (:func:`atomic_temporaries` finds it)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -67,9 +73,37 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
     return path
 
+
+def atomic_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """The temporary files :func:`atomic_write` left beside ``path`` when it was killed
+    (``.NAME.XXXXXXXX``); only the writer of ``path`` may remove them."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.iterdir()
+                  if p.name.startswith(prefix) and re.fullmatch(r"[a-z0-9_]{8}", p.name[len(prefix):]))
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Make the renames and deletions in ``directory`` durable (a no-op where directories cannot
+    be opened, e.g. Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory; the rename still happened
+        pass
+    finally:
+        os.close(fd)
+
 STAGING_MARK = ".partial-"  # in the name of every staging directory: ``.OUT.partial-XXXX``
+RETIRED_MARK = ".old-"  # an output renamed aside while its replacement moves in: ``.OUT.old-XXXXXXXX``
 
 
 def package_data_file(package: str, relative: str, missing: str) -> Path:
@@ -87,15 +121,65 @@ def package_data_file(package: str, relative: str, missing: str) -> Path:
 
 @contextmanager
 def staged_directory(out: Path) -> Iterator[Path]:
-    """Yield a hidden ``.OUT.partial-*`` directory beside ``out``; on success it replaces
-    ``out`` by one rename, on any error (or a kill) nothing that looks complete is left."""
+    """Yield a hidden ``.OUT.partial-*`` directory beside ``out``; on success it replaces ``out``,
+    on any error nothing that looks complete is left.
+
+    Replacing is three steps, so that a failure or a kill at any point leaves a complete
+    directory: the old ``out`` is renamed aside (``.OUT.old-XXXXXXXX``), the new one renamed in,
+    then the old one deleted. When the rename in fails the old one is renamed back. What a kill
+    leaves aside is settled by the next ``staged_directory(out)``: deleted when ``out`` exists
+    (it was replaced), renamed back to ``out`` when ``out`` is missing (the kill came between
+    the two renames)."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    _settle_retired(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_MARK}", dir=out.parent))
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        old = _retire(out)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.rename(old, out)  # if this fails too, the next run renames it back
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    fsync_dir(out.parent)  # the renames are durable before the old copy goes
+    if old is not None:
+        try:
+            _remove(old)
+        except OSError as e:  # the new output is complete: say so, and let the next run clean up
+            logging.getLogger(__name__).warning(
+                "could not delete the replaced %s, left at %s (%s); the next run for it removes it", out, old, e)
+
+
+def _retire(out: Path) -> Path | None:
+    """Rename ``out`` aside to ``.OUT.old-XXXXXXXX``; None when there is no ``out``."""
+    if not (out.exists() or out.is_symlink()):
+        return None
+    old = out.parent / f".{out.name}{RETIRED_MARK}{secrets.token_hex(4)}"
+    os.rename(out, old)
+    return old
+
+
+def _settle_retired(out: Path) -> None:
+    """Finish what a killed run left aside for ``out`` (see :func:`staged_directory`)."""
+    prefix = f".{out.name}{RETIRED_MARK}"
+    retired = [p for p in out.parent.iterdir()
+               if p.name.startswith(prefix) and re.fullmatch(r"[0-9a-f]{8}", p.name[len(prefix):])]
+    if not retired:
+        return
+    if not (out.exists() or out.is_symlink()):
+        newest = max(retired, key=lambda p: p.lstat().st_mtime)
+        os.rename(newest, out)
+        retired.remove(newest)
+    for p in retired:
+        _remove(p)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()

@@ -8,9 +8,13 @@
 #   ACTPRUNE_SNAPSHOT_DIR        snapshot directory (default /workspace/actprune, the pod volume)
 #   ACTPRUNE_SNAPSHOT_INTERVAL   seconds between snapshots, 0 disables (default 60)
 #   PORT                         HTTP port (default 8000); HOST: bind address (default 0.0.0.0)
+#   ACTPRUNE_ALLOW_NO_KEY        1: serve on HOST without an API key; otherwise `actprune serve`
+#                                refuses a non-loopback HOST without VLLM_API_KEY
 #   EXTRA_VLLM_ARGS              more `vllm serve` arguments, shell-quoted, e.g.
 #                                "--max-model-len 8192 --gpu-memory-utilization 0.92"
 #
+# The command is logged without EXTRA_VLLM_ARGS (only how many words it adds) and with the
+# value of any --api-key replaced by ***: pod logs are read by more people than the key is.
 # Arguments given to the container (`docker run IMAGE --foo`) are appended after
 # EXTRA_VLLM_ARGS. A first argument that is not a flag is run instead of the server
 # (`docker run IMAGE sleep infinity`, or RunPod's start command): a pod for pruning and
@@ -61,7 +65,7 @@ import shlex, sys
 try:
     words = shlex.split(sys.argv[1])
 except ValueError as e:
-    sys.exit(f"actprune entrypoint: error: EXTRA_VLLM_ARGS: {e} in {sys.argv[1]!r}")
+    sys.exit(f"actprune entrypoint: error: EXTRA_VLLM_ARGS: {e} (value not shown)")
 sys.stdout.write("".join(w + "\0" for w in words))
 '
 extra=()
@@ -70,5 +74,25 @@ if [[ -n "${EXTRA_VLLM_ARGS:-}" ]]; then
     mapfile -d '' extra < <("${PYTHON:-python3}" -c "$split_words" "$EXTRA_VLLM_ARGS")
 fi
 
-echo "actprune entrypoint: actprune serve ${args[*]} ${extra[*]} $*" >&2
+redacted() {  # WORDS...: the words, with the values of --api-key (one or more, or =VALUE) as ***
+    local out=() hide=0 w
+    for w in "$@"; do
+        [[ "$w" == -* ]] && hide=0
+        if ((hide)); then
+            out+=("***")
+        elif [[ "$w" == --api-key ]]; then
+            out+=("$w")
+            hide=1
+        elif [[ "$w" == --api-key=* ]]; then
+            out+=("--api-key=***")
+        else
+            out+=("$w")
+        fi
+    done
+    echo "${out[*]}"
+}
+
+shown="$(redacted "${args[@]}" "$@")"
+((${#extra[@]} == 0)) || shown+=" (+ ${#extra[@]} words of EXTRA_VLLM_ARGS, not shown)"
+echo "actprune entrypoint: actprune serve $shown" >&2
 exec actprune serve "${args[@]}" "${extra[@]}" "$@"

@@ -93,9 +93,11 @@ def record_stats(
     model_dir: PathLike, data: str = "wiki:calibration", *, text_field: str | None = None,
     max_tokens: int | None = 200_000, max_len: int = 2048, batch_size: int = 4,
     near_zero_threshold: float | None = None, dtype: str | None = None,
-    output: PathLike | None = None, progress: bool = True,
+    output: PathLike | None = None, progress: bool = True, trust_remote_code: bool = False,
 ) -> Stats:
-    """Record stats offline with transformers (``actprune record``): no vLLM server needed."""
+    """Record stats offline with transformers (``actprune record``): no vLLM server needed.
+    ``trust_remote_code``: run code the checkpoint's ``auto_map`` names (not needed for
+    actprune's own pruned checkpoints)."""
     import torch
     from actprune.core.wire.schema import DEFAULT_NEAR_ZERO
     from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
@@ -103,9 +105,9 @@ def record_stats(
     from actprune.pruning.record import budget, record
 
     config = read_config(model_dir)
-    tok = load_tokenizer(model_dir)
+    tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     texts = load_texts(data, text_field, tok)
-    model = load_causal_lm(model_dir, getattr(torch, dtype) if dtype else None)
+    model = load_causal_lm(model_dir, getattr(torch, dtype) if dtype else None, trust_remote_code=trust_remote_code)
     token_lists = budget(tokenize(tok, texts), max_len, max_tokens)
     threshold = DEFAULT_NEAR_ZERO if near_zero_threshold is None else near_zero_threshold
     stats = record(model, token_lists, model_name=Path(model_dir).name, config=config,
@@ -265,7 +267,7 @@ def finetune(model_dir: PathLike, data: str, output: PathLike, *, teacher: PathL
 def evaluate(model_dirs: list[PathLike], data: str = "wiki:heldout", *, output: PathLike | None = None,
              text_field: str | None = None, prompts: list[str] | None = None, seq_len: int = 512,
              max_tokens: int = 100_000, batch_size: int = 4, max_new_tokens: int = 32,
-             progress: bool = True) -> list[Any]:
+             progress: bool = True, trust_remote_code: bool = False) -> list[Any]:
     """Perplexity, KL against the first model and greedy generations (``actprune eval``);
     with ``output``, also results.json, report.md and plots there. Returns ``ModelResult``s."""
     from actprune.pruning.checkpoint.hf_io import load_tokenizer
@@ -274,12 +276,12 @@ def evaluate(model_dirs: list[PathLike], data: str = "wiki:heldout", *, output: 
     from actprune.pruning.evaluate.report import write_report
 
     dirs = [str(d) for d in model_dirs]
-    tok = load_tokenizer(dirs[0])
+    tok = load_tokenizer(dirs[0], trust_remote_code=trust_remote_code)
     rows = pack(tokenize(tok, load_texts(data, text_field, tok)), seq_len, tok.eos_token_id)
     rows = rows[: max(1, max_tokens // seq_len)]  # (N, L)
     prompts = list(prompts or DEFAULT_PROMPTS)
-    results = evaluate_models(dirs, rows, prompts, batch_size=batch_size,
-                              max_new_tokens=max_new_tokens, progress=progress)
+    results = evaluate_models(dirs, rows, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                              progress=progress, trust_remote_code=trust_remote_code)
     if output is not None:
         meta = {"data": data, "text_field": text_field, "seq_len": seq_len, "rows": len(rows)}
         write_report(output, results, prompts, meta)
@@ -309,21 +311,24 @@ def run_pipeline(
     calibration: str = "wiki:calibration", calibration_tokens: int = 50_000,
     train_data: str = "wiki:train", finetune_steps: int = 100, distil: bool = True,
     eval_data: str = "wiki:heldout", eval_tokens: int = 20_000, eval_seq_len: int = 256,
-    finetune_config: dict[str, Any] | None = None, progress: bool = True, **request: Any,
+    finetune_config: dict[str, Any] | None = None, progress: bool = True, trust_remote_code: bool = False,
+    **request: Any,
 ) -> PipelineResult:
     """stats → plan → prune → recover → evaluate, all written under ``workdir``.
 
     ``stats``: a stats file or object (e.g. pulled from a server); None records
     ``calibration_tokens`` of ``calibration`` offline. ``request``: plan fields (default
     ``mlp_ratio=0.3``). ``finetune_steps=0`` skips recovery; ``distil`` uses the original as
-    teacher. Output: stats.safetensors, plan.json, pruned/, recovered/, eval/report.md.
+    teacher. ``trust_remote_code``: run code the original's ``auto_map`` names. Output:
+    stats.safetensors, plan.json, pruned/, recovered/, eval/report.md.
     """
     work = Path(workdir)
     work.mkdir(parents=True, exist_ok=True)
     paths = {k: work / v for k, v in (("stats", "stats.safetensors"), ("plan", "plan.json"),
                                       ("pruned", "pruned"), ("recovered", "recovered"), ("eval", "eval"))}
     if stats is None:
-        stats = record_stats(model_dir, calibration, max_tokens=calibration_tokens, progress=progress)
+        stats = record_stats(model_dir, calibration, max_tokens=calibration_tokens, progress=progress,
+                             trust_remote_code=trust_remote_code)
     elif not isinstance(stats, Stats):
         stats = Stats.load(stats)
     stats.save(paths["stats"])
@@ -333,12 +338,13 @@ def run_pipeline(
     if finetune_steps > 0:
         from actprune.pruning.recover.recipe_config import loop_recovery
 
-        cfg = loop_recovery(finetune_steps, **{"progress": progress, **(finetune_config or {})})
+        cfg = loop_recovery(finetune_steps, **{"progress": progress, **(finetune_config or {}),
+                                               "trust_remote_code": trust_remote_code})
         recovered = finetune(pruned, train_data, paths["recovered"],
                              teacher=model_dir if distil else None, **cfg)
     models = [Path(model_dir), pruned, *([recovered] if recovered else [])]
     results = evaluate(models, eval_data, output=paths["eval"], max_tokens=eval_tokens,
-                       seq_len=eval_seq_len, progress=progress)
+                       seq_len=eval_seq_len, progress=progress, trust_remote_code=trust_remote_code)
     (work / "pipeline.json").write_text(json.dumps(
         {"request": plan.provenance.request, "models": [r.to_json() for r in results]}, indent=2) + "\n")
     return PipelineResult(stats=paths["stats"], plan=plan, pruned=pruned, recovered=recovered,

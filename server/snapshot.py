@@ -30,10 +30,11 @@ __all__ = ["Shard", "assemble"]
 class Shard:
     def __init__(self, data: bytes) -> None:
         self.tensors: dict[str, np.ndarray] = from_file_arrays(st_load(data))
-        meta = read_metadata(data)
-        self.info: dict[str, int] = json.loads(meta["shard"])
-        self.partitions: dict[str, list[int]] = json.loads(meta["partitions"])
-        self.status: dict[str, Any] = json.loads(meta["status"])
+        self.meta = read_metadata(data)  # raw strings, with what the writer added
+        self.info: dict[str, int] = json.loads(self.meta["shard"])
+        self.partitions: dict[str, list[int]] = json.loads(self.meta["partitions"])
+        self.status: dict[str, Any] = json.loads(self.meta["status"])
+        self.taken_at = float(self.meta.get("taken_at", 0.0))
 
 
 def assemble(shards: list[bytes], meta: dict[str, Any]) -> Stats:
@@ -76,6 +77,8 @@ def assemble(shards: list[bytes], meta: dict[str, Any]) -> Stats:
         tokens_prefill=int(lead["tokens_prefill"]),
         tokens_decode=int(lead["tokens_decode"]),
         window_start=float(lead["window_start"]),
+        paused=bool(lead["paused"]),
+        taken_at=min(s.taken_at for s in parsed),
         tensor_parallel_size=max(s.info["tp_size"] for s in parsed),
         pipeline_parallel_size=max(s.info["pp_size"] for s in parsed),
     )

@@ -24,16 +24,18 @@ from typing import Any
 from actprune.core.errors import ActpruneError
 
 from . import llama, mistral, qwen2, qwen3
-from .shape import LayerShape, ModelShape, model_shape
+from .shape import LIMITS, LayerShape, Limits, ModelShape, model_shape
 from .spec import ArchSpec, HfLayout, MoeLayout, Role, TensorRef, VllmLayout
 
 __all__ = [
     "ACTPRUNE_ARCHITECTURE",
     "ACTPRUNE_MODEL_TYPE",
+    "LIMITS",
     "REGISTRY",
     "ArchSpec",
     "HfLayout",
     "LayerShape",
+    "Limits",
     "ModelShape",
     "MoeLayout",
     "Role",
@@ -70,10 +72,14 @@ def spec_for_architecture(architecture: str, base_architecture: str | None = Non
 
 def spec_for_config(config: dict[str, Any]) -> ArchSpec:
     """The spec of a config dict, by its ``architectures`` entry."""
-    archs = list(config.get("architectures") or [])
+    archs = config.get("architectures") or []
     if not archs:
         raise UnsupportedArchitecture("config.json has no `architectures`; is this a Hugging Face checkpoint?")
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise UnsupportedArchitecture("config.json: `architectures` must be a list of class names")
     base = config.get("actprune_base_architecture")
+    if base is not None and not isinstance(base, str):
+        raise UnsupportedArchitecture("config.json: `actprune_base_architecture` must be a class name")
     for a in archs:
         if a in REGISTRY or (a == ACTPRUNE_ARCHITECTURE and base in REGISTRY):
             return spec_for_architecture(a, base)

@@ -2,7 +2,9 @@
 
 :func:`model_shape` is the one reader of layer widths: the uniform widths of a stock config, or
 ``actprune_layer_widths`` (one ``{"intermediate_size", "num_attention_heads",
-"num_key_value_heads"}`` per layer) of a checkpoint ``actprune prune`` wrote.
+"num_key_value_heads"}`` per layer) of a checkpoint ``actprune prune`` wrote. Every number is
+checked against :data:`LIMITS` before anything is sized by it, so a typo or a hostile config
+gets one line (:class:`~actprune.core.config.CheckpointError`), not a hang.
 """
 
 from __future__ import annotations
@@ -10,9 +12,39 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["LayerShape", "ModelShape", "model_shape"]
+from actprune.core.config import CheckpointError
+
+__all__ = ["LIMITS", "LayerShape", "Limits", "ModelShape", "bounded_int", "model_shape"]
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+_WIDTH_KEYS = ("intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds on a decoder-only model's geometry, far above any released model (Llama-3.1
+    405B: 126 layers, hidden 16384, MLP 53248, 128 heads of 128), shared by the config reader,
+    the plan and the stats file."""
+
+    layers: int = 4096
+    width: int = 1 << 20  # hidden_size, intermediate_size
+    heads: int = 1 << 12
+    head_dim: int = 1 << 12
+    vocab: int = 1 << 24
+
+
+LIMITS = Limits()
+
+
+def bounded_int(value: Any, name: str, hi: int, lo: int = 1) -> int:
+    """``value`` as an int in [lo, hi] (an integral float counts; a bool or a string does not);
+    ValueError naming ``name`` otherwise."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:39] + "…"
+        raise ValueError(f"{name} must be an integer in {lo}..{hi}, got {shown}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -64,27 +96,55 @@ class ModelShape:
 
 
 def model_shape(config: dict[str, Any]) -> ModelShape:
-    """Geometry from a config dict; ValueError (or KeyError for a missing key) when the config
-    does not describe a supported decoder-only model."""
+    """Geometry from a config dict; CheckpointError (a ValueError) naming the key when the config
+    does not describe a supported decoder-only model within :data:`LIMITS`."""
     from . import spec_for_config  # the package imports this module
 
     spec = spec_for_config(config)
-    n = int(config["num_hidden_layers"])
-    heads = int(config["num_attention_heads"])
-    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
-    default = LayerShape(int(config["intermediate_size"]), heads, int(config.get("num_key_value_heads") or heads))
+    try:
+        return _shape(config, spec.qkv_bias, spec.qk_norm)
+    except KeyError as e:
+        raise CheckpointError(f"config.json has no {e.args[0]!r}") from None
+    except ValueError as e:
+        raise CheckpointError(f"config.json: {e}") from None
+
+
+def _shape(config: dict[str, Any], qkv_bias: bool, qk_norm: bool) -> ModelShape:
+    n = bounded_int(config["num_hidden_layers"], "num_hidden_layers", LIMITS.layers)
+    hidden = bounded_int(config["hidden_size"], "hidden_size", LIMITS.width)
+    heads = bounded_int(config["num_attention_heads"], "num_attention_heads", LIMITS.heads)
+    kv = bounded_int(config.get("num_key_value_heads") or heads, "num_key_value_heads", LIMITS.heads)
+    head_dim = bounded_int(config.get("head_dim") or hidden // heads, "head_dim", LIMITS.head_dim)
+    mlp = bounded_int(config["intermediate_size"], "intermediate_size", LIMITS.width)
     widths = config.get("actprune_layer_widths")
-    layers = tuple(LayerShape(**w) for w in widths) if widths else (default,) * n
-    if len(layers) != n:
-        raise ValueError(f"actprune_layer_widths has {len(layers)} entries for {n} layers")
+    layers = _layer_widths(widths, n) if widths else (LayerShape(mlp, heads, kv),) * n
+    for i, s in enumerate(layers):
+        if s.num_attention_heads % s.num_key_value_heads:  # GQA: whole groups of query heads
+            where = f"actprune_layer_widths[{i}]" if widths else "config"
+            raise ValueError(f"{where}: num_key_value_heads {s.num_key_value_heads} does not divide "
+                             f"num_attention_heads {s.num_attention_heads}")
     dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
     return ModelShape(
-        hidden_size=int(config["hidden_size"]),
-        vocab_size=int(config["vocab_size"]),
+        hidden_size=hidden,
+        vocab_size=bounded_int(config["vocab_size"], "vocab_size", LIMITS.vocab),
         head_dim=head_dim,
         layers=layers,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        qkv_bias=spec.qkv_bias,
-        qk_norm=spec.qk_norm,
+        qkv_bias=qkv_bias,
+        qk_norm=qk_norm,
         dtype_bytes=_DTYPE_BYTES.get(dtype.removeprefix("torch."), 2),
     )
+
+
+def _layer_widths(widths: Any, n: int) -> tuple[LayerShape, ...]:
+    if not isinstance(widths, list) or len(widths) != n:
+        got = f"{len(widths)} entries" if isinstance(widths, list) else type(widths).__name__
+        raise ValueError(f"actprune_layer_widths has {got} for {n} layers")
+    out = []
+    for i, w in enumerate(widths):
+        if not isinstance(w, dict) or sorted(w) != sorted(_WIDTH_KEYS):
+            raise ValueError(f"actprune_layer_widths[{i}] must hold exactly {list(_WIDTH_KEYS)}")
+        out.append(LayerShape(*(bounded_int(w[k], f"actprune_layer_widths[{i}].{k}",
+                                            LIMITS.width if k == "intermediate_size" else LIMITS.heads)
+                                for k in _WIDTH_KEYS)))
+    return tuple(out)

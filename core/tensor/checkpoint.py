@@ -104,7 +104,10 @@ class ShardIndex:
 
 def read_column_norms(index: ShardIndex, name: str) -> np.ndarray:
     """L2 norm of every input column of the nn.Linear weight ``name``: (out, in) -> (in,).
-    Reads that one tensor only."""
+    Reads that one tensor only. CheckpointError for a quantised dtype (FP8, int): its norms
+    without the scales stored beside it would be silently wrong."""
+    if name in index.weight_map:
+        dtype_of(index.header(name)["dtype"], name)
     w = index.read(name).float()  # (out, in)
     return torch.linalg.vector_norm(w, dim=0).double().numpy()
 

@@ -9,12 +9,15 @@ Routes (same process and port as vLLM's OpenAI API)::
     GET  /activations/stats[?k=10]              -> StatsSummary (JSON; k least-important units)
     GET  /activations/stats?format=safetensors  -> the stats file (see ``wire/stats.py``)
     GET  /activations/status                    -> StatusResponse
+    GET  /activations/metrics                   -> actprune's Prometheus series (text)
     POST /activations/reset                     -> ResetResponse
     POST /activations/pause                     -> PauseResponse
     POST /activations/resume                    -> PauseResponse
     POST /prune/plan                            -> the plan (JSON)
 
-Every error answer is an :class:`ErrorBody` (``{"detail": "..."}``), FastAPI's convention.
+Every POST body is JSON (``Content-Type: application/json``; ``{}`` when a route takes no
+fields). Every error answer is an :class:`ErrorBody` (``{"detail": "..."}``), FastAPI's
+convention.
 
 Floats that cannot be computed (a layer that has seen no token, an overflowing activation) are
 ``null``, never NaN or Infinity, so every answer is strict JSON.
@@ -85,6 +88,9 @@ class StatusResponse(BaseModel):
     pipeline_parallel_size: int = Field(ge=1)
     num_layers: int = Field(ge=0)
     near_zero_threshold: float = Field(ge=0, description="|x| at or below this counts as zero.")
+    instance_id: str | None = Field(
+        default=None, description="The server's identity (stable across its restarts); null from older servers."
+    )
 
     @property
     def tokens(self) -> int:

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
+from actprune.core.archs import LIMITS, model_shape
 from actprune.core.errors import ActpruneError
 from actprune.core.files import atomic_write
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -37,6 +38,8 @@ __all__ = [
 
 PLAN_FORMAT = "actprune.plan"
 PLAN_VERSION = 1
+# A plan of Llama-3.1-405B is ~80 MB (one index per line); this bounds what `load` parses.
+MAX_PLAN_BYTES = 512 << 20
 
 
 class PlanError(ActpruneError):
@@ -44,18 +47,31 @@ class PlanError(ActpruneError):
 
 
 def format_validation_error(e: ValidationError) -> str:
-    """One line per problem, each naming the field: pydantic's own text is too noisy for users."""
+    """The problems on one line, each naming the field (pydantic's own text is too noisy for
+    users); the first few only, with a count of the rest."""
+    errors = e.errors()
     parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "request"
+    for err in errors[:_MAX_REPORTED]:
+        loc = ".".join(_printable(str(x)) for x in err["loc"]) or "request"
         parts.append(f"{loc}: {err['msg']}")
+    if len(errors) > _MAX_REPORTED:
+        parts.append(f"and {len(errors) - _MAX_REPORTED} more problems")
     return "; ".join(parts)
+
+
+_MAX_REPORTED = 5
+
+
+def _printable(name: str, limit: int = 64) -> str:
+    """A field name as a user sent it, on one short line (a body can name any key it likes)."""
+    text = name if name.isprintable() else repr(name)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class ImportanceWeights(BaseModel):
     """Weights of the `importance` composite (normalised per layer, then summed)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     magnitude: float = Field(0.3, ge=0)
     variance: float = Field(0.4, ge=0)
     sparsity: float = Field(0.3, ge=0)
@@ -70,10 +86,11 @@ class ImportanceWeights(BaseModel):
 class PlanRequest(BaseModel):
     """What to prune. Field names equal the `actprune plan` flags (`mlp_ratio` = `--mlp-ratio`).
 
-    Ratios are fractions *removed*: ``mlp_ratio=0.3`` removes 30 % of MLP neurons.
+    Ratios are fractions *removed*: ``mlp_ratio=0.3`` removes 30 % of MLP neurons. Every number
+    must be finite (``1e999`` parses as infinity and is refused, naming the field).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     strategy: str = Field("wifv", description="unit scoring strategy")
     layer_strategy: str = Field("block_influence", description="layer scoring strategy")
@@ -97,6 +114,7 @@ class PlanRequest(BaseModel):
     )
     layer_sensitivity: list[float] | None = Field(
         None,
+        max_length=LIMITS.layers,
         description="per-layer loss increases from `actprune sensitivity` (CLI: the JSON file); "
         "with per_layer and mlp_ratio, MLP widths come from them (removed fraction ∝ 1/Δ, at most 2× the ratio)",
     )
@@ -118,16 +136,23 @@ class LayerWidths(BaseModel):
     """Shape of one decoder layer of the *output* model (the `actprune_layer_widths` entry)."""
 
     model_config = ConfigDict(extra="forbid")
-    intermediate_size: int = Field(ge=1)
-    num_attention_heads: int = Field(ge=1)
-    num_key_value_heads: int = Field(ge=1)
+    intermediate_size: int = Field(ge=1, le=LIMITS.width)
+    num_attention_heads: int = Field(ge=1, le=LIMITS.heads)
+    num_key_value_heads: int = Field(ge=1, le=LIMITS.heads)
+
+    @model_validator(mode="after")
+    def _whole_kv_groups(self) -> LayerWidths:
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_key_value_heads {self.num_key_value_heads} does not divide "
+                             f"num_attention_heads {self.num_attention_heads}")
+        return self
 
 
 class LayerPlan(BaseModel):
     """What one source layer keeps. Index lists are sorted, unique, source numbering."""
 
     model_config = ConfigDict(extra="forbid")
-    index: int = Field(ge=0)
+    index: int = Field(ge=0, lt=LIMITS.layers)
     drop: bool = False
     mlp_keep: list[int] = Field(default_factory=list)
     heads_keep: list[int] = Field(default_factory=list)
@@ -140,10 +165,10 @@ class SourceModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
     architecture: str
     config_hash: str
-    num_hidden_layers: int
-    hidden_size: int
-    head_dim: int
-    widths: list[LayerWidths]
+    num_hidden_layers: int = Field(ge=1, le=LIMITS.layers)
+    hidden_size: int = Field(ge=1, le=LIMITS.width)
+    head_dim: int = Field(ge=1, le=LIMITS.head_dim)
+    widths: list[LayerWidths] = Field(max_length=LIMITS.layers)
 
 
 class Provenance(BaseModel):
@@ -165,9 +190,9 @@ class Plan(BaseModel):
     format: Literal["actprune.plan"] = PLAN_FORMAT
     format_version: int = PLAN_VERSION
     source: SourceModel
-    layers: list[LayerPlan]
-    dropped_layers: list[int]
-    widths: list[LayerWidths]
+    layers: list[LayerPlan] = Field(max_length=LIMITS.layers)
+    dropped_layers: list[int] = Field(max_length=LIMITS.layers)
+    widths: list[LayerWidths] = Field(max_length=LIMITS.layers)
     uniform: bool
     params_before: int
     params_after: int
@@ -183,11 +208,14 @@ class Plan(BaseModel):
     def from_json(cls, text: str | bytes, *, source: str = "<plan>") -> Plan:
         try:
             raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PlanError(f"{source}: not JSON ({e})") from e
+        except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, a 5000-digit number, deep nesting
+            raise PlanError(f"{source}: not JSON ({type(e).__name__}: {str(e)[:200]})") from None
         if not isinstance(raw, dict) or raw.get("format") != PLAN_FORMAT:
             raise PlanError(f"{source}: not an actprune plan (format must be {PLAN_FORMAT!r})")
-        if int(raw.get("format_version", 0)) > PLAN_VERSION:
+        version = raw.get("format_version", PLAN_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+            raise PlanError(f"{source}: format_version must be a positive integer, got {str(version)[:40]!r}")
+        if version > PLAN_VERSION:
             raise PlanError(
                 f"{source}: plan format_version {raw['format_version']} is newer than this "
                 f"actprune understands ({PLAN_VERSION}); upgrade actprune"
@@ -208,7 +236,9 @@ class Plan(BaseModel):
         path = Path(path)
         if not path.is_file():
             raise PlanError(f"{path}: no such plan file")
-        return cls.from_json(path.read_text(), source=str(path))
+        if path.stat().st_size > MAX_PLAN_BYTES:  # parsing is ~10x the file in memory
+            raise PlanError(f"{path}: {path.stat().st_size:,} bytes, more than a plan can be ({MAX_PLAN_BYTES:,})")
+        return cls.from_json(path.read_bytes(), source=str(path))
 
     # ---- validation ------------------------------------------------------------------------
     def check(self, *, source: str = "<plan>") -> None:
@@ -255,23 +285,34 @@ class Plan(BaseModel):
         )
 
     def validate_for(self, config: dict[str, Any], config_hash: str) -> None:
-        """Raise PlanError unless this plan was made for the model described by ``config``."""
+        """Raise PlanError unless this plan was made for the model described by ``config``: the
+        same architecture and config hash, and — since the slicer cuts rows by the plan's own
+        numbers — the same hidden size, head_dim and per-layer widths as the config's."""
+        try:
+            shape = model_shape(config)
+        except ActpruneError as e:  # CheckpointError, UnsupportedArchitecture
+            raise PlanError(f"model config: {e}") from None
+        src = self.source
         archs = config.get("architectures") or []
-        base = config.get("actprune_base_architecture")
-        if self.source.architecture not in archs and self.source.architecture != base:
+        if src.architecture not in archs and src.architecture != config.get("actprune_base_architecture"):
+            raise PlanError(f"plan is for {src.architecture}, the model is {archs}; make a plan for this model")
+        if shape.num_layers != src.num_hidden_layers:
+            raise PlanError(f"plan is for {src.num_hidden_layers} layers, the model has {shape.num_layers}")
+        if config_hash != src.config_hash:
             raise PlanError(
-                f"plan is for {self.source.architecture}, the model is {archs}; make a plan for this model"
-            )
-        if int(config.get("num_hidden_layers", -1)) != self.source.num_hidden_layers:
-            raise PlanError(
-                f"plan is for {self.source.num_hidden_layers} layers, the model has "
-                f"{config.get('num_hidden_layers')}"
-            )
-        if config_hash != self.source.config_hash:
-            raise PlanError(
-                f"plan was made for a model with config hash {self.source.config_hash}, this model "
+                f"plan was made for a model with config hash {src.config_hash}, this model "
                 f"has {config_hash} (different widths or heads); make a plan for this model"
             )
+        # The hash matches: a field that still differs was edited in the plan file.
+        for name, mine, theirs in (("hidden_size", src.hidden_size, shape.hidden_size),
+                                   ("head_dim", src.head_dim, shape.head_dim)):
+            if mine != theirs:
+                raise PlanError(f"plan source.{name} is {mine}, the model's is {theirs}; "
+                                "the plan file was edited: make a plan for this model")
+        for i, (w, s) in enumerate(zip(src.widths, shape.layers, strict=True)):
+            if w.model_dump() != vars(s):
+                raise PlanError(f"plan source.widths[{i}] is {w.model_dump()}, the model's layer {i} is "
+                                f"{vars(s)}; the plan file was edited: make a plan for this model")
 
     @property
     def is_identity(self) -> bool:

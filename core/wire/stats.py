@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from actprune.core.archs.shape import LIMITS
 from actprune.core.errors import ActpruneError
 from actprune.core.files import atomic_write
 from actprune.core.stats_math import ChannelFigures, figures, merge_channel_arrays
@@ -56,8 +59,10 @@ __all__ = [
     "GROUP_FIELDS",
     "Stats",
     "StatsFormatError",
+    "StatsVersionError",
     "config_hash",
     "from_file_arrays",
+    "instance_ids",
     "merge",
     "read_metadata",
     "to_file_arrays",
@@ -67,6 +72,10 @@ REQUIRED_META = (
     "format", "format_version", "model", "architecture", "config_hash",
     "tensor_parallel_size", "near_zero_threshold", "tokens_prefill", "tokens_decode",
 )
+# Metadata kept as written: names and hashes, never numbers even when they look like one.
+_STRING_META = ("format", "model", "architecture", "config_hash")
+# A Qwen3-32B snapshot is ~60 MB; this bounds what `load` reads into memory.
+MAX_STATS_BYTES = 2 << 30
 # Config keys that decide tensor shapes; the hash of these is what "same model" means.
 _HASHED_CONFIG_KEYS = (
     "architectures", "model_type", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -79,11 +88,19 @@ class StatsFormatError(ActpruneError):
     """A stats file (or bytes) that does not follow the documented format."""
 
 
+class StatsVersionError(StatsFormatError):
+    """A stats file written by a newer actprune (a newer ``format_version``): valid, but not ours
+    to read, nor to overwrite."""
+
+
 def config_hash(config: dict[str, Any]) -> str:
     """Stable hash of the shape-deciding part of a Hugging Face config dict."""
     picked = {k: config.get(k) for k in _HASHED_CONFIG_KEYS if config.get(k) is not None}
     if "head_dim" not in picked and picked.get("num_attention_heads"):
-        picked["head_dim"] = picked["hidden_size"] // picked["num_attention_heads"]
+        try:
+            picked["head_dim"] = picked["hidden_size"] // picked["num_attention_heads"]
+        except (KeyError, TypeError):  # a malformed config: model_shape names the field
+            pass
     if picked.get("num_key_value_heads") is None and picked.get("num_attention_heads"):
         picked["num_key_value_heads"] = picked["num_attention_heads"]
     blob = json.dumps(picked, sort_keys=True, separators=(",", ":"))
@@ -138,7 +155,7 @@ class Stats:
             meta_raw = read_metadata(data)
         except (SafetensorError, ValueError, json.JSONDecodeError) as e:
             raise StatsFormatError(f"{source}: not a safetensors stats file ({e})") from e
-        stats = cls(tensors=from_file_arrays(tensors), meta={k: _decode(v) for k, v in meta_raw.items()})
+        stats = cls(tensors=from_file_arrays(tensors), meta={k: _decode(k, v) for k, v in meta_raw.items()})
         stats.validate(source=source)
         return stats
 
@@ -151,26 +168,39 @@ class Stats:
         path = Path(path)
         if not path.is_file():
             raise StatsFormatError(f"{path}: no such stats file")
+        if path.stat().st_size > MAX_STATS_BYTES:
+            raise StatsFormatError(f"{path}: {path.stat().st_size:,} bytes, more than a stats file can be "
+                                   f"({MAX_STATS_BYTES:,})")
         return cls.from_bytes(path.read_bytes(), source=str(path))
 
     # ---- validation ------------------------------------------------------------------------
     def validate(self, *, source: str = "<stats>") -> None:
-        """Raise StatsFormatError naming the first problem found."""
+        """Raise StatsFormatError naming the first problem found (StatsVersionError for a file of
+        a newer format version, checked first: a newer version may lack what this one requires)."""
+        version = self.meta.get("format_version")
+        if self.meta.get("format") == FORMAT_NAME and version is not None:
+            try:
+                newer = not isinstance(version, bool) and int(version) > FORMAT_VERSION
+            except (TypeError, ValueError):
+                raise StatsFormatError(f"{source}: format_version must be an integer, got {version!r}") from None
+            if newer:
+                raise StatsVersionError(
+                    f"{source}: format_version {version} is newer than this actprune understands "
+                    f"({FORMAT_VERSION}); upgrade actprune"
+                )
         missing = [k for k in REQUIRED_META if k not in self.meta]
         if missing:
             raise StatsFormatError(f"{source}: metadata lacks {missing}; is this an actprune stats file?")
         if self.meta["format"] != FORMAT_NAME:
             raise StatsFormatError(f"{source}: format is {self.meta['format']!r}, expected {FORMAT_NAME!r}")
-        if int(self.meta["format_version"]) > FORMAT_VERSION:
-            raise StatsFormatError(
-                f"{source}: format_version {self.meta['format_version']} is newer than this "
-                f"actprune understands ({FORMAT_VERSION}); upgrade actprune"
-            )
+        _validate_meta(self.meta, source)
         for name in self.tensors:
             if parse_key(name) is None:
                 raise StatsFormatError(f"{source}: unexpected tensor {name!r}")
         if not self.layers:
             raise StatsFormatError(f"{source}: no layer tensors")
+        if self.layers[-1] >= LIMITS.layers:
+            raise StatsFormatError(f"{source}: layer index {self.layers[-1]} is beyond any model ({LIMITS.layers} layers)")
         for i in self.layers:
             for kind in CHANNEL_KINDS:
                 _validate_group(self.tensors, group_prefix(i, kind), source)
@@ -178,6 +208,8 @@ class Stats:
                 t = self.tensors.get(key(i, BLOCK_KIND, f))
                 if t is None or t.shape != () or t.dtype != np.float64:
                     raise StatsFormatError(f"{source}: {key(i, BLOCK_KIND, f)} must be a float64 scalar")
+                if not np.isfinite(t) or (f == "count" and t < 0):
+                    raise StatsFormatError(f"{source}: {key(i, BLOCK_KIND, f)} is {t}, must be finite (a count >= 0)")
 
 
 def _validate_group(tensors: dict[str, np.ndarray], prefix: str, source: str) -> None:
@@ -201,6 +233,24 @@ def _validate_group(tensors: dict[str, np.ndarray], prefix: str, source: str) ->
             width = t.shape[0]
         elif t.shape[0] != width:
             raise StatsFormatError(f"{source}: {prefix}{f} has {t.shape[0]} channels, others {width}")
+        if np.isnan(t).any():
+            raise StatsFormatError(f"{source}: {prefix}{f} holds NaN; the file is corrupt")
+        if f == "near_zero" and not (np.isfinite(t).all() and (t >= 0).all()):
+            raise StatsFormatError(f"{source}: {prefix}near_zero must hold finite counts >= 0")
+    if width is not None and width > LIMITS.width:
+        raise StatsFormatError(f"{source}: {prefix}* have {width} channels, beyond any model ({LIMITS.width})")
+
+
+def _validate_meta(meta: dict[str, Any], source: str) -> None:
+    """The numbers of the metadata: token counts and sizes are integers, the threshold finite."""
+    for name, lo in (("tokens_prefill", 0), ("tokens_decode", 0), ("tensor_parallel_size", 1)):
+        v = meta[name]
+        if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
+            raise StatsFormatError(f"{source}: metadata {name} must be an integer >= {lo}, got {str(v)[:40]!r}")
+    v = meta["near_zero_threshold"]
+    if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+        raise StatsFormatError(f"{source}: metadata near_zero_threshold must be a finite number >= 0, "
+                               f"got {str(v)[:40]!r}")
 
 
 def merge(parts: Iterable[Stats]) -> Stats:
@@ -234,7 +284,19 @@ def merge(parts: Iterable[Stats]) -> Stats:
     meta["tokens_prefill"] = sum(int(p.meta["tokens_prefill"]) for p in parts)
     meta["tokens_decode"] = sum(int(p.meta["tokens_decode"]) for p in parts)
     meta["merged_from"] = len(parts) + sum(int(p.meta.get("merged_from", 1)) - 1 for p in parts)
+    meta.pop("instance_id", None)  # a merge is no single server's: it lists them all
+    ids = sorted({i for p in parts for i in instance_ids(p)})
+    if ids:
+        meta["instance_ids"] = ids
     return Stats(tensors=tensors, meta=meta)
+
+
+def instance_ids(stats: Stats) -> list[str]:
+    """The servers whose counts a snapshot holds: its ``instance_id``, or for a merge its
+    ``instance_ids``; empty for files written before servers had identities."""
+    if "instance_ids" in stats.meta:
+        return [str(i) for i in stats.meta["instance_ids"]]
+    return [str(stats.meta["instance_id"])] if "instance_id" in stats.meta else []
 
 
 def read_metadata(data: bytes) -> dict[str, str]:
@@ -277,8 +339,11 @@ def from_file_arrays(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return out
 
 
-def _decode(v: str) -> Any:
+def _decode(k: str, v: str) -> Any:
+    # A hex config hash of digits only ("1234...") or with an "e" would otherwise become a number.
+    if k in _STRING_META:
+        return v
     try:
         return json.loads(v)
-    except json.JSONDecodeError:
+    except (ValueError, RecursionError):  # not JSON, a 5000-digit number, deep nesting
         return v

@@ -1,32 +1,32 @@
 """Loading and writing Hugging Face checkpoint directories for the recovery commands.
 
-A checkpoint may carry custom modeling code (``auto_map`` in ``config.json`` plus ``*.py``
-files, as a sliced model with per-layer widths does); such inputs are loaded with
-``trust_remote_code`` and their code and ``auto_map`` travel to every output.
+A checkpoint may name custom code in ``auto_map`` (``config.json``, ``tokenizer_config.json``).
+It runs only with ``trust_remote_code=True`` (``--trust-remote-code``); actprune's own modeling
+files, which pruned checkpoints carry, are recognised by content and loaded from actprune's
+classes without running the copy (:mod:`.trust`). Outputs never carry foreign code.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 from actprune.core.config import CheckpointError, read_config
 
-__all__ = ["finish_output_dir", "load_causal_lm", "load_tokenizer", "needs_remote_code"]
+from .trust import copy_side_file, resolve_trust, write_own_code
 
-
-def needs_remote_code(model_dir: str | Path) -> bool:
-    return "auto_map" in read_config(model_dir)
+__all__ = ["finish_output_dir", "load_causal_lm", "load_config", "load_tokenizer"]
 
 
 def load_causal_lm(
-    model_dir: str | Path, dtype: torch.dtype | None = None, device_map: str | None = None
+    model_dir: str | Path, dtype: torch.dtype | None = None, device_map: str | None = None,
+    *, trust_remote_code: bool = False,
 ) -> Any:
     """The model in ``dtype`` (default: as stored), in eval mode, on CPU unless a
-    ``device_map`` (e.g. "auto": layers spread over the visible GPUs) is given."""
+    ``device_map`` (e.g. "auto": layers spread over the visible GPUs) is given. CheckpointError
+    when the checkpoint names foreign code and ``trust_remote_code`` is False."""
     from transformers import AutoModelForCausalLM
 
     cfg = read_config(model_dir)
@@ -34,16 +34,25 @@ def load_causal_lm(
     model = AutoModelForCausalLM.from_pretrained(
         str(model_dir),
         dtype=dtype or getattr(torch, stored),
-        trust_remote_code="auto_map" in cfg,
+        trust_remote_code=resolve_trust(model_dir, trust_remote_code),
         **({"device_map": device_map} if device_map else {}),
     )
     return model.eval()
 
 
-def load_tokenizer(model_dir: str | Path) -> Any:
+def load_config(model_dir: str | Path, *, trust_remote_code: bool = False) -> tuple[Any, bool]:
+    """(transformers config, the ``trust_remote_code`` to build the model from it with)."""
+    from transformers import AutoConfig
+
+    trust = resolve_trust(model_dir, trust_remote_code)
+    return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=trust), trust
+
+
+def load_tokenizer(model_dir: str | Path, *, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=needs_remote_code(model_dir))
+    trust = resolve_trust(model_dir, trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust)
     if tok.eos_token_id is None:
         raise CheckpointError(f"{model_dir}: the tokenizer has no EOS token; packing needs one")
     if tok.pad_token_id is None:
@@ -52,20 +61,22 @@ def load_tokenizer(model_dir: str | Path) -> Any:
 
 
 def finish_output_dir(src: str | Path, dst: str | Path) -> None:
-    """Carry what ``save_pretrained`` may drop from ``src`` to ``dst``: custom code files,
-    ``auto_map``, actprune's config keys, and tokenizer/generation files not yet written."""
+    """Carry what ``save_pretrained`` may drop from ``src`` to ``dst`` — actprune's config keys,
+    tokenizer/generation files not yet written — and settle ``dst``'s code: actprune's own
+    modeling files for the actprune architecture, no foreign ``*.py`` or ``auto_map`` ever."""
     src, dst = Path(src), Path(dst)
     for f in src.iterdir():
-        extra = f.suffix == ".py" or f.name.startswith("tokenizer") or f.name in (
+        extra = f.name.startswith("tokenizer") or f.name in (
             "special_tokens_map.json", "generation_config.json", "chat_template.jinja",
             "vocab.json", "merges.txt",
         )
         if f.is_file() and extra and not (dst / f.name).exists():
-            shutil.copy2(f, dst / f.name)
+            copy_side_file(f, dst / f.name)
     src_cfg, dst_cfg = read_config(src), read_config(dst)
     for key, value in src_cfg.items():
-        if (key == "auto_map" or key.startswith("actprune_")) and key not in dst_cfg:
+        if key.startswith("actprune_") and key not in dst_cfg:
             dst_cfg[key] = value
+    dst_cfg = write_own_code(dst, dst_cfg, copied_from=src)
     # transformers 5 writes "dtype"; vLLM and older transformers read "torch_dtype".
     if "dtype" in dst_cfg:
         dst_cfg["torch_dtype"] = dst_cfg["dtype"]

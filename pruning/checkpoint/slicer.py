@@ -47,21 +47,22 @@ from actprune.core.config import read_config
 from actprune.core.errors import ActpruneError
 from actprune.core.files import staged_directory
 from actprune.core.tensor.checkpoint import INDEX_NAME, TORCH_INT, ShardIndex, dtype_of
-from actprune.core.tensor.modeling import MODELING_FILES, modeling_dir
-from actprune.core.wire.plan import LayerPlan, Plan
+from actprune.core.tensor.modeling import AUTO_MAP, MODELING_FILES, modeling_dir
+from actprune.core.wire.plan import LayerPlan, LayerWidths, Plan
 from actprune.core.wire.schema import key
 from actprune.core.wire.stats import Stats, config_hash
 from actprune.pruning.compensate.maths import flap_bias
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from .trust import copy_side_file
 from .writer import Entry, write_shard
 
 __all__ = ["PLAN_RECORD", "SliceError", "output_config", "slice_array", "slice_checkpoint", "slice_tensor"]
 
 PLAN_RECORD = "actprune_plan.json"
 _NOT_COPIED = {"config.json", INDEX_NAME, PLAN_RECORD}
-_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt")
+_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".pkl", ".ckpt", ".py")
 
 
 class SliceError(ActpruneError):
@@ -131,10 +132,7 @@ def output_config(config: dict[str, Any], spec: ArchSpec, plan: Plan, bias: dict
         actprune_base_architecture=spec.architecture,
         actprune_layer_widths=widths,
         actprune_bias=bias,
-        auto_map={
-            "AutoConfig": "configuration_actprune.ActpruneConfig",
-            "AutoModelForCausalLM": "modeling_actprune.ActpruneForCausalLM",
-        },
+        auto_map=dict(AUTO_MAP),
     )
     return out
 
@@ -225,6 +223,7 @@ def _plan_entries(index: ShardIndex, spec: ArchSpec, plan: Plan, config: dict, c
                 shape = list(sl.get_shape())
                 out_name = name if ref.layer is None else spec.layer_name(new_index[ref.layer], ref.suffix)
                 if ref.layer is not None:
+                    _check_source_shape(name, shape, ref.role, plan.source.widths[ref.layer], plan.source.head_dim)
                     shape = _sliced_shape(shape, ref.role, plan.layers[ref.layer], plan.source.head_dim)
                     if compensate and ref.suffix in (spec.down_bias, spec.o_bias):
                         continue  # re-emitted below, old bias plus new compensation
@@ -241,6 +240,18 @@ def _plan_entries(index: ShardIndex, spec: ArchSpec, plan: Plan, config: dict, c
         if entries:
             shards.append(entries)
     return shards
+
+
+def _check_source_shape(name: str, shape: list[int], role: Role, w: LayerWidths, d: int) -> None:
+    """A sliced tensor must have the width the plan counts in: a config.json that misstates
+    the weights would otherwise cut the wrong rows without a word."""
+    full = {Role.NEURON_ROWS: w.intermediate_size, Role.NEURON_COLS: w.intermediate_size,
+            Role.Q_ROWS: w.num_attention_heads * d, Role.Q_COLS: w.num_attention_heads * d,
+            Role.KV_ROWS: w.num_key_value_heads * d}.get(role)
+    dim = 1 if role in (Role.NEURON_COLS, Role.Q_COLS) else 0
+    if full is not None and (len(shape) <= dim or shape[dim] != full):
+        raise SliceError(f"{name} has shape {shape}, the plan expects {full} along dim {dim}; "
+                         "config.json does not describe these weights")
 
 
 def _sliced_shape(shape: list[int], role: Role, lp: LayerPlan, d: int) -> list[int]:
@@ -311,8 +322,10 @@ def _bias(index: ShardIndex, spec: ArchSpec, plan: Plan, stats: Stats, e: Entry)
 
 def _copy_side_files(model_dir: Path, tmp: Path) -> None:
     """Tokenizer, generation config, chat template...: every top-level file except weights
-    (pickled formats are never copied), config and our own records."""
+    (pickled formats are never copied), config, our own records and code: the checkpoint's
+    ``*.py`` and ``auto_map`` are never carried (the actprune architecture's files come from
+    the installed package, see :mod:`.trust`)."""
     for p in sorted(model_dir.iterdir()):
         if p.is_file() and p.name not in _NOT_COPIED and not p.name.endswith(_NOT_COPIED_SUFFIXES) \
                 and not (tmp / p.name).exists():
-            shutil.copy2(p, tmp / p.name)
+            copy_side_file(p, tmp / p.name)

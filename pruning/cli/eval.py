@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from actprune.pruning.checkpoint.trust import add_trust_flag
+
 __all__ = ["configure", "run"]
 
 
@@ -23,6 +25,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated per prompt")
     p.add_argument("-o", "--output", required=True, help="report directory")
+    add_trust_flag(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,13 +42,13 @@ def run(args: argparse.Namespace) -> int:
     from actprune.pruning.evaluate.perplexity import evaluate_models, load_prompts
     from actprune.pruning.evaluate.report import write_report
 
-    tok = load_tokenizer(args.model[0])
+    tok = load_tokenizer(args.model[0], trust_remote_code=args.trust_remote_code)
     texts = load_texts(args.data, args.text_field, tok)
     rows = pack(tokenize(tok, texts), args.seq_len, tok.eos_token_id)
     rows = rows[: max(1, args.max_tokens // args.seq_len)]  # (N, L)
     prompts = load_prompts(args.prompts)
     results = evaluate_models(args.model, rows, prompts, batch_size=args.batch_size,
-                              max_new_tokens=args.max_new_tokens)
+                              max_new_tokens=args.max_new_tokens, trust_remote_code=args.trust_remote_code)
     meta = {"data": args.data, "text_field": args.text_field, "seq_len": args.seq_len,
             "rows": len(rows)}
     report = write_report(args.output, results, prompts, meta)

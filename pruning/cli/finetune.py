@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 
+from actprune.pruning.checkpoint.trust import add_trust_flag
+
 __all__ = ["configure", "run"]
 
 
@@ -62,6 +64,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kd-temperature", type=float, default=1.0)
     p.add_argument("--kd-alpha", type=float, default=0.5, help="weight of the KL term (1: KL only)")
     p.add_argument("--seed", type=int, default=0)
+    add_trust_flag(p)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ import argparse
 import json
 
 from actprune.core.errors import UsageError
+from actprune.pruning.checkpoint.trust import add_trust_flag
 
 __all__ = ["configure", "run"]
 
@@ -59,6 +60,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-tokens", type=int, default=20_000)
     g.add_argument("--eval-seq-len", type=int, default=256)
     p.add_argument("--overwrite", action="store_true", help="discard a run with another configuration")
+    add_trust_flag(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     except json.JSONDecodeError as e:
         raise UsageError(f"--finetune-config is not JSON: {e}") from None
     unknown = set(finetune) - set(FinetuneConfig.__dataclass_fields__)
-    reserved = {"model", "data", "output", "teacher", "max_steps"} & set(finetune)
+    reserved = {"model", "data", "output", "teacher", "max_steps", "trust_remote_code"} & set(finetune)
     if unknown or reserved:
         raise UsageError(f"--finetune-config: unknown {sorted(unknown)} / set by iterate {sorted(reserved)}")
     plan = {k: getattr(args, k) for k in _PLAN_FLAGS if getattr(args, k, None) is not None}

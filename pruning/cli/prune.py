@@ -1,10 +1,14 @@
 """`actprune prune`: checkpoint + plan.json -> a sliced checkpoint directory.
 
 ``--bias-compensation --stats F`` folds the mean contribution of removed units into output
-biases (FLAP); the result then uses the actprune architecture (``trust_remote_code=True``).
+biases (FLAP); the result then uses the actprune architecture (its modeling files come with
+actprune, which loads it without ``--trust-remote-code``; plain transformers needs
+``trust_remote_code=True``).
 ``--refit DATA`` instead refits the kept ``down_proj`` columns and a bias by ridge least squares
 on the activations of DATA, layer by layer (:mod:`actprune.pruning.compensate.calibrate`): the pruned MLP
-reproduces the dense one's output, not only its mean. Same architecture.
+reproduces the dense one's output, not only its mean. Same architecture. ``--trust-remote-code``
+lets ``--refit`` run code the source checkpoint names in ``auto_map``; slicing alone never runs
+checkpoint code.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 from pathlib import Path
 
 from actprune.core.errors import UsageError
+from actprune.pruning.checkpoint.trust import add_trust_flag
 
 __all__ = ["configure", "run"]
 
@@ -38,6 +43,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--refit-reselect", action="store_true",
                    help="keep the plan's widths but choose the neurons by greedy OBS on the --refit data")
     g.add_argument("--text-field", default=None, help="JSONL field of --refit data")
+    add_trust_flag(g)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,5 +90,5 @@ def _refit(args: argparse.Namespace, plan):
     seq = {"off": False}.get(args.refit_sequential, args.refit_sequential)
     return refit_for_plan(args.model, plan, args.refit, tokens=args.refit_tokens,
                           seq_len=args.refit_seq_len, sequential=seq, text_field=args.text_field,
-                          reselect=args.refit_reselect,
+                          reselect=args.refit_reselect, trust_remote_code=args.trust_remote_code,
                           ridge=DEFAULT_RIDGE if args.refit_ridge is None else args.refit_ridge)

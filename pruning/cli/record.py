@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from actprune.pruning.checkpoint.trust import add_trust_flag
+
 __all__ = ["configure", "run"]
 
 
@@ -23,6 +25,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="compute dtype (default: as stored)")
     p.add_argument("-o", "--output", required=True, help="stats file to write (.safetensors)")
+    add_trust_flag(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,9 +46,10 @@ def run(args: argparse.Namespace) -> int:
     from actprune.pruning.record import budget, record
 
     config = read_config(args.model)
-    tok = load_tokenizer(args.model)
+    tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     texts = load_texts(args.data, args.text_field, tok)
-    model = load_causal_lm(args.model, getattr(torch, args.dtype) if args.dtype else None)
+    model = load_causal_lm(args.model, getattr(torch, args.dtype) if args.dtype else None,
+                           trust_remote_code=args.trust_remote_code)
     token_lists = budget(tokenize(tok, texts), args.max_len, args.max_tokens)
     if not token_lists:
         raise UsageError(f"--data {args.data}: no tokens to record")

@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 
 from actprune.core.errors import UsageError
+from actprune.pruning.checkpoint.trust import add_trust_flag
 
 __all__ = ["configure", "run"]
 
@@ -31,6 +32,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-rows", type=int, default=8, help="rows (of --data) the loss is measured on")
     p.add_argument("--ridge", type=float, default=None, help="refit ridge (default 1e-2; see actprune prune)")
     p.add_argument("-o", "--output", required=True, type=Path, help="sensitivity JSON to write")
+    add_trust_flag(p)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("the plan drops layers; measure sensitivity on an MLP-only plan")
     out = sensitivity_for_plan(args.model, plan, args.data, args.output, tokens=args.tokens,
                                seq_len=args.seq_len, probe_rows=args.probe_rows, text_field=args.text_field,
+                               trust_remote_code=args.trust_remote_code,
                                ridge=DEFAULT_RIDGE if args.ridge is None else args.ridge)
     print(f"wrote {out}; use it with: actprune plan ... --per-layer --layer-sensitivity {out}")
     return 0

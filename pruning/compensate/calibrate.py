@@ -275,21 +275,23 @@ def refit_for_plan(
     text_field: str | None = None,
     reselect: bool = False,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> tuple[Plan, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
     """:func:`layerwise_refit` of the kept MLP neurons of ``plan`` over ``tokens`` tokens of
     ``data`` (a ``wiki:PART`` name or a .txt/.jsonl file), for ``slice_checkpoint(mlp_refit=)``.
     Returns the plan (with ``reselect``, the same widths but the OBS-chosen neurons) and the
     refits. The activations are those of the model with only its MLPs pruned: a plan that also
-    drops layers is refused (their inputs would differ)."""
+    drops layers is refused (their inputs would differ). ``trust_remote_code``: run code the
+    checkpoint's ``auto_map`` names (see :mod:`actprune.pruning.checkpoint.trust`)."""
     from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
     from actprune.pruning.data import DataError, load_texts, pack, tokenize
 
     if plan.dropped_layers:
         raise DataError("MLP refit does not support plans that drop layers; plan without --drop-layers")
-    tok = load_tokenizer(model_dir)
+    tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     texts = load_texts(data, text_field, tok)
     rows = pack(tokenize(tok, texts), seq_len, tok.eos_token_id)[: max(tokens // seq_len, 1)]  # (N, L)
-    model = load_causal_lm(model_dir, torch.float32)
+    model = load_causal_lm(model_dir, torch.float32, trust_remote_code=trust_remote_code)
     view = HfModel.of(model)
     full = [view.mlp(ly)[2].in_features for ly in view.layers]
     keep = {lp.index: lp.mlp_keep for lp in plan.layers if len(lp.mlp_keep) < full[lp.index]}

@@ -100,17 +100,19 @@ def layer_sensitivity(model: torch.nn.Module, rows: torch.Tensor, keep: dict[int
 
 def sensitivity_for_plan(model_dir: str | Path, plan: Plan, data: str, output: str | Path, *,
                          tokens: int = 32768, seq_len: int = 512, ridge: float = DEFAULT_RIDGE,
-                         probe_rows: int = 8, text_field: str | None = None, progress: bool = True) -> Path:
+                         probe_rows: int = 8, text_field: str | None = None, progress: bool = True,
+                         trust_remote_code: bool = False) -> Path:
     """Measure Δ for the MLP keep lists of ``plan`` over ``tokens`` tokens of ``data`` and write
-    ``{"format", "deltas": [per layer], "ratio", ...}`` to ``output`` (JSON)."""
+    ``{"format", "deltas": [per layer], "ratio", ...}`` to ``output`` (JSON). ``trust_remote_code``:
+    run code the checkpoint's ``auto_map`` names (see :mod:`actprune.pruning.checkpoint.trust`)."""
     from actprune.core.files import atomic_write
     from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
     from actprune.pruning.data import load_texts, pack, tokenize
 
-    tok = load_tokenizer(model_dir)
+    tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     rows = pack(tokenize(tok, load_texts(data, text_field, tok)), seq_len, tok.eos_token_id)
     rows = rows[: max(tokens // seq_len, probe_rows)]  # (N, T)
-    model = load_causal_lm(model_dir, torch.float32)
+    model = load_causal_lm(model_dir, torch.float32, trust_remote_code=trust_remote_code)
     keep = {lp.index: lp.mlp_keep for lp in plan.layers}
     deltas = layer_sensitivity(model, rows, keep, ridge=ridge, probe_rows=probe_rows, progress=progress)
     n = len(HfModel.of(model).layers)

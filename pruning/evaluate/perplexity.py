@@ -132,8 +132,10 @@ def evaluate_models(
     batch_size: int = 4,
     max_new_tokens: int = 32,
     progress: bool = True,
+    trust_remote_code: bool = False,
 ) -> list[ModelResult]:
-    """Load every checkpoint, score them on ``rows`` against the first, generate."""
+    """Load every checkpoint, score them on ``rows`` against the first, generate
+    (``trust_remote_code``: run code their ``auto_map`` names, see checkpoint.trust)."""
     from actprune.core.config import read_config
     from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
 
@@ -144,11 +146,11 @@ def evaluate_models(
 
         raise CheckpointError(f"the models have different vocabularies {sorted(vocab)}; KL needs one")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    tok = load_tokenizer(model_dirs[0])
-    ref = load_causal_lm(model_dirs[0]).to(device)
+    tok = load_tokenizer(model_dirs[0], trust_remote_code=trust_remote_code)
+    ref = load_causal_lm(model_dirs[0], trust_remote_code=trust_remote_code).to(device)
     results = []
     for j, (d, cfg) in enumerate(zip(model_dirs, configs, strict=True)):
-        m = ref if j == 0 else load_causal_lm(d).to(device)
+        m = ref if j == 0 else load_causal_lm(d, trust_remote_code=trust_remote_code).to(device)
         desc = f"{Path(d).name} ({j + 1}/{len(model_dirs)})"
         nll, kl, tokens = nll_and_kl([ref] if j == 0 else [ref, m], rows, batch_size, progress, desc=desc)
         mean_nll = nll[-1] / tokens

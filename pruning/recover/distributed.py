@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from actprune.core.config import CheckpointError
-from actprune.pruning.checkpoint.hf_io import load_causal_lm, needs_remote_code
+from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_config
 from actprune.pruning.data import DataError
 from actprune.pruning.recover.finetune import FinetuneRecipe
 from actprune.pruning.recover.recipe_config import lm_loss
@@ -110,14 +110,14 @@ class DistributedRecipe(FinetuneRecipe):
     def _load_sharded(
         self, path: str, dtype: torch.dtype, prepare: Callable[[Any], Any], mp: MixedPrecisionPolicy | None
     ) -> Any:
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        remote = needs_remote_code(path)
+        trust = self.cfg.trust_remote_code
         # Rank 0 builds the real model first, so LoRA's init draws what one process draws. It
         # reads the stored dtype; loading the state dict casts into the (float32) shards.
-        full = prepare(load_causal_lm(path)) if self.is_main else None
+        full = prepare(load_causal_lm(path, trust_remote_code=trust)) if self.is_main else None
         with torch.device("meta"):
-            config = AutoConfig.from_pretrained(path, trust_remote_code=remote)
+            config, remote = load_config(path, trust_remote_code=trust)
             model = prepare(AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=remote))
         shard(model, self.mesh, mp)
         model.to_empty(device=self.device)
@@ -195,7 +195,7 @@ class DistributedRecipe(FinetuneRecipe):
             return None
         if weights is None:
             weights = load_best(self.best_root, best_step)
-        model = self.prepare(load_causal_lm(self.cfg.model))
+        model = self.prepare(load_causal_lm(self.cfg.model, trust_remote_code=self.cfg.trust_remote_code))
         copy_into(model, weights)
         return model
 

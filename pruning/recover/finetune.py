@@ -34,6 +34,7 @@ from actprune.pruning.checkpoint.hf_io import (
     load_tokenizer,
     read_config,
 )
+from actprune.pruning.checkpoint.trust import resolve_trust
 from actprune.pruning.recover import train_state as ts
 from actprune.pruning.recover.recipe_config import (
     FinetuneConfig,
@@ -68,9 +69,12 @@ class FinetuneRecipe:
     def setup(self) -> None:
         cfg = self.cfg
         check_config(cfg)
+        for d in (cfg.model, cfg.teacher):  # refuse untrusted checkpoint code before loading anything
+            if d:
+                resolve_trust(d, cfg.trust_remote_code)
         torch.manual_seed(cfg.seed)
         self.device = self._init_device()
-        self.tok = load_tokenizer(cfg.model)
+        self.tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         self.stored_dtype = self.model_dtype(cfg.model)
         self.model = self._build_student()
         self.teacher = None
@@ -94,7 +98,8 @@ class FinetuneRecipe:
         return self.stored_dtype if self.cfg.lora else torch.float32
 
     def _build_student(self) -> Any:
-        model = load_causal_lm(self.cfg.model, self.train_dtype, device_map=self.cfg.device_map)
+        model = load_causal_lm(self.cfg.model, self.train_dtype, device_map=self.cfg.device_map,
+                               trust_remote_code=self.cfg.trust_remote_code)
         if self.cfg.device_map is None:
             model = model.to(self.device)
         self.device = next(model.parameters()).device  # where inputs go (first shard)
@@ -115,7 +120,8 @@ class FinetuneRecipe:
         return model
 
     def _build_teacher(self, dtype: torch.dtype) -> Any:
-        teacher = load_causal_lm(self.cfg.teacher, dtype, device_map=self.cfg.device_map)
+        teacher = load_causal_lm(self.cfg.teacher, dtype, device_map=self.cfg.device_map,
+                                 trust_remote_code=self.cfg.trust_remote_code)
         return (teacher if self.cfg.device_map else teacher.to(self.device)).requires_grad_(False)
 
     @staticmethod

@@ -38,7 +38,7 @@ from actprune.pruning.recover.recipe_config import loop_recovery
 __all__ = ["IterateConfig", "IterateError", "StepResult", "local_ratio", "run_iterate", "table"]
 
 # Options that may change between a run and its resume without changing any step's result.
-_RESUME_FREE = ("progress", "overwrite", "max_ppl_ratio")
+_RESUME_FREE = ("progress", "overwrite", "max_ppl_ratio", "trust_remote_code")
 
 
 class IterateError(ActpruneError):
@@ -67,6 +67,7 @@ class IterateConfig:
     bias_compensation: bool = False
     plan: dict[str, Any] = field(default_factory=dict)  # PlanRequest fields besides mlp_ratio
     finetune: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig overrides
+    trust_remote_code: bool = False  # run code named by the original's auto_map (steps are actprune's own)
     progress: bool = True
     overwrite: bool = False
 
@@ -124,12 +125,13 @@ def _parameters(model_dir: Path) -> int:
     return total
 
 
-def _perplexity(model_dir: Path, rows: Any, progress: bool) -> float:
+def _perplexity(model_dir: Path, rows: Any, progress: bool, trust_remote_code: bool = False) -> float:
     import torch
     from actprune.pruning.checkpoint.hf_io import load_causal_lm
     from actprune.pruning.evaluate.perplexity import nll_and_kl
 
-    model = load_causal_lm(model_dir).to("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_causal_lm(model_dir, trust_remote_code=trust_remote_code)
+    model = model.to("cuda" if torch.cuda.is_available() else "cpu")
     nll, _, tokens = nll_and_kl([model], rows, batch_size=4, progress=progress,
                                 desc=f"eval {model_dir.parent.name}/{model_dir.name}")
     return math.exp(nll[0] / tokens)
@@ -161,7 +163,8 @@ def _step(cfg: IterateConfig, n: int, ratio: float, current: Path, original_tota
     work.mkdir(parents=True, exist_ok=True)
     if stats_in is None:  # re-collect on the current (recovered) model
         stats_in = api.record_stats(current, cfg.calibration, text_field=cfg.calibration_text_field,
-                                    max_tokens=cfg.calibration_tokens, progress=cfg.progress)
+                                    max_tokens=cfg.calibration_tokens, progress=cfg.progress,
+                                    trust_remote_code=cfg.trust_remote_code)
     stats_in.save(work / "stats.safetensors")
     local = local_ratio(ratio, original_total, _mlp_total(current))
     plan = api.make_plan(stats_in, current, output=work / "plan.json", **{**cfg.plan, "mlp_ratio": local})
@@ -170,14 +173,16 @@ def _step(cfg: IterateConfig, n: int, ratio: float, current: Path, original_tota
         from actprune.pruning.compensate.calibrate import refit_for_plan
 
         plan, refit = refit_for_plan(current, plan, cfg.calibration, tokens=cfg.calibration_tokens,
-                                     text_field=cfg.calibration_text_field, progress=cfg.progress)
+                                     text_field=cfg.calibration_text_field, progress=cfg.progress,
+                                     trust_remote_code=cfg.trust_remote_code)
     from actprune.pruning.checkpoint.slicer import slice_checkpoint
 
     pruned = slice_checkpoint(current, plan, work / "pruned", overwrite=True, progress=cfg.progress,
                               stats=stats_in if cfg.bias_compensation else None, mlp_refit=refit)
     recovered = pruned
     if cfg.finetune_steps > 0:
-        ft = loop_recovery(cfg.finetune_steps, **{"text_field": cfg.text_field, "progress": cfg.progress, **cfg.finetune})
+        ft = loop_recovery(cfg.finetune_steps, **{"text_field": cfg.text_field, "progress": cfg.progress,
+                                                  **cfg.finetune, "trust_remote_code": cfg.trust_remote_code})
         if (work / "recovered").exists():
             shutil.rmtree(work / "recovered")  # a killed step starts its recovery over
         recovered = api.finetune(pruned, cfg.train_data, work / "recovered",
@@ -214,11 +219,11 @@ def run_iterate(cfg: IterateConfig) -> dict[str, Any]:
     work = Path(cfg.output)
     work.mkdir(parents=True, exist_ok=True)
     state = _load_state(work, cfg)
-    tok = load_tokenizer(original)
+    tok = load_tokenizer(original, trust_remote_code=cfg.trust_remote_code)
     rows = pack(tokenize(tok, load_texts(cfg.eval_data, cfg.eval_text_field, tok)), cfg.eval_seq_len,
                 tok.eos_token_id)[: max(1, cfg.eval_tokens // cfg.eval_seq_len)]  # (N, L)
     if state["original"] is None:
-        state["original"] = {"perplexity": _perplexity(original, rows, cfg.progress),
+        state["original"] = {"perplexity": _perplexity(original, rows, cfg.progress, cfg.trust_remote_code),
                              "mlp_neurons": _mlp_total(original)}
         _save_state(work, state)
     original_ppl, original_total = state["original"]["perplexity"], state["original"]["mlp_neurons"]
@@ -233,7 +238,8 @@ def run_iterate(cfg: IterateConfig) -> dict[str, Any]:
             if n == 1:
                 stats_in = Stats.load(cfg.stats) if cfg.stats else api.record_stats(
                     original, cfg.calibration, text_field=cfg.calibration_text_field,
-                    max_tokens=cfg.calibration_tokens, progress=cfg.progress)
+                    max_tokens=cfg.calibration_tokens, progress=cfg.progress,
+                    trust_remote_code=cfg.trust_remote_code)
             done.append(_step(cfg, n, ratio, current, original_total, stats_in, rows, original_ppl))
             state["steps"] = [asdict(s) for s in done]
             _save_state(work, state)

@@ -52,6 +52,7 @@ class FinetuneConfig:
     kd_temperature: float = 1.0
     kd_alpha: float = 0.5
     seed: int = 0
+    trust_remote_code: bool = False  # run code named by --model/--teacher's auto_map (not actprune's own)
     progress: bool = True
     stop_after_steps: int | None = None  # leave the loop as a kill would (tests of resume)
 

@@ -54,7 +54,7 @@ __all__ = [
 
 _PREFIX = "step-"
 # Options that may change between a killed run and its resume without breaking exactness.
-_RESUME_FREE = ("resume", "stop_after_steps", "save_every", "progress")
+_RESUME_FREE = ("resume", "stop_after_steps", "save_every", "progress", "trust_remote_code")
 
 
 @dataclass

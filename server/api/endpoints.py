@@ -46,6 +46,7 @@ class ActpruneEndpoints:
         if engine_client is None:  # vLLM's CPU-only render server has no engine
             return
         from ..settings import Settings
+        from ..store import SnapshotInUse
         from .service import CaptureService, CaptureUnavailable
 
         settings = Settings.from_env()
@@ -57,6 +58,9 @@ class ActpruneEndpoints:
         except CaptureUnavailable:
             log.warning("actprune: routes loaded but capture is off (load format is not 'actprune')")
             return
+        except SnapshotInUse as e:  # two live servers with one identity would overwrite each other
+            log.error("actprune: refusing to start: %s", e)
+            raise
         except Exception as e:  # a bad snapshot must not stop the server from serving
             log.error("actprune: resuming from %s failed (%s); starting from zero", svc.snapshot_path, e)
         svc.start_background()

@@ -2,12 +2,17 @@
 
 vLLM's own API-key middleware only guards paths under /v1 (and a few others), so every route
 here depends on :func:`require_key`, which refuses a missing or wrong key with 401 whenever
-the server has one, comparing in constant time. ``CaptureUnavailable`` becomes a 409 through
-the exception handler that :mod:`actprune.server.api.endpoints` installs.
+the server has one, comparing in constant time; POST routes then require a JSON content type
+(:mod:`.body`). ``CaptureUnavailable`` becomes a 409 through the exception handler that
+:mod:`actprune.server.api.endpoints` installs.
+
+The work of a stats answer (assembling the ranks' shards, the summary, serialisation) runs in a
+worker thread, so that polling never stalls the event loop that streams generated tokens.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import Annotated, Literal
 
@@ -20,18 +25,16 @@ from actprune.core.wire.api import (
     StatsSummary,
     StatusResponse,
 )
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from actprune.core.wire.stats import Stats
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
+from .body import require_json
+from .errors import ApiError
+from .metrics import METRICS_MEDIA_TYPE
 from .service import CaptureService
 
 __all__ = ["ApiError", "router"]
-
-
-class ApiError(HTTPException):
-    """An HTTP error of an actprune route. vLLM turns plain HTTPExceptions into OpenAI-style
-    ``{"error": ...}`` bodies; this subclass has its own handler so our answers keep the
-    documented ``{"detail": "..."}`` (ErrorBody)."""
 
 
 def get_service(request: Request) -> CaptureService:
@@ -78,11 +81,15 @@ async def get_stats(
     stats = await svc.snapshot()
     if format == "safetensors":
         return Response(
-            content=stats.to_bytes(),
+            content=await asyncio.to_thread(stats.to_bytes),
             media_type=SAFETENSORS_MEDIA_TYPE,
             headers={"Content-Disposition": 'attachment; filename="stats.safetensors"'},
         )
-    return summarize(stats, k=k, head_dim=int(stats.meta["head_dim"]))
+    return Response(content=await asyncio.to_thread(_summary_json, stats, k), media_type="application/json")
+
+
+def _summary_json(stats: Stats, k: int) -> bytes:
+    return summarize(stats, k=k, head_dim=int(stats.meta["head_dim"])).model_dump_json().encode()
 
 
 @router.get("/activations/status", response_model=StatusResponse, summary="Capture state and token counts")
@@ -90,16 +97,37 @@ async def get_status(svc: Service) -> StatusResponse:
     return await svc.status()
 
 
-@router.post("/activations/reset", response_model=ResetResponse, summary="Zero every accumulator on every rank")
+@router.get(
+    "/activations/metrics",
+    response_class=Response,
+    responses={200: {"content": {METRICS_MEDIA_TYPE: {}}, "description": "Prometheus text format"}},
+    summary="actprune's Prometheus series (behind the API key, unlike vLLM's /metrics)",
+)
+async def get_metrics(svc: Service) -> Response:
+    await svc.status()  # fresh token counts, not those of the last background refresh
+    return Response(content=svc.metrics.exposition(), media_type=METRICS_MEDIA_TYPE)
+
+
+_json_body = {  # POST routes without fields still take a JSON body: {}
+    "dependencies": [Depends(require_json)],
+    "responses": {415: {"model": ErrorBody, "description": "The body is not declared as application/json."}},
+    "openapi_extra": {"requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}}},
+}
+
+
+@router.post("/activations/reset", response_model=ResetResponse, summary="Zero every accumulator on every rank",
+             **_json_body)
 async def reset(svc: Service) -> ResetResponse:
     return ResetResponse(status=await svc.control("reset"))
 
 
-@router.post("/activations/pause", response_model=PauseResponse, summary="Stop accumulating (keeps the data)")
+@router.post("/activations/pause", response_model=PauseResponse, summary="Stop accumulating (keeps the data)",
+             **_json_body)
 async def pause(svc: Service) -> PauseResponse:
     return PauseResponse(status=await svc.control("pause"))
 
 
-@router.post("/activations/resume", response_model=PauseResponse, summary="Accumulate again after a pause")
+@router.post("/activations/resume", response_model=PauseResponse, summary="Accumulate again after a pause",
+             **_json_body)
 async def resume(svc: Service) -> PauseResponse:
     return PauseResponse(status=await svc.control("resume"))

@@ -3,29 +3,48 @@
 The engine core runs each RPC between forward steps, on every rank, so a snapshot is taken at
 one step boundary for all ranks (never half-updated ranks) and a reset zeroes every layer of
 every rank before the next step (never a mix of layers from before and after a reset).
+
+Persistence (when the snapshot interval is not 0): the service holds its instance's lock and
+writes the snapshot every interval, after every reset, pause and resume before the route
+answers, and at shutdown; the workers save their own shards as they stop. What start-up
+resumes, and which file is which: :mod:`actprune.server.store`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import threading
 import time
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from actprune.core.archs import spec_for_config
 from actprune.core.errors import ActpruneError
+from actprune.core.files import fsync_dir
 from actprune.core.tensor.checkpoint import ColumnNorms
 from actprune.core.wire.api import StatusResponse
-from actprune.core.wire.stats import Stats, StatsFormatError, config_hash
+from actprune.core.wire.stats import Stats, config_hash
 
 from ..settings import Settings
 from ..snapshot import assemble
+from ..store import (
+    CannotSetAside,
+    InstanceFiles,
+    InstanceLock,
+    Recovered,
+    check_fits,
+    recover,
+    set_aside,
+)
 from .metrics import CaptureMetrics
 
-__all__ = ["CaptureService", "CaptureUnavailable"]
+__all__ = ["CaptureService", "CaptureUnavailable", "SnapshotNotSaved", "WeightsUnreadable"]
 
 log = logging.getLogger("vllm.actprune")  # under "vllm": its handlers apply
 METRICS_REFRESH_S = 5.0
@@ -33,6 +52,17 @@ METRICS_REFRESH_S = 5.0
 
 class CaptureUnavailable(RuntimeError):
     """The server runs without capture (plain vLLM load format)."""
+
+
+class SnapshotNotSaved(RuntimeError):
+    """A reset, pause or resume took effect but could not be written to disk."""
+
+
+class WeightsUnreadable(ActpruneError):
+    """A weight-aware plan cannot read the served checkpoint's weights (a 422, not a 500)."""
+
+
+_ACTIVATION_ONLY = "choose a strategy from activations alone (importance, magnitude, variance, sparsity)"
 
 
 class CaptureService:
@@ -53,8 +83,18 @@ class CaptureService:
             "head_dim": int(hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]),
             "tensor_parallel_size": int(pc.tensor_parallel_size),
             "pipeline_parallel_size": int(pc.pipeline_parallel_size),
+            "instance_id": settings.instance_id,
         }
+        self.files = InstanceFiles(settings.snapshot_dir, self.meta["config_hash"], settings.instance_id)
+        self.lock = InstanceLock(self.files)
+        self.persisting = settings.snapshot_interval > 0  # off when a bad file could not be set aside
+        self._write_lock = asyncio.Lock()  # one snapshot write at a time: they land in the order taken
         self._column_norms: ColumnNorms | None = None
+        lc = getattr(engine_client.vllm_config, "load_config", None)
+        self._hub = {"revision": getattr(mc, "revision", None), "cache_dir": getattr(lc, "download_dir", None)}
+        self.plan_lock = asyncio.Lock()  # one plan at a time: a second one is answered 429
+        self.last_plan_seconds = 1.0  # how long the last plan took: the Retry-After of a 429
+        self.next_plan_at = 0.0  # time.monotonic() before which a plan waits (plan_route.PLAN_SPACING)
         self.last_snapshot_time: float | None = None
         self.metrics = CaptureMetrics()
         self._task: asyncio.Task | None = None
@@ -66,7 +106,7 @@ class CaptureService:
         read once per (layer, kind) and kept for every later plan; None when the weights are
         not on this machine as safetensors (the planner then names what is missing)."""
         if self._column_norms is None:
-            weights = _weights_dir(self.meta["model_path"])
+            weights = _weights_dir(self.meta["model_path"], **self._hub)
             if weights is None:
                 return None
             try:
@@ -74,6 +114,35 @@ class CaptureService:
             except ActpruneError:
                 return None
         return self._column_norms
+
+    def weight_norms(self) -> Callable[[int, str], np.ndarray] | None:
+        """:meth:`column_norms` as the planner takes them, where every failure to read a weight
+        is a :class:`WeightsUnreadable` naming the cause and the way out. Quantised checkpoints
+        are refused before anything is read: the norms of FP8 (or int) weights without their
+        scales are not the model's (nothing is raised unless a weight-aware strategy asks)."""
+        quant = self.hf_config.get("quantization_config")
+        if quant:
+            method = quant.get("quant_method", "?") if isinstance(quant, dict) else "?"
+
+            def refuse(layer: int, kind: str) -> np.ndarray:
+                raise WeightsUnreadable(
+                    f"the served checkpoint is quantised ({method}): its weight norms would need the "
+                    f"quantisation scales, which weight-aware strategies (wifv, wanda_sp) do not apply; "
+                    f"{_ACTIVATION_ONLY}, or plan offline on the unquantised checkpoint")
+            return refuse
+        norms = self.column_norms()
+        if norms is None:
+            return None
+
+        def read(layer: int, kind: str) -> np.ndarray:
+            try:
+                return norms(layer, kind)
+            except Exception as e:  # any failure to read is the checkpoint's, not a server fault
+                raise WeightsUnreadable(
+                    f"cannot read the weights of {norms.model_dir} for the weight norms ({type(e).__name__}: "
+                    f"{_one_line(e)}); weight-aware strategies need a float16/bfloat16/float32 safetensors "
+                    f"checkpoint: {_ACTIVATION_ONLY}") from e
+        return read
 
     # ---- RPC ------------------------------------------------------------------------------
     async def _rpc(self, method: str, *args: Any) -> list[Any]:
@@ -90,14 +159,23 @@ class CaptureService:
 
     async def snapshot(self) -> Stats:
         shards = await self._rpc("actprune_snapshot")
-        return assemble(shards, dict(self.meta, created=time.time()))
+        return await asyncio.to_thread(assemble, shards, dict(self.meta, created=time.time()))
 
     async def status(self) -> StatusResponse:
         st = (await self._rpc("actprune_status"))[0]
         return self._status(st)
 
     async def control(self, action: str) -> StatusResponse:
-        st = (await self._rpc(f"actprune_{action}"))[0]
+        """Reset, pause or resume every rank; when persisting, the new state is on disk before
+        this returns, so a restart (even after kill -9) keeps it."""
+        async with self._write_lock:
+            st = (await self._rpc(f"actprune_{action}"))[0]
+            if self.persisting:
+                try:
+                    await self._write()
+                except Exception as e:
+                    raise SnapshotNotSaved(f"{action} took effect but could not be saved to "
+                                           f"{self.snapshot_path} ({e}): a restart would undo it") from e
         return self._status(st)
 
     def _status(self, st: dict[str, Any]) -> StatusResponse:
@@ -116,14 +194,19 @@ class CaptureService:
             pipeline_parallel_size=self.meta["pipeline_parallel_size"],
             num_layers=self.meta["num_layers"],
             near_zero_threshold=float(st["near_zero_threshold"]),
+            instance_id=self.meta["instance_id"],
         )
 
     # ---- persistence ----------------------------------------------------------------------
     @property
     def snapshot_path(self) -> Path:
-        return self.settings.snapshot_dir / f"stats-{self.meta['config_hash']}.safetensors"
+        return self.files.snapshot
 
     async def write_snapshot(self) -> Path:
+        async with self._write_lock:
+            return await self._write()
+
+    async def _write(self) -> Path:  # under _write_lock
         stats = await self.snapshot()
         path = await asyncio.to_thread(stats.save, self.snapshot_path)
         self.last_snapshot_time = time.time()
@@ -131,29 +214,60 @@ class CaptureService:
         return path
 
     async def resume_from_disk(self) -> bool:
-        """Fold the last snapshot of this model back into the workers' accumulators."""
-        others = [
-            p for p in self.settings.snapshot_dir.glob("stats-*.safetensors") if p != self.snapshot_path
-        ]
+        """Start-up: claim this instance's files (a second live server with the same identity and
+        directory raises SnapshotInUse), fold the newest complete state on disk back into every
+        rank, write it as the snapshot, and tell the workers where to save their shards when
+        they stop. True when something was resumed."""
+        if not (self.settings.resume or self.persisting):
+            return False
+        await self.status()  # CaptureUnavailable before any file is touched
+        await asyncio.to_thread(self.lock.acquire)
+        others = self.files.other_models()
         if others:
-            log.warning(
-                "actprune: %s holds snapshots of other models (%s); not mixing them with %s",
-                self.settings.snapshot_dir, ", ".join(p.name for p in others), self.meta["model"],
-            )
-        if not self.settings.resume or not self.snapshot_path.is_file():
-            return False
+            log.warning("actprune: %s holds snapshots of other models (%s); not mixing them with %s",
+                        self.files.directory, ", ".join(p.name for p in others), self.meta["model"])
+        check = functools.partial(check_fits, meta=self.meta, hf_config=self.hf_config)
         try:
-            saved = await asyncio.to_thread(Stats.load, self.snapshot_path)
-        except StatsFormatError as e:
-            log.error("actprune: cannot resume from %s: %s; starting from zero", self.snapshot_path, e)
+            found = await asyncio.to_thread(recover, self.files, self.meta, check, resume=self.settings.resume)
+            resumed = found.stats is not None and await self._fold(found.stats, found.source)
+        except CannotSetAside as e:
+            log.error("actprune: %s; persistence is OFF for this run", e)
+            self.persisting = False
             return False
-        if saved.meta["config_hash"] != self.meta["config_hash"]:
-            log.error("actprune: %s is from another model; starting from zero", self.snapshot_path)
+        if self.persisting:
+            await self._persist_from_now(found)
+        return resumed
+
+    async def _fold(self, stats: Stats, source: list[Path]) -> bool:
+        try:  # base64 text: bytes arguments do not survive the trip to the workers intact
+            await self._rpc("actprune_load", base64.b64encode(stats.to_bytes()).decode("ascii"))
+        except CaptureUnavailable:
+            raise
+        except Exception as e:  # a rank refused it after others took it: all back to zero
+            await self._rpc("actprune_reset")
+            for path in source:
+                await asyncio.to_thread(set_aside, path, "corrupt", f"a worker refused it: {e}")
             return False
-        # base64 text: bytes arguments do not survive the trip to the workers intact
-        await self._rpc("actprune_load", base64.b64encode(saved.to_bytes()).decode("ascii"))
-        log.info("actprune: resumed %d tokens from %s", saved.tokens, self.snapshot_path)
+        if stats.meta.get("paused") is True:  # a pause outlives a restart
+            await self._rpc("actprune_pause")
+        log.info("actprune: resumed %d tokens from %s", stats.tokens, ", ".join(p.name for p in source))
         return True
+
+    async def _persist_from_now(self, found: Recovered) -> None:
+        try:
+            await self.write_snapshot()  # holds what was resumed: the shards are spent
+        except Exception as e:
+            log.error("actprune: cannot write %s (%s); retrying every interval", self.snapshot_path, e)
+        else:
+            for path in found.spent:
+                path.unlink(missing_ok=True)
+            fsync_dir(self.files.directory)
+        await self._rpc("actprune_persist", str(self.files.directory), self.files.config_hash,
+                        self.files.instance_id, uuid.uuid4().hex)
+
+    def close(self) -> None:
+        """Release this instance's files (the end of the process does the same)."""
+        self.lock.release()
 
     def start_background(self) -> None:
         if self._task is None:
@@ -187,7 +301,7 @@ class CaptureService:
         if self._task is not None:
             self._task.cancel()
             self._task = None
-        if self.settings.snapshot_interval > 0:
+        if self.persisting:
             try:
                 path = await self.write_snapshot()
                 log.info("actprune: wrote final snapshot %s", path)
@@ -203,7 +317,7 @@ class CaptureService:
             await asyncio.sleep(tick)
             try:
                 await self.status()
-                if interval > 0 and time.monotonic() >= next_write:
+                if self.persisting and time.monotonic() >= next_write:
                     await self.write_snapshot()
                     next_write = time.monotonic() + interval
             except asyncio.CancelledError:
@@ -212,15 +326,22 @@ class CaptureService:
                 log.error("actprune: background snapshot/metrics failed: %s", e)
 
 
-def _weights_dir(model: str) -> Path | None:
+def _weights_dir(model: str, revision: str | None = None, cache_dir: str | None = None) -> Path | None:
     """The served checkpoint's directory: the path itself, or for a Hub id the snapshot vLLM
-    already downloaded into the Hugging Face cache (nothing is downloaded here). None when
-    neither exists."""
+    already downloaded (nothing is downloaded here) — of the server's ``--revision``, in its
+    ``--download-dir`` when given, else in the Hugging Face cache, as vLLM's loader does. None
+    when neither exists."""
     if Path(model).is_dir():
         return Path(model)
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(model, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
+        return Path(snapshot_download(model, revision=revision, cache_dir=cache_dir, local_files_only=True,
+                                      allow_patterns=["*.json", "*.safetensors"]))
     except Exception:  # not a Hub id, or not in the cache
         return None
+
+
+def _one_line(e: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"

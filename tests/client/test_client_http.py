@@ -163,6 +163,21 @@ def test_merge_refuses_servers_of_different_models_and_names_them(raw_a, raw_b):
         merge_from([url_a, url_a + "/"], settings=NO_ENV)
 
 
+def test_merge_finds_one_server_under_two_urls_by_its_identity_not_its_url(raw_a, raw_b):
+    a, b = fake_vllm(raw_a), fake_vllm(raw_b)
+    with serve(a) as url_a, serve(b) as url_b:
+        aliases = [url_a + "/v1", url_a.replace("127.0.0.1", "localhost")]  # URL text differs
+        for alias in aliases:
+            for pull in (lambda urls: merge_from(urls, settings=NO_ENV),
+                         lambda urls: asyncio.run(amerge_from(urls, settings=NO_ENV))):
+                with pytest.raises(ValueError, match="same server") as e:
+                    pull([url_a, url_b, alias])
+                assert url_a in str(e.value) and alias in str(e.value)  # names both, says which
+        merged = merge_from([url_a, url_b], settings=NO_ENV)
+    assert merged.tokens == 470 and "instance_id" not in merged.meta
+    assert len(set(merged.meta["instance_ids"])) == 2  # a merge lists the servers it holds
+
+
 def test_async_client_speaks_the_same_routes(server):
     url, srv = server
 

@@ -66,3 +66,85 @@ def test_plan_is_checked_against_the_model_config(plan):
         plan.validate_for(other, config_hash(other))
     with pytest.raises(PlanError, match="plan is for Qwen2ForCausalLM"):
         plan.validate_for(tiny_config("llama"), config_hash(tiny_config("llama")))
+
+
+def test_fields_the_slicer_cuts_by_must_equal_the_models_even_when_the_hash_matches(plan):
+    chash = config_hash(CFG)
+    for edit, field in ((lambda r: r["source"].update(head_dim=4), "head_dim"),
+                        (lambda r: r["source"].update(hidden_size=64), "hidden_size"),
+                        (lambda r: r["source"]["widths"][0].update(intermediate_size=999), r"widths\[0\]")):
+        with pytest.raises(PlanError, match=field):
+            Plan.from_json(edited(plan, edit)).validate_for(CFG, chash)
+
+
+# ---- fuzzing: only PlanError (or success) ever comes out --------------------------------------
+def _paths(node, prefix=()):
+    """Every place in a plan's JSON a value can be put: keys and the first/last list items."""
+    yield prefix
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from _paths(v, (*prefix, k))
+    elif isinstance(node, list) and node:
+        for i in {0, len(node) - 1}:
+            yield from _paths(node[i], (*prefix, i))
+
+
+def _fuzz_values():
+    from hypothesis import strategies as st
+
+    scalars = (st.none() | st.booleans() | st.text(max_size=8) | st.floats(allow_nan=True, allow_infinity=True)
+               | st.integers(-(2**70), 2**70) | st.sampled_from([0, 1, -1, 2**31, 3_000_000_000, 10**400]))
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4)
+                        | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
+
+
+def _get(raw, path):
+    for k in path:
+        raw = raw[k]
+    return raw
+
+
+def _put(raw, path, value, delete: bool) -> None:
+    """Set (or delete) ``raw[path]``; nothing when an earlier edit changed the structure."""
+    try:
+        node = raw
+        for k in path[:-1]:
+            node = node[k]
+        if delete and isinstance(node, dict):
+            node.pop(path[-1], None)
+        else:
+            node[path[-1]] = value
+    except (KeyError, IndexError, TypeError):
+        pass
+
+
+def test_fuzzed_plan_fields_give_plan_errors_only(plan):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    base = json.loads(plan.to_json())
+    paths = [p for p in _paths(base) if p]
+    # Drawn as often as all the rest: the version and source fields, and every number (widths,
+    # indices), which small integers put just out of range.
+    shallow = [p for p in paths if len(p) <= 2]
+    numbers = [p for p in paths if isinstance(_get(base, p), int) and not isinstance(_get(base, p), bool)]
+    where = st.sampled_from(shallow) | st.sampled_from(numbers) | st.sampled_from(paths)
+    values = st.integers(-2, 64) | st.integers(-(2**70), 2**70) | _fuzz_values()
+    chash = config_hash(CFG)
+
+    @settings(max_examples=500, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(st.tuples(where, values, st.sampled_from([False, False, False, True])), min_size=1, max_size=3))
+    def run(edits):
+        raw = json.loads(json.dumps(base))
+        for path, value, delete in edits:
+            _put(raw, path, value, delete)
+        try:
+            text = json.dumps(raw)
+        except ValueError:  # 10**400 and friends: json refuses to write them, nothing to test
+            return
+        try:
+            Plan.from_json(text).validate_for(CFG, chash)
+        except PlanError as e:
+            assert "\n" not in str(e)
+
+    run()

@@ -149,3 +149,32 @@ def test_dockerfile_runs_the_entrypoint_and_checks_health():
     assert f'ENTRYPOINT ["{dest}"]' in text
     assert re.search(r"^HEALTHCHECK .*\n.*curl -fsS .*/health", text, flags=re.M)
     assert "EXPOSE 8000" in text and 'VOLUME ["/workspace"]' in text
+
+
+def test_logged_command_hides_extra_vllm_args_and_every_api_key(run_entrypoint, tmp_path):
+    env = {"MODEL": "m", "ACTPRUNE_SNAPSHOT_DIR": str(tmp_path),
+           "EXTRA_VLLM_ARGS": "--api-key hunter2 --max-model-len 8192"}
+    proc, got = run_entrypoint(env, "--api-key", "s3cret2", "s3cret4", "--api-key=s3cret3", "--served-model-name", "q")
+    assert proc.returncode == 0, proc.stderr
+    assert got["argv"][-10:] == ["--api-key", "hunter2", "--max-model-len", "8192",  # the command is whole
+                                "--api-key", "s3cret2", "s3cret4", "--api-key=s3cret3", "--served-model-name", "q"]
+    for secret in ("hunter2", "s3cret2", "s3cret3", "s3cret4", "8192"):
+        assert secret not in proc.stderr
+    assert "--api-key *** *** --api-key=*** --served-model-name q" in proc.stderr
+    assert "(+ 4 words of EXTRA_VLLM_ARGS, not shown)" in proc.stderr
+
+
+def test_unparsable_extra_vllm_args_are_not_echoed(run_entrypoint, tmp_path):
+    proc, got = run_entrypoint({"MODEL": "m", "ACTPRUNE_SNAPSHOT_DIR": str(tmp_path),
+                                "EXTRA_VLLM_ARGS": "--api-key 'hunter2"})
+    assert proc.returncode == 2 and got is None
+    assert "EXTRA_VLLM_ARGS: No closing quotation" in proc.stderr and "hunter2" not in proc.stderr
+
+
+def test_dockerfile_runs_as_a_numeric_non_root_user_owning_the_volume():
+    text = DOCKERFILE.read_text()
+    users = re.findall(r"^USER\s+(\S+)", text, flags=re.M)
+    assert users and re.fullmatch(r"[1-9][0-9]*:[1-9][0-9]*", users[-1]), users
+    uid = users[-1].split(":")[0]
+    assert re.search(rf"useradd --uid {uid} ", text)
+    assert text.index("chown actprune:actprune /workspace") < text.index('VOLUME ["/workspace"]')

@@ -39,7 +39,7 @@ def _actprune_operations(base: str) -> list[tuple[str, str]]:
 
 def test_openapi_describes_every_actprune_route(keyed):
     ops = set(_actprune_operations(keyed.base_url))
-    assert ops == {("GET", "/activations/stats"), ("GET", "/activations/status"),
+    assert ops == {("GET", "/activations/stats"), ("GET", "/activations/status"), ("GET", "/activations/metrics"),
                    ("POST", "/activations/reset"), ("POST", "/activations/pause"),
                    ("POST", "/activations/resume"), ("POST", "/prune/plan")}
     spec = httpx.get(f"{keyed.base_url}/openapi.json", timeout=30).json()
@@ -49,7 +49,7 @@ def test_openapi_describes_every_actprune_route(keyed):
 
 def test_every_actprune_route_refuses_missing_or_wrong_key(keyed):
     ops = _actprune_operations(keyed.base_url)
-    assert len(ops) == 6
+    assert len(ops) == 7
     for method, path in ops:
         url = keyed.base_url + path
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY},
@@ -63,12 +63,15 @@ def test_every_actprune_route_refuses_missing_or_wrong_key(keyed):
     assert httpx.get(f"{keyed.base_url}/v1/models", timeout=30).status_code == 401
 
 
-def test_metrics_expose_captured_tokens_and_snapshot_counters(keyed):
+def test_metrics_expose_captured_tokens_and_snapshot_counters_behind_the_key(keyed):
     base = keyed.base_url
-    httpx.post(f"{base}/activations/reset", headers=AUTH, timeout=30).raise_for_status()
+    httpx.post(f"{base}/activations/reset", json={}, headers=AUTH, timeout=30).raise_for_status()
     _send(base, PROMPTS[:1])
     status = httpx.get(f"{base}/activations/status", headers=AUTH, timeout=30).json()
-    text = httpx.get(f"{base}/metrics", timeout=30).text
+    public = httpx.get(f"{base}/metrics", timeout=30)  # vLLM's, open to scrapers without a key
+    assert public.status_code == 200 and "vllm:" in public.text and "actprune" not in public.text
+    assert httpx.get(f"{base}/activations/metrics", timeout=30).status_code == 401
+    text = httpx.get(f"{base}/activations/metrics", headers=AUTH, timeout=30).text
     assert f'actprune_tokens_captured{{phase="prefill"}} {float(status["tokens_prefill"])}' in text
     assert f'actprune_tokens_captured{{phase="decode"}} {float(status["tokens_decode"])}' in text
     assert "actprune_snapshots_written_total 0.0" in text
@@ -81,7 +84,7 @@ def test_plan_route_returns_the_plan_the_offline_planner_makes(keyed, tiny_qwen3
 
     base = keyed.base_url
     _send(base)
-    httpx.post(f"{base}/activations/pause", headers=AUTH, timeout=30).raise_for_status()
+    httpx.post(f"{base}/activations/pause", json={}, headers=AUTH, timeout=30).raise_for_status()
     try:
         raw = httpx.get(f"{base}/activations/stats", params={"format": "safetensors"},
                         headers=AUTH, timeout=60)
@@ -97,7 +100,7 @@ def test_plan_route_returns_the_plan_the_offline_planner_makes(keyed, tiny_qwen3
         assert served.model_dump(exclude={"provenance"}) == offline.model_dump(exclude={"provenance"})
         assert all(len(layer.mlp_keep) == 288 for layer in served.layers)
     finally:
-        httpx.post(f"{base}/activations/resume", headers=AUTH, timeout=30).raise_for_status()
+        httpx.post(f"{base}/activations/resume", json={}, headers=AUTH, timeout=30).raise_for_status()
 
 
 def test_plan_route_names_the_bad_field(keyed):
@@ -176,7 +179,7 @@ def test_capture_off_serves_as_plain_vllm_with_identical_outputs(keyed, tiny_qwe
 def test_prefix_caching_is_off_under_capture_so_repeated_prompts_count_fully(keyed):
     base = keyed.base_url
     long_prompt = " ".join(p for p, _ in PROMPTS) * 4  # several KV-cache blocks long
-    httpx.post(f"{base}/activations/reset", headers=AUTH, timeout=30).raise_for_status()
+    httpx.post(f"{base}/activations/reset", json={}, headers=AUTH, timeout=30).raise_for_status()
     usage = []
     for _ in range(2):
         r = httpx.post(f"{base}/v1/completions", headers=AUTH, timeout=120, json={

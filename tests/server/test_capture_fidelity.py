@@ -75,7 +75,7 @@ def test_warmup_tokens_are_never_counted(server):
 
 def test_server_stats_equal_float64_transformers_reference(server, tiny_qwen3):
     base = server.base_url
-    httpx.post(f"{base}/activations/reset", timeout=30).raise_for_status()
+    httpx.post(f"{base}/activations/reset", json={}, timeout=30).raise_for_status()
     results = send_concurrently(base)
     sequences = [p + g[:-1] for p, g in results]  # the last generated token is never fed back
     stats = fetch_stats(base)
@@ -110,7 +110,7 @@ def test_server_stats_equal_float64_transformers_reference(server, tiny_qwen3):
 def test_reset_zeroes_everything_and_counts_restart_exactly(server):
     base = server.base_url
     send_concurrently(base, PROMPTS[:2])
-    r = httpx.post(f"{base}/activations/reset", timeout=30).json()
+    r = httpx.post(f"{base}/activations/reset", json={}, timeout=30).json()
     assert r["ok"] and r["status"]["tokens_prefill"] == 0 and r["status"]["tokens_decode"] == 0
     stats = fetch_stats(base)
     assert all(float(stats.group(i, "mlp")["count"]) == 0 for i in stats.layers)
@@ -123,12 +123,12 @@ def test_reset_zeroes_everything_and_counts_restart_exactly(server):
 
 def test_pause_stops_counting_and_resume_restarts(server):
     base = server.base_url
-    httpx.post(f"{base}/activations/reset", timeout=30).raise_for_status()
-    paused = httpx.post(f"{base}/activations/pause", timeout=30).json()["status"]
+    httpx.post(f"{base}/activations/reset", json={}, timeout=30).raise_for_status()
+    paused = httpx.post(f"{base}/activations/pause", json={}, timeout=30).json()["status"]
     assert paused["paused"] and not paused["capturing"]
     complete(base, "Nothing of this is counted", 3)
     assert float(fetch_stats(base).group(0, "attn")["count"]) == 0
-    resumed = httpx.post(f"{base}/activations/resume", timeout=30).json()["status"]
+    resumed = httpx.post(f"{base}/activations/resume", json={}, timeout=30).json()["status"]
     assert resumed["capturing"]
     p, g = complete(base, "This is counted", 3)
     assert float(fetch_stats(base).group(1, "attn")["count"]) == len(p) + len(g) - 1

@@ -50,7 +50,7 @@ async def _wave(base: str, poll_and_reset: bool) -> tuple[list[tuple[int, int]],
                     r = await client.get(path, params={"format": "safetensors"} if "stats" in path else None)
                     statuses.append(r.status_code)
                 if not reset_done and sum(t.done() for t in tasks) >= N_REQUESTS // 2:
-                    statuses.append((await client.post("/activations/reset")).status_code)
+                    statuses.append((await client.post("/activations/reset", json={})).status_code)
                     reset_done = True
                 await asyncio.sleep(0.05)
             assert reset_done
@@ -63,7 +63,7 @@ def test_concurrent_streams_with_polling_and_reset_give_no_errors_and_exact_coun
     _, statuses = asyncio.run(_wave(base, poll_and_reset=True))
     assert statuses and all(s == 200 for s in statuses), sorted(set(statuses))
 
-    httpx.post(f"{base}/activations/reset", headers=AUTH, timeout=30).raise_for_status()
+    httpx.post(f"{base}/activations/reset", json={}, headers=AUTH, timeout=30).raise_for_status()
     results, _ = asyncio.run(_wave(base, poll_and_reset=False))
     st = httpx.get(f"{base}/activations/status", headers=AUTH, timeout=30).json()
     # every prompt token, plus every generated token but the last (never fed back);

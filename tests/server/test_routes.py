@@ -34,8 +34,9 @@ from raw_samples import (
     stats_from_raw,
 )
 
-OPERATIONS = [("GET", "/activations/stats"), ("GET", "/activations/status"), ("POST", "/activations/reset"),
-              ("POST", "/activations/pause"), ("POST", "/activations/resume"), ("POST", "/prune/plan")]
+OPERATIONS = [("GET", "/activations/stats"), ("GET", "/activations/status"), ("GET", "/activations/metrics"),
+              ("POST", "/activations/reset"), ("POST", "/activations/pause"), ("POST", "/activations/resume"),
+              ("POST", "/prune/plan")]
 PLAN_BODY = {"strategy": "importance", "mlp_ratio": 0.25}
 
 
@@ -110,7 +111,7 @@ def test_tp2_shards_assemble_to_the_same_file_as_tp1(raw_a, tmp_path):
     assert sorted(one.tensors) == sorted(two.tensors)
     for name, t in one.tensors.items():
         np.testing.assert_array_equal(two.tensors[name], t, err_msg=name)
-    varying = {"created", "window_start", "tensor_parallel_size"}
+    varying = {"created", "taken_at", "window_start", "tensor_parallel_size", "instance_id"}
     assert {k: v for k, v in one.meta.items() if k not in varying} == \
            {k: v for k, v in two.meta.items() if k not in varying}
 
@@ -118,18 +119,18 @@ def test_tp2_shards_assemble_to_the_same_file_as_tp1(raw_a, tmp_path):
 def test_pause_resume_and_reset_reach_every_rank_and_change_what_stats_show(raw_a, raw_b, tmp_path):
     engine = _engine(raw_a, tp_size=2)
     app = _app(engine, tmp_path)
-    st = call(app, "POST", "/activations/pause").json()["status"]
+    st = call(app, "POST", "/activations/pause", json={}).json()["status"]
     assert st["paused"] and not st["capturing"] and st["tokens_prefill"] + st["tokens_decode"] == 300
     assert all(r.capture.paused for r in engine.ranks)
     engine.feed(raw_b)  # served while paused: not counted
     assert_stats_match(_stats(app), _reference(engine, raw_a))
-    st = call(app, "POST", "/activations/resume").json()["status"]
+    st = call(app, "POST", "/activations/resume", json={}).json()["status"]
     assert not st["paused"] and st["capturing"]
     engine.feed(raw_b)
     both = _stats(app)
     assert_stats_match(both, _reference(engine, concat(raw_a, raw_b)))
     assert both.tokens == 470
-    st = call(app, "POST", "/activations/reset").json()["status"]
+    st = call(app, "POST", "/activations/reset", json={}).json()["status"]
     assert st["tokens_prefill"] == st["tokens_decode"] == 0 and st["window_start"] >= both.meta["window_start"]
     zero = _stats(app)
     assert zero.tokens == 0 and all(float(zero.tensors[n]) == 0 for n in zero.tensors if n.endswith(".count"))
@@ -179,7 +180,7 @@ def test_plan_is_409_until_tokens_are_captured(raw_a, tmp_path):
     assert r.status_code == 409 and "no tokens captured yet" in r.json()["detail"]
     engine.feed(raw_a)
     assert plan().status_code == 200
-    call(app, "POST", "/activations/reset")
+    call(app, "POST", "/activations/reset", json={})
     assert plan().status_code == 409
 
 
@@ -233,7 +234,8 @@ def test_weight_aware_plan_reads_the_served_checkpoint(raw_a, tmp_path):
 ])
 def test_bad_plan_body_is_422_with_one_line_naming_the_field(raw_a, tmp_path, body, named):
     app = _app(_engine(raw_a), tmp_path)
-    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    as_json = {"Content-Type": "application/json"}
+    kw = {"content": body, "headers": as_json} if isinstance(body, bytes) else {"json": body}
     r = call(app, "POST", "/prune/plan", **kw)
     assert r.status_code == 422, r.text
     detail = r.json()["detail"]
@@ -246,7 +248,7 @@ def test_resume_from_disk_folds_the_saved_snapshot_into_every_rank(raw_a, raw_b,
     svc = app.state.actprune
     _reference(engine, raw_a).save(svc.snapshot_path)
     assert asyncio.run(svc.resume_from_disk())
-    assert engine.methods == ["actprune_load"]
+    assert engine.methods == ["actprune_status", "actprune_load"]  # capture on? then fold it in
     assert_stats_match(_stats(app), _reference(engine, raw_a))
     engine.feed(raw_b)
     assert_stats_match(_stats(app), _reference(engine, concat(raw_a, raw_b)))

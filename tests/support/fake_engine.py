@@ -128,6 +128,10 @@ class _Worker:
     def __init__(self, model: nn.Module) -> None:
         self.model_runner = _Runner(model)
 
+    def shutdown(self) -> None:
+        """As vLLM's worker does when the engine stops: the model is released."""
+        self.model_runner.model = None
+
 
 class _CaptureWorker(CaptureWorkerExtension, _Worker):
     """The worker class `actprune serve` makes (``--worker-extension-cls``)."""
@@ -277,11 +281,13 @@ def _layer_step(layer: RawLayer, rows: np.ndarray, padded: int, i: int, tp_rank:
 
 
 # ---- the app ---------------------------------------------------------------------------------
-def actprune_app(engine: FakeEngineClient, *, snapshot_dir: Path, api_keys: Sequence[str] = ()) -> FastAPI:
+def actprune_app(engine: FakeEngineClient, *, snapshot_dir: Path, api_keys: Sequence[str] = (),
+                 settings: Settings | None = None) -> FastAPI:
     """A FastAPI app with actprune's real routes, as vLLM's API server builds it: the endpoint
-    plugin attaches its routers, and the service it makes once the engine is up."""
+    plugin attaches its routers, and the service it makes once the engine is up. Default
+    settings: no persistence, an instance identity of its own (two fake servers are two)."""
     app = FastAPI()
     ActpruneEndpoints().attach_router(app)
-    app.state.actprune = CaptureService(engine, Settings(snapshot_dir=snapshot_dir, snapshot_interval=0),
-                                        list(api_keys))
+    settings = settings or Settings(snapshot_dir=snapshot_dir, snapshot_interval=0, instance_id=f"fake-{id(engine):x}")
+    app.state.actprune = CaptureService(engine, settings, list(api_keys))
     return app

@@ -1,0 +1,338 @@
+"""Snapshots on disk, in-process: the real service, worker RPCs, capture and files over the fake
+engine (:mod:`fake_engine`), so every fault is placed exactly where it hurts.
+
+A "server" here is a fake engine (fresh accumulators, like a new process) plus a service with
+persistence on. A kill -9 is the service dropped without any shutdown (its lock released, as the
+kernel does); an engine stop (Ctrl-C: SIGINT to the process group) is every worker's
+``shutdown``, as vLLM calls it, without the API server's final snapshot. The same behaviours on
+a real vLLM server: ``test_persistence.py`` (slow).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from actprune.core.wire.stats import Stats, config_hash
+from actprune.server.api.service import CaptureService
+from actprune.server.settings import Settings
+from actprune.server.store import SnapshotInUse
+from fake_engine import FakeEngineClient, actprune_app, config_for
+from fastapi import FastAPI
+from raw_samples import RawLayer, assert_stats_match, concat, random_raw, stats_from_raw
+
+
+@pytest.fixture(scope="module")
+def raw_a() -> list[RawLayer]:
+    return random_raw(np.random.default_rng(1), tokens=300)
+
+
+@pytest.fixture(scope="module")
+def raw_b() -> list[RawLayer]:
+    return random_raw(np.random.default_rng(2), tokens=170)
+
+
+@pytest.fixture(autouse=True)
+def _own_signal_handlers() -> Iterator[None]:
+    """The worker RPCs wrap this process's SIGINT/SIGTERM handlers, as in a vLLM worker: undo."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)
+
+
+class Server:
+    """One start of a server: a fresh engine, the service, and its routes."""
+
+    def __init__(self, raw: list[RawLayer], directory: Path, instance: str = "pod-a", tp: int = 1) -> None:
+        self.engine = FakeEngineClient(config_for(raw), tp_size=tp)
+        settings = Settings(snapshot_dir=directory, snapshot_interval=60, instance_id=instance)
+        self.app: FastAPI = actprune_app(self.engine, snapshot_dir=directory, settings=settings)
+        self.svc: CaptureService = self.app.state.actprune
+
+    def start(self) -> Server:
+        asyncio.run(self.svc.resume_from_disk())
+        return self
+
+    def post(self, action: str) -> httpx.Response:
+        async def go() -> httpx.Response:
+            transport = httpx.ASGITransport(app=self.app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://vllm") as c:
+                return await c.post(f"/activations/{action}", json={})
+
+        return asyncio.run(go())
+
+    def tokens(self) -> int:
+        return asyncio.run(self.svc.status()).tokens
+
+    def stats(self) -> Stats:
+        return asyncio.run(self.svc.snapshot())
+
+    def snapshot(self) -> None:  # the periodic writer's turn
+        asyncio.run(self.svc.write_snapshot())
+
+    def kill_9(self) -> None:
+        self.svc.close()
+
+    def engine_stops(self) -> None:
+        """Ctrl-C: the engine stops first, every worker shuts down; the API's last RPC never lands."""
+        for rank in self.engine.ranks:
+            rank.worker.shutdown()
+        self.svc.close()
+
+
+def _reference(engine: FakeEngineClient, raw: list[RawLayer]) -> Stats:
+    return stats_from_raw(raw, model=engine.served_model_name, config_hash=config_hash(engine.config))
+
+
+def _on_disk(server: Server) -> Stats:
+    return Stats.load(server.svc.snapshot_path)
+
+
+def _names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+# ---- finding 3: stopping, resets and pauses ---------------------------------------------------
+def test_reset_is_on_disk_before_the_route_answers_and_survives_kill_9(raw_a, raw_b, tmp_path):
+    a = Server(raw_a, tmp_path).start()
+    a.engine.feed(raw_a)
+    a.snapshot()
+    assert _on_disk(a).tokens == 300
+    assert a.post("reset").status_code == 200
+    assert _on_disk(a).tokens == 0  # read right after the answer: the reset is durable
+    a.engine.feed(raw_b)  # after the last snapshot: may be lost by a kill -9
+    a.kill_9()
+    b = Server(raw_a, tmp_path).start()
+    assert b.tokens() == 0  # the 300 pre-reset tokens never come back
+
+
+def test_pause_is_durable_and_outlives_a_restart(raw_a, raw_b, tmp_path):
+    a = Server(raw_a, tmp_path).start()
+    a.engine.feed(raw_a)
+    assert a.post("pause").json()["status"]["paused"]
+    assert _on_disk(a).meta["paused"] is True and _on_disk(a).tokens == 300
+    a.kill_9()
+    b = Server(raw_a, tmp_path).start()
+    assert asyncio.run(b.svc.status()).paused and b.tokens() == 300
+    b.engine.feed(raw_b)  # paused: not counted
+    assert b.tokens() == 300
+    assert b.post("resume").status_code == 200 and _on_disk(b).meta["paused"] is False
+    b.kill_9()
+    assert not asyncio.run(Server(raw_a, tmp_path).start().svc.status()).paused
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_workers_save_their_shards_when_the_engine_stops_and_nothing_is_lost(raw_a, raw_b, tmp_path, tp):
+    a = Server(raw_a, tmp_path, tp=tp).start()
+    a.engine.feed(raw_a)
+    a.snapshot()
+    a.engine.feed(raw_b)  # in no snapshot: only the workers' own shards hold it
+    a.engine_stops()
+    shards = sorted(p.name for p in tmp_path.glob("shard-*"))
+    assert len(shards) == tp
+    b = Server(raw_a, tmp_path, tp=tp).start()
+    want = _reference(b.engine, concat(raw_a, raw_b))
+    assert_stats_match(b.stats(), want)
+    assert b.tokens() == 470
+    assert not list(tmp_path.glob("shard-*"))  # spent: the snapshot holds them now
+    assert_stats_match(_on_disk(b), want)
+
+
+def test_shards_are_folded_in_exactly_once_however_start_up_is_interrupted(raw_a, raw_b, tmp_path):
+    a = Server(raw_a, tmp_path, tp=2).start()
+    a.engine.feed(raw_a)
+    a.engine.feed(raw_b)
+    a.engine_stops()
+    shards = {p: p.read_bytes() for p in tmp_path.glob("shard-*")}
+    b = Server(raw_a, tmp_path, tp=2).start()
+    b.engine.feed(raw_a)
+    b.snapshot()
+    b.kill_9()
+    for p, data in shards.items():  # as if b had been killed before it removed them
+        p.write_bytes(data)
+    c = Server(raw_a, tmp_path, tp=2).start()
+    assert c.tokens() == 770  # b's newer snapshot wins over the old shards; nothing is added twice
+    assert_stats_match(c.stats(), _reference(c.engine, concat(raw_a, raw_b, raw_a)))
+    assert not list(tmp_path.glob("shard-*"))
+
+
+def test_a_rank_stopped_mid_step_saves_nothing_and_the_last_snapshot_stands(raw_a, raw_b, tmp_path):
+    a = Server(raw_a, tmp_path).start()
+    a.engine.feed(raw_a)
+    a.snapshot()
+
+    class Stopped(BaseException):  # SIGINT's SystemExit inside a forward step
+        pass
+
+    def stop(*args: Any, **kwargs: Any) -> Any:
+        raise Stopped
+
+    a.engine.ranks[0].model.model.layers[1].forward = stop  # layer 0 counted the step, layer 1 not
+    with pytest.raises(Stopped):
+        a.engine.feed(raw_b)
+    a.engine_stops()
+    assert not list(tmp_path.glob("shard-*"))  # a torn state is never saved
+    b = Server(raw_a, tmp_path).start()
+    assert_stats_match(b.stats(), _reference(b.engine, raw_a))
+
+
+def test_a_signal_inside_a_step_stops_the_worker_when_the_step_ends_so_its_shard_is_whole(raw_a, tmp_path):
+    class Stopped(BaseException):
+        pass
+
+    def vllm_worker_handler(signum: int, frame: Any) -> None:  # what vLLM's worker_main installs
+        raise Stopped
+
+    signal.signal(signal.SIGINT, vllm_worker_handler)
+    a = Server(raw_a, tmp_path).start()  # the worker wraps the handler it finds
+    layer = a.engine.ranks[0].model.model.layers[1]
+    forward, fired = layer.forward, []
+
+    def signalled(*args: Any, **kwargs: Any) -> Any:
+        if not fired:
+            fired.append(True)
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands in the middle of the first step
+        return forward(*args, **kwargs)
+
+    layer.forward = signalled
+    with pytest.raises(Stopped):
+        a.engine.feed(raw_a)
+    a.engine_stops()
+    assert len(list(tmp_path.glob("shard-*"))) == 1  # the step finished, then the worker stopped
+    b = Server(raw_a, tmp_path).start()
+    counts = {float(t) for n, t in b.stats().tensors.items() if n.endswith(".count")}
+    assert len(counts) == 1 and 0 < b.tokens() == counts.pop() < 300  # one whole step, every layer
+
+
+# ---- finding 2: instance identity -------------------------------------------------------------
+def test_two_servers_of_one_model_in_one_directory_keep_their_own_counts(raw_a, raw_b, tmp_path):
+    a, b = Server(raw_a, tmp_path, "pod-a").start(), Server(raw_a, tmp_path, "pod-b").start()
+    a.engine.feed(raw_a)
+    b.engine.feed(raw_b)
+    a.snapshot()
+    b.snapshot()
+    assert a.svc.snapshot_path != b.svc.snapshot_path
+    assert (_on_disk(a).meta["instance_id"], _on_disk(b).meta["instance_id"]) == ("pod-a", "pod-b")
+    window = asyncio.run(a.svc.status()).window_start
+    a.kill_9()
+    b.kill_9()
+    a, b = Server(raw_a, tmp_path, "pod-a").start(), Server(raw_a, tmp_path, "pod-b").start()
+    assert (a.tokens(), b.tokens()) == (300, 170)  # each resumes its own, never the other's
+    assert asyncio.run(a.svc.status()).window_start == window  # the counts reach back that far
+    assert asyncio.run(a.svc.status()).instance_id == "pod-a"
+
+
+def test_a_second_live_server_with_the_same_identity_is_refused_before_touching_anything(raw_a, tmp_path):
+    a = Server(raw_a, tmp_path).start()
+    a.engine.feed(raw_a)
+    a.snapshot()
+    b = Server(raw_a, tmp_path)
+    with pytest.raises(SnapshotInUse, match="--instance-id") as e:
+        b.start()
+    assert "pod-a" in str(e.value) and "pid" in str(e.value)
+    assert "actprune_load" not in b.engine.methods and _on_disk(a).tokens == 300
+    a.kill_9()  # the lock goes with the process
+    assert Server(raw_a, tmp_path).start().tokens() == 300
+
+
+def test_a_snapshot_from_before_identities_is_adopted_by_one_instance_only(raw_a, tmp_path):
+    engine = FakeEngineClient(config_for(raw_a))
+    legacy = tmp_path / f"stats-{config_hash(engine.config)}.safetensors"
+    _reference(engine, raw_a).save(legacy)
+    a = Server(raw_a, tmp_path, "pod-a").start()
+    b = Server(raw_a, tmp_path, "pod-b").start()
+    assert (a.tokens(), b.tokens()) == (300, 0) and not legacy.exists()
+
+
+# ---- finding 4: a bad snapshot at start -------------------------------------------------------
+def _plant(tmp_path: Path, raw: list[RawLayer], data: bytes) -> Path:
+    path = Server(raw, tmp_path).svc.snapshot_path  # (not started: takes no lock)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def _aside(tmp_path: Path, reason: str) -> list[Path]:
+    return sorted(tmp_path.glob(f"*.safetensors.{reason}-*"))
+
+
+def test_an_unreadable_snapshot_is_moved_aside_not_overwritten(raw_a, tmp_path):
+    path = _plant(tmp_path, raw_a, b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage")
+    s = Server(raw_a, tmp_path).start()
+    assert s.tokens() == 0
+    (aside,) = _aside(tmp_path, "corrupt")
+    assert aside.read_bytes() == b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage"  # kept, byte for byte
+    assert Stats.load(path).tokens == 0  # the server writes its own file beside it
+
+
+def test_a_snapshot_of_a_newer_format_is_kept_aside_untouched(raw_a, tmp_path):
+    engine = FakeEngineClient(config_for(raw_a))
+    newer = _reference(engine, raw_a)
+    newer.meta["format_version"] = 99
+    data = newer.to_bytes()
+    _plant(tmp_path, raw_a, data)
+    s = Server(raw_a, tmp_path).start()
+    assert s.tokens() == 0 and "actprune_load" not in s.engine.methods
+    (aside,) = _aside(tmp_path, "newer")
+    assert aside.read_bytes() == data
+
+
+def test_a_snapshot_of_other_widths_is_refused_before_any_rank_changes(raw_a, tmp_path):
+    other = random_raw(np.random.default_rng(3), tokens=50, mlp=40)  # same layers, other MLP width
+    engine = FakeEngineClient(config_for(raw_a))
+    bad = stats_from_raw(other, model=engine.served_model_name, config_hash=config_hash(engine.config))
+    _plant(tmp_path, raw_a, bad.to_bytes())
+    s = Server(raw_a, tmp_path, tp=2).start()
+    assert s.tokens() == 0 and "actprune_load" not in s.engine.methods
+    assert len(_aside(tmp_path, "corrupt")) == 1
+
+
+def test_when_one_rank_refuses_a_snapshot_every_rank_goes_back_to_zero(raw_a, tmp_path, monkeypatch):
+    engine = FakeEngineClient(config_for(raw_a))
+    _plant(tmp_path, raw_a, _reference(engine, raw_a).to_bytes())
+    s = Server(raw_a, tmp_path, tp=2)
+
+    def refuse(data: bytes) -> None:
+        raise ValueError("rank 1 says no")
+
+    monkeypatch.setattr(s.engine.ranks[1].capture, "load", refuse)  # rank 0 loads, then rank 1 fails
+    s.start()
+    assert s.tokens() == 0 and all(float(r.capture.groups["layers.0.mlp"]["count"]) == 0 for r in s.engine.ranks)
+    assert len(_aside(tmp_path, "corrupt")) == 1
+
+
+def test_capture_load_checks_the_whole_file_before_touching_an_accumulator(raw_a):
+    engine = FakeEngineClient(config_for(raw_a))
+    engine.feed(raw_a)
+    cap = engine.ranks[0].capture
+    good = _reference(engine, raw_a)
+    last = max(good.layers)
+    bad = Stats(tensors=dict(good.tensors), meta=dict(good.meta))
+    bad.tensors[f"layers.{last}.block.cos_sum"] = np.zeros(2)  # only the very last group is wrong
+    before = cap.snapshot()
+    with pytest.raises(ValueError, match=f"layers.{last}.block.cos_sum"):
+        cap.load(bad.to_bytes())
+    after = cap.snapshot()
+    from safetensors.numpy import load
+
+    for name, t in load(before).items():
+        np.testing.assert_array_equal(load(after)[name], t, err_msg=name)
+
+
+# ---- finding 10: what a kill leaves ----------------------------------------------------------
+def test_temporary_files_a_kill_left_are_removed_at_start_and_other_instances_kept(raw_a, tmp_path):
+    stem = f"{config_hash(config_for(raw_a))}"
+    ours = [f".stats-{stem}-pod-a.safetensors.ab12cd34", f".shard-{stem}-pod-a-pp0-tp0.safetensors.x_y1z2w3"]
+    theirs = [f".stats-{stem}-pod-b.safetensors.ab12cd34", f".stats-{stem}-pod-a.safetensors.keep"]
+    for name in ours + theirs:
+        (tmp_path / name).write_bytes(b"half")
+    Server(raw_a, tmp_path).start()
+    assert [n for n in _names(tmp_path) if n.startswith(".")] == sorted(theirs)
