@@ -104,10 +104,13 @@ def format_table(summary: StatsSummary, layers: Sequence[int] | None = None) -> 
     for ls in summary.layers:
         if layers is not None and ls.layer not in layers:
             continue
-        heads = ls.heads
+        heads, mlp = ls.heads, ls.mlp
+        # an MoE layer has no MLP channels: its width column says how many experts it routes to
+        width = str(mlp.width) if mlp else f"{ls.experts.num_experts}E" if ls.experts else "-"
         cells = (
-            str(ls.layer), str(ls.tokens), str(ls.mlp.width), _g(ls.mlp.mean_abs.mean),
-            _g(ls.mlp.std.mean), _pct(ls.mlp.sparsity.mean), _pct(ls.mlp.frac_sparse_90),
+            str(ls.layer), str(ls.tokens), width, _g(mlp.mean_abs.mean) if mlp else "-",
+            _g(mlp.std.mean) if mlp else "-", _pct(mlp.sparsity.mean) if mlp else "-",
+            _pct(mlp.frac_sparse_90) if mlp else "-",
             str(heads.num_heads) if heads else "-",
             _g(heads.least_important[0].score) if heads and heads.least_important else "-",
             _pct(ls.attn.sparsity.mean), _g(ls.block_influence),
@@ -119,7 +122,15 @@ def format_table(summary: StatsSummary, layers: Sequence[int] | None = None) -> 
 def format_layer(ls: LayerSummary) -> str:
     """Everything the summary holds about one layer, spreads as min / mean / max."""
     out = [f"layer {ls.layer}: {ls.tokens} tokens, block influence {_g(ls.block_influence)}"]
+    if ls.experts is not None:
+        e = ls.experts
+        out.append(f"experts ({e.num_experts}): expert  frequency  mean weight")
+        for j in range(e.num_experts):
+            out.append(f"  {j:>6}  {_pct(e.frequency[j]):>9}  {_g(e.mean_weight[j]):>11}")
+        out.append(f"  least used (weight per token): {_units(e.least_used)}")
     for name, g in (("MLP neurons", ls.mlp), ("attention channels", ls.attn)):
+        if g is None:
+            continue
         out += [
             f"{name} ({g.width}), min / mean / max across channels:",
             f"  mean x    {_spread(g.mean)}",

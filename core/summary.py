@@ -15,6 +15,7 @@ import math
 import numpy as np
 from actprune.core.wire.api import (
     ChannelGroupSummary,
+    ExpertsSummary,
     HeadsSummary,
     LayerSummary,
     SnapshotMeta,
@@ -43,7 +44,8 @@ def summarize(stats: Stats, k: int = 10, *, head_dim: int | None = None) -> Stat
 
 
 def _layer(stats: Stats, i: int, k: int, head_dim: int | None) -> LayerSummary:
-    mlp = stats.figures(i, "mlp")
+    router = stats.router(i)
+    mlp = None if router is not None else stats.figures(i, "mlp")
     attn = stats.figures(i, "attn")
     heads = None
     if head_dim is not None:
@@ -68,12 +70,24 @@ def _layer(stats: Stats, i: int, k: int, head_dim: int | None) -> LayerSummary:
         )
     return LayerSummary(
         layer=i,
-        tokens=int(mlp.count),
-        mlp=_group(mlp.mean, mlp.std, mlp.mean_abs, mlp.sparsity, mlp.max_abs, k),
+        tokens=int(attn.count),
+        mlp=None if mlp is None else _group(mlp.mean, mlp.std, mlp.mean_abs, mlp.sparsity, mlp.max_abs, k),
+        experts=None if router is None else _experts(router, k),
         attn=_group(attn.mean, attn.std, attn.mean_abs, attn.sparsity, attn.max_abs, k),
         heads=heads,
         block_influence=_finite(stats.block_influence(i)),
     )
+
+
+def _experts(router: dict[str, np.ndarray], k: int) -> ExpertsSummary:
+    n = float(router["count"])
+    picks, weights = router["topk_count"], router["weight_sum"]  # (E,) each
+    with np.errstate(invalid="ignore", divide="ignore"):  # no token yet: null, not NaN
+        frequency = picks / n
+        mean_weight = weights / picks
+        weighted = weights / n
+    return ExpertsSummary(num_experts=int(picks.shape[0]), frequency=_list(frequency),
+                          mean_weight=_list(mean_weight), least_used=_lowest(weighted, k))
 
 
 def _group(

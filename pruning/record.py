@@ -8,6 +8,8 @@ the server uses
 (:mod:`actprune.core.wire.stats`) a server snapshot would give for the same tokens:
 
 * ``layers.{i}.mlp.*``  — the input of layer i's ``mlp.down_proj``, (T, I);
+* ``layers.{i}.router.*`` — instead, for an MoE layer: its router's top-k picks and weights,
+  from the router logits with the model's own top-k and ``norm_topk_prob`` (docs/moe.md);
 * ``layers.{i}.attn.*`` — the input of layer i's ``self_attn.o_proj``, (T, H*D);
 * ``layers.{i}.block.*`` — cosine between the residual stream entering and leaving layer i.
 
@@ -26,8 +28,10 @@ from actprune.core.tensor.accumulate import (
     export_state,
     new_block_state,
     new_channel_state,
+    new_router_state,
     update_block,
     update_channels,
+    update_router,
 )
 from actprune.core.tensor.hf_model import HfModel
 from actprune.core.tensor.hooks import HookRegistry
@@ -36,6 +40,7 @@ from actprune.core.wire.schema import (
     DEFAULT_NEAR_ZERO,
     FORMAT_NAME,
     FORMAT_VERSION,
+    ROUTER_KIND,
     key,
 )
 from actprune.core.wire.stats import Stats, config_hash
@@ -49,18 +54,24 @@ HOOK_GROUP = "actprune.recorder"
 
 @dataclass(frozen=True)
 class LayerTaps:
-    """The three modules of one decoder layer the recorder listens to."""
+    """The modules of one decoder layer the recorder listens to: ``down_proj`` of a dense
+    layer or the ``router`` of an MoE layer (the other is None), and ``o_proj``."""
 
     layer: nn.Module
-    down_proj: nn.Module
+    down_proj: nn.Module | None
     o_proj: nn.Module
+    router: nn.Module | None = None
 
 
 def decoder_taps(model: nn.Module) -> list[LayerTaps]:
-    """The decoder layers of a transformers causal LM and their ``down_proj`` / ``o_proj``,
-    found by the model's registry spec."""
+    """The decoder layers of a transformers causal LM and their ``down_proj`` (or router) /
+    ``o_proj``, found by the model's registry spec."""
     view = HfModel.of(model)
-    return [LayerTaps(ly, view.mlp(ly)[2], view.o_proj(ly)) for ly in view.layers]
+    taps = []
+    for ly in view.layers:
+        router = view.router(ly)
+        taps.append(LayerTaps(ly, None if router is not None else view.mlp(ly)[2], view.o_proj(ly), router))
+    return taps
 
 
 class Recorder:
@@ -70,7 +81,13 @@ class Recorder:
         self.model = model
         self.threshold = near_zero_threshold
         self.taps = decoder_taps(model)
-        self.mlp = [new_channel_state(t.down_proj.in_features) for t in self.taps]
+        moe = HfModel.of(model).spec.moe
+        # (experts, top-k, norm_topk_prob): transformers' router routes by the same config
+        self.routing = moe.routing(model.config.to_dict()) if moe is not None else None
+        self.mlp = [new_channel_state(t.down_proj.in_features) if t.down_proj is not None else None
+                    for t in self.taps]
+        self.router = [new_router_state(self.routing[0]) if t.router is not None and self.routing else None
+                       for t in self.taps]
         self.attn = [new_channel_state(t.o_proj.in_features) for t in self.taps]
         self.block = [new_block_state() for _ in self.taps]
         self.tokens = 0
@@ -81,7 +98,10 @@ class Recorder:
     # ---- hooks -----------------------------------------------------------------------------
     def install(self) -> None:
         for i, t in enumerate(self.taps):
-            self.hooks.pre_hook(HOOK_GROUP, t.down_proj, self._channels_hook(self.mlp[i]))
+            if t.down_proj is not None:
+                self.hooks.pre_hook(HOOK_GROUP, t.down_proj, self._channels_hook(self.mlp[i]))
+            if t.router is not None:
+                self.hooks.post_hook(HOOK_GROUP, t.router, self._router_hook(self.router[i]))
             self.hooks.pre_hook(HOOK_GROUP, t.o_proj, self._channels_hook(self.attn[i]))
             self.hooks.pre_hook(HOOK_GROUP, t.layer, self._layer_in_hook(i), with_kwargs=True)
             self.hooks.post_hook(HOOK_GROUP, t.layer, self._layer_out_hook(i))
@@ -93,6 +113,16 @@ class Recorder:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
             update_channels(state, x.reshape(-1, x.shape[-1]), self._valid_mask(x), self.threshold)
+
+        return hook
+
+    def _router_hook(self, state: dict[str, torch.Tensor]) -> Any:
+        _, top_k, renormalize = self.routing
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            # transformers' Qwen3MoeTopKRouter returns (logits (B*T, E), top-k weights, indices)
+            logits = output[0] if isinstance(output, tuple) else output
+            update_router(state, logits, self._valid_mask(logits), top_k, renormalize)
 
         return hook
 
@@ -139,8 +169,10 @@ class Recorder:
     def stats(self, model_name: str, config: dict[str, Any]) -> Stats:
         tensors = {}
         for i in range(len(self.taps)):
-            for kind, state in (("mlp", self.mlp[i]), ("attn", self.attn[i]), (BLOCK_KIND, self.block[i])):
-                for f, a in export_state(state).items():
+            groups = (("mlp", self.mlp[i]), (ROUTER_KIND, self.router[i]), ("attn", self.attn[i]),
+                      (BLOCK_KIND, self.block[i]))
+            for kind, state in groups:
+                for f, a in (export_state(state) if state is not None else {}).items():
                     tensors[key(i, kind, f)] = a
         arch = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
         meta = {

@@ -121,12 +121,13 @@ def record_stats(
 # ---- analysis -----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class LayerAnalysis:
-    """Figures of one decoder layer: MLP neurons (input of down_proj), attention channels
-    (input of o_proj), and block influence (1 - mean cos(residual in, residual out))."""
+    """Figures of one decoder layer: MLP neurons (input of down_proj; None for an MoE layer,
+    whose experts' figures are the stats file's router group), attention channels (input of
+    o_proj), and block influence (1 - mean cos(residual in, residual out))."""
 
     layer: int
     tokens: int
-    mlp: GroupFigures
+    mlp: GroupFigures | None
     attn: GroupFigures
     block_influence: float
 
@@ -135,7 +136,8 @@ class LayerAnalysis:
         out: dict[str, float | int] = {"layer": self.layer, "tokens": self.tokens,
                                        "block_influence": self.block_influence}
         for kind in ("mlp", "attn"):
-            for k, v in asdict(getattr(self, kind)).items():
+            group = getattr(self, kind)
+            for k, v in (asdict(group) if group is not None else {}).items():
                 if not isinstance(v, np.ndarray):
                     out[f"{kind}_{k}"] = v
         return out
@@ -146,8 +148,9 @@ def analyze(stats: Stats) -> list[LayerAnalysis]:
     channels (see :class:`actprune.core.planning.scores.GroupFigures`), plus block influence."""
     return [
         LayerAnalysis(
-            layer=i, tokens=int(stats.figures(i, "mlp").count),
-            mlp=describe_group(stats.group(i, "mlp")), attn=describe_group(stats.group(i, "attn")),
+            layer=i, tokens=int(stats.figures(i, "attn").count),
+            mlp=describe_group(stats.group(i, "mlp")) if stats.router(i) is None else None,
+            attn=describe_group(stats.group(i, "attn")),
             block_influence=stats.block_influence(i),
         )
         for i in stats.layers
@@ -176,6 +179,9 @@ def pruning_candidates(
         return {-1: [stats.layers[j] for j in np.argsort(scores, kind="stable")[:n]]}
     if unit not in ("mlp", "heads"):
         raise ValueError(f"unit must be 'mlp', 'heads' or 'layers', got {unit!r}")
+    if unit == "mlp" and any(stats.router(i) is not None for i in stats.layers):
+        raise ValueError("these stats are of a mixture-of-experts model, whose sparse layers have experts, "
+                         "not MLP neurons; ranking experts is not built yet (docs/moe.md)")
     strat = STRATEGIES[strategy]
     shape = norms = None
     if model_dir is not None:

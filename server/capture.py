@@ -5,6 +5,8 @@ rank), attached to the loaded model. It owns a :class:`HookRegistry` and these h
 
 * pre-hook on ``mlp.down_proj``  -> actprune::observe_channels  (MLP neurons, local shard)
 * pre-hook on ``self_attn.o_proj`` -> actprune::observe_channels (attention channels, local heads)
+* post-hook on ``mlp.gate`` of an MoE layer (instead of ``down_proj``, which the fused experts
+  do not have) -> actprune::observe_router (the router logits vLLM routes with, (T, E))
 * pre-hook on the decoder layer  -> actprune::stash_stream      (residual stream entering)
 * post-hook on the decoder layer -> actprune::observe_block     (cosine with stream leaving)
 * pre-hook on the top-level model (runs eagerly, outside the compiled graph, once per step):
@@ -32,6 +34,7 @@ from actprune.core.tensor.accumulate import (
     merge_channels,
     new_block_state,
     new_channel_state,
+    new_router_state,
     reset_state,
 )
 from actprune.core.tensor.hooks import HookRegistry
@@ -40,6 +43,9 @@ from actprune.core.wire.schema import (
     CHANNEL_KINDS,
     DEFAULT_NEAR_ZERO,
     GROUP_FIELDS,
+    ROUTER_FIELDS,
+    ROUTER_KIND,
+    SCALAR_FIELDS,
     group_name,
 )
 from actprune.core.wire.stats import from_file_arrays, read_metadata, to_file_arrays
@@ -49,7 +55,7 @@ from torch import nn
 
 from . import ops  # noqa: F401  (registers torch.ops.actprune.*)
 
-__all__ = ["Capture", "CaptureOptions", "ShardInfo"]
+__all__ = ["Capture", "CaptureOptions", "Routing", "ShardInfo"]
 
 HOOK_GROUP = "actprune.capture"
 
@@ -70,6 +76,15 @@ class ShardInfo:
     pp_size: int = 1
 
 
+@dataclass(frozen=True)
+class Routing:
+    """How an MoE model routes (its config), for the router hooks to reproduce the choice."""
+
+    num_experts: int
+    top_k: int
+    renormalize: bool  # norm_topk_prob: top-k weights divided by their sum
+
+
 def _partition(linear: nn.Module) -> tuple[int, int, int]:
     """(offset, local width, global width) of a RowParallelLinear's input.
 
@@ -85,9 +100,10 @@ def _partition(linear: nn.Module) -> tuple[int, int, int]:
 
 def decoder_layers(model: nn.Module, layout: VllmLayout) -> list[tuple[int, nn.Module]]:
     """(global index, layer) for the decoder layers this rank owns; pipeline-parallel ranks hold
-    placeholders (PPMissingLayer) for the others, which have no MLP."""
+    placeholders (PPMissingLayer) for the others, which have no attention (an MoE layer has
+    no ``mlp.down_proj`` either, so attention is what marks a real layer)."""
     return [(i, layer) for i, layer in enumerate(model.get_submodule(layout.layers))
-            if _has(layer, layout.mlp_in)]
+            if _has(layer, layout.attn_in)]
 
 
 def _has(module: nn.Module, path: str) -> bool:
@@ -107,8 +123,10 @@ class Capture:
         shard: ShardInfo,
         device: torch.device,
         hidden_size: int,
+        routing: Routing | None = None,
     ) -> None:
         self.layout = layout
+        self.routing = routing
         self.options = options
         self.shard = shard
         self.device = device
@@ -136,6 +154,12 @@ class Capture:
         paths = dict(zip(CHANNEL_KINDS, (self.layout.mlp_in, self.layout.attn_in), strict=True))
         for i, layer in layers:
             for kind, path in paths.items():
+                gate = self._router(i, layer) if kind == "mlp" else None
+                if gate is not None:  # an MoE layer: the router instead of down_proj
+                    state = new_router_state(self.routing.num_experts, self.device)
+                    self.groups[group_name(i, ROUTER_KIND)] = state
+                    self.registry.post_hook(HOOK_GROUP, gate, self._router_hook(state))
+                    continue
                 linear = layer.get_submodule(path)
                 offset, local, total = _partition(linear)
                 state = new_channel_state(local, self.device)
@@ -149,6 +173,30 @@ class Capture:
             self.registry.post_hook(HOOK_GROUP, layer, self._block_hook(block))
         self.registry.pre_hook(HOOK_GROUP, model, self._on_step, with_kwargs=True)
         self.registry.post_hook(HOOK_GROUP, model, self._after_step)
+
+    def _router(self, i: int, layer: nn.Module) -> nn.Module | None:
+        """Layer ``i``'s router if it routes to experts: vLLM built one there (by the rule of
+        ``mlp_only_layers`` / ``decoder_sparse_step``; the module tree is what runs)."""
+        path = self.layout.router_out
+        if path is None or not _has(layer, path):
+            return None
+        if self.routing is None:
+            raise RuntimeError(f"actprune: layer {i} has a router ({path}) but capture was given no routing")
+        if getattr(layer.get_submodule(path.rpartition(".")[0]), "is_sequence_parallel", False):
+            # each rank's router then sees its own chunk of the tokens, not the rows is_padding marks
+            raise RuntimeError("actprune: capture does not support sequence-parallel MoE (expert "
+                               "parallelism with TP > 1 and DP > 1); serve with DP = 1")
+        return layer.get_submodule(path)
+
+    def _router_hook(self, st: dict[str, torch.Tensor]):
+        armed, k, renorm = self.armed, self.routing.top_k, self.routing.renormalize
+        acc = [st[f] for f in ROUTER_FIELDS]  # the op's accumulator arguments, in schema order
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            logits = output[0] if isinstance(output, tuple) else output  # GateLinear: (logits, bias)
+            torch.ops.actprune.observe_router(logits, armed, *acc, k, renorm)
+
+        return hook
 
     def _channels_hook(self, st: dict[str, torch.Tensor]):
         armed, thr = self.armed, self.threshold
@@ -277,13 +325,14 @@ class Capture:
                 t = saved.get(f"{name}.{f}")
                 if t is None:
                     raise ValueError(f"saved stats lack {name}.{f}")
-                want = (total,) if name in self.partitions and f != "count" else ()  # the file's shapes
+                # the file's shapes: scalars; a channel group's global width; a router's E
+                want = () if f in SCALAR_FIELDS else (total,) if name in self.partitions else tuple(st[f].shape)
                 if tuple(t.shape) != want or not t.is_floating_point():
                     raise ValueError(f"saved {name}.{f} has shape {tuple(t.shape)} and dtype {t.dtype}, "
                                      f"this rank needs shape {want} (floating point)")
                 if f == "count" and not (torch.isfinite(t).all() and (t >= 0).all()):
                     raise ValueError(f"saved {name}.count is {t.tolist()}, not a count")
-                parts[name][f] = t[offset:offset + local] if want else t
+                parts[name][f] = t[offset:offset + local] if name in self.partitions and want else t
         return parts, read_metadata(data)
 
     def remove(self) -> None:

@@ -22,7 +22,7 @@ from vllm.logger import init_logger
 from vllm.model_executor.model_loader import register_model_loader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
-from .capture import Capture, CaptureOptions, ShardInfo
+from .capture import Capture, CaptureOptions, Routing, ShardInfo
 
 __all__ = ["LOAD_FORMAT", "CaptureModelLoader", "attach_capture", "get_capture"]
 
@@ -67,9 +67,12 @@ class CaptureModelLoader(DefaultModelLoader):
             pp_size=ps.get_pp_group().world_size,
         )
         device = next(model.parameters()).device
+        routing = None
+        if spec.moe is not None:  # the model's own expert count, top-k and norm_topk_prob
+            routing = Routing(*spec.moe.routing(model_config.hf_text_config.to_dict()))
         capture = Capture(
             model, spec.vllm, options, shard, device,
-            hidden_size=model_config.get_hidden_size(),
+            hidden_size=model_config.get_hidden_size(), routing=routing,
         )
         attach_capture(model, capture)
         logger.info(

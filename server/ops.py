@@ -13,6 +13,8 @@ Ops (all return nothing; the accumulators are updated in place):
     actprune::observe_channels(x (T,C), armed (), <8 channel accumulators>, threshold ())
     actprune::stash_stream(hidden (T,H), residual (T,H) | None, scratch (N,H))
     actprune::observe_block(scratch (N,H), hidden (T,H), residual (T,H), armed (), cos_sum, count)
+    actprune::observe_router(logits (T,E), armed (), count, topk_count, weight_sum, prob_sum,
+                             top_k, renormalize)
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from actprune.core.tensor.accumulate import update_block, update_channels
+from actprune.core.tensor.accumulate import update_block, update_channels, update_router
 from torch import Tensor
 
 __all__ = ["valid_rows"]
@@ -119,4 +121,21 @@ def observe_block(
 
 @observe_block.register_fake
 def _(scratch, hidden, residual, armed, cos_sum, count):
+    return None
+
+
+@torch.library.custom_op(
+    "actprune::observe_router", mutates_args=("count", "topk_count", "weight_sum", "prob_sum"))
+def observe_router(
+    logits: Tensor, armed: Tensor, count: Tensor, topk_count: Tensor, weight_sum: Tensor,
+    prob_sum: Tensor, top_k: int, renormalize: bool,
+) -> None:
+    # top_k and renormalize are the model's own (config), constants of the traced graph.
+    z = logits.reshape(-1, logits.shape[-1])  # (T, E)
+    state = {"count": count, "topk_count": topk_count, "weight_sum": weight_sum, "prob_sum": prob_sum}
+    update_router(state, z, valid_rows(z.shape[0], armed), top_k, renormalize)
+
+
+@observe_router.register_fake
+def _(logits, armed, count, topk_count, weight_sum, prob_sum, top_k, renormalize):
     return None

@@ -5,7 +5,8 @@ Tensor parallelism splits ``down_proj`` / ``o_proj`` inputs into contiguous slic
 t holds MLP neurons ``[r*I/t, (r+1)*I/t)`` and query heads ``[r*H/t, (r+1)*H/t)``. Each shard
 records ``(offset, local, total)`` per group, so placing slices is a copy, and TP=2 gives the
 same file as TP=1. Pipeline parallelism gives each stage its own layers; the union is taken.
-The residual stream is replicated across TP ranks, so block figures come from the lowest rank.
+The residual stream is replicated across TP ranks, so block figures come from the lowest rank;
+so is an MoE layer's router (every rank computes the same logits for the same tokens).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 from typing import Any
 
 import numpy as np
+from actprune.core.wire.schema import REPLICATED_KINDS, parse_key
 from actprune.core.wire.stats import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -66,7 +68,8 @@ def assemble(shards: list[bytes], meta: dict[str, Any]) -> Stats:
             tensors[name] = out
     for s in parsed:
         for name, t in s.tensors.items():
-            if ".block." in name and name not in tensors:
+            parsed_key = parse_key(name)
+            if parsed_key is not None and parsed_key[1] in REPLICATED_KINDS and name not in tensors:
                 tensors[name] = t
     lead = parsed[0].status
     full_meta = dict(meta)

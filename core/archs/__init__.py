@@ -8,7 +8,8 @@ architecture               model_type   family file
 ``Qwen2ForCausalLM``       qwen2        :mod:`.qwen2`
 ``LlamaForCausalLM``       llama        :mod:`.llama` (SmolLM2 too)
 ``MistralForCausalLM``     mistral      :mod:`.mistral`
-``ActpruneForCausalLM``    actprune     a pruned checkpoint of any family above
+``Qwen3MoeForCausalLM``    qwen3_moe    :mod:`.qwen3_moe` (capture only: no plan/slice yet)
+``ActpruneForCausalLM``    actprune     a pruned checkpoint of any dense family above
 =========================  ===========  =========================================
 
 A checkpoint sliced into the actprune architecture (per-layer widths, compensation biases)
@@ -23,7 +24,7 @@ from typing import Any
 
 from actprune.core.errors import ActpruneError
 
-from . import llama, mistral, qwen2, qwen3
+from . import llama, mistral, qwen2, qwen3, qwen3_moe
 from .shape import LIMITS, LayerShape, Limits, ModelShape, model_shape
 from .spec import ArchSpec, HfLayout, MoeLayout, Role, TensorRef, VllmLayout
 
@@ -47,7 +48,7 @@ __all__ = [
     "spec_for_config",
 ]
 
-FAMILIES = (qwen3, qwen2, llama, mistral)
+FAMILIES = (qwen3, qwen2, llama, mistral, qwen3_moe)
 REGISTRY: dict[str, ArchSpec] = {m.SPEC.architecture: m.SPEC for m in FAMILIES}
 
 # The architecture actprune writes for checkpoints whose layers differ in shape.

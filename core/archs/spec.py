@@ -72,6 +72,9 @@ class VllmLayout:
     layers: str = "model.layers"
     mlp_in: str = "mlp.down_proj"  # RowParallelLinear: its input is the MLP neurons (TP-sharded)
     attn_in: str = "self_attn.o_proj"  # RowParallelLinear: its input is the attention heads
+    # MoE families: the router (vLLM's GateLinear, replicated on every rank) of a sparse layer,
+    # whose output is the (T, E) router logits the fused experts route with
+    router_out: str | None = None
     # positional index of (hidden_states, residual) in ``layer(positions, hidden, residual)``
     hidden_arg: int = 1
     residual_arg: int = 2
@@ -93,8 +96,40 @@ class MoeLayout:
     router: str = "mlp.gate"
     experts: str = "mlp.experts"
     num_experts_key: str = "num_experts"
+    # transformers 5 writes the expert count under this name (its attribute_map); released
+    # checkpoints and vLLM use ``num_experts``
+    num_experts_alias: str = "num_local_experts"
     top_k_key: str = "num_experts_per_tok"
     norm_topk_key: str = "norm_topk_prob"
+    expert_width_key: str = "moe_intermediate_size"
+    # which layers are sparse: every ``sparse_step``-th one, except those listed as dense
+    sparse_step_key: str = "decoder_sparse_step"
+    dense_layers_key: str = "mlp_only_layers"
+
+    def routing(self, config: dict[str, Any]) -> tuple[int, int, bool]:
+        """(experts, top-k, renormalise top-k weights) of a config dict; KeyError naming a
+        missing key (``norm_topk_prob`` defaults to False, as in transformers)."""
+        experts = config.get(self.num_experts_key) or config.get(self.num_experts_alias)
+        if experts is None:
+            raise KeyError(self.num_experts_key)
+        return int(experts), int(config[self.top_k_key]), bool(config.get(self.norm_topk_key, False))
+
+    def sparse_layers(self, config: dict[str, Any]) -> list[bool]:
+        """Per decoder layer: True where the MLP is routed experts, False for a dense MLP (the
+        rule of transformers' and vLLM's ``Qwen3MoeDecoderLayer``)."""
+        dense = set(config.get(self.dense_layers_key) or [])
+        step = int(config.get(self.sparse_step_key) or 1)
+        experts = self.routing(config)[0]
+        return [i not in dense and experts > 0 and (i + 1) % step == 0
+                for i in range(int(config["num_hidden_layers"]))]
+
+    def hashed(self, config: dict[str, Any]) -> dict[str, Any]:
+        """The shape-deciding MoE figures of a config, whatever the keys' spelling (what
+        ``config_hash`` adds for an MoE model): expert count, top-k, expert width, sparse layers."""
+        experts, top_k, _ = self.routing(config)
+        sparse = [i for i, s in enumerate(self.sparse_layers(config)) if s]
+        return {"num_experts": experts, "num_experts_per_tok": top_k,
+                "moe_intermediate_size": config.get(self.expert_width_key), "moe_sparse_layers": sparse}
 
 
 _LAYER_RE = re.compile(r"^(.+?)\.(\d+)\.(.+)$")

@@ -16,6 +16,10 @@ A *channel group* is the state of one set of channels (MLP neurons at the input 
     max_abs  (C,) float32
     near_zero(C,) float64   tokens with |x| <= threshold
 
+A *router group* is the state of one MoE layer's router over its E experts (``ROUTER_FIELDS``):
+``count`` (1,) tokens, ``topk_count`` / ``weight_sum`` / ``prob_sum`` (E,), all float64
+(counts are exact integers up to 2^53).
+
 Nothing here branches on tensor values in Python, so the updates are safe inside torch.compile
 graphs and CUDA-graph replays: rows are masked with ``valid`` instead of being sliced away.
 """
@@ -24,14 +28,22 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from actprune.core.wire.schema import BLOCK_FIELDS, GROUP_FIELDS, SCALAR_FIELDS, SUMMED_FIELDS
+from actprune.core.wire.schema import (
+    BLOCK_FIELDS,
+    GROUP_FIELDS,
+    ROUTER_FIELDS,
+    SCALAR_FIELDS,
+    SUMMED_FIELDS,
+)
 
 __all__ = [
     "export_state",
     "merge_channels",
     "new_block_state",
     "new_channel_state",
+    "new_router_state",
     "update_block",
+    "update_router",
     "reset_state",
     "update_channels",
 ]
@@ -116,13 +128,46 @@ def update_block(
     state["count"].add_(valid.sum(dtype=torch.float64))
 
 
+def new_router_state(num_experts: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Zeroed float64 accumulators of one router: ``count`` (1,), the others (E,)."""
+    return {f: torch.zeros(1 if f in SCALAR_FIELDS else num_experts, dtype=torch.float64, device=device)
+            for f in ROUTER_FIELDS}
+
+
+def update_router(
+    state: dict[str, torch.Tensor],
+    logits: torch.Tensor,
+    valid: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+) -> None:
+    """Fold a batch of router logits into ``state``: which experts each token's top-k picks and
+    with what weight, as Qwen3-MoE routes (softmax over all E, the top-k, divided by their sum
+    when ``renormalize``, i.e. ``norm_topk_prob``). logits: (T, E) any float dtype, as the model
+    computed them; valid: (T,) bool. The top-k is taken on the logits, as vLLM's router does
+    (softmax is monotone: the same experts as transformers' top-k of the probabilities)."""
+    v = valid.view(-1, 1)  # (T, 1)
+    # torch.where, not multiplication: the profile run's NaN rows would poison the sums
+    z = torch.where(v, logits.double(), 0.0)  # (T, E)
+    probs = torch.softmax(z, dim=-1)  # (T, E)
+    top_i = torch.topk(z, top_k, dim=-1).indices  # (T, k)
+    w = probs.gather(1, top_i)  # (T, k)
+    if renormalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    hit = v.expand_as(top_i).double()  # (T, k): 1 for a real token's pick, 0 for padding
+    state["topk_count"].index_add_(0, top_i.reshape(-1), hit.reshape(-1))
+    state["weight_sum"].index_add_(0, top_i.reshape(-1), (w * hit).reshape(-1))
+    state["prob_sum"].add_(torch.where(v, probs, 0.0).sum(0))
+    state["count"].add_(valid.sum(dtype=torch.float64))
+
+
 def reset_state(state: dict[str, torch.Tensor]) -> None:
     for t in state.values():
         t.zero_()
 
 
 def export_state(state: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """Copy a channel or block state to host numpy arrays in the stats-file layout."""
+    """Copy a channel, block or router state to host numpy arrays in the stats-file layout."""
     out = {}
     for f, t in state.items():
         a = t.detach().to("cpu", copy=True).numpy()

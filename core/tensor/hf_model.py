@@ -47,6 +47,16 @@ class HfModel:
         h = self.spec.hf
         return layer.get_submodule(h.gate_proj), layer.get_submodule(h.up_proj), layer.get_submodule(h.down_proj)
 
+    def router(self, layer: nn.Module) -> nn.Module | None:
+        """The router of an MoE layer (its output, or the output's first element, is the (T, E)
+        router logits); None for a dense layer, also in an MoE model (``mlp_only_layers``)."""
+        if self.spec.moe is None:
+            return None
+        try:
+            return layer.get_submodule(self.spec.moe.router)
+        except AttributeError:
+            return None
+
     def o_proj(self, layer: nn.Module) -> nn.Linear:
         return layer.get_submodule(self.spec.hf.o_proj)
 

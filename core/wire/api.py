@@ -37,6 +37,7 @@ __all__ = [
     "SUMMARY_VERSION",
     "ChannelGroupSummary",
     "ErrorBody",
+    "ExpertsSummary",
     "HeadsSummary",
     "LayerSummary",
     "PauseResponse",
@@ -156,10 +157,25 @@ class HeadsSummary(BaseModel):
     )
 
 
+class ExpertsSummary(BaseModel):
+    """The router of an MoE layer: how the layer's tokens were routed to its experts."""
+
+    num_experts: int = Field(ge=1)
+    frequency: list[float | None] = Field(
+        description="Per expert: fraction of tokens whose top-k holds it (sums to top-k).")
+    mean_weight: list[float | None] = Field(
+        description="Per expert: mean routing weight over the tokens that picked it (renormalised "
+                    "over the top-k when the model's norm_topk_prob).")
+    least_used: list[UnitScore] = Field(
+        description="The k experts with the smallest router-weighted frequency (weight sum per "
+                    "token), smallest first.")
+
+
 class LayerSummary(BaseModel):
     layer: int = Field(ge=0)
     tokens: int = Field(ge=0, description="Tokens folded into this layer's accumulators.")
-    mlp: ChannelGroupSummary
+    mlp: ChannelGroupSummary | None = Field(description="Null for an MoE layer (see experts).")
+    experts: ExpertsSummary | None = Field(default=None, description="An MoE layer's router; null for a dense layer.")
     attn: ChannelGroupSummary
     heads: HeadsSummary | None = Field(
         description="Null when the snapshot's metadata has no head_dim."

@@ -5,6 +5,7 @@ Every tensor of a stats file is named ``layers.{i}.{kind}.{field}``:
     kind ``mlp``   the input of layer i's ``down_proj``  (MLP neurons),         fields GROUP_FIELDS
     kind ``attn``  the input of layer i's ``o_proj``     (attention channels),  fields GROUP_FIELDS
     kind ``block`` the residual stream around layer i,                          fields BLOCK_FIELDS
+    kind ``router`` the router of an MoE layer (instead of ``mlp``),            fields ROUTER_FIELDS
 
 The server's accumulators, the offline recorder, the file reader, the planner and the slicer all
 build and parse names with :func:`key` / :func:`parse_key`.
@@ -22,6 +23,9 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "GROUP_FIELDS",
+    "REPLICATED_KINDS",
+    "ROUTER_FIELDS",
+    "ROUTER_KIND",
     "SCALAR_FIELDS",
     "SPARSE_FRACTION",
     "SUMMED_FIELDS",
@@ -42,13 +46,21 @@ BLOCK_FIELDS = ("cos_sum", "count")
 SCALAR_FIELDS = ("count", "cos_sum")
 CHANNEL_KINDS = ("mlp", "attn")
 BLOCK_KIND = "block"
+# Per expert of a sparse (MoE) layer, over the tokens it routed (docs/moe.md):
+#   count (), topk_count (E,) times in the top-k, weight_sum (E,) Σ routing weight when in the
+#   top-k (renormalised over the k when norm_topk_prob), prob_sum (E,) Σ full-softmax probability.
+# A layer holds ``mlp`` (dense MLP) or ``router`` (experts), never both.
+ROUTER_KIND = "router"
+ROUTER_FIELDS = ("count", "topk_count", "weight_sum", "prob_sum")
+# Kinds every tensor-parallel rank computes whole: a snapshot takes the lowest rank's.
+REPLICATED_KINDS = (BLOCK_KIND, ROUTER_KIND)
 
 # |x| at or below this counts as "near zero" unless the user chooses another threshold.
 DEFAULT_NEAR_ZERO = 1e-3
 # A channel is "mostly dead" when more than this fraction of tokens leave it near zero.
 SPARSE_FRACTION = 0.9
 
-_KEY_RE = re.compile(r"^layers\.(\d+)\.(mlp|attn|block)\.(\w+)$")
+_KEY_RE = re.compile(r"^layers\.(\d+)\.(mlp|attn|block|router)\.(\w+)$")
 
 
 def group_name(layer: int, kind: str) -> str:

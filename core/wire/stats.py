@@ -10,6 +10,7 @@ Tensors, for every decoder layer ``i`` present in the snapshot::
     layers.{i}.mlp.{count,mean,m2,sum,sum_sq,sum_abs,max_abs,near_zero}   # down_proj input, (I_i,)
     layers.{i}.attn.{...same...}                                         # o_proj input, (H_i*D,)
     layers.{i}.block.{cos_sum,count}                                     # scalars
+    layers.{i}.router.{count,topk_count,weight_sum,prob_sum}             # MoE layer, (E,); no mlp
 
 In the file, ``count`` / ``cos_sum`` are float64 scalars, ``sum`` is float64 and the other
 per-channel arrays are float32; ``mean`` is not stored (it is ``sum / count``). A Qwen3-32B
@@ -33,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from actprune.core.archs import UnsupportedArchitecture, spec_for_config
 from actprune.core.archs.shape import LIMITS
 from actprune.core.errors import ActpruneError
 from actprune.core.files import atomic_write
@@ -48,6 +50,8 @@ from .schema import (
     FORMAT_NAME,
     FORMAT_VERSION,
     GROUP_FIELDS,
+    ROUTER_FIELDS,
+    ROUTER_KIND,
     group_prefix,
     key,
     parse_key,
@@ -103,8 +107,20 @@ def config_hash(config: dict[str, Any]) -> str:
             pass
     if picked.get("num_key_value_heads") is None and picked.get("num_attention_heads"):
         picked["num_key_value_heads"] = picked["num_attention_heads"]
+    picked.update(_moe_hashed(config))
     blob = json.dumps(picked, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _moe_hashed(config: dict[str, Any]) -> dict[str, Any]:
+    """An MoE model's expert count, top-k, width and sparse layers (absent from dense configs,
+    so their hashes are unchanged), spelled the same whether the config dict came from
+    config.json or transformers' ``to_dict`` (``num_experts`` / ``num_local_experts``)."""
+    try:
+        moe = spec_for_config(config).moe
+        return moe.hashed(config) if moe is not None else {}
+    except (UnsupportedArchitecture, KeyError, TypeError, ValueError):  # malformed: hash the rest
+        return {}
 
 
 @dataclass
@@ -127,6 +143,11 @@ class Stats:
             return {f: self.tensors[prefix + f] for f in GROUP_FIELDS}
         except KeyError as e:
             raise KeyError(f"stats have no {prefix}* tensors (layers present: {self.layers})") from e
+
+    def router(self, layer: int) -> dict[str, np.ndarray] | None:
+        """The router group of an MoE layer (``ROUTER_FIELDS``), None for a dense layer."""
+        prefix = group_prefix(layer, ROUTER_KIND)
+        return {f: self.tensors[prefix + f] for f in ROUTER_FIELDS} if prefix + "count" in self.tensors else None
 
     def figures(self, layer: int, kind: str) -> ChannelFigures:
         return figures(self.group(layer, kind))
@@ -203,6 +224,8 @@ class Stats:
             raise StatsFormatError(f"{source}: layer index {self.layers[-1]} is beyond any model ({LIMITS.layers} layers)")
         for i in self.layers:
             for kind in CHANNEL_KINDS:
+                if kind == "mlp" and _validate_router(self.tensors, i, source):
+                    continue  # an MoE layer: its router instead of the MLP's channels
                 _validate_group(self.tensors, group_prefix(i, kind), source)
             for f in BLOCK_FIELDS:
                 t = self.tensors.get(key(i, BLOCK_KIND, f))
@@ -241,6 +264,37 @@ def _validate_group(tensors: dict[str, np.ndarray], prefix: str, source: str) ->
         raise StatsFormatError(f"{source}: {prefix}* have {width} channels, beyond any model ({LIMITS.width})")
 
 
+def _validate_router(tensors: dict[str, np.ndarray], layer: int, source: str) -> bool:
+    """Check layer ``layer``'s router group; False when it has none (a dense layer)."""
+    prefix = group_prefix(layer, ROUTER_KIND)
+    if not _has_group(tensors, prefix):
+        return False
+    if _has_group(tensors, group_prefix(layer, "mlp")):
+        raise StatsFormatError(f"{source}: layer {layer} has both mlp and router tensors; a layer is dense or MoE")
+    arrays = {}
+    for f in ROUTER_FIELDS:
+        t = tensors.get(prefix + f)
+        shape_ok = t is not None and (t.shape == () if f == "count" else t.ndim == 1)
+        if not shape_ok or t.dtype != np.float64:
+            what = "a float64 scalar" if f == "count" else "a 1-D float64 array (one value per expert)"
+            raise StatsFormatError(f"{source}: {prefix}{f} must be {what}")
+        if not (np.isfinite(t).all() and (t >= 0).all()):
+            raise StatsFormatError(f"{source}: {prefix}{f} must hold finite values >= 0")
+        arrays[f] = t
+    widths = {arrays[f].shape[0] for f in ROUTER_FIELDS[1:]}
+    if len(widths) != 1 or not 0 < widths.pop() <= LIMITS.experts:
+        raise StatsFormatError(f"{source}: {prefix}* must have one width in 1..{LIMITS.experts} experts")
+    count, picks = float(arrays["count"]), arrays["topk_count"]
+    # a token picks an expert at most once; a routing weight or probability is at most 1
+    if (picks != np.round(picks)).any() or (picks > count).any() or (arrays["prob_sum"] > count * (1 + 1e-9)).any():
+        raise StatsFormatError(f"{source}: {prefix}topk_count / prob_sum are not counts of {count:g} tokens")
+    return True
+
+
+def _has_group(tensors: dict[str, np.ndarray], prefix: str) -> bool:
+    return any(n.startswith(prefix) for n in tensors)
+
+
 def _validate_meta(meta: dict[str, Any], source: str) -> None:
     """The numbers of the metadata: token counts and sizes are integers, the threshold finite."""
     for name, lo in (("tokens_prefill", 0), ("tokens_decode", 0), ("tensor_parallel_size", 1)):
@@ -269,10 +323,20 @@ def merge(parts: Iterable[Stats]) -> Stats:
             raise StatsFormatError("cannot merge stats recorded with different near_zero_threshold")
         if p.layers != first.layers:
             raise StatsFormatError(f"cannot merge stats over different layers: {first.layers} vs {p.layers}")
+        for i in first.layers:
+            a, b = first.router(i), p.router(i)
+            if (a is None) != (b is None) or (a is not None and a["topk_count"].shape != b["topk_count"].shape):
+                raise StatsFormatError(f"cannot merge stats whose layer {i} routes to different experts")
     tensors = dict(first.tensors)
     for p in parts[1:]:
         for i in first.layers:
+            router = p.router(i)
+            for f, v in (router or {}).items():  # counts and sums: they add
+                name = key(i, ROUTER_KIND, f)
+                tensors[name] = np.asarray(tensors[name] + v, dtype=np.float64)
             for kind in CHANNEL_KINDS:
+                if kind == "mlp" and router is not None:
+                    continue
                 prefix = group_prefix(i, kind)
                 a = {f: tensors[prefix + f] for f in GROUP_FIELDS}
                 merged = merge_channel_arrays(a, p.group(i, kind))
@@ -311,12 +375,13 @@ def read_metadata(data: bytes) -> dict[str, str]:
 
 
 def to_file_arrays(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Memory layout -> file layout: drop ``mean``, per-channel arrays but ``sum`` to float32."""
+    """Memory layout -> file layout: drop ``mean``, per-channel arrays but ``sum`` to float32
+    (a router's per-expert counts stay float64: float32 counts stop being exact at 2^24)."""
     out = {}
     for k, v in tensors.items():
         if k.endswith(".mean"):
             continue
-        if v.ndim == 1 and v.dtype == np.float64 and not k.endswith(".sum"):
+        if v.ndim == 1 and v.dtype == np.float64 and not k.endswith(".sum") and f".{ROUTER_KIND}." not in k:
             v = v.astype(np.float32)
         # reshape: ascontiguousarray turns 0-d scalars (count, cos_sum) into shape (1,)
         out[k] = np.ascontiguousarray(v).reshape(np.shape(v))

@@ -14,7 +14,9 @@ from transformers import AutoModelForCausalLM
 
 def reference_activations(model_dir: Path, sequences: list[list[int]]) -> dict[str, np.ndarray]:
     """Per layer i: 'mlp.i' (N, I) down_proj inputs, 'attn.i' (N, H*D) o_proj inputs,
-    'cos.i' (N,) cosine(residual in, residual out); N = total tokens, float64."""
+    'cos.i' (N,) cosine(residual in, residual out); N = total tokens, float64. An MoE layer
+    (Qwen3-MoE's sparse block: a router ``mlp.gate``, no ``mlp.down_proj``) gives
+    'router.i' (N, E), its router logits, instead of 'mlp.i'."""
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64).eval()
     acts: dict[str, list[np.ndarray]] = {}
     handles = []
@@ -23,6 +25,11 @@ def reference_activations(model_dir: Path, sequences: list[list[int]]) -> dict[s
         def pre(module, args):
             acts.setdefault(key, []).append(args[0].reshape(-1, args[0].shape[-1]).detach().numpy())
         return pre
+
+    def grab_logits(key):
+        def post(module, args, out):  # transformers' router: (logits, top-k weights, indices)
+            acts.setdefault(key, []).append(out[0].reshape(-1, out[0].shape[-1]).detach().numpy())
+        return post
 
     layers = model.model.layers
     entering: dict[int, torch.Tensor] = {}
@@ -40,7 +47,10 @@ def reference_activations(model_dir: Path, sequences: list[list[int]]) -> dict[s
         return post
 
     for i, layer in enumerate(layers):
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(grab(f"mlp.{i}")))
+        if hasattr(layer.mlp, "down_proj"):
+            handles.append(layer.mlp.down_proj.register_forward_pre_hook(grab(f"mlp.{i}")))
+        else:
+            handles.append(layer.mlp.gate.register_forward_hook(grab_logits(f"router.{i}")))
         handles.append(layer.self_attn.o_proj.register_forward_pre_hook(grab(f"attn.{i}")))
         handles.append(layer.register_forward_pre_hook(stream_in(i), with_kwargs=True))
         handles.append(layer.register_forward_hook(stream_out(i), with_kwargs=True))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -142,6 +143,39 @@ def test_a_cancelled_plan_request_keeps_the_lock_until_its_thread_is_done(raw, t
         return busy, (await c.post("/prune/plan", json=PLAN_BODY)).status_code
 
     assert _run(app, go) == (429, 200)
+
+
+def test_plans_back_to_back_are_spaced_by_their_cost_not_refused(raw, tmp_path, monkeypatch):
+    spans: list[tuple[float, float]] = []
+    real = plan_route.make_plan
+
+    def slow(*a: Any, **kw: Any) -> Any:  # a plan that costs 0.1 s
+        began = time.monotonic()
+        time.sleep(0.1)
+        plan = real(*a, **kw)
+        spans.append((began, time.monotonic()))
+        return plan
+
+    monkeypatch.setattr(plan_route, "make_plan", slow)
+    app = _app(raw, tmp_path)
+    assert [call(app, "POST", "/prune/plan", json=PLAN_BODY).status_code for _ in range(2)] == [200, 200]
+    (_, first_end), (second_start, _) = spans
+    assert second_start - first_end >= 0.9 * plan_route.PLAN_SPACING * 0.1
+
+
+def test_weight_reads_do_not_count_in_the_spacing(raw, tmp_path, monkeypatch):
+    ckpt = _checkpoint(raw, tmp_path / "ckpt")
+    real = service.ColumnNorms.__call__
+
+    def slow_first_read(self: Any, layer: int, kind: str) -> np.ndarray:
+        if not self._cache:
+            time.sleep(0.5)  # reading a large checkpoint, once per server
+        return real(self, layer, kind)
+
+    monkeypatch.setattr(service.ColumnNorms, "__call__", slow_first_read)
+    app = _app(raw, tmp_path, config=read_config(ckpt), model_path=str(ckpt))
+    assert call(app, "POST", "/prune/plan", json={"mlp_ratio": 0.25}).status_code == 200
+    assert app.state.actprune.next_plan_at - time.monotonic() < plan_route.PLAN_SPACING * 0.5 / 2
 
 
 def test_a_failed_plan_releases_the_lock(raw, tmp_path):
