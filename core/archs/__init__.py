@@ -44,6 +44,7 @@ __all__ = [
     "UnsupportedArchitecture",
     "VllmLayout",
     "model_shape",
+    "moe_shape",
     "spec_for_architecture",
     "spec_for_config",
 ]
@@ -69,6 +70,17 @@ def spec_for_architecture(architecture: str, base_architecture: str | None = Non
         f"unsupported architecture {architecture!r}; actprune supports {sorted(REGISTRY)} "
         f"(and {ACTPRUNE_ARCHITECTURE} checkpoints of them)"
     )
+
+
+def moe_shape(config: dict[str, Any]) -> dict[str, Any]:
+    """What ``config_hash`` adds for an MoE model (``MoeLayout.hashed``: experts, top-k, expert
+    width, sparse layers, whatever the keys' spelling); {} for a dense or unreadable config, so
+    dense hashes are unchanged and a malformed config still hashes its other keys."""
+    try:
+        moe = spec_for_config(config).moe
+        return moe.hashed(config) if moe is not None else {}
+    except (ActpruneError, KeyError, TypeError, ValueError):
+        return {}
 
 
 def spec_for_config(config: dict[str, Any]) -> ArchSpec:

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from actprune.core.archs import UnsupportedArchitecture, spec_for_config
+from actprune.core.archs import moe_shape
 from actprune.core.archs.shape import LIMITS
 from actprune.core.errors import ActpruneError
 from actprune.core.files import atomic_write
@@ -107,20 +107,9 @@ def config_hash(config: dict[str, Any]) -> str:
             pass
     if picked.get("num_key_value_heads") is None and picked.get("num_attention_heads"):
         picked["num_key_value_heads"] = picked["num_attention_heads"]
-    picked.update(_moe_hashed(config))
+    picked.update(moe_shape(config))  # empty for a dense model
     blob = json.dumps(picked, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def _moe_hashed(config: dict[str, Any]) -> dict[str, Any]:
-    """An MoE model's expert count, top-k, width and sparse layers (absent from dense configs,
-    so their hashes are unchanged), spelled the same whether the config dict came from
-    config.json or transformers' ``to_dict`` (``num_experts`` / ``num_local_experts``)."""
-    try:
-        moe = spec_for_config(config).moe
-        return moe.hashed(config) if moe is not None else {}
-    except (UnsupportedArchitecture, KeyError, TypeError, ValueError):  # malformed: hash the rest
-        return {}
 
 
 @dataclass
@@ -266,10 +255,10 @@ def _validate_group(tensors: dict[str, np.ndarray], prefix: str, source: str) ->
 
 def _validate_router(tensors: dict[str, np.ndarray], layer: int, source: str) -> bool:
     """Check layer ``layer``'s router group; False when it has none (a dense layer)."""
-    prefix = group_prefix(layer, ROUTER_KIND)
-    if not _has_group(tensors, prefix):
+    prefix, mlp = group_prefix(layer, ROUTER_KIND), group_prefix(layer, "mlp")
+    if not any(n.startswith(prefix) for n in tensors):
         return False
-    if _has_group(tensors, group_prefix(layer, "mlp")):
+    if any(n.startswith(mlp) for n in tensors):
         raise StatsFormatError(f"{source}: layer {layer} has both mlp and router tensors; a layer is dense or MoE")
     arrays = {}
     for f in ROUTER_FIELDS:
@@ -289,10 +278,6 @@ def _validate_router(tensors: dict[str, np.ndarray], layer: int, source: str) ->
     if (picks != np.round(picks)).any() or (picks > count).any() or (arrays["prob_sum"] > count * (1 + 1e-9)).any():
         raise StatsFormatError(f"{source}: {prefix}topk_count / prob_sum are not counts of {count:g} tokens")
     return True
-
-
-def _has_group(tensors: dict[str, np.ndarray], prefix: str) -> bool:
-    return any(n.startswith(prefix) for n in tensors)
 
 
 def _validate_meta(meta: dict[str, Any], source: str) -> None:

@@ -27,7 +27,7 @@ class ActpruneEndpoints:
     def attach_router(self, app: FastAPI) -> None:
         from .plan_route import router as plan_router
         from .routes import ApiError, router
-        from .service import CaptureUnavailable
+        from .service import CaptureUnavailable, SnapshotNotSaved
 
         app.include_router(router)
         app.include_router(plan_router)
@@ -38,7 +38,12 @@ class ActpruneEndpoints:
         async def api_error(request: Request, exc: ApiError) -> JSONResponse:
             return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
 
+        async def not_saved(request: Request, exc: Exception) -> JSONResponse:
+            # The action took effect on the workers but is not durable yet: say so, retryable.
+            return JSONResponse({"detail": str(exc)}, status_code=503, headers={"Retry-After": "5"})
+
         app.add_exception_handler(CaptureUnavailable, unavailable)
+        app.add_exception_handler(SnapshotNotSaved, not_saved)
         app.add_exception_handler(ApiError, api_error)
         _write_snapshot_on_shutdown(app)
 

@@ -5,6 +5,7 @@ numpy, so a bug in the streaming maths cannot hide in both sides of a comparison
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,10 @@ def reference_activations(model_dir: Path, sequences: list[list[int]]) -> dict[s
     'cos.i' (N,) cosine(residual in, residual out); N = total tokens, float64. An MoE layer
     (Qwen3-MoE's sparse block: a router ``mlp.gate``, no ``mlp.down_proj``) gives
     'router.i' (N, E), its router logits, instead of 'mlp.i'."""
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64).eval()
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    # transformers' default experts kernel (grouped_mm) has no float64 version: loop over experts
+    moe = {"experts_implementation": "eager"} if cfg.get("num_experts") or cfg.get("num_local_experts") else {}
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float64, **moe).eval()
     acts: dict[str, list[np.ndarray]] = {}
     handles = []
 

@@ -108,8 +108,11 @@ def test_plan_route_names_the_bad_field(keyed):
     assert r.status_code == 422 and "mlp_ratio" in r.json()["detail"]
     r = httpx.post(f"{keyed.base_url}/prune/plan", json={"mlp_ration": 0.3}, headers=AUTH, timeout=30)
     assert r.status_code == 422 and "mlp_ration" in r.json()["detail"]
-    r = httpx.post(f"{keyed.base_url}/prune/plan", content=b"not json", headers=AUTH, timeout=30)
+    json_type = {**AUTH, "Content-Type": "application/json"}
+    r = httpx.post(f"{keyed.base_url}/prune/plan", content=b"not json", headers=json_type, timeout=30)
     assert r.status_code == 422
+    r = httpx.post(f"{keyed.base_url}/prune/plan", content=b"not json", headers=AUTH, timeout=30)
+    assert r.status_code == 415  # no JSON content type: refused before the body is read
 
 
 _json_values = st.recursive(

