@@ -25,10 +25,23 @@ import time
 from pathlib import Path
 
 import numpy as np
-from actprune.core.files import RETIRED_MARK, atomic_temporaries, atomic_write
+from actprune.core.files import RETIRED_MARK, STAGING_MARK, atomic_temporaries, atomic_write
 from actprune.core.wire.stats import Stats
-from fault_kit import (Fixtures, Tally, checkpoint_diff, cli, file_diff, kill_group, leftovers, scrub,
-                       size_of, spawn, stats_diff, tree_diff, wait_for)
+from fault_kit import (
+    Fixtures,
+    Tally,
+    checkpoint_diff,
+    cli,
+    file_diff,
+    kill_group,
+    leftovers,
+    scrub,
+    size_of,
+    spawn,
+    stats_diff,
+    tree_diff,
+    wait_for,
+)
 
 __all__ = ["kill_finetune", "kill_iterate", "kill_prune", "kill_snapshot_files", "stats_version", "writer_main"]
 
@@ -54,10 +67,12 @@ def writer_main(base: str, target: str, state: str, start: int) -> None:
         print(k, flush=True)
 
 
-def kill_snapshot_files(fx: Fixtures, tally: Tally, trials: int, rng: random.Random, work: Path) -> None:
+def kill_snapshot_files(fx: Fixtures, tally: Tally, trials: int, rng: random.Random, work: Path,
+                        base_path: Path | None = None) -> None:
+    """``base_path``: the stats file the versions derive from (default: recorded on a model)."""
     from actprune.server.store import InstanceFiles, recover
 
-    base_path = fx.stats(fx.small())
+    base_path = base_path or fx.stats(fx.small())
     base = Stats.load(base_path)
     shutil.rmtree(work, ignore_errors=True)
     files = InstanceFiles(work, base.meta["config_hash"], "bench")
@@ -123,8 +138,13 @@ def kill_prune(fx: Fixtures, tally: Tally, trials: int, rng: random.Random, work
         return ["prune", "--model", str(model), "--plan", str(plans[name]), "-o", str(out), "--overwrite"]
 
     runs.mkdir()
-    cli(argv("a"))
-    current, outcomes = "a", {"previous": 0, "new": 0}
+    proc = spawn(argv("a"), work / "first.log")  # times the write phase: staging directory to exit
+    staging = lambda: any(STAGING_MARK in p.name for p in runs.iterdir())  # noqa: E731
+    wait_for(staging, 600, every=0.001)
+    t_stage = time.monotonic()
+    proc.wait()
+    writing = time.monotonic() - t_stage
+    current, outcomes = "a", {"previous": 0, "new": 0, "aside": 0, "swap hit": 0}
     for i in range(trials):
         new = "b" if current == "a" else "a"
         targeted = i % 4 == 3
@@ -132,16 +152,23 @@ def kill_prune(fx: Fixtures, tally: Tally, trials: int, rng: random.Random, work
         if targeted:  # the swap: old output renamed aside, new one not yet in place or old not yet deleted
             wait_for(lambda: any(RETIRED_MARK in p.name for p in runs.iterdir()), 3 * took, every=0.0005)
             delay = "at the swap"
-        else:
-            d = rng.uniform(0.0, took * 1.05)
-            wait_for(lambda: proc.poll() is not None, d, every=0.01)
-            delay = f"{d:.2f}s"
+        else:  # one in three uniform over the whole run, the others over the writing
+            start = "" if i % 4 == 0 else "writing + "
+            if start:
+                wait_for(staging, 3 * took, every=0.001)
+            d = rng.uniform(0.0, (writing if start else took) * 1.05)
+            wait_for(lambda p=proc: p.poll() is not None, d, every=0.001)
+            delay = f"{start}{d:.2f}s"
         kill_group(proc)
         problems, lost = [], 0
+        aside = [p for p in runs.iterdir() if RETIRED_MARK in p.name]
+        outcomes["swap hit"] += targeted and bool(aside)
         if tree_diff(out, refs[current]) is None:
             outcomes["previous"] += 1
         elif tree_diff(out, refs[new]) is None:
             outcomes["new"] += 1
+        elif not out.exists() and len(aside) == 1 and tree_diff(aside[0], refs[current]) is None:
+            outcomes["aside"] += 1  # killed between the two renames: the next run renames it back
         else:
             problems.append(("output is neither the previous nor the new complete version",
                              f"{tree_diff(out, refs[new])}; repro: kill -9 `actprune {' '.join(argv(new))}` {delay} in"))
@@ -158,34 +185,49 @@ def kill_prune(fx: Fixtures, tally: Tally, trials: int, rng: random.Random, work
                 shutil.rmtree(p, ignore_errors=True)
         tally.trial(problems, lost, f"prune trial {i} (kill {delay}; {len(left)} leftovers)")
         current = new
-    tally.notes.append(f"prune: {trials} kills ({trials // 4} at the swap), reference run {took:.1f}s; "
-                       f"output after the kill: previous {outcomes['previous']}, new {outcomes['new']}")
+    n_swap, n_uniform = trials // 4, (trials + 3) // 4
+    tally.notes.append(f"prune: {trials} kills ({n_uniform} uniform over the run, {trials - n_swap - n_uniform} "
+                       f"uniform over the writing, {n_swap} waited for the swap, {outcomes['swap hit']} of which "
+                       f"landed while the old output was renamed aside), reference run {took:.1f}s of which "
+                       f"writing {writing:.2f}s; "
+                       f"output after the kill: previous {outcomes['previous']}, new {outcomes['new']}, missing with the "
+                       f"previous complete one renamed aside (.out{RETIRED_MARK}*, put back by the next run) "
+                       f"{outcomes['aside']}")
 
 
 # ---- finetune and iterate: chains of killed runs -----------------------------------------------
-def _chain(tally: Tally, trials: int, rng: random.Random, work: Path, argv, inspect, label: str) -> None:
-    """Run ``argv(run_dir)`` again and again, each killed at a uniform moment of the reference's
-    duration, ``inspect(run_dir, state) -> (problems, lost)`` after each kill; a run that ends
-    by itself must equal the reference."""
+def _chain(tally: Tally, trials: int, rng: random.Random, work: Path, argv, inspect, label: str,
+           working: tuple[str, ...] = ()) -> None:
+    """Run ``argv(run_dir)`` again and again, each killed at a random moment, and
+    ``inspect(run_dir, ref_dir, state, log) -> (problems, lost)`` after each kill; a run that
+    ends by itself must equal the reference. One kill in four is uniform over the reference's
+    whole run; with ``working`` (lines the command prints once its set-up is done) the others
+    are uniform over its work after such a line, so that most kills land in the writes."""
     ref, run = work / "ref", work / "run"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    t0 = time.monotonic()
-    r = cli(argv(ref), log=work / "ref.log")
-    took = time.monotonic() - t0
-    if r.returncode:
-        raise RuntimeError(f"reference {label} failed: {r.stderr[-1500:]}")
+    proc, t0 = spawn(argv(ref), work / "ref.log"), time.monotonic()
+    said = lambda log: any(w in log.read_text(errors="replace") for w in working)  # noqa: E731
+    wait_for(lambda: proc.poll() is not None or said(work / "ref.log"), 3600, every=0.05)
+    t_work = time.monotonic()
+    if proc.wait():
+        raise RuntimeError(f"reference {label} failed: {(work / 'ref.log').read_text()[-1500:]}")
+    took, busy = time.monotonic() - t0, time.monotonic() - t_work
     kills, finished, state, n = 0, 0, {}, 0
     while kills < trials:
         n += 1
         log = work / f"run-{n}.log"
         proc = spawn(argv(run), log)
-        delay = rng.uniform(0.0, took)
-        ended = wait_for(lambda: proc.poll() is not None, delay, every=0.05)
+        if working and n % 4:
+            wait_for(lambda p=proc, log=log: p.poll() is not None or said(log), 3 * took, every=0.05)
+            delay, when = rng.uniform(0.0, busy), "into its work"
+        else:
+            delay, when = rng.uniform(0.0, took), "after its start"
+        ended = wait_for(lambda p=proc: p.poll() is not None, delay, every=0.02)
         if not ended and kill_group(proc):
             kills += 1
             problems, lost = inspect(run, ref, state, log)
-            tally.trial(problems, lost, f"{label} trial {kills} (run {n} killed after {delay:.1f}s)")
+            tally.trial(problems, lost, f"{label} trial {kills} (run {n} killed {delay:.1f}s {when})")
             continue
         finished += 1
         problems = _finished(run, ref, log, proc.returncode)
@@ -197,7 +239,7 @@ def _chain(tally: Tally, trials: int, rng: random.Random, work: Path, argv, insp
     for kind, detail in _finished(run, ref, work / "final.log", r.returncode):
         tally.fail(kind, f"resume after the last kill: {detail}")
     tally.notes.append(f"{label}: {kills} kills over {n} runs ({finished} ran to the end between kills), "
-                       f"reference run {took:.0f}s; then one run resumed to the end")
+                       f"reference run {took:.0f}s ({busy:.0f}s of work after set-up); then one run resumed to the end")
 
 
 def _finished(run: Path, ref: Path, log: Path, rc: int) -> list[tuple[str, str]]:
@@ -266,7 +308,7 @@ def kill_finetune(fx: Fixtures, tally: Tally, trials: int, rng: random.Random, w
                              f"{(m.group(0) if m else 'starting from step 0')}"))
         return problems, lost
 
-    _chain(tally, trials, rng, work, argv, inspect, "finetune")
+    _chain(tally, trials, rng, work, argv, inspect, "finetune", working=("starting from step", "resumed from"))
 
 
 def kill_iterate(fx: Fixtures, tally: Tally, trials: int, rng: random.Random, work: Path) -> None:

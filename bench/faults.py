@@ -66,6 +66,7 @@ def campaigns() -> dict:
     import fault_disk
     import fault_inputs
     import fault_kills
+    import fault_load
     import fault_server
 
     def snapshot(fx, tally, args, rng, work):
@@ -80,7 +81,7 @@ def campaigns() -> dict:
         "kill-iterate": lambda fx, t, a, r, w: fault_kills.kill_iterate(fx, t, a.trials, r, w),
         "disk-full": lambda fx, t, a, r, w: fault_disk.disk_full(fx, t, w, server=a.server_trials > 0),
         "bad-inputs": lambda fx, t, a, r, w: fault_inputs.bad_inputs(fx, t, w, fuzz=a.fuzz, seed=a.seed),
-        "load": lambda fx, t, a, r, w: fault_server.load(fx, t, w, minutes=a.minutes, streams=a.streams, rng=r),
+        "load": lambda fx, t, a, r, w: fault_load.load(fx, t, w, minutes=a.minutes, streams=a.streams, rng=r),
     }
 
 
