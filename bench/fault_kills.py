@@ -78,7 +78,7 @@ def kill_snapshot_files(fx: Fixtures, tally: Tally, trials: int, rng: random.Ran
     files = InstanceFiles(work, base.meta["config_hash"], "bench")
     meta = {"pipeline_parallel_size": 1, "tensor_parallel_size": 1}
     state = work / "state.json"
-    start, stray = 1, 0
+    start, cut_short = 1, 0
     for i in range(trials):
         proc = subprocess.Popen([sys.executable, str(HERE / "faults.py"), "_writer", str(base_path),
                                  str(files.snapshot), str(state), str(start)],
@@ -104,7 +104,7 @@ def kill_snapshot_files(fx: Fixtures, tally: Tally, trials: int, rng: random.Ran
         if problems:
             lost = size_of(files.snapshot)
         temporaries = len(atomic_temporaries(files.snapshot))
-        stray += len(atomic_temporaries(state))
+        cut_short += temporaries
         found = recover(files, meta, lambda s: None)  # the server's start-up
         if found.stats is None or int(found.stats.meta["tokens_prefill"]) != v:
             problems.append(("start-up does not resume the newest version", f"resumed {found.stats and found.stats.tokens}, file {v}"))
@@ -113,8 +113,9 @@ def kill_snapshot_files(fx: Fixtures, tally: Tally, trials: int, rng: random.Ran
         tally.trial(problems, lost, f"snapshot-file trial {i} (writer at version {last}, {temporaries} temporary left by the kill)")
         start = max(v, last) + 1
     tally.notes.append(f"file level: {trials} kills of a writer looping Stats.save + atomic_write "
-                       f"({start - 1} versions written); {stray} atomic_write temporaries of the JSON "
-                       f"state left beside it (only the server's snapshot has a cleaner)")
+                       f"({start - 1} versions written); {cut_short} snapshot writes cut short, their temporaries "
+                       f"removed by the server's start-up; {len(atomic_temporaries(state))} temporaries left beside "
+                       f"the JSON state, which nothing removes (as beside iterate.json or a plan)")
 
 
 # ---- prune -------------------------------------------------------------------------------------
@@ -239,7 +240,8 @@ def _chain(tally: Tally, trials: int, rng: random.Random, work: Path, argv, insp
     for kind, detail in _finished(run, ref, work / "final.log", r.returncode):
         tally.fail(kind, f"resume after the last kill: {detail}")
     tally.notes.append(f"{label}: {kills} kills over {n} runs ({finished} ran to the end between kills), "
-                       f"reference run {took:.0f}s ({busy:.0f}s of work after set-up); then one run resumed to the end")
+                       f"reference run {took:.0f}s" + (f" ({busy:.0f}s of work after set-up)" if working else "")
+                       + "; then one run resumed to the end")
 
 
 def _finished(run: Path, ref: Path, log: Path, rc: int) -> list[tuple[str, str]]:
@@ -253,9 +255,11 @@ def _finished(run: Path, ref: Path, log: Path, rc: int) -> list[tuple[str, str]]
     return problems
 
 
-def _finetune_files(out: Path, ref: Path, state: dict, where: str) -> tuple[list[tuple[str, str]], int]:
-    """Checks of one finetune output directory after a kill."""
-    problems, lost = [], 0
+def _finetune_files(out: Path, ref: Path, state: dict, where: str,
+                    swap: tuple[str, str] | None = None) -> tuple[list[tuple[str, str]], int]:
+    """Checks of one finetune output directory after a kill (``swap``: the run's and the
+    reference's work directories, default ``out`` and ``ref``)."""
+    problems, lost, swap = [], 0, swap or (str(out), str(ref))
     ref_log = [json.loads(x) for x in (ref / "finetune_log.jsonl").read_text().splitlines()]
     ckpts = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / "state.json").is_file())
     newest = int(ckpts[-1].name[5:]) if ckpts else 0
@@ -283,7 +287,7 @@ def _finetune_files(out: Path, ref: Path, state: dict, where: str) -> tuple[list
                              f"{where}{e}; the previous version had {state.get('log', 0)} bytes"))
             lost += state.get("log", 0)
     for name in ("model.safetensors", "config.json", "finetune_config.json"):
-        if (out / name).exists() and (d := file_diff(out / name, ref / name, (str(out), str(ref)))):
+        if (out / name).exists() and (d := file_diff(out / name, ref / name, swap)):
             problems.append(("final checkpoint file torn (written in place)", f"{where}{d}"))
     state["ckpt"] = max(newest, state.get("ckpt", 0))
     return problems, lost
@@ -351,7 +355,7 @@ def kill_iterate(fx: Fixtures, tally: Tally, trials: int, rng: random.Random, wo
                 problems.append(("recovered/ of a finished step differs", where + d))
             elif n > recorded and rec.exists():
                 # a step's recovery restarts from scratch after a kill: no history to compare with
-                p, _ = _finetune_files(rec, ref / step.name / "recovered", {}, where + "recovered/")
+                p, _ = _finetune_files(rec, ref / step.name / "recovered", {}, where + "recovered/", swap)
                 problems += p
         return problems, lost
 

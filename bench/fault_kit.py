@@ -82,10 +82,12 @@ def cli(args: list[str], *, timeout: float = 600, log: Path | None = None, **kw:
 
 
 def spawn(args: list[str], log: Path, *, python: bool = False, **kw: Any) -> subprocess.Popen:
-    """Start ``actprune ARGS`` (or ``python ARGS``) in a session of its own, output to ``log``."""
+    """Start ``actprune ARGS`` (or ``python ARGS``) in a session of its own, output to ``log``
+    as it is printed (unbuffered: the campaign watches the log to time its kills)."""
     cmd = [sys.executable, *args] if python else [ACTPRUNE, *args]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **kw.pop("env", {})}
     with log.open("wb") as f:
-        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, **kw)
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True, env=env, **kw)
 
 
 def kill_group(proc: subprocess.Popen) -> bool:

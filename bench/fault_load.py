@@ -56,6 +56,10 @@ class Run:
     done: list[tuple[float, float, int, int]] = field(default_factory=list)  # (sent, ended, prompt, generated)
     answers: Counter = field(default_factory=Counter)
     rss: list[tuple[float, float]] = field(default_factory=list)
+    opened: float = 0.0  # when the streams were last let go after a quiet point
+
+    def since_open(self) -> str:
+        return f"{time.monotonic() - self.opened:.1f}s after the streams were let go from a quiet point"
 
     def answer(self, route: str, code: int, detail: str = "") -> None:
         self.answers[f"{route} {code}"] += 1
@@ -122,7 +126,7 @@ async def _worker(run: Run, http: httpx.AsyncClient, seed: int) -> None:
             p, c = await _stream(run, http, rng)
             run.done.append((sent, time.monotonic(), p, c))
         except Exception as e:
-            run.tally.fail("a stream failed under load", f"{type(e).__name__}: {str(e)[:200]}")
+            run.tally.fail("a stream failed under load", f"{type(e).__name__}: {str(e)[:200]} ({run.since_open()})")
             await asyncio.sleep(1)
         finally:
             run.in_flight -= 1
@@ -144,7 +148,8 @@ async def _api(run: Run, route: str, coro, ok=(200,)) -> object:
         if e.status_code not in ok:
             run.tally.fail(f"unexpected HTTP {e.status_code} under load", f"{route}: {str(e)[:200]}")
     except Exception as e:
-        run.tally.fail("an actprune route failed under load", f"{route}: {type(e).__name__}: {str(e)[:200]}")
+        run.tally.fail("an actprune route failed under load",
+                       f"{route}: {type(e).__name__}: {str(e)[:200]} ({run.since_open()})")
     return None
 
 
@@ -211,6 +216,7 @@ async def _epoch(run: Run, api: AsyncClient, kind: str, base: int, rng: random.R
     if kind == "quiet-pause":
         await _control(run, api, "pause")
     first = len(run.done)
+    run.opened = time.monotonic()
     run.gate.set()
     if kind == "live-reset":
         await asyncio.sleep(rng.uniform(3, EPOCH_S - 3))

@@ -135,6 +135,29 @@ def write_benchmarks(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
     path.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
 
 
+def describe(argv: list[str], started: float, load_before: tuple, load_after: tuple) -> str:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"`bench/faults.py {' '.join(argv)}` on {time.strftime('%Y-%m-%d %H:%M', time.gmtime(started))} UTC, "
+            f"{(time.time() - started) / 60:.0f} min; {platform.machine()} VM, {os.cpu_count()} cores, {mem:.0f} GiB, "
+            f"Python {platform.python_version()}, shared with other jobs: load average "
+            f"{' / '.join(f'{x:.1f}' for x in load_before)} before, {' / '.join(f'{x:.1f}' for x in load_after)} after.")
+
+
+def from_json(paths: list[Path]) -> tuple[list[Tally], str]:
+    """The tallies of earlier runs (``--json`` files); a campaign of a later file replaces the
+    same campaign of an earlier one."""
+    by_name, runs = {}, []
+    for path in paths:
+        saved = json.loads(path.read_text())
+        runs.append(saved["run"])
+        for r in saved["rows"]:
+            t = Tally(r["campaign"], r["trials"], r["survived"], r["inputs"], r["bytes_lost"], r["failures"], r["notes"])
+            t.seconds = r["seconds"]
+            by_name[t.name] = t
+    header = "Runs: " + " Then ".join(runs)
+    return [by_name[n] for n in NAMES if n in by_name], header
+
+
 def main(argv: list[str] | None = None) -> list[Tally]:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["_writer"]:  # the child of kill-snapshot
@@ -144,7 +167,8 @@ def main(argv: list[str] | None = None) -> list[Tally]:
         return []
     names = list(NAMES)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=[*names, "all"])
+    ap.add_argument("command", choices=[*names, "all", "report"],
+                    help="a campaign, all of them, or report: the table of earlier runs' --json files (--from)")
     ap.add_argument("--trials", type=int, default=20, help="kills per kill-* campaign")
     ap.add_argument("--server-trials", type=int, default=3,
                     help="kill -9 of a real server in kill-snapshot, and the server case of disk-full (0: none)")
@@ -155,21 +179,19 @@ def main(argv: list[str] | None = None) -> list[Tally]:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/actprune-faults"))
     ap.add_argument("--write", action="store_true", help="replace the marked section of BENCHMARKS.md")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows, failures and notes as JSON")
+    ap.add_argument("--from", dest="sources", type=Path, nargs="+", default=[], help="for report: --json files")
     args = ap.parse_args(argv)
-    load_before = os.getloadavg()
-    t0 = time.time()
-    tallies = run(names if args.command == "all" else [args.command], args)
-    load_after = os.getloadavg()
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    header = (f"Run of {time.strftime('%Y-%m-%d', time.gmtime(t0))}: `bench/faults.py {' '.join(argv)}`, "
-              f"{(time.time() - t0) / 60:.0f} min. Machine: {platform.machine()} VM, {os.cpu_count()} cores, "
-              f"{mem:.0f} GiB, Python {platform.python_version()}, shared with other jobs: load average "
-              f"{' / '.join(f'{x:.1f}' for x in load_before)} before, "
-              f"{' / '.join(f'{x:.1f}' for x in load_after)} after.")
+    if args.command == "report":
+        tallies, header = from_json(args.sources)
+    else:
+        load_before, started = os.getloadavg(), time.time()
+        tallies = run(names if args.command == "all" else [args.command], args)
+        header = describe(argv, started, load_before, os.getloadavg())
+        if args.json:
+            rows = [{**t.row(), "failures": t.failures, "notes": t.notes} for t in tallies]
+            args.json.write_text(json.dumps({"run": header, "rows": rows}, indent=1))
     text = report(tallies, header)
     print("\n" + text)
-    if args.json:
-        args.json.write_text(json.dumps([{**t.row(), "failures": t.failures, "notes": t.notes} for t in tallies], indent=1))
     if args.write:
         write_benchmarks(text)
     return tallies
