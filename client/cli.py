@@ -8,12 +8,14 @@ torch or vLLM, and nothing in ``actprune.client`` imports ``server`` or ``prunin
 passes every argument it does not know straight to vLLM, so it is dispatched before argparse.
 
 Exit codes: 0 success, 1 failure while working, 2 a mistake the user can fix (any
-:class:`~actprune.core.errors.ActpruneError`: one line on stderr, no traceback).
+:class:`~actprune.core.errors.ActpruneError`, or a full disk / read-only file system: one line
+on stderr, no traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -34,6 +36,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("actprune.pruning.cli.eval", "perplexity, KL and generations of checkpoints, with a report"),
     "iterate": ("actprune.pruning.cli.iterate", "gradual pruning: prune, recover, re-collect, repeat"),
 }
+
+
+# Storage errors reported in one line (exit 2) rather than a traceback.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +65,30 @@ def main(argv: list[str] | None = None) -> int:
         message = " ".join(str(e).split())  # one line, whatever the message holds
         print(f"actprune {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except Exception as e:
+        # A full disk or a read-only mount is the user's to fix, not a bug to trace; libraries
+        # (safetensors, torch) wrap the OSError, so the chain is searched.
+        storage = _storage_error(e)
+        if storage is None:
+            raise
+        print(f"actprune {args.command}: error: {storage}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"actprune {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _storage_error(e: BaseException) -> str | None:
+    """One line for a storage error anywhere in ``e``'s chain, else None."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in _STORAGE_ERRNOS:
+            where = f": {cur.filename}" if cur.filename else ""
+            return f"{cur.strerror or cur}{where}"
+        text = " ".join(str(cur).split())
+        if any(f"(os error {n})" in text for n in _STORAGE_ERRNOS):  # a Rust library's io::Error
+            return text[:300]
+        cur = cur.__cause__ or cur.__context__
+    return None

@@ -6,8 +6,9 @@ only the sending differs.
 
 - Authentication: ``Authorization: Bearer KEY``; the key is the ``api_key`` argument, else
   ``ACTPRUNE_API_KEY``, else ``VLLM_API_KEY`` (read in :class:`ClientSettings`, nowhere else).
-- Retries: only when no connection could be made (refused, connect timeout), with exponential
-  backoff. An answer from the server, even a 5xx, is never retried: ``reset`` must not run twice.
+- Retries: when no connection could be made (refused, connect timeout), with exponential
+  backoff; and when the server dropped the connection without answering, for every request but
+  ``reset`` (the others may run twice). An answer, even a 5xx, is never retried.
 - Errors: :class:`ActpruneHTTPError` says the method, URL, status code and what the server
   answered (its JSON ``detail``); :class:`ActpruneConnectionError` says where and how often we tried.
 
@@ -59,6 +60,11 @@ __all__ = [
 
 _M = TypeVar("_M", bound=BaseModel)
 _RETRYABLE = (httpx.ConnectError, httpx.ConnectTimeout)
+# The server closed a pooled connection as the request went out (an idle-timeout race): nothing
+# was answered, and requests that may run twice (all but reset) are sent again.
+_RETRYABLE_IF_IDEMPOTENT = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+# Idle pooled connections are dropped before the server's keep-alive (vLLM: 5 s) can close them.
+_LIMITS = httpx.Limits(keepalive_expiry=2.0)
 _DETAIL_MAX = 500
 
 
@@ -156,8 +162,9 @@ class _Base:
             ) from e
 
     def _connection_error(self, method: str, path: str, tries: int, e: Exception) -> ActpruneConnectionError:
+        what = "could not connect" if isinstance(e, _RETRYABLE) else "no answer (connection dropped)"
         return ActpruneConnectionError(
-            f"{method} {self._url(path)}: could not connect after {tries} "
+            f"{method} {self._url(path)}: {what} after {tries} "
             f"{'try' if tries == 1 else 'tries'} ({type(e).__name__}: {e}); is the server up at {self.base_url}?"
         )
 
@@ -170,14 +177,15 @@ class Client(_Base):
 
     def __init__(self, base_url: str, *, transport: httpx.BaseTransport | None = None, **kw: Any) -> None:
         super().__init__(base_url, **kw)
-        self._http = httpx.Client(timeout=self.settings.timeout, transport=transport)
+        self._http = httpx.Client(timeout=self.settings.timeout, transport=transport, limits=_LIMITS)
 
-    def _send(self, method: str, path: str, **kw: Any) -> httpx.Response:
+    def _send(self, method: str, path: str, *, idempotent: bool = True, **kw: Any) -> httpx.Response:
         tries = self.settings.retries + 1
+        retryable = _RETRYABLE + _RETRYABLE_IF_IDEMPOTENT if idempotent else _RETRYABLE
         for attempt in range(tries):
             try:
                 return self._http.request(method, self._url(path), headers=self._headers(), **kw)
-            except _RETRYABLE as e:
+            except retryable as e:
                 if attempt == tries - 1:
                     raise self._connection_error(method, path, tries, e) from e
                 time.sleep(self._delay(attempt))
@@ -203,7 +211,7 @@ class Client(_Base):
         return self._model(self._send("GET", STATUS_PATH), StatusResponse)
 
     def reset(self) -> ResetResponse:
-        return self._model(self._send("POST", control_path("reset"), json={}), ResetResponse)
+        return self._model(self._send("POST", control_path("reset"), json={}, idempotent=False), ResetResponse)
 
     def pause(self) -> PauseResponse:
         return self._model(self._send("POST", control_path("pause"), json={}), PauseResponse)
@@ -231,14 +239,15 @@ class AsyncClient(_Base):
 
     def __init__(self, base_url: str, *, transport: httpx.AsyncBaseTransport | None = None, **kw: Any) -> None:
         super().__init__(base_url, **kw)
-        self._http = httpx.AsyncClient(timeout=self.settings.timeout, transport=transport)
+        self._http = httpx.AsyncClient(timeout=self.settings.timeout, transport=transport, limits=_LIMITS)
 
-    async def _send(self, method: str, path: str, **kw: Any) -> httpx.Response:
+    async def _send(self, method: str, path: str, *, idempotent: bool = True, **kw: Any) -> httpx.Response:
         tries = self.settings.retries + 1
+        retryable = _RETRYABLE + _RETRYABLE_IF_IDEMPOTENT if idempotent else _RETRYABLE
         for attempt in range(tries):
             try:
                 return await self._http.request(method, self._url(path), headers=self._headers(), **kw)
-            except _RETRYABLE as e:
+            except retryable as e:
                 if attempt == tries - 1:
                     raise self._connection_error(method, path, tries, e) from e
                 await asyncio.sleep(self._delay(attempt))
@@ -262,7 +271,7 @@ class AsyncClient(_Base):
         return self._model(await self._send("GET", STATUS_PATH), StatusResponse)
 
     async def reset(self) -> ResetResponse:
-        return self._model(await self._send("POST", control_path("reset"), json={}), ResetResponse)
+        return self._model(await self._send("POST", control_path("reset"), json={}, idempotent=False), ResetResponse)
 
     async def pause(self) -> PauseResponse:
         return self._model(await self._send("POST", control_path("pause"), json={}), PauseResponse)

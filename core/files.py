@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -16,6 +17,7 @@ import os
 import re
 import secrets
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +27,7 @@ from typing import Any
 from .errors import ActpruneError
 
 __all__ = ["RETIRED_MARK", "STAGING_MARK", "JsonlError", "atomic_temporaries", "atomic_write", "fsync_dir",
-           "package_data_file", "read_jsonl", "staged_directory"]
+           "package_data_file", "read_jsonl", "remove_orphaned_staging", "staged_directory"]
 
 
 class JsonlError(ActpruneError):
@@ -50,6 +52,10 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[tuple[int, dict[str, Any]]]
             obj = json.loads(raw)
         except json.JSONDecodeError as e:
             raise JsonlError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})") from e
+        except RecursionError as e:  # json's decoder recurses once per nesting level
+            raise JsonlError(f"{path}:{n}: JSON nested too deeply to read") from e
+        except ValueError as e:  # e.g. an integer of more digits than int() accepts
+            raise JsonlError(f"{path}:{n}: not readable JSON ({' '.join(str(e).split())[:200]})") from e
         if not isinstance(obj, dict):
             raise JsonlError(f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}")
         out.append((n, obj))
@@ -102,7 +108,7 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
     finally:
         os.close(fd)
 
-STAGING_MARK = ".partial-"  # in the name of every staging directory: ``.OUT.partial-XXXX``
+STAGING_MARK = ".partial-"  # in the name of every staging directory: ``.OUT.partial-PID@HOST-XXXXXXXX``
 RETIRED_MARK = ".old-"  # an output renamed aside while its replacement moves in: ``.OUT.old-XXXXXXXX``
 
 
@@ -132,7 +138,8 @@ def staged_directory(out: Path) -> Iterator[Path]:
     the two renames)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     _settle_retired(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_MARK}", dir=out.parent))
+    remove_orphaned_staging(out.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}{STAGING_MARK}{_owner()}-", dir=out.parent))
     try:
         yield tmp
         old = _retire(out)
@@ -152,6 +159,41 @@ def staged_directory(out: Path) -> Iterator[Path]:
         except OSError as e:  # the new output is complete: say so, and let the next run clean up
             logging.getLogger(__name__).warning(
                 "could not delete the replaced %s, left at %s (%s); the next run for it removes it", out, old, e)
+
+
+def _owner() -> str:
+    """``PID@HOST``: who stages a directory, so that a later run can tell a staging directory
+    whose writer was killed (its PID no longer runs on this host) from one still being written."""
+    host = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+    return f"{os.getpid()}@{host}"
+
+
+def remove_orphaned_staging(directory: Path) -> list[Path]:
+    """Delete the staging directories in ``directory`` whose writer was killed: written by a
+    process of this host that no longer runs. Ones of a live process, of another host (shared
+    storage) or in an older naming are left alone. Returns what was deleted."""
+    pattern = re.compile(rf"\..+{re.escape(STAGING_MARK)}(\d+)@([0-9a-f]{{8}})-[a-z0-9_]{{8}}")
+    host = _owner().split("@")[1]
+    removed = []
+    for p in directory.iterdir() if directory.is_dir() else ():
+        m = pattern.fullmatch(p.name)
+        if m is None or m.group(2) != host or _alive(int(m.group(1))) or not p.is_dir():
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # runs, as another user
+        return True
+    return True
 
 
 def _retire(out: Path) -> Path | None:

@@ -127,17 +127,38 @@ def _record_text(rec: dict[str, Any], text_field: str | None, tokenizer: Any, wh
         value = rec[text_field]
         if text_field == "messages" or isinstance(value, list):
             return _render_chat(value, tokenizer, where)
-        return str(value)
+        return _string(value, text_field, where)
     if "messages" in rec:
         return _render_chat(rec["messages"], tokenizer, where)
     if "text" in rec:
-        return str(rec["text"])
+        return _string(rec["text"], "text", where)
     raise DataError(f"{where}: no 'text' or 'messages' field (fields: {sorted(rec)}); pass --text-field")
 
 
+def _string(value: Any, field: str, where: str) -> str:
+    """The text of ``field``; a number, null or object is refused rather than trained on as
+    "None" or "{'a': 1}"."""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {field!r} must be a string, got {_json_type(value)}")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "an object" if isinstance(value, dict) else type(value).__name__
+
+
 def _render_chat(messages: Any, tokenizer: Any, where: str) -> str:
-    if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
-        raise DataError(f"{where}: 'messages' must be a list of {{role, content}} objects")
+    if not isinstance(messages, list) or not messages or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    ):
+        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects with string values")
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{where}: chat messages need a tokenizer with a chat template")
     return tokenizer.apply_chat_template(messages, tokenize=False)

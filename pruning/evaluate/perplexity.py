@@ -114,9 +114,9 @@ def load_prompts(path: str | None) -> list[str]:
             raise DataError(f"--prompts: {e}") from e
         prompts = []
         for n, rec in records:
-            if "prompt" not in rec:
-                raise DataError(f"{p}:{n}: no 'prompt' field")
-            prompts.append(str(rec["prompt"]))
+            if not isinstance(rec.get("prompt"), str) or not rec["prompt"]:
+                raise DataError(f"{p}:{n}: 'prompt' must be a non-empty string")
+            prompts.append(rec["prompt"])
     else:
         prompts = [ln for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
     if not prompts:

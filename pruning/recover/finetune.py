@@ -21,17 +21,20 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from actprune.core.files import atomic_write, staged_directory
 from actprune.pruning import data as data_mod
 from actprune.pruning.checkpoint.hf_io import (
     finish_output_dir,
     load_causal_lm,
     load_tokenizer,
+    publish_model_files,
     read_config,
 )
 from actprune.pruning.checkpoint.trust import resolve_trust
@@ -286,10 +289,7 @@ class FinetuneRecipe:
         self._write_log()
 
     def _write_log(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        with (self.out / "finetune_log.jsonl").open("w") as f:
-            for rec in self.history:
-                f.write(json.dumps(rec) + "\n")
+        atomic_write(self.out / "finetune_log.jsonl", "".join(json.dumps(rec) + "\n" for rec in self.history))
 
     # -- save --
     def save(self) -> Path:
@@ -306,11 +306,16 @@ class FinetuneRecipe:
         model = model.merge_and_unload() if self.cfg.lora else model
         model = model.to(self.stored_dtype)
         model.config.use_cache = True
-        model.save_pretrained(str(self.out), safe_serialization=True)
-        self.tok.save_pretrained(str(self.out))
-        finish_output_dir(self.cfg.model, self.out)
+        # Written whole beside the run's state, then moved in config last (publish_model_files):
+        # a kill while writing never leaves OUT looking like a complete model.
+        with staged_directory(self.out / ".final") as staged:
+            model.save_pretrained(str(staged), safe_serialization=True)
+            self.tok.save_pretrained(str(staged))
+            finish_output_dir(self.cfg.model, staged)
+            (staged / "finetune_config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
+        publish_model_files(self.out / ".final", self.out)
+        shutil.rmtree(self.out / ".final", ignore_errors=True)
         self._write_log()
-        (self.out / "finetune_config.json").write_text(json.dumps(asdict(self.cfg), indent=2) + "\n")
         return self.out
 
     def final_model(self, best_step: int | None) -> Any:

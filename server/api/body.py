@@ -19,7 +19,7 @@ from fastapi import Request
 
 from .errors import ApiError
 
-__all__ = ["MAX_BODY_BYTES", "read_json_object", "require_json"]
+__all__ = ["MAX_BODY_BYTES", "read_json_object", "require_empty_json", "require_json"]
 
 MAX_BODY_BYTES = 1 << 20  # a plan request is a few hundred bytes; 4096 sensitivities ≈ 100 kB
 _EXAMPLE = 'such as {"mlp_ratio": 0.3}'
@@ -38,6 +38,11 @@ def require_json(request: Request) -> None:
 
 async def read_json_object(request: Request, example: str = _EXAMPLE) -> dict[str, Any]:
     """The body as a JSON object: 413 when longer than MAX_BODY_BYTES, 422 when it is not one."""
+    return _parse_object(await _read_bounded(request), example)
+
+
+async def _read_bounded(request: Request) -> bytes:
+    """The raw body, 413 past MAX_BODY_BYTES (declared or counted)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
         raise _too_large()
@@ -47,8 +52,12 @@ async def read_json_object(request: Request, example: str = _EXAMPLE) -> dict[st
         if size > MAX_BODY_BYTES:
             raise _too_large()
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _parse_object(raw: bytes, example: str) -> dict[str, Any]:
     try:
-        body = json.loads(b"".join(chunks))
+        body = json.loads(raw)
     except RecursionError:
         raise ApiError(422, f"body is nested too deeply; send a flat JSON object {example}") from None
     except ValueError:  # also UnicodeDecodeError
@@ -58,5 +67,17 @@ async def read_json_object(request: Request, example: str = _EXAMPLE) -> dict[st
     return body
 
 
+async def require_empty_json(request: Request) -> None:
+    """Dependency of the POST routes that take no fields (reset, pause, resume): an empty body or
+    ``{}``. Anything else is refused before the action runs, so a mistyped request (a field the
+    route does not have, a body cut short) does not reset the counts while looking accepted."""
+    raw = await _read_bounded(request)
+    if not raw.strip():
+        return
+    body = _parse_object(raw, "{}")
+    if body:
+        raise ApiError(422, f"this route takes no fields (got {sorted(body)[:5]}); send {{}}")
+
+
 def _too_large() -> ApiError:
-    return ApiError(413, f"body is larger than {MAX_BODY_BYTES} bytes; a plan request is a small JSON object")
+    return ApiError(413, f"body is larger than {MAX_BODY_BYTES} bytes; actprune's requests are small JSON objects")

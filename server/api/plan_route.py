@@ -36,7 +36,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from .body import read_json_object, require_json
-from .errors import ApiError
+from .errors import ActpruneRoute, ApiError
 from .routes import Service, require_key
 from .service import CaptureService
 
@@ -44,7 +44,7 @@ __all__ = ["PLAN_SPACING", "router"]
 
 PLAN_SPACING = 4.0  # back-to-back plans run at most 1/(1 + 4) of the time
 
-router = APIRouter(tags=["actprune"], dependencies=[Depends(require_key)])
+router = APIRouter(tags=["actprune"], dependencies=[Depends(require_key)], route_class=ActpruneRoute)
 
 
 @router.post(

@@ -29,8 +29,8 @@ from actprune.core.wire.stats import Stats
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
 
-from .body import require_json
-from .errors import ApiError
+from .body import require_empty_json, require_json
+from .errors import ActpruneRoute, ApiError
 from .metrics import METRICS_MEDIA_TYPE
 from .service import CaptureService
 
@@ -64,7 +64,8 @@ _errors = {
     401: {"model": ErrorBody, "description": "Missing or wrong API key."},
     409: {"model": ErrorBody, "description": "Capture is not enabled on this server."},
 }
-router = APIRouter(tags=["actprune"], dependencies=[Depends(require_key)], responses=_errors)
+router = APIRouter(tags=["actprune"], dependencies=[Depends(require_key)], responses=_errors,
+                   route_class=ActpruneRoute)
 
 
 @router.get(
@@ -108,8 +109,8 @@ async def get_metrics(svc: Service) -> Response:
     return Response(content=svc.metrics.exposition(), media_type=METRICS_MEDIA_TYPE)
 
 
-_json_body = {  # POST routes without fields still take a JSON body: {}
-    "dependencies": [Depends(require_json)],
+_json_body = {  # POST routes without fields still take a JSON body: {} (or none)
+    "dependencies": [Depends(require_json), Depends(require_empty_json)],
     "responses": {415: {"model": ErrorBody, "description": "The body is not declared as application/json."}},
     "openapi_extra": {"requestBody": {"content": {"application/json": {"schema": {"type": "object"}}}}},
 }

@@ -200,3 +200,37 @@ def test_async_client_also_retries_connection_refused(raw_a):
 
     with serve(fake_vllm(raw_a), sock=sock, delay=0.3) as _:
         assert asyncio.run(go()).status.paused
+
+
+def _drops_first(n: int, answer: httpx.Response) -> tuple[httpx.MockTransport, list[str]]:
+    """A transport whose first ``n`` requests meet a connection the server closed without
+    answering (what a keep-alive race looks like to httpx), then answers ``answer``."""
+    seen: list[str] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.method} {request.url.path}")
+        if len(seen) <= n:
+            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+        return answer
+
+    return httpx.MockTransport(handle), seen
+
+
+def test_a_dropped_connection_is_retried_for_every_request_but_reset(server):
+    url, _ = server
+    with Client(url, settings=NO_ENV) as real:
+        status = real.status().model_dump(mode="json")
+    transport, seen = _drops_first(2, httpx.Response(200, json=status))
+    with Client(url, settings=NO_ENV, transport=transport, retries=3, backoff=0.01) as c:
+        assert c.status().model == status["model"]
+    assert seen == ["GET /activations/status"] * 3
+    for call, tries in (("reset", 1), ("pause", 2), ("resume", 2)):  # reset may have run: never sent twice
+        transport, seen = _drops_first(1, httpx.Response(200, json={"ok": True, "status": status}))
+        with Client(url, settings=NO_ENV, transport=transport, retries=3, backoff=0.01) as c:
+            if tries == 1:
+                with pytest.raises(ActpruneConnectionError) as e:
+                    getattr(c, call)()
+                assert "no answer (connection dropped) after 1 try" in str(e.value)
+            else:
+                assert getattr(c, call)().status.model == status["model"]
+        assert seen == [f"POST /activations/{call}"] * tries

@@ -132,3 +132,45 @@ def test_a_kill_at_any_step_leaves_a_complete_directory_or_one_the_next_run_rest
     with pytest.raises(RuntimeError), staged_directory(out):
         raise RuntimeError("the next run fails early")
     assert _version(out) in ("old", "new") and not _siblings(out, RETIRED_MARK)
+
+
+# ---- staging directories a kill left behind -------------------------------------------------------
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid  # exited and reaped: no process has it (until the kernel reuses it)
+
+
+def test_staging_directories_of_killed_writers_are_removed_by_the_next_run(tmp_path):
+    host = files._owner().split("@")[1]
+    dead = tmp_path / f".step-000009{STAGING_MARK}{_dead_pid()}@{host}-abcd1234"
+    live = tmp_path / f".model{STAGING_MARK}{os.getppid()}@{host}-abcd1234"  # a writer still running
+    remote = tmp_path / f".model{STAGING_MARK}{_dead_pid()}@0badc0de-abcd1234"  # shared storage, other host
+    older = tmp_path / f".model{STAGING_MARK}abcd1234"  # an older version's name: whose, unknown
+    for d in (dead, live, remote, older):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x" * 100)
+    with staged_directory(tmp_path / "step-000010") as tmp:
+        assert f"{os.getpid()}@{host}-" in tmp.name  # its own writer is named, and alive
+        _write(tmp, "new")
+    assert not dead.exists()
+    assert live.is_dir() and remote.is_dir() and older.is_dir()
+    assert _version(tmp_path / "step-000010") == "new"
+
+
+# ---- JSONL ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(("line", "named"), [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"text": ' + "1" * 5000 + "}", "not readable JSON"),
+    ('{"text": "a"', "not valid JSON"),
+    ('["text"]', "expected a JSON object per line, got list"),
+])
+def test_read_jsonl_refuses_unreadable_lines_with_the_file_and_line(tmp_path, line, named):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "fine"}\n\n' + line + "\n")
+    with pytest.raises(files.JsonlError) as e:
+        files.read_jsonl(path)
+    assert f"{path}:3: " in str(e.value) and named in str(e.value)

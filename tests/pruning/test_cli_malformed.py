@@ -4,7 +4,10 @@ one line on stderr and exit code 2 — never a traceback, a hang, or a slice by 
 from __future__ import annotations
 
 import json
+import resource
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -181,3 +184,48 @@ def test_malformed_config_is_one_line_exit_2(bad_model, stats, plan_raw, tmp_pat
         (tmp_path / "plan.json").write_text(json.dumps(plan_raw))
         argv = ["prune", "--model", str(model), "--plan", str(tmp_path / "plan.json"), "-o", str(tmp_path / "out")]
     assert message in _run(argv, capsys)
+
+
+@pytest.mark.parametrize(("record", "named"), [
+    ({"text": 17}, "field 'text' must be a string, got a number"),
+    ({"text": None}, "field 'text' must be a string, got null"),
+    ({"text": {"a": 1}}, "field 'text' must be a string, got an object"),
+    ({"messages": [{"role": "user", "content": 5}]}, "'messages' must be a non-empty list"),
+], ids=["number", "null", "object", "content-a-number"])
+def test_jsonl_text_that_is_not_a_string_is_one_line_exit_2(tiny, tmp_path, capsys, record, named):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "a fine first record"}) + "\n" + json.dumps(record) + "\n")
+    field = ["--text-field", "text"] if "text" in record else []
+    err = _run(["record", "--model", str(tiny), "--data", str(data), *field, "--max-tokens", "50",
+                "-o", str(tmp_path / "s.safetensors")], capsys)
+    assert f"{data}:2: " in err and named in err, err
+
+
+def _limited_cli(argv: list[str], max_file_bytes: int) -> subprocess.CompletedProcess:
+    """``actprune ARGV`` in a child that may not write a file past ``max_file_bytes`` (the
+    kernel refuses the write with EFBIG, as a full disk refuses with ENOSPC)."""
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (max_file_bytes, max_file_bytes))
+
+    code = "import sys; from actprune.client.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                          preexec_fn=limit, timeout=300)
+
+
+def test_a_write_the_storage_refuses_is_one_line_exit_2(tiny, stats, plan_raw, tmp_path):
+    """plan (Python's own write: OSError) and prune (safetensors' Rust writer wraps the error)."""
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps(plan_raw))
+    runs = {
+        "plan": ["plan", "--stats", str(stats.save(tmp_path / "s.safetensors")), "--model", str(tiny),
+                 "--mlp-ratio", "0.2", "-o", str(tmp_path / "p.json")],
+        "prune": ["prune", "--model", str(tiny), "--plan", str(plan), "-o", str(tmp_path / "out")],
+    }
+    for name, argv in runs.items():
+        r = _limited_cli(argv, 200)
+        err = r.stderr.strip()
+        assert r.returncode == 2 and "Traceback" not in err, (name, err[-2000:])
+        last = err.splitlines()[-1]
+        assert last.startswith(f"actprune {name}: error: ") and "File too large" in last, (name, last)
+    assert not (tmp_path / "p.json").exists() and not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # nothing half-written

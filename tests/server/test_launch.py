@@ -71,3 +71,16 @@ def test_settings_repr_never_shows_the_key():
     settings = Settings.from_env({"VLLM_API_KEY": "s3cret-key"})
     assert settings.env_api_key == "s3cret-key"
     assert "s3cret" not in repr(settings) and "s3cret" not in str(settings)
+
+
+def test_keep_alive_outlasts_client_pools_unless_set_and_a_bad_loader_config_is_one_line():
+    from actprune.server.launch import KEEP_ALIVE_S, build_vllm_argv
+
+    _, env = build_vllm_argv(["m"], {})
+    assert env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == str(KEEP_ALIVE_S) and KEEP_ALIVE_S > 5  # httpx's pools: 5 s
+    _, env = build_vllm_argv(["m", "--no-capture"], {"VLLM_HTTP_TIMEOUT_KEEP_ALIVE": "7"})
+    assert env["VLLM_HTTP_TIMEOUT_KEEP_ALIVE"] == "7"
+    for bad in ("{", "[1]", "[" * 100_000):
+        with pytest.raises(SystemExit) as e:
+            build_vllm_argv(["m", "--model-loader-extra-config", bad], {})
+        assert str(e.value).startswith("actprune serve: error: --model-loader-extra-config must be a JSON object")

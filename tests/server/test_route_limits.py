@@ -223,7 +223,7 @@ def test_post_routes_refuse_bodies_not_declared_as_json_with_415(raw, tmp_path, 
 def test_post_routes_take_json_with_a_charset_and_check_the_key_first(raw, tmp_path, path):
     app = _app(raw, tmp_path, keys=("k",))
     auth = {"Authorization": "Bearer k"}
-    body = json.dumps(PLAN_BODY).encode()
+    body = json.dumps(PLAN_BODY if path == "/prune/plan" else {}).encode()
     assert call(app, "POST", path, content=body, headers={"Content-Type": "text/plain"}).status_code == 401
     ok = call(app, "POST", path, content=body, headers={"Content-Type": "Application/JSON; charset=utf-8", **auth})
     assert ok.status_code == 200, ok.text
@@ -264,6 +264,39 @@ def test_body_over_one_mebibyte_is_413_with_or_without_content_length(raw, tmp_p
     _detail(call(app, "POST", "/prune/plan", content=chunks(), headers=headers), 413)
     padded = json.dumps(PLAN_BODY).encode().ljust(MAX_BODY_BYTES, b" ")  # at the cap: accepted
     assert call(app, "POST", "/prune/plan", content=padded, headers=headers).status_code == 200
+
+
+CONTROLS = ["/activations/reset", "/activations/pause", "/activations/resume"]
+
+
+@pytest.mark.parametrize("path", CONTROLS)
+@pytest.mark.parametrize(("content", "status", "named"), [
+    (b"{", 422, "body must be a JSON object"),
+    (b"[]", 422, "body must be a JSON object"),
+    (b'{"confirm": true}', 422, "takes no fields"),
+    (b"[" * 200_000, 422, "nested too deeply"),
+    (b"{" + b" " * (2 << 20) + b"}", 413, "larger than 1048576 bytes"),
+], ids=["cut-short", "a-list", "a-field", "deep", "2-MiB"])
+def test_control_routes_refuse_any_body_but_an_empty_one_before_acting(raw, tmp_path, path, content, status, named):
+    app = _app(raw, tmp_path)
+    engine = app.state.actprune.engine
+    engine.calls.clear()
+    r = call(app, "POST", path, content=content, headers={"Content-Type": "application/json"})
+    assert named in _detail(r, status)
+    assert engine.calls == []  # nothing reset, paused or resumed
+    for ok in (b"", b"{}", b" { } "):
+        r = call(app, "POST", path, content=ok, headers={"Content-Type": "application/json"})
+        assert r.status_code == 200, (ok, r.text)
+
+
+@pytest.mark.parametrize(("query", "named"), [
+    ("format=xml", "query parameter format: Input should be 'json' or 'safetensors' (got 'xml')"),
+    ("k=5000", "query parameter k: Input should be less than or equal to 1000"),
+    ("k=ten", "query parameter k: Input should be a valid integer"),
+])
+def test_bad_query_parameters_are_422_with_one_line_naming_the_parameter(raw, tmp_path, query, named):
+    app = _app(raw, tmp_path)
+    assert named in _detail(call(app, "GET", f"/activations/stats?{query}"), 422)
 
 
 def _with_weights(ckpt: Path, convert: Callable[[str, torch.Tensor], torch.Tensor]) -> Path:
