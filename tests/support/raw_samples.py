@@ -16,9 +16,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pytest
 from actprune.core.wire.stats import Stats
 
 __all__ = [
+    "raw_a",
+    "raw_b",
     "DECODE_SHARE",
     "THRESHOLD",
     "RawLayer",
@@ -82,6 +85,18 @@ def random_raw(
         cos = rng.uniform(0.5, 1.0, tokens)
         out.append(RawLayer(mlp=_f32(m), attn=_f32(a), cos=_f32(cos)))
     return out
+
+
+@pytest.fixture(scope="module")
+def raw_a() -> list[RawLayer]:
+    """300 tokens of random samples (a conftest imports this fixture to offer it)."""
+    return random_raw(np.random.default_rng(1), tokens=300)
+
+
+@pytest.fixture(scope="module")
+def raw_b() -> list[RawLayer]:
+    """170 other tokens, for merges and resets."""
+    return random_raw(np.random.default_rng(2), tokens=170)
 
 
 def concat(*raws: list[RawLayer]) -> list[RawLayer]:
