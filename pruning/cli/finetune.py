@@ -63,6 +63,13 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=int, default=32)
     p.add_argument("--kd-temperature", type=float, default=1.0)
     p.add_argument("--kd-alpha", type=float, default=0.5, help="weight of the KL term (1: KL only)")
+    p.add_argument("--teacher-topk", type=int, default=0, metavar="K",
+                   help="run the teacher once over the training rows and keep its top-K next tokens on disk "
+                        "(safetensors); training then needs no teacher in memory. Loss: the KL on those K "
+                        "tokens plus 'any other' (0: the live teacher, full vocabulary; 64 is a good start)")
+    p.add_argument("--teacher-cache", default=None, metavar="FILE",
+                   help="where the top-K file goes (default OUT/teacher_topk.safetensors); reused when it "
+                        "matches the data, K, temperature and teacher")
     p.add_argument("--seed", type=int, default=0)
     add_trust_flag(p)
 

@@ -38,6 +38,7 @@ from actprune.pruning.checkpoint.hf_io import (
     read_config,
 )
 from actprune.pruning.checkpoint.trust import resolve_trust
+from actprune.pruning.recover import teacher_cache as tc
 from actprune.pruning.recover import train_state as ts
 from actprune.pruning.recover.recipe_config import (
     FinetuneConfig,
@@ -80,12 +81,15 @@ class FinetuneRecipe:
         self.tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         self.stored_dtype = self.model_dtype(cfg.model)
         self.model = self._build_student()
-        self.teacher = None
+        self.teacher, self.teacher_topk = None, None
         if cfg.teacher:
             if read_config(cfg.teacher).get("vocab_size") != read_config(cfg.model).get("vocab_size"):
                 raise data_mod.DataError("--teacher has another vocabulary than --model; distillation needs the same one")
-            self.teacher = self._build_teacher(torch.bfloat16 if self.use_bf16 else torch.float32)
+            if not cfg.teacher_topk:
+                self.teacher = self._build_teacher(torch.bfloat16 if self.use_bf16 else torch.float32)
         self._setup_data()
+        if cfg.teacher_topk:
+            self.teacher_topk = self._teacher_cache()
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
         if cfg.resume:
@@ -126,6 +130,25 @@ class FinetuneRecipe:
         teacher = load_causal_lm(self.cfg.teacher, dtype, device_map=self.cfg.device_map,
                                  trust_remote_code=self.cfg.trust_remote_code)
         return (teacher if self.cfg.device_map else teacher.to(self.device)).requires_grad_(False)
+
+    def _teacher_cache(self) -> tc.TeacherCache:
+        """The teacher's top-k over the training rows: the file of an earlier run when it was built
+        for the same rows, k, T and teacher, else one pass of the teacher (then let go)."""
+        cfg = self.cfg
+        path = Path(cfg.teacher_cache) if cfg.teacher_cache else self.out / "teacher_topk.safetensors"
+        key = {"k": cfg.teacher_topk, "temperature": cfg.kd_temperature, "teacher_id": tc.teacher_id(cfg.teacher)}
+        cache = tc.TeacherCache.open_if_valid(path, self.train_rows, **key)
+        if cache is None:
+            teacher = self._build_teacher(torch.bfloat16 if self.use_bf16 else torch.float32)
+            with self.autocast():
+                tc.build_cache(teacher, self.train_rows, path, batch_size=cfg.batch_size, device=self.device,
+                               progress=cfg.progress and self.is_main, **key)
+            del teacher
+            cache = tc.TeacherCache(path, self.train_rows)
+            self._say(f"teacher top-{cfg.teacher_topk} written to {path}")
+        else:
+            self._say(f"teacher top-{cfg.teacher_topk} reused from {path}")
+        return cache
 
     @staticmethod
     def model_dtype(model_dir: str) -> torch.dtype:
@@ -207,6 +230,10 @@ class FinetuneRecipe:
                 with torch.no_grad():
                     t_logits = self.teacher(input_ids=ids).logits
                 out["kd_loss"] = kd_loss(logits, t_logits, self.cfg.kd_temperature)
+                out["loss"] = mixed_loss(out["lm_loss"], out["kd_loss"], self.cfg.kd_alpha)
+            elif self.teacher_topk is not None:
+                t_logprobs, t_indices = self.teacher_topk.lookup(ids)
+                out["kd_loss"] = tc.topk_kd_loss(logits, t_logprobs, t_indices, self.cfg.kd_temperature)
                 out["loss"] = mixed_loss(out["lm_loss"], out["kd_loss"], self.cfg.kd_alpha)
             else:
                 out["loss"] = out["lm_loss"]

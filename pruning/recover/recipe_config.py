@@ -51,6 +51,8 @@ class FinetuneConfig:
     lora_alpha: int = 32
     kd_temperature: float = 1.0
     kd_alpha: float = 0.5
+    teacher_topk: int = 0  # > 0: the teacher's top-k cached on disk in one pass (teacher_cache.py)
+    teacher_cache: str | None = None  # where; default OUT/teacher_topk.safetensors
     seed: int = 0
     trust_remote_code: bool = False  # run code named by --model/--teacher's auto_map (not actprune's own)
     progress: bool = True
@@ -104,6 +106,11 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise DataError(f"--schedule must be cosine or steps, got {cfg.schedule!r}")
     if not 0.0 <= cfg.kd_alpha <= 1.0 or cfg.kd_temperature <= 0:
         raise DataError("--kd-alpha must be in [0, 1] and --kd-temperature > 0")
+    if cfg.teacher_topk < 0 or (cfg.teacher_topk and not cfg.teacher):
+        raise DataError("--teacher-topk must be >= 0 and needs --teacher")
+    if cfg.teacher_topk and cfg.fsdp:
+        raise DataError("--teacher-topk is not supported with --fsdp yet: distil from the live teacher "
+                        "(drop --teacher-topk), or run in one process")
     if cfg.lr <= 0 or cfg.warmup_steps < 0:
         raise DataError("--lr must be > 0 and --warmup-steps >= 0")
 
