@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.run(args) or 0)
     except ActpruneError as e:
         message = " ".join(str(e).split())  # one line, whatever the message holds
+        _close_progress_bars()
         print(f"actprune {args.command}: error: {message}", file=sys.stderr)
         return 2
     except Exception as e:
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         storage = _storage_error(e)
         if storage is None:
             raise
+        _close_progress_bars()
         print(f"actprune {args.command}: error: {storage}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -92,3 +94,13 @@ def _storage_error(e: BaseException) -> str | None:
             return text[:300]
         cur = cur.__cause__ or cur.__context__
     return None
+
+
+def _close_progress_bars() -> None:
+    """Close the progress bars an error interrupted, before the error is printed: a bar left
+    open is closed when its frame is freed, which redraws it *after* the message, so the
+    message would no longer be the last line."""
+    std = sys.modules.get("tqdm.std")
+    if std is not None:
+        for bar in list(getattr(std.tqdm, "_instances", ())):
+            bar.close()
