@@ -14,14 +14,14 @@ from tqdm.auto import tqdm
 
 
 def _command(monkeypatch, fail: BaseException) -> None:
-    """Register `actprune boom`: it starts a progress bar, advances it, then raises ``fail``."""
+    """Register `actprune boom`: it starts a progress bar, advances it, then raises ``fail``
+    (like `finetune`, whose bar is open while a checkpoint is written)."""
     mod = types.ModuleType("actprune_test_boom")
 
     def run(args) -> int:
-        for i in tqdm(range(10), desc="working", file=sys.stderr):
-            if i == 3:
-                raise fail
-        return 0
+        bar = tqdm(total=10, desc="working", file=sys.stderr)  # closed only when the frame is freed
+        bar.update(3)
+        raise fail
 
     mod.configure = lambda parser: None
     mod.run = run
