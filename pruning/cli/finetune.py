@@ -67,6 +67,13 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="run the teacher once over the training rows and keep its top-K next tokens on disk "
                         "(safetensors); training then needs no teacher in memory. Loss: the KL on those K "
                         "tokens plus 'any other' (0: the live teacher, full vocabulary; 64 is a good start)")
+    p.add_argument("--local-steps", type=int, default=0, metavar="N",
+                   help="before global training, train each layer N steps to reproduce the teacher's layer "
+                        "from the teacher's layer input (block-wise distillation; each layer keeps its best "
+                        "held-out error). Needs --teacher and the teacher's layer count (0: off)")
+    p.add_argument("--local-lr", type=float, default=3e-4, help="learning rate of the local stage")
+    p.add_argument("--local-tokens", type=int, default=16384,
+                   help="training tokens the local stage uses (it stores 2 x layers x tokens x hidden floats)")
     p.add_argument("--teacher-cache", default=None, metavar="FILE",
                    help="where the top-K file goes (default OUT/teacher_topk.safetensors); reused when it "
                         "matches the data, K, temperature and teacher")

@@ -88,6 +88,8 @@ class FinetuneRecipe:
             if not cfg.teacher_topk:
                 self.teacher = self._build_teacher(torch.bfloat16 if self.use_bf16 else torch.float32)
         self._setup_data()
+        if cfg.local_steps and not (cfg.resume and ts.latest_checkpoint(self.ckpt_root)):
+            self._local_stage()  # a resumed run's checkpoint already holds its effect
         if cfg.teacher_topk:
             self.teacher_topk = self._teacher_cache()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -130,6 +132,21 @@ class FinetuneRecipe:
         teacher = load_causal_lm(self.cfg.teacher, dtype, device_map=self.cfg.device_map,
                                  trust_remote_code=self.cfg.trust_remote_code)
         return (teacher if self.cfg.device_map else teacher.to(self.device)).requires_grad_(False)
+
+    def _local_stage(self) -> None:
+        """Block-wise distillation of every layer before global training (blockwise.py)."""
+        from actprune.pruning.recover.blockwise import blockwise_distill
+
+        cfg = self.cfg
+        teacher = self.teacher or self._build_teacher(torch.float32)
+        report = blockwise_distill(self.model, teacher, self.train_rows, steps=cfg.local_steps, lr=cfg.local_lr,
+                                   batch_size=cfg.batch_size, max_tokens=cfg.local_tokens,
+                                   progress=cfg.progress and self.is_main)
+        before = sum(r["heldout_before"] for r in report) / len(report)
+        after = sum(r["heldout_after"] for r in report) / len(report)
+        self.history.append({"step": 0, "local": report})
+        self._say(f"local stage: mean held-out layer error {before:.4f} -> {after:.4f} "
+                  f"({cfg.local_steps} steps per layer)")
 
     def _teacher_cache(self) -> tc.TeacherCache:
         """The teacher's top-k over the training rows: the file of an earlier run when it was built

@@ -52,6 +52,9 @@ class FinetuneConfig:
     kd_temperature: float = 1.0
     kd_alpha: float = 0.5
     teacher_topk: int = 0  # > 0: the teacher's top-k cached on disk in one pass (teacher_cache.py)
+    local_steps: int = 0  # > 0: block-wise distillation of each layer first (blockwise.py), steps per layer
+    local_lr: float = 3e-4
+    local_tokens: int = 16384  # training tokens the local stage stores layer inputs/outputs for
     teacher_cache: str | None = None  # where; default OUT/teacher_topk.safetensors
     seed: int = 0
     trust_remote_code: bool = False  # run code named by --model/--teacher's auto_map (not actprune's own)
@@ -108,6 +111,10 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise DataError("--kd-alpha must be in [0, 1] and --kd-temperature > 0")
     if cfg.teacher_topk < 0 or (cfg.teacher_topk and not cfg.teacher):
         raise DataError("--teacher-topk must be >= 0 and needs --teacher")
+    if cfg.local_steps < 0 or (cfg.local_steps and not cfg.teacher):
+        raise DataError("--local-steps must be >= 0 and needs --teacher")
+    if cfg.local_steps and (cfg.fsdp or cfg.lora or cfg.device_map):
+        raise DataError("--local-steps runs in one process on full weights: not with --fsdp, --lora or --device-map")
     if cfg.teacher_topk and cfg.fsdp:
         raise DataError("--teacher-topk is not supported with --fsdp yet: distil from the live teacher "
                         "(drop --teacher-topk), or run in one process")
