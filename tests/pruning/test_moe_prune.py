@@ -16,6 +16,7 @@ from actprune.core.config import read_config
 from actprune.core.wire.plan import Plan
 from actprune.core.wire.stats import Stats
 from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
+from actprune.pruning.checkpoint.slicer import slice_checkpoint
 from actprune.pruning.data import tokenize
 from actprune.pruning.fixtures.synthetic import build_checkpoint
 from actprune.pruning.record import budget, record
@@ -69,7 +70,10 @@ def test_expert_plan_keeps_the_best_router_weighted_experts_of_every_sparse_laye
         assert freq.layers[i].experts_keep == sorted(np.argsort(-topk, kind="stable")[:4].tolist())
 
 
-def test_expert_counts_keep_top_k_and_the_expert_multiple(moe, tmp_path):
+def test_expert_counts_keep_top_k_and_the_expert_multiple(moe, tmp_path, capsys):
+    capsys.readouterr()
+    assert _plan(moe, tmp_path, "--expert-ratio", "0.5").widths[0].num_experts == 4
+    assert "4 of 8 experts kept per sparse layer" in capsys.readouterr().out
     assert _plan(moe, tmp_path, "--expert-ratio", "0.95").widths[0].num_experts == 2  # top-k
     assert _plan(moe, tmp_path, "--expert-ratio", "0.25", "--expert-multiple", "4").widths[0].num_experts == 8
     assert _plan(moe, tmp_path, "--expert-ratio", "0.6", "--expert-multiple", "4").widths[0].num_experts == 4
@@ -170,3 +174,32 @@ def test_edited_expert_plans_are_refused_in_one_line(moe, tmp_path, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, (message, err)
         assert not (tmp_path / "out").exists()
+
+
+def test_norm_topk_prob_decides_whether_untouched_tokens_keep_their_original_weights(moe, tmp_path):
+    """docs/moe.md: with ``norm_topk_prob``, a token whose top-k experts are all kept is routed
+    with the original weights; without it, its weights grow by Σ_all / Σ_kept probabilities."""
+    ckpt, _ = moe
+    plan = _plan(moe, tmp_path, "--expert-ratio", "0.5")
+    out = slice_checkpoint(ckpt, plan, tmp_path / "pruned", progress=False)
+    keep = plan.layers[0].experts_keep
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    ids = tok(TEXTS[:1], return_tensors="pt")["input_ids"]  # (1, T)
+    routed = []
+    for model in (_load(ckpt), _load(out)):
+        got = {}
+        model.model.layers[0].mlp.gate.register_forward_hook(lambda m, a, o, got=got: got.update(out=o))
+        with torch.no_grad():
+            model(input_ids=ids)
+        routed.append(got["out"])  # (logits (T, E), weights (T, k), experts (T, k))
+    (_, w0, e0), (_, w1, e1) = routed
+    untouched = torch.isin(e0, torch.tensor(keep)).all(dim=1)  # (T,) top-k all kept
+    assert untouched.sum() >= 3
+    renamed = torch.tensor(keep)[e1[untouched]]  # pruned expert ids in source numbering
+    assert torch.equal(renamed.sort(dim=1).values, e0[untouched].sort(dim=1).values)
+    a = w0[untouched].sort(dim=1).values
+    b = w1[untouched].sort(dim=1).values
+    if json.loads((ckpt / "config.json").read_text())["norm_topk_prob"]:
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    else:
+        assert bool((b > a * 1.01).all())
