@@ -1,5 +1,6 @@
 """Expert scores and kept experts of a mixture-of-experts layer: pure functions of the router
-statistics (``layers.{i}.router.*``, docs/moe.md).
+statistics (``layers.{i}.router.*``, docs/moe.md), and the planner's part (:func:`expert_choice`:
+the same count of experts in every sparse layer, :func:`check_expert_request`: what is refused).
 
 Convention as in :mod:`.scores`: a *higher* score means *more important*. Each strategy maps one
 sparse layer's router group — ``count`` (), ``topk_count`` (E,), ``weight_sum`` (E,),
@@ -41,10 +42,11 @@ EXPERT_STRATEGIES: dict[str, ExpertStrategy] = {
 }
 
 
-def expert_counts(num_experts: int, top_k: int, multiple: int) -> list[int]:
+def expert_counts(num_experts: int, top_k: int, multiple: int, minimum: int = 1) -> list[int]:
     """Legal kept expert counts, ascending: at least ``top_k`` (every token still finds k
-    experts), multiples of ``multiple`` (expert parallelism shards whole experts), at most E."""
-    return [k for k in range(multiple, num_experts + 1, multiple) if k >= top_k]
+    experts) and ``minimum``, multiples of ``multiple`` (expert parallelism shards whole
+    experts), at most E."""
+    return [k for k in range(multiple, num_experts + 1, multiple) if k >= max(top_k, minimum)]
 
 
 def kept_experts(scores: np.ndarray, keep: int) -> list[int]:
@@ -73,7 +75,7 @@ def check_expert_request(shape: ModelShape, request: PlanRequest) -> None:
 
 
 def expert_choice(stats: Stats, shape: ModelShape, config: dict[str, Any],
-                   request: PlanRequest) -> dict[int, list[int]]:
+                  request: PlanRequest) -> dict[int, list[int]]:
     """Sparse layer -> kept experts: the same count in every sparse layer, its best-scored ones."""
     sparse = [i for i, s in enumerate(shape.layers) if s.num_experts is not None]
     if not sparse:
@@ -85,10 +87,11 @@ def expert_choice(stats: Stats, shape: ModelShape, config: dict[str, Any],
     if not request.expert_ratio:
         return {i: list(range(e)) for i in sparse}
     top_k = spec_for_config(config).moe.routing(config)[1]
-    allowed = expert_counts(e, top_k, request.expert_multiple)
+    # vLLM's Qwen3-MoE block refuses fewer experts than tensor-parallel ranks
+    allowed = expert_counts(e, top_k, request.expert_multiple, request.tp_size)
     if not allowed:
         raise PlanError(f"expert_multiple: no count of experts <= {e} is a multiple of {request.expert_multiple} "
-                        f"and >= top-k {top_k}")
+                        f"and >= top-k {top_k} and tp_size {request.tp_size}")
     want = (1.0 - request.expert_ratio) * e
     keep = min(allowed, key=lambda k: (abs(k - want), -k))  # nearest legal count, ties keep more
     score = EXPERT_STRATEGIES[request.expert_strategy]

@@ -35,6 +35,7 @@ def test_expert_counts_keep_top_k_and_whole_multiples():
     assert expert_counts(8, 3, 4) == [4, 8]
     assert expert_counts(6, 2, 4) == [4]
     assert expert_counts(4, 2, 8) == []
+    assert expert_counts(8, 2, 1, minimum=4) == [4, 5, 6, 7, 8]  # tp_size 4: vLLM needs E' >= 4
 
 
 def test_a_dense_plan_is_still_a_version_1_document_without_expert_fields():

@@ -77,6 +77,7 @@ def test_expert_counts_keep_top_k_and_the_expert_multiple(moe, tmp_path, capsys)
     assert _plan(moe, tmp_path, "--expert-ratio", "0.95").widths[0].num_experts == 2  # top-k
     assert _plan(moe, tmp_path, "--expert-ratio", "0.25", "--expert-multiple", "4").widths[0].num_experts == 8
     assert _plan(moe, tmp_path, "--expert-ratio", "0.6", "--expert-multiple", "4").widths[0].num_experts == 4
+    assert _plan(moe, tmp_path, "--expert-ratio", "0.95", "--tp-size", "4").widths[0].num_experts == 4
 
 
 @pytest.mark.parametrize("flags", [["--head-ratio", "0.5"], ["--drop-layers", "1"], ["--per-layer"],
