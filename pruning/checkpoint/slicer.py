@@ -46,6 +46,7 @@ from actprune.core.archs import (
     ACTPRUNE_MODEL_TYPE,
     ArchSpec,
     Role,
+    TensorRef,
     spec_for_config,
 )
 from actprune.core.config import read_config
@@ -244,6 +245,7 @@ def _plan_entries(index: ShardIndex, spec: ArchSpec, plan: Plan, config: dict, c
     """Output entries per input shard, with shapes from headers alone (no tensor data read)."""
     new_index = {lp.index: k for k, lp in enumerate(lp for lp in plan.layers if not lp.drop)}
     shards: list[list[Entry]] = []
+    experts_written: set[str] = set()  # output names of kept experts' tensors
     for shard in index.shards:
         entries = []
         with safe_open(index.dir / shard, framework="pt") as f:
@@ -263,6 +265,7 @@ def _plan_entries(index: ShardIndex, spec: ArchSpec, plan: Plan, config: dict, c
                     if suffix is None:
                         continue  # a removed expert
                     out_name = spec.layer_name(new_index[ref.layer], suffix)
+                    experts_written.add(out_name)
                 if ref.layer is not None:
                     _check_source_shape(name, shape, ref.role, plan.source.widths[ref.layer], plan.source.head_dim)
                     shape = _sliced_shape(shape, ref.role, plan.layers[ref.layer], plan.source.head_dim)
@@ -280,10 +283,27 @@ def _plan_entries(index: ShardIndex, spec: ArchSpec, plan: Plan, config: dict, c
                                           ref.layer, Role.COPY, dtype, [shape[0]]))
         if entries:
             shards.append(entries)
+    _check_experts_complete(spec, plan, new_index, experts_written)
     return shards
 
 
-def _expert_suffix(spec: ArchSpec, ref, lp: LayerPlan, w: LayerWidths, name: str) -> str | None:
+def _check_experts_complete(spec: ArchSpec, plan: Plan, new_index: dict[int, int], written: set[str]) -> None:
+    """Every kept expert must have all its projections in the checkpoint: a checkpoint missing
+    one would otherwise give a model with fewer experts than its config says."""
+    if spec.moe is None:
+        return
+    for lp in plan.layers:
+        if lp.drop or lp.experts_keep is None:
+            continue
+        for e in range(len(lp.experts_keep)):
+            for proj in spec.moe.expert_roles():
+                name = spec.layer_name(new_index[lp.index], spec.moe.expert_suffix(e, proj))
+                if name not in written:
+                    source = spec.layer_name(lp.index, spec.moe.expert_suffix(lp.experts_keep[e], proj))
+                    raise SliceError(f"{source} is not in the checkpoint; config.json does not describe these weights")
+
+
+def _expert_suffix(spec: ArchSpec, ref: TensorRef, lp: LayerPlan, w: LayerWidths, name: str) -> str | None:
     """The renumbered suffix of a kept expert's tensor (kept experts become 0..E'-1 in source
     order), None for a removed expert."""
     if w.num_experts is None or ref.expert >= w.num_experts:
@@ -300,6 +320,8 @@ def _check_source_shape(name: str, shape: list[int], role: Role, w: LayerWidths,
     full = {Role.NEURON_ROWS: w.intermediate_size, Role.NEURON_COLS: w.intermediate_size,
             Role.Q_ROWS: w.num_attention_heads * d, Role.Q_COLS: w.num_attention_heads * d,
             Role.KV_ROWS: w.num_key_value_heads * d, Role.EXPERT_ROWS: w.num_experts}.get(role)
+    if role is Role.EXPERT_ROWS and full is None:
+        raise SliceError(f"{name}: a router on a layer config.json describes as dense")
     dim = 1 if role in (Role.NEURON_COLS, Role.Q_COLS) else 0
     if full is not None and (len(shape) <= dim or shape[dim] != full):
         raise SliceError(f"{name} has shape {shape}, the plan expects {full} along dim {dim}; "
