@@ -206,7 +206,7 @@ def test_norm_topk_prob_decides_whether_untouched_tokens_keep_their_original_wei
         assert bool((b > a * 1.01).all())
 
 
-def test_a_checkpoint_missing_a_kept_experts_tensor_is_refused_in_one_line(moe, tmp_path, capsys):
+def test_checkpoints_config_json_misdescribes_are_refused_in_one_line(moe, tmp_path, capsys):
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -216,11 +216,16 @@ def test_a_checkpoint_missing_a_kept_experts_tensor_is_refused_in_one_line(moe, 
     broken = Path(shutil.copytree(ckpt, tmp_path / "broken"))
     kept = plan.layers[2].experts_keep[-1]
     missing = f"model.layers.2.mlp.experts.{kept}.up_proj.weight"
-    tensors = load_file(broken / "model.safetensors")
-    del tensors[missing]
-    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
-    capsys.readouterr()
-    rc = main(["prune", "--model", str(broken), "--plan", str(tmp_path / "plan.json"), "-o", str(tmp_path / "out")])
-    err = capsys.readouterr().err
-    assert rc == 2 and missing in err and len(err.strip().splitlines()) == 1, err
-    assert not (tmp_path / "out").exists()
+    original = load_file(ckpt / "model.safetensors")
+    router = "model.layers.0.mlp.gate.weight"
+    for edit, message in ((lambda t: t.pop(missing), missing),  # a kept expert's tensor is missing
+                          (lambda t: t.update({"model.layers.1.mlp.gate.weight": t[router].clone()}),
+                           "a router on a layer config.json describes as dense")):
+        tensors = dict(original)
+        edit(tensors)
+        save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+        capsys.readouterr()
+        rc = main(["prune", "--model", str(broken), "--plan", str(tmp_path / "plan.json"), "-o", str(tmp_path / "out")])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "out").exists()
