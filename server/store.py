@@ -38,7 +38,7 @@ from typing import Any
 from actprune.core.archs.shape import model_shape
 from actprune.core.errors import ActpruneError
 from actprune.core.files import atomic_temporaries, fsync_dir
-from actprune.core.wire.schema import key
+from actprune.core.wire.schema import ROUTER_KIND, key
 from actprune.core.wire.stats import Stats, StatsFormatError, StatsVersionError
 
 from .snapshot import Shard, assemble
@@ -167,13 +167,16 @@ def check_fits(stats: Stats, meta: dict[str, Any], hf_config: dict[str, Any]) ->
         raise StatsFormatError(f"holds layers {stats.layers}, the model has {meta['num_layers']}")
     try:
         shape = model_shape(hf_config)
-    except Exception:  # no dense shape (an MoE model, an unusual config): the workers check widths
+    except Exception:  # an unusual config: the workers check widths
         return
     for i, s in enumerate(shape.layers):
-        for kind, width in (("mlp", s.intermediate_size), ("attn", s.num_attention_heads * shape.head_dim)):
-            got = stats.tensors[key(i, kind, "sum")].shape[0]
+        mlp = ("mlp", "sum", s.intermediate_size) if s.num_experts is None else \
+            (ROUTER_KIND, "topk_count", s.num_experts)  # a sparse layer: one router entry per expert
+        for kind, entry, width in (mlp, ("attn", "sum", s.num_attention_heads * shape.head_dim)):
+            name = key(i, kind, entry)
+            got = stats.tensors[name].shape[0] if name in stats.tensors else None
             if got != width:
-                raise StatsFormatError(f"layer {i} {kind} has {got} channels, the model has {width}")
+                raise StatsFormatError(f"layer {i} {kind} has {got or 'no'} channels, the model has {width}")
 
 
 @dataclass

@@ -8,7 +8,7 @@ architecture               model_type   family file
 ``Qwen2ForCausalLM``       qwen2        :mod:`.qwen2`
 ``LlamaForCausalLM``       llama        :mod:`.llama` (SmolLM2 too)
 ``MistralForCausalLM``     mistral      :mod:`.mistral`
-``Qwen3MoeForCausalLM``    qwen3_moe    :mod:`.qwen3_moe` (capture only: no plan/slice yet)
+``Qwen3MoeForCausalLM``    qwen3_moe    :mod:`.qwen3_moe` (experts: uniform count per layer)
 ``ActpruneForCausalLM``    actprune     a pruned checkpoint of any dense family above
 =========================  ===========  =========================================
 

@@ -6,7 +6,9 @@ top-k of E experts per token, renormalised when ``norm_topk_prob`` — and the e
 ``mlp.experts``; vLLM runs them as one fused kernel (``FusedMoE``), so there is no
 ``mlp.down_proj`` to hook and capture reads the router's logits instead (docs/moe.md). Layers in
 ``mlp_only_layers``, and all but every ``decoder_sparse_step``-th, keep a dense Qwen3 MLP.
-Planning and slicing experts are not built yet: ``model_shape`` refuses these checkpoints.
+Expert pruning (docs/moe.md): a plan keeps the same number of routed experts in every sparse
+layer; the slicer drops the others' ``mlp.experts.{e}.*``, renumbers the kept ones and keeps
+their rows of the router ``mlp.gate.weight`` (the registry's :class:`MoeLayout` names them).
 """
 
 from __future__ import annotations

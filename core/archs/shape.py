@@ -2,17 +2,22 @@
 
 :func:`model_shape` is the one reader of layer widths: the uniform widths of a stock config, or
 ``actprune_layer_widths`` (one ``{"intermediate_size", "num_attention_heads",
-"num_key_value_heads"}`` per layer) of a checkpoint ``actprune prune`` wrote. Every number is
+"num_key_value_heads"}`` per layer) of a checkpoint ``actprune prune`` wrote. A sparse layer of
+a mixture-of-experts model has ``num_experts`` E (None on dense layers) and its
+``intermediate_size`` is one expert's width (``moe_intermediate_size``): every expert is an MLP
+of that width, plus one router row per expert. Every number is
 checked against :data:`LIMITS` before anything is sized by it, so a typo or a hostile config
 gets one line (:class:`~actprune.core.config.CheckpointError`), not a hang.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from actprune.core.config import CheckpointError
+
+from .spec import MoeLayout
 
 __all__ = ["LIMITS", "LayerShape", "Limits", "ModelShape", "bounded_int", "model_shape"]
 
@@ -50,9 +55,10 @@ def bounded_int(value: Any, name: str, hi: int, lo: int = 1) -> int:
 
 @dataclass(frozen=True)
 class LayerShape:
-    intermediate_size: int
+    intermediate_size: int  # MLP neurons; on a sparse layer, neurons of each expert
     num_attention_heads: int
     num_key_value_heads: int
+    num_experts: int | None = None  # routed experts of a sparse layer; None: a dense MLP
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,8 @@ class ModelShape:
         if self.qk_norm:
             attn += 2 * d
         mlp = 3 * h * s.intermediate_size
+        if s.num_experts is not None:  # E experts of (gate, up, down) plus the (E, hidden) router
+            mlp = s.num_experts * (mlp + h)
         return attn + mlp + 2 * h + (h if down_bias else 0) + (h if o_bias else 0)
 
     def global_params(self) -> int:
@@ -102,12 +110,9 @@ def model_shape(config: dict[str, Any]) -> ModelShape:
     from . import spec_for_config  # the package imports this module
 
     spec = spec_for_config(config)
-    if spec.moe is not None:  # its widths are experts: a dense shape would count them wrong
-        raise CheckpointError(
-            f"{spec.architecture} is a mixture-of-experts model: actprune captures its statistics, "
-            f"but planning and slicing experts is not built yet (docs/moe.md)")
     try:
-        return _shape(config, spec.qkv_bias, spec.qk_norm)
+        shape = _shape(config, spec.qkv_bias, spec.qk_norm)
+        return shape if spec.moe is None else _with_experts(shape, config, spec.moe)
     except KeyError as e:
         raise CheckpointError(f"config.json has no {e.args[0]!r}") from None
     except ValueError as e:
@@ -139,6 +144,18 @@ def _shape(config: dict[str, Any], qkv_bias: bool, qk_norm: bool) -> ModelShape:
         qk_norm=qk_norm,
         dtype_bytes=_DTYPE_BYTES.get(dtype.removeprefix("torch."), 2),
     )
+
+
+def _with_experts(shape: ModelShape, config: dict[str, Any], moe: MoeLayout) -> ModelShape:
+    """Sparse layers of an MoE config: E experts of ``moe_intermediate_size`` neurons."""
+    if config.get("actprune_layer_widths"):
+        raise ValueError("per-layer widths of a mixture-of-experts model are not supported yet")
+    experts = bounded_int(moe.routing(config)[0], "num_experts", LIMITS.experts)
+    bounded_int(config[moe.top_k_key], moe.top_k_key, experts)  # a plan keeps at least top-k
+    width = bounded_int(config[moe.expert_width_key], moe.expert_width_key, LIMITS.width)
+    layers = tuple(LayerShape(width, s.num_attention_heads, s.num_key_value_heads, experts) if sparse else s
+                   for s, sparse in zip(shape.layers, moe.sparse_layers(config), strict=True))
+    return replace(shape, layers=layers)
 
 
 def _layer_widths(widths: Any, n: int) -> tuple[LayerShape, ...]:

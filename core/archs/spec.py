@@ -29,6 +29,7 @@ class Role(str, Enum):
     Q_ROWS = "q_rows"  # q weight (H*D, hidden) or bias (H*D,): keep whole heads
     KV_ROWS = "kv_rows"  # k/v weight (K*D, hidden) or bias (K*D,): keep whole KV heads
     Q_COLS = "q_cols"  # o weight (hidden, H*D): keep the columns of kept heads
+    EXPERT_ROWS = "expert_rows"  # MoE router (E, hidden): keep the rows of kept experts
     COPY = "copy"  # layer norms, q_norm/k_norm (per head_dim, shared by all heads), biases of outputs
 
 
@@ -39,6 +40,7 @@ class TensorRef:
     layer: int | None
     role: Role
     suffix: str  # the name inside the layer, e.g. 'mlp.down_proj.weight'
+    expert: int | None = None  # the routed expert a tensor belongs to ('mlp.experts.{e}.…')
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,24 @@ class MoeLayout:
     # which layers are sparse: every ``sparse_step``-th one, except those listed as dense
     sparse_step_key: str = "decoder_sparse_step"
     dense_layers_key: str = "mlp_only_layers"
+    # inside ``{experts}.{e}``: projections whose rows are the expert's neurons, and whose columns
+    expert_neuron_rows: tuple[str, ...] = ("gate_proj", "up_proj")
+    expert_neuron_cols: tuple[str, ...] = ("down_proj",)
+
+    def expert_roles(self) -> dict[str, Role]:
+        """Name inside ``{experts}.{e}.`` -> role (neuron rows / columns of that expert)."""
+        return {**{f"{p}.weight": Role.NEURON_ROWS for p in self.expert_neuron_rows},
+                **{f"{p}.weight": Role.NEURON_COLS for p in self.expert_neuron_cols}}
+
+    def expert_suffix(self, expert: int, name: str) -> str:
+        """``mlp.experts.{expert}.{name}``: a tensor of one expert, inside its decoder layer."""
+        return f"{self.experts}.{expert}.{name}"
+
+    def split_expert(self, suffix: str) -> tuple[int, str] | None:
+        """(expert, name inside it) of a suffix ``mlp.experts.{e}.{name}``; None otherwise."""
+        head, _, rest = suffix.partition(f"{self.experts}.")
+        e, _, name = rest.partition(".")
+        return (int(e), name) if not head and e.isdigit() and name else None
 
     def routing(self, config: dict[str, Any]) -> tuple[int, int, bool]:
         """(experts, top-k, renormalise top-k weights) of a config dict; KeyError naming a
@@ -214,4 +234,10 @@ class ArchSpec:
                 return TensorRef(layer, roles[suffix], suffix)
             if suffix in (self.down_bias, self.o_bias):  # compensation biases of a pruned checkpoint
                 return TensorRef(layer, Role.COPY, suffix)
+            if self.moe is not None:
+                if suffix == f"{self.moe.router}.weight":
+                    return TensorRef(layer, Role.EXPERT_ROWS, suffix)
+                split = self.moe.split_expert(suffix)
+                if split is not None and split[1] in self.moe.expert_roles():
+                    return TensorRef(layer, self.moe.expert_roles()[split[1]], suffix, expert=split[0])
         raise ValueError(f"{self.architecture}: actprune does not know tensor {name!r}")

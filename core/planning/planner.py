@@ -8,6 +8,10 @@ constraints (:func:`allocate`), then keep the best-scored units of every layer.
 A *unit* is what the planner counts: an MLP neuron; a KV group (``head_mode="kv_groups"``, all
 its query heads go with it); or, with ``head_mode="query_heads"``, one *level* of query heads,
 i.e. the j-th best query head of every KV group (GQA needs the same number per group).
+
+Mixture-of-experts models (:mod:`.experts`): every sparse layer keeps the same number of its
+best-scored routed experts (``expert_ratio``), dense layers may lose MLP neurons
+(``mlp_ratio``); heads, layer drops, budgets and per-layer counts are refused for them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 import numpy as np
 from actprune.core.archs import LayerShape, ModelShape, model_shape, spec_for_config
+from actprune.core.planning.experts import check_expert_request, expert_choice
 from actprune.core.planning.scores import (
     LAYER_STRATEGIES,
     STRATEGIES,
@@ -30,6 +35,8 @@ from actprune.core.planning.scores import (
     standardise,
 )
 from actprune.core.wire.plan import (
+    DENSE_PLAN_VERSION,
+    PLAN_VERSION,
     LayerPlan,
     LayerWidths,
     Plan,
@@ -38,7 +45,7 @@ from actprune.core.wire.plan import (
     Provenance,
     SourceModel,
 )
-from actprune.core.wire.schema import key
+from actprune.core.wire.schema import ROUTER_KIND, key
 from actprune.core.wire.stats import Stats, config_hash
 
 __all__ = ["ColumnNormsFn", "allocate", "allocate_by_cost", "allowed_counts", "make_plan", "removed_fractions"]
@@ -158,6 +165,7 @@ def make_plan(stats: Stats, config: dict[str, Any], request: PlanRequest,
         raise PlanError(f"model config: {e}") from e
     chash = config_hash(config)
     _check_inputs(stats, shape, chash, request, column_norms)
+    check_expert_request(shape, request)
     norms = column_norms
 
     dropped = _dropped_layers(stats, shape, request)
@@ -168,7 +176,8 @@ def make_plan(stats: Stats, config: dict[str, Any], request: PlanRequest,
         mlp_ratio, head_ratio = _split_budget(shape, kept, dropped, request, heads)
     head_keep = heads.choose(head_ratio)
     mlp_keep = _mlp_choice(stats, shape, kept, request, mlp_ratio, norms)
-    return _assemble(stats, config, shape, chash, request, dropped, mlp_keep, head_keep)
+    experts_keep = expert_choice(stats, shape, config, request)
+    return _assemble(stats, config, shape, chash, request, dropped, mlp_keep, head_keep, experts_keep)
 
 
 def _check_inputs(stats: Stats, shape: ModelShape, chash: str, request: PlanRequest,
@@ -188,8 +197,14 @@ def _check_inputs(stats: Stats, shape: ModelShape, chash: str, request: PlanRequ
         raise PlanError(f"strategy {request.strategy!r} reads weight norms; give the model directory, "
                         "or choose a strategy from activations alone (importance, magnitude, variance, sparsity)")
     for i, s in enumerate(shape.layers):
-        for kind, width in (("mlp", s.intermediate_size), ("attn", s.num_attention_heads * shape.head_dim)):
-            got = stats.tensors[key(i, kind, "mean")].shape[0]
+        groups = [("attn", "mean", s.num_attention_heads * shape.head_dim),
+                  ("mlp", "mean", s.intermediate_size) if s.num_experts is None
+                  else (ROUTER_KIND, "topk_count", s.num_experts)]
+        for kind, field, width in groups:
+            name = key(i, kind, field)
+            if name not in stats.tensors:
+                raise PlanError(f"stats have no {name}: they were not captured on this model's layer kinds")
+            got = stats.tensors[name].shape[0]
             if got != width:
                 raise PlanError(f"stats layers.{i}.{kind} have {got} channels, the model has {width}")
     if request.layer_sensitivity is not None and len(request.layer_sensitivity) != shape.num_layers:
@@ -212,8 +227,10 @@ def _dropped_layers(stats: Stats, shape: ModelShape, request: PlanRequest) -> li
 
 def _mlp_choice(stats, shape, kept, request, ratio, norms) -> dict[int, list[int]]:
     full = {i: shape.layers[i].intermediate_size for i in kept}
+    sparse = {i: list(range(full[i])) for i in kept if shape.layers[i].num_experts is not None}
+    kept = [i for i in kept if i not in sparse]  # experts keep their neurons; dense MLPs below
     if not ratio:
-        return {i: list(range(full[i])) for i in kept}
+        return {i: list(range(full[i])) for i in kept} | sparse
     q = math.lcm(request.width_multiple, request.tp_size)
     scores = {i: _channel_scores(stats, i, "mlp", request, norms) for i in kept}
     order = {i: np.argsort(-scores[i], kind="stable") for i in kept}
@@ -229,7 +246,7 @@ def _mlp_choice(stats, shape, kept, request, ratio, norms) -> dict[int, list[int
         counts = [_nearest(a, (1 - p) * full[i]) for i, a, p in zip(kept, allowed, fractions, strict=True)]
     else:
         counts = allocate([scores[i][order[i]] for i in kept], allowed, 1.0 - ratio, request.per_layer)
-    return {i: sorted(int(j) for j in order[i][:c]) for i, c in zip(kept, counts, strict=True)}
+    return {i: sorted(int(j) for j in order[i][:c]) for i, c in zip(kept, counts, strict=True)} | sparse
 
 
 class _HeadChoice:
@@ -314,22 +331,33 @@ def _split_budget(shape, kept, dropped, request, heads: _HeadChoice) -> tuple[fl
     return max(mlp_ratio, 0.0), r
 
 
-def _assemble(stats, config, shape, chash, request, dropped, mlp_keep, head_keep) -> Plan:
+def _uniform(widths: list[LayerWidths]) -> bool:
+    """All dense layers alike and all sparse layers alike (an MoE model has both kinds)."""
+    kinds = {w.num_experts is None: set() for w in widths}
+    for w in widths:
+        kinds[w.num_experts is None].add((w.intermediate_size, w.num_attention_heads, w.num_key_value_heads,
+                                          w.num_experts))
+    return all(len(v) == 1 for v in kinds.values())
+
+
+def _assemble(stats, config, shape, chash, request, dropped, mlp_keep, head_keep, experts_keep) -> Plan:
     layers, widths = [], []
     for i in range(shape.num_layers):
         if i in dropped:
             layers.append(LayerPlan(index=i, drop=True))
             continue
-        q, kv = head_keep[i]
-        layers.append(LayerPlan(index=i, mlp_keep=mlp_keep[i], heads_keep=q, kv_heads_keep=kv))
-        widths.append(LayerWidths(intermediate_size=len(mlp_keep[i]), num_attention_heads=len(q), num_key_value_heads=len(kv)))
+        q, kv, ex = *head_keep[i], experts_keep.get(i)
+        layers.append(LayerPlan(index=i, mlp_keep=mlp_keep[i], heads_keep=q, kv_heads_keep=kv, experts_keep=ex))
+        widths.append(LayerWidths(intermediate_size=len(mlp_keep[i]), num_attention_heads=len(q),
+                                  num_key_value_heads=len(kv), num_experts=None if ex is None else len(ex)))
     source_widths = [LayerWidths(**vars(s)) for s in shape.layers]
-    after = shape.params(tuple(LayerShape(**w.model_dump()) for w in widths))
+    after = shape.params(tuple(LayerShape(**w.model_dump()) for w in widths))  # experts counted
     try:
         version = metadata.version("actprune")
     except metadata.PackageNotFoundError:
         version = "0+unknown"
     plan = Plan(
+        format_version=PLAN_VERSION if experts_keep else DENSE_PLAN_VERSION,
         source=SourceModel(
             architecture=spec_for_config(config).architecture, config_hash=chash,
             num_hidden_layers=shape.num_layers, hidden_size=shape.hidden_size, head_dim=shape.head_dim,
@@ -338,7 +366,7 @@ def _assemble(stats, config, shape, chash, request, dropped, mlp_keep, head_keep
         layers=layers,
         dropped_layers=list(dropped),
         widths=widths,
-        uniform=len({(w.intermediate_size, w.num_attention_heads, w.num_key_value_heads) for w in widths}) == 1,
+        uniform=_uniform(widths),
         params_before=shape.params(),
         params_after=after,
         bytes_before=shape.params() * shape.dtype_bytes,

@@ -7,6 +7,10 @@ prune``) and the client. Light on purpose: stdlib and pydantic only.
 Indices in a plan always refer to the *source* checkpoint: layer ``i`` of ``layers`` is layer
 ``i`` of the model the plan was made for, neuron ``j`` is row ``j`` of its ``gate_proj``; the
 slicer renumbers. ``widths`` describe the *output* model, one entry per kept layer, in order.
+
+Versions: 1 is every dense plan (and what this module writes for one, so older readers keep
+reading them); 2 adds routed experts (``num_experts`` in widths, ``experts_keep`` per layer),
+written only for a mixture-of-experts model. Both load here.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from actprune.core.archs import LIMITS, model_shape
+from actprune.core.archs import LIMITS, model_shape, spec_for_config
 from actprune.core.errors import ActpruneError
 from actprune.core.files import atomic_write
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
+    "DENSE_PLAN_VERSION",
     "PLAN_FORMAT",
     "PLAN_VERSION",
     "ImportanceWeights",
@@ -37,7 +42,8 @@ __all__ = [
 ]
 
 PLAN_FORMAT = "actprune.plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # the newest this reader understands
+DENSE_PLAN_VERSION = 1  # what a plan without experts is written as
 # A plan of Llama-3.1-405B is ~80 MB (one index per line); this bounds what `load` parses.
 MAX_PLAN_BYTES = 512 << 20
 
@@ -112,6 +118,12 @@ class PlanRequest(BaseModel):
     per_layer: bool = Field(
         False, description="per-layer widths from scores standardised per layer (else uniform)"
     )
+    expert_ratio: float | None = Field(
+        None, ge=0, lt=1, description="fraction of routed experts removed from every sparse layer (MoE)")
+    expert_strategy: str = Field("router_weighted", description="expert scoring strategy (MoE): "
+                                 "router_weighted (mean routing weight per token) or frequency (top-k share)")
+    expert_multiple: int = Field(1, ge=1, description="kept experts per layer are multiples of this "
+                                 "(e.g. the expert-parallel size)")
     layer_sensitivity: list[float] | None = Field(
         None,
         max_length=LIMITS.layers,
@@ -139,6 +151,8 @@ class LayerWidths(BaseModel):
     intermediate_size: int = Field(ge=1, le=LIMITS.width)
     num_attention_heads: int = Field(ge=1, le=LIMITS.heads)
     num_key_value_heads: int = Field(ge=1, le=LIMITS.heads)
+    # routed experts of a sparse (MoE) layer, whose intermediate_size is one expert's width
+    num_experts: int | None = Field(None, ge=1, le=LIMITS.experts)
 
     @model_validator(mode="after")
     def _whole_kv_groups(self) -> LayerWidths:
@@ -157,6 +171,7 @@ class LayerPlan(BaseModel):
     mlp_keep: list[int] = Field(default_factory=list)
     heads_keep: list[int] = Field(default_factory=list)
     kv_heads_keep: list[int] = Field(default_factory=list)
+    experts_keep: list[int] | None = None  # sparse layers only: kept routed experts
 
 
 class SourceModel(BaseModel):
@@ -188,7 +203,7 @@ class Plan(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     format: Literal["actprune.plan"] = PLAN_FORMAT
-    format_version: int = PLAN_VERSION
+    format_version: int = DENSE_PLAN_VERSION  # PLAN_VERSION when it has experts
     source: SourceModel
     layers: list[LayerPlan] = Field(max_length=LIMITS.layers)
     dropped_layers: list[int] = Field(max_length=LIMITS.layers)
@@ -202,7 +217,16 @@ class Plan(BaseModel):
 
     # ---- serialisation ---------------------------------------------------------------------
     def to_json(self) -> str:
-        return self.model_dump_json(indent=1) + "\n"
+        """JSON text; the expert fields appear only on sparse layers, so a dense plan is the
+        version-1 document older readers know."""
+        raw = self.model_dump(mode="json")
+        for entry in [*raw["widths"], *raw["source"]["widths"]]:
+            if entry["num_experts"] is None:
+                del entry["num_experts"]
+        for lp in raw["layers"]:
+            if lp["experts_keep"] is None:
+                del lp["experts_keep"]
+        return json.dumps(raw, indent=1, ensure_ascii=False) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes, *, source: str = "<plan>") -> Plan:
@@ -245,6 +269,8 @@ class Plan(BaseModel):
         """Internal consistency: every layer listed once, lists sorted and in range, GQA groups
         kept whole and even, and `widths` equal to what the keep lists give."""
         src = self.source
+        if self.format_version < PLAN_VERSION and any(w.num_experts is not None for w in src.widths):
+            raise PlanError(f"{source}: a plan with experts has format_version {PLAN_VERSION}, not {self.format_version}")
         if [lp.index for lp in self.layers] != list(range(src.num_hidden_layers)):
             raise PlanError(f"{source}: `layers` must list layers 0..{src.num_hidden_layers - 1} in order")
         if len(src.widths) != src.num_hidden_layers:
@@ -282,6 +308,7 @@ class Plan(BaseModel):
             intermediate_size=len(lp.mlp_keep),
             num_attention_heads=len(lp.heads_keep),
             num_key_value_heads=len(lp.kv_heads_keep),
+            num_experts=_experts_kept(lp, w, where),
         )
 
     def validate_for(self, config: dict[str, Any], config_hash: str) -> None:
@@ -313,11 +340,41 @@ class Plan(BaseModel):
             if w.model_dump() != vars(s):
                 raise PlanError(f"plan source.widths[{i}] is {w.model_dump()}, the model's layer {i} is "
                                 f"{vars(s)}; the plan file was edited: make a plan for this model")
+        moe = spec_for_config(config).moe
+        top_k = moe.routing(config)[1] if moe is not None else 1
+        for lp in self.layers:
+            if lp.experts_keep is not None and not lp.drop and len(lp.experts_keep) < top_k:
+                raise PlanError(f"layer {lp.index} keeps {len(lp.experts_keep)} experts, fewer than the "
+                                f"model routes each token to ({top_k}); keep at least that many")
+
+    @property
+    def has_experts(self) -> bool:
+        """True for a plan of a mixture-of-experts model (some layer has routed experts)."""
+        return any(w.num_experts is not None for w in self.source.widths)
+
+    def refuse_experts(self, what: str) -> None:
+        """PlanError naming ``what`` when this plan is of a mixture-of-experts model."""
+        if self.has_experts:
+            raise PlanError(f"{what} does not support mixture-of-experts models yet (docs/moe.md)")
 
     @property
     def is_identity(self) -> bool:
         """True when the plan keeps every unit of every layer."""
         return self.widths == self.source.widths
+
+
+def _experts_kept(lp: LayerPlan, w: LayerWidths, where: str) -> int | None:
+    """Kept experts of a sparse layer (None for a dense one); an expert keeps all its neurons."""
+    if w.num_experts is None:
+        if lp.experts_keep is not None:
+            raise PlanError(f"{where}: experts_keep on a layer without routed experts")
+        return None
+    if lp.experts_keep is None:
+        raise PlanError(f"{where}: a sparse layer needs experts_keep")
+    _check_index_list(lp.experts_keep, w.num_experts, f"{where} experts_keep")
+    if len(lp.mlp_keep) != w.intermediate_size:
+        raise PlanError(f"{where}: pruning neurons inside experts is not supported; keep every one in mlp_keep")
+    return len(lp.experts_keep)
 
 
 def _check_index_list(xs: list[int], n: int, what: str) -> None:

@@ -24,6 +24,11 @@ Refit (``mlp_refit``, from :func:`actprune.pruning.compensate.calibrate.layerwis
 a new ``down_proj`` weight for the kept columns, (H, K), and a bias (H,) replace the sliced
 weight and become its ``down_proj`` bias (added to any bias it had); again the actprune
 architecture.
+
+Mixture-of-experts (Qwen3-MoE): the tensors of removed experts (``mlp.experts.{e}.*``) are not
+written, kept experts are renumbered 0..E'-1 in source order, and the router's (E, hidden)
+weight keeps the rows of kept experts, (E', hidden). Every sparse layer keeping the same E' gives
+the stock config with ``num_experts`` = E'; other per-layer counts are refused.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from actprune.core.archs import (
     ACTPRUNE_MODEL_TYPE,
     ArchSpec,
     Role,
+    TensorRef,
     spec_for_config,
 )
 from actprune.core.config import read_config
@@ -83,6 +89,8 @@ def _index(role: Role, lp: LayerPlan, head_dim: int) -> tuple[int, np.ndarray] |
         return (0 if role is Role.Q_ROWS else 1), _head_rows(lp.heads_keep, head_dim).numpy()
     if role is Role.KV_ROWS:
         return 0, _head_rows(lp.kv_heads_keep, head_dim).numpy()
+    if role is Role.EXPERT_ROWS:
+        return 0, np.asarray(lp.experts_keep, dtype=np.int64)
     return None
 
 
@@ -110,8 +118,10 @@ def slice_tensor(t: torch.Tensor, role: Role, lp: LayerPlan, head_dim: int) -> t
 def output_config(config: dict[str, Any], spec: ArchSpec, plan: Plan, bias: dict[str, bool]) -> dict[str, Any]:
     """config.json of the sliced model (stock family if possible, else the actprune one)."""
     out = {k: v for k, v in config.items() if not k.startswith("actprune_") and k != "auto_map"}
+    if spec.moe is not None:
+        return _moe_config(out, spec, plan, bias)
     kept = [lp.index for lp in plan.layers if not lp.drop]
-    widths = [w.model_dump() for w in plan.widths]
+    widths = [w.model_dump(exclude={"num_experts"}) for w in plan.widths]
     out["num_hidden_layers"] = len(kept)
     out["head_dim"] = plan.source.head_dim  # stock configs would re-derive it from the head count
     if isinstance(config.get("layer_types"), list):
@@ -137,6 +147,31 @@ def output_config(config: dict[str, Any], spec: ArchSpec, plan: Plan, bias: dict
     return out
 
 
+def _moe_config(out: dict[str, Any], spec: ArchSpec, plan: Plan, bias: dict[str, bool]) -> dict[str, Any]:
+    """The stock MoE config with E' experts and the dense layers' new MLP width. What would need
+    the actprune architecture for MoE (per-layer expert counts or widths, pruned heads, dropped
+    layers, biases) is refused: that architecture is not built for MoE yet."""
+    moe, src = spec.moe, plan.source
+    experts = {w.num_experts for w in plan.widths if w.num_experts is not None}
+    dense = {w.intermediate_size for w in plan.widths if w.num_experts is None}
+    heads_cut = [(w.num_attention_heads, w.num_key_value_heads) != (s.num_attention_heads, s.num_key_value_heads)
+                 for w, s in zip(plan.widths, src.widths, strict=False)]
+    neurons_cut = [w.intermediate_size != s.intermediate_size
+                   for w, s in zip(plan.widths, src.widths, strict=False) if s.num_experts is not None]
+    if plan.dropped_layers or any(bias.values()) or len(experts) > 1 or len(dense) > 1 \
+            or any(heads_cut) or any(neurons_cut):
+        raise SliceError("this plan needs per-layer expert counts or widths, pruned heads, dropped layers or "
+                         "biases, which mixture-of-experts checkpoints do not support yet (docs/moe.md)")
+    if experts:
+        out[moe.num_experts_key] = experts.pop()
+        if moe.num_experts_alias in out:  # transformers 5 writes this spelling; keep both equal
+            out[moe.num_experts_alias] = out[moe.num_experts_key]
+    if dense:
+        out["intermediate_size"] = dense.pop()
+    out["architectures"], out["model_type"] = [spec.architecture], spec.model_type
+    return out
+
+
 # ---- slicing a checkpoint --------------------------------------------------------------
 def slice_checkpoint(
     model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Stats | None = None,
@@ -154,6 +189,8 @@ def slice_checkpoint(
     except ValueError as e:
         raise SliceError(f"{model_dir}: {e}") from e
     plan.validate_for(config, config_hash(config))
+    if spec.moe is not None and (stats is not None or mlp_refit):
+        raise SliceError("bias compensation and refit are not supported for mixture-of-experts models yet")
     if stats is not None and stats.meta.get("config_hash") != plan.source.config_hash:
         raise SliceError("stats for bias compensation were recorded on a different model than the plan's")
     refit = _check_refit(plan, mlp_refit, stats)
@@ -208,6 +245,7 @@ def _plan_entries(index: ShardIndex, spec: ArchSpec, plan: Plan, config: dict, c
     """Output entries per input shard, with shapes from headers alone (no tensor data read)."""
     new_index = {lp.index: k for k, lp in enumerate(lp for lp in plan.layers if not lp.drop)}
     shards: list[list[Entry]] = []
+    experts_written: set[str] = set()  # output names of kept experts' tensors
     for shard in index.shards:
         entries = []
         with safe_open(index.dir / shard, framework="pt") as f:
@@ -222,6 +260,12 @@ def _plan_entries(index: ShardIndex, spec: ArchSpec, plan: Plan, config: dict, c
                 dtype = dtype_of(sl.get_dtype(), name)
                 shape = list(sl.get_shape())
                 out_name = name if ref.layer is None else spec.layer_name(new_index[ref.layer], ref.suffix)
+                if ref.expert is not None:
+                    suffix = _expert_suffix(spec, ref, plan.layers[ref.layer], plan.source.widths[ref.layer], name)
+                    if suffix is None:
+                        continue  # a removed expert
+                    out_name = spec.layer_name(new_index[ref.layer], suffix)
+                    experts_written.add(out_name)
                 if ref.layer is not None:
                     _check_source_shape(name, shape, ref.role, plan.source.widths[ref.layer], plan.source.head_dim)
                     shape = _sliced_shape(shape, ref.role, plan.layers[ref.layer], plan.source.head_dim)
@@ -239,7 +283,35 @@ def _plan_entries(index: ShardIndex, spec: ArchSpec, plan: Plan, config: dict, c
                                           ref.layer, Role.COPY, dtype, [shape[0]]))
         if entries:
             shards.append(entries)
+    _check_experts_complete(spec, plan, new_index, experts_written)
     return shards
+
+
+def _check_experts_complete(spec: ArchSpec, plan: Plan, new_index: dict[int, int], written: set[str]) -> None:
+    """Every kept expert must have all its projections in the checkpoint: a checkpoint missing
+    one would otherwise give a model with fewer experts than its config says."""
+    if spec.moe is None:
+        return
+    for lp in plan.layers:
+        if lp.drop or lp.experts_keep is None:
+            continue
+        for e in range(len(lp.experts_keep)):
+            for proj in spec.moe.expert_roles():
+                name = spec.layer_name(new_index[lp.index], spec.moe.expert_suffix(e, proj))
+                if name not in written:
+                    source = spec.layer_name(lp.index, spec.moe.expert_suffix(lp.experts_keep[e], proj))
+                    raise SliceError(f"{source} is not in the checkpoint; config.json does not describe these weights")
+
+
+def _expert_suffix(spec: ArchSpec, ref: TensorRef, lp: LayerPlan, w: LayerWidths, name: str) -> str | None:
+    """The renumbered suffix of a kept expert's tensor (kept experts become 0..E'-1 in source
+    order), None for a removed expert."""
+    if w.num_experts is None or ref.expert >= w.num_experts:
+        raise SliceError(f"{name}: expert {ref.expert} of a layer the plan gives "
+                         f"{w.num_experts or 'no'} experts; config.json does not describe these weights")
+    if ref.expert not in lp.experts_keep:
+        return None
+    return spec.moe.expert_suffix(lp.experts_keep.index(ref.expert), spec.moe.split_expert(ref.suffix)[1])
 
 
 def _check_source_shape(name: str, shape: list[int], role: Role, w: LayerWidths, d: int) -> None:
@@ -247,7 +319,9 @@ def _check_source_shape(name: str, shape: list[int], role: Role, w: LayerWidths,
     the weights would otherwise cut the wrong rows without a word."""
     full = {Role.NEURON_ROWS: w.intermediate_size, Role.NEURON_COLS: w.intermediate_size,
             Role.Q_ROWS: w.num_attention_heads * d, Role.Q_COLS: w.num_attention_heads * d,
-            Role.KV_ROWS: w.num_key_value_heads * d}.get(role)
+            Role.KV_ROWS: w.num_key_value_heads * d, Role.EXPERT_ROWS: w.num_experts}.get(role)
+    if role is Role.EXPERT_ROWS and full is None:
+        raise SliceError(f"{name}: a router on a layer config.json describes as dense")
     dim = 1 if role in (Role.NEURON_COLS, Role.Q_COLS) else 0
     if full is not None and (len(shape) <= dim or shape[dim] != full):
         raise SliceError(f"{name} has shape {shape}, the plan expects {full} along dim {dim}; "
@@ -257,7 +331,8 @@ def _check_source_shape(name: str, shape: list[int], role: Role, w: LayerWidths,
 def _sliced_shape(shape: list[int], role: Role, lp: LayerPlan, d: int) -> list[int]:
     n = {Role.NEURON_ROWS: len(lp.mlp_keep), Role.NEURON_COLS: len(lp.mlp_keep),
          Role.Q_ROWS: len(lp.heads_keep) * d, Role.Q_COLS: len(lp.heads_keep) * d,
-         Role.KV_ROWS: len(lp.kv_heads_keep) * d}.get(role)
+         Role.KV_ROWS: len(lp.kv_heads_keep) * d,
+         Role.EXPERT_ROWS: len(lp.experts_keep or [])}.get(role)
     if n is None:
         return shape
     dim = 1 if role in (Role.NEURON_COLS, Role.Q_COLS) else 0

@@ -109,9 +109,12 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan(stats, config, request, ColumnNorms(args.model, spec_for_config(config)))
     plan.save(args.output)
     removed = 1 - plan.params_after / plan.params_before
+    experts = sorted({(len(lp.experts_keep), w.num_experts) for lp, w in zip(plan.layers, plan.source.widths, strict=True)
+                      if lp.experts_keep is not None})
+    kept = "".join(f", {k} of {e} experts kept per sparse layer" for k, e in experts)
     print(
         f"plan: {plan.params_before:,} -> {plan.params_after:,} parameters ({removed:.1%} removed), "
-        f"{len(plan.dropped_layers)} layers dropped, {'uniform' if plan.uniform else 'per-layer'} widths "
-        f"-> {args.output}"
+        f"{len(plan.dropped_layers)} layers dropped, {'uniform' if plan.uniform else 'per-layer'} widths"
+        f"{kept} -> {args.output}"
     )
     return 0

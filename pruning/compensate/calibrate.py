@@ -288,6 +288,7 @@ def refit_for_plan(
 
     if plan.dropped_layers:
         raise DataError("MLP refit does not support plans that drop layers; plan without --drop-layers")
+    plan.refuse_experts("MLP refit")  # before the calibration pass, not after
     tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     texts = load_texts(data, text_field, tok)
     rows = pack(tokenize(tok, texts), seq_len, tok.eos_token_id)[: max(tokens // seq_len, 1)]  # (N, L)

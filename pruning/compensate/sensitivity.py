@@ -109,6 +109,7 @@ def sensitivity_for_plan(model_dir: str | Path, plan: Plan, data: str, output: s
     from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
     from actprune.pruning.data import load_texts, pack, tokenize
 
+    plan.refuse_experts("actprune sensitivity")
     tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     rows = pack(tokenize(tok, load_texts(data, text_field, tok)), seq_len, tok.eos_token_id)
     rows = rows[: max(tokens // seq_len, probe_rows)]  # (N, T)

@@ -117,4 +117,4 @@ def _plan_json(svc: CaptureService, stats: Stats, req: PlanRequest) -> tuple[byt
             reading += time.monotonic() - began
 
     plan: Plan = make_plan(stats, svc.hf_config, req, None if norms is None else timed_norms)
-    return plan.model_dump_json().encode(), reading
+    return plan.to_json().encode(), reading  # a dense plan stays the version-1 document

@@ -1,5 +1,5 @@
 """Qwen3-MoE offline: the recorder routes as the model does, the registry's sparse-layer rule is
-transformers', and planning / slicing (not built for experts yet) refuse in one line."""
+transformers', and what expert pruning does not do yet is refused in one line."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from actprune.client.cli import main
 from actprune.core.archs import REGISTRY, model_shape
-from actprune.core.config import CheckpointError, read_config
+from actprune.core.config import read_config
 from actprune.core.tensor.hf_model import HfModel
 from actprune.core.tensor.hooks import HookRegistry
 from actprune.core.wire.stats import Stats, config_hash
@@ -83,18 +83,13 @@ def test_the_registry_names_the_sparse_layers_transformers_builds(tiny_moe):
     assert SPEC.moe.sparse_layers(dict(cfg, mlp_only_layers=[], decoder_sparse_step=2)) == [False, True, False]
 
 
-def test_plan_and_prune_refuse_an_moe_checkpoint_in_one_line(tiny_moe, tiny, tmp_path, capsys):
-    with pytest.raises(CheckpointError, match="mixture-of-experts"):
-        model_shape(read_config(tiny_moe))
+def test_what_moe_pruning_does_not_do_yet_is_refused_in_one_line(tiny_moe, tiny, tmp_path, capsys):
+    """Expert plans and slices are tests/pruning/test_moe_prune.py; here what stays refused: the
+    dense-model workflows (candidates, refit) and a dense model's plan applied to an MoE model."""
     tok = load_tokenizer(tiny_moe)
     stats = record(load_causal_lm(tiny_moe), budget(tokenize(tok, SENTENCES[:2]), 16, None), model_name="moe",
                    config=read_config(tiny_moe), progress=False)
-    stats_file = stats.save(tmp_path / "moe.safetensors")
-    capsys.readouterr()  # the progress bars so far
-    rc = main(["plan", "--stats", str(stats_file), "--model", str(tiny_moe), "--mlp-ratio", "0.25",
-               "-o", str(tmp_path / "plan.json")])
-    err = capsys.readouterr().err
-    assert rc == 2 and "mixture-of-experts" in err and len(err.strip().splitlines()) == 1, err
+    assert model_shape(read_config(tiny_moe)).layers[0].num_experts == 8
     with pytest.raises(ValueError, match="mixture-of-experts"):
         pruning_candidates(stats, 0.25, "magnitude")
 
@@ -105,5 +100,14 @@ def test_plan_and_prune_refuse_an_moe_checkpoint_in_one_line(tiny_moe, tiny, tmp
     capsys.readouterr()
     rc = main(["prune", "--model", str(tiny_moe), "--plan", str(tmp_path / "plan.json"), "-o", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert rc == 2 and "mixture-of-experts" in err and len(err.strip().splitlines()) == 1, err
+    assert rc == 2 and "make a plan for this model" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+    stats_file = stats.save(tmp_path / "moe.safetensors")
+    assert main(["plan", "--stats", str(stats_file), "--model", str(tiny_moe), "--expert-ratio", "0.5",
+                 "-o", str(tmp_path / "moe-plan.json")]) == 0
+    capsys.readouterr()
+    rc = main(["prune", "--model", str(tiny_moe), "--plan", str(tmp_path / "moe-plan.json"), "-o",
+               str(tmp_path / "out"), "--refit", "wiki:calibration"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "mixture-of-experts" in err and len(err.strip().splitlines()) == 1, err

@@ -194,6 +194,17 @@ def test_plan_route_returns_the_planner_plan_for_the_served_stats(raw_a, tmp_pat
     assert sum(len(lp.heads_keep) for lp in kept) == (2 if "head_ratio" in body else 4) * len(kept)
 
 
+def test_a_dense_plan_from_the_route_is_the_version_1_document_and_expert_fields_are_checked(raw_a, tmp_path):
+    app = _app(_engine(raw_a), tmp_path)
+    r = call(app, "POST", "/prune/plan", json=PLAN_BODY)
+    assert r.json()["format_version"] == 1 and "experts_keep" not in r.json()["layers"][0]
+    # the expert fields of the body: refused on a dense model, bounded like every ratio
+    r = call(app, "POST", "/prune/plan", json={**PLAN_BODY, "expert_ratio": 0.25})
+    assert r.status_code in (400, 422) and "expert_ratio" in r.json()["detail"], r.text
+    r = call(app, "POST", "/prune/plan", json={**PLAN_BODY, "expert_ratio": 1.0})
+    assert r.status_code == 422 and "expert_ratio" in r.json()["detail"], r.text
+
+
 def test_weight_aware_plan_reads_the_served_checkpoint(raw_a, tmp_path):
     shape = ("num_hidden_layers", "intermediate_size", "num_attention_heads", "num_key_value_heads",
              "head_dim", "hidden_size")

@@ -285,14 +285,33 @@ def test_a_snapshot_of_other_widths_is_refused_before_any_rank_changes(raw_a, tm
     assert len(_aside(tmp_path, "corrupt")) == 1
 
 
-def test_a_model_without_a_dense_shape_is_checked_by_hash_and_layers_and_the_rest_by_the_workers(raw_a):
+def test_a_model_without_a_readable_shape_is_checked_by_hash_and_layers_and_the_rest_by_the_workers(raw_a):
     engine = FakeEngineClient(config_for(raw_a))
     stats = _reference(engine, raw_a)
     meta = {"config_hash": stats.meta["config_hash"], "num_layers": len(raw_a)}
     moe = {**config_for(raw_a), "architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe"}
-    check_fits(stats, meta, moe)  # no dense widths to compare (model_shape refuses MoE): not an error
+    check_fits(stats, meta, moe)  # no expert keys: model_shape cannot read it; not an error here
     with pytest.raises(StatsFormatError, match="holds layers"):
         check_fits(stats, dict(meta, num_layers=len(raw_a) + 1), moe)
+    # with its expert keys, every layer is sparse: it needs a router group of E experts, not an MLP
+    moe.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8)
+    with pytest.raises(StatsFormatError, match="layer 0 router has no channels, the model has 4"):
+        check_fits(stats, meta, moe)
+
+
+def test_an_moe_snapshot_must_hold_a_router_group_of_the_models_expert_count(tmp_path):
+    from actprune.core.config import read_config
+    from actprune.pruning.checkpoint.hf_io import load_causal_lm
+    from actprune.pruning.fixtures.synthetic import build_checkpoint
+    from actprune.pruning.record import record
+
+    ckpt = build_checkpoint(tmp_path / "moe", arch="qwen3_moe", num_hidden_layers=2, mlp_only_layers=[1])
+    cfg = read_config(ckpt)
+    stats = record(load_causal_lm(ckpt), [[5, 6, 7, 8]], model_name="moe", config=cfg, progress=False)
+    meta = {"config_hash": stats.meta["config_hash"], "num_layers": 2}
+    check_fits(stats, meta, cfg)  # sparse layer 0: 8 experts; dense layer 1: its MLP
+    with pytest.raises(StatsFormatError, match="layer 0 router has 8 channels, the model has 6"):
+        check_fits(stats, meta, dict(cfg, num_local_experts=6))  # e.g. the pruned model's
 
 
 def test_when_one_rank_refuses_a_snapshot_every_rank_goes_back_to_zero(raw_a, tmp_path, monkeypatch):

@@ -1,0 +1,98 @@
+"""Expert scores and kept experts of a mixture-of-experts layer: pure functions of the router
+statistics (``layers.{i}.router.*``, docs/moe.md), and the planner's part (:func:`expert_choice`:
+the same count of experts in every sparse layer, :func:`check_expert_request`: what is refused).
+
+Convention as in :mod:`.scores`: a *higher* score means *more important*. Each strategy maps one
+sparse layer's router group — ``count`` (), ``topk_count`` (E,), ``weight_sum`` (E,),
+``prob_sum`` (E,) — to (E,) scores:
+
+- ``router_weighted`` (default)  ``weight_sum / count``: the mean routing weight an expert gets
+  per token (zero when not picked), i.e. how much of the layer's output it carries on average
+  if every expert's output had the same norm.
+- ``frequency``                  ``topk_count / count``: the share of tokens whose top-k holds it.
+
+Not built: REAP (router weight × ‖expert output‖ averaged over the tokens routed to the expert),
+which needs each expert's output norm — hidden inside vLLM's fused MoE kernel, so it would come
+from an offline pass of the recorder (docs/moe.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from actprune.core.archs import ModelShape, spec_for_config
+from actprune.core.wire.plan import PlanError, PlanRequest
+from actprune.core.wire.stats import Stats
+
+__all__ = ["EXPERT_STRATEGIES", "check_expert_request", "expert_choice", "expert_counts", "kept_experts"]
+
+ExpertStrategy = Callable[[dict[str, np.ndarray]], np.ndarray]
+
+
+def _per_token(x: np.ndarray, count: np.ndarray) -> np.ndarray:
+    n = float(count)
+    return np.asarray(x, dtype=np.float64) / n if n > 0 else np.zeros(np.shape(x), dtype=np.float64)
+
+
+EXPERT_STRATEGIES: dict[str, ExpertStrategy] = {
+    "router_weighted": lambda g: _per_token(g["weight_sum"], g["count"]),
+    "frequency": lambda g: _per_token(g["topk_count"], g["count"]),
+}
+
+
+def expert_counts(num_experts: int, top_k: int, multiple: int, minimum: int = 1) -> list[int]:
+    """Legal kept expert counts, ascending: at least ``top_k`` (every token still finds k
+    experts) and ``minimum``, multiples of ``multiple`` (expert parallelism shards whole
+    experts), at most E."""
+    return [k for k in range(multiple, num_experts + 1, multiple) if k >= max(top_k, minimum)]
+
+
+def kept_experts(scores: np.ndarray, keep: int) -> list[int]:
+    """The ``keep`` best-scored experts, in source order; ties keep the lower index."""
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")  # (E,) best first
+    return sorted(int(e) for e in order[:keep])
+
+
+# ---- the planner's part --------------------------------------------------------------------
+def check_expert_request(shape: ModelShape, request: PlanRequest) -> None:
+    """What the planner does for a mixture-of-experts model, and refuses to do yet."""
+    if not any(s.num_experts is not None for s in shape.layers):
+        if request.expert_ratio is not None:
+            raise PlanError("expert_ratio: this model has no routed experts; use mlp_ratio / head_ratio")
+        return
+    if request.expert_strategy not in EXPERT_STRATEGIES:
+        raise PlanError(f"expert_strategy: unknown {request.expert_strategy!r}; "
+                        f"choose one of {sorted(EXPERT_STRATEGIES)}")
+    refused = {"head_ratio": request.head_ratio, "drop_layers": request.drop_layers,
+               "drop_layer_ratio": request.drop_layer_ratio, "param_ratio": request.param_ratio,
+               "per_layer": request.per_layer or None, "layer_sensitivity": request.layer_sensitivity}
+    for name, value in refused.items():
+        if value:
+            raise PlanError(f"{name}: not supported for mixture-of-experts models yet; use expert_ratio "
+                            "(uniform experts per sparse layer) and mlp_ratio (dense layers)")
+
+
+def expert_choice(stats: Stats, shape: ModelShape, config: dict[str, Any],
+                  request: PlanRequest) -> dict[int, list[int]]:
+    """Sparse layer -> kept experts: the same count in every sparse layer, its best-scored ones."""
+    sparse = [i for i, s in enumerate(shape.layers) if s.num_experts is not None]
+    if not sparse:
+        return {}
+    full = {shape.layers[i].num_experts for i in sparse}
+    if len(full) > 1:
+        raise PlanError("sparse layers differ in expert count; per-layer expert counts are not supported yet")
+    e = full.pop()
+    if not request.expert_ratio:
+        return {i: list(range(e)) for i in sparse}
+    top_k = spec_for_config(config).moe.routing(config)[1]
+    # vLLM's Qwen3-MoE block refuses fewer experts than tensor-parallel ranks
+    allowed = expert_counts(e, top_k, request.expert_multiple, request.tp_size)
+    if not allowed:
+        raise PlanError(f"expert_multiple: no count of experts <= {e} is a multiple of {request.expert_multiple} "
+                        f"and >= top-k {top_k} and tp_size {request.tp_size}")
+    want = (1.0 - request.expert_ratio) * e
+    keep = min(allowed, key=lambda k: (abs(k - want), -k))  # nearest legal count, ties keep more
+    score = EXPERT_STRATEGIES[request.expert_strategy]
+    return {i: kept_experts(score(stats.router(i)), keep) for i in sparse}
