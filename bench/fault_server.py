@@ -96,7 +96,7 @@ def kill_server(fx: Fixtures, tally: Tally, trials: int, rng: random.Random, wor
     work.mkdir(parents=True)
     model, snaps = fx.model("tiny"), work / "snapshots"
     srv = serve(model, snaps, work / "server-0.log")
-    ages, lost_tokens = [], []
+    ages, lost_tokens, counted = [], [], []
     try:
         for i in range(trials):
             traffic, poller = Traffic(srv.base_url, 4, seed=100 * i), Poller(srv.base_url)
@@ -108,6 +108,7 @@ def kill_server(fx: Fixtures, tally: Tally, trials: int, rng: random.Random, wor
             problems, lost = [], 0
             path = snapshot_file(snaps)
             at_kill = max((n for t, n in poller.seen if t < t_kill), default=0)
+            counted.append(at_kill)
             try:
                 snap = Stats.load(path)
             except Exception as e:
@@ -147,7 +148,8 @@ def kill_server(fx: Fixtures, tally: Tally, trials: int, rng: random.Random, wor
     if ages:
         tally.notes.append(f"server: {trials} kill -9 of `actprune serve` (interval {INTERVAL:g}s) during traffic, each "
                            f"followed by a restart; snapshot age at the kill {min(ages):.1f}-{max(ages):.1f}s, tokens "
-                           f"lost (counted at the last poll, not in the file) {min(lost_tokens)}-{max(lost_tokens)}")
+                           f"lost (counted at the last poll, not in the file) {min(lost_tokens)}-{max(lost_tokens)} "
+                           f"of {min(counted)}-{max(counted)} counted at the kill")
 
 
 def snapshot_disk_full(fx: Fixtures, tally: Tally, disk, work: Path) -> None:
