@@ -108,3 +108,12 @@ def test_lm_eval_is_imported_only_for_tasks_and_its_hf_path_needs_no_vllm():
         "assert 'vllm' not in sys.modules, 'lm-eval pulled in vllm'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
+
+
+def test_python_api_evaluate_takes_tasks_too(knows_facts, tour_jsonl, tmp_path):
+    from actprune.pruning import workflow as api
+
+    (result,) = api.evaluate([knows_facts], str(tour_jsonl), text_field="response", max_new_tokens=1,
+                             progress=False, tasks=["actprune_facts"], output=tmp_path / "r")
+    assert result.tasks["actprune_facts"]["acc"] >= 0.9
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["meta"]["tasks"] == ["actprune_facts"]
