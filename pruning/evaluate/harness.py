@@ -134,7 +134,9 @@ class TaskSuite:
         from lm_eval import simple_evaluate
         from lm_eval.models.huggingface import HFLM
 
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size)
+        # backend: every registry family is a causal LM (the actprune architecture included,
+        # which lm-eval's detection does not know)
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=self.batch_size, backend="causal")
         seed = self.seed
         results = simple_evaluate(
             model=lm, tasks=self.specs, task_manager=self.manager, num_fewshot=self.num_fewshot,
