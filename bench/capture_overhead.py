@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--eager", action="store_true", help="--enforce-eager instead of compiled mode")
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = ap.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="actprune-overhead-"))
@@ -97,12 +98,16 @@ def main() -> None:
     on = measure(model, True, args, work)
     off = measure(model, False, args, work)
     ratio = statistics.median(on) / statistics.median(off)
-    print(json.dumps({
+    result = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores",
-        "params_m": round(params / 1e6), "mode": "eager" if args.eager else "compiled",
+        "params_m": round(params / 1e6), "dtype": args.dtype, "mode": "eager" if args.eager else "compiled",
+        "concurrency": args.concurrency, "max_tokens": args.max_tokens,
         "tok_s_capture_on": [round(x, 1) for x in on], "tok_s_capture_off": [round(x, 1) for x in off],
         "ratio_on_off_median": round(ratio, 3), "load_avg_end": round(os.getloadavg()[0], 1),
-    }, indent=2))
+    }
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import httpx
 
 SHAPE = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=16,
              num_key_value_heads=8, head_dim=64, max_position_embeddings=4096)
-SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "16",
+SERVER_ARGS = ["--max-model-len", "1024", "--max-num-seqs", "16",
                "--max-num-batched-tokens", "1024"]
 # name -> plan request fields (None: the unpruned model)
 VARIANTS: dict[str, dict | None] = {
@@ -49,25 +49,25 @@ TEXTS = [
 
 
 # ---- setup --------------------------------------------------------------------------------
-def build_source(root: Path) -> Path:
+def build_source(root: Path, shape: dict | None = None, dtype: str = "float32") -> Path:
     from actprune.pruning.fixtures.synthetic import build_checkpoint
 
     src = root / "base"
     if not (src / "config.json").is_file():
-        build_checkpoint(src, arch="qwen3", dtype="float32", **SHAPE)
+        build_checkpoint(src, arch="qwen3", dtype=dtype, **(shape or SHAPE))
     return src
 
 
-def server(model: Path, log: Path, compiled: bool):
+def server(model: Path, log: Path, compiled: bool, extra: tuple[str, ...] = ()):
     from actprune.server.process import ServerProcess
 
-    args = [*SERVER_ARGS, *([] if compiled else ["--enforce-eager"])]
+    args = [*SERVER_ARGS, *extra, *([] if compiled else ["--enforce-eager"])]
     env = {"VLLM_CPU_KVCACHE_SPACE": "1", "ACTPRUNE_SNAPSHOT_DIR": str(log.parent / f"snap-{log.stem}"),
            "ACTPRUNE_SNAPSHOT_INTERVAL": "0"}
     return ServerProcess(model, args, env=env, log_path=log, startup_timeout=1200)
 
 
-def prune_all(src: Path, base_url: str, root: Path) -> dict[str, tuple[Path, int, int]]:
+def prune_all(src: Path, base_url: str, root: Path, wanted: list[str] | None = None) -> dict[str, tuple[Path, int, int]]:
     """Stats captured by the base server -> plans -> sliced checkpoints.
     Returns name -> (checkpoint, params before, params after)."""
     from actprune.client.http import Client
@@ -84,7 +84,7 @@ def prune_all(src: Path, base_url: str, root: Path) -> dict[str, tuple[Path, int
     cfg = json.loads((src / "config.json").read_text())
     out = {}
     for name, fields in VARIANTS.items():
-        if fields is None:
+        if fields is None or (wanted is not None and name not in wanted):
             continue
         plan = make_plan(stats, cfg, PlanRequest(**fields), ColumnNorms.of(src))
         ckpt = root / name
@@ -183,21 +183,43 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=64, help="tokens generated per request")
     ap.add_argument("--batch", type=int, default=4, help="concurrent requests for the batched figure")
-    ap.add_argument("--compiled", action="store_true", help="torch.compile (default: --enforce-eager)")
+    ap.add_argument("--compiled", action="store_true",
+                    help="torch.compile (and CUDA graphs on a GPU); default: --enforce-eager")
+    ap.add_argument("--hidden", type=int, default=SHAPE["hidden_size"])
+    ap.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"])
+    ap.add_argument("--intermediate", type=int, default=SHAPE["intermediate_size"])
+    ap.add_argument("--dtype", default="float32", help="of the checkpoints and the servers")
+    ap.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "base"),
+                    help="pruned variants to serve beside the base, comma-separated")
+    ap.add_argument("--server-args", default="",
+                    help="more vLLM flags for every server, e.g. '--gpu-memory-utilization 0.2'")
+    ap.add_argument("--source", type=Path, default=None,
+                    help="serve and prune this Qwen3 checkpoint instead of building one (shape flags ignored)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the medians here")
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
-    src = build_source(args.dir)
+    shape = {**SHAPE, "hidden_size": args.hidden, "num_hidden_layers": args.layers,
+             "intermediate_size": args.intermediate, "num_attention_heads": args.hidden // 64,
+             "num_key_value_heads": max(1, args.hidden // 128)}
+    src = args.source or build_source(args.dir, shape, args.dtype)
+    extra = ("--dtype", args.dtype, *args.server_args.split())
+    wanted = [v for v in args.variants.split(",") if v]
     with ExitStack() as stack:
         print("starting the base server ...", flush=True)
-        servers = {"base": stack.enter_context(server(src, args.dir / "base.log", args.compiled))}
-        pruned = prune_all(src, servers["base"].base_url, args.dir)
+        servers = {"base": stack.enter_context(server(src, args.dir / "base.log", args.compiled, extra))}
+        pruned = prune_all(src, servers["base"].base_url, args.dir, wanted)
         for name, (ckpt, _, _) in pruned.items():
             print(f"starting {name} ...", flush=True)
-            servers[name] = stack.enter_context(server(ckpt, args.dir / f"{name}.log", args.compiled))
+            servers[name] = stack.enter_context(server(ckpt, args.dir / f"{name}.log", args.compiled, extra))
         load = os.getloadavg()
         medians = measure(servers, args.rounds, args.tokens, args.batch)
     params = {"base": next(iter(pruned.values()))[1], **{n: a for n, (_, _, a) in pruned.items()}}
     print(report(medians, params, args.batch, load))
+    if args.json:
+        args.json.write_text(json.dumps({
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load_avg_before": load[0],
+            "dtype": args.dtype, "mode": "compiled" if args.compiled else "eager", "batch": args.batch,
+            "tokens": args.tokens, "params": params, "medians": medians}, indent=2) + "\n")
     return 0
 
 

@@ -22,7 +22,7 @@ import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from actprune.core.errors import ActpruneError
@@ -33,6 +33,7 @@ __all__ = [
     "DataError",
     "load_texts",
     "pack",
+    "pick_seq_len",
     "split_train_val",
     "tokenize",
     "wiki_part_of",
@@ -49,6 +50,9 @@ WIKI_PARTS: dict[str, range] = {
     "train": range(10, 90),
     "heldout": range(90, 100),
 }
+
+
+T = TypeVar("T")
 
 
 class DataError(ActpruneError):
@@ -166,9 +170,10 @@ def _render_chat(messages: Any, tokenizer: Any, where: str) -> str:
 
 # ---- splitting and packing -------------------------------------------------------------------
 def split_train_val(
-    items: Sequence[str], val_fraction: float, seed: int = 0
-) -> tuple[list[str], list[str]]:
-    """Deterministic shuffle-split; validation gets at least one item when there are two."""
+    items: Sequence[T], val_fraction: float, seed: int = 0
+) -> tuple[list[T], list[T]]:
+    """Deterministic shuffle-split; validation gets at least one item when there are two. The
+    partition depends only on ``len(items)``, the fraction and the seed."""
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"validation fraction must be in [0, 1), got {val_fraction}")
     order = torch.randperm(len(items), generator=torch.Generator().manual_seed(seed)).tolist()
@@ -198,3 +203,15 @@ def pack(token_lists: Sequence[Sequence[int]], seq_len: int, eos_id: int) -> tor
     if n == 0:
         raise DataError(f"only {len(stream)} tokens: not enough for one block of {seq_len}")
     return torch.tensor(stream[: n * seq_len], dtype=torch.int64).view(n, seq_len)  # (N, L)
+
+
+def pick_seq_len(n_tokens: int, requested: int | None, default: int, min_rows: int = 4,
+                 floor: int = 32) -> int:
+    """Row length for ``n_tokens`` packed tokens: ``requested`` when given, else ``default``
+    halved (not below ``floor``) until the tokens fill ``min_rows`` rows."""
+    if requested is not None:
+        return requested
+    seq_len = default
+    while seq_len // 2 >= floor and n_tokens // seq_len < min_rows:
+        seq_len //= 2
+    return seq_len

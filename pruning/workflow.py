@@ -273,9 +273,11 @@ def finetune(model_dir: PathLike, data: str, output: PathLike, *, teacher: PathL
 def evaluate(model_dirs: list[PathLike], data: str = "wiki:heldout", *, output: PathLike | None = None,
              text_field: str | None = None, prompts: list[str] | None = None, seq_len: int = 512,
              max_tokens: int = 100_000, batch_size: int = 4, max_new_tokens: int = 32,
-             progress: bool = True, trust_remote_code: bool = False) -> list[Any]:
-    """Perplexity, KL against the first model and greedy generations (``actprune eval``);
-    with ``output``, also results.json, report.md and plots there. Returns ``ModelResult``s."""
+             progress: bool = True, trust_remote_code: bool = False,
+             tasks: list[str] | None = None) -> list[Any]:
+    """Perplexity, KL against the first model and greedy generations (``actprune eval``),
+    and with ``tasks`` accuracy on lm-eval tasks (``["actprune_facts", "hellaswag"]``); with
+    ``output``, also results.json, report.md and plots there. Returns ``ModelResult``s."""
     from actprune.pruning.checkpoint.hf_io import load_tokenizer
     from actprune.pruning.data import load_texts, pack, tokenize
     from actprune.pruning.evaluate.perplexity import DEFAULT_PROMPTS, evaluate_models
@@ -286,10 +288,16 @@ def evaluate(model_dirs: list[PathLike], data: str = "wiki:heldout", *, output: 
     rows = pack(tokenize(tok, load_texts(data, text_field, tok)), seq_len, tok.eos_token_id)
     rows = rows[: max(1, max_tokens // seq_len)]  # (N, L)
     prompts = list(prompts or DEFAULT_PROMPTS)
+    suite = None
+    if tasks:
+        from actprune.pruning.evaluate.harness import TaskSuite
+
+        suite = TaskSuite.load(tasks, batch_size=batch_size)
     results = evaluate_models(dirs, rows, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                              progress=progress, trust_remote_code=trust_remote_code)
+                              progress=progress, trust_remote_code=trust_remote_code, tasks=suite)
     if output is not None:
-        meta = {"data": data, "text_field": text_field, "seq_len": seq_len, "rows": len(rows)}
+        meta = {"data": data, "text_field": text_field, "seq_len": seq_len, "rows": len(rows),
+                "tasks": list(tasks or [])}
         write_report(output, results, prompts, meta)
     return results
 

@@ -3,6 +3,10 @@
     actprune finetune --model pruned/ --teacher original/ --data train.jsonl --text-field response \
         -o recovered/ --max-steps 2000 --save-every 200 --eval-every 100 [--resume]
 
+Sizes not given (``--seq-len``, ``--batch-size``, ``--val-fraction``, ``--epochs``,
+``--warmup-steps``) are picked from the data (actprune.pruning.recover.sizing); one printed
+line names those that differ from the defaults for a large corpus.
+
 With ``--teacher`` the loss is distillation mixed with the LM loss (see actprune.pruning.
 finetune); without it, plain fine-tuning. The output is a normal Hugging Face checkpoint.
 
@@ -29,18 +33,23 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("-o", "--output", required=True, help="output checkpoint directory")
     p.add_argument("--teacher", default=None, help="the unpruned original: distil from it")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: --epochs)")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=None,
+                   help="default: 1, up to 3 when an epoch is under 20 steps")
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--schedule", choices=("cosine", "steps"), default="cosine",
                    help="cosine decay, or one learning rate per epoch (--epoch-lrs)")
     p.add_argument("--epoch-lrs", type=float, nargs="+", default=[],
                    help="for --schedule steps, e.g. 2e-5 1e-5 5e-6 (default: halve each epoch)")
     p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor, as a fraction of --lr")
-    p.add_argument("--warmup-steps", type=int, default=100)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="default: 100, at most a tenth of the run")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="rows per micro-batch (default: 8, halved until an epoch is >= 4 steps)")
     p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--seq-len", type=int, default=1024, help="tokens per packed row")
-    p.add_argument("--val-fraction", type=float, default=0.05)
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per packed row (default: 1024, halved until the data gives 16 rows)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="documents held out (default: 0.05, raised up to 0.25 to fill one row)")
     p.add_argument("--max-val-batches", type=int, default=50, help="validation batches at most")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")

@@ -6,7 +6,8 @@ For every model, on the same packed held-out rows (documents joined by EOS, cut 
     perplexity = exp(Σ NLL / predicted tokens)
     kl         = mean over predicted tokens of KL(p_first ‖ p_model)   (0 for the first model)
 
-plus greedy generations for a prompt set. At most two models are in memory at once: the first
+plus greedy generations for a prompt set, and, when tasks are named, task accuracy through
+lm-eval (:mod:`.harness`). At most two models are in memory at once: the first
 (the reference) and the one being scored, so the reference runs once more per compared model
 (one extra forward each) instead of every checkpoint sharing the memory.
 """
@@ -52,6 +53,8 @@ class ModelResult:
     parameters: int
     mlp_widths: list[int]
     generations: list[str] = field(default_factory=list)
+    # lm-eval task -> metrics with standard errors ({"acc": …, "acc_stderr": …, "n": …})
+    tasks: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,9 +136,12 @@ def evaluate_models(
     max_new_tokens: int = 32,
     progress: bool = True,
     trust_remote_code: bool = False,
+    tasks: Any = None,
 ) -> list[ModelResult]:
-    """Load every checkpoint, score them on ``rows`` against the first, generate
-    (``trust_remote_code``: run code their ``auto_map`` names, see checkpoint.trust)."""
+    """Load every checkpoint, score them on ``rows`` against the first, generate, and with
+    ``tasks`` (a :class:`~actprune.pruning.evaluate.harness.TaskSuite`) measure task
+    accuracy through lm-eval (``trust_remote_code``: run code their ``auto_map`` names, see
+    checkpoint.trust)."""
     from actprune.core.config import read_config
     from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
 
@@ -160,6 +166,8 @@ def evaluate_models(
             mlp_widths=model_shape(cfg).mlp_widths,
         )
         r.generations = generate_greedy(m, tok, prompts, max_new_tokens)
+        if tasks is not None:
+            r.tasks = tasks.run(m, tok)
         results.append(r)
         if m is not ref:
             del m  # free it before the next checkpoint loads

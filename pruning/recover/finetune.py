@@ -23,7 +23,7 @@ import json
 import math
 import shutil
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from actprune.pruning.checkpoint.hf_io import (
     read_config,
 )
 from actprune.pruning.checkpoint.trust import resolve_trust
+from actprune.pruning.recover import sizing
 from actprune.pruning.recover import teacher_cache as tc
 from actprune.pruning.recover import train_state as ts
 from actprune.pruning.recover.recipe_config import (
@@ -79,6 +80,8 @@ class FinetuneRecipe:
         torch.manual_seed(cfg.seed)
         self.device = self._init_device()
         self.tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        self._setup_data()  # before the models: data too small fails fast
+        cfg = self.cfg  # with the sizes picked from the data
         self.stored_dtype = self.model_dtype(cfg.model)
         self.model = self._build_student()
         self.teacher, self.teacher_topk = None, None
@@ -87,7 +90,6 @@ class FinetuneRecipe:
                 raise data_mod.DataError("--teacher has another vocabulary than --model; distillation needs the same one")
             if not cfg.teacher_topk:
                 self.teacher = self._build_teacher(torch.bfloat16 if self.use_bf16 else torch.float32)
-        self._setup_data()
         if cfg.local_steps and not (cfg.resume and ts.latest_checkpoint(self.ckpt_root)):
             self._local_stage()  # a resumed run's checkpoint already holds its effect
         if cfg.teacher_topk:
@@ -179,28 +181,29 @@ class FinetuneRecipe:
         return self.device.type == "cpu" or torch.cuda.is_bf16_supported()
 
     def _setup_data(self) -> None:
+        """Tokenize, fill in the sizes left unset from the data (sizing), split and pack."""
         cfg = self.cfg
-        texts = data_mod.load_texts(cfg.data, cfg.text_field, self.tok)
+        docs = data_mod.tokenize(self.tok, data_mod.load_texts(cfg.data, cfg.text_field, self.tok))
+        val_docs = None
         if cfg.val_data:
-            train, val = texts, data_mod.load_texts(cfg.val_data, cfg.text_field, self.tok)
+            val_docs = data_mod.tokenize(self.tok, data_mod.load_texts(cfg.val_data, cfg.text_field, self.tok))
+        req = sizing.Requested(
+            seq_len=cfg.seq_len, batch_size=cfg.batch_size, val_fraction=cfg.val_fraction,
+            epochs=cfg.epochs, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
+            rows_per_batch_row=cfg.grad_accum * self.world)
+        sizes, note = sizing.fit_sizes([len(d) + 1 for d in docs], req, seed=cfg.seed,
+                                       val_doc_tokens=None if val_docs is None else [len(d) + 1 for d in val_docs])
+        if note:
+            self._say(note)
+        self.cfg = cfg = replace(cfg, **asdict(sizes))
+        if val_docs is not None:
+            train, val = docs, val_docs
         else:
-            train, val = data_mod.split_train_val(texts, cfg.val_fraction, cfg.seed)
+            train, val = data_mod.split_train_val(docs, cfg.val_fraction, cfg.seed)
         eos = self.tok.eos_token_id
-        self.train_rows = data_mod.pack(data_mod.tokenize(self.tok, train), cfg.seq_len, eos)  # (N, L)
-        self.val_rows = None
-        if val:
-            try:
-                self.val_rows = data_mod.pack(data_mod.tokenize(self.tok, val), cfg.seq_len, eos)
-            except data_mod.DataError as e:
-                raise data_mod.DataError(f"validation data: {e}; raise --val-fraction or lower --seq-len") from e
-        per_step = cfg.batch_size * cfg.grad_accum * self.world
-        self.steps_per_epoch = len(self.train_rows) // per_step
-        if self.steps_per_epoch == 0:
-            raise data_mod.DataError(
-                f"{len(self.train_rows)} training rows of {cfg.seq_len} tokens: fewer than one step "
-                f"(batch {cfg.batch_size} × accumulation {cfg.grad_accum} × {self.world} processes); "
-                "lower --seq-len or add data"
-            )
+        self.train_rows = data_mod.pack(train, cfg.seq_len, eos)  # (N, L)
+        self.val_rows = data_mod.pack(val, cfg.seq_len, eos) if val else None  # (M, L)
+        self.steps_per_epoch = len(self.train_rows) // (cfg.batch_size * cfg.grad_accum * self.world)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
 
     def _resume(self) -> None:

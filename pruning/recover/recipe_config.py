@@ -25,16 +25,17 @@ class FinetuneConfig:
     val_data: str | None = None
     teacher: str | None = None
     max_steps: int | None = None  # default: epochs × steps per epoch
-    epochs: int = 1
+    # None: picked from the data (actprune.pruning.recover.sizing), then filled in by setup
+    epochs: int | None = None
     lr: float = 2e-5
     schedule: str = "cosine"  # or "steps": epoch e uses epoch_lrs[e] (the last one repeats)
     epoch_lrs: list[float] = field(default_factory=list)  # default lr, lr/2, lr/4, ...
     min_lr_ratio: float = 0.1  # cosine floor, as a fraction of lr
-    warmup_steps: int = 100
-    batch_size: int = 8
+    warmup_steps: int | None = None
+    batch_size: int | None = None
     grad_accum: int = 1
-    seq_len: int = 1024
-    val_fraction: float = 0.05
+    seq_len: int | None = None
+    val_fraction: float | None = None
     max_val_batches: int = 50
     weight_decay: float = 0.0
     clip: float = 1.0
@@ -64,18 +65,20 @@ class FinetuneConfig:
 
 # ---- maths -----------------------------------------------------------------------------------
 def lr_at(step: int, cfg: FinetuneConfig, steps_per_epoch: int, total_steps: int) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then the schedule."""
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then the schedule.
+    ``cfg``'s sizes are those the recipe filled in (sizing): a warm-up left None is none."""
+    warmup = cfg.warmup_steps or 0
     if cfg.schedule == "steps":
-        lrs = cfg.epoch_lrs or [cfg.lr * 0.5**e for e in range(max(cfg.epochs, 1))]
+        lrs = cfg.epoch_lrs or [cfg.lr * 0.5**e for e in range(max(cfg.epochs or 1, 1))]
         base = lrs[min(step // steps_per_epoch, len(lrs) - 1)]
         after = base
     else:
         base = cfg.lr
         floor = cfg.lr * cfg.min_lr_ratio
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        progress = (step - warmup) / max(1, total_steps - warmup)
         after = floor + (base - floor) * 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
-    if step < cfg.warmup_steps:
-        return base * (step + 1) / cfg.warmup_steps
+    if step < warmup:
+        return base * (step + 1) / warmup
     return after
 
 
@@ -98,11 +101,16 @@ def mixed_loss(lm: torch.Tensor, kd: torch.Tensor, alpha: float) -> torch.Tensor
 
 
 def check_config(cfg: FinetuneConfig) -> None:
-    """DataError naming the first field out of range."""
+    """DataError naming the first field out of range (sizes left None are picked later)."""
     positive = ("epochs", "batch_size", "grad_accum", "seq_len", "max_val_batches")
     for name in positive:
-        if getattr(cfg, name) < 1:
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
             raise DataError(f"--{name.replace('_', '-')} must be >= 1")
+    if cfg.seq_len is not None and cfg.seq_len < 2:
+        raise DataError("--seq-len must be >= 2")
+    if cfg.val_fraction is not None and not 0.0 <= cfg.val_fraction < 1.0:
+        raise DataError(f"--val-fraction must be in [0, 1), got {cfg.val_fraction}")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise DataError("--max-steps must be >= 1")
     if cfg.schedule not in ("cosine", "steps"):
@@ -118,7 +126,7 @@ def check_config(cfg: FinetuneConfig) -> None:
     if cfg.teacher_topk and cfg.fsdp:
         raise DataError("--teacher-topk is not supported with --fsdp yet: distil from the live teacher "
                         "(drop --teacher-topk), or run in one process")
-    if cfg.lr <= 0 or cfg.warmup_steps < 0:
+    if cfg.lr <= 0 or (cfg.warmup_steps is not None and cfg.warmup_steps < 0):
         raise DataError("--lr must be > 0 and --warmup-steps >= 0")
 
 

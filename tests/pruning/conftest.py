@@ -48,3 +48,9 @@ def pr_jsonl(tmp_path_factory: pytest.TempPathFactory) -> Path:
             s = SENTENCES[i % len(SENTENCES)]
             f.write(json.dumps({"prompt": f"Say sentence {i}.", "response": s}) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def tour_jsonl() -> Path:
+    """60 short {"prompt", "response"} records of a tour guide: the size of a new user's file."""
+    return Path(__file__).parent / "data" / "tour_guide.jsonl"

