@@ -81,7 +81,9 @@ def build_vllm_argv(argv: list[str], env: dict[str, str]) -> tuple[list[str], di
     argv, inner_format = _take(argv, "--load-format", True)
     argv, extra = _take(argv, "--model-loader-extra-config", True)
     extra_cfg = json.loads(extra) if isinstance(extra, str) else {}
-    ours: dict[str, object] = {"load_format": inner_format or "auto"}
+    # capture options given in the extra config itself (e.g. stash_mib) are kept
+    ours: dict[str, object] = dict(extra_cfg.get("actprune") or {})
+    ours["load_format"] = inner_format or ours.get("load_format", "auto")
     if threshold is not None:
         try:
             ours["near_zero_threshold"] = float(threshold)
