@@ -36,7 +36,7 @@ while [[ $# -gt 0 ]]; do
 done
 
 # the checkpoint capture_overhead.py builds; the decode step serves and prunes the same one
-MODEL="$WORK/overhead/qwen3-2048x28"
+MODEL="$WORK/overhead/qwen3-2048x28-bfloat16"
 
 # name, budget in seconds, command...
 PLAN_NAMES=(install capture decode distill report)
@@ -45,7 +45,7 @@ plan_command() {
     case "$1" in
         install) echo "make -C $ROOT install EXTRA=gpu" ;;
         capture) echo "$PY $ROOT/bench/capture_overhead.py ${SHAPE[*]} --dtype bfloat16 --rounds 3" \
-                      "--concurrency 32 --max-tokens 128 --workdir $WORK/overhead --json $OUT/capture_overhead.json" ;;
+                      "--modes compiled --tokens 128 --workdir $WORK/overhead --json $OUT/capture_overhead.json" ;;
         decode) echo "$PY $ROOT/bench/decode_throughput.py --dir $WORK/decode --source $MODEL --dtype bfloat16" \
                      "--compiled --variants mlp50 --rounds 3 --tokens 128 --batch 16" \
                      "--server-args=--gpu-memory-utilization=0.3 --json $OUT/decode.json" ;;

@@ -41,11 +41,12 @@ def markdown(res: dict[str, Any]) -> str:
     lines += [f"| {n} | {s['status']} | {s['seconds']} |" for n, s in res["steps"].items()]
     lines += ["", "### Capture overhead, compiled + CUDA graphs", ""]
     if c := res.get("capture"):
-        lines += [f"{c['params_m']}M parameters, {c['dtype']}, {c['mode']}, {c['concurrency']} concurrent "
-                  f"completions of {c['max_tokens']} tokens.", "",
-                  "| capture on (tok/s) | capture off (tok/s) | ratio on/off (medians) |", "|---|---|---|",
-                  f"| {', '.join(map(str, c['tok_s_capture_on']))} | {', '.join(map(str, c['tok_s_capture_off']))} "
-                  f"| **{c['ratio_on_off_median']}** |"]
+        lines += [f"{c['params_m']}M parameters, {c['dtype']}, {c['tokens']} tokens per completion, "
+                  f"{c['rounds']} interleaved rounds (medians).", "",
+                  "| mode | workload | capture on (tok/s) | capture off (tok/s) | on/off (wall) | on/off (CPU time) |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {mode} | {w} | {f['tok_s_on']:.1f} | {f['tok_s_off']:.1f} | **{f['ratio_wall']:.3f}** "
+                  f"| {f['ratio_cpu']:.3f} |" for mode, ws in c["modes"].items() for w, f in ws.items()]
     else:
         lines.append(_missing(res, "capture"))
     lines += ["", "### Decode: pruned vs dense in `actprune serve`", ""]

@@ -1,18 +1,24 @@
 """Per-worker capture: accumulators on the model's device, hooks on every decoder layer.
 
 One :class:`Capture` lives in each vLLM worker process (one per tensor/pipeline-parallel
-rank), attached to the loaded model. It owns a :class:`HookRegistry` and these hooks:
+rank), attached to the loaded model. It owns a :class:`HookRegistry` and these hooks
+(the ops: :mod:`actprune.server.ops`; why they are cheap: docs/capture.md):
 
-* pre-hook on ``mlp.down_proj``  -> actprune::observe_channels  (MLP neurons, local shard)
-* pre-hook on ``self_attn.o_proj`` -> actprune::observe_channels (attention channels, local heads)
+* pre-hook on ``mlp.down_proj``  -> actprune::stash_channels (MLP neurons, local shard)
+* pre-hook on ``self_attn.o_proj`` -> actprune::stash_channels (attention channels, local heads)
 * post-hook on ``mlp.gate`` of an MoE layer (instead of ``down_proj``, which the fused experts
   do not have) -> actprune::observe_router (the router logits vLLM routes with, (T, E))
-* pre-hook on the decoder layer  -> actprune::stash_stream      (residual stream entering)
-* post-hook on the decoder layer -> actprune::observe_block     (cosine with stream leaving)
+* pre-hook on the decoder layer  -> actprune::stash_stream (residual stream entering)
+* post-hook on the decoder layer -> actprune::stash_stream (residual stream leaving)
+* post-hook on the last decoder layer -> actprune::fold_step: every statistic of every layer
+  for this step, folded at once (a step too long for the step buffers was folded tap by tap)
 * pre-hook on the top-level model (runs eagerly, outside the compiled graph, once per step):
   arms capture at the first real step and counts prefill / decode tokens; with the post-hook on
   the same model it tells whether a step is under way (``in_step``): a worker stopped by a signal
   in the middle of a step holds a torn state, which it must not save.
+
+The channel accumulators of all layers are packed side by side (``new_packed_channels``);
+``groups`` maps each stats-file group to its state dict of views into them.
 
 ``snapshot()`` returns this rank's shard as safetensors bytes; the API process assembles the
 shards of all ranks into one stats file (:mod:`actprune.server.snapshot`).
@@ -20,6 +26,7 @@ shards of all ranks into one stats file (:mod:`actprune.server.snapshot`).
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -32,8 +39,7 @@ from actprune.core.archs import VllmLayout
 from actprune.core.tensor.accumulate import (
     export_state,
     merge_channels,
-    new_block_state,
-    new_channel_state,
+    new_packed_channels,
     new_router_state,
     reset_state,
 )
@@ -42,7 +48,6 @@ from actprune.core.wire.schema import (
     BLOCK_KIND,
     CHANNEL_KINDS,
     DEFAULT_NEAR_ZERO,
-    GROUP_FIELDS,
     ROUTER_FIELDS,
     ROUTER_KIND,
     SCALAR_FIELDS,
@@ -53,7 +58,7 @@ from safetensors.numpy import load as st_load_np
 from safetensors.numpy import save as st_save
 from torch import nn
 
-from . import ops  # noqa: F401  (registers torch.ops.actprune.*)
+from .ops import step_tokens  # importing ops registers torch.ops.actprune.*
 
 __all__ = ["Capture", "CaptureOptions", "Routing", "ShardInfo"]
 
@@ -63,7 +68,10 @@ HOOK_GROUP = "actprune.capture"
 @dataclass(frozen=True)
 class CaptureOptions:
     near_zero_threshold: float = DEFAULT_NEAR_ZERO
-    max_tokens: int = 8192  # rows of the residual-stream scratch buffer (max batched tokens)
+    max_tokens: int = 8192  # the most tokens vLLM puts in one step (max batched tokens)
+    # memory for the step buffers: steps of up to stash_mib / (4 (ΣC + 2 L H)) tokens are
+    # folded once per step, longer ones tap by tap (docs/capture.md)
+    stash_mib: int = 256
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,7 @@ class Capture:
         self.options = options
         self.shard = shard
         self.device = device
+        self.hidden_size = hidden_size
         self.registry = HookRegistry()
         # Device flag read by the ops: 0 through warm-up and while paused.
         self.armed = torch.zeros((), dtype=torch.float32, device=device)
@@ -141,7 +150,6 @@ class Capture:
         self.tokens_prefill = 0
         self.tokens_decode = 0
         self.window_start = time.time()
-        self.scratch = torch.zeros(options.max_tokens, hidden_size, dtype=torch.float32, device=device)
         self.groups: dict[str, dict[str, torch.Tensor]] = {}
         self.partitions: dict[str, tuple[int, int, int]] = {}
         self._install(model)
@@ -151,7 +159,25 @@ class Capture:
         layers = decoder_layers(model, self.layout)
         if not layers:
             raise RuntimeError(f"actprune: found no decoder layers under {self.layout.layers!r}")
+        taps = self._channel_taps(layers)  # (group name, linear), in layer order
+        self._allocate([self.partitions[name][1] for name, _ in taps], len(layers))
+        for g, (_, linear) in enumerate(taps):
+            self.registry.pre_hook(HOOK_GROUP, linear, self._channels_hook(self.offsets[g], g))
+        for j, (i, layer) in enumerate(layers):
+            self.groups[group_name(i, BLOCK_KIND)] = {"cos_sum": self.blocks[0, j:j + 1],
+                                                      "count": self.blocks[1, j:j + 1]}
+            self.registry.pre_hook(HOOK_GROUP, layer, self._stream_in_hook(j))
+            self.registry.post_hook(HOOK_GROUP, layer, self._stream_out_hook(j))
+        # after the last layer's stream hook (hooks run in registration order): fold the step
+        self.registry.post_hook(HOOK_GROUP, layers[-1][1], self._fold_hook())
+        self.registry.pre_hook(HOOK_GROUP, model, self._on_step, with_kwargs=True)
+        self.registry.post_hook(HOOK_GROUP, model, self._after_step)
+
+    def _channel_taps(self, layers: list[tuple[int, nn.Module]]) -> list[tuple[str, nn.Module]]:
+        """Partitions of every channel group and the linear each taps; router hooks of MoE
+        layers are put on here, their state is not packed (a handful of experts)."""
         paths = dict(zip(CHANNEL_KINDS, (self.layout.mlp_in, self.layout.attn_in), strict=True))
+        taps = []
         for i, layer in layers:
             for kind, path in paths.items():
                 gate = self._router(i, layer) if kind == "mlp" else None
@@ -161,18 +187,30 @@ class Capture:
                     self.registry.post_hook(HOOK_GROUP, gate, self._router_hook(state))
                     continue
                 linear = layer.get_submodule(path)
-                offset, local, total = _partition(linear)
-                state = new_channel_state(local, self.device)
                 name = group_name(i, kind)
-                self.groups[name] = state
-                self.partitions[name] = (offset, local, total)
-                self.registry.pre_hook(HOOK_GROUP, linear, self._channels_hook(state))
-            block = new_block_state(self.device)
-            self.groups[group_name(i, BLOCK_KIND)] = block
-            self.registry.pre_hook(HOOK_GROUP, layer, self._stash_hook())
-            self.registry.post_hook(HOOK_GROUP, layer, self._block_hook(block))
-        self.registry.pre_hook(HOOK_GROUP, model, self._on_step, with_kwargs=True)
-        self.registry.post_hook(HOOK_GROUP, model, self._after_step)
+                self.partitions[name] = _partition(linear)
+                taps.append((name, linear))
+        return taps
+
+    def _allocate(self, widths: list[int], n_layers: int) -> None:
+        """The packed accumulators and the step buffers. A step of up to ``rows`` tokens is
+        copied into the buffers and folded once, at its end; ``rows`` is what fits in
+        ``stash_mib``, at most the largest batch vLLM schedules."""
+        self.fields, self.counts, self.gid, states = new_packed_channels(widths, self.device)
+        names = [n for n in self.partitions]
+        self.groups.update(zip(names, states, strict=True))
+        self.offsets = [0, *itertools.accumulate(widths)][:-1]
+        self.blocks = torch.zeros(2, n_layers, dtype=torch.float64, device=self.device)  # cos_sum, count
+        row_bytes = 4 * (sum(widths) + 2 * n_layers * self.hidden_size)
+        rows = min(self.options.max_tokens, (self.options.stash_mib << 20) // row_bytes)
+        self.stash_rows = rows
+        f32 = {"dtype": torch.float32, "device": self.device}
+        self.chan_buf = torch.zeros(rows, sum(widths), **f32)  # (N, ΣC)
+        self.stream_buf = torch.zeros(rows, 2, n_layers, self.hidden_size, **f32)  # (N, in/out, L, H)
+        # longer steps fold tap by tap; the scratch holds the stream entering the current layer
+        long_rows = self.options.max_tokens if rows < self.options.max_tokens else 0
+        self.scratch = torch.zeros(long_rows, self.hidden_size, **f32)  # (M, H)
+        self.zero_gid = torch.zeros(max(widths, default=0), dtype=torch.int64, device=self.device)
 
     def _router(self, i: int, layer: nn.Module) -> nn.Module | None:
         """Layer ``i``'s router if it routes to experts: vLLM built one there (by the rule of
@@ -198,35 +236,46 @@ class Capture:
 
         return hook
 
-    def _channels_hook(self, st: dict[str, torch.Tensor]):
+    def _channels_hook(self, offset: int, group: int):
+        buf, fields, counts, zero_gid = self.chan_buf, self.fields, self.counts, self.zero_gid
         armed, thr = self.armed, self.threshold
-        acc = [st[f] for f in GROUP_FIELDS]  # the op's accumulator arguments, in schema order
 
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            torch.ops.actprune.observe_channels(args[0], armed, *acc, thr)
+            torch.ops.actprune.stash_channels(args[0], buf, fields, counts, zero_gid, armed, thr,
+                                              offset, group)
 
         return hook
 
-    def _stash_hook(self):
-        scratch, h, r = self.scratch, self.layout.hidden_arg, self.layout.residual_arg
+    def _stream_in_hook(self, j: int):
+        h, r = self.layout.hidden_arg, self.layout.residual_arg
+        buf, scratch, blocks, armed = self.stream_buf, self.scratch, self.blocks, self.armed
 
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            torch.ops.actprune.stash_stream(args[h], args[r], scratch)
+            torch.ops.actprune.stash_stream(args[h], args[r], buf, scratch, blocks, armed, j, False)
 
         return hook
 
-    def _block_hook(self, st: dict[str, torch.Tensor]):
-        scratch, armed = self.scratch, self.armed
+    def _stream_out_hook(self, j: int):
+        buf, scratch, blocks, armed = self.stream_buf, self.scratch, self.blocks, self.armed
 
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             hidden, residual = output
-            torch.ops.actprune.observe_block(scratch, hidden, residual, armed, st["cos_sum"], st["count"])
+            torch.ops.actprune.stash_stream(hidden, residual, buf, scratch, blocks, armed, j, True)
+
+        return hook
+
+    def _fold_hook(self):
+        bufs = (self.chan_buf, self.stream_buf, self.fields, self.counts, self.gid, self.blocks)
+        armed, thr = self.armed, self.threshold
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            torch.ops.actprune.fold_step(output[0], *bufs, armed, thr)
 
         return hook
 
     def _on_step(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Eager, once per forward step: arm at the first real step, count tokens."""
-        split = _step_tokens()
+        split = step_tokens()
         if split is None:  # vLLM's profile / warm-up / padding-only dummy runs
             return
         self.in_step = True
@@ -337,32 +386,3 @@ class Capture:
 
     def remove(self) -> None:
         self.registry.remove_all()
-
-
-def _step_tokens() -> tuple[int, int] | None:
-    """(prefill, decode) real tokens of the current forward step, or None for a dummy run.
-
-    A request whose query in this step is one token long is counted as decode (a one-token
-    prompt chunk is indistinguishable here and rare)."""
-    try:
-        from vllm.forward_context import get_forward_context, is_forward_context_available
-    except ImportError:
-        return None
-    if not is_forward_context_available():
-        return None
-    md = get_forward_context().attn_metadata
-    if isinstance(md, list):  # dual-batch overlap: one dict per micro-batch
-        md = md[0] if md else None
-    if not md:
-        return None
-    m = next(iter(md.values()))
-    qsl = getattr(m, "query_start_loc_cpu", None)
-    if qsl is None:
-        qsl = getattr(m, "query_start_loc", None)
-    if qsl is None:
-        n = int(getattr(m, "num_actual_tokens", 0))
-        return (n, 0) if n else None
-    q = torch.diff(qsl.to("cpu")).tolist()
-    q = [x for x in q if x > 0]
-    decode = sum(1 for x in q if x == 1)
-    return sum(q) - decode, decode

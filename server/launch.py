@@ -94,9 +94,11 @@ def build_vllm_argv(argv: list[str], env: dict[str, str]) -> tuple[list[str], di
         extra_cfg = json.loads(extra) if isinstance(extra, str) else {}
     except (ValueError, RecursionError):
         extra_cfg = None
-    if not isinstance(extra_cfg, dict):
+    if not isinstance(extra_cfg, dict) or not isinstance(extra_cfg.get("actprune") or {}, dict):
         raise SystemExit(f"actprune serve: error: --model-loader-extra-config must be a JSON object, got {extra!r:.80}")
-    ours: dict[str, object] = {"load_format": inner_format or "auto"}
+    # capture options given in the extra config itself (e.g. stash_mib) are kept
+    ours: dict[str, object] = dict(extra_cfg.get("actprune") or {})
+    ours["load_format"] = inner_format or ours.get("load_format", "auto")
     if threshold is not None:
         try:
             ours["near_zero_threshold"] = float(threshold)

@@ -6,6 +6,8 @@ on another node under Ray — gets them with the config, not through the environ
 
     load_format          the weight format to hand to the default loader ("auto")
     near_zero_threshold  |x| at or below which an activation counts as near zero (1e-3)
+    stash_mib            memory for the step buffers (256): steps that fit are folded once, at
+                         their end; longer ones tap by tap (docs/capture.md)
 """
 
 from __future__ import annotations

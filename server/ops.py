@@ -1,20 +1,32 @@
-"""torch.library custom ops that fold activations into preallocated accumulators.
+"""Torch ops that fold activations into preallocated accumulators, for the capture hooks.
 
-Why custom ops: vLLM compiles the decoder stack with torch.compile. A hook that mutates Python
-state breaks Dynamo (``TensorifyScalarRestartAnalysis``); an opaque custom op that updates
-tensors passed to it, declared in ``mutates_args``, is traced as a single node, kept in order,
-never dead-code-eliminated, and runs eagerly at run time. Scalars travel as 0-d tensors: a
-Python float argument becomes a symbolic float under vLLM's full-graph AOT compile and fails
-with ``TensorifyScalarRestartAnalysis``. Its Python body reads vLLM's forward
-context, so the padding rows of a CUDA-graph batch and vLLM's warm-up passes are masked out.
+Why ops: vLLM compiles the decoder stack with torch.compile. A hook that mutates Python state
+breaks Dynamo (``TensorifyScalarRestartAnalysis``); an opaque op that updates tensors passed
+to it, declared mutable in its schema (``Tensor(a!)``), is traced as a single node, kept in
+order, never dead-code-eliminated, and runs eagerly at run time. Scalars travel as 0-d
+tensors: a Python float argument becomes a symbolic float under vLLM's full-graph AOT compile
+and fails with ``TensorifyScalarRestartAnalysis``; ints (offsets, slots) are graph constants.
 
-Ops (all return nothing; the accumulators are updated in place):
+Why a decode step costs little (docs/capture.md): a step of T <= N tokens (N: the rows of the
+step buffers) only *copies* each layer's activations into a step buffer — one cheap op per
+tap — and the last layer's ``fold_step`` folds every layer at once, with one fused kernel.
+A longer step (a big prefill chunk) folds each tap where it is, as the op runs: its cost is
+spread over many tokens. The stash ops are defined with ``torch.library.Library`` rather than
+``torch.library.custom_op``, whose Python wrappers cost ~13 µs more per call (21 vs 8 µs).
 
-    actprune::observe_channels(x (T,C), armed (), <8 channel accumulators>, threshold ())
-    actprune::stash_stream(hidden (T,H), residual (T,H) | None, scratch (N,H))
-    actprune::observe_block(scratch (N,H), hidden (T,H), residual (T,H), armed (), cos_sum, count)
+Ops (all return nothing; buffers and accumulators are updated in place):
+
+    actprune::stash_channels(x (T,C), buf (N,ΣC), fields [7 x (ΣC,)], counts (G,), zero_gid (≥C,),
+                             armed (), threshold (), offset, group)
+    actprune::stash_stream(hidden (T,H), residual (T,H) | None, buf (N,2,L,H), scratch (M,H),
+                           blocks (2,L), armed (), layer, leaving)
+    actprune::fold_step(hidden (T,H), chan_buf (N,ΣC), stream_buf (N,2,L,H), fields [7 x (ΣC,)],
+                        counts (G,), gid (ΣC,), blocks (2,L), armed (), threshold ())
     actprune::observe_router(logits (T,E), armed (), count, topk_count, weight_sum, prob_sum,
                              top_k, renormalize)
+
+No op reads a tensor's value on the host (no ``.item()``, no data-dependent shape): the only
+branch is on T, a shape, which a CUDA graph fixes at capture (docs/capture.md).
 """
 
 from __future__ import annotations
@@ -22,10 +34,12 @@ from __future__ import annotations
 import functools
 
 import torch
-from actprune.core.tensor.accumulate import update_block, update_channels, update_router
+from actprune.core.tensor.accumulate import fold_blocks, fold_packed, update_router
 from torch import Tensor
 
-__all__ = ["valid_rows"]
+__all__ = ["step_tokens", "valid_rows"]
+
+_LIB = torch.library.Library("actprune", "FRAGMENT")  # the stash ops below
 
 
 def valid_rows(num_tokens: int, armed: Tensor) -> Tensor:
@@ -49,79 +63,108 @@ def valid_rows(num_tokens: int, armed: Tensor) -> Tensor:
     return torch.logical_and(torch.logical_not(pad[:num_tokens]), on)
 
 
+def step_tokens() -> tuple[int, int] | None:
+    """(prefill, decode) real tokens of the current forward step, or None for a dummy run.
+
+    A request whose query in this step is one token long is counted as decode (a one-token
+    prompt chunk is indistinguishable here and rare)."""
+    try:
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+    except ImportError:
+        return None
+    if not is_forward_context_available():
+        return None
+    md = get_forward_context().attn_metadata
+    if isinstance(md, list):  # dual-batch overlap: one dict per micro-batch
+        md = md[0] if md else None
+    if not md:
+        return None
+    m = next(iter(md.values()))
+    qsl = getattr(m, "query_start_loc_cpu", None)
+    if qsl is None:
+        qsl = getattr(m, "query_start_loc", None)
+    if qsl is None:
+        n = int(getattr(m, "num_actual_tokens", 0))
+        return (n, 0) if n else None
+    q = torch.diff(qsl.to("cpu")).tolist()
+    q = [x for x in q if x > 0]
+    decode = sum(1 for x in q if x == 1)
+    return sum(q) - decode, decode
+
+
 @functools.cache
-def _fused_update_channels():
-    """``update_channels`` compiled once per process: its dozen element-wise passes and
-    reductions become one fused kernel, which halves the cost per call on CPU (measured
-    256 -> 119 us for 8 tokens x 2048 channels). Sizes are dynamic, so one compile serves
-    every layer width and batch size."""
-    return torch.compile(update_channels, dynamic=True, fullgraph=True)
+def _compiled(fn):
+    """``fn`` compiled once per process: its dozen element-wise passes and reductions become
+    one fused loop. Sizes are dynamic, so one compile serves every width and batch size."""
+    return torch.compile(fn, dynamic=True, fullgraph=True)
 
 
-@torch.library.custom_op(
-    "actprune::observe_channels",
-    mutates_args=("count", "mean", "m2", "sum_", "sum_sq", "sum_abs", "max_abs", "near_zero"),
-)
-def observe_channels(
-    x: Tensor,
-    armed: Tensor,
-    count: Tensor,
-    mean: Tensor,
-    m2: Tensor,
-    sum_: Tensor,
-    sum_sq: Tensor,
-    sum_abs: Tensor,
-    max_abs: Tensor,
-    near_zero: Tensor,
-    threshold: Tensor,
-) -> None:
+def _fold_step_math(chan: Tensor, streams: Tensor, fields: list[Tensor], counts: Tensor, gid: Tensor,
+                    blocks: Tensor, valid: Tensor, threshold: Tensor) -> None:
+    # chan: (T, ΣC); streams: (T, 2, L, H), the residual stream entering and leaving each
+    # layer; one compiled call (one Dynamo guard check) for the whole step
+    fold_packed(fields, counts, gid, chan, valid, threshold)
+    fold_blocks(blocks, streams[:, 0], streams[:, 1], valid)
+
+
+def _define(schema: str, fn) -> None:
+    name = schema.split("(", 1)[0]
+    _LIB.define(schema)
+    _LIB.impl(name, fn, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"actprune::{name}", lambda *args: None, lib=_LIB)
+
+
+def stash_channels(x: Tensor, buf: Tensor, fields: list[Tensor], counts: Tensor, zero_gid: Tensor,
+                   armed: Tensor, threshold: Tensor, offset: int, group: int) -> None:
     x2 = x.reshape(-1, x.shape[-1])  # (T, C)
-    state = {
-        "count": count, "mean": mean, "m2": m2, "sum": sum_, "sum_sq": sum_sq,
-        "sum_abs": sum_abs, "max_abs": max_abs, "near_zero": near_zero,
-    }
-    _fused_update_channels()(state, x2, valid_rows(x2.shape[0], armed), threshold)
+    t, c = x2.shape
+    if t <= buf.shape[0]:  # kept for fold_step at the end of this step
+        buf[:t, offset:offset + c].copy_(x2)
+        return
+    # a long step: fold this group now (its columns, its count)
+    _compiled(fold_packed)([f[offset:offset + c] for f in fields], counts[group:group + 1],
+                           zero_gid[:c], x2, valid_rows(t, armed), threshold)
 
 
-@observe_channels.register_fake
-def _(x, armed, count, mean, m2, sum_, sum_sq, sum_abs, max_abs, near_zero, threshold):
-    return None
-
-
-@torch.library.custom_op("actprune::stash_stream", mutates_args=("scratch",))
-def stash_stream(hidden: Tensor, residual: Tensor | None, scratch: Tensor) -> None:
-    # The residual stream entering a vLLM decoder layer is hidden + residual (vLLM defers
-    # the residual add into the next fused add-RMSNorm); layer 0 gets residual=None.
+def stash_stream(hidden: Tensor, residual: Tensor | None, buf: Tensor, scratch: Tensor,
+                 blocks: Tensor, armed: Tensor, layer: int, leaving: bool) -> None:
+    # The residual stream around a vLLM decoder layer is hidden + residual (vLLM defers the
+    # residual add into the next fused add-RMSNorm); layer 0 gets residual=None. Entering and
+    # leaving streams are both kept: nothing says a layer is given what the one before left.
     t = hidden.shape[0]
+    if t <= buf.shape[0]:
+        dst = buf[:t, int(leaving), layer]  # (T, H)
+        if residual is None:
+            dst.copy_(hidden)
+        else:
+            torch.add(hidden.float(), residual.float(), out=dst)
+        return
     if t > scratch.shape[0]:
-        raise RuntimeError(
-            f"actprune: batch of {t} tokens exceeds the capture scratch buffer "
-            f"({scratch.shape[0]} rows); this is a bug, please report it"
-        )
-    if residual is None:
-        scratch[:t].copy_(hidden)
+        raise RuntimeError(f"actprune: batch of {t} tokens exceeds the capture scratch buffer "
+                           f"({scratch.shape[0]} rows); this is a bug, please report it")
+    h = hidden.float() if residual is None else hidden.float() + residual.float()  # (T, H)
+    if leaving:  # a long step: this layer's cosine now, against the stream it was given
+        fold_blocks(blocks[:, layer:layer + 1], scratch[:t, None], h[:, None], valid_rows(t, armed))
     else:
-        torch.add(hidden.float(), residual.float(), out=scratch[:t])
+        scratch[:t].copy_(h)
 
 
-@stash_stream.register_fake
-def _(hidden, residual, scratch):
-    return None
-
-
-@torch.library.custom_op("actprune::observe_block", mutates_args=("cos_sum", "count"))
-def observe_block(
-    scratch: Tensor, hidden: Tensor, residual: Tensor, armed: Tensor, cos_sum: Tensor, count: Tensor
-) -> None:
+def fold_step(hidden: Tensor, chan_buf: Tensor, stream_buf: Tensor, fields: list[Tensor], counts: Tensor,
+              gid: Tensor, blocks: Tensor, armed: Tensor, threshold: Tensor) -> None:
     t = hidden.shape[0]
-    h_out = hidden.float() + residual.float()  # (T, H)
-    state = {"cos_sum": cos_sum, "count": count}
-    update_block(state, scratch[:t], h_out, valid_rows(t, armed))
+    if t > chan_buf.shape[0]:  # folded tap by tap already
+        return
+    _compiled(_fold_step_math)(chan_buf[:t], stream_buf[:t], fields, counts, gid, blocks,
+                               valid_rows(t, armed), threshold)
 
 
-@observe_block.register_fake
-def _(scratch, hidden, residual, armed, cos_sum, count):
-    return None
+_define("stash_channels(Tensor x, Tensor(a!) buf, Tensor(b!)[] fields, Tensor(c!) counts, "
+        "Tensor zero_gid, Tensor armed, Tensor threshold, int offset, int group) -> ()", stash_channels)
+_define("stash_stream(Tensor hidden, Tensor? residual, Tensor(a!) buf, Tensor(b!) scratch, "
+        "Tensor(c!) blocks, Tensor armed, int layer, bool leaving) -> ()", stash_stream)
+_define("fold_step(Tensor hidden, Tensor chan_buf, Tensor stream_buf, Tensor(a!)[] fields, "
+        "Tensor(b!) counts, Tensor gid, Tensor(c!) blocks, Tensor armed, Tensor threshold) -> ()",
+        fold_step)
 
 
 @torch.library.custom_op(

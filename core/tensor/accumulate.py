@@ -37,10 +37,15 @@ from actprune.core.wire.schema import (
 )
 
 __all__ = [
+    "PACKED_FIELDS",
+    "channel_batch",
     "export_state",
+    "fold_blocks",
+    "fold_packed",
     "merge_channels",
     "new_block_state",
     "new_channel_state",
+    "new_packed_channels",
     "new_router_state",
     "update_block",
     "update_router",
@@ -65,6 +70,38 @@ def new_block_state(device: torch.device | str = "cpu") -> dict[str, torch.Tenso
     return {f: torch.zeros(1, dtype=torch.float64, device=device) for f in BLOCK_FIELDS}
 
 
+def channel_batch(
+    x: torch.Tensor, valid: torch.Tensor, shift: torch.Tensor, threshold: float | torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """The accumulators of one batch, in one pass over it: every reduction reads the same
+    element once, so torch.compile fuses them into a single loop. x: (T, C) any float dtype;
+    valid: (T,) bool; shift: (C,) float64, any value (the running mean, so that the batch's
+    sum of squared deviations does not cancel: m2 = Σ(x-c)² - (Σ(x-c))²/n is exact for every
+    c, and well conditioned when c is near the batch's own mean)."""
+    v = valid.view(-1, 1)  # (T, 1)
+    xd = x.double()  # (T, C): float32 and bfloat16 values are exact in float64
+    # torch.where, not multiplication: vLLM's profile run pushes NaN rows through the model
+    # and NaN * 0 is still NaN.
+    xm = torch.where(v, xd, 0.0)  # (T, C)
+    y = torch.where(v, xd - shift, 0.0)  # (T, C) deviations from the shift
+    absx = xm.abs()
+    n_b = valid.sum(dtype=torch.float64)  # ()
+    inv = 1.0 / n_b.clamp(min=1.0)
+    s1 = y.sum(0)  # (C,)
+    return {
+        "count": n_b,
+        "mean": shift + s1 * inv,
+        # Cauchy-Schwarz keeps this >= 0 in exact arithmetic; the clamp removes a rounding -0
+        "m2": ((y * y).sum(0) - s1 * s1 * inv).clamp(min=0.0),
+        "sum": xm.sum(0),
+        "sum_sq": (xm * xm).sum(0),
+        "sum_abs": absx.sum(0),
+        "max_abs": absx.amax(0),
+        # compared in the activation's float32, as the threshold is stated
+        "near_zero": torch.logical_and(v, x.float().abs() <= threshold).sum(0, dtype=torch.float64),
+    }
+
+
 def update_channels(
     state: dict[str, torch.Tensor],
     x: torch.Tensor,
@@ -73,29 +110,53 @@ def update_channels(
 ) -> None:
     """Fold a batch into ``state``. x: (T, C) any float dtype; valid: (T,) bool;
     threshold: |x| at or below which a value counts as near zero (float or 0-d tensor)."""
-    xf = x.float()  # (T, C)
-    v = valid.view(-1, 1)  # (T, 1)
-    # torch.where, not multiplication: vLLM's profile run pushes NaN rows through the model
-    # and NaN * 0 is still NaN.
-    xm = torch.where(v, xf, 0.0)  # (T, C)
-    n_b = valid.sum(dtype=torch.float64)  # ()
-    s = xm.sum(0, dtype=torch.float64)  # (C,)
-    mean_b = s / n_b.clamp(min=1.0)
-    d = torch.where(v, xf - mean_b.float(), 0.0)
-    m2_b = (d * d).sum(0, dtype=torch.float64)
-    absx = xm.abs()
+    merge_channels(state, channel_batch(x, valid, state["mean"], threshold))
 
-    batch = {
-        "count": n_b,
-        "mean": mean_b,
-        "m2": m2_b,
-        "sum": s,
-        "sum_sq": (xm * xm).sum(0, dtype=torch.float64),
-        "sum_abs": absx.sum(0, dtype=torch.float64),
-        "max_abs": absx.amax(0),
-        "near_zero": torch.logical_and(v, xf.abs() <= threshold).sum(0, dtype=torch.float64),
-    }
-    merge_channels(state, batch)
+
+# ---- packed channel groups (the server's layout) -----------------------------------------------
+# Every channel group of a model side by side: one (ΣC,) float64 tensor per field of
+# PACKED_FIELDS (max_abs too: float32 values are exact in float64) and one count per group, so
+# that a whole step of every layer is folded by one call (one fused kernel) instead of one call
+# per layer. Each group's state dict holds views, so the dict API above still applies. (One
+# tensor per field, not one (7, ΣC) tensor: torch.compile copies a whole input for every
+# in-place update of one of its rows, 6x slower.)
+PACKED_FIELDS = tuple(f for f in GROUP_FIELDS if f != "count")
+
+
+def new_packed_channels(
+    widths: list[int], device: torch.device | str = "cpu"
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
+    """Zeroed packed accumulators of groups of ``widths`` channels: ([one (ΣC,) float64 per
+    field of PACKED_FIELDS], counts (G,) float64, gid (ΣC,) int64 = the group of each channel,
+    [each group's state, of views])."""
+    fields = [torch.zeros(sum(widths), dtype=torch.float64, device=device) for _ in PACKED_FIELDS]
+    counts = torch.zeros(len(widths), dtype=torch.float64, device=device)
+    gid = torch.repeat_interleave(torch.arange(len(widths), device=device),
+                                  torch.tensor(widths, device=device))
+    groups, off = [], 0
+    for g, c in enumerate(widths):
+        st = {"count": counts[g:g + 1]}
+        st.update({f: t[off:off + c] for f, t in zip(PACKED_FIELDS, fields, strict=True)})
+        groups.append({f: st[f] for f in GROUP_FIELDS})  # the schema's order
+        off += c
+    return fields, counts, gid, groups
+
+
+def fold_packed(
+    fields: list[torch.Tensor],
+    counts: torch.Tensor,
+    gid: torch.Tensor,
+    x: torch.Tensor,
+    valid: torch.Tensor,
+    threshold: float | torch.Tensor,
+) -> None:
+    """Fold a batch into packed groups. fields: one (C,) per field of PACKED_FIELDS (the
+    columns of some groups); counts: (G',) the counts of those groups, every one of which this
+    batch reaches; gid: (C,) each column's index into ``counts``; x: (T, C); valid: (T,) bool."""
+    state = dict(zip(PACKED_FIELDS, fields, strict=True))
+    state["count"] = counts[gid]  # (C,) each channel's own group count (a gathered copy)
+    update_channels(state, x, valid, threshold)
+    counts.add_(valid.sum(dtype=torch.float64))
 
 
 def merge_channels(state: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> None:
@@ -126,6 +187,17 @@ def update_block(
     cos = torch.where(valid, cos, 0.0)
     state["cos_sum"].add_(cos.sum(dtype=torch.float64))
     state["count"].add_(valid.sum(dtype=torch.float64))
+
+
+def fold_blocks(
+    blocks: torch.Tensor, h_in: torch.Tensor, h_out: torch.Tensor, valid: torch.Tensor
+) -> None:
+    """``update_block`` for L consecutive layers at once. blocks: (2, L) float64, rows
+    (cos_sum, count); h_in, h_out: (T, L, H); valid: (T,) bool."""
+    cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1, eps=1e-12)  # (T, L)
+    cos = torch.where(valid.view(-1, 1), cos, 0.0)
+    blocks[0].add_(cos.sum(0, dtype=torch.float64))
+    blocks[1].add_(valid.sum(dtype=torch.float64))
 
 
 def new_router_state(num_experts: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:

@@ -95,8 +95,9 @@ def test_report_takes_the_figures_and_names_steps_that_did_not_finish(tmp_path):
                                         "distill\ttimed out\t70\n")
     (tmp_path / "machine.txt").write_text("NVIDIA H200, 143771 MiB\n")
     (tmp_path / "capture_overhead.json").write_text(json.dumps({
-        "params_m": 1322, "dtype": "bfloat16", "mode": "compiled", "concurrency": 32, "max_tokens": 128,
-        "tok_s_capture_on": [3000.0, 3010.5], "tok_s_capture_off": [3050.0, 3040.0], "ratio_on_off_median": 0.988}))
+        "params_m": 1322, "dtype": "bfloat16", "tokens": 128, "rounds": 3, "modes": {"compiled": {"batch 8, prompt 16": {
+            "tok_s_on": 3000.0, "tok_s_off": 3050.0, "cpu_s_per_tok_on": 0.01, "cpu_s_per_tok_off": 0.0099,
+            "ratio_wall": 0.988, "ratio_cpu": 0.99}}}}))
     (tmp_path / "decode.json").write_text(json.dumps({
         "dtype": "bfloat16", "mode": "compiled", "tokens": 128, "batch": 16,
         "params": {"base": 1_322_000_000, "mlp50": 850_000_000},
@@ -104,7 +105,7 @@ def test_report_takes_the_figures_and_names_steps_that_did_not_finish(tmp_path):
     subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_report.py"), "--out", str(tmp_path)],
                    check=True, capture_output=True, timeout=60)
     md = (tmp_path / "gpu.md").read_text()
-    assert "| 3000.0, 3010.5 | 3050.0, 3040.0 | **0.988** |" in md
+    assert "| compiled | batch 8, prompt 16 | 3000.0 | 3050.0 | **0.988** | 0.990 |" in md
     assert "| mlp50 | 850 M | 1.56× | 260.0 | 1.30× | 3300.0 | 1.38× |" in md
     assert "not measured (timed out after 70 s)" in md
     merged = json.loads((tmp_path / "gpu.json").read_text())

@@ -7,9 +7,12 @@ import pytest
 import torch
 from actprune.core.tensor.accumulate import (
     export_state,
+    fold_blocks,
+    fold_packed,
     merge_channels,
     new_block_state,
     new_channel_state,
+    new_packed_channels,
     update_block,
     update_channels,
 )
@@ -94,3 +97,40 @@ def test_update_block_sums_cosines_of_valid_rows_only():
     update_block(st, h_in, h_out, torch.tensor([True, True, False]))
     out = export_state(st)
     assert out["count"] == 2 and abs(out["cos_sum"] - 1.0) < 1e-6  # float32 cosines
+
+
+def test_packed_groups_fold_as_separate_groups_even_with_unequal_counts():
+    # The server packs every group side by side and folds a step of all of them at once; the
+    # gathered count must be each group's own (they differ once one group was folded alone).
+    g = torch.Generator().manual_seed(2)
+    fields, counts, gid, (pa, pb) = new_packed_channels([3, 5])
+    ra, rb = new_channel_state(3), new_channel_state(5)
+    alone = torch.randn(4, 3, generator=g) * 2 + 50
+    fold_packed([f[:3] for f in fields], counts[:1], torch.zeros(3, dtype=torch.int64), alone,
+                torch.ones(4, dtype=torch.bool), 0.1)
+    update_channels(ra, alone, torch.ones(4, dtype=torch.bool), 0.1)
+    for t in (1, 7, 3):
+        x = torch.randn(t + 1, 8, generator=g) * 3 + 20
+        x[-1] = float("nan")  # a padding row
+        valid = torch.arange(t + 1) < t
+        fold_packed(fields, counts, gid, x, valid, 0.1)
+        update_channels(ra, x[:, :3], valid, 0.1)
+        update_channels(rb, x[:, 3:], valid, 0.1)
+    for packed, ref in ((pa, ra), (pb, rb)):
+        p, r = export_state(packed), export_state(ref)
+        assert p["count"] == r["count"]
+        for f in r:
+            np.testing.assert_allclose(p[f], r[f], rtol=1e-12, atol=1e-12, err_msg=f)
+
+
+def test_fold_blocks_equals_update_block_layer_by_layer():
+    g = torch.Generator().manual_seed(3)
+    h_in, h_out = torch.randn(5, 3, 4, generator=g), torch.randn(5, 3, 4, generator=g)  # (T, L, H)
+    valid = torch.tensor([True, True, False, True, True])
+    blocks = torch.zeros(2, 3, dtype=torch.float64)
+    fold_blocks(blocks, h_in, h_out, valid)
+    for j in range(3):
+        st = new_block_state()
+        update_block(st, h_in[:, j], h_out[:, j], valid)
+        assert float(blocks[1, j]) == float(st["count"][0]) == 4
+        assert abs(float(blocks[0, j]) - float(st["cos_sum"][0])) < 1e-12

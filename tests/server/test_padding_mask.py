@@ -2,32 +2,38 @@
 
 There is no GPU here, so no CUDA graph pads a batch: this test stands in a forward context
 (the one fake in this folder) carrying an ``is_padding`` mask, as vLLM's GPU model runner sets
-it, and checks that the real custom op folds only the real rows."""
+it, and checks that the real ops fold only the real rows — on both of their paths: a step
+short enough for the step buffers (stashed, folded at its end) and a longer one (folded tap by
+tap)."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
 import torch
 import vllm.forward_context as fc
-from actprune.core.tensor.accumulate import export_state, new_channel_state
+from actprune.core.tensor.accumulate import export_state, new_packed_channels
 from actprune.server import ops
 
 
-def _observe(x: torch.Tensor, armed: float) -> dict:
-    st = new_channel_state(x.shape[1])
-    torch.ops.actprune.observe_channels(
-        x, torch.tensor([armed]), st["count"], st["mean"], st["m2"], st["sum"], st["sum_sq"],
-        st["sum_abs"], st["max_abs"], st["near_zero"], torch.tensor([0.0]))
+def _observe(x: torch.Tensor, armed: float, buffer_rows: int) -> dict:
+    (fields, counts, gid, (st,)) = new_packed_channels([x.shape[1]])
+    buf, streams = torch.zeros(buffer_rows, x.shape[1]), torch.zeros(buffer_rows, 2, 1, 1)
+    blocks, a, thr = torch.zeros(2, 1, dtype=torch.float64), torch.tensor(armed), torch.tensor(0.0)
+    torch.ops.actprune.stash_channels(x, buf, fields, counts, gid, a, thr, 0, 0)
+    torch.ops.actprune.fold_step(x, buf, streams, fields, counts, gid, blocks, a, thr)
     return export_state(st)
 
 
-def test_padding_rows_and_disarmed_steps_are_not_counted(monkeypatch):
+@pytest.mark.parametrize("buffer_rows", [8, 2], ids=["stashed", "tap-by-tap"])
+def test_padding_rows_and_disarmed_steps_are_not_counted(monkeypatch, buffer_rows):
     padded = torch.tensor([False, False, True, True, True, True])  # 2 real rows of a graph of 6
     monkeypatch.setattr(fc, "is_forward_context_available", lambda: True)
     monkeypatch.setattr(fc, "get_forward_context", lambda: SimpleNamespace(is_padding=padded))
     x = torch.tensor([[1.0], [3.0], [float("nan")], [1e9], [-1e9], [7.0]])
-    out = _observe(x, armed=1.0)
+    out = _observe(x, 1.0, buffer_rows)
     assert out["count"] == 2 and out["sum"][0] == 4.0 and out["max_abs"][0] == 3.0
+    assert out["m2"][0] == 2.0 and out["sum_sq"][0] == 10.0
     assert ops.valid_rows(6, torch.tensor([1.0])).tolist() == [True, True, False, False, False, False]
-    assert _observe(x, armed=0.0)["count"] == 0  # warm-up / paused: nothing counted
+    assert _observe(x, 0.0, buffer_rows)["count"] == 0  # warm-up / paused: nothing counted

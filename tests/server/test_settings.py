@@ -3,6 +3,7 @@ identity, refused with one line naming the variable or flag when they cannot wor
 
 from __future__ import annotations
 
+import json
 import socket
 
 import pytest
@@ -54,3 +55,10 @@ def test_serve_refuses_a_bad_interval_or_identity_before_starting_with_one_line(
         build_vllm_argv(argv, env)
     message = str(e.value.code)
     assert message.startswith("actprune serve: error: ") and named in message and "\n" not in message
+
+
+def test_capture_options_in_the_extra_config_reach_the_loader_beside_actprunes_own():
+    argv, _ = build_vllm_argv(["m", "--near-zero-threshold", "0.01", "--model-loader-extra-config",
+                               '{"actprune": {"stash_mib": 64}, "other": 1}'], {})
+    cfg = json.loads(argv[argv.index("--model-loader-extra-config") + 1])
+    assert cfg == {"actprune": {"stash_mib": 64, "load_format": "auto", "near_zero_threshold": 0.01}, "other": 1}

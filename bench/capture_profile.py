@@ -1,0 +1,150 @@
+"""Where the capture's time goes in one decode step: the real ops on a model-shaped skeleton.
+
+A real :class:`actprune.server.capture.Capture` (every statistic on) is attached to a skeleton
+of the benchmark model (Qwen3-shaped: 24 layers, hidden 768, MLP 2048, 12 heads x 64): decoder
+layers whose projections are near-free stand-ins, so the time of a step with hooks minus the
+time without is the capture's own. The step runs in torch.compile (as vLLM's compiled mode:
+the hooks are traced, each op is one call from the compiled code) or eagerly (``--eager``: the
+Python hooks run too). One thread, as vLLM's CPU worker. The torch profiler then counts the
+calls of each op per step and their time (dispatch, Python body, kernels; the profiler's own
+overhead inflates it).
+
+    .venv/bin/python bench/capture_profile.py [--tokens 1 8 32] [--steps 200] [--eager]
+
+The same script measures any version of the capture (it only uses the Capture class), so the
+"before" figures come from running it on an older commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from actprune.core.archs import REGISTRY
+from actprune.server.capture import Capture, CaptureOptions, ShardInfo
+from torch import nn
+
+LAYERS, HIDDEN, MLP, HEADS, HEAD_DIM = 24, 768, 2048, 12, 64
+
+
+class _Tap(nn.Module):
+    """Stands in for RowParallelLinear (the partition attributes capture reads): (T, C) -> (T, H)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.input_size = self.input_size_per_partition = width
+        self.tp_rank = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :HIDDEN]
+
+
+class _Layer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp, self.self_attn = nn.Module(), nn.Module()
+        self.mlp.down_proj = _Tap(MLP)
+        self.self_attn.o_proj = _Tap(HEADS * HEAD_DIM)
+
+    def forward(self, positions, hidden, residual):
+        # vLLM's layer: (hidden, residual) in and out; cheap element-wise stand-ins in between
+        stream = hidden if residual is None else hidden + residual  # (T, H)
+        attn_in = stream.repeat(1, HEADS * HEAD_DIM // HIDDEN)  # (T, A)
+        h = self.self_attn.o_proj(attn_in)
+        mlp_in = torch.cat([h, h, h], 1)[:, :MLP]  # (T, I)
+        return self.mlp.down_proj(mlp_in), stream
+
+
+class _Decoder(nn.Module):
+    """Stands in for vLLM's Qwen3Model, the part vLLM compiles."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(_Layer() for _ in range(LAYERS))
+
+    def forward(self, positions, hidden):
+        residual = None
+        for layer in self.layers:
+            hidden, residual = layer(positions, hidden, residual)
+        return hidden
+
+
+class _Model(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = _Decoder()
+
+    def forward(self, positions, hidden):
+        return self.model(positions, hidden)
+
+
+def _time(fn, steps: int) -> float:
+    """Median CPU µs of this thread per call over 5 blocks of ``steps`` calls: CPU time, not
+    wall time, so that other jobs on a shared machine do not count (their cache pressure does)."""
+    blocks = []
+    for _ in range(5):
+        t0 = time.thread_time()
+        for _ in range(steps):
+            fn()
+        blocks.append((time.thread_time() - t0) / steps * 1e6)
+    return statistics.median(blocks)
+
+
+def profile(fn, steps: int) -> dict[str, tuple[float, float]]:
+    """op name -> (calls per step, µs per step) of the capture's ops: their total time,
+    dispatch, Python body and the kernels they run (the ops never nest)."""
+    from torch.profiler import profile as prof
+
+    with prof() as p:
+        for _ in range(steps):
+            fn()
+    out: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for e in p.key_averages():
+        if e.key.startswith("actprune::"):
+            out[e.key][0] += e.count / steps
+            out[e.key][1] += e.cpu_time_total / steps
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--eager", action="store_true", help="run the hooks eagerly (vLLM --enforce-eager)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    bare, hooked = _Model(), _Model()
+    cap = Capture(hooked, REGISTRY["Qwen3ForCausalLM"].vllm, CaptureOptions(max_tokens=2048),
+                  ShardInfo(), torch.device("cpu"), HIDDEN)
+    cap.armed.fill_(1.0)  # no forward context here: arm by hand, every row counts
+    print(f"{'eager' if args.eager else 'compiled'}, {LAYERS} layers, 1 thread, "
+          f"capture ops {sorted(n for n in dir(torch.ops.actprune) if n[0] != '_' and n != 'name')}")
+    base = {t: _measure(bare.model, t, args, profiled=False)[0] for t in args.tokens}
+    # Dynamo caches graphs by code object and would hand the hooked model the bare one's graph
+    torch._dynamo.reset()
+    print("| tokens | step without capture (CPU µs) | with capture (CPU µs) | capture per step (CPU µs) "
+          "| op: calls per step, µs per step (profiled) |")
+    print("|---|---|---|---|---|")
+    for t in args.tokens:
+        cost, ops = _measure(hooked.model, t, args, profiled=True)
+        detail = "; ".join(f"{k.replace('actprune::', '')}: {c:g}, {us:.0f}" for k, (c, us) in sorted(ops.items()))
+        print(f"| {t} | {base[t]:.0f} | {cost:.0f} | **{cost - base[t]:.0f}** | {detail} |", flush=True)
+
+
+def _measure(decoder: nn.Module, tokens: int, args: argparse.Namespace, profiled: bool):
+    """(µs per step, profile) of ``decoder`` on a step of ``tokens`` tokens."""
+    run = decoder if args.eager else torch.compile(decoder, dynamic=True, fullgraph=True)
+    pos, x = torch.zeros(1), torch.randn(tokens, HIDDEN)
+    with torch.no_grad():
+        for _ in range(3):  # compile and warm up
+            run(pos, x)
+        us = _time(lambda: run(pos, x), args.steps)
+        ops = profile(lambda: run(pos, x), max(10, args.steps // 5)) if profiled else {}
+    return us, ops
+
+
+if __name__ == "__main__":
+    main()

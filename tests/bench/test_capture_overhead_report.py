@@ -1,0 +1,37 @@
+"""bench/capture_overhead.py's report: paired ratios, and no wall-clock ratio when the load moved."""
+
+from __future__ import annotations
+
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import capture_overhead  # noqa: E402
+
+
+def _measured(load: list[float]) -> dict:
+    on = {"rate": [9.0, 9.5, 10.0], "cpu": [0.11, 0.10, 0.12]}
+    off = {"rate": [10.0, 10.0, 10.0], "cpu": [0.10, 0.10, 0.10]}
+    return {"results": {"on": {"B=1 P=16": on}, "off": {"B=1 P=16": off}}, "load": load}
+
+
+def test_a_steady_load_gives_paired_median_ratios_with_their_range():
+    row = capture_overhead.table("compiled", _measured([1.0, 1.2, 1.1, 1.0]), Namespace(max_load_change=1.0))[-1]
+    assert "| 0.950 (0.900–1.000) |" in row  # wall: median of 9/10, 9.5/10, 10/10
+    assert "| 0.909 (0.833–1.000) |" in row  # CPU: off ÷ on CPU per token
+
+
+def test_a_moving_load_withholds_the_wall_clock_ratio_and_says_why():
+    lines = capture_overhead.table("compiled", _measured([1.0, 4.0, 2.0, 1.0]), Namespace(max_load_change=1.0))
+    assert "withheld" in lines[0] and "moved by 3.0" in lines[0]
+    assert "| withheld |" in lines[-1] and "0.909" in lines[-1]
+
+
+def test_write_puts_the_text_between_the_markers_and_keeps_the_rest(tmp_path):
+    doc = tmp_path / "BENCHMARKS.md"
+    doc.write_text(f"# B\n\nbefore\n\n{capture_overhead.BEGIN}\nold\n{capture_overhead.END}\n\nafter\n")
+    capture_overhead.write_benchmarks("new table", doc)
+    text = doc.read_text()
+    assert "new table" in text and "old" not in text and text.startswith("# B") and text.endswith("after\n")

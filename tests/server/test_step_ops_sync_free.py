@@ -1,0 +1,73 @@
+"""The capture's step path never waits for the device (a CUDA-graph requirement, docs/capture.md).
+
+No GPU here: the ops' Python bodies run on CPU tensors under a dispatch mode that records every
+aten call, and none of them may read a value on the host (``.item()``, ``.tolist()``, ``bool()``
+of a tensor: ``aten::_local_scalar_dense``) or make a shape from data (``nonzero``,
+``masked_select``, boolean indexing). Both paths of every op run: a step short enough for the
+step buffers and a longer one, folded tap by tap."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import vllm.forward_context as fc
+from actprune.core.tensor.accumulate import new_packed_channels, new_router_state, update_router
+from actprune.server import ops
+from torch.utils._python_dispatch import TorchDispatchMode
+
+SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_assert_async")
+
+
+class _Recorder(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__
+        if name.startswith("index.") and any(  # x[mask]: a shape made from data
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ())):
+            name = "masked_select (boolean index)"
+        self.calls.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("buffer_rows", [8, 2], ids=["stashed", "tap-by-tap"])
+def test_step_ops_never_read_device_values_on_the_host(monkeypatch, buffer_rows):
+    monkeypatch.setattr(ops, "_compiled", lambda fn: fn)  # eager: every aten call is seen
+    padded = torch.tensor([False, False, False, True])
+    monkeypatch.setattr(fc, "is_forward_context_available", lambda: True)
+    monkeypatch.setattr(fc, "get_forward_context", lambda: SimpleNamespace(is_padding=padded))
+    fields, counts, gid, _ = new_packed_channels([3, 2])
+    chan, streams = torch.zeros(buffer_rows, 5), torch.zeros(buffer_rows, 2, 1, 4)
+    scratch, blocks = torch.zeros(8, 4), torch.zeros(2, 1, dtype=torch.float64)
+    armed, thr, zero_gid = torch.tensor(1.0), torch.tensor(0.1), torch.zeros(3, dtype=torch.int64)
+    h, r, x = torch.randn(4, 4), torch.randn(4, 4), torch.randn(4, 5)
+    router = new_router_state(3)
+    with _Recorder() as rec:
+        ops.stash_stream(h, None, streams, scratch, blocks, armed, 0, False)
+        ops.stash_channels(x[:, :3], chan, fields, counts, zero_gid, armed, thr, 0, 0)
+        ops.stash_channels(x[:, 3:], chan, fields, counts, zero_gid, armed, thr, 3, 1)
+        ops.stash_stream(h, r, streams, scratch, blocks, armed, 0, True)
+        ops.fold_step(h, chan, streams, fields, counts, gid, blocks, armed, thr)
+        update_router(router, x[:, :3], ops.valid_rows(4, armed), 2, True)  # observe_router's body
+    assert rec.calls, "the recorder saw nothing"
+    assert not [c for c in rec.calls if c.split(".")[0] in SYNCING], rec.calls
+    assert float(counts[0]) == float(counts[1]) == 3.0  # and the step was folded
+
+
+def test_step_path_source_has_no_host_reads():
+    # .tolist() / .cpu() of a CPU tensor make no aten call the recorder could see
+    import inspect
+
+    from actprune.core.tensor import accumulate
+
+    bodies = [ops.stash_channels, ops.stash_stream, ops.fold_step, ops._fold_step_math, ops.valid_rows,
+              accumulate.channel_batch, accumulate.merge_channels, accumulate.fold_packed,
+              accumulate.fold_blocks, accumulate.update_router]
+    for fn in bodies:
+        src = inspect.getsource(fn)
+        for bad in (".item(", ".tolist(", ".cpu(", ".numpy(", "nonzero(", 'to("cpu")'):
+            assert bad not in src, f"{fn.__name__} calls {bad}"
