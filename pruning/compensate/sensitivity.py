@@ -31,13 +31,8 @@ import torch.nn.functional as F
 from actprune.core.tensor.hf_model import HfModel
 from actprune.core.tensor.hooks import HookRegistry
 from actprune.core.wire.plan import Plan
-from actprune.pruning.compensate.calibrate import (
-    HOOK_GROUP,
-    InputTap,
-    apply_mlp,
-    embed_rows,
-    run_layer,
-)
+from actprune.pruning.compensate.calibrate import HOOK_GROUP, InputTap, embed_rows, run_layer
+from actprune.pruning.compensate.layers import apply_mlp
 from actprune.pruning.compensate.maths import DEFAULT_RIDGE, refit, update_moments
 from tqdm.auto import tqdm
 
