@@ -17,6 +17,9 @@ from actprune.core.errors import UsageError
 
 __all__ = ["configure", "parse_weights", "request_from_args", "run"]
 
+# request fields filled from the --layer-sensitivity file rather than flags of their own
+_FROM_SENSITIVITY_FILE = ("head_sensitivity", "sensitivity_at")
+
 
 def _request_fields() -> dict[str, Any]:
     from actprune.core.wire.plan import PlanRequest
@@ -32,12 +35,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         help_text = f"{field.description or name} (default: {field.get_default(call_default_factory=True)})"
         ann = field.annotation
+        if name in _FROM_SENSITIVITY_FILE:
+            continue
         if ann is bool:
             parser.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
         elif name == "layer_sensitivity":
             parser.add_argument(flag, dest=name, default=None, metavar="FILE",
                                 help="sensitivity JSON from `actprune sensitivity`: per-layer MLP widths from "
-                                     "measured loss increases (with --per-layer)")
+                                     "measured loss increases (with --per-layer); with --param-ratio and a file "
+                                     "that measured heads too, the budget is allocated across layers and kinds")
         elif name == "weights":
             parser.add_argument(flag, dest=name, default=None, metavar="M,V,S",
                                 help="importance weights magnitude,variance,sparsity (default: 0.3,0.4,0.3)")
@@ -69,7 +75,10 @@ def parse_weights(text: str) -> dict[str, float]:
     raise UsageError(f"--weights: expected three numbers M,V,S (magnitude,variance,sparsity), got {text!r}")
 
 
-def _read_sensitivity(path: str) -> list[float]:
+def _read_sensitivity(path: str) -> dict[str, Any]:
+    """Request fields from a sensitivity file: ``layer_sensitivity`` (MLP Δ per layer) and, when
+    it measured heads too, ``head_sensitivity`` and ``sensitivity_at`` (the mean removed
+    fractions of the measured layers)."""
     from actprune.pruning.compensate.sensitivity import SENSITIVITY_FORMAT
 
     try:
@@ -78,7 +87,15 @@ def _read_sensitivity(path: str) -> list[float]:
         raise UsageError(f"--layer-sensitivity {path}: cannot read it ({e})") from None
     if not isinstance(record, dict) or record.get("format") != SENSITIVITY_FORMAT:
         raise UsageError(f"--layer-sensitivity {path}: not a file from `actprune sensitivity` ({SENSITIVITY_FORMAT})")
-    return [float(d) for d in record["deltas"]]
+    out: dict[str, Any] = {"layer_sensitivity": [float(d) for d in record["deltas"]]}
+    if record.get("attn_deltas"):
+        def mean_removed(name: str) -> float:
+            vals = [float(v) for v in record.get(name) or [] if float(v) > 0]
+            return sum(vals) / len(vals) if vals else 0.0
+
+        out["head_sensitivity"] = [float(d) for d in record["attn_deltas"]]
+        out["sensitivity_at"] = {"mlp": mean_removed("mlp_removed"), "attn": mean_removed("attn_removed")}
+    return out
 
 
 def request_from_args(args: argparse.Namespace):
@@ -89,7 +106,10 @@ def request_from_args(args: argparse.Namespace):
     if isinstance(fields.get("weights"), str):
         fields["weights"] = parse_weights(fields["weights"])
     if isinstance(fields.get("layer_sensitivity"), str):
-        fields["layer_sensitivity"] = _read_sensitivity(fields["layer_sensitivity"])
+        sens = _read_sensitivity(fields["layer_sensitivity"])
+        if "param_ratio" not in fields:  # head figures only serve the whole-model budget
+            sens = {"layer_sensitivity": sens["layer_sensitivity"]}
+        fields.update(sens)
     try:
         return PlanRequest(**fields)
     except ValidationError as e:
