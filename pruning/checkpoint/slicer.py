@@ -145,13 +145,15 @@ def slice_checkpoint(
     overwrite: bool = False, progress: bool = True,
     mlp_refit: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     attn_refit: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    slice_record: dict[str, Any] | None = None,
 ) -> Path:
     """Write the checkpoint ``plan`` describes to ``out``; returns ``out``. With ``stats``,
     fold the removed units' mean contribution into output biases (FLAP). With ``mlp_refit``
     (source layer -> (down_proj weight (H, K), bias (H,))) and ``attn_refit`` (source layer ->
     (o_proj weight (H, h·D), bias (H,))), write those instead (refit). When an output bias is
     written for some layers, every kept layer gets one (zeros where there is nothing to add),
-    so that transformers finds every weight its model declares."""
+    so that transformers finds every weight its model declares. ``slice_record``: more keys for the
+    ``slice`` record of ``actprune_plan.json`` (e.g. what made the refit, to resume by)."""
     model_dir, out = Path(model_dir).resolve(), Path(out).resolve()
     config = read_config(model_dir)
     _check_paths(model_dir, out, overwrite)
@@ -184,7 +186,7 @@ def slice_checkpoint(
             "mlp_refit_layers": sorted(refit), "attn_refit_layers": sorted(attn),
             "bias_stats_tokens": stats.tokens if stats is not None else None,
             "output_config_hash": config_hash(new_config),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(slice_record or {}),
         }
         (tmp / PLAN_RECORD).write_text(json.dumps(record, indent=1) + "\n")
     return out

@@ -76,10 +76,8 @@ def parse_weights(text: str) -> dict[str, float]:
 
 
 def _read_sensitivity(path: str) -> dict[str, Any]:
-    """Request fields from a sensitivity file: ``layer_sensitivity`` (MLP Δ per layer) and, when
-    it measured heads too, ``head_sensitivity`` and ``sensitivity_at`` (the mean removed
-    fractions of the measured layers)."""
-    from actprune.pruning.compensate.sensitivity import SENSITIVITY_FORMAT
+    """Request fields from a sensitivity file (:func:`sensitivity.request_fields`)."""
+    from actprune.pruning.compensate.sensitivity import SENSITIVITY_FORMAT, request_fields
 
     try:
         record = json.loads(Path(path).read_text())
@@ -87,15 +85,10 @@ def _read_sensitivity(path: str) -> dict[str, Any]:
         raise UsageError(f"--layer-sensitivity {path}: cannot read it ({e})") from None
     if not isinstance(record, dict) or record.get("format") != SENSITIVITY_FORMAT:
         raise UsageError(f"--layer-sensitivity {path}: not a file from `actprune sensitivity` ({SENSITIVITY_FORMAT})")
-    out: dict[str, Any] = {"layer_sensitivity": [float(d) for d in record["deltas"]]}
-    if record.get("attn_deltas"):
-        def mean_removed(name: str) -> float:
-            vals = [float(v) for v in record.get(name) or [] if float(v) > 0]
-            return sum(vals) / len(vals) if vals else 0.0
-
-        out["head_sensitivity"] = [float(d) for d in record["attn_deltas"]]
-        out["sensitivity_at"] = {"mlp": mean_removed("mlp_removed"), "attn": mean_removed("attn_removed")}
-    return out
+    try:
+        return request_fields(record)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"--layer-sensitivity {path}: malformed ({e})") from None
 
 
 def request_from_args(args: argparse.Namespace):

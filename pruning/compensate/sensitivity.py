@@ -36,7 +36,7 @@ from actprune.pruning.compensate.layers import apply_attention, apply_mlp, head_
 from actprune.pruning.compensate.maths import DEFAULT_RIDGE, refit, update_moments
 from tqdm.auto import tqdm
 
-__all__ = ["SENSITIVITY_FORMAT", "layer_sensitivity", "sensitivity_for_plan"]
+__all__ = ["SENSITIVITY_FORMAT", "layer_sensitivity", "request_fields", "sensitivity_for_plan"]
 
 SENSITIVITY_FORMAT = "actprune.layer_sensitivity/1"
 
@@ -130,13 +130,13 @@ class _Moments:
 def sensitivity_for_plan(model_dir: str | Path, plan: Plan, data: str, output: str | Path, *,
                          tokens: int = 32768, seq_len: int = 512, ridge: float = DEFAULT_RIDGE,
                          probe_rows: int = 8, text_field: str | None = None, progress: bool = True,
-                         trust_remote_code: bool = False) -> Path:
+                         trust_remote_code: bool = False, extra: dict[str, Any] | None = None) -> Path:
     """Measure Δ for the MLP keep lists of ``plan`` (and, where the plan removes heads, for its
     head lists: ``attn_deltas``) over ``tokens`` tokens of ``data`` and write ``{"format",
     "deltas": [per layer], "attn_deltas", "mlp_removed" / "attn_removed" (the fraction of
     neurons / query heads each layer lost in the measurement), ...}`` to ``output`` (JSON).
     ``trust_remote_code``: run code the checkpoint's ``auto_map`` names (see
-    :mod:`actprune.pruning.checkpoint.trust`)."""
+    :mod:`actprune.pruning.checkpoint.trust`); ``extra``: more keys for the record."""
     from actprune.core.files import atomic_write
     from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
     from actprune.pruning.data import load_texts, pack, tokenize
@@ -164,6 +164,22 @@ def sensitivity_for_plan(model_dir: str | Path, plan: Plan, data: str, output: s
         "head_mode": plan.provenance.request.get("head_mode"),
         "strategy": plan.provenance.strategy,
         "data": data, "tokens": int(rows.numel()), "probe_tokens": int(rows[:probe_rows].numel()),
-        "ridge": ridge,
+        "ridge": ridge, **(extra or {}),
     }
     return atomic_write(output, json.dumps(record, indent=2) + "\n")
+
+
+def request_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """PlanRequest fields from a sensitivity record: ``layer_sensitivity`` (MLP Δ per layer) and,
+    when heads were measured too, ``head_sensitivity`` and ``sensitivity_at`` (the mean removed
+    fractions of the measured layers, the ``p0`` of the cost model in
+    :mod:`actprune.core.planning.budget`)."""
+    out: dict[str, Any] = {"layer_sensitivity": [float(d) for d in record["deltas"]]}
+    if record.get("attn_deltas"):
+        def mean_removed(name: str) -> float:
+            vals = [float(v) for v in record.get(name) or [] if float(v) > 0]
+            return sum(vals) / len(vals) if vals else 1.0
+
+        out["head_sensitivity"] = [float(d) for d in record["attn_deltas"]]
+        out["sensitivity_at"] = {"mlp": mean_removed("mlp_removed"), "attn": mean_removed("attn_removed")}
+    return out
