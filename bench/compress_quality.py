@@ -10,7 +10,8 @@ MLP step) and is built in memory exactly as the shipped path writes it (``layerw
 installs what the slicer writes; tests check the equality):
 
 - ``mlp|sens``: MLP neurons only, widths from measured MLP sensitivity (the best MLP-only
-  path of issue 7: ``sensitivity`` -> ``plan --per-layer --layer-sensitivity`` -> refit);
+  path of issue 7: ``sensitivity`` -> ``plan --per-layer --layer-sensitivity`` -> refit; the
+  MLP Δ of the whole-model measurement unless ``--mlp-sens``, to save a pass);
 - ``all|uniform``: heads + MLP, the planner's uniform split of ``param_ratio`` (every layer
   loses the same share of MLP and KV groups), MLP and attention refitted;
 - ``all|global``: heads + MLP allocated across layers and kinds from measured sensitivities
@@ -142,12 +143,13 @@ def configs(s: Setup, budget: float, ridge: float, head_mode: str) -> dict[str, 
     mlp_params = sum(3 * s.shape.hidden_size * ly.intermediate_size for ly in s.shape.layers)
     mlp_ratio = removed / mlp_params
     out = {}
-    uni_mlp = s.plan(mlp_ratio=mlp_ratio)
-    d_mlp, _ = s.sensitivity(uni_mlp, ridge)
-    out["mlp|sens"] = s.plan(mlp_ratio=mlp_ratio, per_layer=True, layer_sensitivity=[d_mlp[i] for i in sorted(d_mlp)])
     uniform = s.plan(param_ratio=removed / total, head_mode=head_mode)
-    out["all|uniform"] = uniform
     d_mlp2, d_attn = s.sensitivity(uniform, ridge)
+    # MLP-only widths: p ∝ 1/Δ uses only the ratios of the Δ, so the MLP Δ of the uniform
+    # whole-model plan serve (measured at its MLP share, not at mlp_ratio) unless asked to measure
+    d_mlp = s.sensitivity(s.plan(mlp_ratio=mlp_ratio), ridge)[0] if s.args.mlp_sens else d_mlp2
+    out["mlp|sens"] = s.plan(mlp_ratio=mlp_ratio, per_layer=True, layer_sensitivity=[d_mlp[i] for i in sorted(d_mlp)])
+    out["all|uniform"] = uniform
     src = uniform.source.widths
     at = {"mlp": 1 - len(uniform.layers[0].mlp_keep) / src[0].intermediate_size,
           "attn": 1 - len(uniform.layers[0].heads_keep) / src[0].num_attention_heads}
@@ -164,6 +166,7 @@ def main() -> None:
     p.add_argument("--budget", type=float, nargs="+", default=[0.2], help="fractions of non-embedding params")
     p.add_argument("--ridge", type=float, nargs="+", default=[1e-2])
     p.add_argument("--head-mode", nargs="+", default=["kv_groups"])
+    p.add_argument("--mlp-sens", action="store_true", help="measure MLP-only sensitivity at the MLP-only ratio")
     p.add_argument("--only", nargs="*", default=None, help="config names to run (default: all)")
     p.add_argument("--calib-docs", type=int, default=96)
     p.add_argument("--calib-tokens", type=int, default=8192)
