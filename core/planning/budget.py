@@ -12,7 +12,9 @@ steps down (pool at count ``hi`` → its next smaller legal count ``lo``) in ord
 cost per parameter removed. With convex costs and fine steps this is the Lagrangian optimum
 ``p_ik ∝ P_ik p0_k² / Δ_ik``; a coarse step (one KV group is ~170 SmolLM2 neurons' worth of
 parameters) that no longer fits the remaining budget is skipped, and the fine-grained MLP
-pools fill the rest.
+pools fill the rest. A pool loses at most twice the fraction its Δ was measured at (the rule
+that made MLP-only sensitivity widths robust, BENCHMARKS.md issue 7), so a noisy Δ ≤ 0 cannot
+empty a layer.
 """
 
 from __future__ import annotations
@@ -27,13 +29,20 @@ __all__ = ["Pool", "allocate_budget"]
 class Pool:
     """allowed: ascending legal kept counts, the last one whole; params[j]: parameters the pool
     holds at ``allowed[j]``; removed[j]: the fraction of its units removed at ``allowed[j]``;
-    delta: measured loss increase at removed fraction ``at``."""
+    delta: measured loss increase at removed fraction ``at``; cap: the most it may lose
+    (default ``2 · at``: a Δ measured at one fraction says little about much larger cuts, and
+    a noisy near-zero or negative Δ would otherwise make a layer look free)."""
 
     allowed: list[int]
     params: list[int]
     removed: list[float]
     delta: float
     at: float
+    cap: float | None = None
+
+    @property
+    def limit(self) -> float:
+        return 2 * self.at if self.cap is None else self.cap
 
     def cost(self, j: int, floor: float = 1e-6) -> float:
         return max(self.delta, floor) * (self.removed[j] / self.at) ** 2
@@ -41,13 +50,14 @@ class Pool:
 
 def allocate_budget(pools: list[Pool], budget: int, cap: float = 0.9) -> list[int]:
     """Kept count per pool removing at most ``budget`` parameters (as close as the steps allow)
-    at the least modelled cost; no pool loses more than ``cap`` of its units."""
+    at the least modelled cost; no pool loses more than ``cap`` of its units, nor more than its
+    own limit (:attr:`Pool.limit`)."""
     pos = [len(p.allowed) - 1 for p in pools]
     heap: list[tuple[float, int]] = []
 
     def push(i: int) -> None:
         p, j = pools[i], pos[i]
-        if j > 0 and p.removed[j - 1] <= cap + 1e-12:
+        if j > 0 and p.removed[j - 1] <= min(cap, p.limit) + 1e-12:
             freed = p.params[j] - p.params[j - 1]
             heapq.heappush(heap, ((p.cost(j - 1) - p.cost(j)) / max(freed, 1), i))
 

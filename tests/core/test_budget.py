@@ -33,6 +33,9 @@ def test_coarse_steps_that_do_not_fit_are_skipped_and_fine_pools_fill_in():
 def test_zero_or_negative_sensitivity_does_not_gut_a_layer_beyond_the_cap():
     kept = allocate_budget([_mlp(10, 1, -1.0), _mlp(10, 1, 1.0)], 12, cap=0.5)
     assert kept[0] == 5 and sum(10 - k for k in kept) <= 12
+    # by default a pool loses at most twice the fraction its Δ was measured at
+    kept = allocate_budget([_mlp(10, 1, -1.0, at=0.2), _mlp(10, 1, 1.0, at=0.2)], 6)
+    assert kept == [6, 8]
 
 
 def test_make_plan_gives_heads_where_attention_matters_least(stats):  # noqa: F811
@@ -41,8 +44,8 @@ def test_make_plan_gives_heads_where_attention_matters_least(stats):  # noqa: F8
     req = dict(param_ratio=0.1, layer_sensitivity=[1.0] * n, head_sensitivity=head_sens,
                sensitivity_at={"mlp": 0.25, "attn": 0.25})
     p = plan(stats, **req)
-    assert [w.num_key_value_heads for w in p.widths] == [4, 4, 4, 1]  # min_kv_heads 1
-    assert len(p.layers[3].heads_keep) == 2  # whole KV groups (2 query heads each)
+    assert [w.num_key_value_heads for w in p.widths] == [4, 4, 4, 2]  # at most 2 × the measured 25 %
+    assert len(p.layers[3].heads_keep) == 4  # whole KV groups (2 query heads each)
     removed = 1 - p.params_after / p.params_before
     assert 0.09 <= removed <= 0.1 + 1e-9
     assert [w.num_key_value_heads for w in plan(stats, **{**req, "head_sensitivity": [10.0] * n}).widths] == [4] * 4
