@@ -154,6 +154,10 @@ def configs(s: Setup, budget: float, ridge: float, head_mode: str) -> dict[str, 
     at = {"mlp": 1 - len(uniform.layers[0].mlp_keep) / src[0].intermediate_size,
           "attn": 1 - len(uniform.layers[0].heads_keep) / src[0].num_attention_heads}
     n = s.shape.num_layers
+    if s.args.heads_at_measured:  # variant: no layer loses more heads than it was measured losing
+        from actprune.core.planning import budget
+
+        budget.Pool.limit = property(lambda p: p.at if p.at == at["attn"] else 2 * p.at)
     out["all|global"] = s.plan(param_ratio=removed / total, head_mode=head_mode,
                                layer_sensitivity=[d_mlp2.get(i, 0.0) for i in range(n)],
                                head_sensitivity=[d_attn.get(i, 0.0) for i in range(n)], sensitivity_at=at)
@@ -167,6 +171,8 @@ def main() -> None:
     p.add_argument("--ridge", type=float, nargs="+", default=[1e-2])
     p.add_argument("--head-mode", nargs="+", default=["kv_groups"])
     p.add_argument("--mlp-sens", action="store_true", help="measure MLP-only sensitivity at the MLP-only ratio")
+    p.add_argument("--heads-at-measured", action="store_true",
+                   help="global variant: heads limited to the share their Δ was measured at (results key +|hm)")
     p.add_argument("--only", nargs="*", default=None, help="config names to run (default: all)")
     p.add_argument("--calib-docs", type=int, default=96)
     p.add_argument("--calib-tokens", type=int, default=8192)
@@ -194,7 +200,7 @@ def main() -> None:
                 plans = configs(s, budget, ridge, mode)
                 plans["all|global|noattn"] = plans["all|global"]
                 for name, plan in plans.items():
-                    key = f"{name}|{budget}|ridge={ridge:g}|{mode}"
+                    key = f"{name}|{budget}|ridge={ridge:g}|{mode}" + ("|hm" if args.heads_at_measured else "")
                     if key in done or (args.only and name not in args.only):
                         continue
                     t0 = time.time()
