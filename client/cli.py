@@ -29,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("actprune.pruning.cli.plan", "score units from stats and write a pruning plan (plan.json)"),
     "prune": ("actprune.pruning.cli.prune", "slice a checkpoint by a plan, tensor by tensor"),
     "sensitivity": ("actprune.pruning.cli.sensitivity", "measure each layer's loss increase, for per-layer widths"),
+    "compress": ("actprune.pruning.cli.compress", "remove a parameter budget from heads and MLP where it costs least, refitted"),
     "collect": ("actprune.client.collect", "replay JSONL prompts through a server's OpenAI API"),
     "stats": ("actprune.client.stats_cli", "pull and merge stats from servers; show a stats file"),
     "record": ("actprune.pruning.cli.record", "record activation stats offline with transformers"),

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 from actprune.core.archs import LayerShape, ModelShape, model_shape, spec_for_config
+from actprune.core.planning.budget import Pool, allocate_budget
 from actprune.core.planning.experts import check_expert_request, expert_choice
 from actprune.core.planning.scores import (
     LAYER_STRATEGIES,
@@ -172,6 +173,10 @@ def make_plan(stats: Stats, config: dict[str, Any], request: PlanRequest,
     kept = [i for i in range(shape.num_layers) if i not in dropped]
     mlp_ratio, head_ratio = request.mlp_ratio, request.head_ratio
     heads = _HeadChoice(stats, shape, kept, request, norms)
+    if request.param_ratio is not None and request.head_sensitivity is not None:
+        mlp_counts, head_keep = _global_budget(shape, kept, dropped, request, heads)
+        mlp_keep = _mlp_choice(stats, shape, kept, request, None, norms, mlp_counts)
+        return _assemble(stats, config, shape, chash, request, dropped, mlp_keep, head_keep, {})
     if request.param_ratio is not None:
         mlp_ratio, head_ratio = _split_budget(shape, kept, dropped, request, heads)
     head_keep = heads.choose(head_ratio)
@@ -207,6 +212,9 @@ def _check_inputs(stats: Stats, shape: ModelShape, chash: str, request: PlanRequ
             got = stats.tensors[name].shape[0]
             if got != width:
                 raise PlanError(f"stats layers.{i}.{kind} have {got} channels, the model has {width}")
+    if request.head_sensitivity is not None and len(request.head_sensitivity) != shape.num_layers:
+        raise PlanError(f"head_sensitivity has {len(request.head_sensitivity)} values, the model has "
+                        f"{shape.num_layers} layers; measure it on this model (actprune sensitivity)")
     if request.layer_sensitivity is not None and len(request.layer_sensitivity) != shape.num_layers:
         raise PlanError(f"layer_sensitivity has {len(request.layer_sensitivity)} values, the model has "
                         f"{shape.num_layers} layers; measure it on this model (actprune sensitivity)")
@@ -225,9 +233,13 @@ def _dropped_layers(stats: Stats, shape: ModelShape, request: PlanRequest) -> li
     return sorted(int(i) for i in np.argsort(s, kind="stable")[:k])
 
 
-def _mlp_choice(stats, shape, kept, request, ratio, norms) -> dict[int, list[int]]:
+def _mlp_choice(stats, shape, kept, request, ratio, norms, counts: list[int] | None = None) -> dict[int, list[int]]:
     full = {i: shape.layers[i].intermediate_size for i in kept}
     sparse = {i: list(range(full[i])) for i in kept if shape.layers[i].num_experts is not None}
+    if counts is not None:  # given per kept layer (global budget; refused for MoE): the best-scored units
+        scores = {i: _channel_scores(stats, i, "mlp", request, norms) for i in kept}
+        return {i: sorted(int(j) for j in np.argsort(-scores[i], kind="stable")[:c])
+                for i, c in zip(kept, counts, strict=True)}
     kept = [i for i in kept if i not in sparse]  # experts keep their neurons; dense MLPs below
     if not ratio:
         return {i: list(range(full[i])) for i in kept} | sparse
@@ -276,14 +288,16 @@ class _HeadChoice:
             return out
         units, allowed, pick = [], [], []
         for i in self.kept:
-            u, a, p = self._units(i)
+            u, a, p = self.units(i)
             units.append(u)
             allowed.append(a)
             pick.append(p)
         counts = allocate(units, allowed, 1.0 - ratio, self.request.per_layer)
         return {i: p(c) for i, p, c in zip(self.kept, pick, counts, strict=True)}
 
-    def _units(self, i: int):
+    def units(self, i: int):
+        """(unit scores best first, ascending legal kept unit counts, count -> (query heads,
+        KV heads)) of layer i; a unit is a KV group or a level of query heads (module doc)."""
         s, r = self.shape.layers[i], self.request
         g = s.num_attention_heads // s.num_key_value_heads
         hs = self.scores(i).reshape(s.num_key_value_heads, g)  # (K, g)
@@ -308,6 +322,34 @@ class _HeadChoice:
         if not allowed:
             raise PlanError(f"layer {i}: no head count satisfies tp_size {r.tp_size} and min_kv_heads {r.min_kv_heads}")
         return group[order], allowed, pick
+
+
+def _global_budget(shape, kept, dropped, request, heads: _HeadChoice):
+    """MLP counts and (query, KV) heads per kept layer from the measured sensitivities: one
+    pool per layer and kind, the budget taken where the modelled loss per parameter is least
+    (:func:`budget.allocate_budget`)."""
+    budget = request.param_ratio * shape.params() - sum(shape.layer_params(shape.layers[i]) for i in dropped)
+    q = math.lcm(request.width_multiple, request.tp_size)
+    at = request.sensitivity_at or {}
+    pools, picks = [], []
+    for i in kept:
+        s = shape.layers[i]
+        allowed = allowed_counts(s.intermediate_size, q, request.min_mlp_width)
+        if not allowed:
+            raise PlanError(f"layer {i}: no MLP width <= {s.intermediate_size} is a multiple of {q} "
+                            f"(width_multiple × tp_size) and >= min_mlp_width {request.min_mlp_width}")
+        pools.append(Pool(allowed, [shape.layer_params(LayerShape(c, s.num_attention_heads, s.num_key_value_heads))
+                                    for c in allowed], [1 - c / s.intermediate_size for c in allowed],
+                          request.layer_sensitivity[i], at["mlp"]))
+        _, h_allowed, pick = heads.units(i)
+        chosen = [pick(c) for c in h_allowed]
+        pools.append(Pool(h_allowed, [shape.layer_params(LayerShape(s.intermediate_size, len(hq), len(kv)))
+                                      for hq, kv in chosen],
+                          [1 - len(hq) / s.num_attention_heads for hq, _ in chosen],
+                          request.head_sensitivity[i], at["attn"]))
+        picks.append(pick)
+    counts = allocate_budget(pools, int(budget), cap=0.9)
+    return counts[0::2], {i: p(c) for i, p, c in zip(kept, picks, counts[1::2], strict=True)}
 
 
 def _split_budget(shape, kept, dropped, request, heads: _HeadChoice) -> tuple[float, float]:

@@ -60,6 +60,19 @@ class HfModel:
     def o_proj(self, layer: nn.Module) -> nn.Linear:
         return layer.get_submodule(self.spec.hf.o_proj)
 
+    def attention(self, layer: nn.Module) -> tuple[nn.Module, nn.Linear, nn.Linear, nn.Linear, nn.Linear]:
+        """(attention module, q_proj, k_proj, v_proj, o_proj) of one decoder layer."""
+        h = self.spec.hf
+        attn = layer.get_submodule(h.o_proj.rpartition(".")[0]) if "." in h.o_proj else layer
+        return attn, *(layer.get_submodule(p) for p in (h.q_proj, h.k_proj, h.v_proj, h.o_proj))
+
+    def set_attention(self, layer: nn.Module, q: nn.Module, k: nn.Module, v: nn.Module, o: nn.Module) -> None:
+        """Replace one layer's attention projections (sliced, refitted, or the dense ones back)."""
+        h = self.spec.hf
+        for path, new in ((h.q_proj, q), (h.k_proj, k), (h.v_proj, v), (h.o_proj, o)):
+            parent, _, attr = path.rpartition(".")
+            setattr(layer.get_submodule(parent) if parent else layer, attr, new)
+
     def set_mlp(self, layer: nn.Module, gate: nn.Module, up: nn.Module, down: nn.Module) -> None:
         """Replace one layer's MLP projections (a sliced or refitted MLP, or the dense one back)."""
         h = self.spec.hf

@@ -128,7 +128,20 @@ class PlanRequest(BaseModel):
         None,
         max_length=LIMITS.layers,
         description="per-layer loss increases from `actprune sensitivity` (CLI: the JSON file); "
-        "with per_layer and mlp_ratio, MLP widths come from them (removed fraction ∝ 1/Δ, at most 2× the ratio)",
+        "with per_layer and mlp_ratio, MLP widths come from them (removed fraction ∝ 1/Δ, at most 2× the ratio); "
+        "with param_ratio and head_sensitivity, the budget is allocated across layers and kinds",
+    )
+    head_sensitivity: list[float] | None = Field(
+        None,
+        max_length=LIMITS.layers,
+        description="per-layer loss increases when that layer alone loses heads (`actprune sensitivity` on a plan "
+        "with head_ratio; the file's attn_deltas); with param_ratio and layer_sensitivity, heads and MLP "
+        "neurons of every layer share the budget by least modelled loss per parameter",
+    )
+    sensitivity_at: dict[str, float] | None = Field(
+        None,
+        description="removed fractions the sensitivities were measured at: {'mlp': neurons, 'attn': query heads} "
+        "(CLI: from the sensitivity file)",
     )
 
     @model_validator(mode="after")
@@ -137,7 +150,18 @@ class PlanRequest(BaseModel):
             raise ValueError("give drop_layers or drop_layer_ratio, not both")
         if self.layer_sensitivity is not None and not all(math.isfinite(d) for d in self.layer_sensitivity):
             raise ValueError("layer_sensitivity values must be finite numbers")
-        if self.layer_sensitivity is not None and not (self.per_layer and self.mlp_ratio):
+        if self.head_sensitivity is not None and not all(math.isfinite(d) for d in self.head_sensitivity):
+            raise ValueError("head_sensitivity values must be finite numbers")
+        budget = self.param_ratio is not None and self.head_sensitivity is not None
+        if budget and (self.layer_sensitivity is None or self.sensitivity_at is None):
+            raise ValueError("head_sensitivity allocates param_ratio across kinds: it needs layer_sensitivity "
+                             "and sensitivity_at (give the sensitivity file of a plan with mlp_ratio and head_ratio)")
+        if self.head_sensitivity is not None and self.param_ratio is None:
+            raise ValueError("head_sensitivity is used with param_ratio (the whole-model budget)")
+        at = self.sensitivity_at or {}
+        if budget and not all(0 < at.get(k, 0) <= 1 and math.isfinite(at[k]) for k in ("mlp", "attn")):
+            raise ValueError("sensitivity_at needs 'mlp' and 'attn' fractions in (0, 1]")
+        if self.layer_sensitivity is not None and not (self.per_layer and self.mlp_ratio) and not budget:
             raise ValueError("layer_sensitivity sets per-layer MLP widths: it needs per_layer and mlp_ratio")
         if self.param_ratio is not None and (self.mlp_ratio is not None or self.head_ratio is not None):
             raise ValueError("param_ratio splits the budget itself; do not combine it with mlp_ratio/head_ratio")

@@ -20,10 +20,12 @@ Bias compensation (FLAP): with stats, the mean contribution of removed MLP neuro
 channels, ``W[:, removed] @ mean[removed]``, becomes a ``down_proj`` / ``o_proj`` bias. Stock
 families have no such biases, so compensated checkpoints always use the actprune architecture.
 
-Refit (``mlp_refit``, from :func:`actprune.pruning.compensate.calibrate.layerwise_refit`): per source layer,
-a new ``down_proj`` weight for the kept columns, (H, K), and a bias (H,) replace the sliced
-weight and become its ``down_proj`` bias (added to any bias it had); again the actprune
-architecture.
+Refit (``mlp_refit`` / ``attn_refit``, from :func:`actprune.pruning.compensate.calibrate.layerwise_refit`):
+per source layer, a new ``down_proj`` weight for the kept columns, (H, K), or ``o_proj`` weight
+for the kept heads' channels, (H, h·D), and a bias (H,) replace the sliced weight and become its
+bias (added to any bias it had); again the actprune architecture. Whenever the config declares
+an output bias, every kept layer gets one, zeros where nothing is added: transformers would
+otherwise report the missing ones as "newly initialized".
 
 Mixture-of-experts (Qwen3-MoE): the tensors of removed experts (``mlp.experts.{e}.*``) are not
 written, kept experts are renumbered 0..E'-1 in source order, and the router's (E, hidden)
@@ -177,10 +179,16 @@ def slice_checkpoint(
     model_dir: str | Path, plan: Plan, out: str | Path, *, stats: Stats | None = None,
     overwrite: bool = False, progress: bool = True,
     mlp_refit: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    attn_refit: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    slice_record: dict[str, Any] | None = None,
 ) -> Path:
     """Write the checkpoint ``plan`` describes to ``out``; returns ``out``. With ``stats``,
     fold the removed units' mean contribution into output biases (FLAP). With ``mlp_refit``
-    (source layer -> (down_proj weight (H, K), bias (H,))), write those instead (refit)."""
+    (source layer -> (down_proj weight (H, K), bias (H,))) and ``attn_refit`` (source layer ->
+    (o_proj weight (H, h·D), bias (H,))), write those instead (refit). When an output bias is
+    written for some layers, every kept layer gets one (zeros where there is nothing to add),
+    so that transformers finds every weight its model declares. ``slice_record``: more keys for the
+    ``slice`` record of ``actprune_plan.json`` (e.g. what made the refit, to resume by)."""
     model_dir, out = Path(model_dir).resolve(), Path(out).resolve()
     config = read_config(model_dir)
     _check_paths(model_dir, out, overwrite)
@@ -194,13 +202,15 @@ def slice_checkpoint(
     if stats is not None and stats.meta.get("config_hash") != plan.source.config_hash:
         raise SliceError("stats for bias compensation were recorded on a different model than the plan's")
     refit = _check_refit(plan, mlp_refit, stats)
+    attn = _check_refit(plan, attn_refit, stats, attention=True)
     index = ShardIndex(model_dir)
-    shard_entries = _plan_entries(index, spec, plan, config, compensate=stats is not None, refit=refit)
     old_bias = config.get("actprune_bias") or {}
     bias = {k: bool(stats is not None or old_bias.get(k)) for k in ("down_proj", "o_proj")}
     bias["down_proj"] = bias["down_proj"] or bool(refit)
+    bias["o_proj"] = bias["o_proj"] or bool(attn)
+    shard_entries = _plan_entries(index, spec, plan, bias)
     with staged_directory(out) as tmp:
-        _write_all(index, spec, plan, stats, shard_entries, tmp, progress, refit)
+        _write_all(index, spec, plan, stats, shard_entries, tmp, progress, refit, attn)
         new_config = output_config(config, spec, plan, bias)
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
         if new_config["architectures"] == [ACTPRUNE_ARCHITECTURE]:
@@ -210,10 +220,10 @@ def slice_checkpoint(
         record = json.loads(plan.to_json())
         record["slice"] = {
             "source": str(model_dir), "bias_compensation": stats is not None,
-            "mlp_refit_layers": sorted(refit),
+            "mlp_refit_layers": sorted(refit), "attn_refit_layers": sorted(attn),
             "bias_stats_tokens": stats.tokens if stats is not None else None,
             "output_config_hash": config_hash(new_config),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(slice_record or {}),
         }
         (tmp / PLAN_RECORD).write_text(json.dumps(record, indent=1) + "\n")
     return out
@@ -229,21 +239,26 @@ def _check_paths(model_dir: Path, out: Path, overwrite: bool) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
 
 
-def _check_refit(plan: Plan, refit, stats) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def _check_refit(plan: Plan, refit, stats, attention: bool = False) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     refit = dict(refit or {})
+    what = "attention" if attention else "MLP"
     if refit and stats is not None:
-        raise SliceError("give bias-compensation stats or an MLP refit, not both (the refit fits the bias too)")
+        raise SliceError(f"give bias-compensation stats or an {what} refit, not both (the refit fits the bias too)")
     for i, (w, b) in refit.items():
         lp = plan.layers[i] if 0 <= i < len(plan.layers) else None
-        if lp is None or lp.drop or w.ndim != 2 or w.shape[1] != len(lp.mlp_keep) or b.shape != (w.shape[0],):
-            raise SliceError(f"MLP refit of layer {i} does not fit the plan (weight {tuple(w.shape)}, bias {tuple(b.shape)})")
+        width = None if lp is None else (len(lp.heads_keep) * plan.source.head_dim if attention else len(lp.mlp_keep))
+        if lp is None or lp.drop or w.ndim != 2 or w.shape[1] != width or b.shape != (w.shape[0],):
+            raise SliceError(f"{what} refit of layer {i} does not fit the plan (weight {tuple(w.shape)}, bias {tuple(b.shape)})")
     return refit
 
 
-def _plan_entries(index: ShardIndex, spec: ArchSpec, plan: Plan, config: dict, compensate: bool,
-                  refit: dict | None = None):
-    """Output entries per input shard, with shapes from headers alone (no tensor data read)."""
+def _plan_entries(index: ShardIndex, spec: ArchSpec, plan: Plan, bias: dict[str, bool]):
+    """Output entries per input shard, with shapes from headers alone (no tensor data read).
+    Where ``bias[kind]`` is set, every kept layer's output bias of that kind is computed
+    (source None, emitted after its weight): the old bias, if any, plus the compensation."""
     new_index = {lp.index: k for k, lp in enumerate(lp for lp in plan.layers if not lp.drop)}
+    computed = {w: b for w, b, on in ((spec.down_weight, spec.down_bias, bias.get("down_proj")),
+                                      (spec.o_weight, spec.o_bias, bias.get("o_proj"))) if on}
     shards: list[list[Entry]] = []
     experts_written: set[str] = set()  # output names of kept experts' tensors
     for shard in index.shards:
@@ -269,18 +284,12 @@ def _plan_entries(index: ShardIndex, spec: ArchSpec, plan: Plan, config: dict, c
                 if ref.layer is not None:
                     _check_source_shape(name, shape, ref.role, plan.source.widths[ref.layer], plan.source.head_dim)
                     shape = _sliced_shape(shape, ref.role, plan.layers[ref.layer], plan.source.head_dim)
-                    if compensate and ref.suffix in (spec.down_bias, spec.o_bias):
-                        continue  # re-emitted below, old bias plus new compensation
-                    if ref.layer in (refit or {}) and ref.suffix == spec.down_bias:
-                        continue  # re-emitted below, old bias plus the refit's
+                    if ref.suffix in computed.values():
+                        continue  # re-emitted after its weight: old bias plus the compensation
                 entries.append(Entry(out_name, name, ref.layer, ref.role, dtype, shape))
-                if ref.layer in (refit or {}) and ref.suffix == spec.down_weight:
-                    entries.append(Entry(spec.layer_name(new_index[ref.layer], spec.down_bias), None,
-                                          ref.layer, Role.COPY, dtype, [shape[0]]))
-                if compensate and ref.layer is not None and ref.suffix in (spec.down_weight, spec.o_weight):
-                    bias_suffix = spec.down_bias if ref.suffix == spec.down_weight else spec.o_bias
-                    entries.append(Entry(spec.layer_name(new_index[ref.layer], bias_suffix), None,
-                                          ref.layer, Role.COPY, dtype, [shape[0]]))
+                if ref.layer is not None and ref.suffix in computed:
+                    entries.append(Entry(spec.layer_name(new_index[ref.layer], computed[ref.suffix]), None,
+                                         ref.layer, Role.COPY, dtype, [shape[0]]))
         if entries:
             shards.append(entries)
     _check_experts_complete(spec, plan, new_index, experts_written)
@@ -339,7 +348,7 @@ def _sliced_shape(shape: list[int], role: Role, lp: LayerPlan, d: int) -> list[i
     return [*shape[:dim], n, *shape[dim + 1:]]
 
 
-def _write_all(index, spec, plan, stats, shard_entries, tmp: Path, progress: bool, refit=None) -> None:
+def _write_all(index, spec, plan, stats, shard_entries, tmp: Path, progress: bool, refit=None, attn=None) -> None:
     d = plan.source.head_dim
     n = len(shard_entries)
     files = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
@@ -350,15 +359,17 @@ def _write_all(index, spec, plan, stats, shard_entries, tmp: Path, progress: boo
     largest_in = max(index.nbytes(e.source) for es in shard_entries for e in es if e.source)
     largest_out = max(e.nbytes for es in shard_entries for e in es)
     inbuf = np.empty(largest_in, dtype=np.uint8)
+    refitted = {(spec.layer_name(i, spec.down_weight), i): w for i, (w, _) in (refit or {}).items()}
+    refitted |= {(spec.layer_name(i, spec.o_weight), i): w for i, (w, _) in (attn or {}).items()}
     outbufs = [np.empty(largest_out, dtype=np.uint8) for _ in range(2)]
 
     def produce(e: Entry, slot: int) -> np.ndarray:
         itemsize = torch.empty((), dtype=e.dtype).element_size()
-        if refit and e.layer in refit and (e.source is None or e.source.endswith(spec.down_weight)):
-            t = _refit_tensor(index, spec, refit[e.layer], e).to(e.dtype).contiguous()
+        if e.source is not None and e.layer is not None and (e.source, e.layer) in refitted:
+            t = refitted[(e.source, e.layer)].to(e.dtype).contiguous()
             return t.view(TORCH_INT[itemsize]).numpy()
         if e.source is None:
-            t = _bias(index, spec, plan, stats, e).to(e.dtype)
+            t = _bias(index, spec, plan, stats, e, refit or {}, attn or {}).to(e.dtype).contiguous()
             return t.view(TORCH_INT[itemsize]).numpy()
         if e.layer is None or e.role is Role.COPY:
             return index.read_raw(e.source, outbufs[slot], itemsize)
@@ -373,22 +384,21 @@ def _write_all(index, spec, plan, stats, shard_entries, tmp: Path, progress: boo
     (tmp / INDEX_NAME).write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2) + "\n")
 
 
-def _refit_tensor(index: ShardIndex, spec: ArchSpec, refit: tuple[torch.Tensor, torch.Tensor], e: Entry) -> torch.Tensor:
-    """The refitted down_proj weight, or its bias plus the bias the layer had."""
-    w, b = refit
-    if e.source is not None:
-        return w.float()
-    old = spec.layer_name(e.layer, spec.down_bias)
-    return b.float() + (index.read(old).float() if old in index.weight_map else 0.0)
-
-
-def _bias(index: ShardIndex, spec: ArchSpec, plan: Plan, stats: Stats, e: Entry) -> torch.Tensor:
+def _bias(index: ShardIndex, spec: ArchSpec, plan: Plan, stats: Stats | None, e: Entry,
+          refit: dict, attn: dict) -> torch.Tensor:
+    """A computed output bias (H,): the refit's, FLAP's or zeros, plus the bias the layer had."""
     lp = plan.layers[e.layer]
     mlp = e.name.endswith(spec.down_bias)
-    weight = spec.layer_name(e.layer, spec.down_weight if mlp else spec.o_weight)
-    w = index.read(weight)  # (hidden, in) before slicing
-    keep = lp.mlp_keep if mlp else _head_rows(lp.heads_keep, plan.source.head_dim).tolist()
-    b = flap_bias(w, keep, stats.tensors[key(e.layer, "mlp" if mlp else "attn", "mean")])
+    fitted = (refit if mlp else attn).get(e.layer)
+    if fitted is not None:
+        b = fitted[1].float()
+    elif stats is not None:
+        weight = spec.layer_name(e.layer, spec.down_weight if mlp else spec.o_weight)
+        w = index.read(weight)  # (hidden, in) before slicing
+        keep = lp.mlp_keep if mlp else _head_rows(lp.heads_keep, plan.source.head_dim).tolist()
+        b = flap_bias(w, keep, stats.tensors[key(e.layer, "mlp" if mlp else "attn", "mean")])
+    else:
+        b = torch.zeros(e.shape[0])  # declared by the architecture, nothing to add
     old = spec.layer_name(e.layer, spec.down_bias if mlp else spec.o_bias)
     if old in index.weight_map:
         b = b + index.read(old).float()

@@ -17,6 +17,9 @@ from actprune.core.errors import UsageError
 
 __all__ = ["configure", "parse_weights", "request_from_args", "run"]
 
+# request fields filled from the --layer-sensitivity file rather than flags of their own
+_FROM_SENSITIVITY_FILE = ("head_sensitivity", "sensitivity_at")
+
 
 def _request_fields() -> dict[str, Any]:
     from actprune.core.wire.plan import PlanRequest
@@ -32,12 +35,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         flag = "--" + name.replace("_", "-")
         help_text = f"{field.description or name} (default: {field.get_default(call_default_factory=True)})"
         ann = field.annotation
+        if name in _FROM_SENSITIVITY_FILE:
+            continue
         if ann is bool:
             parser.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
         elif name == "layer_sensitivity":
             parser.add_argument(flag, dest=name, default=None, metavar="FILE",
                                 help="sensitivity JSON from `actprune sensitivity`: per-layer MLP widths from "
-                                     "measured loss increases (with --per-layer)")
+                                     "measured loss increases (with --per-layer); with --param-ratio and a file "
+                                     "that measured heads too, the budget is allocated across layers and kinds")
         elif name == "weights":
             parser.add_argument(flag, dest=name, default=None, metavar="M,V,S",
                                 help="importance weights magnitude,variance,sparsity (default: 0.3,0.4,0.3)")
@@ -69,8 +75,9 @@ def parse_weights(text: str) -> dict[str, float]:
     raise UsageError(f"--weights: expected three numbers M,V,S (magnitude,variance,sparsity), got {text!r}")
 
 
-def _read_sensitivity(path: str) -> list[float]:
-    from actprune.pruning.compensate.sensitivity import SENSITIVITY_FORMAT
+def _read_sensitivity(path: str) -> dict[str, Any]:
+    """Request fields from a sensitivity file (:func:`sensitivity.request_fields`)."""
+    from actprune.pruning.compensate.sensitivity import SENSITIVITY_FORMAT, request_fields
 
     try:
         record = json.loads(Path(path).read_text())
@@ -78,7 +85,10 @@ def _read_sensitivity(path: str) -> list[float]:
         raise UsageError(f"--layer-sensitivity {path}: cannot read it ({e})") from None
     if not isinstance(record, dict) or record.get("format") != SENSITIVITY_FORMAT:
         raise UsageError(f"--layer-sensitivity {path}: not a file from `actprune sensitivity` ({SENSITIVITY_FORMAT})")
-    return [float(d) for d in record["deltas"]]
+    try:
+        return request_fields(record)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"--layer-sensitivity {path}: malformed ({e})") from None
 
 
 def request_from_args(args: argparse.Namespace):
@@ -89,7 +99,10 @@ def request_from_args(args: argparse.Namespace):
     if isinstance(fields.get("weights"), str):
         fields["weights"] = parse_weights(fields["weights"])
     if isinstance(fields.get("layer_sensitivity"), str):
-        fields["layer_sensitivity"] = _read_sensitivity(fields["layer_sensitivity"])
+        sens = _read_sensitivity(fields["layer_sensitivity"])
+        if "param_ratio" not in fields:  # head figures only serve the whole-model budget
+            sens = {"layer_sensitivity": sens["layer_sensitivity"]}
+        fields.update(sens)
     try:
         return PlanRequest(**fields)
     except ValidationError as e:

@@ -6,7 +6,8 @@ actprune, which loads it without ``--trust-remote-code``; plain transformers nee
 ``trust_remote_code=True``).
 ``--refit DATA`` instead refits the kept ``down_proj`` columns and a bias by ridge least squares
 on the activations of DATA, layer by layer (:mod:`actprune.pruning.compensate.calibrate`): the pruned MLP
-reproduces the dense one's output, not only its mean. Same architecture. ``--trust-remote-code``
+reproduces the dense one's output, not only its mean; in layers that lose heads, the kept
+``o_proj`` columns and a bias likewise (``--no-refit-attention``: MLP only). Same architecture. ``--trust-remote-code``
 lets ``--refit`` run code the source checkpoint names in ``auto_map``; slicing alone never runs
 checkpoint code.
 """
@@ -42,6 +43,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                    help="refit layer by layer with earlier layers already pruned (see docs/plan.md)")
     g.add_argument("--refit-reselect", action="store_true",
                    help="keep the plan's widths but choose the neurons by greedy OBS on the --refit data")
+    g.add_argument("--no-refit-attention", dest="refit_attention", action="store_false",
+                   help="refit only down_proj; slice o_proj plainly in layers that lose heads")
     g.add_argument("--text-field", default=None, help="JSONL field of --refit data")
     add_trust_flag(g)
 
@@ -63,11 +66,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--refit-tokens must be >= 1 and --refit-ridge >= 0")
     plan = Plan.load(args.plan)
     stats = Stats.load(args.stats) if args.bias_compensation else None
-    refit = None
+    refit = attn = None
     if args.refit:
-        plan, refit = _refit(args, plan)
+        plan, refit, attn = _refit(args, plan)
     out = slice_checkpoint(args.model, plan, args.output, stats=stats, overwrite=args.overwrite,
-                           mlp_refit=refit)
+                           mlp_refit=refit, attn_refit=attn)
     print(f"pruned checkpoint: {out} ({plan.params_after:,} parameters, was {plan.params_before:,})")
     return 0
 
@@ -91,4 +94,5 @@ def _refit(args: argparse.Namespace, plan):
     return refit_for_plan(args.model, plan, args.refit, tokens=args.refit_tokens,
                           seq_len=args.refit_seq_len, sequential=seq, text_field=args.text_field,
                           reselect=args.refit_reselect, trust_remote_code=args.trust_remote_code,
+                          attention=args.refit_attention,
                           ridge=DEFAULT_RIDGE if args.refit_ridge is None else args.refit_ridge)

@@ -1,4 +1,6 @@
-"""`actprune sensitivity`: measure each layer's loss increase when its MLP alone is pruned.
+"""`actprune sensitivity`: measure each layer's loss increase when its MLP alone is pruned (and,
+if the plan removes heads, when its heads alone are: the input of the whole-model budget,
+``plan --param-ratio --layer-sensitivity``, see ``actprune compress``).
 
     actprune plan --stats stats.safetensors --model M/ --mlp-ratio 0.2 -o uniform.json
     actprune sensitivity --model M/ --plan uniform.json --data traffic.jsonl --text-field prompt -o sens.json
@@ -49,5 +51,7 @@ def run(args: argparse.Namespace) -> int:
                                seq_len=args.seq_len, probe_rows=args.probe_rows, text_field=args.text_field,
                                trust_remote_code=args.trust_remote_code,
                                ridge=DEFAULT_RIDGE if args.ridge is None else args.ridge)
-    print(f"wrote {out}; use it with: actprune plan ... --per-layer --layer-sensitivity {out}")
+    heads = any(len(lp.heads_keep) < w.num_attention_heads for lp, w in zip(plan.layers, plan.source.widths, strict=True))
+    how = "--param-ratio" if heads else "--mlp-ratio R --per-layer"
+    print(f"wrote {out}; use it with: actprune plan ... {how} --layer-sensitivity {out}")
     return 0

@@ -1,4 +1,8 @@
-"""Offline calibration passes for MLP compensation (the maths is in :mod:`.maths`).
+"""Offline calibration passes for MLP and attention compensation (the maths is in :mod:`.maths`).
+
+The attention refit is the MLP one applied to ``o_proj``: its input is the (T, heads·D)
+concatenated head outputs, the kept units are the kept heads' channels, and the target is the
+dense ``o_proj`` output (:func:`layerwise_refit` with ``attention=``).
 
 Two passes over calibration text:
 
@@ -31,6 +35,7 @@ import torch
 from actprune.core.tensor.hf_model import HfModel
 from actprune.core.tensor.hooks import HookRegistry
 from actprune.core.wire.plan import Plan
+from actprune.pruning.compensate.layers import apply_attention, apply_mlp, head_channels
 from actprune.pruning.compensate.maths import (
     DEFAULT_RIDGE,
     choose_ridge,
@@ -55,29 +60,6 @@ __all__ = [
 
 HOOK_GROUP = "actprune.calibrate"
 HOLD_OUT = 5  # ridge="auto": every 5th batch of rows is held out to choose the ridge
-
-
-def apply_mlp(view: HfModel, layer: nn.Module, keep: list[int], w_down: torch.Tensor | None = None,
-              bias: torch.Tensor | None = None) -> None:
-    """Slice one layer's MLP to the ``keep`` neurons in place (gate/up rows, down columns), with
-    an optional new ``down_proj`` weight (H, K) and bias (H,). Equals the sliced checkpoint."""
-    gate, up, down = view.mlp(layer)
-    k = torch.as_tensor(keep, dtype=torch.long)
-    dt = down.weight.dtype
-    rows = []
-    for lin in (gate, up):
-        new = nn.Linear(lin.in_features, len(keep), bias=False, dtype=dt)
-        new.weight.data = lin.weight.data.index_select(0, k).clone()
-        rows.append(new)
-    w = down.weight.data.index_select(1, k) if w_down is None else w_down
-    old_b = down.bias.data if down.bias is not None else None
-    new = nn.Linear(len(keep), down.out_features, bias=bias is not None or old_b is not None, dtype=dt)
-    new.weight.data = w.to(dt).clone()
-    if new.bias is not None:
-        # A fitted bias adds to the layer's own (the targets are W x, without it), as in the slicer.
-        b = torch.zeros(down.out_features, dtype=dt) if bias is None else bias.to(dt)
-        new.bias.data = b + (old_b if old_b is not None else 0.0)
-    view.set_mlp(layer, rows[0], rows[1], new)
 
 
 class GramRecorder:
@@ -175,12 +157,17 @@ class LayerMoments:
         self.batches += 1
 
 
+Refits = dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
 @torch.no_grad()
 def layerwise_refit(
     model: nn.Module,
     rows: torch.Tensor,
     keep: dict[int, list[int]],
     *,
+    attention: dict[int, tuple[list[int], list[int]]] | None = None,
+    attn_out: Refits | None = None,
     ridge: float | str = DEFAULT_RIDGE,
     sequential: bool | str = False,
     reselect: bool = False,
@@ -188,56 +175,108 @@ def layerwise_refit(
     batch: int = 4,
     progress: bool = True,
     chosen: dict[int, float] | None = None,
-) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+) -> Refits:
     """Refitted ``(down_proj weight (H, K), bias (H,))`` per pruned layer; ``model`` is left
     pruned and refitted in place. rows: (N, T) packed token ids; keep: layer -> kept neurons
-    (layers absent are left whole). ``sequential``: False, "local" or "dense" (see module doc).
-    ``reselect``: keep as many units per layer, but choose them by greedy OBS
+    (layers absent keep their MLP whole). ``attention``: layer -> (kept query heads, kept KV
+    heads); those layers' ``o_proj`` is refitted the same way over the kept heads' channels
+    (weight (H, h·D), bias (H,), into ``attn_out``; same ridge, never reselected). The kept
+    heads' ``o_proj`` input does not depend on the removed heads (each query head reads only
+    its own KV head, which a GQA-legal plan keeps), so it is the least-squares fit of the dense
+    attention output exactly as for the MLP. ``sequential``: False, "local" or "dense" (see
+    module doc; sequential passes refit a layer's attention first, then its MLP on the pruned
+    attention's output). ``reselect``: keep as many units per layer, but choose them by greedy OBS
     (:func:`maths.obs_select`) on the moments of all units, (I+1)² per layer, and write
     the choice back into ``keep``. ``ridge="auto"``: every ``HOLD_OUT``-th batch of rows is held
     out, each layer takes the ridge of :data:`maths.RIDGE_GRID` whose fit on the other
     batches leaves the least output error on the held-out ones (:func:`maths.choose_ridge`),
-    then refits on all rows with it; the choices go into ``chosen`` (layer -> ridge)."""
+    then refits on all rows with it; the MLP choices go into ``chosen`` (layer -> ridge)."""
     if sequential not in (False, "local", "dense"):
         raise ValueError(f"sequential must be False, 'local' or 'dense', got {sequential!r}")
     if isinstance(ridge, str) and ridge != "auto":
         raise ValueError(f"ridge must be a number >= 0 or 'auto', got {ridge!r}")
     view = HfModel.of(model)
+    attention = attention or {}
     h, pe, pos = embed_rows(view, rows)
     h_dense = h if sequential == "dense" else None
-    hooks, out = HookRegistry(), {}
+    out: Refits = {}
+    pass_ = _LayerPass(view, pe, pos, batch, ridge, sequential, reselect, obs_step)
     for i, layer in enumerate(tqdm(view.layers, desc="refit", unit="layer", disable=not progress)):
-        down = view.mlp(layer)[2]
-        tap = InputTap()
-        hooks.pre_hook(HOOK_GROUP, down, tap)
-        try:
-            if i not in keep:
-                h = run_layer(layer, h, pe, pos, batch)
-                if h_dense is not None:
-                    h_dense = run_layer(layer, h_dense, pe, pos, batch)
-                continue
-            w = down.weight.detach()  # (H, I)
-            units = range(w.shape[1]) if reselect else keep[i]
-            targets: list[torch.Tensor] | None = None
-            if sequential == "dense":  # dense MLP output on the dense trajectory, chunk by chunk
-                targets = []
-                tap.sink = lambda x, w=w, targets=targets: targets.append(x @ w.T)
+        if i not in keep and i not in attention:
+            h = run_layer(layer, h, pe, pos, batch)
+            if h_dense is not None:
                 h_dense = run_layer(layer, h_dense, pe, pos, batch)
-            m = LayerMoments(w, torch.as_tensor(list(units), dtype=torch.long, device=w.device),
-                             hold_out=ridge == "auto", targets=targets)
-            tap.sink = m.add
-            h_in = h
-            h_out = run_layer(layer, h_in, pe, pos, batch)
-            tap.sink = None
-            w_new, bias, r = _solve(m, keep, i, ridge, reselect, obs_step)
-            if chosen is not None:
-                chosen[i] = float(r)
-            out[i] = (w_new, bias)
-            apply_mlp(view, layer, keep[i], w_new.to(w.device), bias.to(w.device))
-            h = run_layer(layer, h_in, pe, pos, batch) if sequential else h_out
+            continue
+        h, h_dense = pass_.layer(i, layer, h, h_dense, keep, attention.get(i), out, attn_out, chosen)
+    return out
+
+
+class _LayerPass:
+    """One layer of :func:`layerwise_refit`: tap the ``o_proj`` / ``down_proj`` inputs, solve,
+    install the sliced and refitted projections, return the next hidden states."""
+
+    def __init__(self, view: HfModel, pe: Any, pos: torch.Tensor, batch: int, ridge: float | str,
+                 sequential: bool | str, reselect: bool, obs_step: int) -> None:
+        self.view, self.pe, self.pos, self.batch = view, pe, pos, batch
+        self.ridge, self.sequential, self.reselect, self.obs_step = ridge, sequential, reselect, obs_step
+
+    def _run(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        return run_layer(layer, h, self.pe, self.pos, self.batch)
+
+    def layer(self, i: int, layer: nn.Module, h: torch.Tensor, h_dense: torch.Tensor | None,
+              keep: dict[int, list[int]], heads: tuple[list[int], list[int]] | None, out: Refits,
+              attn_out: Refits | None, chosen: dict[int, float] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        view, hooks = self.view, HookRegistry()
+        attn, o, down = view.attention(layer)[0], view.o_proj(layer), view.mlp(layer)[2]
+        tap_o, tap_d = InputTap(), InputTap()
+        hooks.pre_hook(HOOK_GROUP, o, tap_o)
+        hooks.pre_hook(HOOK_GROUP, down, tap_d)
+        try:
+            t_o = [] if heads is not None and h_dense is not None else None
+            t_d = [] if i in keep and h_dense is not None else None
+            if h_dense is not None:  # dense outputs on the dense trajectory, chunk by chunk
+                tap_o.sink = None if t_o is None else (lambda x, w=o.weight, t=t_o: t.append(x @ w.T))
+                tap_d.sink = None if t_d is None else (lambda x, w=down.weight, t=t_d: t.append(x @ w.T))
+                h_dense = self._run(layer, h_dense)
+                tap_o.sink = tap_d.sink = None
+            hold = self.ridge == "auto"
+            m_o = m_d = None
+            if heads is not None:
+                ch = head_channels(heads[0], attn.head_dim)
+                m_o = LayerMoments(o.weight.detach(), torch.tensor(ch, device=o.weight.device), hold_out=hold,
+                                   targets=t_o)
+            if i in keep:
+                units = range(down.in_features) if self.reselect else keep[i]
+                m_d = LayerMoments(down.weight.detach(), torch.as_tensor(list(units), device=down.weight.device),
+                                   hold_out=hold, targets=t_d)
+            h_out = None
+            if not self.sequential:  # one pass: both taps on the dense layer
+                tap_o.sink = m_o.add if m_o else None
+                tap_d.sink = m_d.add if m_d else None
+                h_out = self._run(layer, h)
+                tap_o.sink = tap_d.sink = None
+            if m_o is not None:
+                if self.sequential:
+                    tap_o.sink = m_o.add
+                    self._run(layer, h)
+                    tap_o.sink = None
+                w_o, b_o, _ = _solve(m_o, {i: ch}, i, self.ridge, False, self.obs_step)
+                if attn_out is not None:
+                    attn_out[i] = (w_o, b_o)
+                apply_attention(view, layer, heads[0], heads[1], attn.head_dim, w_o, b_o)
+            if m_d is not None:
+                if self.sequential:  # the MLP sees this layer's pruned attention
+                    tap_d.sink = m_d.add
+                    self._run(layer, h)
+                    tap_d.sink = None
+                w_d, b_d, r = _solve(m_d, keep, i, self.ridge, self.reselect, self.obs_step)
+                if chosen is not None:
+                    chosen[i] = float(r)
+                out[i] = (w_d, b_d)
+                apply_mlp(view, layer, keep[i], w_d, b_d)
         finally:
             hooks.remove(HOOK_GROUP)
-    return out
+        return (self._run(layer, h) if h_out is None else h_out), h_dense
 
 
 def _solve(m: LayerMoments, keep: dict[int, list[int]], i: int, ridge: float | str, reselect: bool,
@@ -274,21 +313,23 @@ def refit_for_plan(
     sequential: bool | str = False,
     text_field: str | None = None,
     reselect: bool = False,
+    attention: bool = True,
     progress: bool = True,
     trust_remote_code: bool = False,
-) -> tuple[Plan, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-    """:func:`layerwise_refit` of the kept MLP neurons of ``plan`` over ``tokens`` tokens of
-    ``data`` (a ``wiki:PART`` name or a .txt/.jsonl file), for ``slice_checkpoint(mlp_refit=)``.
-    Returns the plan (with ``reselect``, the same widths but the OBS-chosen neurons) and the
-    refits. The activations are those of the model with only its MLPs pruned: a plan that also
-    drops layers is refused (their inputs would differ). ``trust_remote_code``: run code the
-    checkpoint's ``auto_map`` names (see :mod:`actprune.pruning.checkpoint.trust`)."""
+) -> tuple[Plan, Refits, Refits]:
+    """:func:`layerwise_refit` of the kept MLP neurons of ``plan`` (and, with ``attention``, of
+    the kept heads' ``o_proj`` columns in layers that lose heads) over ``tokens`` tokens of
+    ``data`` (a ``wiki:PART`` name or a .txt/.jsonl file), for ``slice_checkpoint(mlp_refit=,
+    attn_refit=)``. Returns the plan (with ``reselect``, the same widths but the OBS-chosen
+    neurons), the MLP refits and the attention refits. A plan that drops layers is refused (the
+    refit is computed on the model with its layers in place). ``trust_remote_code``: run code
+    the checkpoint's ``auto_map`` names (see :mod:`actprune.pruning.checkpoint.trust`)."""
     from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
     from actprune.pruning.data import DataError, load_texts, pack, tokenize
 
     if plan.dropped_layers:
-        raise DataError("MLP refit does not support plans that drop layers; plan without --drop-layers")
-    plan.refuse_experts("MLP refit")  # before the calibration pass, not after
+        raise DataError("refit does not support plans that drop layers; plan without --drop-layers")
+    plan.refuse_experts("refit")  # before the calibration pass, not after
     tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     texts = load_texts(data, text_field, tok)
     rows = pack(tokenize(tok, texts), seq_len, tok.eos_token_id)[: max(tokens // seq_len, 1)]  # (N, L)
@@ -296,11 +337,14 @@ def refit_for_plan(
     view = HfModel.of(model)
     full = [view.mlp(ly)[2].in_features for ly in view.layers]
     keep = {lp.index: lp.mlp_keep for lp in plan.layers if len(lp.mlp_keep) < full[lp.index]}
-    refits = layerwise_refit(model, rows, keep, ridge=ridge, sequential=sequential, reselect=reselect,
-                             progress=progress)
+    heads = {lp.index: (lp.heads_keep, lp.kv_heads_keep) for lp in plan.layers
+             if attention and len(lp.heads_keep) < plan.source.widths[lp.index].num_attention_heads}
+    attn: Refits = {}
+    refits = layerwise_refit(model, rows, keep, attention=heads, attn_out=attn, ridge=ridge,
+                             sequential=sequential, reselect=reselect, progress=progress)
     if reselect:
         layers = [lp.model_copy(update={"mlp_keep": sorted(keep[lp.index])}) if lp.index in keep else lp
                   for lp in plan.layers]
         plan = plan.model_copy(update={"layers": layers})
         plan.check(source="refit")
-    return plan, refits
+    return plan, refits, attn

@@ -31,17 +31,12 @@ import torch.nn.functional as F
 from actprune.core.tensor.hf_model import HfModel
 from actprune.core.tensor.hooks import HookRegistry
 from actprune.core.wire.plan import Plan
-from actprune.pruning.compensate.calibrate import (
-    HOOK_GROUP,
-    InputTap,
-    apply_mlp,
-    embed_rows,
-    run_layer,
-)
+from actprune.pruning.compensate.calibrate import HOOK_GROUP, InputTap, embed_rows, run_layer
+from actprune.pruning.compensate.layers import apply_attention, apply_mlp, head_channels
 from actprune.pruning.compensate.maths import DEFAULT_RIDGE, refit, update_moments
 from tqdm.auto import tqdm
 
-__all__ = ["SENSITIVITY_FORMAT", "layer_sensitivity", "sensitivity_for_plan"]
+__all__ = ["SENSITIVITY_FORMAT", "layer_sensitivity", "request_fields", "sensitivity_for_plan"]
 
 SENSITIVITY_FORMAT = "actprune.layer_sensitivity/1"
 
@@ -60,51 +55,88 @@ def _loss(view: HfModel, head: Any, layers: Any, h: torch.Tensor, ids: torch.Ten
 
 @torch.no_grad()
 def layer_sensitivity(model: torch.nn.Module, rows: torch.Tensor, keep: dict[int, list[int]], *,
+                      heads: dict[int, tuple[list[int], list[int]]] | None = None,
+                      attn_out: dict[int, float] | None = None,
                       ridge: float = DEFAULT_RIDGE, probe_rows: int = 8, batch: int = 4,
                       progress: bool = True) -> dict[int, float]:
     """Δ loss per layer of ``keep`` (see the module doc). rows: (N, T) packed calibration token
-    ids, the first ``probe_rows`` of them also the probe; ``model`` is left unchanged."""
+    ids, the first ``probe_rows`` of them also the probe; ``model`` is left unchanged. With
+    ``heads`` (layer -> kept query heads, kept KV heads), the layer's attention alone is pruned
+    too, in a separate measurement, its ``o_proj`` refitted over the kept heads' channels;
+    those Δ go into ``attn_out``."""
     view = HfModel.of(model)
     head = model.get_output_embeddings()
     dev = next(model.parameters()).device
+    heads = heads or {}
     probe = rows[:probe_rows].to(dev)  # (P, T)
     h, pe, pos = embed_rows(view, rows)  # h (N, T, H) on the dense trajectory
     layers = list(view.layers)
     dense = _loss(view, head, layers, h[:probe_rows], probe, pe, pos, batch)
     hooks, out = HookRegistry(), {}
+
+    def probe_loss(i: int) -> float:
+        return _loss(view, head, layers[i:], h[:probe_rows], probe, pe, pos, batch) - dense
+
     for i, layer in enumerate(tqdm(layers, desc="sensitivity", unit="layer", disable=not progress)):
+        if i not in keep and i not in heads:
+            h = run_layer(layer, h, pe, pos, batch)
+            continue
         gate, up, down = view.mlp(layer)
-        if i in keep:
-            k = torch.as_tensor(keep[i], dtype=torch.long, device=dev)
-            w = down.weight.detach()  # (H, I)
-            a = torch.zeros(len(k) + 1, len(k) + 1, dtype=torch.float64, device=dev)
-            b = torch.zeros(len(k) + 1, w.shape[0], dtype=torch.float64, device=dev)
-            tap = InputTap()
-            tap.sink = lambda x, w=w, k=k, a=a, b=b: update_moments(a, b, x.index_select(1, k), x @ w.T)
-            hooks.pre_hook(HOOK_GROUP, down, tap)
+        attn, o = view.attention(layer)[0], view.o_proj(layer)
+        mlp_m = _Moments(down.weight.detach(), keep[i], dev) if i in keep else None
+        ch = head_channels(heads[i][0], attn.head_dim) if i in heads else []
+        attn_m = _Moments(o.weight.detach(), ch, dev) if i in heads else None
+        for m, lin in ((mlp_m, down), (attn_m, o)):
+            if m is not None:
+                tap = InputTap()
+                tap.sink = m.add
+                hooks.pre_hook(HOOK_GROUP, lin, tap)
+        try:
+            h_next = run_layer(layer, h, pe, pos, batch)
+        finally:
+            hooks.remove(HOOK_GROUP)
+        if mlp_m is not None:
+            apply_mlp(view, layer, keep[i], *mlp_m.solve(ridge))
             try:
-                h_next = run_layer(layer, h, pe, pos, batch)
-            finally:
-                hooks.remove(HOOK_GROUP)
-            w_new, bias = refit(a.cpu(), b.cpu(), w.index_select(1, k).cpu(), ridge)
-            apply_mlp(view, layer, keep[i], w_new.to(dev), bias.to(dev))
-            try:
-                out[i] = _loss(view, head, layers[i:], h[:probe_rows], probe, pe, pos, batch) - dense
+                out[i] = probe_loss(i)
             finally:
                 view.set_mlp(layer, gate, up, down)  # the dense layer again
-            h = h_next
-        else:
-            h = run_layer(layer, h, pe, pos, batch)
+        if attn_m is not None:
+            undo = apply_attention(view, layer, heads[i][0], heads[i][1], attn.head_dim, *attn_m.solve(ridge))
+            try:
+                if attn_out is not None:
+                    attn_out[i] = probe_loss(i)
+            finally:
+                undo()
+        h = h_next
     return out
+
+
+class _Moments:
+    """Refit moments of one output projection w (H, C) over kept input channels."""
+
+    def __init__(self, w: torch.Tensor, kept: list[int], dev: torch.device) -> None:
+        self.w, self.k = w, torch.as_tensor(kept, dtype=torch.long, device=dev)
+        self.a = torch.zeros(len(kept) + 1, len(kept) + 1, dtype=torch.float64, device=dev)  # (K+1, K+1)
+        self.b = torch.zeros(len(kept) + 1, w.shape[0], dtype=torch.float64, device=dev)  # (K+1, H)
+
+    def add(self, x: torch.Tensor) -> None:
+        update_moments(self.a, self.b, x.index_select(1, self.k), x @ self.w.T)
+
+    def solve(self, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return refit(self.a.cpu(), self.b.cpu(), self.w.index_select(1, self.k).cpu(), ridge)
 
 
 def sensitivity_for_plan(model_dir: str | Path, plan: Plan, data: str, output: str | Path, *,
                          tokens: int = 32768, seq_len: int = 512, ridge: float = DEFAULT_RIDGE,
                          probe_rows: int = 8, text_field: str | None = None, progress: bool = True,
-                         trust_remote_code: bool = False) -> Path:
-    """Measure Δ for the MLP keep lists of ``plan`` over ``tokens`` tokens of ``data`` and write
-    ``{"format", "deltas": [per layer], "ratio", ...}`` to ``output`` (JSON). ``trust_remote_code``:
-    run code the checkpoint's ``auto_map`` names (see :mod:`actprune.pruning.checkpoint.trust`)."""
+                         trust_remote_code: bool = False, extra: dict[str, Any] | None = None) -> Path:
+    """Measure Δ for the MLP keep lists of ``plan`` (and, where the plan removes heads, for its
+    head lists: ``attn_deltas``) over ``tokens`` tokens of ``data`` and write ``{"format",
+    "deltas": [per layer], "attn_deltas", "mlp_removed" / "attn_removed" (the fraction of
+    neurons / query heads each layer lost in the measurement), ...}`` to ``output`` (JSON).
+    ``trust_remote_code``: run code the checkpoint's ``auto_map`` names (see
+    :mod:`actprune.pruning.checkpoint.trust`); ``extra``: more keys for the record."""
     from actprune.core.files import atomic_write
     from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
     from actprune.pruning.data import load_texts, pack, tokenize
@@ -114,15 +146,41 @@ def sensitivity_for_plan(model_dir: str | Path, plan: Plan, data: str, output: s
     rows = pack(tokenize(tok, load_texts(data, text_field, tok)), seq_len, tok.eos_token_id)
     rows = rows[: max(tokens // seq_len, probe_rows)]  # (N, T)
     model = load_causal_lm(model_dir, torch.float32, trust_remote_code=trust_remote_code)
-    keep = {lp.index: lp.mlp_keep for lp in plan.layers}
-    deltas = layer_sensitivity(model, rows, keep, ridge=ridge, probe_rows=probe_rows, progress=progress)
+    src = plan.source.widths
+    mlp_removed = [1 - len(lp.mlp_keep) / src[lp.index].intermediate_size for lp in plan.layers]
+    attn_removed = [1 - len(lp.heads_keep) / src[lp.index].num_attention_heads for lp in plan.layers]
+    keep = {lp.index: lp.mlp_keep for lp in plan.layers if mlp_removed[lp.index] > 0}
+    heads = {lp.index: (lp.heads_keep, lp.kv_heads_keep) for lp in plan.layers if attn_removed[lp.index] > 0}
+    attn: dict[int, float] = {}
+    deltas = layer_sensitivity(model, rows, keep, heads=heads, attn_out=attn, ridge=ridge, probe_rows=probe_rows,
+                               progress=progress)
     n = len(HfModel.of(model).layers)
     record = {
         "format": SENSITIVITY_FORMAT,
         "deltas": [deltas.get(i, 0.0) for i in range(n)],
+        "attn_deltas": [attn.get(i, 0.0) for i in range(n)] if heads else None,
+        "mlp_removed": mlp_removed, "attn_removed": attn_removed,
         "plan_mlp_ratio": plan.provenance.request.get("mlp_ratio"),
+        "plan_head_ratio": plan.provenance.request.get("head_ratio"),
+        "head_mode": plan.provenance.request.get("head_mode"),
         "strategy": plan.provenance.strategy,
         "data": data, "tokens": int(rows.numel()), "probe_tokens": int(rows[:probe_rows].numel()),
-        "ridge": ridge,
+        "ridge": ridge, **(extra or {}),
     }
     return atomic_write(output, json.dumps(record, indent=2) + "\n")
+
+
+def request_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """PlanRequest fields from a sensitivity record: ``layer_sensitivity`` (MLP Δ per layer) and,
+    when heads were measured too, ``head_sensitivity`` and ``sensitivity_at`` (the mean removed
+    fractions of the measured layers, the ``p0`` of the cost model in
+    :mod:`actprune.core.planning.budget`)."""
+    out: dict[str, Any] = {"layer_sensitivity": [float(d) for d in record["deltas"]]}
+    if record.get("attn_deltas"):
+        def mean_removed(name: str) -> float:
+            vals = [float(v) for v in record.get(name) or [] if float(v) > 0]
+            return sum(vals) / len(vals) if vals else 1.0
+
+        out["head_sensitivity"] = [float(d) for d in record["attn_deltas"]]
+        out["sensitivity_at"] = {"mlp": mean_removed("mlp_removed"), "attn": mean_removed("attn_removed")}
+    return out

@@ -168,17 +168,18 @@ def _step(cfg: IterateConfig, n: int, ratio: float, current: Path, original_tota
     stats_in.save(work / "stats.safetensors")
     local = local_ratio(ratio, original_total, _mlp_total(current))
     plan = api.make_plan(stats_in, current, output=work / "plan.json", **{**cfg.plan, "mlp_ratio": local})
-    refit = None
+    refit = attn = None
     if cfg.refit:
         from actprune.pruning.compensate.calibrate import refit_for_plan
 
-        plan, refit = refit_for_plan(current, plan, cfg.calibration, tokens=cfg.calibration_tokens,
+        plan, refit, attn = refit_for_plan(current, plan, cfg.calibration, tokens=cfg.calibration_tokens,
                                      text_field=cfg.calibration_text_field, progress=cfg.progress,
                                      trust_remote_code=cfg.trust_remote_code)
     from actprune.pruning.checkpoint.slicer import slice_checkpoint
 
     pruned = slice_checkpoint(current, plan, work / "pruned", overwrite=True, progress=cfg.progress,
-                              stats=stats_in if cfg.bias_compensation else None, mlp_refit=refit)
+                              stats=stats_in if cfg.bias_compensation else None, mlp_refit=refit,
+                              attn_refit=attn)
     recovered = pruned
     if cfg.finetune_steps > 0:
         ft = loop_recovery(cfg.finetune_steps, **{"text_field": cfg.text_field, "progress": cfg.progress,

@@ -175,6 +175,29 @@ def test_plan_is_409_until_tokens_are_captured(raw_a, tmp_path):
 
 
 @pytest.mark.parametrize("body", [
+    {"strategy": "importance", "param_ratio": 0.2},
+    {"strategy": "importance", "param_ratio": 0.2, "layer_sensitivity": [1.0, 2.0, 3.0],
+     "head_sensitivity": [5.0, 1e-4, 5.0], "sensitivity_at": {"mlp": 0.2, "attn": 0.5}},
+])
+def test_plan_route_spends_a_parameter_budget_like_the_planner(raw_a, tmp_path, body):
+    engine = _engine(raw_a)
+    app = _app(engine, tmp_path)
+    r = call(app, "POST", "/prune/plan", json=body)
+    assert r.status_code == 200, r.text
+    served = Plan.model_validate(r.json())
+    offline = make_plan(_stats(app), engine.config, PlanRequest.model_validate(body))
+    assert served.model_dump(exclude={"provenance": {"created"}}) == \
+           offline.model_dump(exclude={"provenance": {"created"}})
+    assert served.provenance.request["param_ratio"] == 0.2
+    assert 1 - served.params_after / served.params_before == pytest.approx(0.2, abs=0.02)
+    if "head_sensitivity" in body:  # the MLP of the least sensitive layer gives most
+        mlp = [w.intermediate_size for w in served.widths]
+        assert mlp[0] < mlp[1] <= mlp[2], mlp  # (steps are discrete: equal widths can tie)
+    r = call(app, "POST", "/prune/plan", json={**body, "mlp_ratio": 0.1})
+    assert r.status_code == 422 and "param_ratio" in r.text
+
+
+@pytest.mark.parametrize("body", [
     {"strategy": "importance", "mlp_ratio": 0.25},
     {"strategy": "importance", "mlp_ratio": 0.5, "head_ratio": 0.5, "drop_layers": 1, "per_layer": True},
     {"strategy": "variance", "mlp_ratio": 0.5, "width_multiple": 8, "head_mode": "query_heads", "head_ratio": 0.5},

@@ -63,6 +63,26 @@ def test_one_pass_equals_pruning_each_layer_alone(llama):
         assert got[i] == pytest.approx(_loss(alone, rows[:3]) - dense, abs=2e-5)
 
 
+@torch.no_grad()
+def test_one_pass_head_sensitivity_equals_pruning_each_layers_heads_alone(llama):
+    d, stats, _ = llama
+    plan = make_plan(stats, json.loads((d / "config.json").read_text()),
+                     PlanRequest(strategy="magnitude", head_ratio=0.25, mlp_ratio=0.25), ColumnNorms.of(d))
+    model = load(d)
+    rows = torch.randint(3, model.config.vocab_size, (6, 32), generator=torch.Generator().manual_seed(2))
+    heads = {lp.index: (lp.heads_keep, lp.kv_heads_keep) for lp in plan.layers}
+    attn: dict[int, float] = {}
+    mlp = layer_sensitivity(model, rows, {1: plan.layers[1].mlp_keep}, heads=heads, attn_out=attn,
+                            ridge=0.1, probe_rows=3, batch=2, progress=False)
+    assert sorted(mlp) == [1] and sorted(attn) == [0, 1, 2, 3]
+    dense = _loss(model, rows[:3])
+    for i in heads:
+        alone = load(d)
+        calibrate.layerwise_refit(alone, rows, {}, attention={i: heads[i]}, ridge=0.1, batch=2, progress=False)
+        assert attn[i] == pytest.approx(_loss(alone, rows[:3]) - dense, abs=2e-5)
+        assert attn[i] != pytest.approx(mlp[1], abs=1e-6)
+
+
 def test_cli_plan_sensitivity_plan_chain(llama, tmp_path, capsys):
     d, stats, _ = llama
     stats.save(tmp_path / "stats.safetensors")

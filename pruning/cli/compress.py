@@ -1,0 +1,72 @@
+"""`actprune compress`: a checkpoint, its stats and calibration text -> a checkpoint with
+``--param-ratio`` of its parameters removed from heads, KV groups and MLP neurons, where the
+measured loss is least, every kept output projection refitted.
+
+    actprune compress --model M/ --stats stats.safetensors --data traffic.jsonl --text-field prompt \\
+        --param-ratio 0.25 -o M-compressed/
+
+The same as, one by one (the files land in ``--work``, default ``OUT.steps``)::
+
+    actprune plan --stats stats.safetensors --model M/ --param-ratio 0.25 -o uniform.json
+    actprune sensitivity --model M/ --plan uniform.json --data traffic.jsonl -o sensitivity.json
+    actprune plan --stats stats.safetensors --model M/ --param-ratio 0.25 \\
+        --layer-sensitivity sensitivity.json -o plan.json
+    actprune prune --model M/ --plan plan.json --refit traffic.jsonl -o M-compressed/
+
+Resumable: rerun the same command and finished steps are skipped (:mod:`actprune.pruning.compress`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from actprune.core.errors import UsageError
+from actprune.pruning.checkpoint.trust import add_trust_flag
+
+__all__ = ["configure", "run"]
+
+# PlanRequest fields compress passes through (the budget and its constraints)
+_PLAN_FLAGS = {
+    "param_ratio": (float, "fraction of all parameters removed (required)"),
+    "strategy": (str, "unit score inside a layer (default wifv)"),
+    "head_mode": (str, "kv_groups (default) or query_heads"),
+    "width_multiple": (int, "kept MLP widths are multiples of this"),
+    "tp_size": (int, "tensor-parallel size the result must support"),
+    "min_mlp_width": (int, "minimum MLP neurons kept per layer"),
+    "min_kv_heads": (int, "minimum KV heads kept per layer"),
+}
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, type=Path, help="source Hugging Face checkpoint directory")
+    p.add_argument("--stats", required=True, type=Path, help="stats file of this model (unit scores)")
+    p.add_argument("--data", required=True, help="calibration text: wiki:calibration, FILE.txt or FILE.jsonl")
+    p.add_argument("--text-field", default=None, help="JSONL field of --data")
+    p.add_argument("-o", "--output", required=True, type=Path, help="output checkpoint directory")
+    p.add_argument("--work", type=Path, default=None, help="where the step files go (default OUT.steps)")
+    for name, (typ, help_text) in _PLAN_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_text)
+    p.add_argument("--tokens", type=int, default=32768, help="calibration tokens for sensitivity and refit")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per packed row")
+    p.add_argument("--probe-rows", type=int, default=8, help="rows of --data the sensitivity loss is measured on")
+    p.add_argument("--ridge", type=float, default=1e-2, help="refit ridge towards the plain slice")
+    p.add_argument("--overwrite", action="store_true", help="replace an output directory this run did not make")
+    add_trust_flag(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from actprune.pruning.compress import CompressConfig, compress
+
+    if args.param_ratio is None:
+        raise UsageError("--param-ratio is required: the fraction of all parameters to remove")
+    if args.tokens < 1 or args.probe_rows < 1 or args.seq_len < 2 or args.ridge < 0:
+        raise UsageError("--tokens and --probe-rows must be >= 1, --seq-len >= 2, --ridge >= 0")
+    request = {name: getattr(args, name) for name in _PLAN_FLAGS}
+    out = compress(CompressConfig(
+        model=args.model, stats=args.stats, data=args.data, output=args.output, request=request, work=args.work,
+        text_field=args.text_field, tokens=args.tokens, seq_len=args.seq_len, probe_rows=args.probe_rows,
+        ridge=args.ridge, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
+    ))
+    print(f"compressed checkpoint: {out}")
+    return 0
