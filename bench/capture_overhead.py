@@ -42,6 +42,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks_md import replace_section  # noqa: E402
 from decode_throughput import group_cpu_seconds  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -167,12 +168,7 @@ def table(mode: str, m: dict, args: argparse.Namespace) -> list[str]:
 
 
 def write_benchmarks(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    doc = path.read_text()
-    if BEGIN not in doc:
-        doc = doc.rstrip("\n") + "\n\n" + SECTION
-    head, rest = doc.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    path.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    replace_section(text, BEGIN, END, SECTION, path)
 
 
 def build_model(args: argparse.Namespace) -> tuple[Path, int, int]:

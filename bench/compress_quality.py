@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -43,13 +42,12 @@ from actprune.core.wire.stats import Stats
 from actprune.pruning.compensate import calibrate
 from actprune.pruning.compensate.sensitivity import layer_sensitivity
 from actprune.pruning.data import pack, tokenize, wiki_texts
-from actprune.pruning.evaluate.perplexity import nll_and_kl
 from actprune.pruning.fixtures.smollm2 import ensure_smollm2
 from actprune.pruning.record import Recorder, batches
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quality import ood_text  # noqa: E402
+from quality import ood_text, perplexities  # noqa: E402
 
 
 class Setup:
@@ -90,11 +88,7 @@ class Setup:
         return make_plan(self.stats, self.config, PlanRequest(strategy="wifv", **fields), self.norms)
 
     def perplexity(self, model: torch.nn.Module) -> dict[str, float]:
-        out = {}
-        for name, rows in self.rows.items():
-            nll, _, tokens = nll_and_kl([model], rows, batch_size=2, progress=False)
-            out[name] = math.exp(nll[0] / tokens)
-        return out
+        return perplexities(model, self.rows)
 
     def sensitivity(self, plan: Plan, ridge: float) -> tuple[dict[int, float], dict[int, float]]:
         """(MLP Δ, head Δ) per layer for the plan's keep lists, cached by plan shape and ridge."""

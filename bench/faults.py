@@ -38,6 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from benchmarks_md import replace_section  # noqa: E402
 from fault_kit import Fixtures, Tally  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,12 +128,7 @@ def report(tallies: list[Tally], header: str) -> str:
 
 
 def write_benchmarks(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    doc = path.read_text()
-    if BEGIN not in doc:
-        doc = doc.rstrip("\n") + "\n\n" + SECTION
-    head, rest = doc.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1]
-    path.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    replace_section(text, BEGIN, END, SECTION, path)
 
 
 def describe(argv: list[str], started: float, load_before: tuple, load_after: tuple) -> str:

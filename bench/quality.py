@@ -57,6 +57,15 @@ OOD_PACKAGE, OOD_FILE = "tvm_ffi", "3rdparty/libbacktrace/Isaac.Newton-Opticks.t
 VIEW = HfModel(None, REGISTRY["LlamaForCausalLM"])
 
 
+def perplexities(model: torch.nn.Module, rows: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Perplexity of ``model`` on each named set of packed rows (N, L)."""
+    out = {}
+    for name, r in rows.items():
+        nll, _, tokens = nll_and_kl([model], r, batch_size=2, progress=False)
+        out[name] = math.exp(nll[0] / tokens)
+    return out
+
+
 def ood_text() -> str:
     import importlib.util
 
@@ -285,11 +294,7 @@ class Bench:
         return model
 
     def perplexity(self, model: torch.nn.Module) -> dict[str, float]:
-        out = {}
-        for name, rows in self.rows.items():
-            nll, _, tokens = nll_and_kl([model], rows, batch_size=2, progress=False)
-            out[name] = math.exp(nll[0] / tokens)
-        return out
+        return perplexities(model, self.rows)
 
 
 # ---- suites and results -------------------------------------------------------------------------

@@ -174,12 +174,9 @@ def test_plan_is_409_until_tokens_are_captured(raw_a, tmp_path):
     assert plan().status_code == 409
 
 
-@pytest.mark.parametrize("body", [
-    {"strategy": "importance", "param_ratio": 0.2},
-    {"strategy": "importance", "param_ratio": 0.2, "layer_sensitivity": [1.0, 2.0, 3.0],
-     "head_sensitivity": [5.0, 1e-4, 5.0], "sensitivity_at": {"mlp": 0.2, "attn": 0.5}},
-])
-def test_plan_route_spends_a_parameter_budget_like_the_planner(raw_a, tmp_path, body):
+def _served_plan_equals_offline(raw_a, tmp_path, body: dict) -> tuple[FastAPI, Plan]:
+    """POST ``body`` to /prune/plan of a server that has served ``raw_a``; the answer must be the
+    planner's own plan for the same stats and request. Returns (app, served plan)."""
     engine = _engine(raw_a)
     app = _app(engine, tmp_path)
     r = call(app, "POST", "/prune/plan", json=body)
@@ -188,6 +185,16 @@ def test_plan_route_spends_a_parameter_budget_like_the_planner(raw_a, tmp_path, 
     offline = make_plan(_stats(app), engine.config, PlanRequest.model_validate(body))
     assert served.model_dump(exclude={"provenance": {"created"}}) == \
            offline.model_dump(exclude={"provenance": {"created"}})
+    return app, served
+
+
+@pytest.mark.parametrize("body", [
+    {"strategy": "importance", "param_ratio": 0.2},
+    {"strategy": "importance", "param_ratio": 0.2, "layer_sensitivity": [1.0, 2.0, 3.0],
+     "head_sensitivity": [5.0, 1e-4, 5.0], "sensitivity_at": {"mlp": 0.2, "attn": 0.5}},
+])
+def test_plan_route_spends_a_parameter_budget_like_the_planner(raw_a, tmp_path, body):
+    app, served = _served_plan_equals_offline(raw_a, tmp_path, body)
     assert served.provenance.request["param_ratio"] == 0.2
     assert 1 - served.params_after / served.params_before == pytest.approx(0.2, abs=0.02)
     if "head_sensitivity" in body:  # the MLP of the least sensitive layer gives most
@@ -203,14 +210,7 @@ def test_plan_route_spends_a_parameter_budget_like_the_planner(raw_a, tmp_path, 
     {"strategy": "variance", "mlp_ratio": 0.5, "width_multiple": 8, "head_mode": "query_heads", "head_ratio": 0.5},
 ])
 def test_plan_route_returns_the_planner_plan_for_the_served_stats(raw_a, tmp_path, body):
-    engine = _engine(raw_a)
-    app = _app(engine, tmp_path)
-    r = call(app, "POST", "/prune/plan", json=body)
-    assert r.status_code == 200, r.text
-    served = Plan.model_validate(r.json())
-    offline = make_plan(_stats(app), engine.config, PlanRequest.model_validate(body))
-    assert served.model_dump(exclude={"provenance": {"created"}}) == \
-           offline.model_dump(exclude={"provenance": {"created"}})
+    app, served = _served_plan_equals_offline(raw_a, tmp_path, body)
     kept = [lp for lp in served.layers if not lp.drop]
     assert len(kept) == 3 - body.get("drop_layers", 0)
     assert sum(len(lp.mlp_keep) for lp in kept) == round(48 * (1 - body["mlp_ratio"])) * len(kept)
