@@ -47,7 +47,8 @@ from actprune.pruning.record import Recorder, batches
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quality import ood_text, perplexities  # noqa: E402
+from quality import perplexities  # noqa: E402
+from texts import opticks as ood_text  # noqa: E402
 
 
 class Setup:

