@@ -15,7 +15,8 @@ by more than ``--max-load-change`` over a mode, the wall-clock ratio is withheld
 Prefix caching (``--prefix``, compiled mode): a chat workload — a long system prompt shared by
 every request, a short question each — sent to the capture server (prefix caching off, as
 ``actprune serve`` runs) and to plain vLLM with its defaults (prefix caching on), to price what
-turning it off costs.
+turning it off costs; and to ``actprune serve --enable-prefix-caching``, which captures the
+tokens the model computes and counts those the cache served (``tokens_cached``).
 
     .venv/bin/python bench/capture_overhead.py --workdir /tmp/overhead [--rounds 3]
         [--modes compiled eager] [--prefix] [--write]
@@ -96,6 +97,7 @@ def servers(stack: ExitStack, model: Path, mode: str, args: argparse.Namespace, 
     variants = {"on": [], "off": ["--no-capture", "--no-enable-prefix-caching"]}
     if prefix:
         variants["vllm defaults"] = ["--no-capture"]  # prefix caching on: vLLM's default
+        variants["on, prefix caching"] = ["--enable-prefix-caching"]  # the stats count what the cache kept
     out = {}
     for name, extra in variants.items():  # one at a time: two compiling at once would thrash
         print(f"[{mode}] starting {name} ...", flush=True)
@@ -103,6 +105,9 @@ def servers(stack: ExitStack, model: Path, mode: str, args: argparse.Namespace, 
         out[name] = stack.enter_context(ServerProcess(model, [*common, *extra], env=env, log_path=log,
                                                       startup_timeout=1800))
     return out
+
+
+CHAT_ONLY = ("vllm defaults", "on, prefix caching")  # servers measured on the chat workload only
 
 
 def measure(srvs: dict, loads: dict[str, list[list[int]]], args: argparse.Namespace) -> dict:
@@ -120,7 +125,7 @@ def measure(srvs: dict, loads: dict[str, list[list[int]]], args: argparse.Namesp
             # keeps what rounds share, the system prompt)
             prompts = [q[:-1] + [1 + r % 4] for q in prompts]
             for name in order:
-                if name == "vllm defaults" and not w.startswith("chat"):
+                if name in CHAT_ONLY and not w.startswith("chat"):
                     continue
                 rate, cpu = run_load(srvs[name], prompts, args.tokens)
                 res[name][w]["rate"].append(rate)
@@ -151,20 +156,23 @@ def table(mode: str, m: dict, args: argparse.Namespace) -> list[str]:
              "| on/off by CPU time (paired) |",
              "|---|---|---|---|---|---|---|"]
     for w in res["on"]:
-        on, off = res["on"][w], res["off"][w]
-        wall = [a / b for a, b in zip(on["rate"], off["rate"], strict=True)]
-        cpu = [b / a for a, b in zip(on["cpu"], off["cpu"], strict=True)]  # off CPU/token ÷ on
-        lines.append(f"| {w} | {_spread(on['rate'])} | {_spread(off['rate'])} "
-                     f"| {_spread(wall, '.3f') if steady else 'withheld'} "
-                     f"| {_spread([1e3 * x for x in on['cpu']])} | {_spread([1e3 * x for x in off['cpu']])} "
-                     f"| {_spread(cpu, '.3f')} |")
+        lines.append(_row(w, res["on"][w], res["off"][w], steady))
         if "vllm defaults" in res and res["vllm defaults"][w]["rate"]:
             d = res["vllm defaults"][w]
-            lines.append(f"| ↳ same, plain vLLM defaults (prefix caching on) | {_spread(on['rate'])} "
-                         f"| {_spread(d['rate'])} | {_spread([a / b for a, b in zip(on['rate'], d['rate'], strict=True)], '.3f') if steady else 'withheld'} "
-                         f"| {_spread([1e3 * x for x in on['cpu']])} | {_spread([1e3 * x for x in d['cpu']])} "
-                         f"| {_spread([b / a for a, b in zip(on['cpu'], d['cpu'], strict=True)], '.3f')} |")
+            lines.append(_row("↳ same, off = plain vLLM defaults (prefix caching on)", res["on"][w], d, steady))
+            lines.append(_row("↳ on = capture with prefix caching on, off = plain vLLM defaults",
+                              res["on, prefix caching"][w], d, steady))
     return lines
+
+
+def _row(label: str, on: dict, off: dict, steady: bool) -> str:
+    """One table row: rates, wall ratio (paired rounds), CPU per token, CPU-time ratio."""
+    wall = [a / b for a, b in zip(on["rate"], off["rate"], strict=True)]
+    cpu = [b / a for a, b in zip(on["cpu"], off["cpu"], strict=True)]  # off CPU/token ÷ on
+    return (f"| {label} | {_spread(on['rate'])} | {_spread(off['rate'])} "
+            f"| {_spread(wall, '.3f') if steady else 'withheld'} "
+            f"| {_spread([1e3 * x for x in on['cpu']])} | {_spread([1e3 * x for x in off['cpu']])} "
+            f"| {_spread(cpu, '.3f')} |")
 
 
 def write_benchmarks(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from actprune.client.http import ActpruneClientError, ActpruneHTTPError, ClientSettings, amerge_from
 from actprune.core.errors import UsageError
 from actprune.core.summary import summarize
-from actprune.core.wire.api import LayerSummary, Spread, StatsSummary, UnitScore
+from actprune.core.wire.api import LayerSummary, SnapshotMeta, Spread, StatsSummary, UnitScore
 from actprune.core.wire.stats import Stats, StatsFormatError
 
 __all__ = ["configure", "format_layer", "format_table", "run"]
@@ -91,12 +91,21 @@ _COLUMNS = (
 )
 
 
+def _cached(m: SnapshotMeta) -> str:
+    """What a server with prefix caching served from the cache (the stats do not cover it)."""
+    if not m.prefix_caching:
+        return ""
+    n = m.tokens_cached
+    return "; prefix caching on: " + ("cached prompt tokens unknown" if n is None else f"{n} more served from the cache, not seen")
+
+
 def format_table(summary: StatsSummary, layers: Sequence[int] | None = None) -> str:
     """Header lines about the snapshot, then one row per layer (neuron/head means)."""
     m = summary.meta
     out = [
         f"model {m.model} ({m.architecture}), config_hash {m.config_hash}, TP {m.tensor_parallel_size}",
-        f"tokens {summary.tokens} (prefill {m.tokens_prefill}, decode {m.tokens_decode}), "
+        f"tokens {summary.tokens} (prefill {m.tokens_prefill}, decode {m.tokens_decode}"
+        f"{_cached(m)}), "
         f"merged from {m.merged_from}, near-zero threshold {m.near_zero_threshold:g}",
         "",
         "  ".join(h.rjust(w) for h, w in _COLUMNS),

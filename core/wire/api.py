@@ -78,6 +78,11 @@ class StatusResponse(BaseModel):
     paused: bool = Field(description="True after POST /activations/pause, until /resume.")
     tokens_prefill: int = Field(ge=0, description="Prompt tokens counted since the last reset.")
     tokens_decode: int = Field(ge=0, description="Generated tokens counted since the last reset.")
+    tokens_cached: int | None = Field(
+        default=0, ge=0, description="Prompt tokens served from vLLM's prefix cache since the last reset, "
+        "not seen by the capture (0 when prefix caching is off; null when vLLM keeps no count)."
+    )
+    prefix_caching: bool = Field(default=False, description="True when the server runs with prefix caching.")
     window_start: float = Field(description="Unix time of the last reset (or of the first start).")
     last_snapshot_time: float | None = Field(
         description="Unix time the snapshot was last written to disk; null if never."
@@ -197,6 +202,8 @@ class SnapshotMeta(BaseModel):
     near_zero_threshold: float
     tokens_prefill: int
     tokens_decode: int
+    tokens_cached: int | None = None  # prompt tokens served from the prefix cache, not seen
+    prefix_caching: bool = False
     format_version: int
     merged_from: int = 1
 

@@ -282,7 +282,8 @@ def _validate_router(tensors: dict[str, np.ndarray], layer: int, source: str) ->
 
 def _validate_meta(meta: dict[str, Any], source: str) -> None:
     """The numbers of the metadata: token counts and sizes are integers, the threshold finite."""
-    for name, lo in (("tokens_prefill", 0), ("tokens_decode", 0), ("tensor_parallel_size", 1)):
+    optional = [("tokens_cached", 0)] if meta.get("tokens_cached") is not None else []
+    for name, lo in (("tokens_prefill", 0), ("tokens_decode", 0), ("tensor_parallel_size", 1), *optional):
         v = meta[name]
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
             raise StatsFormatError(f"{source}: metadata {name} must be an integer >= {lo}, got {str(v)[:40]!r}")
@@ -332,6 +333,10 @@ def merge(parts: Iterable[Stats]) -> Stats:
     meta = dict(first.meta)
     meta["tokens_prefill"] = sum(int(p.meta["tokens_prefill"]) for p in parts)
     meta["tokens_decode"] = sum(int(p.meta["tokens_decode"]) for p in parts)
+    # prompt tokens served from a prefix cache, not seen (server/api/prefix.py); unknown if any part's is
+    cached = [p.meta.get("tokens_cached", 0) for p in parts]
+    meta["tokens_cached"] = None if any(c is None for c in cached) else sum(int(c) for c in cached)
+    meta["prefix_caching"] = any(p.meta.get("prefix_caching") is True for p in parts)
     meta["merged_from"] = len(parts) + sum(int(p.meta.get("merged_from", 1)) - 1 for p in parts)
     meta.pop("instance_id", None)  # a merge is no single server's: it lists them all
     ids = sorted({i for p in parts for i in instance_ids(p)})

@@ -43,6 +43,7 @@ from ..store import (
     set_aside,
 )
 from .metrics import CaptureMetrics
+from .prefix import CachedTokens
 
 __all__ = ["CaptureService", "CaptureUnavailable", "SnapshotNotSaved", "WeightsUnreadable"]
 
@@ -84,7 +85,10 @@ class CaptureService:
             "tensor_parallel_size": int(pc.tensor_parallel_size),
             "pipeline_parallel_size": int(pc.pipeline_parallel_size),
             "instance_id": settings.instance_id,
+            # on: the stats cover the tokens computed, not those served from the cache (prefix.py)
+            "prefix_caching": bool(getattr(engine_client.vllm_config.cache_config, "enable_prefix_caching", False)),
         }
+        self.cached = CachedTokens(self.meta["prefix_caching"])
         self.files = InstanceFiles(settings.snapshot_dir, self.meta["config_hash"], settings.instance_id)
         self.lock = InstanceLock(self.files)
         self.persisting = settings.snapshot_interval > 0  # off when a bad file could not be set aside
@@ -159,7 +163,10 @@ class CaptureService:
 
     async def snapshot(self) -> Stats:
         shards = await self._rpc("actprune_snapshot")
-        return await asyncio.to_thread(assemble, shards, dict(self.meta, created=time.time()))
+        meta = dict(self.meta, created=time.time())
+        if (cached := self.cached.value()) is not None:
+            meta["tokens_cached"] = cached
+        return await asyncio.to_thread(assemble, shards, meta)
 
     async def status(self) -> StatusResponse:
         st = (await self._rpc("actprune_status"))[0]
@@ -170,6 +177,10 @@ class CaptureService:
         this returns, so a restart (even after kill -9) keeps it."""
         async with self._write_lock:
             st = (await self._rpc(f"actprune_{action}"))[0]
+            if action == "reset":
+                self.cached.reset(paused=bool(st["paused"]))
+            else:
+                (self.cached.pause if action == "pause" else self.cached.resume)()
             if self.persisting:
                 try:
                     await self._write()
@@ -185,6 +196,8 @@ class CaptureService:
             paused=bool(st["paused"]),
             tokens_prefill=int(st["tokens_prefill"]),
             tokens_decode=int(st["tokens_decode"]),
+            tokens_cached=self.cached.value(),
+            prefix_caching=self.meta["prefix_caching"],
             window_start=float(st["window_start"]),
             last_snapshot_time=self.last_snapshot_time,
             model=self.meta["model"],
@@ -248,8 +261,10 @@ class CaptureService:
             for path in source:
                 await asyncio.to_thread(set_aside, path, "corrupt", f"a worker refused it: {e}")
             return False
+        self.cached.carry(int(stats.meta.get("tokens_cached") or 0))
         if stats.meta.get("paused") is True:  # a pause outlives a restart
             await self._rpc("actprune_pause")
+            self.cached.pause()
         log.info("actprune: resumed %d tokens from %s", stats.tokens, ", ".join(p.name for p in source))
         return True
 

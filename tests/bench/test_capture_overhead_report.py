@@ -35,3 +35,17 @@ def test_write_puts_the_text_between_the_markers_and_keeps_the_rest(tmp_path):
     capture_overhead.write_benchmarks("new table", doc)
     text = doc.read_text()
     assert "new table" in text and "old" not in text and text.startswith("# B") and text.endswith("after\n")
+
+
+def test_the_chat_workload_compares_both_capture_servers_with_plain_vllm_defaults():
+    m = _measured([1.0, 1.0, 1.0, 1.0])
+    chat = "chat: 512-token system prompt shared, B=8"
+    fast = {"rate": [30.0, 30.0, 30.0], "cpu": [0.02, 0.02, 0.02]}
+    for name, r in (("on", m["results"]["on"]["B=1 P=16"]), ("off", m["results"]["off"]["B=1 P=16"]),
+                    ("vllm defaults", fast), ("on, prefix caching", {"rate": [27.0] * 3, "cpu": [0.025] * 3})):
+        m["results"].setdefault(name, {"B=1 P=16": {"rate": [], "cpu": []}})[chat] = r
+    lines = capture_overhead.table("compiled", m, Namespace(max_load_change=1.0))
+    defaults, cached = lines[-2], lines[-1]
+    assert "off = plain vLLM defaults" in defaults and "| 0.317 (0.300–0.333) |" in defaults  # 9.5/30
+    assert "capture with prefix caching on" in cached and "| 0.900 (0.900–0.900) |" in cached  # 27/30
+    assert "| 0.800 (0.800–0.800) |" in cached  # CPU: 0.02 ÷ 0.025

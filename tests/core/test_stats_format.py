@@ -27,3 +27,29 @@ def test_numbers_of_the_metadata_are_checked(stats):
     for field, value in (("tokens_prefill", 1.5), ("tokens_decode", True), ("near_zero_threshold", float("nan"))):
         with pytest.raises(StatsFormatError, match=field):
             Stats(tensors=stats.tensors, meta={**stats.meta, field: value}).validate()
+
+
+def test_tokens_served_from_a_prefix_cache_are_checked_and_add_up_in_a_merge(stats):
+    from actprune.core.wire.stats import merge
+
+    with pytest.raises(StatsFormatError, match="tokens_cached"):
+        Stats(tensors=stats.tensors, meta={**stats.meta, "tokens_cached": -1}).validate()
+    a = Stats(tensors=stats.tensors, meta={**stats.meta, "tokens_cached": 300, "prefix_caching": True})
+    b = Stats(tensors=stats.tensors, meta=dict(stats.meta))  # prefix caching off: nothing cached
+    both = merge([a, b])
+    assert both.meta["tokens_cached"] == 300 and both.meta["prefix_caching"] is True
+    back = Stats.from_bytes(both.to_bytes())
+    assert back.meta["tokens_cached"] == 300 and back.meta["prefix_caching"] is True
+    unknown = Stats(tensors=stats.tensors, meta={**stats.meta, "tokens_cached": None, "prefix_caching": True})
+    unknown.validate()  # a server that keeps no count says so
+    assert merge([a, unknown]).meta["tokens_cached"] is None  # a sum with an unknown part is unknown
+
+
+def test_stats_show_says_what_a_prefix_cache_kept_from_the_capture(stats):
+    from actprune.client.stats_cli import format_table
+    from actprune.core.summary import summarize
+
+    head = format_table(summarize(stats)).splitlines()[1]
+    assert "cache" not in head
+    cached = Stats(tensors=stats.tensors, meta={**stats.meta, "tokens_cached": 300, "prefix_caching": True})
+    assert "prefix caching on: 300 more served from the cache, not seen" in format_table(summarize(cached))

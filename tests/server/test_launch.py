@@ -84,3 +84,20 @@ def test_keep_alive_outlasts_client_pools_unless_set_and_a_bad_loader_config_is_
         with pytest.raises(SystemExit) as e:
             build_vllm_argv(["m", "--model-loader-extra-config", bad], {})
         assert str(e.value).startswith("actprune serve: error: --model-loader-extra-config must be a JSON object")
+
+
+def test_prefix_caching_is_off_unless_asked_and_needs_what_counts_the_cached_tokens():
+    from actprune.server.launch import build_vllm_argv
+
+    assert "--no-enable-prefix-caching" in build_vllm_argv(["m"], {})[0]
+    argv, _ = build_vllm_argv(["m", "--enable-prefix-caching"], {})
+    assert "--no-enable-prefix-caching" not in argv and "--enable-prefix-caching" in argv
+    assert "--enable-prefix-caching" in build_vllm_argv(["m", "--enable-prefix-caching", "--api-server-count", "1"], {})[0]
+    for extra, says in ((["--disable-log-stats"], "drop --disable-log-stats"),
+                        (["--api-server-count", "2"], "--api-server-count 1 (got 2)"),
+                        (["-asc=4"], "(got 4)")):
+        with pytest.raises(SystemExit) as e:
+            build_vllm_argv(["m", "--enable-prefix-caching", *extra], {})
+        assert str(e.value).startswith("actprune serve: error: --enable-prefix-caching") and says in str(e.value)
+    # without prefix caching nothing is cached: the same flags are vLLM's business
+    build_vllm_argv(["m", "--disable-log-stats", "--api-server-count", "2"], {})

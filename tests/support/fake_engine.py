@@ -163,8 +163,14 @@ class FakeParallelConfig:
 
 
 @dataclass(frozen=True)
+class FakeCacheConfig:
+    enable_prefix_caching: bool = False  # as `actprune serve` starts vLLM unless asked
+
+
+@dataclass(frozen=True)
 class FakeVllmConfig:
     parallel_config: FakeParallelConfig
+    cache_config: FakeCacheConfig = FakeCacheConfig()
 
 
 @dataclass
