@@ -11,10 +11,10 @@ sparse layer's router group — ``count`` (), ``topk_count`` (E,), ``weight_sum`
   per token (zero when not picked), i.e. how much of the layer's output it carries on average
   if every expert's output had the same norm.
 - ``frequency``                  ``topk_count / count``: the share of tokens whose top-k holds it.
-
-Not built: REAP (router weight × ‖expert output‖ averaged over the tokens routed to the expert),
-which needs each expert's output norm — hidden inside vLLM's fused MoE kernel, so it would come
-from an offline pass of the recorder (docs/moe.md).
+- ``reap``                       ``reap_sum / topk_count``: REAP's saliency, the mean of routing
+  weight × ‖expert output‖ over the tokens that picked the expert. Each expert's output is
+  hidden inside vLLM's fused MoE kernel, so ``reap_sum`` comes from the offline recorder only
+  (docs/moe.md); stats without it are refused.
 """
 
 from __future__ import annotations
@@ -38,10 +38,20 @@ def _per_token(x: np.ndarray, count: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float64) / n if n > 0 else np.zeros(np.shape(x), dtype=np.float64)
 
 
+def _reap(g: dict[str, np.ndarray]) -> np.ndarray:
+    """REAP's saliency: mean routing weight × ‖output‖ over the tokens that picked the expert."""
+    picks = np.asarray(g["topk_count"], dtype=np.float64)
+    return np.divide(g["reap_sum"], picks, out=np.zeros_like(picks), where=picks > 0)
+
+
 EXPERT_STRATEGIES: dict[str, ExpertStrategy] = {
     "router_weighted": lambda g: _per_token(g["weight_sum"], g["count"]),
     "frequency": lambda g: _per_token(g["topk_count"], g["count"]),
+    "reap": _reap,
 }
+# strategy -> the router fields it reads beyond ROUTER_FIELDS, and who writes them
+_NEEDS = {"reap": ("reap_sum", "the offline recorder (actprune record), which recomputes each routed expert's "
+                   "output; a server's fused MoE kernel hides them")}
 
 
 def expert_counts(num_experts: int, top_k: int, multiple: int, minimum: int = 1) -> list[int]:
@@ -125,8 +135,13 @@ def expert_choice(stats: Stats, shape: ModelShape, config: dict[str, Any],
             raise PlanError(f"expert_multiple: no count of experts <= {full[i]} (layer {i}) is a multiple of "
                             f"{request.expert_multiple} and >= top-k {top_k}, tp_size {request.tp_size} and "
                             f"min_experts {request.min_experts}")
+    groups = {i: stats.router(i) for i in sparse}
+    need = _NEEDS.get(request.expert_strategy)
+    if need is not None and any(need[0] not in g for g in groups.values()):
+        raise PlanError(f"expert_strategy {request.expert_strategy!r} needs the stats' {need[0]}, which only "
+                        f"{need[1]}; these stats lack it: record them offline or choose router_weighted")
     score = EXPERT_STRATEGIES[request.expert_strategy]
-    scores = {i: score(stats.router(i)) for i in sparse}
+    scores = {i: score(groups[i]) for i in sparse}
     if request.per_layer:
         counts = global_expert_counts(scores, allowed, round(request.expert_ratio * sum(full.values())))
     else:  # nearest legal count, ties keep more

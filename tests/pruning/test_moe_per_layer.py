@@ -13,10 +13,16 @@ import numpy as np
 import pytest
 from actprune.client.cli import main
 from actprune.core.archs import model_shape
+from actprune.core.config import read_config
 from actprune.core.planning.experts import global_expert_counts
 from actprune.core.wire.plan import Plan
 from actprune.core.wire.stats import Stats
+from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
+from actprune.pruning.checkpoint.slicer import slice_checkpoint
+from actprune.pruning.data import tokenize
+from actprune.pruning.record import budget, record
 from moe_helpers import SPARSE, assert_sliced_equals_masked, load_f64, tiny_moe
+from pruning_helpers import SENTENCES
 
 
 @pytest.fixture(scope="module")
@@ -80,3 +86,25 @@ def test_per_layer_experts_slice_to_the_masked_original(moe, tmp_path):
     for i in SPARSE:
         assert pruned.model.layers[i].mlp.gate.weight.shape[0] == plan.widths[i].num_experts
     assert_sliced_equals_masked(ckpt, pruned, plan)
+
+
+def test_a_per_layer_moe_checkpoint_is_recorded_planned_and_sliced_again(moe, tmp_path):
+    ckpt, _ = moe
+    plan = _plan(moe, tmp_path, "--expert-ratio", "0.25", "--per-layer", "--strategy", "magnitude")
+    first = slice_checkpoint(ckpt, plan, tmp_path / "first", progress=False)
+    tok = load_tokenizer(first)
+    again = record(load_causal_lm(first), budget(tokenize(tok, SENTENCES), 64, None), model_name="first",
+                   config=read_config(first), progress=False)
+    for i in SPARSE:  # each router group has its layer's own expert count, REAP included
+        assert again.router(i)["topk_count"].shape == again.router(i)["reap_sum"].shape == (plan.widths[i].num_experts,)
+    again.save(tmp_path / "again.safetensors")
+    out = tmp_path / "plan2.json"
+    assert main(["plan", "--stats", str(tmp_path / "again.safetensors"), "--model", str(first), "--expert-ratio",
+                 "0.4", "--expert-strategy", "reap", "--strategy", "magnitude", "-o", str(out)]) == 0
+    second = Plan.load(out)
+    # no per_layer: each sparse layer keeps the legal count nearest 60 % of its own experts
+    assert [w.num_experts for w in second.widths] == [round(0.6 * w.num_experts) if w.num_experts else None
+                                                      for w in plan.widths]
+    twice = slice_checkpoint(first, second, tmp_path / "second", progress=False)
+    model = load_f64(twice)
+    assert sum(p.numel() for p in model.parameters()) == second.params_after

@@ -64,7 +64,7 @@ def test_expert_counts_keep_top_k_and_the_expert_multiple(moe, tmp_path, capsys)
     assert _plan(moe, tmp_path, "--expert-ratio", "0.95", "--tp-size", "4").widths[0].num_experts == 4
 
 
-@pytest.mark.parametrize("flags", [["--head-ratio", "0.5"], ["--drop-layers", "1"], ["--expert-strategy", "reap"]])
+@pytest.mark.parametrize("flags", [["--head-ratio", "0.5"], ["--drop-layers", "1"], ["--expert-strategy", "nope"]])
 def test_what_moe_planning_does_not_do_is_refused_in_one_line(moe, tmp_path, capsys, flags):
     ckpt, stats = moe
     capsys.readouterr()
