@@ -77,9 +77,11 @@ def check_expert_request(shape: ModelShape, request: PlanRequest) -> None:
     if request.expert_strategy not in EXPERT_STRATEGIES:
         raise PlanError(f"expert_strategy: unknown {request.expert_strategy!r}; "
                         f"choose one of {sorted(EXPERT_STRATEGIES)}")
+    if request.param_ratio is not None and request.expert_ratio is not None:
+        raise PlanError("param_ratio: on a mixture-of-experts model it sets how many experts go; "
+                        "give param_ratio or expert_ratio, not both")
     refused = {"head_ratio": request.head_ratio, "drop_layers": request.drop_layers,
-               "drop_layer_ratio": request.drop_layer_ratio, "param_ratio": request.param_ratio,
-               "layer_sensitivity": request.layer_sensitivity}
+               "drop_layer_ratio": request.drop_layer_ratio, "layer_sensitivity": request.layer_sensitivity}
     for name, value in refused.items():
         if value:
             raise PlanError(f"{name}: not supported for mixture-of-experts models yet; use expert_ratio "
@@ -118,13 +120,30 @@ def global_expert_counts(scores: dict[int, np.ndarray], allowed: dict[int, list[
     return keep
 
 
+def _budget_ratio(shape: ModelShape, sparse: list[int], param_ratio: float) -> float:
+    """The fraction of routed experts whose parameters (3 · hidden · width each, plus a router
+    row) make ``param_ratio`` of the whole model's: what ``param_ratio`` removes from an MoE
+    model, all of it from experts (attention and dense layers keep their widths)."""
+    h = shape.hidden_size
+    per_expert = {i: 3 * h * shape.layers[i].intermediate_size + h for i in sparse}
+    held = sum(shape.layers[i].num_experts * per_expert[i] for i in sparse)
+    want = param_ratio * shape.params()
+    if want >= held:
+        raise PlanError(f"param_ratio: {param_ratio} of the parameters is more than all routed experts hold "
+                        f"({held / shape.params():.1%}); on a mixture-of-experts model it removes experts only")
+    return want / held  # every expert holds as many parameters (one moe_intermediate_size)
+
+
 def expert_choice(stats: Stats, shape: ModelShape, config: dict[str, Any],
                   request: PlanRequest) -> dict[int, list[int]]:
     """Sparse layer -> kept experts, its best-scored ones: in every sparse layer the legal count
     nearest to (1 − ratio) · E_i, or with ``per_layer`` the counts of :func:`global_expert_counts`."""
     sparse = [i for i, s in enumerate(shape.layers) if s.num_experts is not None]
     full = {i: shape.layers[i].num_experts for i in sparse}
-    if not request.expert_ratio:
+    ratio = request.expert_ratio
+    if request.param_ratio is not None and sparse:
+        ratio = _budget_ratio(shape, sparse, request.param_ratio)
+    if not ratio:
         return {i: list(range(full[i])) for i in sparse}
     top_k = spec_for_config(config).moe.routing(config)[1]
     allowed = {}
@@ -143,8 +162,8 @@ def expert_choice(stats: Stats, shape: ModelShape, config: dict[str, Any],
     score = EXPERT_STRATEGIES[request.expert_strategy]
     scores = {i: score(groups[i]) for i in sparse}
     if request.per_layer:
-        counts = global_expert_counts(scores, allowed, round(request.expert_ratio * sum(full.values())))
+        counts = global_expert_counts(scores, allowed, round(ratio * sum(full.values())))
     else:  # nearest legal count, ties keep more
-        counts = {i: min(allowed[i], key=lambda k, i=i: (abs(k - (1.0 - request.expert_ratio) * full[i]), -k))
+        counts = {i: min(allowed[i], key=lambda k, i=i: (abs(k - (1.0 - ratio) * full[i]), -k))
                   for i in sparse}
     return {i: kept_experts(scores[i], counts[i]) for i in sparse}

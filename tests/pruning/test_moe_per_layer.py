@@ -108,3 +108,22 @@ def test_a_per_layer_moe_checkpoint_is_recorded_planned_and_sliced_again(moe, tm
     twice = slice_checkpoint(first, second, tmp_path / "second", progress=False)
     model = load_f64(twice)
     assert sum(p.numel() for p in model.parameters()) == second.params_after
+
+
+def test_param_ratio_on_a_moe_model_removes_experts_worth_that_share_of_parameters(moe, tmp_path, capsys):
+    per_expert = 3 * 128 * 64 + 128  # gate, up, down of width 64, and a router row
+    for flags in ([], ["--per-layer"]):
+        plan = _plan(moe, tmp_path, "--param-ratio", "0.12", "--strategy", "magnitude", *flags)
+        removed = plan.params_before - plan.params_after
+        assert abs(removed - 0.12 * plan.params_before) <= per_expert  # as close as whole experts allow
+        assert plan.widths[1].intermediate_size == 384  # attention and the dense layer keep their widths
+        assert all(w.num_attention_heads == 4 for w in plan.widths)
+    assert [w.num_experts for w in plan.widths] == [7, None, 5]  # per layer: one threshold, as expert_ratio
+    ckpt, stats = moe
+    for flags, message in ((["--param-ratio", "0.6"], "more than all routed experts hold"),
+                           (["--param-ratio", "0.1", "--expert-ratio", "0.1"], "not both")):
+        capsys.readouterr()
+        rc = main(["plan", "--stats", str(stats), "--model", str(ckpt), "--strategy", "magnitude", *flags,
+                   "-o", str(tmp_path / "p.json")])
+        err = capsys.readouterr().err
+        assert rc == 2 and message in err and "param_ratio" in err and len(err.strip().splitlines()) == 1, err
