@@ -35,3 +35,18 @@ def test_write_puts_the_text_between_the_markers_and_keeps_the_rest(tmp_path):
     capture_overhead.write_benchmarks("new table", doc)
     text = doc.read_text()
     assert "new table" in text and "old" not in text and text.startswith("# B") and text.endswith("after\n")
+
+
+def test_experts_option_builds_a_qwen3_moe_with_routers_in_every_layer(tmp_path):
+    import json
+
+    from actprune.core.archs import model_shape
+
+    args = Namespace(workdir=tmp_path, hidden=256, layers=2, intermediate=256, dtype="float32",
+                     experts=4, top_k=2, moe_intermediate=64)
+    model, params, vocab = capture_overhead.build_model(args)
+    cfg = json.loads((model / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3MoeForCausalLM"] and cfg["num_experts_per_tok"] == 2
+    assert [s.num_experts for s in model_shape(cfg).layers] == [4, 4]  # every layer sparse: routers everywhere
+    assert params == model_shape(cfg).params() and vocab == cfg["vocab_size"]
+    assert "4 experts of 64, top-2" in capture_overhead._shape_name(args)
