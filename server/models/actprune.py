@@ -1,8 +1,10 @@
-"""vLLM's ``ActpruneForCausalLM``: a Qwen3 / Qwen2 / Llama decoder whose layers differ in width.
+"""vLLM's ``ActpruneForCausalLM``: a Qwen3 / Qwen2 / Llama decoder whose layers differ in width,
+or a Qwen3-MoE whose sparse layers differ in expert count.
 
 Serves the checkpoints ``actprune prune`` writes with the actprune architecture (config keys in
 ``docs/formats.md``): every decoder layer has its own MLP width, query-head and KV-head counts,
-and optionally a ``down_proj`` / ``o_proj`` output bias (FLAP bias compensation).
+and optionally a ``down_proj`` / ``o_proj`` output bias (FLAP bias compensation); on a
+mixture-of-experts base (:class:`ActpruneMoeModel`), each sparse layer its own ``num_experts``.
 
 Each layer is the base family's own vLLM decoder layer, built from a per-layer copy of the
 stock config (``ActpruneConfig.layer_config``), so the maths, kernels, tensor-parallel
