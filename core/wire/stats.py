@@ -138,10 +138,8 @@ class Stats:
         """The router group of an MoE layer (``ROUTER_FIELDS``, and those of
         ``ROUTER_OFFLINE_FIELDS`` the file has), None for a dense layer."""
         prefix = group_prefix(layer, ROUTER_KIND)
-        if prefix + "count" not in self.tensors:
-            return None
-        return {f: self.tensors[prefix + f] for f in (*ROUTER_FIELDS, *ROUTER_OFFLINE_FIELDS)
-                if f in ROUTER_FIELDS or prefix + f in self.tensors}
+        fields = [f for f in (*ROUTER_FIELDS, *ROUTER_OFFLINE_FIELDS) if f in ROUTER_FIELDS or prefix + f in self.tensors]
+        return {f: self.tensors[prefix + f] for f in fields} if prefix + "count" in self.tensors else None
 
     def figures(self, layer: int, kind: str) -> ChannelFigures:
         return figures(self.group(layer, kind))
@@ -266,8 +264,10 @@ def _validate_router(tensors: dict[str, np.ndarray], layer: int, source: str) ->
     if any(n.startswith(mlp) for n in tensors):
         raise StatsFormatError(f"{source}: layer {layer} has both mlp and router tensors; a layer is dense or MoE")
     arrays = {}
-    for f in ROUTER_FIELDS:
+    for f in (*ROUTER_FIELDS, *ROUTER_OFFLINE_FIELDS):
         t = tensors.get(prefix + f)
+        if t is None and f in ROUTER_OFFLINE_FIELDS:  # optional: the offline recorder's only
+            continue
         shape_ok = t is not None and (t.shape == () if f == "count" else t.ndim == 1)
         if not shape_ok or t.dtype != np.float64:
             what = "a float64 scalar" if f == "count" else "a 1-D float64 array (one value per expert)"
@@ -275,12 +275,6 @@ def _validate_router(tensors: dict[str, np.ndarray], layer: int, source: str) ->
         if not (np.isfinite(t).all() and (t >= 0).all()):
             raise StatsFormatError(f"{source}: {prefix}{f} must hold finite values >= 0")
         arrays[f] = t
-    for f in ROUTER_OFFLINE_FIELDS:
-        t = tensors.get(prefix + f)
-        if t is not None and (t.ndim != 1 or t.dtype != np.float64 or not (np.isfinite(t).all() and (t >= 0).all())):
-            raise StatsFormatError(f"{source}: {prefix}{f} must be a 1-D float64 array of finite values >= 0")
-        if t is not None:
-            arrays[f] = t
     widths = {a.shape[0] for f, a in arrays.items() if f != "count"}
     if len(widths) != 1 or not 0 < widths.pop() <= LIMITS.experts:
         raise StatsFormatError(f"{source}: {prefix}* must have one width in 1..{LIMITS.experts} experts")

@@ -111,3 +111,14 @@ def test_stats_without_reap_sum_are_refused_for_reap_in_one_line(moe, tmp_path, 
     # merging keeps reap_sum only when every part has it (else it sums over only some tokens)
     assert merge([stats, stats]).router(0)["reap_sum"] == pytest.approx(2 * stats.router(0)["reap_sum"])
     assert "reap_sum" not in merge([stats, served]).router(0)
+
+
+def test_a_malformed_reap_sum_is_refused_on_load(moe):
+    from actprune.core.wire.stats import StatsFormatError
+
+    stats = Stats.load(moe[1])
+    for bad, message in ((-stats.router(0)["reap_sum"], "finite values >= 0"),
+                         (stats.router(0)["reap_sum"][:3], "one width")):
+        tensors = {**stats.tensors, "layers.0.router.reap_sum": np.ascontiguousarray(bad)}
+        with pytest.raises(StatsFormatError, match=message):
+            Stats.from_bytes(Stats(tensors, dict(stats.meta)).to_bytes())
