@@ -24,6 +24,12 @@ tokens the model computes and counts those the cache served (``tokens_cached``).
 ``--write`` puts the table into BENCHMARKS.md between the capture-overhead markers.
 Goals (issue 16, compiled mode, quiet machine): on/off >= 0.97 at batch 8, >= 0.95 at batch 1.
 On a GPU pod, pass ``--hidden 2048 --layers 28 --intermediate 6144 --dtype bfloat16``.
+
+MoE statistics (issue 15): ``--experts 8 --top-k 2 --moe-intermediate 256`` builds a Qwen3-MoE
+of the same attention shape, every layer sparse, so capture also records each router's top-k
+counts, weights and probabilities (docs/moe.md); Qwen3-30B-A3B's own shape on a pod:
+``--hidden 2048 --layers 48 --experts 128 --top-k 8 --moe-intermediate 768 --dtype bfloat16``
+(61 GB of bf16 weights: one 141 GB H200 holds it with room for the KV cache).
 """
 
 from __future__ import annotations
@@ -180,17 +186,22 @@ def write_benchmarks(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
 
 
 def build_model(args: argparse.Namespace) -> tuple[Path, int, int]:
+    """The random-weight model, built once per shape in the workdir: (path, parameters, vocab).
+    With ``--experts E``, a Qwen3-MoE: every layer sparse, E experts of ``--moe-intermediate``
+    neurons, top-``--top-k``, so that the router statistics are part of what is measured."""
+    from actprune.core.archs import model_shape
     from actprune.pruning.fixtures.synthetic import build_checkpoint
 
-    model = args.workdir / f"qwen3-{args.hidden}x{args.layers}-{args.dtype}"
+    moe = {"num_experts": args.experts, "num_experts_per_tok": args.top_k,
+           "moe_intermediate_size": args.moe_intermediate} if args.experts else {}
+    name = f"qwen3-{args.hidden}x{args.layers}-{args.dtype}" + (f"-e{args.experts}k{args.top_k}" if moe else "")
+    model = args.workdir / name
     if not (model / "config.json").exists():
-        build_checkpoint(model, arch="qwen3", dtype=args.dtype, hidden_size=args.hidden,
+        build_checkpoint(model, arch="qwen3_moe" if moe else "qwen3", dtype=args.dtype, hidden_size=args.hidden,
                          num_hidden_layers=args.layers, intermediate_size=args.intermediate,
-                         num_attention_heads=args.hidden // 64, num_key_value_heads=4, head_dim=64)
+                         num_attention_heads=args.hidden // 64, num_key_value_heads=4, head_dim=64, **moe)
     cfg = json.loads((model / "config.json").read_text())
-    h, i, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    params = n * (3 * h * i + 2 * h * h + 2 * h * 4 * 64) + 2 * cfg["vocab_size"] * h
-    return model, params, cfg["vocab_size"]
+    return model, model_shape(cfg).params(), cfg["vocab_size"]
 
 
 def main() -> int:
@@ -206,6 +217,10 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--intermediate", type=int, default=2048)
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--experts", type=int, default=0, help="a Qwen3-MoE with this many experts per layer "
+                    "(router statistics captured); 0: dense Qwen3")
+    ap.add_argument("--top-k", type=int, default=2, help="experts per token (with --experts)")
+    ap.add_argument("--moe-intermediate", type=int, default=256, help="neurons of one expert (with --experts)")
     ap.add_argument("--write", action="store_true", help="put the table into BENCHMARKS.md")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here (bench/gpu_report.py reads them)")
     args = ap.parse_args()
@@ -223,7 +238,7 @@ def main() -> int:
     load_after = os.getloadavg()
     head = (f"`bench/capture_overhead.py {' '.join(sys.argv[1:])}` on "
             f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(started))} UTC, {(time.time() - started) / 60:.0f} min; "
-            f"{platform.machine()}, {os.cpu_count()} cores; model Qwen3-shaped {params / 1e6:.0f}M, {args.dtype}; "
+            f"{platform.machine()}, {os.cpu_count()} cores; model {_shape_name(args)} {params / 1e6:.0f}M, {args.dtype}; "
             f"{args.tokens} tokens generated per request, {args.rounds} interleaved rounds, median (min–max); "
             f"load average {' / '.join(f'{x:.1f}' for x in load_before)} before, "
             f"{' / '.join(f'{x:.1f}' for x in load_after)} after.")
@@ -237,6 +252,12 @@ def main() -> int:
             "params_m": round(params / 1e6), "dtype": args.dtype, "tokens": args.tokens, "rounds": args.rounds,
             "load_before": load_before, "load_after": load_after, "modes": figures}, indent=2) + "\n")
     return 0
+
+
+def _shape_name(args: argparse.Namespace) -> str:
+    if not args.experts:
+        return "Qwen3-shaped"
+    return f"Qwen3-MoE-shaped ({args.experts} experts of {args.moe_intermediate}, top-{args.top_k})"
 
 
 def summary(m: dict) -> dict[str, dict[str, float]]:

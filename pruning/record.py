@@ -9,7 +9,9 @@ the server uses
 
 * ``layers.{i}.mlp.*``  — the input of layer i's ``mlp.down_proj``, (T, I);
 * ``layers.{i}.router.*`` — instead, for an MoE layer: its router's top-k picks and weights,
-  from the router logits with the model's own top-k and ``norm_topk_prob`` (docs/moe.md);
+  from the router logits with the model's own top-k and ``norm_topk_prob`` (docs/moe.md), and
+  ``reap_sum``, which a server cannot give: Σ routing weight × ‖expert output‖ per expert (REAP,
+  :mod:`actprune.core.tensor.expert_norms`; one more pass over the routed experts per batch);
 * ``layers.{i}.attn.*`` — the input of layer i's ``self_attn.o_proj``, (T, H*D);
 * ``layers.{i}.block.*`` — cosine between the residual stream entering and leaving layer i.
 
@@ -33,6 +35,7 @@ from actprune.core.tensor.accumulate import (
     update_channels,
     update_router,
 )
+from actprune.core.tensor.expert_norms import update_reap
 from actprune.core.tensor.hf_model import HfModel
 from actprune.core.tensor.hooks import HookRegistry
 from actprune.core.wire.schema import (
@@ -86,8 +89,11 @@ class Recorder:
         self.routing = moe.routing(model.config.to_dict()) if moe is not None else None
         self.mlp = [new_channel_state(t.down_proj.in_features) if t.down_proj is not None else None
                     for t in self.taps]
-        self.router = [new_router_state(self.routing[0]) if t.router is not None and self.routing else None
+        self.router = [_router_state(t.router) if t.router is not None and self.routing else None
                        for t in self.taps]
+        # per MoE layer: the experts module and expert e's output, for REAP's reap_sum
+        self.experts = [HfModel.of(model).experts(t.layer) if t.router is not None else None for t in self.taps]
+        self._logits: list[torch.Tensor | None] = [None] * len(self.taps)  # a router's, until its experts run
         self.attn = [new_channel_state(t.o_proj.in_features) for t in self.taps]
         self.block = [new_block_state() for _ in self.taps]
         self.tokens = 0
@@ -101,7 +107,9 @@ class Recorder:
             if t.down_proj is not None:
                 self.hooks.pre_hook(HOOK_GROUP, t.down_proj, self._channels_hook(self.mlp[i]))
             if t.router is not None:
-                self.hooks.post_hook(HOOK_GROUP, t.router, self._router_hook(self.router[i]))
+                self.hooks.post_hook(HOOK_GROUP, t.router, self._router_hook(i))
+            if self.experts[i] is not None:
+                self.hooks.pre_hook(HOOK_GROUP, self.experts[i][0], self._experts_hook(i))
             self.hooks.pre_hook(HOOK_GROUP, t.o_proj, self._channels_hook(self.attn[i]))
             self.hooks.pre_hook(HOOK_GROUP, t.layer, self._layer_in_hook(i), with_kwargs=True)
             self.hooks.post_hook(HOOK_GROUP, t.layer, self._layer_out_hook(i))
@@ -116,13 +124,27 @@ class Recorder:
 
         return hook
 
-    def _router_hook(self, state: dict[str, torch.Tensor]) -> Any:
+    def _router_hook(self, i: int) -> Any:
         _, top_k, renormalize = self.routing
 
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             # transformers' Qwen3MoeTopKRouter returns (logits (B*T, E), top-k weights, indices)
             logits = output[0] if isinstance(output, tuple) else output
-            update_router(state, logits, self._valid_mask(logits), top_k, renormalize)
+            update_router(self.router[i], logits, self._valid_mask(logits), top_k, renormalize)
+            self._logits[i] = logits
+
+        return hook
+
+    def _experts_hook(self, i: int) -> Any:
+        _, top_k, renormalize = self.routing
+        expert = self.experts[i][1]
+
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x, logits = args[0], self._logits[i]  # (B*T, H) the experts' input, (B*T, E)
+            self._logits[i] = None
+            if logits is None:
+                raise RuntimeError(f"layer {i}: experts ran without their router")
+            update_reap(self.router[i]["reap_sum"], x, logits, self._valid_mask(x), top_k, renormalize, expert)
 
         return hook
 
@@ -188,6 +210,13 @@ class Recorder:
             "source": "offline-recorder",
         }
         return Stats(tensors=tensors, meta=meta)
+
+
+def _router_state(router: nn.Module) -> dict[str, torch.Tensor]:
+    """A router's accumulators, sized by the router itself (a checkpoint of the actprune
+    architecture has its own expert count per layer), with REAP's ``reap_sum`` (E,)."""
+    e = int(getattr(router, "num_experts", 0) or router.weight.shape[0])
+    return {**new_router_state(e), "reap_sum": torch.zeros(e, dtype=torch.float64)}
 
 
 def batches(

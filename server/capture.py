@@ -106,6 +106,13 @@ def _partition(linear: nn.Module) -> tuple[int, int, int]:
     return rank * local, local, total
 
 
+def _router_width(gate: nn.Module, default: int) -> int:
+    """E of one router, from the module's attributes (never ``weight.shape``: the CPU backend
+    repacks and removes the gate's weight): the layer's own count in a checkpoint with per-layer
+    expert counts (the actprune architecture), the config's otherwise."""
+    return int(getattr(gate, "output_size", 0) or getattr(gate, "out_features", 0) or default)
+
+
 def decoder_layers(model: nn.Module, layout: VllmLayout) -> list[tuple[int, nn.Module]]:
     """(global index, layer) for the decoder layers this rank owns; pipeline-parallel ranks hold
     placeholders (PPMissingLayer) for the others, which have no attention (an MoE layer has
@@ -182,7 +189,7 @@ class Capture:
             for kind, path in paths.items():
                 gate = self._router(i, layer) if kind == "mlp" else None
                 if gate is not None:  # an MoE layer: the router instead of down_proj
-                    state = new_router_state(self.routing.num_experts, self.device)
+                    state = new_router_state(_router_width(gate, self.routing.num_experts), self.device)
                     self.groups[group_name(i, ROUTER_KIND)] = state
                     self.registry.post_hook(HOOK_GROUP, gate, self._router_hook(state))
                     continue

@@ -8,11 +8,11 @@ architecture               model_type   family file
 ``Qwen2ForCausalLM``       qwen2        :mod:`.qwen2`
 ``LlamaForCausalLM``       llama        :mod:`.llama` (SmolLM2 too)
 ``MistralForCausalLM``     mistral      :mod:`.mistral`
-``Qwen3MoeForCausalLM``    qwen3_moe    :mod:`.qwen3_moe` (experts: uniform count per layer)
-``ActpruneForCausalLM``    actprune     a pruned checkpoint of any dense family above
+``Qwen3MoeForCausalLM``    qwen3_moe    :mod:`.qwen3_moe` (experts: uniform or per-layer counts)
+``ActpruneForCausalLM``    actprune     a pruned checkpoint of any family above
 =========================  ===========  =========================================
 
-A checkpoint sliced into the actprune architecture (per-layer widths, compensation biases)
+A checkpoint sliced into the actprune architecture (per-layer widths or expert counts, biases)
 names its base family in ``actprune_base_architecture``; :func:`spec_for_config` follows it.
 Adding a family = one module with a ``SPEC`` and its line in ``FAMILIES`` (plus a tiny test
 model: ``pruning.fixtures.synthetic`` builds one from ``SPEC.tiny_config``).

@@ -7,8 +7,10 @@ top-k of E experts per token, renormalised when ``norm_topk_prob`` — and the e
 ``mlp.down_proj`` to hook and capture reads the router's logits instead (docs/moe.md). Layers in
 ``mlp_only_layers``, and all but every ``decoder_sparse_step``-th, keep a dense Qwen3 MLP.
 Expert pruning (docs/moe.md): a plan keeps the same number of routed experts in every sparse
-layer; the slicer drops the others' ``mlp.experts.{e}.*``, renumbers the kept ones and keeps
-their rows of the router ``mlp.gate.weight`` (the registry's :class:`MoeLayout` names them).
+layer (a stock config) or its own number per layer (the actprune architecture, which builds
+``decoder_layer`` per layer); the slicer drops the others' ``mlp.experts.{e}.*``, renumbers the
+kept ones and keeps their rows of the router ``mlp.gate.weight`` (the registry's
+:class:`MoeLayout` names them).
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ def model_shape(config: dict[str, Any]) -> ModelShape:
 
     spec = spec_for_config(config)
     try:
-        shape = _shape(config, spec.qkv_bias, spec.qk_norm)
+        shape = _shape(config, spec.qkv_bias, spec.qk_norm, spec.moe is not None)
         return shape if spec.moe is None else _with_experts(shape, config, spec.moe)
     except KeyError as e:
         raise CheckpointError(f"config.json has no {e.args[0]!r}") from None
@@ -119,7 +119,7 @@ def model_shape(config: dict[str, Any]) -> ModelShape:
         raise CheckpointError(f"config.json: {e}") from None
 
 
-def _shape(config: dict[str, Any], qkv_bias: bool, qk_norm: bool) -> ModelShape:
+def _shape(config: dict[str, Any], qkv_bias: bool, qk_norm: bool, moe: bool = False) -> ModelShape:
     n = bounded_int(config["num_hidden_layers"], "num_hidden_layers", LIMITS.layers)
     hidden = bounded_int(config["hidden_size"], "hidden_size", LIMITS.width)
     heads = bounded_int(config["num_attention_heads"], "num_attention_heads", LIMITS.heads)
@@ -127,7 +127,7 @@ def _shape(config: dict[str, Any], qkv_bias: bool, qk_norm: bool) -> ModelShape:
     head_dim = bounded_int(config.get("head_dim") or hidden // heads, "head_dim", LIMITS.head_dim)
     mlp = bounded_int(config["intermediate_size"], "intermediate_size", LIMITS.width)
     widths = config.get("actprune_layer_widths")
-    layers = _layer_widths(widths, n) if widths else (LayerShape(mlp, heads, kv),) * n
+    layers = _layer_widths(widths, n, moe) if widths else (LayerShape(mlp, heads, kv),) * n
     for i, s in enumerate(layers):
         if s.num_attention_heads % s.num_key_value_heads:  # GQA: whole groups of query heads
             where = f"actprune_layer_widths[{i}]" if widths else "config"
@@ -147,26 +147,42 @@ def _shape(config: dict[str, Any], qkv_bias: bool, qk_norm: bool) -> ModelShape:
 
 
 def _with_experts(shape: ModelShape, config: dict[str, Any], moe: MoeLayout) -> ModelShape:
-    """Sparse layers of an MoE config: E experts of ``moe_intermediate_size`` neurons."""
-    if config.get("actprune_layer_widths"):
-        raise ValueError("per-layer widths of a mixture-of-experts model are not supported yet")
+    """Sparse layers of an MoE config: E experts of ``moe_intermediate_size`` neurons; with
+    ``actprune_layer_widths``, each sparse layer's entry gives its own ``num_experts`` (and a
+    dense layer's its MLP width)."""
     experts = bounded_int(moe.routing(config)[0], "num_experts", LIMITS.experts)
-    bounded_int(config[moe.top_k_key], moe.top_k_key, experts)  # a plan keeps at least top-k
+    top_k = bounded_int(config[moe.top_k_key], moe.top_k_key, experts)  # a plan keeps at least top-k
     width = bounded_int(config[moe.expert_width_key], moe.expert_width_key, LIMITS.width)
-    layers = tuple(LayerShape(width, s.num_attention_heads, s.num_key_value_heads, experts) if sparse else s
-                   for s, sparse in zip(shape.layers, moe.sparse_layers(config), strict=True))
-    return replace(shape, layers=layers)
+    layers = []
+    for i, (s, sparse) in enumerate(zip(shape.layers, moe.sparse_layers(config), strict=True)):
+        where = f"actprune_layer_widths[{i}]"
+        if not sparse:
+            if s.num_experts is not None:
+                raise ValueError(f"{where}: num_experts on a dense layer (mlp_only_layers / decoder_sparse_step)")
+            layers.append(s)
+            continue
+        e = experts if s.num_experts is None else s.num_experts
+        if not top_k <= e <= experts:
+            raise ValueError(f"{where}.num_experts must be in {top_k}..{experts} (top-k..num_experts), got {e}")
+        layers.append(LayerShape(width, s.num_attention_heads, s.num_key_value_heads, e))
+    return replace(shape, layers=tuple(layers))
 
 
-def _layer_widths(widths: Any, n: int) -> tuple[LayerShape, ...]:
+def _layer_widths(widths: Any, n: int, moe: bool) -> tuple[LayerShape, ...]:
+    """The entries of ``actprune_layer_widths``; a mixture-of-experts model's sparse layers add
+    ``num_experts`` (their ``intermediate_size`` is then the config's dense width, unused)."""
     if not isinstance(widths, list) or len(widths) != n:
         got = f"{len(widths)} entries" if isinstance(widths, list) else type(widths).__name__
         raise ValueError(f"actprune_layer_widths has {got} for {n} layers")
     out = []
     for i, w in enumerate(widths):
-        if not isinstance(w, dict) or sorted(w) != sorted(_WIDTH_KEYS):
-            raise ValueError(f"actprune_layer_widths[{i}] must hold exactly {list(_WIDTH_KEYS)}")
-        out.append(LayerShape(*(bounded_int(w[k], f"actprune_layer_widths[{i}].{k}",
-                                            LIMITS.width if k == "intermediate_size" else LIMITS.heads)
-                                for k in _WIDTH_KEYS)))
+        keys = sorted(w) if isinstance(w, dict) else None
+        if keys != sorted(_WIDTH_KEYS) and not (moe and keys == sorted((*_WIDTH_KEYS, "num_experts"))):
+            extra = " (and num_experts on a sparse layer)" if moe else ""
+            raise ValueError(f"actprune_layer_widths[{i}] must hold exactly {list(_WIDTH_KEYS)}{extra}")
+        sizes = [bounded_int(w[k], f"actprune_layer_widths[{i}].{k}",
+                             LIMITS.width if k == "intermediate_size" else LIMITS.heads) for k in _WIDTH_KEYS]
+        e = w.get("num_experts")
+        out.append(LayerShape(*sizes, None if e is None else
+                              bounded_int(e, f"actprune_layer_widths[{i}].num_experts", LIMITS.experts)))
     return tuple(out)

@@ -110,6 +110,11 @@ class MoeLayout:
     # inside ``{experts}.{e}``: projections whose rows are the expert's neurons, and whose columns
     expert_neuron_rows: tuple[str, ...] = ("gate_proj", "up_proj")
     expert_neuron_cols: tuple[str, ...] = ("down_proj",)
+    # transformers' runtime experts module at ``{experts}`` (transformers 5 fuses the checkpoint's
+    # per-expert tensors on load): (E, 2I, H) gate rows then up rows, (E, H, I), the activation
+    hf_gate_up: str = "gate_up_proj"
+    hf_down: str = "down_proj"
+    hf_act: str = "act_fn"
 
     def expert_roles(self) -> dict[str, Role]:
         """Name inside ``{experts}.{e}.`` -> role (neuron rows / columns of that expert)."""

@@ -1,6 +1,7 @@
 """Expert scores and kept experts of a mixture-of-experts layer: pure functions of the router
 statistics (``layers.{i}.router.*``, docs/moe.md), and the planner's part (:func:`expert_choice`:
-the same count of experts in every sparse layer, :func:`check_expert_request`: what is refused).
+the same share of experts in every sparse layer, or per-layer counts from one threshold across
+layers, :func:`global_expert_counts`; :func:`check_expert_request`: what is refused).
 
 Convention as in :mod:`.scores`: a *higher* score means *more important*. Each strategy maps one
 sparse layer's router group — ``count`` (), ``topk_count`` (E,), ``weight_sum`` (E,),
@@ -10,10 +11,10 @@ sparse layer's router group — ``count`` (), ``topk_count`` (E,), ``weight_sum`
   per token (zero when not picked), i.e. how much of the layer's output it carries on average
   if every expert's output had the same norm.
 - ``frequency``                  ``topk_count / count``: the share of tokens whose top-k holds it.
-
-Not built: REAP (router weight × ‖expert output‖ averaged over the tokens routed to the expert),
-which needs each expert's output norm — hidden inside vLLM's fused MoE kernel, so it would come
-from an offline pass of the recorder (docs/moe.md).
+- ``reap``                       ``reap_sum / topk_count``: REAP's saliency, the mean of routing
+  weight × ‖expert output‖ over the tokens that picked the expert. Each expert's output is
+  hidden inside vLLM's fused MoE kernel, so ``reap_sum`` comes from the offline recorder only
+  (docs/moe.md); stats without it are refused.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from actprune.core.archs import ModelShape, spec_for_config
 from actprune.core.wire.plan import PlanError, PlanRequest
 from actprune.core.wire.stats import Stats
 
-__all__ = ["EXPERT_STRATEGIES", "check_expert_request", "expert_choice", "expert_counts", "kept_experts"]
+__all__ = ["EXPERT_STRATEGIES", "check_expert_request", "expert_choice", "expert_counts", "global_expert_counts",
+           "kept_experts"]
 
 ExpertStrategy = Callable[[dict[str, np.ndarray]], np.ndarray]
 
@@ -36,10 +38,20 @@ def _per_token(x: np.ndarray, count: np.ndarray) -> np.ndarray:
     return np.asarray(x, dtype=np.float64) / n if n > 0 else np.zeros(np.shape(x), dtype=np.float64)
 
 
+def _reap(g: dict[str, np.ndarray]) -> np.ndarray:
+    """REAP's saliency: mean routing weight × ‖output‖ over the tokens that picked the expert."""
+    picks = np.asarray(g["topk_count"], dtype=np.float64)
+    return np.divide(g["reap_sum"], picks, out=np.zeros_like(picks), where=picks > 0)
+
+
 EXPERT_STRATEGIES: dict[str, ExpertStrategy] = {
     "router_weighted": lambda g: _per_token(g["weight_sum"], g["count"]),
     "frequency": lambda g: _per_token(g["topk_count"], g["count"]),
+    "reap": _reap,
 }
+# strategy -> the router fields it reads beyond ROUTER_FIELDS, and who writes them
+_NEEDS = {"reap": ("reap_sum", "the offline recorder (actprune record), which recomputes each routed expert's "
+                   "output; a server's fused MoE kernel hides them")}
 
 
 def expert_counts(num_experts: int, top_k: int, multiple: int, minimum: int = 1) -> list[int]:
@@ -65,34 +77,93 @@ def check_expert_request(shape: ModelShape, request: PlanRequest) -> None:
     if request.expert_strategy not in EXPERT_STRATEGIES:
         raise PlanError(f"expert_strategy: unknown {request.expert_strategy!r}; "
                         f"choose one of {sorted(EXPERT_STRATEGIES)}")
+    if request.param_ratio is not None and request.expert_ratio is not None:
+        raise PlanError("param_ratio: on a mixture-of-experts model it sets how many experts go; "
+                        "give param_ratio or expert_ratio, not both")
     refused = {"head_ratio": request.head_ratio, "drop_layers": request.drop_layers,
-               "drop_layer_ratio": request.drop_layer_ratio, "param_ratio": request.param_ratio,
-               "per_layer": request.per_layer or None, "layer_sensitivity": request.layer_sensitivity}
+               "drop_layer_ratio": request.drop_layer_ratio, "layer_sensitivity": request.layer_sensitivity}
     for name, value in refused.items():
         if value:
             raise PlanError(f"{name}: not supported for mixture-of-experts models yet; use expert_ratio "
-                            "(uniform experts per sparse layer) and mlp_ratio (dense layers)")
+                            "(with per_layer: counts per sparse layer) and mlp_ratio (dense layers)")
+
+
+def global_expert_counts(scores: dict[int, np.ndarray], allowed: dict[int, list[int]], remove: int) -> dict[int, int]:
+    """Per sparse layer, how many experts to keep so that about ``remove`` experts go in all,
+    those of least score across layers (one threshold on the score, within each layer's legal
+    counts ``allowed``, ascending). Removal goes in steps from one legal count to the next lower
+    one, the step whose experts have the least mean score first; since each layer's experts go
+    lowest first, a layer's steps cost more and more, and the greedy choice removes the least
+    total score for its count. A step that would overshoot ``remove`` by more than it falls
+    short is not taken (ties keep more)."""
+    keep = {i: len(s) for i, s in scores.items()}
+    ranked = {i: np.sort(np.asarray(s, dtype=np.float64)) for i, s in scores.items()}  # (E_i,) ascending
+
+    def step(i: int) -> tuple[float, int, int] | None:
+        lower = [c for c in allowed[i] if c < keep[i]]
+        if not lower:
+            return None
+        gone = ranked[i][len(ranked[i]) - keep[i]: len(ranked[i]) - lower[-1]]  # the next experts to go
+        return float(gone.mean()), i, lower[-1]
+
+    removed = 0
+    steps = [s for i in scores if (s := step(i)) is not None]
+    while steps and removed < remove:
+        steps.sort()
+        _, i, c = steps.pop(0)
+        size = keep[i] - c
+        if removed + size - remove >= remove - removed:  # would land farther from (or as far as) the target
+            continue
+        keep[i], removed = c, removed + size
+        if (s := step(i)) is not None:
+            steps.append(s)
+    return keep
+
+
+def _budget_ratio(shape: ModelShape, sparse: list[int], param_ratio: float) -> float:
+    """The fraction of routed experts whose parameters (3 · hidden · width each, plus a router
+    row) make ``param_ratio`` of the whole model's: what ``param_ratio`` removes from an MoE
+    model, all of it from experts (attention and dense layers keep their widths)."""
+    h = shape.hidden_size
+    per_expert = {i: 3 * h * shape.layers[i].intermediate_size + h for i in sparse}
+    held = sum(shape.layers[i].num_experts * per_expert[i] for i in sparse)
+    want = param_ratio * shape.params()
+    if want >= held:
+        raise PlanError(f"param_ratio: {param_ratio} of the parameters is more than all routed experts hold "
+                        f"({held / shape.params():.1%}); on a mixture-of-experts model it removes experts only")
+    return want / held  # every expert holds as many parameters (one moe_intermediate_size)
 
 
 def expert_choice(stats: Stats, shape: ModelShape, config: dict[str, Any],
                   request: PlanRequest) -> dict[int, list[int]]:
-    """Sparse layer -> kept experts: the same count in every sparse layer, its best-scored ones."""
+    """Sparse layer -> kept experts, its best-scored ones: in every sparse layer the legal count
+    nearest to (1 − ratio) · E_i, or with ``per_layer`` the counts of :func:`global_expert_counts`."""
     sparse = [i for i, s in enumerate(shape.layers) if s.num_experts is not None]
-    if not sparse:
-        return {}
-    full = {shape.layers[i].num_experts for i in sparse}
-    if len(full) > 1:
-        raise PlanError("sparse layers differ in expert count; per-layer expert counts are not supported yet")
-    e = full.pop()
-    if not request.expert_ratio:
-        return {i: list(range(e)) for i in sparse}
+    full = {i: shape.layers[i].num_experts for i in sparse}
+    ratio = request.expert_ratio
+    if request.param_ratio is not None and sparse:
+        ratio = _budget_ratio(shape, sparse, request.param_ratio)
+    if not ratio:
+        return {i: list(range(full[i])) for i in sparse}
     top_k = spec_for_config(config).moe.routing(config)[1]
-    # vLLM's Qwen3-MoE block refuses fewer experts than tensor-parallel ranks
-    allowed = expert_counts(e, top_k, request.expert_multiple, request.tp_size)
-    if not allowed:
-        raise PlanError(f"expert_multiple: no count of experts <= {e} is a multiple of {request.expert_multiple} "
-                        f"and >= top-k {top_k} and tp_size {request.tp_size}")
-    want = (1.0 - request.expert_ratio) * e
-    keep = min(allowed, key=lambda k: (abs(k - want), -k))  # nearest legal count, ties keep more
+    allowed = {}
+    for i in sparse:
+        # vLLM's Qwen3-MoE block refuses fewer experts than tensor-parallel ranks
+        allowed[i] = expert_counts(full[i], top_k, request.expert_multiple, max(request.tp_size, request.min_experts))
+        if not allowed[i]:
+            raise PlanError(f"expert_multiple: no count of experts <= {full[i]} (layer {i}) is a multiple of "
+                            f"{request.expert_multiple} and >= top-k {top_k}, tp_size {request.tp_size} and "
+                            f"min_experts {request.min_experts}")
+    groups = {i: stats.router(i) for i in sparse}
+    need = _NEEDS.get(request.expert_strategy)
+    if need is not None and any(need[0] not in g for g in groups.values()):
+        raise PlanError(f"expert_strategy {request.expert_strategy!r} needs the stats' {need[0]}, which only "
+                        f"{need[1]}; these stats lack it: record them offline or choose router_weighted")
     score = EXPERT_STRATEGIES[request.expert_strategy]
-    return {i: kept_experts(score(stats.router(i)), keep) for i in sparse}
+    scores = {i: score(groups[i]) for i in sparse}
+    if request.per_layer:
+        counts = global_expert_counts(scores, allowed, round(ratio * sum(full.values())))
+    else:  # nearest legal count, ties keep more
+        counts = {i: min(allowed[i], key=lambda k, i=i: (abs(k - (1.0 - ratio) * full[i]), -k))
+                  for i in sparse}
+    return {i: kept_experts(scores[i], counts[i]) for i in sparse}

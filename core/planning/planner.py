@@ -177,7 +177,7 @@ def make_plan(stats: Stats, config: dict[str, Any], request: PlanRequest,
         mlp_counts, head_keep = _global_budget(shape, kept, dropped, request, heads)
         mlp_keep = _mlp_choice(stats, shape, kept, request, None, norms, mlp_counts)
         return _assemble(stats, config, shape, chash, request, dropped, mlp_keep, head_keep, {})
-    if request.param_ratio is not None:
+    if request.param_ratio is not None and not any(s.num_experts for s in shape.layers):  # MoE: experts go
         mlp_ratio, head_ratio = _split_budget(shape, kept, dropped, request, heads)
     head_keep = heads.choose(head_ratio)
     mlp_keep = _mlp_choice(stats, shape, kept, request, mlp_ratio, norms)

@@ -39,6 +39,7 @@ from actprune.core.wire.schema import (
 __all__ = [
     "PACKED_FIELDS",
     "channel_batch",
+    "route",
     "export_state",
     "fold_blocks",
     "fold_packed",
@@ -206,6 +207,23 @@ def new_router_state(num_experts: int, device: torch.device | str = "cpu") -> di
             for f in ROUTER_FIELDS}
 
 
+def route(logits: torch.Tensor, valid: torch.Tensor, top_k: int,
+          renormalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Qwen3-MoE's routing re-derived in float64: (probabilities (T, E), top-k expert ids (T, k),
+    their weights (T, k) — softmax over all E, divided by their sum when ``renormalize``). Padding rows (``valid``
+    False) are routed as zero logits; callers mask them. The top-k is taken on the logits, as
+    vLLM's router does (softmax is monotone: the same experts as transformers' top-k of the
+    probabilities)."""
+    # torch.where, not multiplication: the profile run's NaN rows would poison the sums
+    z = torch.where(valid.view(-1, 1), logits.double(), 0.0)  # (T, E)
+    probs = torch.softmax(z, dim=-1)  # (T, E)
+    top_i = torch.topk(z, top_k, dim=-1).indices  # (T, k)
+    w = probs.gather(1, top_i)  # (T, k)
+    if renormalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    return probs, top_i, w
+
+
 def update_router(
     state: dict[str, torch.Tensor],
     logits: torch.Tensor,
@@ -214,18 +232,10 @@ def update_router(
     renormalize: bool,
 ) -> None:
     """Fold a batch of router logits into ``state``: which experts each token's top-k picks and
-    with what weight, as Qwen3-MoE routes (softmax over all E, the top-k, divided by their sum
-    when ``renormalize``, i.e. ``norm_topk_prob``). logits: (T, E) any float dtype, as the model
-    computed them; valid: (T,) bool. The top-k is taken on the logits, as vLLM's router does
-    (softmax is monotone: the same experts as transformers' top-k of the probabilities)."""
+    with what weight, as Qwen3-MoE routes (:func:`route`). logits: (T, E) any float dtype, as
+    the model computed them; valid: (T,) bool."""
     v = valid.view(-1, 1)  # (T, 1)
-    # torch.where, not multiplication: the profile run's NaN rows would poison the sums
-    z = torch.where(v, logits.double(), 0.0)  # (T, E)
-    probs = torch.softmax(z, dim=-1)  # (T, E)
-    top_i = torch.topk(z, top_k, dim=-1).indices  # (T, k)
-    w = probs.gather(1, top_i)  # (T, k)
-    if renormalize:
-        w = w / w.sum(dim=-1, keepdim=True)
+    probs, top_i, w = route(logits, valid, top_k, renormalize)  # (T, E), (T, k), (T, k)
     hit = v.expand_as(top_i).double()  # (T, k): 1 for a real token's pick, 0 for padding
     state["topk_count"].index_add_(0, top_i.reshape(-1), hit.reshape(-1))
     state["weight_sum"].index_add_(0, top_i.reshape(-1), (w * hit).reshape(-1))

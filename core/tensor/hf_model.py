@@ -8,8 +8,11 @@ found by the paths in :class:`~actprune.core.archs.HfLayout` (no names spelled h
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
 from actprune.core.archs import ArchSpec, spec_for_config
 from torch import nn
 
@@ -56,6 +59,23 @@ class HfModel:
             return layer.get_submodule(self.spec.moe.router)
         except AttributeError:
             return None
+
+    def experts(self, layer: nn.Module) -> tuple[nn.Module, Callable[[int, torch.Tensor], torch.Tensor]] | None:
+        """(the experts module, expert e's output for inputs (n, H)) of an MoE layer; None for a
+        dense layer. The module's forward takes (x (T, H), top-k ids, top-k weights). Outputs are
+        computed in at least float32 from transformers' fused (E, 2I, H) / (E, H, I) weights."""
+        moe = self.spec.moe
+        if moe is None or self.router(layer) is None:
+            return None
+        module = layer.get_submodule(moe.experts)
+        gate_up, down, act = (getattr(module, n) for n in (moe.hf_gate_up, moe.hf_down, moe.hf_act))
+
+        def expert(e: int, x: torch.Tensor) -> torch.Tensor:
+            dt = torch.promote_types(x.dtype, torch.float32)
+            gate, up = F.linear(x.to(dt), gate_up[e].to(dt)).chunk(2, dim=-1)  # (n, I) each
+            return F.linear(act(gate) * up, down[e].to(dt))  # (n, H)
+
+        return module, expert
 
     def o_proj(self, layer: nn.Module) -> nn.Linear:
         return layer.get_submodule(self.spec.hf.o_proj)

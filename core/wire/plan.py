@@ -119,11 +119,15 @@ class PlanRequest(BaseModel):
         False, description="per-layer widths from scores standardised per layer (else uniform)"
     )
     expert_ratio: float | None = Field(
-        None, ge=0, lt=1, description="fraction of routed experts removed from every sparse layer (MoE)")
+        None, ge=0, lt=1, description="fraction of routed experts removed (MoE): from every sparse layer, or "
+        "with per_layer from all of them together, by one threshold on the expert score")
     expert_strategy: str = Field("router_weighted", description="expert scoring strategy (MoE): "
-                                 "router_weighted (mean routing weight per token) or frequency (top-k share)")
+                                 "router_weighted (mean routing weight per token), frequency (top-k share) or "
+                                 "reap (mean routing weight × expert output norm; stats from actprune record only)")
     expert_multiple: int = Field(1, ge=1, description="kept experts per layer are multiples of this "
                                  "(e.g. the expert-parallel size)")
+    min_experts: int = Field(1, ge=1, le=LIMITS.experts, description="minimum routed experts kept per sparse "
+                             "layer (MoE; never fewer than top-k)")
     layer_sensitivity: list[float] | None = Field(
         None,
         max_length=LIMITS.layers,

@@ -25,6 +25,7 @@ __all__ = [
     "GROUP_FIELDS",
     "REPLICATED_KINDS",
     "ROUTER_FIELDS",
+    "ROUTER_OFFLINE_FIELDS",
     "ROUTER_KIND",
     "SCALAR_FIELDS",
     "SPARSE_FRACTION",
@@ -52,6 +53,9 @@ BLOCK_KIND = "block"
 # A layer holds ``mlp`` (dense MLP) or ``router`` (experts), never both.
 ROUTER_KIND = "router"
 ROUTER_FIELDS = ("count", "topk_count", "weight_sum", "prob_sum")
+# Optional, written by the offline recorder only (vLLM's fused kernel hides expert outputs):
+#   reap_sum (E,) Σ routing weight × ‖expert output‖₂ over the tokens whose top-k holds e (REAP)
+ROUTER_OFFLINE_FIELDS = ("reap_sum",)
 # Kinds every tensor-parallel rank computes whole: a snapshot takes the lowest rank's.
 REPLICATED_KINDS = (BLOCK_KIND, ROUTER_KIND)
 

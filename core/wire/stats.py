@@ -52,6 +52,7 @@ from .schema import (
     GROUP_FIELDS,
     ROUTER_FIELDS,
     ROUTER_KIND,
+    ROUTER_OFFLINE_FIELDS,
     group_prefix,
     key,
     parse_key,
@@ -134,9 +135,11 @@ class Stats:
             raise KeyError(f"stats have no {prefix}* tensors (layers present: {self.layers})") from e
 
     def router(self, layer: int) -> dict[str, np.ndarray] | None:
-        """The router group of an MoE layer (``ROUTER_FIELDS``), None for a dense layer."""
+        """The router group of an MoE layer (``ROUTER_FIELDS``, and those of
+        ``ROUTER_OFFLINE_FIELDS`` the file has), None for a dense layer."""
         prefix = group_prefix(layer, ROUTER_KIND)
-        return {f: self.tensors[prefix + f] for f in ROUTER_FIELDS} if prefix + "count" in self.tensors else None
+        fields = [f for f in (*ROUTER_FIELDS, *ROUTER_OFFLINE_FIELDS) if f in ROUTER_FIELDS or prefix + f in self.tensors]
+        return {f: self.tensors[prefix + f] for f in fields} if prefix + "count" in self.tensors else None
 
     def figures(self, layer: int, kind: str) -> ChannelFigures:
         return figures(self.group(layer, kind))
@@ -261,8 +264,10 @@ def _validate_router(tensors: dict[str, np.ndarray], layer: int, source: str) ->
     if any(n.startswith(mlp) for n in tensors):
         raise StatsFormatError(f"{source}: layer {layer} has both mlp and router tensors; a layer is dense or MoE")
     arrays = {}
-    for f in ROUTER_FIELDS:
+    for f in (*ROUTER_FIELDS, *ROUTER_OFFLINE_FIELDS):
         t = tensors.get(prefix + f)
+        if t is None and f in ROUTER_OFFLINE_FIELDS:  # optional: the offline recorder's only
+            continue
         shape_ok = t is not None and (t.shape == () if f == "count" else t.ndim == 1)
         if not shape_ok or t.dtype != np.float64:
             what = "a float64 scalar" if f == "count" else "a 1-D float64 array (one value per expert)"
@@ -270,7 +275,7 @@ def _validate_router(tensors: dict[str, np.ndarray], layer: int, source: str) ->
         if not (np.isfinite(t).all() and (t >= 0).all()):
             raise StatsFormatError(f"{source}: {prefix}{f} must hold finite values >= 0")
         arrays[f] = t
-    widths = {arrays[f].shape[0] for f in ROUTER_FIELDS[1:]}
+    widths = {a.shape[0] for f, a in arrays.items() if f != "count"}
     if len(widths) != 1 or not 0 < widths.pop() <= LIMITS.experts:
         raise StatsFormatError(f"{source}: {prefix}* must have one width in 1..{LIMITS.experts} experts")
     count, picks = float(arrays["count"]), arrays["topk_count"]
@@ -314,12 +319,16 @@ def merge(parts: Iterable[Stats]) -> Stats:
             if (a is None) != (b is None) or (a is not None and a["topk_count"].shape != b["topk_count"].shape):
                 raise StatsFormatError(f"cannot merge stats whose layer {i} routes to different experts")
     tensors = dict(first.tensors)
+    for name in [n for n in tensors if (k := parse_key(n)) and k[1] == ROUTER_KIND and k[2] in ROUTER_OFFLINE_FIELDS]:
+        if not all(name in p.tensors for p in parts):  # a sum over only some of the tokens: dropped
+            del tensors[name]
     for p in parts[1:]:
         for i in first.layers:
             router = p.router(i)
             for f, v in (router or {}).items():  # counts and sums: they add
                 name = key(i, ROUTER_KIND, f)
-                tensors[name] = np.asarray(tensors[name] + v, dtype=np.float64)
+                if name in tensors:
+                    tensors[name] = np.asarray(tensors[name] + v, dtype=np.float64)
             for kind in CHANNEL_KINDS:
                 if kind == "mlp" and router is not None:
                     continue

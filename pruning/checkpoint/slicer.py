@@ -30,7 +30,8 @@ otherwise report the missing ones as "newly initialized".
 Mixture-of-experts (Qwen3-MoE): the tensors of removed experts (``mlp.experts.{e}.*``) are not
 written, kept experts are renumbered 0..E'-1 in source order, and the router's (E, hidden)
 weight keeps the rows of kept experts, (E', hidden). Every sparse layer keeping the same E' gives
-the stock config with ``num_experts`` = E'; other per-layer counts are refused.
+the stock config with ``num_experts`` = E'; per-layer counts the actprune architecture
+(:mod:`.moe_config`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ import numpy as np
 import torch
 from actprune.core.archs import (
     ACTPRUNE_ARCHITECTURE,
-    ACTPRUNE_MODEL_TYPE,
     ArchSpec,
     Role,
     TensorRef,
@@ -55,7 +55,7 @@ from actprune.core.config import read_config
 from actprune.core.errors import ActpruneError
 from actprune.core.files import staged_directory
 from actprune.core.tensor.checkpoint import INDEX_NAME, TORCH_INT, ShardIndex, dtype_of
-from actprune.core.tensor.modeling import AUTO_MAP, MODELING_FILES, modeling_dir
+from actprune.core.tensor.modeling import MODELING_FILES, modeling_dir
 from actprune.core.wire.plan import LayerPlan, LayerWidths, Plan
 from actprune.core.wire.schema import key
 from actprune.core.wire.stats import Stats, config_hash
@@ -63,6 +63,7 @@ from actprune.pruning.compensate.maths import flap_bias
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from .moe_config import as_actprune, moe_output_config
 from .trust import copy_side_file
 from .writer import Entry, write_shard
 
@@ -121,7 +122,7 @@ def output_config(config: dict[str, Any], spec: ArchSpec, plan: Plan, bias: dict
     """config.json of the sliced model (stock family if possible, else the actprune one)."""
     out = {k: v for k, v in config.items() if not k.startswith("actprune_") and k != "auto_map"}
     if spec.moe is not None:
-        return _moe_config(out, spec, plan, bias)
+        return moe_output_config(out, spec, plan, bias, SliceError)
     kept = [lp.index for lp in plan.layers if not lp.drop]
     widths = [w.model_dump(exclude={"num_experts"}) for w in plan.widths]
     out["num_hidden_layers"] = len(kept)
@@ -137,41 +138,7 @@ def output_config(config: dict[str, Any], spec: ArchSpec, plan: Plan, bias: dict
         out["architectures"] = [spec.architecture]
         out["model_type"] = spec.model_type
         return out
-    out.update(
-        architectures=[ACTPRUNE_ARCHITECTURE],
-        model_type=ACTPRUNE_MODEL_TYPE,
-        actprune_base_model_type=spec.model_type,
-        actprune_base_architecture=spec.architecture,
-        actprune_layer_widths=widths,
-        actprune_bias=bias,
-        auto_map=dict(AUTO_MAP),
-    )
-    return out
-
-
-def _moe_config(out: dict[str, Any], spec: ArchSpec, plan: Plan, bias: dict[str, bool]) -> dict[str, Any]:
-    """The stock MoE config with E' experts and the dense layers' new MLP width. What would need
-    the actprune architecture for MoE (per-layer expert counts or widths, pruned heads, dropped
-    layers, biases) is refused: that architecture is not built for MoE yet."""
-    moe, src = spec.moe, plan.source
-    experts = {w.num_experts for w in plan.widths if w.num_experts is not None}
-    dense = {w.intermediate_size for w in plan.widths if w.num_experts is None}
-    heads_cut = [(w.num_attention_heads, w.num_key_value_heads) != (s.num_attention_heads, s.num_key_value_heads)
-                 for w, s in zip(plan.widths, src.widths, strict=False)]
-    neurons_cut = [w.intermediate_size != s.intermediate_size
-                   for w, s in zip(plan.widths, src.widths, strict=False) if s.num_experts is not None]
-    if plan.dropped_layers or any(bias.values()) or len(experts) > 1 or len(dense) > 1 \
-            or any(heads_cut) or any(neurons_cut):
-        raise SliceError("this plan needs per-layer expert counts or widths, pruned heads, dropped layers or "
-                         "biases, which mixture-of-experts checkpoints do not support yet (docs/moe.md)")
-    if experts:
-        out[moe.num_experts_key] = experts.pop()
-        if moe.num_experts_alias in out:  # transformers 5 writes this spelling; keep both equal
-            out[moe.num_experts_alias] = out[moe.num_experts_key]
-    if dense:
-        out["intermediate_size"] = dense.pop()
-    out["architectures"], out["model_type"] = [spec.architecture], spec.model_type
-    return out
+    return as_actprune(out, spec, widths, bias)
 
 
 # ---- slicing a checkpoint --------------------------------------------------------------

@@ -122,9 +122,12 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan(stats, config, request, ColumnNorms(args.model, spec_for_config(config)))
     plan.save(args.output)
     removed = 1 - plan.params_after / plan.params_before
-    experts = sorted({(len(lp.experts_keep), w.num_experts) for lp, w in zip(plan.layers, plan.source.widths, strict=True)
-                      if lp.experts_keep is not None})
-    kept = "".join(f", {k} of {e} experts kept per sparse layer" for k, e in experts)
+    experts = [(len(lp.experts_keep), w.num_experts) for lp, w in zip(plan.layers, plan.source.widths, strict=True)
+               if lp.experts_keep is not None]
+    if len(set(experts)) == 1:
+        kept = f", {experts[0][0]} of {experts[0][1]} experts kept per sparse layer"
+    else:  # per-layer counts: kept per sparse layer, in layer order
+        kept = ", experts kept per sparse layer: " + " ".join(f"{k}/{e}" for k, e in experts) if experts else ""
     print(
         f"plan: {plan.params_before:,} -> {plan.params_after:,} parameters ({removed:.1%} removed), "
         f"{len(plan.dropped_layers)} layers dropped, {'uniform' if plan.uniform else 'per-layer'} widths"

@@ -1,8 +1,10 @@
-"""vLLM's ``ActpruneForCausalLM``: a Qwen3 / Qwen2 / Llama decoder whose layers differ in width.
+"""vLLM's ``ActpruneForCausalLM``: a Qwen3 / Qwen2 / Llama decoder whose layers differ in width,
+or a Qwen3-MoE whose sparse layers differ in expert count.
 
 Serves the checkpoints ``actprune prune`` writes with the actprune architecture (config keys in
 ``docs/formats.md``): every decoder layer has its own MLP width, query-head and KV-head counts,
-and optionally a ``down_proj`` / ``o_proj`` output bias (FLAP bias compensation).
+and optionally a ``down_proj`` / ``o_proj`` output bias (FLAP bias compensation); on a
+mixture-of-experts base (:class:`ActpruneMoeModel`), each sparse layer its own ``num_experts``.
 
 Each layer is the base family's own vLLM decoder layer, built from a per-layer copy of the
 stock config (``ActpruneConfig.layer_config``), so the maths, kernels, tensor-parallel
@@ -35,6 +37,7 @@ from vllm.model_executor.layers.logits_processor import LogitsProcessor
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 from vllm.model_executor.models.interfaces import SupportsPP
 from vllm.model_executor.models.qwen2 import Qwen2Model
+from vllm.model_executor.models.qwen3_moe import Qwen3MoeModel
 from vllm.model_executor.models.utils import (
     AutoWeightsLoader,
     PPMissingLayer,
@@ -43,25 +46,40 @@ from vllm.model_executor.models.utils import (
 )
 from vllm.sequence import IntermediateTensors
 
-__all__ = ["ActpruneForCausalLM", "ActpruneModel", "build_layer", "layer_configs"]
+__all__ = ["ActpruneForCausalLM", "ActpruneModel", "ActpruneMoeModel", "build_layer", "layer_configs"]
 
 _LAYOUTS: dict[str, VllmLayout] = {spec.model_type: spec.vllm for spec in REGISTRY.values()}
+_MOE = frozenset(spec.model_type for spec in REGISTRY.values() if spec.moe is not None)
 
 
 def build_layer(layout: VllmLayout, cfg: PretrainedConfig, vllm_config: VllmConfig, prefix: str) -> nn.Module:
     """The family's stock vLLM decoder layer (``layout.decoder_layer``) for one layer's config.
-    vLLM's layers take one of two constructor shapes: Llama's ``(vllm_config, prefix, config)``
-    or Qwen3's ``(config, cache_config, quant_config, prefix)``."""
+    vLLM's layers take one of three constructor shapes: Llama's ``(vllm_config, prefix, config)``,
+    Qwen3's ``(config, cache_config, quant_config, prefix)``, or Qwen3-MoE's ``(vllm_config,
+    prefix)``, which reads the model config from ``vllm_config`` (given a per-layer copy here)."""
     module, name = layout.decoder_layer.split(":")
     cls = getattr(importlib.import_module(module), name)
     if layout.layer_config:
         cfg = copy.copy(cfg)
         for k, v in layout.layer_config.items():
             setattr(cfg, k, v)
-    if "vllm_config" in inspect.signature(cls.__init__).parameters:
+    params = inspect.signature(cls.__init__).parameters
+    if "vllm_config" in params and "config" not in params:  # reads vllm_config.model_config.hf_text_config
+        return cls(vllm_config=_with_text_config(vllm_config, cfg), prefix=prefix)
+    if "vllm_config" in params:
         return cls(vllm_config=vllm_config, prefix=prefix, config=cfg)
     return cls(config=cfg, cache_config=vllm_config.cache_config, quant_config=vllm_config.quant_config,
                prefix=prefix)
+
+
+def _with_text_config(vllm_config: VllmConfig, cfg: PretrainedConfig) -> VllmConfig:
+    """A shallow copy of ``vllm_config`` whose model config's ``hf_text_config`` is ``cfg``; every
+    other part (cache, parallel, compilation config and its forward context) is the same object."""
+    model_config = copy.copy(vllm_config.model_config)
+    object.__setattr__(model_config, "hf_text_config", cfg)
+    out = copy.copy(vllm_config)
+    object.__setattr__(out, "model_config", model_config)
+    return out
 
 
 def layer_configs(hf_config: PretrainedConfig) -> list[PretrainedConfig]:
@@ -131,6 +149,26 @@ class ActpruneModel(Qwen2Model):
         super().__init__(vllm_config=vllm_config, prefix=prefix, decoder_layer_type=make_layer)
 
 
+@support_torch_compile
+class ActpruneMoeModel(Qwen3MoeModel):
+    """A mixture-of-experts family (Qwen3-MoE) whose sparse layers each route to their own
+    number of experts (``num_experts`` in ``actprune_layer_widths``): Qwen3MoeModel's embedding,
+    layer loop and weight loading (experts load through each layer's own FusedMoE, so E'_i
+    needs nothing more), with each layer built by :func:`build_layer` from its config."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        hf_config = vllm_config.model_config.hf_config
+        configs = layer_configs(hf_config)
+        layout = _LAYOUTS[hf_config.actprune_base_model_type]
+        if any((getattr(hf_config, "actprune_bias", None) or {}).values()):
+            raise ValueError("actprune_bias: output biases are not supported on mixture-of-experts models")
+
+        def make_layer(*, vllm_config: VllmConfig, prefix: str) -> nn.Module:
+            return build_layer(layout, configs[extract_layer_index(prefix)], vllm_config, prefix)
+
+        super().__init__(vllm_config=vllm_config, prefix=prefix, decoder_layer_type=make_layer)
+
+
 class ActpruneForCausalLM(nn.Module, SupportsPP):
     hf_to_vllm_mapper = Qwen2Model.hf_to_vllm_mapper
     # Every registry family stacks the same projections (VllmLayout.packed_modules); a family
@@ -142,7 +180,8 @@ class ActpruneForCausalLM(nn.Module, SupportsPP):
         config = vllm_config.model_config.hf_config
         self.config = config
         self.quant_config = vllm_config.quant_config
-        self.model = ActpruneModel(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
+        body = ActpruneMoeModel if config.actprune_base_model_type in _MOE else ActpruneModel
+        self.model = body(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         if get_pp_group().is_last_rank:
             self.lm_head = ParallelLMHead(
                 config.vocab_size, config.hidden_size, quant_config=self.quant_config,

