@@ -87,15 +87,17 @@ class Recorder:
         moe = HfModel.of(model).spec.moe
         # (experts, top-k, norm_topk_prob): transformers' router routes by the same config
         self.routing = moe.routing(model.config.to_dict()) if moe is not None else None
-        self.mlp = [new_channel_state(t.down_proj.in_features) if t.down_proj is not None else None
-                    for t in self.taps]
+        # every accumulator lives on the device of the module it observes: with a device_map
+        # ("auto": layers spread over GPUs) no activation crosses a device to be counted
+        self.mlp = [new_channel_state(t.down_proj.in_features, _device(t.down_proj)) if t.down_proj is not None
+                    else None for t in self.taps]
         self.router = [_router_state(t.router) if t.router is not None and self.routing else None
                        for t in self.taps]
         # per MoE layer: the experts module and expert e's output, for REAP's reap_sum
         self.experts = [HfModel.of(model).experts(t.layer) if t.router is not None else None for t in self.taps]
         self._logits: list[torch.Tensor | None] = [None] * len(self.taps)  # a router's, until its experts run
-        self.attn = [new_channel_state(t.o_proj.in_features) for t in self.taps]
-        self.block = [new_block_state() for _ in self.taps]
+        self.attn = [new_channel_state(t.o_proj.in_features, _device(t.o_proj)) for t in self.taps]
+        self.block = [new_block_state(_device(t.layer)) for t in self.taps]
         self.tokens = 0
         self._valid: torch.Tensor | None = None  # (B*T,) bool, set per batch
         self._h_in: list[torch.Tensor | None] = [None] * len(self.taps)
@@ -216,7 +218,14 @@ def _router_state(router: nn.Module) -> dict[str, torch.Tensor]:
     """A router's accumulators, sized by the router itself (a checkpoint of the actprune
     architecture has its own expert count per layer), with REAP's ``reap_sum`` (E,)."""
     e = int(getattr(router, "num_experts", 0) or router.weight.shape[0])
-    return {**new_router_state(e), "reap_sum": torch.zeros(e, dtype=torch.float64)}
+    dev = _device(router)
+    return {**new_router_state(e, dev), "reap_sum": torch.zeros(e, dtype=torch.float64, device=dev)}
+
+
+def _device(module: nn.Module) -> torch.device:
+    """Where ``module``'s weights are (CPU for a module without any)."""
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def batches(

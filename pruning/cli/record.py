@@ -24,6 +24,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="|x| at or below this counts as near zero (default 1e-3)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
                    help="compute dtype (default: as stored)")
+    p.add_argument("--device-map", default=None,
+                   help='where the model runs: "cuda", "auto" (layers spread over the visible GPUs, for '
+                        "a model larger than one), or a transformers device map (default: CPU); each "
+                        "layer's statistics accumulate on its own device")
     p.add_argument("-o", "--output", required=True, help="stats file to write (.safetensors)")
     add_trust_flag(p)
 
@@ -49,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     tok = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
     texts = load_texts(args.data, args.text_field, tok)
     model = load_causal_lm(args.model, getattr(torch, args.dtype) if args.dtype else None,
-                           trust_remote_code=args.trust_remote_code)
+                           device_map=args.device_map, trust_remote_code=args.trust_remote_code)
     token_lists = budget(tokenize(tok, texts), args.max_len, args.max_tokens)
     if not token_lists:
         raise UsageError(f"--data {args.data}: no tokens to record")

@@ -115,3 +115,28 @@ def test_record_cli_names_a_missing_field(tiny, pr_jsonl, tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "no field 'answer'" in err and "response" in err
+
+
+def test_each_layer_accumulates_on_its_own_device(tiny, tmp_path):
+    """With a device_map a model's layers sit on several devices. No second real device here (no
+    GPU: the stand-in is PyTorch's "meta" device, which holds shapes, not values), so this checks
+    where the accumulators are created; the forward of a spread model runs in bench/gpu.sh."""
+    from actprune.pruning.record import Recorder
+    from moe_helpers import tiny_moe
+
+    for ckpt in (tiny, tiny_moe(tmp_path)[0]):
+        model = load_causal_lm(ckpt, torch.float32)
+        last = len(model.model.layers) - 1  # the MoE's is sparse: a router, no MLP group
+        model.model.layers[last].to("meta")
+        rec = Recorder(model)
+        groups = {i: [g for g in (rec.mlp[i], rec.router[i], rec.attn[i], rec.block[i]) if g is not None]
+                  for i in (0, last)}
+        assert all(t.device.type == "cpu" for g in groups[0] for t in g.values())
+        assert len(groups[last]) == 3 and all(t.device.type == "meta" for g in groups[last] for t in g.values())
+
+
+def test_record_cli_takes_a_device_map(tiny, pr_jsonl, tmp_path):
+    out = tmp_path / "s.safetensors"
+    assert main(["record", "--model", str(tiny), "--data", str(pr_jsonl), "--text-field", "response",
+                 "--max-tokens", "50", "--device-map", "cpu", "-o", str(out)]) == 0
+    assert Stats.load(out).tokens == 50
