@@ -210,7 +210,7 @@ class Capture:
         # longer steps fold tap by tap; the scratch holds the stream entering the current layer
         long_rows = self.options.max_tokens if rows < self.options.max_tokens else 0
         self.scratch = torch.zeros(long_rows, self.hidden_size, **f32)  # (M, H)
-        self.zero_gid = torch.zeros(max(widths, default=0), dtype=torch.int64, device=self.device)
+        self.zero_gid = torch.zeros(max(widths, default=0), dtype=torch.int32, device=self.device)
 
     def _router(self, i: int, layer: nn.Module) -> nn.Module | None:
         """Layer ``i``'s router if it routes to experts: vLLM built one there (by the rule of

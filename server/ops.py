@@ -149,13 +149,25 @@ def stash_stream(hidden: Tensor, residual: Tensor | None, buf: Tensor, scratch: 
         scratch[:t].copy_(h)
 
 
+# Rows per call of the compiled fold. The fold reduces each column over the rows; the fused
+# loop walks a tile of columns down all T rows, which sit ΣC * 4 bytes apart (270 kB on the
+# benchmark model): past a few dozen rows those reads outrun the TLB and the prefetchers, and
+# the cost per activation doubles (4.8 vs 2.0 ns at T = 256 vs 32). Chunks of 16 rows keep it
+# flat; each chunk merges into the accumulators (exact: Chan's merge), which costs one pass
+# over the (ΣC,) accumulators per chunk (BENCHMARKS.md, issue 16).
+FOLD_ROWS = 16
+
+
 def fold_step(hidden: Tensor, chan_buf: Tensor, stream_buf: Tensor, fields: list[Tensor], counts: Tensor,
               gid: Tensor, blocks: Tensor, armed: Tensor, threshold: Tensor) -> None:
     t = hidden.shape[0]
     if t > chan_buf.shape[0]:  # folded tap by tap already
         return
-    _compiled(_fold_step_math)(chan_buf[:t], stream_buf[:t], fields, counts, gid, blocks,
-                               valid_rows(t, armed), threshold)
+    valid = valid_rows(t, armed)
+    for a in range(0, t, FOLD_ROWS):  # a shape loop: the same calls at every replay of a graph
+        b = min(t, a + FOLD_ROWS)
+        _compiled(_fold_step_math)(chan_buf[a:b], stream_buf[a:b], fields, counts, gid, blocks,
+                                   valid[a:b], threshold)
 
 
 _define("stash_channels(Tensor x, Tensor(a!) buf, Tensor(b!)[] fields, Tensor(c!) counts, "

@@ -65,7 +65,7 @@ def test_step_path_source_has_no_host_reads():
     from actprune.core.tensor import accumulate
 
     bodies = [ops.stash_channels, ops.stash_stream, ops.fold_step, ops._fold_step_math, ops.valid_rows,
-              accumulate.channel_batch, accumulate.merge_channels, accumulate.fold_packed,
+              accumulate.fold_channels, accumulate.merge_channels, accumulate.fold_packed,
               accumulate.fold_blocks, accumulate.update_router]
     for fn in bodies:
         src = inspect.getsource(fn)
