@@ -179,7 +179,8 @@ def _fold_variants(rev: str, tokens: int):
     old = _module_at(rev, "core/tensor/accumulate.py", "accumulate_before")
     widths = [MLP, HEADS * HEAD_DIM] * LAYERS
     chan = torch.randn(tokens, sum(widths))  # (T, ΣC)
-    streams = torch.randn(tokens, 2, LAYERS, HIDDEN)  # (T, in/out, L, H)
+    streams = torch.randn(tokens, LAYERS + 1, HIDDEN)  # (T, L + 1, H): today's, one slot a boundary
+    pairs = torch.stack([streams[:, :-1], streams[:, 1:]], 1)  # (T, in/out, L, H): before, a copy each
     armed, thr, hidden = torch.ones(()), torch.tensor(1e-3), torch.zeros(tokens, HIDDEN)
 
     def math_before(chan, streams, fields, counts, gid, blocks, valid, thr):
@@ -191,7 +192,7 @@ def _fold_variants(rev: str, tokens: int):
     fa, ca, ga, _ = accumulate.new_packed_channels(widths)
     blocks_b, blocks_a = torch.zeros(2, LAYERS, dtype=torch.float64), torch.zeros(2, LAYERS, dtype=torch.float64)
     return {
-        "before": lambda: before(chan, streams, fb, cb, gb, blocks_b, ops.valid_rows(tokens, armed), thr),
+        "before": lambda: before(chan, pairs, fb, cb, gb, blocks_b, ops.valid_rows(tokens, armed), thr),
         "after": lambda: ops.fold_step(hidden, chan, streams, fa, ca, ga, blocks_a, armed, thr),
     }
 
