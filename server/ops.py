@@ -154,7 +154,8 @@ def stash_stream(hidden: Tensor, residual: Tensor | None, buf: Tensor, scratch: 
 # benchmark model): past a few dozen rows those reads outrun the TLB and the prefetchers, and
 # the cost per activation doubles (4.8 vs 2.0 ns at T = 256 vs 32). Chunks of 16 rows keep it
 # flat; each chunk merges into the accumulators (exact: Chan's merge), which costs one pass
-# over the (ΣC,) accumulators per chunk (BENCHMARKS.md, issue 16).
+# over the (ΣC,) accumulators per chunk (BENCHMARKS.md, issue 16). A CPU matter: a GPU folds
+# the step whole (one set of kernels, not T / 16).
 FOLD_ROWS = 16
 
 
@@ -164,8 +165,9 @@ def fold_step(hidden: Tensor, chan_buf: Tensor, stream_buf: Tensor, fields: list
     if t > chan_buf.shape[0]:  # folded tap by tap already
         return
     valid = valid_rows(t, armed)
-    for a in range(0, t, FOLD_ROWS):  # a shape loop: the same calls at every replay of a graph
-        b = min(t, a + FOLD_ROWS)
+    rows = FOLD_ROWS if chan_buf.device.type == "cpu" else max(t, 1)
+    for a in range(0, t, rows):  # a shape loop: the same calls at every replay of a graph
+        b = min(t, a + rows)
         _compiled(_fold_step_math)(chan_buf[a:b], stream_buf[a:b], fields, counts, gid, blocks,
                                    valid[a:b], threshold)
 
