@@ -10,17 +10,28 @@ calls of each op per step and their time (dispatch, Python body, kernels; the pr
 overhead inflates it).
 
     .venv/bin/python bench/capture_profile.py [--tokens 1 8 32] [--steps 200] [--eager]
+    .venv/bin/python bench/capture_profile.py --fold-before REV [--tokens 1 8 32 256] [--reps 9]
 
 The same script measures any version of the capture (it only uses the Capture class), so the
-"before" figures come from running it on an older commit.
+"before" figures of a whole step come from running it on an older commit. ``--fold-before REV``
+instead times the per-step fold alone, before and after in the same process: the fold of
+commit REV (its ``core/tensor/accumulate.py``, loaded under another name, called as that
+commit's ``fold_step`` did) against today's ``fold_step`` op, in interleaved blocks, CPU time of
+this thread, the load average printed before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 from actprune.core.archs import REGISTRY
@@ -84,13 +95,7 @@ class _Model(nn.Module):
 def _time(fn, steps: int) -> float:
     """Median CPU µs of this thread per call over 5 blocks of ``steps`` calls: CPU time, not
     wall time, so that other jobs on a shared machine do not count (their cache pressure does)."""
-    blocks = []
-    for _ in range(5):
-        t0 = time.thread_time()
-        for _ in range(steps):
-            fn()
-        blocks.append((time.thread_time() - t0) / steps * 1e6)
-    return statistics.median(blocks)
+    return statistics.median(_time_block(fn, steps) for _ in range(5))
 
 
 def profile(fn, steps: int) -> dict[str, tuple[float, float]]:
@@ -114,8 +119,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--eager", action="store_true", help="run the hooks eagerly (vLLM --enforce-eager)")
+    ap.add_argument("--fold-before", metavar="REV", help="time the fold alone: commit REV's against today's")
+    ap.add_argument("--reps", type=int, default=9, help="interleaved blocks per variant (--fold-before)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.fold_before:
+        return fold_before_after(args.fold_before, args.tokens, args.reps)
     bare, hooked = _Model(), _Model()
     cap = Capture(hooked, REGISTRY["Qwen3ForCausalLM"].vllm, CaptureOptions(max_tokens=2048),
                   ShardInfo(), torch.device("cpu"), HIDDEN)
@@ -144,6 +153,79 @@ def _measure(decoder: nn.Module, tokens: int, args: argparse.Namespace, profiled
         us = _time(lambda: run(pos, x), args.steps)
         ops = profile(lambda: run(pos, x), max(10, args.steps // 5)) if profiled else {}
     return us, ops
+
+
+def _module_at(rev: str, path: str, name: str):
+    """``path`` (a module of this repository) as it was at commit ``rev``, imported as ``name``."""
+    root = Path(__file__).resolve().parents[1]
+    src = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=root, check=True, capture_output=True,
+                         text=True).stdout
+    file = Path(tempfile.mkdtemp()) / f"{name}.py"
+    file.write_text(src)
+    spec = importlib.util.spec_from_file_location(name, file)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # Dynamo re-imports the modules of the code it traces
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fold_variants(rev: str, tokens: int):
+    """{"before": fn, "after": fn}: one step's fold of ``tokens`` rows of every layer, each on its
+    own accumulators. Before: commit ``rev``'s maths in one compiled call over all rows, as its
+    ``fold_step`` made it. After: today's ``fold_step`` op."""
+    from actprune.core.tensor import accumulate
+    from actprune.server import ops
+
+    old = _module_at(rev, "core/tensor/accumulate.py", "accumulate_before")
+    widths = [MLP, HEADS * HEAD_DIM] * LAYERS
+    chan = torch.randn(tokens, sum(widths))  # (T, ΣC)
+    streams = torch.randn(tokens, LAYERS + 1, HIDDEN)  # (T, L + 1, H): today's, one slot a boundary
+    pairs = torch.stack([streams[:, :-1], streams[:, 1:]], 1)  # (T, in/out, L, H): before, a copy each
+    armed, thr, hidden = torch.ones(()), torch.tensor(1e-3), torch.zeros(tokens, HIDDEN)
+
+    def math_before(chan, streams, fields, counts, gid, blocks, valid, thr):
+        old.fold_packed(fields, counts, gid, chan, valid, thr)
+        old.fold_blocks(blocks, streams[:, 0], streams[:, 1], valid)
+
+    before = torch.compile(math_before, dynamic=True, fullgraph=True)
+    fb, cb, gb, _ = old.new_packed_channels(widths)
+    fa, ca, ga, _ = accumulate.new_packed_channels(widths)
+    blocks_b, blocks_a = torch.zeros(2, LAYERS, dtype=torch.float64), torch.zeros(2, LAYERS, dtype=torch.float64)
+    return {
+        "before": lambda: before(chan, pairs, fb, cb, gb, blocks_b, ops.valid_rows(tokens, armed), thr),
+        "after": lambda: ops.fold_step(hidden, chan, streams, fa, ca, ga, blocks_a, armed, thr),
+    }
+
+
+def fold_before_after(rev: str, tokens: list[int], reps: int) -> None:
+    """Print the table: CPU ms of one step's fold, before and after, medians of ``reps``
+    interleaved blocks (before, after, after, before, ...), and the median of the paired ratios."""
+    print(f"fold of one step, {LAYERS} layers x ({MLP} + {HEADS * HEAD_DIM}) channels, 1 thread; "
+          f"before = {rev}, after = this tree; load average {os.getloadavg()[0]:.1f} at the start")
+    print("| T | before (CPU ms) | after (CPU ms) | after / before (median of paired blocks, min–max) |")
+    print("|---|---|---|---|")
+    for t in tokens:
+        fns = _fold_variants(rev, t)
+        for fn in fns.values():  # compile and warm up
+            for _ in range(3):
+                fn()
+        calls = max(2, 64 // t)
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for r in range(reps):
+            for k in (("before", "after") if r % 2 == 0 else ("after", "before")):
+                times[k].append(_time_block(fns[k], calls))
+        ratios = sorted(a / b for a, b in zip(times["after"], times["before"], strict=True))
+        print(f"| {t} | {statistics.median(times['before']) / 1e3:.2f} | {statistics.median(times['after']) / 1e3:.2f} "
+              f"| **{statistics.median(ratios):.2f}** ({ratios[0]:.2f}–{ratios[-1]:.2f}) |", flush=True)
+    print(f"load average {os.getloadavg()[0]:.1f} at the end")
+
+
+def _time_block(fn, calls: int) -> float:
+    """CPU µs of this thread per call, over ``calls`` calls."""
+    t0 = time.thread_time()
+    for _ in range(calls):
+        fn()
+    return (time.thread_time() - t0) / calls * 1e6
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ rank), attached to the loaded model. It owns a :class:`HookRegistry` and these h
 * pre-hook on ``self_attn.o_proj`` -> actprune::stash_channels (attention channels, local heads)
 * post-hook on ``mlp.gate`` of an MoE layer (instead of ``down_proj``, which the fused experts
   do not have) -> actprune::observe_router (the router logits vLLM routes with, (T, E))
-* pre-hook on the decoder layer  -> actprune::stash_stream (residual stream entering)
-* post-hook on the decoder layer -> actprune::stash_stream (residual stream leaving)
+* pre-hook on the first decoder layer -> actprune::stash_stream (residual stream entering it)
+* post-hook on every decoder layer -> actprune::stash_stream (residual stream leaving it, which is
+  the stream entering the next: vLLM's decoder loop hands each layer's (hidden, residual)
+  output to the next layer unchanged, so one copy serves both)
 * post-hook on the last decoder layer -> actprune::fold_step: every statistic of every layer
   for this step, folded at once (a step too long for the step buffers was folded tap by tap)
 * pre-hook on the top-level model (runs eagerly, outside the compiled graph, once per step):
@@ -170,11 +172,12 @@ class Capture:
         self._allocate([self.partitions[name][1] for name, _ in taps], len(layers))
         for g, (_, linear) in enumerate(taps):
             self.registry.pre_hook(HOOK_GROUP, linear, self._channels_hook(self.offsets[g], g))
+        # stream slot 0: entering the first layer (of this rank); slot j + 1: leaving layer j
+        self.registry.pre_hook(HOOK_GROUP, layers[0][1], self._stream_in_hook())
         for j, (i, layer) in enumerate(layers):
             self.groups[group_name(i, BLOCK_KIND)] = {"cos_sum": self.blocks[0, j:j + 1],
                                                       "count": self.blocks[1, j:j + 1]}
-            self.registry.pre_hook(HOOK_GROUP, layer, self._stream_in_hook(j))
-            self.registry.post_hook(HOOK_GROUP, layer, self._stream_out_hook(j))
+            self.registry.post_hook(HOOK_GROUP, layer, self._stream_out_hook(j + 1))
         # after the last layer's stream hook (hooks run in registration order): fold the step
         self.registry.post_hook(HOOK_GROUP, layers[-1][1], self._fold_hook())
         self.registry.pre_hook(HOOK_GROUP, model, self._on_step, with_kwargs=True)
@@ -208,16 +211,16 @@ class Capture:
         self.groups.update(zip(names, states, strict=True))
         self.offsets = [0, *itertools.accumulate(widths)][:-1]
         self.blocks = torch.zeros(2, n_layers, dtype=torch.float64, device=self.device)  # cos_sum, count
-        row_bytes = 4 * (sum(widths) + 2 * n_layers * self.hidden_size)
+        row_bytes = 4 * (sum(widths) + (n_layers + 1) * self.hidden_size)
         rows = min(self.options.max_tokens, (self.options.stash_mib << 20) // row_bytes)
         self.stash_rows = rows
         f32 = {"dtype": torch.float32, "device": self.device}
         self.chan_buf = torch.zeros(rows, sum(widths), **f32)  # (N, ΣC)
-        self.stream_buf = torch.zeros(rows, 2, n_layers, self.hidden_size, **f32)  # (N, in/out, L, H)
+        self.stream_buf = torch.zeros(rows, n_layers + 1, self.hidden_size, **f32)  # (N, L + 1, H)
         # longer steps fold tap by tap; the scratch holds the stream entering the current layer
         long_rows = self.options.max_tokens if rows < self.options.max_tokens else 0
         self.scratch = torch.zeros(long_rows, self.hidden_size, **f32)  # (M, H)
-        self.zero_gid = torch.zeros(max(widths, default=0), dtype=torch.int64, device=self.device)
+        self.zero_gid = torch.zeros(max(widths, default=0), dtype=torch.int32, device=self.device)
 
     def _router(self, i: int, layer: nn.Module) -> nn.Module | None:
         """Layer ``i``'s router if it routes to experts: vLLM built one there (by the rule of
@@ -253,21 +256,21 @@ class Capture:
 
         return hook
 
-    def _stream_in_hook(self, j: int):
+    def _stream_in_hook(self):
         h, r = self.layout.hidden_arg, self.layout.residual_arg
         buf, scratch, blocks, armed = self.stream_buf, self.scratch, self.blocks, self.armed
 
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            torch.ops.actprune.stash_stream(args[h], args[r], buf, scratch, blocks, armed, j, False)
+            torch.ops.actprune.stash_stream(args[h], args[r], buf, scratch, blocks, armed, 0)
 
         return hook
 
-    def _stream_out_hook(self, j: int):
+    def _stream_out_hook(self, slot: int):
         buf, scratch, blocks, armed = self.stream_buf, self.scratch, self.blocks, self.armed
 
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             hidden, residual = output
-            torch.ops.actprune.stash_stream(hidden, residual, buf, scratch, blocks, armed, j, True)
+            torch.ops.actprune.stash_stream(hidden, residual, buf, scratch, blocks, armed, slot)
 
         return hook
 

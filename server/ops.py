@@ -18,9 +18,9 @@ Ops (all return nothing; buffers and accumulators are updated in place):
 
     actprune::stash_channels(x (T,C), buf (N,ΣC), fields [7 x (ΣC,)], counts (G,), zero_gid (≥C,),
                              armed (), threshold (), offset, group)
-    actprune::stash_stream(hidden (T,H), residual (T,H) | None, buf (N,2,L,H), scratch (M,H),
-                           blocks (2,L), armed (), layer, leaving)
-    actprune::fold_step(hidden (T,H), chan_buf (N,ΣC), stream_buf (N,2,L,H), fields [7 x (ΣC,)],
+    actprune::stash_stream(hidden (T,H), residual (T,H) | None, buf (N,L+1,H), scratch (M,H),
+                           blocks (2,L), armed (), slot)
+    actprune::fold_step(hidden (T,H), chan_buf (N,ΣC), stream_buf (N,L+1,H), fields [7 x (ΣC,)],
                         counts (G,), gid (ΣC,), blocks (2,L), armed (), threshold ())
     actprune::observe_router(logits (T,E), armed (), count, topk_count, weight_sum, prob_sum,
                              top_k, renormalize)
@@ -101,10 +101,10 @@ def _compiled(fn):
 
 def _fold_step_math(chan: Tensor, streams: Tensor, fields: list[Tensor], counts: Tensor, gid: Tensor,
                     blocks: Tensor, valid: Tensor, threshold: Tensor) -> None:
-    # chan: (T, ΣC); streams: (T, 2, L, H), the residual stream entering and leaving each
-    # layer; one compiled call (one Dynamo guard check) for the whole step
+    # chan: (T, ΣC); streams: (T, L + 1, H), the residual stream entering the first layer and
+    # leaving each layer (= entering the next); one compiled call (one Dynamo guard check)
     fold_packed(fields, counts, gid, chan, valid, threshold)
-    fold_blocks(blocks, streams[:, 0], streams[:, 1], valid)
+    fold_blocks(blocks, streams[:, :-1], streams[:, 1:], valid)
 
 
 def _define(schema: str, fn) -> None:
@@ -127,13 +127,14 @@ def stash_channels(x: Tensor, buf: Tensor, fields: list[Tensor], counts: Tensor,
 
 
 def stash_stream(hidden: Tensor, residual: Tensor | None, buf: Tensor, scratch: Tensor,
-                 blocks: Tensor, armed: Tensor, layer: int, leaving: bool) -> None:
+                 blocks: Tensor, armed: Tensor, slot: int) -> None:
     # The residual stream around a vLLM decoder layer is hidden + residual (vLLM defers the
-    # residual add into the next fused add-RMSNorm); layer 0 gets residual=None. Entering and
-    # leaving streams are both kept: nothing says a layer is given what the one before left.
+    # residual add into the next fused add-RMSNorm); layer 0 gets residual=None. Slot 0 is the
+    # stream entering a rank's first layer, slot j + 1 the one leaving its layer j, which is
+    # what layer j + 1 is given (vLLM's decoder loop passes it on as it is): one copy a layer.
     t = hidden.shape[0]
     if t <= buf.shape[0]:
-        dst = buf[:t, int(leaving), layer]  # (T, H)
+        dst = buf[:t, slot]  # (T, H)
         if residual is None:
             dst.copy_(hidden)
         else:
@@ -143,10 +144,19 @@ def stash_stream(hidden: Tensor, residual: Tensor | None, buf: Tensor, scratch: 
         raise RuntimeError(f"actprune: batch of {t} tokens exceeds the capture scratch buffer "
                            f"({scratch.shape[0]} rows); this is a bug, please report it")
     h = hidden.float() if residual is None else hidden.float() + residual.float()  # (T, H)
-    if leaving:  # a long step: this layer's cosine now, against the stream it was given
-        fold_blocks(blocks[:, layer:layer + 1], scratch[:t, None], h[:, None], valid_rows(t, armed))
-    else:
-        scratch[:t].copy_(h)
+    if slot:  # a long step: layer slot - 1's cosine now, against the stream it was given
+        fold_blocks(blocks[:, slot - 1:slot], scratch[:t, None], h[:, None], valid_rows(t, armed))
+    scratch[:t].copy_(h)  # what the next layer is given
+
+
+# Rows per call of the compiled fold. The fold reduces each column over the rows; the fused
+# loop walks a tile of columns down all T rows, which sit ΣC * 4 bytes apart (270 kB on the
+# benchmark model): past a few dozen rows those reads outrun the TLB and the prefetchers, and
+# the cost per activation doubles (4.8 vs 2.0 ns at T = 256 vs 32). Chunks of 16 rows keep it
+# flat; each chunk merges into the accumulators (exact: Chan's merge), which costs one pass
+# over the (ΣC,) accumulators per chunk (BENCHMARKS.md, issue 16). A CPU matter: a GPU folds
+# the step whole (one set of kernels, not T / 16).
+FOLD_ROWS = 16
 
 
 def fold_step(hidden: Tensor, chan_buf: Tensor, stream_buf: Tensor, fields: list[Tensor], counts: Tensor,
@@ -154,14 +164,18 @@ def fold_step(hidden: Tensor, chan_buf: Tensor, stream_buf: Tensor, fields: list
     t = hidden.shape[0]
     if t > chan_buf.shape[0]:  # folded tap by tap already
         return
-    _compiled(_fold_step_math)(chan_buf[:t], stream_buf[:t], fields, counts, gid, blocks,
-                               valid_rows(t, armed), threshold)
+    valid = valid_rows(t, armed)
+    rows = FOLD_ROWS if chan_buf.device.type == "cpu" else max(t, 1)
+    for a in range(0, t, rows):  # a shape loop: the same calls at every replay of a graph
+        b = min(t, a + rows)
+        _compiled(_fold_step_math)(chan_buf[a:b], stream_buf[a:b], fields, counts, gid, blocks,
+                                   valid[a:b], threshold)
 
 
 _define("stash_channels(Tensor x, Tensor(a!) buf, Tensor(b!)[] fields, Tensor(c!) counts, "
         "Tensor zero_gid, Tensor armed, Tensor threshold, int offset, int group) -> ()", stash_channels)
 _define("stash_stream(Tensor hidden, Tensor? residual, Tensor(a!) buf, Tensor(b!) scratch, "
-        "Tensor(c!) blocks, Tensor armed, int layer, bool leaving) -> ()", stash_stream)
+        "Tensor(c!) blocks, Tensor armed, int slot) -> ()", stash_stream)
 _define("fold_step(Tensor hidden, Tensor chan_buf, Tensor stream_buf, Tensor(a!)[] fields, "
         "Tensor(b!) counts, Tensor gid, Tensor(c!) blocks, Tensor armed, Tensor threshold) -> ()",
         fold_step)

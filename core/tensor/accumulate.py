@@ -38,9 +38,9 @@ from actprune.core.wire.schema import (
 
 __all__ = [
     "PACKED_FIELDS",
-    "channel_batch",
     "route",
     "export_state",
+    "fold_channels",
     "fold_blocks",
     "fold_packed",
     "merge_channels",
@@ -71,36 +71,52 @@ def new_block_state(device: torch.device | str = "cpu") -> dict[str, torch.Tenso
     return {f: torch.zeros(1, dtype=torch.float64, device=device) for f in BLOCK_FIELDS}
 
 
-def channel_batch(
-    x: torch.Tensor, valid: torch.Tensor, shift: torch.Tensor, threshold: float | torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """The accumulators of one batch, in one pass over it: every reduction reads the same
-    element once, so torch.compile fuses them into a single loop. x: (T, C) any float dtype;
-    valid: (T,) bool; shift: (C,) float64, any value (the running mean, so that the batch's
-    sum of squared deviations does not cancel: m2 = Σ(x-c)² - (Σ(x-c))²/n is exact for every
-    c, and well conditioned when c is near the batch's own mean)."""
+def fold_channels(
+    acc: list[torch.Tensor],
+    n_a: torch.Tensor,
+    x: torch.Tensor,
+    valid: torch.Tensor,
+    threshold: float | torch.Tensor,
+) -> None:
+    """Fold a batch into channel accumulators in place, in one pass over it: every reduction
+    reads the same element once, so torch.compile fuses the whole update into one loop.
+
+    acc: the (C,) accumulators in PACKED_FIELDS order (mean, m2, sum, sum_sq, sum_abs float64;
+    max_abs float32 or float64; near_zero float64); n_a: (C,) or (1,) float64, the tokens each
+    channel had seen before this batch (its count is the caller's to update); x: (T, C) any
+    float dtype; valid: (T,) bool.
+
+    Exact as before, with fewer passes and narrower types where nothing is rounded:
+
+    * Moments, shifted by the running mean c (y = x - c, float64): Chan's merge of the batch's
+      (mean_b = c + Σy/n_b, m2_b = Σy² - (Σy)²/n_b) into (c, m2) with n = n_a + n_b simplifies,
+      exactly, to mean' = c + Σy/n and m2' = m2 + Σy² - (Σy)²/n: no batch mean, no delta, fewer
+      roundings. The increment is >= 0 in exact arithmetic (Cauchy-Schwarz: (Σy)² <= n_b Σy²
+      <= n Σy²); the clamp removes a rounding -0. With c near the batch's mean nothing cancels
+      (``test_variance_stays_accurate_over_1e8_tokens_with_large_mean``).
+    * max|x| in float32: |x| of a float32 (or bfloat16) value is exact in float32, and a maximum
+      selects one of its inputs, so it rounds nothing: the float64 maximum was the same number.
+    * near-zero counts per batch in int32: a count of at most T < 2^31 rows is an exact integer;
+      added to the float64 accumulator it stays exact up to 2^53 tokens.
+    """
+    mean, m2, s, s_sq, s_abs, max_abs, near_zero = acc
     v = valid.view(-1, 1)  # (T, 1)
+    n_b = valid.sum(dtype=torch.float64)  # ()
+    inv = 1.0 / (n_a + n_b).clamp(min=1.0)  # (C,) or (1,)
     xd = x.double()  # (T, C): float32 and bfloat16 values are exact in float64
     # torch.where, not multiplication: vLLM's profile run pushes NaN rows through the model
     # and NaN * 0 is still NaN.
     xm = torch.where(v, xd, 0.0)  # (T, C)
-    y = torch.where(v, xd - shift, 0.0)  # (T, C) deviations from the shift
-    absx = xm.abs()
-    n_b = valid.sum(dtype=torch.float64)  # ()
-    inv = 1.0 / n_b.clamp(min=1.0)
+    y = torch.where(v, xd - mean, 0.0)  # (T, C) deviations from the running mean
     s1 = y.sum(0)  # (C,)
-    return {
-        "count": n_b,
-        "mean": shift + s1 * inv,
-        # Cauchy-Schwarz keeps this >= 0 in exact arithmetic; the clamp removes a rounding -0
-        "m2": ((y * y).sum(0) - s1 * s1 * inv).clamp(min=0.0),
-        "sum": xm.sum(0),
-        "sum_sq": (xm * xm).sum(0),
-        "sum_abs": absx.sum(0),
-        "max_abs": absx.amax(0),
-        # compared in the activation's float32, as the threshold is stated
-        "near_zero": torch.logical_and(v, x.float().abs() <= threshold).sum(0, dtype=torch.float64),
-    }
+    mean.add_(s1 * inv)
+    m2.add_(((y * y).sum(0) - s1 * s1 * inv).clamp(min=0.0))
+    s.add_(xm.sum(0))
+    s_sq.add_((xm * xm).sum(0))
+    s_abs.add_(xm.abs().sum(0))
+    ax = x.float().abs()  # (T, C) float32; the threshold is stated in the activation's float32
+    max_abs.copy_(torch.maximum(max_abs, torch.where(v, ax, 0.0).amax(0).to(max_abs.dtype)))
+    near_zero.add_(torch.logical_and(v, ax <= threshold).sum(0, dtype=torch.int32))
 
 
 def update_channels(
@@ -111,12 +127,13 @@ def update_channels(
 ) -> None:
     """Fold a batch into ``state``. x: (T, C) any float dtype; valid: (T,) bool;
     threshold: |x| at or below which a value counts as near zero (float or 0-d tensor)."""
-    merge_channels(state, channel_batch(x, valid, state["mean"], threshold))
+    fold_channels([state[f] for f in PACKED_FIELDS], state["count"], x, valid, threshold)
+    state["count"].add_(valid.sum(dtype=torch.float64))
 
 
 # ---- packed channel groups (the server's layout) -----------------------------------------------
-# Every channel group of a model side by side: one (ΣC,) float64 tensor per field of
-# PACKED_FIELDS (max_abs too: float32 values are exact in float64) and one count per group, so
+# Every channel group of a model side by side: one (ΣC,) tensor per field of PACKED_FIELDS
+# (float64; max_abs float32, as in a group's own state) and one count per group, so
 # that a whole step of every layer is folded by one call (one fused kernel) instead of one call
 # per layer. Each group's state dict holds views, so the dict API above still applies. (One
 # tensor per field, not one (7, ΣC) tensor: torch.compile copies a whole input for every
@@ -127,12 +144,13 @@ PACKED_FIELDS = tuple(f for f in GROUP_FIELDS if f != "count")
 def new_packed_channels(
     widths: list[int], device: torch.device | str = "cpu"
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]]]:
-    """Zeroed packed accumulators of groups of ``widths`` channels: ([one (ΣC,) float64 per
-    field of PACKED_FIELDS], counts (G,) float64, gid (ΣC,) int64 = the group of each channel,
-    [each group's state, of views])."""
-    fields = [torch.zeros(sum(widths), dtype=torch.float64, device=device) for _ in PACKED_FIELDS]
+    """Zeroed packed accumulators of groups of ``widths`` channels: ([one (ΣC,) per field of
+    PACKED_FIELDS], counts (G,) float64, gid (ΣC,) int32 = the group of each channel (int32:
+    half the bytes the fold reads), [each group's state, of views])."""
+    fields = [torch.zeros(sum(widths), dtype=torch.float32 if f == "max_abs" else torch.float64,
+                          device=device) for f in PACKED_FIELDS]
     counts = torch.zeros(len(widths), dtype=torch.float64, device=device)
-    gid = torch.repeat_interleave(torch.arange(len(widths), device=device),
+    gid = torch.repeat_interleave(torch.arange(len(widths), dtype=torch.int32, device=device),
                                   torch.tensor(widths, device=device))
     groups, off = [], 0
     for g, c in enumerate(widths):
@@ -154,9 +172,7 @@ def fold_packed(
     """Fold a batch into packed groups. fields: one (C,) per field of PACKED_FIELDS (the
     columns of some groups); counts: (G',) the counts of those groups, every one of which this
     batch reaches; gid: (C,) each column's index into ``counts``; x: (T, C); valid: (T,) bool."""
-    state = dict(zip(PACKED_FIELDS, fields, strict=True))
-    state["count"] = counts[gid]  # (C,) each channel's own group count (a gathered copy)
-    update_channels(state, x, valid, threshold)
+    fold_channels(fields, counts[gid], x, valid, threshold)  # counts[gid]: (C,) each channel's own
     counts.add_(valid.sum(dtype=torch.float64))
 
 

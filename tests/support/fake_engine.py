@@ -234,8 +234,9 @@ class FakeEngineClient:
                 is_padding = torch.arange(padded) >= len(rows)
                 ctx = ForwardContext(no_compile_layers={}, attn_metadata={"attn": _AttnMetadata(qsl)},
                                      slot_mapping={}, is_padding=is_padding)
+                streams = _streams(raw, rows, padded)
                 for rank in self.ranks:
-                    steps = [_layer_step(layer, rows, padded, i, rank.tp_rank, self.tp_size)
+                    steps = [_layer_step(layer, rows, padded, i, rank.tp_rank, self.tp_size, streams)
                              for i, layer in enumerate(raw)]
                     with override_forward_context(ctx):
                         rank.model(torch.arange(padded), steps)
@@ -262,28 +263,43 @@ def _steps(prefill: int, decode: int) -> Iterator[tuple[np.ndarray, list[int]]]:
         p, d = p + n, d + k
 
 
-def _layer_step(layer: RawLayer, rows: np.ndarray, padded: int, i: int, tp_rank: int, tp_size: int) -> _LayerStep:
+def _streams(raw: Sequence[RawLayer], rows: np.ndarray, padded: int) -> list[np.ndarray]:
+    """The residual stream entering layer 0 and leaving each layer, (padded, HIDDEN) each,
+    chained as vLLM chains it (what layer i leaves, layer i + 1 is given): s_0 = e0 and
+    s_{i+1} = cos_i s_i + sin_i e_{i+1}, unit vectors (e_{i+1} is orthogonal to s_0..s_i), so
+    cosine(s_i, s_{i+1}) is layer i's raw cosine. Padding rows: garbage (PAD e0)."""
+    out = [np.zeros((padded, HIDDEN), dtype=np.float64)]
+    out[0][:, 0] = 1.0
+    for i, layer in enumerate(raw):
+        c = layer.cos[rows]  # (T,)
+        nxt = np.zeros((padded, HIDDEN), dtype=np.float64)
+        nxt[: len(rows)] = c[:, None] * out[-1][: len(rows)]
+        nxt[: len(rows), i + 1] = np.sqrt(np.clip(1 - c**2, 0, None))
+        out.append(nxt)
+    for s in out:
+        s[len(rows):] = 0.0
+        s[len(rows):, 0] = PAD
+    return out
+
+
+def _layer_step(layer: RawLayer, rows: np.ndarray, padded: int, i: int, tp_rank: int, tp_size: int,
+                streams: list[np.ndarray]) -> _LayerStep:
     def take(x: np.ndarray) -> Tensor:  # (T, C) -> this rank's columns of the step's rows, padded
         c = x.shape[1] // tp_size
         out = np.full((padded, c), PAD, dtype=np.float32)
         out[: len(rows)] = x[rows, tp_rank * c : (tp_rank + 1) * c]
         return torch.from_numpy(out)
 
-    # Residual stream: in e0, out cos*e0 + sin*e1, so cosine(in, out) is the raw cosine. From
-    # layer 1 on, vLLM passes it as hidden + residual; e2 split between them, exactly.
-    cos = np.full(padded, PAD, dtype=np.float64)
-    cos[: len(rows)] = layer.cos[rows]
-    stream_in = np.zeros((padded, HIDDEN), dtype=np.float32)
-    stream_in[:, 0] = 1.0
-    stream_out = np.zeros((padded, HIDDEN), dtype=np.float32)
-    stream_out[:, 0], stream_out[:, 1] = cos, np.sqrt(np.clip(1 - cos**2, 0, None))
-    e2 = np.zeros((padded, HIDDEN), dtype=np.float32)
-    e2[:, 2] = 1.0
+    # From layer 1 on, vLLM passes the stream as hidden + residual: the last coordinate (never
+    # part of the stream) split between them, exactly.
+    e = np.zeros((padded, HIDDEN), dtype=np.float32)
+    e[:, -1] = 1.0
     t = torch.from_numpy
-    residual = None if i == 0 else t(e2)
-    hidden = t(stream_in) if i == 0 else t(stream_in - e2)
+    stream_in, stream_out = (streams[k].astype(np.float32) for k in (i, i + 1))
+    residual = None if i == 0 else t(e)
+    hidden = t(stream_in) if i == 0 else t(stream_in - e)
     return _LayerStep(mlp_in=take(layer.mlp), attn_in=take(layer.attn), hidden=hidden, residual=residual,
-                      out=(t(stream_out - e2), t(e2)))
+                      out=(t(stream_out - e), t(e)))
 
 
 # ---- the app ---------------------------------------------------------------------------------
