@@ -86,7 +86,7 @@ class Setup:
         return Stats.load(path)
 
     def plan(self, **fields) -> Plan:
-        return make_plan(self.stats, self.config, PlanRequest(strategy="wifv", **fields), self.norms)
+        return make_plan(self.stats, self.config, PlanRequest(**{"strategy": "wifv", **fields}), self.norms)
 
     def perplexity(self, model: torch.nn.Module) -> dict[str, float]:
         return perplexities(model, self.rows)
