@@ -21,7 +21,9 @@ a user would get. A budget is a fraction of the **non-embedding** parameters (as
 - ``taylor``: LLM-Pruner's first-order element importance, Σ |w · ∂L/∂w| over a structure's
   weights (gate/up rows + down column per neuron; q/k/v rows + o columns per KV group), from
   calibration gradients, with the uniform per-layer counts of ``wanda_sp``; no compensation
-  (the paper's LoRA recovery is fine-tuning, excluded here).
+  (the paper's LoRA recovery is fine-tuning, excluded here); ``taylor|ends``: the paper's default
+  layout instead, the first 4 and last 2 layers kept whole (its 4 and 2 of LLaMA-7B's 32), the
+  others pruned alike.
 - ``ours|mlp``, ``ours|all-hm``: ours as in ``bench/compress_quality.py`` (measured-sensitivity
   MLP widths + refit; heads + MLP with heads at the measured share, both refitted), from the
   sensitivity measured at ``--ref-budget`` (20 %; at other budgets the same Δ, as the cost
@@ -36,16 +38,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 from actprune.core.archs import LayerShape
-from actprune.core.planning import budget as budget_mod
 from actprune.core.planning.planner import _channel_scores
 from actprune.core.planning.scores import standardise
 from actprune.core.wire.plan import Plan, PlanRequest
@@ -61,7 +62,7 @@ from quality_results import append, load_results  # noqa: E402
 from texts import ood_texts  # noqa: E402
 
 TEXTS = ("val", "wiki", "opticks", "pydoc", "code")
-METHODS = ("ours|mlp", "ours|all-hm", "shortgpt", "wanda_sp", "flap", "taylor")
+METHODS = ("ours|mlp", "ours|all-hm", "shortgpt", "wanda_sp", "flap", "taylor", "taylor|ends")
 
 
 # ---- plans ------------------------------------------------------------------------------------
@@ -178,26 +179,34 @@ def taylor_scores(s: Setup, rows: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def taylor(s: Setup, budget: float, rows: int) -> Plan:
+def ends_counts(s: Setup, budget: float, first: int, last: int) -> dict[int, tuple[int, int]]:
+    """LLM-Pruner's default layout: the first ``first`` and last ``last`` layers kept whole, the
+    others pruned alike (same share of heads, rounded to KV groups; the MLP fills the rest).
+    Layer -> (kept neurons, kept KV groups)."""
+    n, ly = s.shape.num_layers, s.shape.layers[0]
+    pruned = range(first, n - last)
+    share = removed_params(s, budget) / (len(pruned) * s.shape.layer_params(ly))
+    kv = max(1, math.floor((1 - share) * ly.num_key_value_heads + 0.5))
+    freed = s.shape.layer_params(ly) - s.shape.layer_params(LayerShape(ly.intermediate_size,
+                                                                      kv * _group_size(s, 0), kv))
+    neurons = math.floor((removed_params(s, budget) / len(pruned) - freed) / (3 * s.shape.hidden_size))
+    return {i: (ly.intermediate_size - neurons, kv) if i in pruned else (ly.intermediate_size, ly.num_key_value_heads)
+            for i in range(n)}
+
+
+def taylor(s: Setup, budget: float, rows: int, ends: bool = False) -> Plan:
+    """Taylor keep lists at the planner's uniform counts, or (``ends``) the paper's layout with the
+    first 4 and last 2 layers kept (LLaMA-7B's 4 and 2 of 32)."""
     scores, uni = taylor_scores(s, rows), wanda_sp(s, budget)
+    counts = ends_counts(s, budget, 4, 2) if ends else {lp.index: (len(lp.mlp_keep), len(lp.kv_heads_keep))
+                                                         for lp in uni.layers}
     mlp, heads = {}, {}
-    for lp in uni.layers:
-        i, g = lp.index, _group_size(s, lp.index)
-        mlp[i] = torch.argsort(-scores[f"layers.{i}.mlp"])[: len(lp.mlp_keep)].tolist()
-        kv = sorted(torch.argsort(-scores[f"layers.{i}.kv"])[: len(lp.kv_heads_keep)].tolist())
+    for i, (c_mlp, c_kv) in counts.items():
+        g = _group_size(s, i)
+        mlp[i] = torch.argsort(-scores[f"layers.{i}.mlp"])[:c_mlp].tolist()
+        kv = sorted(torch.argsort(-scores[f"layers.{i}.kv"])[:c_kv].tolist())
         heads[i] = ([k * g + h for k in kv for h in range(g)], kv)
     return with_keeps(s, uni, mlp, heads)
-
-
-@contextmanager
-def heads_at_measured(at_attn: float):
-    """Heads limited to the share their Δ was measured at (compress_quality ``--heads-at-measured``)."""
-    old = budget_mod.Pool.limit
-    budget_mod.Pool.limit = property(lambda p: p.at if p.at == at_attn else 2 * p.at)
-    try:
-        yield
-    finally:
-        budget_mod.Pool.limit = old
 
 
 def ours(s: Setup, budget: float, name: str) -> Plan:
@@ -212,17 +221,16 @@ def ours(s: Setup, budget: float, name: str) -> Plan:
     src = ref.source.widths
     at = {"mlp": 1 - len(ref.layers[0].mlp_keep) / src[0].intermediate_size,
           "attn": 1 - len(ref.layers[0].heads_keep) / src[0].num_attention_heads}
-    with heads_at_measured(at["attn"]):
-        return s.plan(param_ratio=removed_params(s, budget) / total, head_mode="kv_groups",
-                      layer_sensitivity=[d_mlp.get(i, 0.0) for i in range(n)],
-                      head_sensitivity=[d_attn.get(i, 0.0) for i in range(n)], sensitivity_at=at)
+    return s.plan(param_ratio=removed_params(s, budget) / total, head_mode="kv_groups", head_cap=at["attn"],
+                  layer_sensitivity=[d_mlp.get(i, 0.0) for i in range(n)],
+                  head_sensitivity=[d_attn.get(i, 0.0) for i in range(n)], sensitivity_at=at)
 
 
 def make(s: Setup, method: str, budget: float) -> Plan:
     if method.startswith("ours"):
         return ours(s, budget, method)
-    if method == "taylor":
-        return taylor(s, budget, s.args.grad_rows)
+    if method.startswith("taylor"):
+        return taylor(s, budget, s.args.grad_rows, ends=method.endswith("ends"))
     return {"shortgpt": shortgpt, "wanda_sp": wanda_sp, "flap": flap}[method](s, budget)
 
 
