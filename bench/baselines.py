@@ -254,14 +254,33 @@ def add_ood_rows(s: Setup) -> None:
         s.rows[name] = pack(tokenize(s.tok, [text]), L, eos)[: s.args.ood_tokens // L]
 
 
+LABELS = {
+    "ours|mlp": "**ours**: MLP only, measured-sensitivity widths + refit",
+    "ours|all-hm": "ours: heads (≤ measured share) + MLP, allocated, refit",
+    "shortgpt": "ShortGPT: lowest-block-influence layers dropped",
+    "wanda_sp": "Wanda-sp: heads + MLP, uniform",
+    "flap": "FLAP: fluctuation, global AL-AM structure, bias",
+    "taylor": "LLM-Pruner Taylor: heads + MLP, uniform over all layers",
+    "taylor|ends": "LLM-Pruner Taylor: paper layout (first 4, last 2 layers kept)",
+}
+
+
 def markdown(path: Path) -> str:
+    """One table: a row per budget and method, cells perplexity ÷ dense, the best of each
+    budget's column in bold."""
     res = load_results(path)
     dense = res["dense"]
     lines = ["dense perplexity: " + ", ".join(f"{t} {dense[t]:.2f}" for t in TEXTS), "",
-             "| budget | method | removed (non-emb.) | " + " | ".join(TEXTS) + " |", "|---|---|---|" + "---|" * len(TEXTS)]
-    for r in sorted((r for r in res.values() if r["key"] != "dense"), key=lambda r: (r["budget"], METHODS.index(r["method"]))):
-        lines.append(f"| {int(r['budget'] * 100)} % | {r['method']} | {r['params_removed'] / 1e6:.2f} M | "
-                     + " | ".join(f"{r[t] / dense[t]:.3f}" for t in TEXTS) + " |")
+             "| budget | method | removed | " + " | ".join(TEXTS) + " |", "|---|---|---|" + "---|" * len(TEXTS)]
+    recs = [r for r in res.values() if r["key"] != "dense"]
+    for budget in sorted({r["budget"] for r in recs}):
+        rows = sorted((r for r in recs if r["budget"] == budget), key=lambda r: METHODS.index(r["method"]))
+        best = {t: min(r[t] / dense[t] for r in rows) for t in TEXTS}
+        for r in rows:
+            cells = [f"{r[t] / dense[t]:.2f}" for t in TEXTS]
+            cells = [f"**{c}**" if r[t] / dense[t] == best[t] else c for c, t in zip(cells, TEXTS, strict=True)]
+            lines.append(f"| {int(budget * 100)} % | {LABELS[r['method']]} | {r['params_removed'] / 1e6:.2f} M | "
+                         + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
