@@ -105,9 +105,9 @@ def test_compress_head_cap_zero_spends_the_budget_on_mlp_neurons_only(run, tmp_p
     if not (tmp / "out.steps" / "sensitivity.json").is_file():
         assert main(argv) == 0
     (tmp_path / "steps").mkdir()
-    shutil.copy(tmp / "out.steps" / "sensitivity.json", tmp_path / "steps")  # same uniform plan: reused
+    shutil.copy(tmp / "out.steps" / "sensitivity.json", tmp_path / "steps")  # reused if its inputs match
     assert main([*argv[:-1], str(tmp_path / "out"), "--work", str(tmp_path / "steps"), "--head-cap", "0"]) == 0
-    assert "sensitivity: kept" in capsys.readouterr().out
+    capsys.readouterr()
     plan = json.loads((tmp_path / "out" / "actprune_plan.json").read_text())
     assert all(len(lp["heads_keep"]) == SHAPE["num_attention_heads"] for lp in plan["layers"])
     assert 0.18 <= 1 - plan["params_after"] / plan["params_before"] <= 0.2 + 1e-9
