@@ -86,7 +86,7 @@ class Setup:
         return Stats.load(path)
 
     def plan(self, **fields) -> Plan:
-        return make_plan(self.stats, self.config, PlanRequest(strategy="wifv", **fields), self.norms)
+        return make_plan(self.stats, self.config, PlanRequest(**{"strategy": "wifv", **fields}), self.norms)
 
     def perplexity(self, model: torch.nn.Module) -> dict[str, float]:
         return perplexities(model, self.rows)
@@ -149,11 +149,8 @@ def configs(s: Setup, budget: float, ridge: float, head_mode: str) -> dict[str, 
     at = {"mlp": 1 - len(uniform.layers[0].mlp_keep) / src[0].intermediate_size,
           "attn": 1 - len(uniform.layers[0].heads_keep) / src[0].num_attention_heads}
     n = s.shape.num_layers
-    if s.args.heads_at_measured:  # variant: no layer loses more heads than it was measured losing
-        from actprune.core.planning import budget
-
-        budget.Pool.limit = property(lambda p: p.at if p.at == at["attn"] else 2 * p.at)
-    out["all|global"] = s.plan(param_ratio=removed / total, head_mode=head_mode,
+    cap = at["attn"] if s.args.heads_at_measured else None  # variant: heads at most as measured
+    out["all|global"] = s.plan(param_ratio=removed / total, head_mode=head_mode, head_cap=cap,
                                layer_sensitivity=[d_mlp2.get(i, 0.0) for i in range(n)],
                                head_sensitivity=[d_attn.get(i, 0.0) for i in range(n)], sensitivity_at=at)
     return out

@@ -32,7 +32,8 @@ class Pool:
     holds at ``allowed[j]``; removed[j]: the fraction of its units removed at ``allowed[j]``;
     delta: measured loss increase at removed fraction ``at``; cap: the most it may lose
     (default ``2 · at``: a Δ measured at one fraction says little about much larger cuts, and
-    a noisy near-zero or negative Δ would otherwise make a layer look free)."""
+    a noisy near-zero or negative Δ would otherwise make a layer look free). An explicit ``cap``
+    holds even when the budget cannot be met within the limits (the user set it)."""
 
     allowed: list[int]
     params: list[int]
@@ -53,11 +54,13 @@ def allocate_budget(pools: list[Pool], budget: int, cap: float = 0.9) -> list[in
     """Kept count per pool removing at most ``budget`` parameters (as close as the steps allow)
     at the least modelled cost; no pool loses more than ``cap`` of its units. Each pool's own
     limit (:attr:`Pool.limit`, twice the fraction its Δ was measured at) holds while the budget
-    can be met within the limits; when it cannot, a second pass goes past them, still cheapest
-    first, rather than returning a plan that silently removes less than was asked."""
+    can be met within the limits; when it cannot, a second pass goes past them (not past an
+    explicit :attr:`Pool.cap`), still cheapest first, rather than returning a plan that silently
+    removes less than was asked."""
     pos = [len(p.allowed) - 1 for p in pools]
     left = budget
-    for bounds in ([min(cap, p.limit) for p in pools], [cap] * len(pools)):
+    hard = [cap if p.cap is None else min(cap, p.cap) for p in pools]  # a pool's explicit cap always holds
+    for bounds in ([min(cap, p.limit) for p in pools], hard):
         left = _take_steps(pools, pos, bounds, left)
         if left <= 0:
             break

@@ -346,7 +346,7 @@ def _global_budget(shape, kept, dropped, request, heads: _HeadChoice):
         pools.append(Pool(h_allowed, [shape.layer_params(LayerShape(s.intermediate_size, len(hq), len(kv)))
                                       for hq, kv in chosen],
                           [1 - len(hq) / s.num_attention_heads for hq, _ in chosen],
-                          request.head_sensitivity[i], at["attn"]))
+                          request.head_sensitivity[i], at["attn"], request.head_cap))
         picks.append(pick)
     counts = allocate_budget(pools, int(budget), cap=0.9)
     return counts[0::2], {i: p(c) for i, p, c in zip(kept, picks, counts[1::2], strict=True)}

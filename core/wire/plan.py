@@ -148,6 +148,12 @@ class PlanRequest(BaseModel):
         "(CLI: from the sensitivity file)",
     )
 
+    head_cap: float | None = Field(
+        None, ge=0, lt=1,
+        description="with param_ratio and head_sensitivity: the largest fraction of a layer's query heads the "
+        "budget may take (0 keeps every head: the budget goes to MLP neurons); default twice the measured share",
+    )
+
     @model_validator(mode="after")
     def _consistent(self) -> PlanRequest:
         if self.drop_layers is not None and self.drop_layer_ratio is not None:
@@ -160,6 +166,8 @@ class PlanRequest(BaseModel):
         if budget and (self.layer_sensitivity is None or self.sensitivity_at is None):
             raise ValueError("head_sensitivity allocates param_ratio across kinds: it needs layer_sensitivity "
                              "and sensitivity_at (give the sensitivity file of a plan with mlp_ratio and head_ratio)")
+        if self.head_cap is not None and self.param_ratio is None:
+            raise ValueError("head_cap limits the heads the whole-model budget takes: it needs param_ratio")
         if self.head_sensitivity is not None and self.param_ratio is None:
             raise ValueError("head_sensitivity is used with param_ratio (the whole-model budget)")
         at = self.sensitivity_at or {}

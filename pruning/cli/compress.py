@@ -35,6 +35,8 @@ _PLAN_FLAGS = {
     "tp_size": (int, "tensor-parallel size the result must support"),
     "min_mlp_width": (int, "minimum MLP neurons kept per layer"),
     "min_kv_heads": (int, "minimum KV heads kept per layer"),
+    "head_cap": (float, "most of a layer's query heads the budget may take (0: MLP neurons only; "
+                        "default twice the measured share)"),
 }
 
 

@@ -64,3 +64,21 @@ def test_the_budget_is_met_past_the_pools_limits_when_it_cannot_be_met_within_th
     assert allocate_budget(pools, 40) == [8, 8]  # within the limits
     kept = allocate_budget(pools, 100)  # 5 units: past the limits, the cheaper pool first
     assert sum(10 - k for k in kept) * 10 == 100 and kept[0] <= kept[1], kept
+
+
+def test_an_explicit_cap_holds_even_when_the_budget_cannot_be_met_within_the_limits():
+    pools = [Pool(list(range(11)), [10 * c for c in range(11)], [1 - c / 10 for c in range(11)], d, 0.1, cap)
+             for d, cap in ((1.0, 0.0), (2.0, None))]
+    kept = allocate_budget(pools, 50)
+    assert kept == [10, 5]  # the capped pool gives nothing; the other goes past its 20 % limit
+
+
+def test_head_cap_zero_spends_the_whole_budget_on_mlp_neurons(stats):  # noqa: F811
+    n = CFG["num_hidden_layers"]
+    req = dict(param_ratio=0.1, layer_sensitivity=[1.0] * n, head_sensitivity=[10.0, 10.0, 10.0, 1e-4],
+               sensitivity_at={"mlp": 0.25, "attn": 0.25})
+    p = plan(stats, **req, head_cap=0.0)
+    assert [w.num_attention_heads for w in p.widths] == [CFG["num_attention_heads"]] * n
+    assert 0.09 <= 1 - p.params_after / p.params_before <= 0.1 + 1e-9
+    with pytest.raises(ValueError, match="head_cap"):
+        PlanRequest(mlp_ratio=0.1, head_cap=0.0)

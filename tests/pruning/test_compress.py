@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 
 import pytest
 import torch
@@ -97,3 +98,16 @@ def test_compress_mistakes_are_one_line(run, tmp_path, capsys):
     assert main(other) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "exists" in err[0]
+
+
+def test_compress_head_cap_zero_spends_the_budget_on_mlp_neurons_only(run, tmp_path, capsys):
+    tmp, _, argv = run
+    if not (tmp / "out.steps" / "sensitivity.json").is_file():
+        assert main(argv) == 0
+    (tmp_path / "steps").mkdir()
+    shutil.copy(tmp / "out.steps" / "sensitivity.json", tmp_path / "steps")  # reused if its inputs match
+    assert main([*argv[:-1], str(tmp_path / "out"), "--work", str(tmp_path / "steps"), "--head-cap", "0"]) == 0
+    capsys.readouterr()
+    plan = json.loads((tmp_path / "out" / "actprune_plan.json").read_text())
+    assert all(len(lp["heads_keep"]) == SHAPE["num_attention_heads"] for lp in plan["layers"])
+    assert 0.18 <= 1 - plan["params_after"] / plan["params_before"] <= 0.2 + 1e-9
