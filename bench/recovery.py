@@ -24,7 +24,7 @@ out-of-domain texts of :mod:`texts`, the mean per-token KL(dense ‖ model) on e
 accuracy ± standard error on ``actprune_facts`` (40 shipped multiple-choice facts; s.e. ≈ 0.07,
 so it only tells a broken model from a working one). The dense log-probabilities are computed
 once and cached (float16, ``CACHE/dense_logp-*.safetensors``). Results are appended to
-``CACHE/recovery.jsonl``; a rerun trains and evaluates only what is missing.
+``CACHE/recovery-eEVAL_TOKENS.jsonl``; a rerun trains and evaluates only what is missing.
 """
 
 from __future__ import annotations
@@ -98,13 +98,30 @@ def logprobs(model, rows: torch.Tensor) -> torch.Tensor:
                       for r in rows])
 
 
-def dense_logp(cache: Path, dense, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def dense_logp(cache: Path, dense_dir: Path, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """(N, L-1, V) float16 dense log-probabilities of each text's rows, computed once; a cache of
+    more rows of the same text serves fewer (its first N)."""
+    from actprune.pruning.checkpoint.hf_io import load_causal_lm
+
+    out, dense = {}, None
+    for name, r in rows.items():
+        found = sorted(cache.glob(f"dense_logp-{name}-*x{r.shape[1]}.safetensors"),
+                       key=lambda q: int(q.stem.split("-")[-1].split("x")[0]))
+        found = [q for q in found if int(q.stem.split("-")[-1].split("x")[0]) >= r.shape[0]]
+        path = found[0] if found else cache / f"dense_logp-{name}-{r.shape[0]}x{r.shape[1]}.safetensors"
+        if not path.is_file():
+            dense = dense or load_causal_lm(dense_dir, torch.float32).eval()
+            save_file({"logp": logprobs(dense, r).half()}, str(path))
+        out[name] = load_file(str(path))["logp"][: r.shape[0]]
+    return out
+
+
+def score_ref(rows: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The dense model's own scores, from its cached log-probabilities (KL 0 by definition)."""
     out = {}
     for name, r in rows.items():
-        path = cache / f"dense_logp-{name}-{r.shape[0]}x{r.shape[1]}.safetensors"
-        if not path.is_file():
-            save_file({"logp": logprobs(dense, r).half()}, str(path))
-        out[name] = load_file(str(path))["logp"]
+        nll = -ref[name].float().gather(-1, r[:, 1:, None]).sum().item()
+        out[f"{name}_ppl"], out[f"{name}_kl"] = math.exp(nll / r[:, 1:].numel()), 0.0
     return out
 
 
@@ -158,7 +175,7 @@ def markdown(path: Path) -> str:
     head = ("| model | budget | " + " | ".join(f"{t} ppl ×dense" for t in texts) + " | "
             + " | ".join(f"{t} KL" for t in texts) + f" | {TASK} acc | train CPU-min |")
     lines = [head, "|" + "---|" * (4 + 2 * len(texts))]
-    for key, r in res.items():
+    for r in res.values():
         ppl = " | ".join(f"{r[t + '_ppl'] / dense[t + '_ppl']:.3f} ({r[t + '_ppl']:.2f})" for t in texts)
         kl = " | ".join(f"{r[t + '_kl']:.4f}" for t in texts)
         acc = r.get("task", {})
@@ -179,10 +196,11 @@ def main() -> None:
     p.add_argument("--local-tokens", type=int, default=8192)
     p.add_argument("--eval-tokens", type=int, default=4096, help="tokens per evaluation text")
     p.add_argument("--no-task", action="store_true", help=f"skip lm-eval's {TASK}")
+    p.add_argument("--results", default=None, help="results JSONL (default CACHE/recovery-eEVAL_TOKENS.jsonl)")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args()
     cache = Path(args.cache)
-    path = cache / "recovery.jsonl"
+    path = Path(args.results or cache / f"recovery-e{args.eval_tokens}.jsonl")
     if args.markdown:
         print(markdown(path))
         return
@@ -198,14 +216,13 @@ def main() -> None:
     def evaluate(key: str, model_dir: Path, extra: dict) -> None:
         model = load_causal_lm(model_dir, torch.float32).eval()
         t0 = time.time()
-        rec = {"key": key, **extra, **score(model, rows, ref)}
+        scores = score_ref(rows, ref) if model_dir == dense_dir else score(model, rows, ref)
+        rec = {"key": key, **extra, **scores}
         if not args.no_task:
             rec["task"] = run_tasks(model, tok, [TASK], batch_size=8)[TASK]
         append(path, {**rec, "eval_s": round(time.time() - t0)})
 
-    dense = load_causal_lm(dense_dir, torch.float32).eval()
-    ref = dense_logp(cache, dense, rows)
-    del dense
+    ref = dense_logp(cache, dense_dir, rows)
     steps = args.budget // (SEQ_TRAIN * BATCH)
     data, val = budget_data(cache, tok, args.budget)
     for row in filter(None, args.rows.split(",")):
