@@ -167,21 +167,26 @@ def train(cmd: list[str], out: Path) -> dict[str, float]:
 
 
 def markdown(path: Path) -> str:
+    """The table: rows in ROWS order then by budget; perplexity ÷ dense (perplexity), KL, accuracy,
+    training CPU time and the validation perplexity (calibration domain: what choices are made on)."""
     res = load_results(path)
     dense = res.get("dense")
     if dense is None:
         return "(no results yet)"
     texts = [k.removesuffix("_ppl") for k in dense if k.endswith("_ppl")]
     head = ("| model | budget | " + " | ".join(f"{t} ppl ×dense" for t in texts) + " | "
-            + " | ".join(f"{t} KL" for t in texts) + f" | {TASK} acc | train CPU-min |")
-    lines = [head, "|" + "---|" * (4 + 2 * len(texts))]
-    for r in res.values():
+            + " | ".join(f"{t} KL" for t in texts) + f" | {TASK} acc | train CPU-min | val ppl |")
+    lines = [head, "|" + "---|" * (5 + 2 * len(texts))]
+    order = {r: i for i, r in enumerate(ROWS)}
+    for r in sorted(res.values(), key=lambda r: (r.get("budget") or 0, order.get(r["row"], 99), r.get("lr", 0))):
         ppl = " | ".join(f"{r[t + '_ppl'] / dense[t + '_ppl']:.3f} ({r[t + '_ppl']:.2f})" for t in texts)
         kl = " | ".join(f"{r[t + '_kl']:.4f}" for t in texts)
         acc = r.get("task", {})
         task = f"{acc['acc']:.3f} ± {acc['acc_stderr']:.3f}" if acc else "—"
         cpu = f"{r['train_cpu_s'] / 60:.1f}" if "train_cpu_s" in r else "—"
-        lines.append(f"| {r['row']} | {r.get('budget') or '—'} | {ppl} | {kl} | {task} | {cpu} |")
+        val = f"{r['val']['val_ppl']:.2f}" if r.get("val") else "—"
+        name = r["row"] + (f" (lr {r['lr']:g})" if "lr" in r else "")
+        lines.append(f"| {name} | {r.get('budget') or '—'} | {ppl} | {kl} | {task} | {cpu} | {val} |")
     return "\n".join(lines)
 
 

@@ -54,9 +54,9 @@ def test_markdown_divides_by_dense_and_shows_accuracy_with_its_error(tmp_path):
     path = tmp_path / "r.jsonl"
     dense = {"key": "dense", "row": "dense", "budget": 0, "wiki_ppl": 10.0, "wiki_kl": 0.0,
              "task": {"acc": 0.7, "acc_stderr": 0.07}}
-    plain = {"key": "plain@16384|lr=0.0001", "row": "plain", "budget": 16384, "wiki_ppl": 12.5, "wiki_kl": 0.25,
+    plain = {"key": "plain@16384|lr=0.0001", "row": "plain", "budget": 16384, "lr": 1e-4, "wiki_ppl": 12.5, "wiki_kl": 0.25,
              "train_cpu_s": 660}
     path.write_text("".join(json.dumps(r) + "\n" for r in (dense, plain)))
     lines = recovery.markdown(path).splitlines()
     assert "| 0.700 ± 0.070 |" in lines[2]
-    assert lines[3].startswith("| plain | 16384 | 1.250 (12.50) | 0.2500 | — | 11.0 |")
+    assert lines[3].startswith("| plain (lr 0.0001) | 16384 | 1.250 (12.50) | 0.2500 | — | 11.0 | — |")
