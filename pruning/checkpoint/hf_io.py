@@ -86,6 +86,10 @@ def finish_output_dir(src: str | Path, dst: str | Path) -> None:
 # Files of a model's weights: a new final model replaces all of them (a sharded one may leave
 # names the new one does not use).
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+# Hugging Face weight file names (model.safetensors, model-00001-of-00002.safetensors, …): only
+# these are the old model's; other safetensors in OUT are the run's own (the teacher's top-k
+# cache, OUT/teacher_topk.safetensors, is reused by the next run on the same data).
+_WEIGHT_PREFIXES = ("model", "pytorch_model")
 
 
 def publish_model_files(staged: Path, out: Path) -> None:
@@ -100,7 +104,8 @@ def publish_model_files(staged: Path, out: Path) -> None:
     fsync_dir(out)
     new = {f.name for f in staged.iterdir() if f.is_file()}
     for f in out.iterdir():
-        if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES) and f.name not in new:
+        if f.is_file() and f.name.startswith(_WEIGHT_PREFIXES) and f.name.endswith(_WEIGHT_SUFFIXES) \
+                and f.name not in new:
             f.unlink()
     for name in sorted(new - {"config.json"}) + ["config.json"]:
         (staged / name).replace(out / name)

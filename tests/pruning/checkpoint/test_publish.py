@@ -18,7 +18,8 @@ def _out(tmp_path: Path) -> Path:
     out = tmp_path / "out"
     (out / "checkpoints" / "step-000004").mkdir(parents=True)
     for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors",
-                 "model.safetensors.index.json", "config.json", "tokenizer.json", "finetune_log.jsonl"):
+                 "model.safetensors.index.json", "config.json", "tokenizer.json", "finetune_log.jsonl",
+                 "teacher_topk.safetensors"):
         (out / name).write_text(f"old {name}")
     return out
 
@@ -39,6 +40,7 @@ def test_publishing_replaces_the_old_model_and_keeps_the_run_state(tmp_path):
         "model.safetensors": "new model.safetensors", "config.json": "new config.json",
         "tokenizer.json": "new tokenizer.json", "generation_config.json": "new generation_config.json",
         "finetune_log.jsonl": "old finetune_log.jsonl",  # not a model file: the run's own
+        "teacher_topk.safetensors": "old teacher_topk.safetensors",  # the teacher cache, reused by a rerun
     }
     assert (out / "checkpoints" / "step-000004").is_dir()
 
@@ -63,7 +65,7 @@ def test_a_kill_while_publishing_never_leaves_a_config_beside_other_weights(tmp_
     monkeypatch.undo()
     publish_model_files(_restage(staged), out)  # the command run again publishes whole
     assert (out / "config.json").read_text() == "new config.json"
-    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    assert sorted(p.name for p in out.glob("model*.safetensors")) == ["model.safetensors"]
 
 
 def _restage(staged: Path) -> Path:

@@ -1,0 +1,251 @@
+"""Recovery that transfers (issue 14): plain fine-tuning vs distillation vs local + distillation,
+with the dense control, on SmolLM2-135M-Instruct at 20 % of MLP neurons.
+
+    # the start: 20 % of MLP neurons, per-layer WIFV widths + refit, through the slicer
+    .venv/bin/python bench/quality.py --cache /tmp/rq14 --threads 1 --save "wifv|0.2|refit|per_layer" /tmp/rq14/pruned20
+    nice -n 5 .venv/bin/python bench/recovery.py --cache /tmp/rq14 --budget 16384     # train + evaluate what is missing
+    nice -n 5 .venv/bin/python bench/recovery.py --cache /tmp/rq14 --budget 65536 --rows plain,distil
+    .venv/bin/python bench/recovery.py --cache /tmp/rq14 --markdown                   # the table
+
+Every trained row sees the same data: the first ``wiki:train`` summaries (in file order) that
+fill ``--budget`` tokens, packed into rows of 256 tokens and trained for exactly one epoch
+(batch 4 rows, so budget / 1024 optimizer steps), seed 0. Validation rows (for choosing the
+learning rate, ``--lr``) are calibration-part summaries 256–319, never seen by the calibration
+pass nor by any evaluation. Rows of the table:
+
+- ``dense``, ``pruned``: no training.  ``plain``: LM loss.  ``distil``: KL to the dense model only
+  (``--kd-alpha 1``), teacher top-64 cached on disk.  ``local+distil``: block-wise distillation
+  of each layer first (``--local-steps``), then ``distil``.  ``dense+plain``: the *dense* model
+  trained like ``plain`` — the control: a gain it shows too is adaptation to Wikipedia, not
+  recovery of what pruning removed.
+
+Evaluation (never used for a choice): perplexity ÷ dense on held-out Wikipedia and on the three
+out-of-domain texts of :mod:`texts`, the mean per-token KL(dense ‖ model) on each, and lm-eval's
+accuracy ± standard error on ``actprune_facts`` (40 shipped multiple-choice facts; s.e. ≈ 0.07,
+so it only tells a broken model from a working one). The dense log-probabilities are computed
+once and cached (float16, ``CACHE/dense_logp-*.safetensors``). Results are appended to
+``CACHE/recovery-eEVAL_TOKENS.jsonl``; a rerun trains and evaluates only what is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from actprune.pruning.data import pack, tokenize, wiki_texts
+from safetensors.torch import load_file, save_file
+from texts import ood_texts
+
+SEQ_TRAIN, BATCH, EVAL_SEQ = 256, 4, 512
+DENSE_NAME = "SmolLM2-135M-Instruct-fp32"
+TASK = "actprune_facts"
+ROWS = ("dense", "pruned", "plain", "distil", "local+distil", "dense+plain")
+
+
+def finetune_args(row: str, args: argparse.Namespace, start: Path, dense: Path, data: Path, val: Path,
+                  out: Path, steps: int) -> list[str]:
+    """The `actprune finetune` command line of one trained row."""
+    cmd = [str(Path(sys.executable).parent / "actprune"), "finetune", "--model", str(start), "--data", str(data),
+           "--val-data", str(val), "-o", str(out), "--max-steps", str(steps), "--batch-size", str(BATCH),
+           "--seq-len", str(SEQ_TRAIN), "--lr", str(args.lr), "--warmup-steps", str(max(1, steps // 10)),
+           "--seed", "0", "--eval-every", "0"]
+    if "distil" in row:
+        cmd += ["--teacher", str(dense), "--kd-alpha", "1.0", "--teacher-topk", "64"]
+    if row.startswith("local"):
+        cmd += ["--local-steps", str(args.local_steps), "--local-tokens", str(args.local_tokens)]
+    return cmd
+
+
+def budget_data(cache: Path, tok, budget: int) -> tuple[Path, Path]:
+    """JSONL of the first wiki:train summaries filling ``budget`` tokens (as finetune packs them:
+    each document + EOS), and the validation JSONL."""
+    d = cache / "data"
+    d.mkdir(exist_ok=True)
+    train, val = d / f"train-{budget}.jsonl", d / "val.jsonl"
+    if not train.is_file():
+        docs, total = [], 0
+        for text in wiki_texts("train"):
+            docs.append(text)
+            total += len(tokenize(tok, [text])[0]) + 1
+            if total >= budget:
+                break
+        train.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    if not val.is_file():
+        val.write_text("".join(json.dumps({"text": t}) + "\n" for t in wiki_texts("calibration")[256:320]))
+    return train, val
+
+
+def eval_rows(tok, tokens: int) -> dict[str, torch.Tensor]:
+    """Packed evaluation rows (N, EVAL_SEQ) of held-out Wikipedia and each out-of-domain text."""
+    eos, n = tok.eos_token_id, tokens // EVAL_SEQ
+    texts = {"wiki": wiki_texts("heldout"), **{k: [v] for k, v in ood_texts().items()}}
+    return {k: pack(tokenize(tok, v), EVAL_SEQ, eos)[:n] for k, v in texts.items()}
+
+
+@torch.no_grad()
+def logprobs(model, rows: torch.Tensor) -> torch.Tensor:
+    """(N, L-1, V) next-token log-probabilities, one row at a time (float32)."""
+    return torch.cat([F.log_softmax(model(input_ids=r[None], use_cache=False).logits[:, :-1].float(), -1)
+                      for r in rows])
+
+
+def dense_logp(cache: Path, dense_dir: Path, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """(N, L-1, V) float16 dense log-probabilities of each text's rows, computed once; a cache of
+    more rows of the same text serves fewer (its first N)."""
+    from actprune.pruning.checkpoint.hf_io import load_causal_lm
+
+    out, dense = {}, None
+    for name, r in rows.items():
+        found = sorted(cache.glob(f"dense_logp-{name}-*x{r.shape[1]}.safetensors"),
+                       key=lambda q: int(q.stem.split("-")[-1].split("x")[0]))
+        found = [q for q in found if int(q.stem.split("-")[-1].split("x")[0]) >= r.shape[0]]
+        path = found[0] if found else cache / f"dense_logp-{name}-{r.shape[0]}x{r.shape[1]}.safetensors"
+        if not path.is_file():
+            dense = dense or load_causal_lm(dense_dir, torch.float32).eval()
+            save_file({"logp": logprobs(dense, r).half()}, str(path))
+        out[name] = load_file(str(path))["logp"][: r.shape[0]]
+    return out
+
+
+def score_ref(rows: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The dense model's own scores, from its cached log-probabilities (KL 0 by definition)."""
+    out = {}
+    for name, r in rows.items():
+        nll = -ref[name].float().gather(-1, r[:, 1:, None]).sum().item()
+        out[f"{name}_ppl"], out[f"{name}_kl"] = math.exp(nll / r[:, 1:].numel()), 0.0
+    return out
+
+
+@torch.no_grad()
+def score(model, rows: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per text: perplexity and mean KL(dense ‖ model) per predicted token."""
+    out = {}
+    for name, r in rows.items():
+        nll = kl = 0.0
+        for i, row in enumerate(r):
+            lp = logprobs(model, row[None])[0]  # (L-1, V)
+            nll += F.nll_loss(lp, row[1:], reduction="sum").item()
+            p = ref[name][i].float()  # (L-1, V) dense log-probs
+            kl += (p.exp() * (p - lp)).sum().item()
+        n = r.shape[0] * (r.shape[1] - 1)
+        out[f"{name}_ppl"], out[f"{name}_kl"] = math.exp(nll / n), kl / n
+    return out
+
+
+def load_results(path: Path) -> dict[str, dict]:
+    if not path.is_file():
+        return {}
+    return {r["key"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
+
+
+def append(path: Path, rec: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(json.dumps(rec), flush=True)
+
+
+def train(cmd: list[str], out: Path) -> dict[str, float]:
+    """Run one `actprune finetune` (unless its output exists); its wall and CPU seconds."""
+    if (out / "model.safetensors").is_file():
+        return {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    print(" ".join(cmd), flush=True)
+    t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    with (out.parent / f"{out.name}.log").open("w") as log:
+        subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
+    c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return {"train_wall_s": round(time.time() - t0), "train_cpu_s": round(c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime)}
+
+
+def markdown(path: Path) -> str:
+    """The table: rows in ROWS order then by budget; perplexity ÷ dense (perplexity), KL, accuracy,
+    training CPU time and the validation perplexity (calibration domain: what choices are made on)."""
+    res = load_results(path)
+    dense = res.get("dense")
+    if dense is None:
+        return "(no results yet)"
+    texts = [k.removesuffix("_ppl") for k in dense if k.endswith("_ppl")]
+    head = ("| model | budget | " + " | ".join(f"{t} ppl ×dense" for t in texts) + " | "
+            + " | ".join(f"{t} KL" for t in texts) + f" | {TASK} acc | train CPU-min | val ppl |")
+    lines = [head, "|" + "---|" * (5 + 2 * len(texts))]
+    order = {r: i for i, r in enumerate(ROWS)}
+    for r in sorted(res.values(), key=lambda r: (r.get("budget") or 0, order.get(r["row"], 99), r.get("lr", 0))):
+        ppl = " | ".join(f"{r[t + '_ppl'] / dense[t + '_ppl']:.3f} ({r[t + '_ppl']:.2f})" for t in texts)
+        kl = " | ".join(f"{r[t + '_kl']:.4f}" for t in texts)
+        acc = r.get("task", {})
+        task = f"{acc['acc']:.3f} ± {acc['acc_stderr']:.3f}" if acc else "—"
+        cpu = f"{r['train_cpu_s'] / 60:.1f}" if "train_cpu_s" in r else "—"
+        val = f"{r['val']['val_ppl']:.2f}" if r.get("val") else "—"
+        name = r["row"] + (f" (lr {r['lr']:g})" if "lr" in r else "")
+        lines.append(f"| {name} | {r.get('budget') or '—'} | {ppl} | {kl} | {task} | {cpu} | {val} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", default="/tmp/rq14")
+    p.add_argument("--pruned", default=None, help="start checkpoint (default CACHE/pruned20)")
+    p.add_argument("--budget", type=int, default=16384, help="training tokens per row")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--local-steps", type=int, default=16)
+    p.add_argument("--local-tokens", type=int, default=8192)
+    p.add_argument("--eval-tokens", type=int, default=4096, help="tokens per evaluation text")
+    p.add_argument("--no-task", action="store_true", help=f"skip lm-eval's {TASK}")
+    p.add_argument("--results", default=None, help="results JSONL (default CACHE/recovery-eEVAL_TOKENS.jsonl)")
+    p.add_argument("--markdown", action="store_true")
+    args = p.parse_args()
+    cache = Path(args.cache)
+    path = Path(args.results or cache / f"recovery-e{args.eval_tokens}.jsonl")
+    if args.markdown:
+        print(markdown(path))
+        return
+    torch.set_num_threads(1)
+    from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
+    from actprune.pruning.evaluate.harness import run_tasks
+
+    dense_dir, start = cache / "models" / DENSE_NAME, Path(args.pruned or cache / "pruned20")
+    tok = load_tokenizer(str(dense_dir))
+    rows = eval_rows(tok, args.eval_tokens)
+    done = load_results(path)
+
+    def evaluate(key: str, model_dir: Path, extra: dict) -> None:
+        model = load_causal_lm(model_dir, torch.float32).eval()
+        t0 = time.time()
+        scores = score_ref(rows, ref) if model_dir == dense_dir else score(model, rows, ref)
+        rec = {"key": key, **extra, **scores}
+        if not args.no_task:
+            rec["task"] = run_tasks(model, tok, [TASK], batch_size=8)[TASK]
+        append(path, {**rec, "eval_s": round(time.time() - t0)})
+
+    ref = dense_logp(cache, dense_dir, rows)
+    steps = args.budget // (SEQ_TRAIN * BATCH)
+    data, val = budget_data(cache, tok, args.budget)
+    for row in filter(None, args.rows.split(",")):
+        key = row if row in ("dense", "pruned") else f"{row}@{args.budget}|lr={args.lr:g}"
+        if key in done:
+            continue
+        if key == row:  # no training
+            evaluate(key, dense_dir if row == "dense" else start, {"row": row, "budget": 0})
+            continue
+        out = cache / "runs" / key.replace("|", "-").replace("@", "-").replace("+", "-")
+        out.parent.mkdir(exist_ok=True)
+        cmd = finetune_args(row, args, dense_dir if row.startswith("dense") else start, dense_dir, data, val, out, steps)
+        cost = train(cmd, out)
+        val_ppl = [r for r in map(json.loads, (out / "finetune_log.jsonl").read_text().splitlines())
+                   if "val_ppl" in r or "val_loss" in r]
+        evaluate(key, out, {"row": row, "budget": args.budget, "lr": args.lr, "cmd": " ".join(cmd[1:]), **cost,
+                            "val": val_ppl[-1] if val_ppl else None})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""bench/recovery.py: the scores it reports (perplexity, KL to the cached dense log-probs), the
+command line of each row (same data and budget; only the loss and the start differ), the table."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import torch
+from actprune.pruning.fixtures.synthetic import build_checkpoint
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+
+import recovery  # noqa: E402
+
+
+def _model(tmp_path: Path, seed: int) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    d = build_checkpoint(tmp_path / f"m{seed}", arch="llama", seed=seed)
+    return AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+
+
+def test_score_is_perplexity_and_kl_against_the_cached_reference(tmp_path):
+    torch.manual_seed(0)
+    a, b = _model(tmp_path, 1), _model(tmp_path, 2)
+    rows = {"t": torch.randint(0, a.config.vocab_size, (2, 9))}
+    ref = {"t": recovery.logprobs(a, rows["t"]).half()}
+    same, other = recovery.score(a, rows, ref), recovery.score(b, rows, ref)
+    assert abs(same["t_kl"]) < 1e-3  # only the float16 rounding of the cache
+    assert other["t_kl"] > 10 * max(same["t_kl"], 1e-4)
+    lp = recovery.logprobs(b, rows["t"])  # (N, L-1, V)
+    nll = -lp.gather(-1, rows["t"][:, 1:, None]).mean().item()
+    assert math.isclose(other["t_ppl"], math.exp(nll), rel_tol=1e-5)
+
+
+def test_rows_share_data_budget_and_seed_and_differ_only_in_loss_and_start():
+    args = Namespace(lr=1e-4, local_steps=16, local_tokens=8192)
+    p = Path
+    cmds = {r: recovery.finetune_args(r, args, p("start"), p("dense"), p("d.jsonl"), p("v.jsonl"), p("o"), 16)
+            for r in ("plain", "distil", "local+distil")}
+    common = ["--data", "d.jsonl", "--max-steps", "16", "--batch-size", "4", "--seed", "0", "--val-data", "v.jsonl"]
+    for cmd in cmds.values():
+        assert all(x in cmd for x in common)
+    assert "--teacher" not in cmds["plain"]
+    assert cmds["distil"][cmds["distil"].index("--kd-alpha") + 1] == "1.0" and "--teacher-topk" in cmds["distil"]
+    assert "--local-steps" in cmds["local+distil"] and "--local-steps" not in cmds["distil"]
+
+
+def test_markdown_divides_by_dense_and_shows_accuracy_with_its_error(tmp_path):
+    path = tmp_path / "r.jsonl"
+    dense = {"key": "dense", "row": "dense", "budget": 0, "wiki_ppl": 10.0, "wiki_kl": 0.0,
+             "task": {"acc": 0.7, "acc_stderr": 0.07}}
+    plain = {"key": "plain@16384|lr=0.0001", "row": "plain", "budget": 16384, "lr": 1e-4, "wiki_ppl": 12.5, "wiki_kl": 0.25,
+             "train_cpu_s": 660}
+    path.write_text("".join(json.dumps(r) + "\n" for r in (dense, plain)))
+    lines = recovery.markdown(path).splitlines()
+    assert "| 0.700 ± 0.070 |" in lines[2]
+    assert lines[3].startswith("| plain (lr 0.0001) | 16384 | 1.250 (12.50) | 0.2500 | — | 11.0 | — |")
