@@ -151,19 +151,20 @@ class FinetuneRecipe:
                   f"({cfg.local_steps} steps per layer)")
 
     def _teacher_cache(self) -> tc.TeacherCache:
-        """The teacher's top-k over the training rows: the file of an earlier run when it was built
-        for the same rows, k, T and teacher, else one pass of the teacher (then let go)."""
+        """The teacher's top-k over the training rows the run reads: the file of an earlier run when
+        it was built for the same rows, k, T and teacher, else one pass of the teacher (then let go)."""
         cfg = self.cfg
         path = Path(cfg.teacher_cache) if cfg.teacher_cache else self.out / "teacher_topk.safetensors"
         key = {"k": cfg.teacher_topk, "temperature": cfg.kd_temperature, "teacher_id": tc.teacher_id(cfg.teacher)}
-        cache = tc.TeacherCache.open_if_valid(path, self.train_rows, **key)
+        rows = self.visited_rows()
+        cache = tc.TeacherCache.open_if_valid(path, rows, **key)
         if cache is None:
             teacher = self._build_teacher(torch.bfloat16 if self.use_bf16 else torch.float32)
             with self.autocast():
-                tc.build_cache(teacher, self.train_rows, path, batch_size=cfg.batch_size, device=self.device,
+                tc.build_cache(teacher, rows, path, batch_size=cfg.batch_size, device=self.device,
                                progress=cfg.progress and self.is_main, **key)
             del teacher
-            cache = tc.TeacherCache(path, self.train_rows)
+            cache = tc.TeacherCache(path, rows)
             self._say(f"teacher top-{cfg.teacher_topk} written to {path}")
         else:
             self._say(f"teacher top-{cfg.teacher_topk} reused from {path}")
@@ -220,12 +221,26 @@ class FinetuneRecipe:
         self._say(f"resumed from {path} (step {self.step})")
 
     # -- train --
+    def _order(self, epoch: int) -> torch.Tensor:
+        """The data order of ``epoch``: a function of (seed, epoch) only, so a resume repeats it."""
+        return torch.randperm(len(self.train_rows), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+
     def batch_rows(self, step: int) -> torch.Tensor:
         """The rows of optimizer step ``step``, all ranks': (grad_accum · world · batch_size, L)."""
         epoch, k = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(len(self.train_rows), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
         n = self.cfg.batch_size * self.cfg.grad_accum * self.world
-        return self.train_rows[order[k * n : (k + 1) * n]]
+        return self.train_rows[self._order(epoch)[k * n : (k + 1) * n]]
+
+    def visited_rows(self) -> torch.Tensor:
+        """The training rows the run's steps read, in file order: (≤ N, L). The teacher's top-k is
+        needed for these only — a short run (``--max-steps``) over a large file reads a small part
+        of it. All N rows when the run covers whole epochs."""
+        n = self.cfg.batch_size * self.cfg.grad_accum * self.world
+        used = torch.zeros(len(self.train_rows), dtype=torch.bool)
+        for epoch in range(-(-self.total_steps // self.steps_per_epoch)):
+            steps = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+            used[self._order(epoch)[: steps * n]] = True
+        return self.train_rows[used]
 
     def micro_batches(self, step: int) -> list[torch.Tensor]:
         """This process's micro-batches of step ``step``: grad_accum × (batch_size, L)."""

@@ -80,10 +80,10 @@ def test_the_cache_is_reused_for_the_same_run_and_rebuilt_when_anything_changes(
     first = FinetuneRecipe(_cfg(tiny, pr_jsonl, tmp_path / "a", teacher, teacher_topk=8, teacher_cache=str(cache)))
     first.setup()
     built = cache.stat().st_mtime_ns
-    rows = first.train_rows
-    lp, idx = first.teacher_topk.lookup(rows[[2, 0]])
+    rows = first.batch_rows(1)
+    lp, idx = first.teacher_topk.lookup(rows[[1, 0]])
     with torch.no_grad():
-        want = torch.log_softmax(first_teacher_logits(teacher, rows[[2, 0]]) / 2.0, -1).topk(8, -1)
+        want = torch.log_softmax(first_teacher_logits(teacher, rows[[1, 0]]) / 2.0, -1).topk(8, -1)
     assert torch.equal(idx, want.indices) and torch.allclose(lp, want.values, atol=1e-5)
 
     def no_teacher(self, dtype):
@@ -97,6 +97,24 @@ def test_the_cache_is_reused_for_the_same_run_and_rebuilt_when_anything_changes(
         with pytest.raises(AssertionError, match="the teacher was loaded"):
             FinetuneRecipe(_cfg(tiny, pr_jsonl, tmp_path / "c", teacher, teacher_cache=str(cache),
                                 **{"teacher_topk": 8, **change})).setup()
+
+
+def test_the_teacher_runs_only_over_the_rows_the_run_reads(tiny, teacher, pr_jsonl, tmp_path):
+    def read(recipe: FinetuneRecipe) -> set[tuple[int, ...]]:
+        return {tuple(r) for step in range(recipe.total_steps) for r in recipe.batch_rows(step).tolist()}
+
+    cfg = dict(teacher_topk=8, val_fraction=0.0, seq_len=16, batch_size=2)
+    short = FinetuneRecipe(_cfg(tiny, pr_jsonl, tmp_path / "short", teacher, max_steps=2, **cfg))
+    short.setup()
+    assert len(short.train_rows) > 8  # a file of many rows, of which two steps read four
+    assert {tuple(r) for r in short.visited_rows().tolist()} == read(short)
+    assert short.teacher_topk.indices.shape[0] == len(read(short)) == 4
+    short.train()  # every row a step reads has its top-k
+    whole = FinetuneRecipe(_cfg(tiny, pr_jsonl, tmp_path / "whole", teacher, max_steps=None, epochs=2, **cfg))
+    whole.setup()  # two epochs read (nearly) every row: the cache holds what they read, in file order
+    visited = whole.visited_rows()
+    assert {tuple(r) for r in visited.tolist()} == read(whole) and len(visited) >= len(whole.train_rows) - 1
+    assert whole.teacher_topk.indices.shape[0] == len(visited)
 
 
 def first_teacher_logits(teacher, ids: torch.Tensor) -> torch.Tensor:
