@@ -86,7 +86,8 @@ class CaptureService:
             "pipeline_parallel_size": int(pc.pipeline_parallel_size),
             "instance_id": settings.instance_id,
             # on: the stats cover the tokens computed, not those served from the cache (prefix.py)
-            "prefix_caching": bool(getattr(engine_client.vllm_config.cache_config, "enable_prefix_caching", False)),
+            "prefix_caching": bool(getattr(getattr(engine_client.vllm_config, "cache_config", None),
+                                           "enable_prefix_caching", False)),
         }
         self.cached = CachedTokens(self.meta["prefix_caching"])
         self.files = InstanceFiles(settings.snapshot_dir, self.meta["config_hash"], settings.instance_id)

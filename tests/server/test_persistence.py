@@ -60,9 +60,9 @@ def test_snapshots_survive_kill_9_and_restart_and_never_mix_models(tiny_qwen3: P
         srv.kill()  # SIGKILL: no shutdown hook runs
     finally:
         srv.stop()
-    assert not list(snap_dir.glob(".stats-*"))  # no half-written temporary file left behind
 
-    # 2. restart on the same model and directory: resumes from the last snapshot.
+    # 2. restart on the same model and directory: resumes from the last snapshot. (A kill -9
+    # that lands during a snapshot write leaves its temporary file; the restart removes it.)
     srv = start_server(tiny_qwen3, "eager", tmp_path, env=env)
     try:
         resumed = _tokens(srv.base_url)
@@ -71,6 +71,7 @@ def test_snapshots_survive_kill_9_and_restart_and_never_mix_models(tiny_qwen3: P
         assert _tokens(srv.base_url) == resumed + third
     finally:
         srv.stop()  # SIGTERM: the final snapshot is written during shutdown
+    assert not list(snap_dir.glob(".stats-*"))  # no half-written temporary file left behind
     (path,) = snap_dir.glob("stats-*.safetensors")
     assert Stats.load(path).tokens == resumed + third
 
