@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from actprune.pruning.data import pack, tokenize, wiki_texts
+from quality_results import append, load_results
 from safetensors.torch import load_file, save_file
 from texts import ood_texts
 
@@ -141,16 +142,6 @@ def score(model, rows: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) ->
     return out
 
 
-def load_results(path: Path) -> dict[str, dict]:
-    if not path.is_file():
-        return {}
-    return {r["key"]: r for r in map(json.loads, path.read_text().splitlines()) if r}
-
-
-def append(path: Path, rec: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(rec) + "\n")
-    print(json.dumps(rec), flush=True)
 
 
 def train(cmd: list[str], out: Path) -> dict[str, float]:
@@ -225,7 +216,9 @@ def main() -> None:
         rec = {"key": key, **extra, **scores}
         if not args.no_task:
             rec["task"] = run_tasks(model, tok, [TASK], batch_size=8)[TASK]
-        append(path, {**rec, "eval_s": round(time.time() - t0)})
+        rec = {**rec, "eval_s": round(time.time() - t0)}
+        append(path, rec)
+        print(json.dumps(rec), flush=True)
 
     ref = dense_logp(cache, dense_dir, rows)
     steps = args.budget // (SEQ_TRAIN * BATCH)
