@@ -60,9 +60,11 @@ class CachedTokens:
 
     def value(self) -> int | None:
         """The figure, or None when prefix caching is on but vLLM keeps no count (unknown)."""
-        if self.enabled and self._read() is None:
+        now = self._read() if self.enabled else 0.0  # one read: it walks the process's metrics
+        if now is None:
             return None
-        now = self._paused_at if self._paused_at is not None else self._now()
+        if self._paused_at is not None:
+            now = self._paused_at
         return self._carried + int(round(now - self._base))
 
     def reset(self, paused: bool) -> None:
