@@ -13,6 +13,16 @@ group spends per generated token (steadier than wall time when the machine is sh
 
 Ideal speed-up = parameters before ÷ after (decode streams every weight once per step).
 Goal (issue #4): measured speed-up ≥ 0.9 × ideal.
+
+Mixture of experts (issue 15): ``--experts E --top-k K --moe-intermediate M`` builds a Qwen3-MoE
+(every layer sparse) instead and prunes 25 % / 50 % of its experts (uniform, and per-layer
+counts). A decode step reads only the experts its tokens are routed to, so the ideal is a ratio of
+*bytes read per step*: non-expert parameters + Σ over layers and experts of
+P(expert e is in the top-k of at least one of the step's B tokens) × one expert's parameters,
+with P = 1 − (1 − fₑ)^B from each server's own captured routing frequencies fₑ over the measured
+traffic (tokens of a step taken as independent: every request has its own prompt). At batch 1
+that is the active bytes — expert pruning barely changes them, so the ideal is ≈ 1× — and as B
+grows it tends to the total bytes.
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
+from actprune.client.http import Client
 
 SHAPE = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=16,
              num_key_value_heads=8, head_dim=64, max_position_embeddings=4096)
@@ -40,6 +51,13 @@ VARIANTS: dict[str, dict | None] = {
     "mlp50": {"strategy": "magnitude", "mlp_ratio": 0.5, "width_multiple": 64},
     "mlp50-per-layer": {"strategy": "magnitude", "mlp_ratio": 0.5, "width_multiple": 64, "per_layer": True},
 }
+# plans of the MoE run (--experts): fractions of the routed experts removed
+MOE_VARIANTS: dict[str, dict | None] = {
+    "base": None,
+    "experts25": {"expert_ratio": 0.25},
+    "experts50": {"expert_ratio": 0.5},
+    "experts50-per-layer": {"expert_ratio": 0.5, "per_layer": True},
+}
 TEXTS = [
     "The old harbour town lies at the mouth of the river, where fishing boats return at dawn.",
     "Pruning removes neurons, attention heads or whole layers to make a model smaller.",
@@ -50,11 +68,13 @@ TEXTS = [
 
 # ---- setup --------------------------------------------------------------------------------
 def build_source(root: Path, shape: dict | None = None, dtype: str = "float32") -> Path:
+    """The random model, built once in ``root`` (a Qwen3-MoE when ``shape`` has ``num_experts``)."""
     from actprune.pruning.fixtures.synthetic import build_checkpoint
 
-    src = root / "base"
+    shape = shape or SHAPE
+    src = root / ("base-moe" if shape.get("num_experts") else "base")
     if not (src / "config.json").is_file():
-        build_checkpoint(src, arch="qwen3", dtype=dtype, **(shape or SHAPE))
+        build_checkpoint(src, arch="qwen3_moe" if shape.get("num_experts") else "qwen3", dtype=dtype, **shape)
     return src
 
 
@@ -67,10 +87,10 @@ def server(model: Path, log: Path, compiled: bool, extra: tuple[str, ...] = ()):
     return ServerProcess(model, args, env=env, log_path=log, startup_timeout=1200)
 
 
-def prune_all(src: Path, base_url: str, root: Path, wanted: list[str] | None = None) -> dict[str, tuple[Path, int, int]]:
+def prune_all(src: Path, base_url: str, root: Path, wanted: list[str] | None = None,
+              variants: dict[str, dict | None] = VARIANTS) -> dict[str, tuple[Path, int, int]]:
     """Stats captured by the base server -> plans -> sliced checkpoints.
     Returns name -> (checkpoint, params before, params after)."""
-    from actprune.client.http import Client
     from actprune.core.planning.planner import make_plan
     from actprune.core.tensor.checkpoint import ColumnNorms
     from actprune.core.wire.plan import PlanRequest
@@ -83,7 +103,7 @@ def prune_all(src: Path, base_url: str, root: Path, wanted: list[str] | None = N
         stats = client.stats()
     cfg = json.loads((src / "config.json").read_text())
     out = {}
-    for name, fields in VARIANTS.items():
+    for name, fields in variants.items():
         if fields is None or (wanted is not None and name not in wanted):
             continue
         plan = make_plan(stats, cfg, PlanRequest(**fields), ColumnNorms.of(src))
@@ -112,9 +132,9 @@ def group_cpu_seconds(pgid: int) -> float:
     return total / _TICK
 
 
-def decode_rate(base_url: str, model: str, tokens: int) -> tuple[float, float]:
+def decode_rate(base_url: str, model: str, tokens: int, prompt: str = "The museum opens at nine") -> tuple[float, float]:
     """One streamed greedy completion: (decode tokens/s after the first token, seconds)."""
-    body = {"model": model, "prompt": "The museum opens at nine", "max_tokens": tokens,
+    body = {"model": model, "prompt": prompt, "max_tokens": tokens,
             "temperature": 0.0, "ignore_eos": True, "stream": True}
     stamps = []
     t0 = time.perf_counter()
@@ -132,7 +152,10 @@ def batch_rate(base_url: str, model: str, tokens: int, batch: int) -> float:
     """``batch`` concurrent streamed completions: decode tokens/s of all of them together."""
     with ThreadPoolExecutor(batch) as pool:
         t0 = time.perf_counter()
-        runs = list(pool.map(lambda _: decode_rate(base_url, model, tokens), range(batch)))
+        # a prompt of its own per request: identical greedy requests would be routed alike, and
+        # an MoE step would read only the experts of one sequence
+        runs = list(pool.map(lambda i: decode_rate(base_url, model, tokens, f"{i}. {TEXTS[i % len(TEXTS)]}"),
+                             range(batch)))
     return batch * tokens / (time.perf_counter() - t0) if runs else 0.0
 
 
@@ -154,8 +177,43 @@ def measure(servers: dict[str, object], rounds: int, tokens: int, batch: int) ->
     return {n: {k: statistics.median(v) if v else float("nan") for k, v in d.items()} for n, d in res.items()}
 
 
-def report(medians, params: dict[str, int], batch: int, load: tuple[float, ...]) -> str:
-    """``params``: name -> parameter count (the base model's included)."""
+def moe_read_per_step(config: dict, stats, batch: int) -> float:
+    """Parameters a decode step of ``batch`` independent tokens reads from an MoE checkpoint:
+    every non-expert parameter, and each expert of each sparse layer with the probability that
+    at least one token picks it, 1 − (1 − fₑ)^batch, fₑ = topk_count / count of the server's
+    captured stats (``stats``) — the expected active bytes at batch 1, the total as batch grows."""
+    import numpy as np
+    from actprune.core.archs import model_shape
+
+    shape = model_shape(config)
+    read = float(shape.params())
+    for i, layer in enumerate(shape.layers):
+        if layer.num_experts is None:
+            continue
+        router = stats.router(i)
+        freq = np.asarray(router["topk_count"], dtype=np.float64) / max(float(router["count"]), 1.0)
+        expert = 3 * shape.hidden_size * layer.intermediate_size
+        read -= layer.num_experts * expert  # all experts counted above, then only the touched ones
+        read += expert * float(np.sum(1.0 - (1.0 - np.clip(freq, 0.0, 1.0)) ** batch))
+    return read
+
+
+def moe_ideals(servers: dict, checkpoints: dict[str, Path], batch: int) -> dict[str, tuple[float, float]]:
+    """name -> ideal decode speed-up over the base at batch 1 and at ``batch``: the ratio of
+    parameters read per step (:func:`moe_read_per_step`), from each server's captured routing."""
+    read = {}
+    for name, srv in servers.items():
+        with Client(srv.base_url) as client:
+            stats = client.stats()
+        config = json.loads((checkpoints[name] / "config.json").read_text())
+        read[name] = (moe_read_per_step(config, stats, 1), moe_read_per_step(config, stats, batch))
+    return {n: (read["base"][0] / r1, read["base"][1] / rn) for n, (r1, rn) in read.items()}
+
+
+def report(medians, params: dict[str, int], batch: int, load: tuple[float, ...],
+           ideals: dict[str, tuple[float, float]] | None = None) -> str:
+    """``params``: name -> parameter count (the base model's included). ``ideals``: name ->
+    (ideal speed-up at batch 1, at ``batch``) where it is not the parameter ratio (MoE)."""
     base = medians["base"]
     lines = [
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average before "
@@ -167,12 +225,13 @@ def report(medians, params: dict[str, int], batch: int, load: tuple[float, ...])
     ]
     for name, m in medians.items():
         after = params[name]
-        ideal = params["base"] / after
+        ideal, ideal_n = (ideals or {}).get(name, (params["base"] / after,) * 2)
         s1, sc, sn = m["b1"] / base["b1"], m["cpu"] / base["cpu"], m["bN"] / base["bN"]
+        shown = f"{ideal:.2f}×" if abs(ideal - ideal_n) < 5e-3 else f"{ideal:.2f}× (batch {batch}: {ideal_n:.2f}×)"
         lines.append(
-            f"| {name} | {after / 1e6:.1f} M | {ideal:.2f}× | {m['b1']:.1f} | {s1:.2f}× | {s1 / ideal:.2f} "
+            f"| {name} | {after / 1e6:.1f} M | {shown} | {m['b1']:.1f} | {s1:.2f}× | {s1 / ideal:.2f} "
             f"| {m['cpu']:.1f} | {sc:.2f}× | {sc / ideal:.2f} "
-            f"| {m['bN']:.1f} | {sn:.2f}× | {sn / ideal:.2f} |"
+            f"| {m['bN']:.1f} | {sn:.2f}× | {sn / ideal_n:.2f} |"
         )
     return "\n".join(lines)
 
@@ -189,8 +248,14 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"])
     ap.add_argument("--intermediate", type=int, default=SHAPE["intermediate_size"])
     ap.add_argument("--dtype", default="float32", help="of the checkpoints and the servers")
-    ap.add_argument("--variants", default=",".join(v for v in VARIANTS if v != "base"),
-                    help="pruned variants to serve beside the base, comma-separated")
+    ap.add_argument("--experts", type=int, default=0,
+                    help="a Qwen3-MoE with this many experts per layer, expert-pruned (0: dense Qwen3, MLP-pruned)")
+    ap.add_argument("--top-k", type=int, default=2, help="experts per token (with --experts)")
+    ap.add_argument("--moe-intermediate", type=int, default=512, help="neurons of one expert (with --experts)")
+    ap.add_argument("--variants", default=None,
+                    help="pruned variants to serve beside the base, comma-separated (default: all of "
+                    f"{', '.join(v for v in VARIANTS if v != 'base')}; with --experts "
+                    f"{', '.join(v for v in MOE_VARIANTS if v != 'base')})")
     ap.add_argument("--server-args", default="",
                     help="more vLLM flags for every server, e.g. '--gpu-memory-utilization 0.2'")
     ap.add_argument("--source", type=Path, default=None,
@@ -201,25 +266,38 @@ def main() -> int:
     shape = {**SHAPE, "hidden_size": args.hidden, "num_hidden_layers": args.layers,
              "intermediate_size": args.intermediate, "num_attention_heads": args.hidden // 64,
              "num_key_value_heads": max(1, args.hidden // 128)}
+    if args.experts:
+        shape.update(num_experts=args.experts, num_experts_per_tok=args.top_k,
+                     moe_intermediate_size=args.moe_intermediate)
     src = args.source or build_source(args.dir, shape, args.dtype)
+    moe = "num_experts" in json.loads((src / "config.json").read_text())
+    variants = MOE_VARIANTS if moe else VARIANTS
     extra = ("--dtype", args.dtype, *args.server_args.split())
-    wanted = [v for v in args.variants.split(",") if v]
+    wanted = [v for v in (args.variants or ",".join(variants)).split(",") if v and v != "base"]
+    ideals = None
     with ExitStack() as stack:
         print("starting the base server ...", flush=True)
         servers = {"base": stack.enter_context(server(src, args.dir / "base.log", args.compiled, extra))}
-        pruned = prune_all(src, servers["base"].base_url, args.dir, wanted)
+        pruned = prune_all(src, servers["base"].base_url, args.dir, wanted, variants)
         for name, (ckpt, _, _) in pruned.items():
             print(f"starting {name} ...", flush=True)
             servers[name] = stack.enter_context(server(ckpt, args.dir / f"{name}.log", args.compiled, extra))
+        if moe:  # the routing frequencies of the ideal: those of the measured traffic alone
+            for srv in servers.values():
+                with Client(srv.base_url) as client:
+                    client.reset()
         load = os.getloadavg()
         medians = measure(servers, args.rounds, args.tokens, args.batch)
+        if moe:
+            ideals = moe_ideals(servers, {"base": src, **{n: c for n, (c, _, _) in pruned.items()}}, args.batch)
     params = {"base": next(iter(pruned.values()))[1], **{n: a for n, (_, _, a) in pruned.items()}}
-    print(report(medians, params, args.batch, load))
+    print(report(medians, params, args.batch, load, ideals))
     if args.json:
         args.json.write_text(json.dumps({
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "load_avg_before": load[0],
             "dtype": args.dtype, "mode": "compiled" if args.compiled else "eager", "batch": args.batch,
-            "tokens": args.tokens, "params": params, "medians": medians}, indent=2) + "\n")
+            "tokens": args.tokens, "params": params, "medians": medians,
+            **({"ideals": ideals} if ideals else {})}, indent=2) + "\n")
     return 0
 
 
