@@ -11,9 +11,12 @@
 # Every step runs under its own time budget; one that fails or runs out is recorded as such
 # and the next one runs.
 #
-#   bench/gpu.sh [--dry-run] [--out DIR] [--work DIR]
+#   bench/gpu.sh [--dry-run] [--moe] [--out DIR] [--work DIR]
 #
 # --dry-run prints the plan (steps, budgets, commands) and runs nothing.
+# --moe (issue 15): the same capture and decode steps on a Qwen3-MoE (2.5B random parameters:
+#   16 sparse layers of 32 experts of 768, top-4 — Qwen3-30B-A3B's expert width), half of its
+#   experts pruned; no distillation step.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -21,33 +24,43 @@ PY="$ROOT/.venv/bin/python"
 OUT="$ROOT/runs/gpu/$(date -u +%Y%m%dT%H%MZ)"
 WORK=/tmp/actprune-gpu
 DRY_RUN=0
-# Qwen3-1.7B-like: hidden 2048, 28 layers, MLP 6144 (1.3B parameters with the tiny vocabulary)
-SHAPE=(--hidden 2048 --layers 28 --intermediate 6144)
+MOE=0
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --dry-run) DRY_RUN=1 ;;
+        --moe) MOE=1 ;;
         --out) OUT=$2; shift ;;
         --work) WORK=$2; shift ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) echo "bench/gpu.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
 
 # the checkpoint capture_overhead.py builds; the decode step serves and prunes the same one
-MODEL="$WORK/overhead/qwen3-2048x28-bfloat16"
-
-# name, budget in seconds, command...
-PLAN_NAMES=(install capture decode distill report)
-PLAN_BUDGETS=(150 190 170 70 20)
+if [[ $MOE == 1 ]]; then
+    SHAPE=(--hidden 2048 --layers 16 --experts 32 --top-k 4 --moe-intermediate 768)
+    MODEL="$WORK/overhead/qwen3-2048x16-bfloat16-e32k4"
+    VARIANT=experts50
+    PLAN_NAMES=(install capture decode report)
+    PLAN_BUDGETS=(150 230 200 20)
+else
+    # Qwen3-1.7B-like: hidden 2048, 28 layers, MLP 6144 (1.3B parameters with the tiny vocabulary)
+    SHAPE=(--hidden 2048 --layers 28 --intermediate 6144)
+    MODEL="$WORK/overhead/qwen3-2048x28-bfloat16"
+    VARIANT=mlp50
+    # name, budget in seconds, command...
+    PLAN_NAMES=(install capture decode distill report)
+    PLAN_BUDGETS=(150 190 170 70 20)
+fi
 plan_command() {
     case "$1" in
         install) echo "make -C $ROOT install EXTRA=gpu" ;;
         capture) echo "$PY $ROOT/bench/capture_overhead.py ${SHAPE[*]} --dtype bfloat16 --rounds 3" \
                       "--modes compiled --tokens 128 --workdir $WORK/overhead --json $OUT/capture_overhead.json" ;;
         decode) echo "$PY $ROOT/bench/decode_throughput.py --dir $WORK/decode --source $MODEL --dtype bfloat16" \
-                     "--compiled --variants mlp50 --rounds 3 --tokens 128 --batch 16" \
+                     "--compiled --variants $VARIANT --rounds 3 --tokens 128 --batch 16" \
                      "--server-args=--gpu-memory-utilization=0.3 --json $OUT/decode.json" ;;
         distill) echo "$PY $ROOT/bench/distill_speed.py --dir $WORK/distill ${SHAPE[*]} --student-intermediate 3072" \
                       "--vocab 151936 --dtype bfloat16 --bf16 --grad-checkpointing --seq-len 2048 --batch-size 4" \

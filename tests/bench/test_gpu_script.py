@@ -27,8 +27,8 @@ def _sandboxed(tmp_path: Path) -> Path:
     return bench / "gpu.sh"
 
 
-def _dry_run(tmp_path: Path) -> list[str]:
-    r = subprocess.run(["bash", str(_sandboxed(tmp_path)), "--dry-run", "--out", str(tmp_path / "out"),
+def _dry_run(tmp_path: Path, *flags: str) -> list[str]:
+    r = subprocess.run(["bash", str(_sandboxed(tmp_path)), "--dry-run", *flags, "--out", str(tmp_path / "out"),
                         "--work", str(tmp_path / "work")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     return r.stdout.splitlines()
@@ -65,8 +65,23 @@ def test_dry_run_plans_every_step_within_ten_minutes_and_runs_nothing(tmp_path):
     assert not (tmp_path / "out").exists() and not (tmp_path / "work").exists()
 
 
-def test_every_flag_of_the_plan_is_one_the_bench_script_accepts(tmp_path):
-    for name, (_, argv) in _steps(_dry_run(tmp_path)).items():
+def test_the_moe_run_measures_capture_and_decode_of_an_expert_pruned_model_within_ten_minutes(tmp_path):
+    steps = _steps(_dry_run(tmp_path, "--moe"))
+    assert list(steps) == ["install", "capture", "decode", "report"]
+    assert sum(budget for budget, _ in steps.values()) <= 600
+    capture, decode = steps["capture"][1], steps["decode"][1]
+    arg = dict(zip(capture, capture[1:], strict=False))
+    assert decode[decode.index("--variants") + 1] == "experts50"
+    # the decode step serves the checkpoint the capture step built (capture_overhead.py's name)
+    built = f"qwen3-{arg['--hidden']}x{arg['--layers']}-{arg['--dtype']}-e{arg['--experts']}k{arg['--top-k']}"
+    assert decode[decode.index("--source") + 1].endswith("/overhead/" + built)
+    h, n, e, w = (int(arg[k]) for k in ("--hidden", "--layers", "--experts", "--moe-intermediate"))
+    assert n * e * 3 * h * w >= 1e9
+
+
+@pytest.mark.parametrize("flags", [(), ("--moe",)], ids=["dense", "moe"])
+def test_every_flag_of_the_plan_is_one_the_bench_script_accepts(tmp_path, flags):
+    for name, (_, argv) in _steps(_dry_run(tmp_path, *flags)).items():
         if name == "install":
             continue
         script = argv[1]  # under the sandbox's bench/, linked to the real one
@@ -108,6 +123,13 @@ def test_report_takes_the_figures_and_names_steps_that_did_not_finish(tmp_path):
     assert "| compiled | batch 8, prompt 16 | 3000.0 | 3050.0 | **0.988** | 0.990 |" in md
     assert "| mlp50 | 850 M | 1.56× | 260.0 | 1.30× | 3300.0 | 1.38× |" in md
     assert "not measured (timed out after 70 s)" in md
+    # an MoE decode run brings its own ideals (parameters read per step at batch 1 and batch N)
+    decode = json.loads((tmp_path / "decode.json").read_text())
+    decode["ideals"] = {"base": [1.0, 1.0], "mlp50": [1.004, 1.45]}
+    (tmp_path / "decode.json").write_text(json.dumps(decode))
+    subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_report.py"), "--out", str(tmp_path)],
+                   check=True, capture_output=True, timeout=60)
+    assert "| mlp50 | 850 M | 1.00× (batch 16: 1.45×) | 260.0 |" in (tmp_path / "gpu.md").read_text()
     merged = json.loads((tmp_path / "gpu.json").read_text())
     assert merged["steps"]["distill"]["status"] == "timed out" and "distill" not in merged
 
