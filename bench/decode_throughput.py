@@ -270,7 +270,10 @@ def main() -> int:
         shape.update(num_experts=args.experts, num_experts_per_tok=args.top_k,
                      moe_intermediate_size=args.moe_intermediate)
     src = args.source or build_source(args.dir, shape, args.dtype)
-    moe = "num_experts" in json.loads((src / "config.json").read_text())
+    from actprune.core.archs import model_shape
+
+    layers = model_shape(json.loads((src / "config.json").read_text())).layers
+    moe = any(s.num_experts is not None for s in layers)  # transformers 5 says num_local_experts
     variants = MOE_VARIANTS if moe else VARIANTS
     extra = ("--dtype", args.dtype, *args.server_args.split())
     wanted = [v for v in (args.variants or ",".join(variants)).split(",") if v and v != "base"]
