@@ -67,16 +67,17 @@ def markdown(path: Path) -> str:
     recs = list(load_results(path).values())
     texts = ("wiki", "opticks", "pydoc", "code")
     dense = next((r for r in recs if r["key"] == "dense"), None)
-    head = ("| model | " + " | ".join(f"{t} ppl ×dense" for t in texts) + " | "
+    head = ("| model | tokens per round | " + " | ".join(f"{t} ppl ×dense" for t in texts) + " | "
             + " | ".join(f"{t} KL" for t in texts) + f" | {TASK} acc | CPU-min |")
-    lines = [head, "|" + "---|" * (len(texts) * 2 + 3)]
+    lines = [head, "|" + "---|" * (len(texts) * 2 + 4)]
     for r in recs:
         ppl = [f"{r[f'{t}_ppl'] / dense[f'{t}_ppl']:.3f} ({r[f'{t}_ppl']:.2f})" if dense else f"{r[f'{t}_ppl']:.2f}"
                for t in texts]
         task = r.get("task")
         acc = f"{task['acc']:.3f} ± {task['acc_stderr']:.3f}" if task else "—"
         cpu = f"{r['train_cpu_s'] / 60:.1f}" if r.get("train_cpu_s") else "—"
-        lines.append(f"| {r['key']} | " + " | ".join(ppl) + " | "
+        name = r.get("row", r["key"]) + (f" (lr {r['lr']:g})" if "lr" in r else "")
+        lines.append(f"| {name} | {r.get('budget', '—')} | " + " | ".join(ppl) + " | "
                      + " | ".join(f"{r[f'{t}_kl']:.4f}" for t in texts) + f" | {acc} | {cpu} |")
     return "\n".join(lines)
 
