@@ -67,7 +67,7 @@ def markdown(path: Path) -> str:
     recs = list(load_results(path).values())
     texts = ("wiki", "opticks", "pydoc", "code")
     dense = next((r for r in recs if r["key"] == "dense"), None)
-    head = ("| model | tokens per round | " + " | ".join(f"{t} ppl ×dense" for t in texts) + " | "
+    head = ("| model | slice (tokens, seen 3×) | " + " | ".join(f"{t} ppl ×dense" for t in texts) + " | "
             + " | ".join(f"{t} KL" for t in texts) + f" | {TASK} acc | CPU-min |")
     lines = [head, "|" + "---|" * (len(texts) * 2 + 4)]
     for r in recs:
