@@ -198,7 +198,8 @@ def _candidates_step(cfg: CompressConfig, plans: dict[str, Plan], rows, split) -
     from actprune.pruning.candidates import choose
 
     path = cfg.work_dir / CANDIDATES_FILE
-    validation = {"data": cfg.data, "text_field": cfg.text_field, "seq_len": cfg.seq_len, "rows": list(split.val)}
+    validation = {"model": str(Path(cfg.model).resolve()), "data": cfg.data, "text_field": cfg.text_field,
+                  "seq_len": cfg.seq_len, "rows": list(split.val)}  # what the dense figure depends on
     record = _read_json(path)
     if record.get("format") != _CANDIDATES_FORMAT or record.get("validation") != validation:
         record = {"format": _CANDIDATES_FORMAT, "validation": validation, "candidates": {}}
