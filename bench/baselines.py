@@ -328,6 +328,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--markdown", action="store_true")
     p.add_argument("--dry-run", action="store_true", help="plan only: check cached results, list what is missing")
+    p.add_argument("--score", default=None, metavar="DIR", help="score a checkpoint (e.g. compress's OUT) on the rows")
     args = p.parse_args()
     args.mlp_sens = args.heads_at_measured = False  # read by Setup
     torch.set_num_threads(args.threads)
@@ -340,6 +341,11 @@ def main() -> None:
     done = load_results(path)
     if "dense" not in done:
         append(path, {"key": "dense", **s.perplexity(s.dense)})
+    if args.score:
+        ppl = s.perplexity(load_causal_lm(args.score, torch.float32))
+        print(json.dumps({"score": args.score, **ppl}))
+        print(" | ".join(f"{t} {ppl[t] / load_results(path)['dense'][t]:.2f}" for t in TEXTS))
+        return
     for budget in args.budget:
         for method in args.methods:
             key = f"{method}|{budget}"
