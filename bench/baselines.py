@@ -24,10 +24,14 @@ a user would get. A budget is a fraction of the **non-embedding** parameters (as
   (the paper's LoRA recovery is fine-tuning, excluded here); ``taylor|ends``: the paper's default
   layout instead, the first 4 and last 2 layers kept whole (its 4 and 2 of LLaMA-7B's 32), the
   others pruned alike.
-- ``ours|mlp``, ``ours|all-hm``: ours as in ``bench/compress_quality.py`` (measured-sensitivity
-  MLP widths + refit; heads + MLP with heads at the measured share, both refitted), from the
+- ``ours|all``, ``ours|all-hm``, ``ours|mlp``: the three candidates of ``actprune compress``
+  (``budget``, ``heads-capped``, ``mlp``: :func:`candidate_requests`, the same code), built in
+  memory as the slicer writes them (``bench/compress_quality.py``'s ``build``), from the
   sensitivity measured at ``--ref-budget`` (20 %; at other budgets the same Δ, as the cost
-  model intends).
+  model intends). A cached figure of one counts only if its plan is the one compress makes now.
+- ``compress``: not built; the row compress keeps, i.e. of the three the one with the lowest
+  validation perplexity (compress's :func:`choose`; its validation rows are held-out rows of
+  ``--data``, here the next 64 calibration summaries that neither probe nor refit read).
 
 Data and choices as in ``bench/compress_quality.py``: calibration = the first ``--calib-docs``
 ``wiki:calibration`` summaries, validation = the next 64 (every choice), evaluation =
@@ -50,6 +54,7 @@ from actprune.core.archs import LayerShape
 from actprune.core.planning.planner import _channel_scores
 from actprune.core.planning.scores import standardise
 from actprune.core.wire.plan import Plan, PlanRequest
+from actprune.pruning.candidates import candidate_requests, choose
 from actprune.pruning.checkpoint.hf_io import load_causal_lm
 from actprune.pruning.checkpoint.slicer import slice_checkpoint
 from actprune.pruning.data import pack, tokenize
@@ -62,7 +67,7 @@ from quality_results import append, load_results  # noqa: E402
 from texts import ood_texts  # noqa: E402
 
 TEXTS = ("val", "wiki", "opticks", "pydoc", "code")
-METHODS = ("ours|mlp", "ours|all-hm", "shortgpt", "wanda_sp", "flap", "taylor", "taylor|ends")
+METHODS = ("compress", "ours|mlp", "ours|all-hm", "ours|all", "shortgpt", "wanda_sp", "flap", "taylor", "taylor|ends")
 
 
 # ---- plans ------------------------------------------------------------------------------------
@@ -209,21 +214,32 @@ def taylor(s: Setup, budget: float, rows: int, ends: bool = False) -> Plan:
     return with_keeps(s, uni, mlp, heads)
 
 
+OURS = {"ours|all": "budget", "ours|all-hm": "heads-capped", "ours|mlp": "mlp"}  # bench name -> compress's
+
+
 def ours(s: Setup, budget: float, name: str) -> Plan:
+    """The compress candidate ``name`` stands for, planned by compress's own
+    :func:`candidate_requests` from the sensitivity measured at ``--ref-budget``."""
     ridge, total = s.args.ridge, s.shape.params()
     ref = s.plan(param_ratio=removed_params(s, s.args.ref_budget) / total, head_mode="kv_groups")
     d_mlp, d_attn = s.sensitivity(ref, ridge)  # measured once, at the reference budget
-    n = s.shape.num_layers
-    if name == "ours|mlp":
-        mlp_params = sum(3 * s.shape.hidden_size * ly.intermediate_size for ly in s.shape.layers)
-        return s.plan(mlp_ratio=removed_params(s, budget) / mlp_params, per_layer=True,
-                      layer_sensitivity=[d_mlp[i] for i in range(n)])
-    src = ref.source.widths
-    at = {"mlp": 1 - len(ref.layers[0].mlp_keep) / src[0].intermediate_size,
-          "attn": 1 - len(ref.layers[0].heads_keep) / src[0].num_attention_heads}
-    return s.plan(param_ratio=removed_params(s, budget) / total, head_mode="kv_groups", head_cap=at["attn"],
-                  layer_sensitivity=[d_mlp.get(i, 0.0) for i in range(n)],
-                  head_sensitivity=[d_attn.get(i, 0.0) for i in range(n)], sensitivity_at=at)
+    n, src = s.shape.num_layers, ref.source.widths
+    sens = {"layer_sensitivity": [d_mlp.get(i, 0.0) for i in range(n)],
+            "head_sensitivity": [d_attn.get(i, 0.0) for i in range(n)],
+            "sensitivity_at": {"mlp": 1 - len(ref.layers[0].mlp_keep) / src[0].intermediate_size,
+                               "attn": 1 - len(ref.layers[0].heads_keep) / src[0].num_attention_heads}}
+    base = {"param_ratio": removed_params(s, budget) / total, "head_mode": "kv_groups"}
+    return s.plan(**candidate_requests(base, sens, s.shape)[OURS[name]])
+
+
+def compress_choice(recs: list[dict]) -> dict | None:
+    """The row ``actprune compress`` keeps at one budget: of our candidates, the lowest
+    validation perplexity (compress's own :func:`choose`); None until all three are measured."""
+    ours_ = {r["method"]: r for r in recs if r["method"] in OURS}
+    if len(ours_) < len(OURS):
+        return None
+    best = choose({m: math.log(r["val"]) for m, r in ours_.items()})
+    return {**ours_[best], "method": "compress", "chosen": best}
 
 
 def make(s: Setup, method: str, budget: float) -> Plan:
@@ -232,6 +248,12 @@ def make(s: Setup, method: str, budget: float) -> Plan:
     if method.startswith("taylor"):
         return taylor(s, budget, s.args.grad_rows, ends=method.endswith("ends"))
     return {"shortgpt": shortgpt, "wanda_sp": wanda_sp, "flap": flap}[method](s, budget)
+
+
+def check_cached(rec: dict, plan: Plan) -> None:
+    widths = ([w.intermediate_size for w in plan.widths], [w.num_key_value_heads for w in plan.widths])
+    if (rec["mlp"], rec["kv_heads"]) != widths or rec["params_removed"] != plan.params_before - plan.params_after:
+        raise SystemExit(f"{rec['key']}: the cached result is of another plan than ours now; remove its line")
 
 
 # ---- evaluation -------------------------------------------------------------------------------
@@ -255,8 +277,10 @@ def add_ood_rows(s: Setup) -> None:
 
 
 LABELS = {
-    "ours|mlp": "**ours**: MLP only, measured-sensitivity widths + refit",
+    "compress": "**`actprune compress`**: the candidate validation picks",
+    "ours|mlp": "ours: MLP only, measured-sensitivity widths + refit",
     "ours|all-hm": "ours: heads (≤ measured share) + MLP, allocated, refit",
+    "ours|all": "ours: heads + MLP, allocated (each pool ≤ 2 × measured share), refit",
     "shortgpt": "ShortGPT: lowest-block-influence layers dropped",
     "wanda_sp": "Wanda-sp: heads + MLP, uniform",
     "flap": "FLAP: fluctuation, global AL-AM structure, bias",
@@ -274,12 +298,14 @@ def markdown(path: Path) -> str:
              "| budget | method | removed | " + " | ".join(TEXTS) + " |", "|---|---|---|" + "---|" * len(TEXTS)]
     recs = [r for r in res.values() if r["key"] != "dense"]
     for budget in sorted({r["budget"] for r in recs}):
-        rows = sorted((r for r in recs if r["budget"] == budget), key=lambda r: METHODS.index(r["method"]))
-        best = {t: min(r[t] / dense[t] for r in rows) for t in TEXTS}
-        for r in rows:
-            cells = [f"{r[t] / dense[t]:.2f}" for t in TEXTS]
-            cells = [f"**{c}**" if r[t] / dense[t] == best[t] else c for c, t in zip(cells, TEXTS, strict=True)]
-            lines.append(f"| {int(budget * 100)} % | {LABELS[r['method']]} | {r['params_removed'] / 1e6:.2f} M | "
+        rows = [r for r in recs if r["budget"] == budget]
+        rows = sorted([*rows, *filter(None, [compress_choice(rows)])], key=lambda r: METHODS.index(r["method"]))
+        best = {t: min(r[t] / dense[t] for r in rows if t in r) for t in TEXTS}
+        for r in rows:  # a text a record lacks (imported from an earlier run): –
+            cells = [f"**{r[t] / dense[t]:.2f}**" if t in r and r[t] / dense[t] == best[t]
+                     else f"{r[t] / dense[t]:.2f}" if t in r else "–" for t in TEXTS]
+            label = LABELS[r["method"]] + (f" (`{OURS[r['chosen']]}`)" if "chosen" in r else "")
+            lines.append(f"| {int(budget * 100)} % | {label} | {r['params_removed'] / 1e6:.2f} M | "
                          + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -288,7 +314,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", default="/tmp/actprune-baselines")
     p.add_argument("--budget", type=float, nargs="+", default=[0.2], help="fractions of non-embedding params")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS[1:]), choices=METHODS[1:])
     p.add_argument("--ref-budget", type=float, default=0.2, help="budget ours' sensitivity is measured at")
     p.add_argument("--ridge", type=float, default=1e-2)
     p.add_argument("--grad-rows", type=int, default=8, help="calibration rows for the Taylor gradients")
@@ -301,6 +327,8 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--markdown", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="plan only: check cached results, list what is missing")
+    p.add_argument("--score", default=None, metavar="DIR", help="score a checkpoint (e.g. compress's OUT) on the rows")
     args = p.parse_args()
     args.mlp_sens = args.heads_at_measured = False  # read by Setup
     torch.set_num_threads(args.threads)
@@ -313,13 +341,25 @@ def main() -> None:
     done = load_results(path)
     if "dense" not in done:
         append(path, {"key": "dense", **s.perplexity(s.dense)})
+    if args.score:
+        ppl = s.perplexity(load_causal_lm(args.score, torch.float32))
+        print(json.dumps({"score": args.score, **ppl}))
+        print(" | ".join(f"{t} {ppl[t] / load_results(path)['dense'][t]:.2f}" for t in TEXTS))
+        return
     for budget in args.budget:
         for method in args.methods:
             key = f"{method}|{budget}"
-            if key in done:
+            if key in done and not method.startswith("ours"):
                 continue
             t0 = time.time()
             plan = make(s, method, budget)
+            if key in done:  # a cached figure of ours counts only for the plan compress makes now
+                check_cached(done[key], plan)
+                continue
+            if args.dry_run:
+                print(f"{key}: to build, {plan.params_before - plan.params_after:,} removed, KV heads "
+                      f"{[w.num_key_value_heads for w in plan.widths]}")
+                continue
             rec = {"key": key, "method": method, "budget": budget, **evaluate(s, method, plan),
                    "params_removed": plan.params_before - plan.params_after, "dropped": plan.dropped_layers,
                    "kv_heads": [w.num_key_value_heads for w in plan.widths],

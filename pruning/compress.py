@@ -1,35 +1,49 @@
-"""The whole-model compression recipe (``actprune compress``): a parameter budget spent on
-heads, KV groups and MLP neurons where the measured loss is least, every kept unit compensated.
+"""The whole-model compression recipe (``actprune compress``): a parameter budget removed from
+heads, KV groups and MLP neurons, every kept unit compensated, and of the ways to spend it the
+one that validates best kept.
 
-    setup → 1. uniform plan → 2. sensitivity → 3. budget plan → 4. refit + slice
+    setup → 1. uniform plan → 2. sensitivity → 3. candidate plans → 4. per candidate: refit +
+    slice + validate → 5. the best candidate is OUT
 
 1. ``uniform.json``: the planner's uniform split of ``param_ratio`` (every layer gives up the
    same share of MLP neurons and KV groups); it fixes the fractions sensitivity is measured at.
 2. ``sensitivity.json``: each layer's loss increase when that layer alone loses its MLP share,
    and separately its heads, refitted (:mod:`.compensate.sensitivity`): Δ per layer and kind.
-3. ``plan.json``: ``param_ratio`` allocated across layers and kinds by least modelled loss per
-   parameter (:mod:`actprune.core.planning.budget`), under the request's constraints.
-4. ``OUT``: the sliced checkpoint with ``down_proj`` and ``o_proj`` refitted (least squares with
-   a bias, :mod:`.compensate.calibrate`).
+3. ``plan.json`` (``budget``: ``param_ratio`` allocated across layers and kinds by least modelled
+   loss per parameter, :mod:`actprune.core.planning.budget`), ``plan-heads-capped.json`` and
+   ``plan-mlp.json``: the candidates of :mod:`.candidates`, all removing the same parameters.
+4. each distinct candidate refitted (``down_proj`` and ``o_proj``, least squares with a bias,
+   :mod:`.compensate.calibrate`), sliced into ``WORK/candidate-NAME`` and its loss measured on
+   validation rows of ``--data`` that neither the sensitivity probe nor the refits read
+   (:func:`.candidates.split_rows`); figures in ``candidates.json``. Only the best checkpoint so
+   far is kept on disk.
+5. ``OUT``: the candidate with the lowest validation loss (a table of all is printed).
 
-Steps 1–3 write into ``WORK`` (default ``OUT.steps``, beside ``OUT``). Resumable: a step whose
+The files go into ``WORK`` (default ``OUT.steps``, beside ``OUT``). Resumable: a step whose
 output exists and was made from the same inputs is skipped (the plans record their request and
-source model, the sensitivity file the plan and data it measured, the checkpoint its plan), so
-a killed run starts again at the step it was in. Each step prints its figures.
+source model, the sensitivity file the plan and data it measured, ``candidates.json`` each
+candidate's plan, refit inputs and validation rows, a checkpoint its plan), so a killed run
+starts again at the step it was in and a finished candidate is not built again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+import math
+import shutil
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from actprune.core.errors import ActpruneError
 from actprune.core.wire.plan import Plan, PlanRequest
 
-__all__ = ["CompressConfig", "CompressError", "compress"]
+__all__ = ["CANDIDATES_FILE", "CompressConfig", "CompressError", "compress"]
+
+CANDIDATES_FILE = "candidates.json"
+_CANDIDATES_FORMAT = "actprune.compress_candidates/1"
+_PLAN_FILES = {"budget": "plan.json", "heads-capped": "plan-heads-capped.json", "mlp": "plan-mlp.json"}
 
 
 class CompressError(ActpruneError):
@@ -48,6 +62,7 @@ class CompressConfig:
     tokens: int = 32768
     seq_len: int = 512
     probe_rows: int = 8
+    val_rows: int = 8
     ridge: float = 1e-2
     overwrite: bool = False
     progress: bool = True
@@ -58,9 +73,14 @@ class CompressConfig:
     def work_dir(self) -> Path:
         return self.work or self.output.with_name(self.output.name + ".steps")
 
+    def fit_inputs(self) -> dict[str, Any]:
+        """What a refit depends on besides the plan (recorded with each checkpoint)."""
+        return {"data": self.data, "text_field": self.text_field, "tokens": self.tokens, "seq_len": self.seq_len,
+                "ridge": self.ridge}
+
 
 def _digest(plan: Plan) -> str:
-    """What a sensitivity measurement depends on in a plan: source and keep lists."""
+    """What a measurement depends on in a plan: source and keep lists."""
     body = json.dumps([plan.source.config_hash, [lp.model_dump() for lp in plan.layers]], sort_keys=True)
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
@@ -94,54 +114,160 @@ def _sensitivity_step(cfg: CompressConfig, uniform: Plan) -> dict[str, Any]:
     path = cfg.work_dir / "sensitivity.json"
     inputs = {"plan": _digest(uniform), "data": cfg.data, "text_field": cfg.text_field, "tokens": cfg.tokens,
               "seq_len": cfg.seq_len, "probe_rows": cfg.probe_rows, "ridge": cfg.ridge}
-    try:
-        record = json.loads(path.read_text()) if path.is_file() else None
-    except ValueError:
-        record = None
+    record = _read_json(path)
     verb = "kept"
-    if not (isinstance(record, dict) and record.get("format") == SENSITIVITY_FORMAT
-            and record.get("inputs") == inputs and record.get("attn_deltas") is not None):
+    if not (record.get("format") == SENSITIVITY_FORMAT and record.get("inputs") == inputs and "deltas" in record):
         sensitivity_for_plan(cfg.model, uniform, cfg.data, path, tokens=cfg.tokens, seq_len=cfg.seq_len,
                              ridge=cfg.ridge, probe_rows=cfg.probe_rows, text_field=cfg.text_field,
                              progress=cfg.progress, trust_remote_code=cfg.trust_remote_code, extra={"inputs": inputs})
         record, verb = json.loads(path.read_text()), "wrote"
-    if record.get("attn_deltas") is None:
-        raise CompressError("the uniform plan removes no heads at this budget; use actprune plan --param-ratio "
-                            "and actprune prune --refit (MLP only) instead")
     for kind, name in (("MLP", "deltas"), ("heads", "attn_deltas")):
-        d = sorted(record[name])
-        cfg.log(f"sensitivity: {verb} {path}: {kind} Δloss per layer min {d[0]:.4f}, median "
-                f"{d[len(d) // 2]:.4f}, max {d[-1]:.4f}")
+        d = sorted(record.get(name) or [])
+        if d:
+            cfg.log(f"sensitivity: {verb} {path}: {kind} Δloss per layer min {d[0]:.4f}, median "
+                    f"{d[len(d) // 2]:.4f}, max {d[-1]:.4f}")
+    if not record.get("attn_deltas"):
+        cfg.log("sensitivity: the uniform plan removes no heads at this budget: MLP neurons only")
     return record
 
 
-def _slice_step(cfg: CompressConfig, plan: Plan) -> Path:
+def _build(cfg: CompressConfig, plan: Plan, out: Path, name: str) -> bool:
+    """Refit + slice ``plan`` into ``out`` unless ``out`` was made from it; True when built."""
     from actprune.pruning.checkpoint.slicer import slice_checkpoint
     from actprune.pruning.compensate.calibrate import refit_for_plan
 
-    out = cfg.output
-    done = _plan_record(out)
-    inputs = {"data": cfg.data, "text_field": cfg.text_field, "tokens": cfg.tokens, "seq_len": cfg.seq_len,
-              "ridge": cfg.ridge}
-    if done.get("layers") == json.loads(plan.to_json())["layers"] and done.get("slice", {}).get("compress") == inputs:
-        cfg.log(f"refit + slice: kept {out} (made from this plan)")
-        return out
+    if _made_from(cfg, plan, out):
+        return False
     plan, mlp, attn = refit_for_plan(cfg.model, plan, cfg.data, tokens=cfg.tokens, seq_len=cfg.seq_len,
                                      ridge=cfg.ridge, text_field=cfg.text_field, progress=cfg.progress,
                                      trust_remote_code=cfg.trust_remote_code)
     slice_checkpoint(cfg.model, plan, out, overwrite=True, progress=cfg.progress, mlp_refit=mlp, attn_refit=attn,
-                     slice_record={"compress": inputs})
-    cfg.log(f"refit + slice: wrote {out}: {len(mlp)} MLPs and {len(attn)} attention blocks refitted, "
+                     slice_record={"compress": cfg.fit_inputs(), "candidate": name})
+    cfg.log(f"refit + slice ({name}): wrote {out}: {len(mlp)} MLPs and {len(attn)} attention blocks refitted, "
             f"{plan.params_after:,} parameters")
+    return True
+
+
+def _made_from(cfg: CompressConfig, plan: Plan, out: Path) -> bool:
+    done = _plan_record(out)
+    return (done.get("layers") == json.loads(plan.to_json())["layers"]
+            and done.get("slice", {}).get("compress") == cfg.fit_inputs())
+
+
+# ---- validation rows and candidates ------------------------------------------------------------
+def _split(cfg: CompressConfig):
+    """Pack ``--data`` once; returns (cfg with ``tokens`` = the rows the fit reads, validation
+    rows (V, T), the split) — :func:`.candidates.split_rows`."""
+    from actprune.pruning.candidates import split_rows
+    from actprune.pruning.checkpoint.hf_io import load_tokenizer
+    from actprune.pruning.data import load_texts, pack, tokenize
+
+    tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    rows = pack(tokenize(tok, load_texts(cfg.data, cfg.text_field, tok)), cfg.seq_len, tok.eos_token_id)  # (N, T)
+    try:
+        split = split_rows(len(rows), cfg.tokens // cfg.seq_len, cfg.probe_rows, cfg.val_rows)
+    except ValueError as e:
+        raise CompressError(f"--data {cfg.data} packs into {e}; give more text, or a smaller --val-rows, "
+                            f"--probe-rows or --seq-len") from None
+    a, b = split.val
+    cfg.log(f"split: --data packs into {len(rows)} rows of {cfg.seq_len} tokens: rows 0–{split.fit - 1} for "
+            f"sensitivity (probe: the first {cfg.probe_rows}) and refit, rows {a}–{b - 1} for validation"
+            + (f" ({split.note})" if split.note else ""))
+    return replace(cfg, tokens=split.fit * cfg.seq_len), rows[a:b], split
+
+
+def _validation_loss(cfg: CompressConfig, model_dir: Path, rows) -> float:
+    """Mean next-token loss of the checkpoint at ``model_dir`` on ``rows`` (V, T), as loaded."""
+    import torch
+    from actprune.pruning.checkpoint.hf_io import load_causal_lm
+    from actprune.pruning.evaluate.perplexity import nll_and_kl
+
+    model = load_causal_lm(model_dir, torch.float32, trust_remote_code=cfg.trust_remote_code)
+    nll, _, tokens = nll_and_kl([model], rows, batch_size=2, progress=cfg.progress, desc="validation")
+    return nll[0] / tokens
+
+
+def _candidate_dir(cfg: CompressConfig, name: str) -> Path:
+    return cfg.work_dir / f"candidate-{name}"
+
+
+def _candidates_step(cfg: CompressConfig, plans: dict[str, Plan], rows, split) -> dict[str, Any]:
+    """Build and validate every candidate not yet in ``candidates.json`` (module doc, step 4);
+    returns the record: ``dense`` and ``candidates`` (name -> loss, perplexity, parameters)."""
+    from actprune.core.files import atomic_write
+    from actprune.pruning.candidates import choose
+
+    path = cfg.work_dir / CANDIDATES_FILE
+    validation = {"model": str(Path(cfg.model).resolve()), "data": cfg.data, "text_field": cfg.text_field,
+                  "seq_len": cfg.seq_len, "rows": list(split.val)}  # what the dense figure depends on
+    record = _read_json(path)
+    if record.get("format") != _CANDIDATES_FORMAT or record.get("validation") != validation:
+        record = {"format": _CANDIDATES_FORMAT, "validation": validation, "candidates": {}}
+    if not isinstance(record.get("dense"), dict):
+        loss = _validation_loss(cfg, cfg.model, rows)
+        record["dense"] = {"loss": loss, "perplexity": math.exp(loss)}
+        atomic_write(path, json.dumps(record, indent=1) + "\n")
+    done = record["candidates"]
+    for name, plan in plans.items():
+        old = done.get(name)
+        if isinstance(old, dict) and old.get("plan") == _digest(plan) and old.get("fit") == cfg.fit_inputs():
+            cfg.log(f"candidate {name}: kept (validation perplexity {old['perplexity']:.3f})")
+            continue
+        ckpt = _candidate_dir(cfg, name)
+        _build(cfg, plan, ckpt, name)
+        loss = _validation_loss(cfg, ckpt, rows)
+        done[name] = {"plan": _digest(plan), "fit": cfg.fit_inputs(), "loss": loss, "perplexity": math.exp(loss),
+                      "params_before": plan.params_before, "params_after": plan.params_after}
+        atomic_write(path, json.dumps(record, indent=1) + "\n")
+        cfg.log(f"candidate {name}: wrote {path}: validation perplexity {math.exp(loss):.3f}")
+        best = choose({n: done[n]["loss"] for n in plans if n in done})
+        for other in cfg.work_dir.glob("candidate-*"):  # only the best so far stays on disk
+            if other != _candidate_dir(cfg, best):
+                shutil.rmtree(other, ignore_errors=True)
+    return record
+
+
+def _table(cfg: CompressConfig, plans: dict[str, Plan], record: dict[str, Any], best: str) -> None:
+    dense = record["dense"]["perplexity"]
+    a, b = record["validation"]["rows"]
+    cfg.log(f"candidates, validation perplexity on rows {a}–{b - 1} of --data (dense {dense:.3f}):")
+    cfg.log(f"  {'candidate':<14} {'params removed':>24} {'val ppl':>9} {'× dense':>8}")
+    for name in plans:
+        r = record["candidates"][name]
+        removed = r["params_before"] - r["params_after"]
+        cfg.log(f"{'*' if name == best else ' '} {name:<14} {removed:>15,} ({removed / r['params_before']:5.1%})"
+                f" {r['perplexity']:>9.3f} {r['perplexity'] / dense:>8.3f}")
+
+
+def _final_step(cfg: CompressConfig, name: str, plan: Plan) -> Path:
+    """The chosen candidate's checkpoint becomes OUT (moved, or rebuilt if it is gone)."""
+    from actprune.core.files import staged_directory
+    from actprune.pruning.checkpoint.slicer import PLAN_RECORD
+
+    out, src = cfg.output, _candidate_dir(cfg, name)
+    if _made_from(cfg, plan, out):
+        cfg.log(f"chosen: {name}: kept {out}")
+    elif _made_from(cfg, plan, src):
+        with staged_directory(out) as tmp:
+            # the plan record first: a kill midway leaves src without one, so it is rebuilt, never half used
+            for f in sorted(src.iterdir(), key=lambda p: p.name != PLAN_RECORD):
+                shutil.move(str(f), str(tmp / f.name))
+        cfg.log(f"chosen: {name}: moved {src} -> {out}")
+    else:
+        _build(cfg, plan, out, name)
+        cfg.log(f"chosen: {name}: rebuilt {out} (its candidate checkpoint was gone)")
+    for other in cfg.work_dir.glob("candidate-*"):
+        shutil.rmtree(other, ignore_errors=True)
     return out
 
 
 def compress(cfg: CompressConfig) -> Path:
     """Run the recipe (module doc); returns the output checkpoint."""
-    from actprune.core.archs import spec_for_config
+    from actprune.core.archs import model_shape, spec_for_config
     from actprune.core.config import read_config
     from actprune.core.tensor.checkpoint import ColumnNorms
     from actprune.core.wire.stats import Stats
+    from actprune.pruning.candidates import candidate_requests, choose
     from actprune.pruning.compensate.sensitivity import request_fields
 
     if cfg.request.get("param_ratio") is None:
@@ -155,22 +281,40 @@ def compress(cfg: CompressConfig) -> Path:
     config = read_config(cfg.model)
     stats = Stats.load(cfg.stats)
     norms = ColumnNorms(cfg.model, spec_for_config(config))
+    cfg, rows, split = _split(cfg)
     base = {k: v for k, v in cfg.request.items() if v is not None}
     uniform = _plan_step(cfg, "uniform.json", _request(base), stats, config, norms)
-    record = _sensitivity_step(cfg, uniform)
-    plan = _plan_step(cfg, "plan.json", _request({**base, **request_fields(record)}), stats, config, norms)
-    return _slice_step(cfg, plan)
+    sens = request_fields(_sensitivity_step(cfg, uniform))
+    plans: dict[str, Plan] = {}
+    for name, fields in candidate_requests(base, sens, model_shape(config)).items():
+        plan = _plan_step(cfg, _PLAN_FILES[name], _request(fields), stats, config, norms)
+        same = next((n for n, p in plans.items() if p.layers == plan.layers), None)
+        if same is not None:
+            cfg.log(f"candidate {name}: the same plan as {same}, not built twice")
+            continue
+        plans[name] = plan
+    if not plans:
+        raise CompressError(f"--param-ratio {base['param_ratio']}: no candidate can remove that much")
+    record = _candidates_step(cfg, plans, rows, split)
+    best = choose({n: record["candidates"][n]["loss"] for n in plans})
+    _table(cfg, plans, record, best)
+    return _final_step(cfg, best, plans[best])
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path`` ({} if missing, unreadable or not an object)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def _plan_record(out: Path) -> dict[str, Any]:
     """The plan record of a checkpoint directory ({} if none or unreadable)."""
     from actprune.pruning.checkpoint.slicer import PLAN_RECORD
 
-    try:
-        record = json.loads((out / PLAN_RECORD).read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
+    return _read_json(out / PLAN_RECORD)
 
 
 def _slice_record(out: Path) -> dict[str, Any]:

@@ -1,6 +1,8 @@
 """`actprune compress`: a checkpoint, its stats and calibration text -> a checkpoint with
-``--param-ratio`` of its parameters removed from heads, KV groups and MLP neurons, where the
-measured loss is least, every kept output projection refitted.
+``--param-ratio`` of its parameters removed from heads, KV groups and MLP neurons, every kept
+output projection refitted: of the candidate ways to spend the budget (the allocation across
+kinds, the same with heads capped at their measured share, MLP neurons only), the one with the
+lowest loss on held-out rows of ``--data`` (:mod:`actprune.pruning.candidates`).
 
     actprune compress --model M/ --stats stats.safetensors --data traffic.jsonl --text-field prompt \\
         --param-ratio 0.25 -o M-compressed/
@@ -10,10 +12,17 @@ The same as, one by one (the files land in ``--work``, default ``OUT.steps``)::
     actprune plan --stats stats.safetensors --model M/ --param-ratio 0.25 -o uniform.json
     actprune sensitivity --model M/ --plan uniform.json --data traffic.jsonl -o sensitivity.json
     actprune plan --stats stats.safetensors --model M/ --param-ratio 0.25 \\
-        --layer-sensitivity sensitivity.json -o plan.json
-    actprune prune --model M/ --plan plan.json --refit traffic.jsonl -o M-compressed/
+        --layer-sensitivity sensitivity.json -o plan.json                 # candidate "budget"
+    actprune plan --stats stats.safetensors --model M/ --param-ratio 0.25 --head-cap S \\
+        --layer-sensitivity sensitivity.json -o plan-heads-capped.json    # S: the measured share
+    actprune plan --stats stats.safetensors --model M/ --mlp-ratio R --per-layer \\
+        --layer-sensitivity sensitivity.json -o plan-mlp.json             # R: as many parameters
+    actprune prune --model M/ --plan plan-mlp.json --refit traffic.jsonl -o M-compressed/  # each
+    actprune eval --model M/ --model M-compressed/ --data validation.txt  # text the fit did not read
 
-Resumable: rerun the same command and finished steps are skipped (:mod:`actprune.pruning.compress`).
+(each plan file records the exact request; compress validates on rows of ``--data`` after those
+the sensitivity and refit read). Resumable: rerun the same command and finished steps and
+candidates are skipped (:mod:`actprune.pruning.compress`).
 """
 
 from __future__ import annotations
@@ -52,6 +61,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokens", type=int, default=32768, help="calibration tokens for sensitivity and refit")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per packed row")
     p.add_argument("--probe-rows", type=int, default=8, help="rows of --data the sensitivity loss is measured on")
+    p.add_argument("--val-rows", type=int, default=8,
+                   help="rows of --data after those the fit reads, held out to choose the candidate")
     p.add_argument("--ridge", type=float, default=1e-2, help="refit ridge towards the plain slice")
     p.add_argument("--overwrite", action="store_true", help="replace an output directory this run did not make")
     add_trust_flag(p)
@@ -62,13 +73,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.param_ratio is None:
         raise UsageError("--param-ratio is required: the fraction of all parameters to remove")
-    if args.tokens < 1 or args.probe_rows < 1 or args.seq_len < 2 or args.ridge < 0:
-        raise UsageError("--tokens and --probe-rows must be >= 1, --seq-len >= 2, --ridge >= 0")
+    if args.tokens < 1 or args.probe_rows < 1 or args.val_rows < 1 or args.seq_len < 2 or args.ridge < 0:
+        raise UsageError("--tokens, --probe-rows and --val-rows must be >= 1, --seq-len >= 2, --ridge >= 0")
     request = {name: getattr(args, name) for name in _PLAN_FLAGS}
     out = compress(CompressConfig(
         model=args.model, stats=args.stats, data=args.data, output=args.output, request=request, work=args.work,
         text_field=args.text_field, tokens=args.tokens, seq_len=args.seq_len, probe_rows=args.probe_rows,
-        ridge=args.ridge, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
+        val_rows=args.val_rows, ridge=args.ridge, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
     ))
     print(f"compressed checkpoint: {out}")
     return 0

@@ -1,4 +1,5 @@
-"""bench/baselines.py's pure parts: FLAP's global cut by parameters, LLM-Pruner's structure sums."""
+"""bench/baselines.py's pure parts: FLAP's global cut by parameters, LLM-Pruner's structure sums,
+the row compress keeps (our candidate with the lowest validation perplexity)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from baselines import global_cut, group_importance  # noqa: E402
+from baselines import compress_choice, global_cut, group_importance  # noqa: E402
+
+
+def test_compress_row_is_our_candidate_with_the_lowest_validation_perplexity_once_all_are_measured():
+    recs = [{"method": "ours|mlp", "val": 26.3, "wiki": 25.6}, {"method": "ours|all-hm", "val": 27.3, "wiki": 25.4},
+            {"method": "flap", "val": 20.0, "wiki": 20.0}]
+    assert compress_choice(recs) is None  # ours|all not measured yet
+    row = compress_choice([*recs, {"method": "ours|all", "val": 29.7, "wiki": 28.8}])
+    assert row == {"method": "compress", "chosen": "ours|mlp", "val": 26.3, "wiki": 25.6}
 
 
 def test_global_cut_takes_lowest_scores_first_skips_what_no_longer_fits_and_keeps_one_per_pool():

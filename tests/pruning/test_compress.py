@@ -1,94 +1,195 @@
-"""`actprune compress`: one command runs uniform plan → sensitivity → budget plan → refit +
-slice, meets the budget, equals the same steps run one by one, resumes without redoing
-finished steps, and refuses mistakes in one line."""
+"""`actprune compress`: one command runs uniform plan → sensitivity → candidate plans → refit +
+slice + validation of each → the best candidate as OUT; every candidate meets the budget, OUT is
+the candidate with the lowest loss on held-out rows of --data (checked by scoring OUT again),
+the plans equal the steps run one by one, a rerun or a killed run does not build a finished
+candidate again, and mistakes are refused in one line."""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 
 import pytest
 import torch
 from actprune.client.cli import main
 from actprune.pruning.fixtures.synthetic import build_checkpoint
-from pruning_helpers import SHAPE, load, logits, record_stats, write_calibration_text
+from pruning_helpers import SHAPE, load, write_calibration_text
+from pruning_helpers import record_stats as record_stats_of
 
 torch.set_num_threads(2)
+SEQ, TOKENS, VAL = 32, 512, 6  # the fit reads TOKENS // SEQ = 16 rows; validation the next VAL
+RATIO = 0.2
+# wider MLPs than SHAPE's, so that they alone can give RATIO of the model (the MLP-only candidate)
+MODEL = {**SHAPE, "intermediate_size": 256}
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("compress")
-    d = build_checkpoint(tmp / "llama", arch="llama", seed=3, **SHAPE)
-    record_stats(d).save(tmp / "stats.safetensors")
-    data = write_calibration_text(tmp / "calib.txt", 60)
+    d = build_checkpoint(tmp / "llama", arch="llama", seed=3, **MODEL)
+    record_stats_of(d).save(tmp / "stats.safetensors")
+    data = write_calibration_text(tmp / "calib.txt", 60)  # 50 rows of 32 tokens
     argv = ["compress", "--model", str(d), "--stats", str(tmp / "stats.safetensors"), "--data", str(data),
-            "--param-ratio", "0.2", "--seq-len", "32", "--tokens", "512", "--probe-rows", "2",
-            "-o", str(tmp / "out")]
+            "--param-ratio", str(RATIO), "--seq-len", str(SEQ), "--tokens", str(TOKENS), "--probe-rows", "2",
+            "--val-rows", str(VAL), "-o", str(tmp / "out")]
     return tmp, d, argv
 
 
-def test_compress_meets_the_budget_with_heads_and_mlp_refitted(run, capsys, caplog):
+def _ran(tmp, argv) -> None:
+    if not (tmp / "out" / "actprune_plan.json").is_file():
+        assert main(argv) == 0
+
+
+def test_compress_builds_every_candidate_at_the_budget_and_out_loads_cleanly(run, capsys, caplog):
     tmp, d, argv = run
     assert main(argv) == 0
     out = capsys.readouterr().out
-    for step in ("uniform.json: wrote", "sensitivity: wrote", "plan.json: wrote", "refit + slice: wrote"):
+    for step in ("split: --data packs into 50 rows", "uniform.json: wrote", "sensitivity: wrote", "plan.json: wrote",
+                 "plan-mlp.json: wrote", "candidate budget: wrote", "candidate mlp: wrote", "chosen: "):
         assert step in out, out
+    record = json.loads((tmp / "out.steps" / "candidates.json").read_text())
+    cands = record["candidates"]
+    assert {"budget", "mlp"} <= set(cands)
+    for name, c in cands.items():
+        assert RATIO - 0.01 <= 1 - c["params_after"] / c["params_before"] <= RATIO + 1e-9, name
+    budget = json.loads((tmp / "out.steps" / "plan.json").read_text())
+    assert any(len(lp["heads_keep"]) < SHAPE["num_attention_heads"] for lp in budget["layers"])
+    mlp = json.loads((tmp / "out.steps" / "plan-mlp.json").read_text())
+    assert all(len(lp["heads_keep"]) == SHAPE["num_attention_heads"] for lp in mlp["layers"])
+    assert not list((tmp / "out.steps").glob("candidate-*"))  # the candidates' checkpoints are cleaned up
     plan = json.loads((tmp / "out" / "actprune_plan.json").read_text())
-    removed = 1 - plan["params_after"] / plan["params_before"]
-    assert 0.18 <= removed <= 0.2 + 1e-9
-    assert any(len(lp["heads_keep"]) < SHAPE["num_attention_heads"] for lp in plan["layers"])
-    assert plan["slice"]["attn_refit_layers"] and plan["slice"]["mlp_refit_layers"]
-    cfg = json.loads((tmp / "out" / "config.json").read_text())
-    assert cfg["actprune_bias"] == {"down_proj": True, "o_proj": True}
+    assert plan["slice"]["mlp_refit_layers"]
     from transformers.utils import logging as hf_logging
 
     hf_logging.enable_propagation()
     try:
         with caplog.at_level(logging.INFO):
-            model = load(tmp / "out", trust_remote_code=True)
+            load(tmp / "out", trust_remote_code=True)
     finally:
         hf_logging.disable_propagation()
     assert "newly initialized" not in caplog.text.lower()
-    assert torch.isfinite(logits(model, torch.arange(3, 40)[None])).all()
 
 
-def test_compress_plan_equals_the_steps_run_one_by_one(run, capsys):
+def test_compress_keeps_the_candidate_with_the_lowest_validation_loss(run, capsys):
     tmp, d, argv = run
+    _ran(tmp, argv)
+    capsys.readouterr()
+    record = json.loads((tmp / "out.steps" / "candidates.json").read_text())
+    losses = {n: c["loss"] for n, c in record["candidates"].items()}
+    assert len(set(losses.values())) == len(losses) >= 2  # distinct candidates: the choice matters
+    chosen = json.loads((tmp / "out" / "actprune_plan.json").read_text())
+    assert chosen["slice"]["candidate"] == min(losses, key=losses.get)
+    a, b = record["validation"]["rows"]
+    assert (a, b) == (TOKENS // SEQ, TOKENS // SEQ + VAL)  # after every row the probe and refit read
+    # OUT, loaded as a user would, scores what the record says on those rows
+    from actprune.pruning.checkpoint.hf_io import load_tokenizer
+    from actprune.pruning.data import load_texts, pack, tokenize
+
+    tok = load_tokenizer(tmp / "out")
+    rows = pack(tokenize(tok, load_texts(argv[argv.index("--data") + 1], None, tok)), SEQ, tok.eos_token_id)[a:b]
+    model = load(tmp / "out", trust_remote_code=True)
+    with torch.no_grad():
+        loss = float(model(input_ids=rows, labels=rows).loss)
+    assert math.isclose(loss, losses[chosen["slice"]["candidate"]], rel_tol=1e-4)
+
+
+def test_compress_choice_follows_the_recorded_validation_losses(run, tmp_path, capsys):
+    """Whichever candidate the data favours: with the budget allocation's figure made the worst,
+    the lowest of the others is chosen (and rebuilt: its checkpoint is gone)."""
+    tmp, _, argv = run
+    _ran(tmp, argv)
+    work = tmp_path / "steps"
+    shutil.copytree(tmp / "out.steps", work)
+    record = json.loads((work / "candidates.json").read_text())
+    cands = record["candidates"]
+    cands["budget"]["loss"] = max(c["loss"] for c in cands.values()) + 1.0
+    (work / "candidates.json").write_text(json.dumps(record))
+    want = min((n for n in cands if n != "budget"), key=lambda n: cands[n]["loss"])
+    capsys.readouterr()
+    assert main([*argv[:-1], str(tmp_path / "out"), "--work", str(work)]) == 0
+    out = capsys.readouterr().out
+    assert f"chosen: {want}: rebuilt" in out and "candidate budget: kept" in out, out
+    chosen = json.loads((tmp_path / "out" / "actprune_plan.json").read_text())
+    plan_file = {"heads-capped": "plan-heads-capped.json", "mlp": "plan-mlp.json"}[want]
+    assert chosen["slice"]["candidate"] == want
+    assert chosen["layers"] == json.loads((work / plan_file).read_text())["layers"]
+
+
+def test_compress_plans_equal_the_steps_run_one_by_one(run, capsys):
+    tmp, d, argv = run
+    _ran(tmp, argv)
     steps = tmp / "out.steps"
-    if not (steps / "plan.json").is_file():
-        assert main(argv) == 0
-    rc = main(["plan", "--stats", str(tmp / "stats.safetensors"), "--model", str(d), "--param-ratio", "0.2",
-               "--layer-sensitivity", str(steps / "sensitivity.json"), "-o", str(tmp / "by-hand.json")])
-    assert rc == 0
-    by_hand = json.loads((tmp / "by-hand.json").read_text())
+    base = ["plan", "--stats", str(tmp / "stats.safetensors"), "--model", str(d),
+            "--layer-sensitivity", str(steps / "sensitivity.json")]
+    assert main([*base, "--param-ratio", str(RATIO), "-o", str(tmp / "by-hand.json")]) == 0
     ours = json.loads((steps / "plan.json").read_text())
-    assert by_hand["layers"] == ours["layers"]
+    assert json.loads((tmp / "by-hand.json").read_text())["layers"] == ours["layers"]
     uniform = json.loads((steps / "uniform.json").read_text())
     assert ours["layers"] != uniform["layers"]  # the sensitivities moved the budget
+    mlp = json.loads((steps / "plan-mlp.json").read_text())
+    ratio = mlp["provenance"]["request"]["mlp_ratio"]
+    assert main([*base, "--mlp-ratio", repr(ratio), "--per-layer", "-o", str(tmp / "by-hand-mlp.json")]) == 0
+    assert json.loads((tmp / "by-hand-mlp.json").read_text())["layers"] == mlp["layers"]
     capsys.readouterr()
 
 
 def test_compress_rerun_skips_finished_steps_and_redoes_changed_ones(run, capsys):
     tmp, _, argv = run
-    if not (tmp / "out" / "actprune_plan.json").is_file():
-        assert main(argv) == 0
+    _ran(tmp, argv)
     sens = tmp / "out.steps" / "sensitivity.json"
-    stamps = sens.stat().st_mtime_ns, (tmp / "out" / "config.json").stat().st_mtime_ns
+    cands = tmp / "out.steps" / "candidates.json"
+    stamps = [p.stat().st_mtime_ns for p in (sens, cands, tmp / "out" / "config.json")]
     capsys.readouterr()
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "sensitivity: kept" in out and "refit + slice: kept" in out and "wrote" not in out, out
-    assert (sens.stat().st_mtime_ns, (tmp / "out" / "config.json").stat().st_mtime_ns) == stamps
+    assert "sensitivity: kept" in out and "candidate budget: kept" in out and "candidate mlp: kept" in out
+    assert "chosen: " in out and "wrote" not in out and "refit + slice" not in out, out
+    assert [p.stat().st_mtime_ns for p in (sens, cands, tmp / "out" / "config.json")] == stamps
     assert main([*argv, "--ridge", "0.1"]) == 0  # the measurement depends on the ridge: redone
     out = capsys.readouterr().out
-    assert "sensitivity: wrote" in out and "refit + slice: wrote" in out and "uniform.json: kept" in out
+    assert "sensitivity: wrote" in out and "candidate mlp: wrote" in out and "uniform.json: kept" in out
+
+
+def test_compress_killed_midway_resumes_without_rebuilding_finished_candidates(run, tmp_path, capsys, monkeypatch):
+    tmp, _, argv = run
+    _ran(tmp, argv)
+    work = tmp_path / "steps"
+    work.mkdir()
+    for f in ("uniform.json", "sensitivity.json"):  # reused: their inputs match
+        shutil.copy(tmp / "out.steps" / f, work)
+    argv = [*argv[:-1], str(tmp_path / "out"), "--work", str(work)]
+    from actprune.pruning.compensate import calibrate
+
+    real, built = calibrate.refit_for_plan, []
+
+    def refit(model_dir, plan, *a, **kw):
+        built.append(plan.layers)
+        if kill_at is not None and len(built) == kill_at:
+            raise KeyboardInterrupt  # a kill while the second candidate is refitted
+        return real(model_dir, plan, *a, **kw)
+
+    monkeypatch.setattr(calibrate, "refit_for_plan", refit)
+    kill_at = 2
+    assert main(argv) == 130 and not (tmp_path / "out").exists()
+    record = json.loads((work / "candidates.json").read_text())
+    assert list(record["candidates"]) == ["budget"]  # the first candidate finished, its figures kept
+    first = built[0]
+    capsys.readouterr()
+    built.clear()
+    kill_at = None
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "candidate budget: kept" in out, out
+    assert first not in built  # not refitted again (its checkpoint, if chosen, is moved to OUT)
+    n = len(json.loads((work / "candidates.json").read_text())["candidates"])
+    assert len(built) == n - 1 and (tmp_path / "out" / "actprune_plan.json").is_file()
 
 
 def test_compress_mistakes_are_one_line(run, tmp_path, capsys):
     tmp, d, argv = run
-    no_ratio = [a for a in argv if a not in ("--param-ratio", "0.2")]
+    no_ratio = [a for a in argv if a not in ("--param-ratio", str(RATIO))]
     assert main(no_ratio) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--param-ratio" in err[0]
@@ -98,16 +199,21 @@ def test_compress_mistakes_are_one_line(run, tmp_path, capsys):
     assert main(other) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "exists" in err[0]
+    small = write_calibration_text(tmp_path / "small.txt", 4)  # 3 rows: not 2 probe + VAL validation rows
+    argv_small = [*argv[:-1], str(tmp_path / "o2"), "--data", str(small)]
+    assert main(argv_small) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--val-rows" in err[0] and "rows" in err[0], err
 
 
 def test_compress_head_cap_zero_spends_the_budget_on_mlp_neurons_only(run, tmp_path, capsys):
     tmp, _, argv = run
-    if not (tmp / "out.steps" / "sensitivity.json").is_file():
-        assert main(argv) == 0
+    _ran(tmp, argv)
     (tmp_path / "steps").mkdir()
     shutil.copy(tmp / "out.steps" / "sensitivity.json", tmp_path / "steps")  # reused if its inputs match
     assert main([*argv[:-1], str(tmp_path / "out"), "--work", str(tmp_path / "steps"), "--head-cap", "0"]) == 0
-    capsys.readouterr()
+    out = capsys.readouterr().out
+    assert "plan-heads-capped.json" not in out  # the request's own cap: no second capped candidate
     plan = json.loads((tmp_path / "out" / "actprune_plan.json").read_text())
     assert all(len(lp["heads_keep"]) == SHAPE["num_attention_heads"] for lp in plan["layers"])
-    assert 0.18 <= 1 - plan["params_after"] / plan["params_before"] <= 0.2 + 1e-9
+    assert RATIO - 0.01 <= 1 - plan["params_after"] / plan["params_before"] <= RATIO + 1e-9

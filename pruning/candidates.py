@@ -1,0 +1,89 @@
+"""The candidates ``actprune compress`` builds at one parameter budget, the held-out rows it
+scores them on, and its choice: the candidate with the lowest validation loss.
+
+Why candidates: the budget allocation (:mod:`actprune.core.planning.budget`) spends the budget
+where the *modelled* loss per parameter is least, but the model extrapolates one measured Δ per
+layer and kind, and on SmolLM2-135M at 20 % of the non-embedding parameters it lost to spending
+the same parameters on MLP neurons alone (BENCHMARKS.md, issue 13). So compress builds each of
+
+- ``budget``: heads, KV groups and MLP neurons by the budget allocation, as requested;
+- ``heads-capped``: the same with each layer's heads held to the share their Δ was measured at
+  (``head_cap``; only when the request sets no ``head_cap`` of its own);
+- ``mlp``: MLP neurons only, per-layer widths from the measured MLP Δ (``plan --mlp-ratio
+  --per-layer --layer-sensitivity``, the best MLP-only path of issue 7) removing the same number
+  of parameters (within the rounding of one neuron per layer and the width multiple),
+
+refits each, and keeps the one whose loss on validation rows is lowest.
+
+Rows: ``--data`` is packed once (documents joined by EOS, cut into ``seq_len`` rows). Rows
+``[0, fit)`` feed the sensitivity pass (its probe: the first ``probe_rows``) and the refits;
+rows ``[fit, fit + val)`` only the validation. A document may straddle the boundary row; no
+token is in both. When ``--data`` is shorter than ``fit + val`` rows, the fit gives up rows
+(never the probe) and the split says so; below ``probe_rows + val`` rows it is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from actprune.core.archs import ModelShape
+
+__all__ = ["CANDIDATES", "Split", "candidate_requests", "choose", "split_rows"]
+
+CANDIDATES = ("budget", "heads-capped", "mlp")  # the table's order; ties go to the earlier one
+
+# request fields the MLP-only candidate keeps (the budget's constraints on MLP widths)
+_MLP_FIELDS = ("strategy", "weights", "width_multiple", "tp_size", "min_mlp_width")
+_MLP_MAX = 0.9  # removed_fractions caps a layer at 0.9: MLP neurons alone cannot hold more
+
+
+@dataclass(frozen=True)
+class Split:
+    fit: int  # rows [0, fit): sensitivity (probe = the first probe_rows) and refit
+    val: tuple[int, int]  # rows [start, stop): validation only
+    note: str | None = None  # what was adapted to fit the data, or None
+
+
+def split_rows(n_rows: int, fit_rows: int, probe_rows: int, val_rows: int) -> Split:
+    """Split ``n_rows`` packed rows into fit and validation rows (module doc). ValueError, with
+    the numbers, when fewer than ``probe_rows + val_rows`` rows exist."""
+    fit_rows = max(fit_rows, probe_rows)
+    if n_rows >= fit_rows + val_rows:
+        return Split(fit_rows, (fit_rows, fit_rows + val_rows))
+    fit = n_rows - val_rows
+    if fit < max(probe_rows, 1):
+        raise ValueError(f"{n_rows} rows, and compress needs at least {max(probe_rows, 1)} for the sensitivity "
+                         f"probe (--probe-rows) plus {val_rows} held out for validation (--val-rows)")
+    return Split(fit, (fit, n_rows), f"only {n_rows} rows: sensitivity and refit read {fit} rows (not "
+                                     f"{fit_rows}), validation the last {val_rows}")
+
+
+def mlp_params(shape: ModelShape) -> int:
+    """Parameters in the dense MLPs (those the MLP-only candidate can take from)."""
+    return sum(3 * shape.hidden_size * ly.intermediate_size for ly in shape.layers if ly.num_experts is None)
+
+
+def candidate_requests(base: dict[str, Any], sens: dict[str, Any], shape: ModelShape) -> dict[str, dict[str, Any]]:
+    """PlanRequest fields of each candidate, in :data:`CANDIDATES` order. ``base``: the compress
+    request (``param_ratio`` and constraints); ``sens``: :func:`sensitivity.request_fields` of
+    the measurement (``layer_sensitivity``, and ``head_sensitivity`` / ``sensitivity_at`` when
+    heads were measured). A candidate that cannot meet the budget is left out."""
+    out: dict[str, dict[str, Any]] = {}
+    if sens.get("head_sensitivity") is not None:
+        budget = {**base, **sens}
+        out["budget"] = budget
+        if base.get("head_cap") is None:
+            out["heads-capped"] = {**budget, "head_cap": sens["sensitivity_at"]["attn"]}
+    ratio = base["param_ratio"] * shape.params() / max(mlp_params(shape), 1)
+    if ratio <= _MLP_MAX:
+        out["mlp"] = {**{k: base[k] for k in _MLP_FIELDS if k in base}, "mlp_ratio": ratio, "per_layer": True,
+                      "layer_sensitivity": sens["layer_sensitivity"]}
+    return out
+
+
+def choose(losses: dict[str, float]) -> str:
+    """The candidate with the lowest validation loss (ties: the earlier in ``losses``)."""
+    if not losses:
+        raise ValueError("no candidate to choose from")
+    return min(losses, key=losses.__getitem__)
