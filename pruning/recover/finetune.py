@@ -159,7 +159,8 @@ class FinetuneRecipe:
         """The teacher's top-k over the training rows the run reads: the file of an earlier run when
         it was built for the same rows, k, T and teacher, else one pass of the teacher (then let go)."""
         cfg = self.cfg
-        path = Path(cfg.teacher_cache) if cfg.teacher_cache else self.out / "teacher_topk.safetensors"
+        # Not beside the output's weights: vLLM loads every *.safetensors at a model's top level.
+        path = Path(cfg.teacher_cache) if cfg.teacher_cache else self.out / "cache" / "teacher_topk.safetensors"
         key = {"k": cfg.teacher_topk, "temperature": cfg.kd_temperature, "teacher_id": tc.teacher_id(cfg.teacher)}
         rows = self.visited_rows()
         if self.val_rows is not None:  # validation scores the KL too: (≤ N + M, L)

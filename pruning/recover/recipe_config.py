@@ -56,7 +56,7 @@ class FinetuneConfig:
     local_steps: int = 0  # > 0: block-wise distillation of each layer first (blockwise.py), steps per layer
     local_lr: float = 3e-4
     local_tokens: int = 16384  # training tokens the local stage stores layer inputs/outputs for
-    teacher_cache: str | None = None  # where; default OUT/teacher_topk.safetensors
+    teacher_cache: str | None = None  # where; default OUT/cache/teacher_topk.safetensors
     seed: int = 0
     trust_remote_code: bool = False  # run code named by --model/--teacher's auto_map (not actprune's own)
     progress: bool = True

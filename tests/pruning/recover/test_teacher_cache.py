@@ -138,7 +138,11 @@ def test_distillation_validates_on_the_kl_to_the_teacher_and_keeps_the_best_obje
             n += tokens
     assert got["val_kl"] == pytest.approx(kl / n, rel=1e-4) and got["val_loss"] == pytest.approx(lm / n, rel=1e-4)
     assert got["val_objective"] == pytest.approx(0.7 * 4.0 * kl / n + 0.3 * lm / n, rel=1e-4)
-    log = [json.loads(x) for x in (main(cfg) / "finetune_log.jsonl").read_text().splitlines()]
+    out = main(cfg)
+    # The default cache is not beside the weights: vLLM loads every *.safetensors at the top level.
+    assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"]
+    assert (out / "cache" / "teacher_topk.safetensors").is_file()
+    log = [json.loads(x) for x in (out / "finetune_log.jsonl").read_text().splitlines()]
     vals = {e["step"]: e["val_objective"] for e in log if "val_objective" in e}
     best = min(vals, key=vals.get)
     assert log[-1] == {"kept_step": best, "kept": "best", "kept_val_objective": vals[best]}
