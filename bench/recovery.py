@@ -67,7 +67,8 @@ def finetune_args(row: str, args: argparse.Namespace, start: Path, dense: Path, 
            "--seed", "0", "--eval-every", "0"]
     # Every row gets the teacher, for the validation KL the learning rate is chosen on; without
     # distillation it weighs 0 in the loss.
-    cmd += ["--teacher", str(dense), "--kd-alpha", "1.0" if "distil" in row else "0.0", "--teacher-topk", "64"]
+    cmd += ["--teacher", str(dense), "--kd-alpha", "1.0" if "distil" in row else "0.0", "--teacher-topk", "64",
+            "--teacher-cache", str(data.parent / f"teacher-top64-{data.stem}.safetensors")]  # one pass for all rows
     if row.startswith("local"):
         cmd += ["--local-steps", str(args.local_steps), "--local-tokens", str(args.local_tokens)]
     return cmd
