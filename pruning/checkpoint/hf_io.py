@@ -88,7 +88,7 @@ def finish_output_dir(src: str | Path, dst: str | Path) -> None:
 _WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
 # Hugging Face weight file names (model.safetensors, model-00001-of-00002.safetensors, …): only
 # these are the old model's; other safetensors in OUT are the run's own (the teacher's top-k
-# cache, OUT/teacher_topk.safetensors, is reused by the next run on the same data).
+# cache of older runs, OUT/teacher_topk.safetensors, is reused by the next run on the same data).
 _WEIGHT_PREFIXES = ("model", "pytorch_model")
 
 

@@ -84,7 +84,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-tokens", type=int, default=16384,
                    help="training tokens the local stage uses (it stores 2 x layers x tokens x hidden floats)")
     p.add_argument("--teacher-cache", default=None, metavar="FILE",
-                   help="where the top-K file goes (default OUT/teacher_topk.safetensors); reused when it "
+                   help="where the top-K file goes (default OUT/cache/teacher_topk.safetensors); reused when it "
                         "matches the data, K, temperature and teacher")
     p.add_argument("--seed", type=int, default=0)
     add_trust_flag(p)

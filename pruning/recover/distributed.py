@@ -39,7 +39,6 @@ from actprune.core.config import CheckpointError
 from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_config
 from actprune.pruning.data import DataError
 from actprune.pruning.recover.finetune import FinetuneRecipe
-from actprune.pruning.recover.recipe_config import lm_loss
 from actprune.pruning.recover.train_state import copy_into, load_best
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -155,21 +154,23 @@ class DistributedRecipe(FinetuneRecipe):
         torch.nn.utils.clip_grads_with_norm_(params, self.cfg.clip, norm)
         return norm.item()
 
-    def _val_sums(self) -> tuple[float, float]:
+    def _val_sums(self) -> tuple[dict[str, float], float]:
         b = self.cfg.batch_size
-        sums = torch.zeros(2, dtype=torch.float64)  # (Σ loss · tokens, Σ tokens) of this rank
+        keys: list[str] = []  # the same on every rank: the losses of one configuration
+        sums = None  # (Σ loss · tokens per key..., Σ tokens) of this rank
         for ids in self.val_rows.split(b * self.world)[: self.cfg.max_val_batches]:
             mine = ids[self.rank * b : (self.rank + 1) * b]  # (≤B, L)
             # A rank with no rows in a short last batch still runs the forward, weighted 0:
             # FSDP gathers each layer's weights inside it, every rank taking part.
             weight = 1 if len(mine) else 0
             mine = (mine if weight else ids[:1]).to(self.device)
-            with self.autocast():
-                loss = lm_loss(self.model(input_ids=mine).logits, mine)
+            parts = self.losses(mine)
+            keys = list(parts)
             tokens = weight * mine.shape[0] * (mine.shape[1] - 1)
-            sums += torch.tensor([loss.item() * tokens, tokens], dtype=torch.float64)
-        total, n = self._sum(sums).tolist()
-        return total, n
+            vec = torch.tensor([parts[k].item() * tokens for k in keys] + [tokens], dtype=torch.float64)
+            sums = vec if sums is None else sums + vec
+        total = self._sum(sums).tolist()
+        return dict(zip(keys, total[:-1], strict=True)), total[-1]
 
     # -- save --
     def trainable_state(self) -> dict[str, torch.Tensor] | None:

@@ -10,6 +10,11 @@ than fine-tuning alone). One optimizer step is ``grad_accum`` micro-batches of `
 packed rows. The learning rate is a pure function of the step (:func:`lr_at`) and the data
 order a pure function of (seed, epoch), so a checkpoint's step restores both exactly.
 
+Validation scores the training losses on its rows: ``val_loss``/``val_ppl`` (LM) and, with a
+teacher, ``val_kl`` (KL at T; on k + 1 outcomes under ``--teacher-topk``, whose cache then holds
+the validation rows too) and ``val_objective`` (the mix), which early stopping follows: the
+calibration domain's perplexity rewards adaptation to that domain, not recovery.
+
 With ``--early-stop-patience`` the output holds the weights of the best validation, staged
 under ``OUT/best/`` when found (see :mod:`actprune.pruning.recover.train_state`); the log's last
 record names the step kept. ``--fsdp`` runs the same recipe in every process of a torchrun
@@ -20,7 +25,6 @@ launch (:mod:`actprune.pruning.recover.distributed`): rank ``r`` of ``W`` trains
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, replace
@@ -48,6 +52,7 @@ from actprune.pruning.recover.recipe_config import (
     lm_loss,
     lr_at,
     mixed_loss,
+    val_record,
 )
 from tqdm.auto import tqdm
 
@@ -154,9 +159,12 @@ class FinetuneRecipe:
         """The teacher's top-k over the training rows the run reads: the file of an earlier run when
         it was built for the same rows, k, T and teacher, else one pass of the teacher (then let go)."""
         cfg = self.cfg
-        path = Path(cfg.teacher_cache) if cfg.teacher_cache else self.out / "teacher_topk.safetensors"
+        # Not beside the output's weights: vLLM loads every *.safetensors at a model's top level.
+        path = Path(cfg.teacher_cache) if cfg.teacher_cache else self.out / "cache" / "teacher_topk.safetensors"
         key = {"k": cfg.teacher_topk, "temperature": cfg.kd_temperature, "teacher_id": tc.teacher_id(cfg.teacher)}
         rows = self.visited_rows()
+        if self.val_rows is not None:  # validation scores the KL too: (≤ N + M, L)
+            rows = torch.cat([rows, torch.cat(self.val_batches())])
         cache = tc.TeacherCache.open_if_valid(path, rows, **key)
         if cache is None:
             teacher = self._build_teacher(torch.bfloat16 if self.use_bf16 else torch.float32)
@@ -308,15 +316,22 @@ class FinetuneRecipe:
                 self.save_checkpoint()
         bar.close()
 
+    @property
+    def val_key(self) -> str:
+        """The validation figure early stopping compares: the training objective."""
+        return "val_objective" if self.cfg.teacher else "val_loss"
+
     @torch.no_grad()
     def evaluate(self) -> None:
         if self.val_rows is None:
             return
         self.model.eval()
-        total, n = self._val_sums()
-        val = total / n
-        self.history.append({"step": self.step, "val_loss": val, "val_ppl": math.exp(val)})
-        self._say(f"step {self.step}: validation loss {val:.4f}, perplexity {math.exp(val):.3f}")
+        sums, n = self._val_sums()
+        rec = val_record({k: v / n for k, v in sums.items()}, self.cfg.kd_temperature)
+        self.history.append({"step": self.step, **rec})
+        extra = f", KL to the teacher {rec['val_kl']:.4f}, objective {rec['val_objective']:.4f}" if "val_kl" in rec else ""
+        self._say(f"step {self.step}: validation loss {rec['val_loss']:.4f}, perplexity {rec['val_ppl']:.3f}{extra}")
+        val = rec[self.val_key]
         if self.early.update(self.step, val) and self.early.patience:
             weights = self.trainable_state()  # collective under FSDP: every rank calls it
             if weights is not None:
@@ -324,17 +339,22 @@ class FinetuneRecipe:
         if self.early.stop:
             self._say(f"early stop: no improvement in {self.early.bad_evals} evaluations")
 
-    def _val_sums(self) -> tuple[float, float]:
-        """(Σ loss · tokens, Σ tokens) over the first ``max_val_batches`` batches."""
-        total, n = 0.0, 0
-        for ids in self.val_rows.split(self.cfg.batch_size)[: self.cfg.max_val_batches]:
+    def val_batches(self) -> list[torch.Tensor]:
+        """The validation batches scored: the first ``max_val_batches`` × (≤ B, L)."""
+        return list(self.val_rows.split(self.cfg.batch_size)[: self.cfg.max_val_batches])
+
+    def _val_sums(self) -> tuple[dict[str, float], float]:
+        """({loss name: Σ loss · tokens}, Σ tokens) over the validation batches: the losses of
+        :meth:`losses` (LM; with a teacher also the KD term and the objective), same rows."""
+        sums: dict[str, float] = {}
+        n = 0
+        for ids in self.val_batches():
             ids = ids.to(self.device)  # (B, L)
-            with self.autocast():
-                loss = lm_loss(self.model(input_ids=ids).logits, ids)
             tokens = ids.shape[0] * (ids.shape[1] - 1)
-            total += loss.item() * tokens
+            for k, v in self.losses(ids).items():
+                sums[k] = sums.get(k, 0.0) + v.item() * tokens
             n += tokens
-        return total, n
+        return sums, n
 
     def trainable_state(self) -> dict[str, torch.Tensor] | None:
         """Trainable parameters on CPU in the dtype the output gets (LoRA adapters: float32,
@@ -361,7 +381,7 @@ class FinetuneRecipe:
         if best is None:
             self.history.append({"kept_step": self.step, "kept": "last"})
         else:
-            self.history.append({"kept_step": best, "kept": "best", "kept_val_loss": self.early.best_val})
+            self.history.append({"kept_step": best, "kept": "best", f"kept_{self.val_key}": self.early.best_val})
         model = self.final_model(best)
         if model is None:  # not rank 0
             return self.out

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from actprune.pruning.data import DataError
 
-__all__ = ["FinetuneConfig", "check_config", "kd_loss", "lm_loss", "loop_recovery", "lr_at", "mixed_loss"]
+__all__ = ["FinetuneConfig", "check_config", "kd_loss", "lm_loss", "loop_recovery", "lr_at", "mixed_loss", "val_record"]
 
 
 @dataclass
@@ -56,7 +56,7 @@ class FinetuneConfig:
     local_steps: int = 0  # > 0: block-wise distillation of each layer first (blockwise.py), steps per layer
     local_lr: float = 3e-4
     local_tokens: int = 16384  # training tokens the local stage stores layer inputs/outputs for
-    teacher_cache: str | None = None  # where; default OUT/teacher_topk.safetensors
+    teacher_cache: str | None = None  # where; default OUT/cache/teacher_topk.safetensors
     seed: int = 0
     trust_remote_code: bool = False  # run code named by --model/--teacher's auto_map (not actprune's own)
     progress: bool = True
@@ -98,6 +98,17 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
 
 def mixed_loss(lm: torch.Tensor, kd: torch.Tensor, alpha: float) -> torch.Tensor:
     return alpha * kd + (1.0 - alpha) * lm
+
+
+def val_record(means: dict[str, float], temperature: float) -> dict[str, float]:
+    """One validation's figures from the mean losses per predicted token (the keys of the
+    recipe's ``losses``): the LM loss and its perplexity; with a teacher (``kd_loss`` present)
+    also KL(teacher ‖ student) at temperature T (the KD term ÷ T²) and the training objective."""
+    rec = {"val_loss": means["lm_loss"], "val_ppl": math.exp(means["lm_loss"])}
+    if "kd_loss" in means:
+        rec["val_kl"] = means["kd_loss"] / temperature**2
+        rec["val_objective"] = means["loss"]
+    return rec
 
 
 def check_config(cfg: FinetuneConfig) -> None:

@@ -18,7 +18,7 @@ held in memory (they must survive a kill, and a 32B model's copy is 64 GB in bf1
 
     OUT/best/step-NNNNNN/weights.safetensors   trainable parameters in the output's dtype
                                                (LoRA adapters: float32, merged at the end)
-    OUT/best/step-NNNNNN/best.json             {"step", "val_loss"}
+    OUT/best/step-NNNNNN/best.json             {"step", "val_loss": the figure compared (the objective)}
 
 written (atomically, like a checkpoint) at each new best. A best directory is kept while the
 recipe or any kept checkpoint (``best_step`` in its ``state.json``) refers to it, so a resume

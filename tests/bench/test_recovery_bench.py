@@ -38,14 +38,15 @@ def test_score_is_perplexity_and_kl_against_the_cached_reference(tmp_path):
 
 
 def test_rows_share_data_budget_and_seed_and_differ_only_in_loss_and_start():
-    args = Namespace(lr=1e-4, local_steps=16, local_tokens=8192)
+    args = Namespace(local_steps=16, local_tokens=8192)
     p = Path
-    cmds = {r: recovery.finetune_args(r, args, p("start"), p("dense"), p("d.jsonl"), p("v.jsonl"), p("o"), 16)
+    cmds = {r: recovery.finetune_args(r, args, p("start"), p("dense"), p("d.jsonl"), p("v.jsonl"), p("o"), 16, 1e-4)
             for r in ("plain", "distil", "local+distil")}
     common = ["--data", "d.jsonl", "--max-steps", "16", "--batch-size", "4", "--seed", "0", "--val-data", "v.jsonl"]
     for cmd in cmds.values():
         assert all(x in cmd for x in common)
-    assert "--teacher" not in cmds["plain"]
+    # every row is validated against the dense teacher; only distillation trains on it
+    assert cmds["plain"][cmds["plain"].index("--kd-alpha") + 1] == "0.0"
     assert cmds["distil"][cmds["distil"].index("--kd-alpha") + 1] == "1.0" and "--teacher-topk" in cmds["distil"]
     assert "--local-steps" in cmds["local+distil"] and "--local-steps" not in cmds["distil"]
 
@@ -59,4 +60,19 @@ def test_markdown_divides_by_dense_and_shows_accuracy_with_its_error(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in (dense, plain)))
     lines = recovery.markdown(path).splitlines()
     assert "| 0.700 ± 0.070 |" in lines[2]
-    assert lines[3].startswith("| plain (lr 0.0001) | 16384 | 1.250 (12.50) | 0.2500 | — | 11.0 | — |")
+    assert lines[3].startswith("| plain (lr 0.0001) | 16384 | 1.250 (12.50) | 0.2500 | — | 11.0 | — | — |")
+
+
+def test_the_learning_rate_is_picked_on_validation_kl_not_validation_perplexity(tmp_path):
+    path = tmp_path / "r.jsonl"
+    dense = {"key": "dense", "row": "dense", "budget": 0, "wiki_ppl": 10.0, "wiki_kl": 0.0}
+    rows = [dense]
+    for lr, ppl, kl in ((3e-5, 20.0, 0.40), (1e-4, 19.0, 0.35), (3e-4, 18.0, 0.45)):
+        rows.append({"key": f"distil@8192|lr={lr:g}", "row": "distil", "budget": 8192, "lr": lr, "wiki_ppl": 12.0,
+                     "wiki_kl": 0.3, "val": {"val_ppl": ppl, "val_kl": kl}})
+    rows.append({"key": "plain@8192|lr=0.0001", "row": "plain", "budget": 8192, "lr": 1e-4, "wiki_ppl": 12.0,
+                 "wiki_kl": 0.3, "val": {"val_ppl": 18.5}})  # recorded before val_kl: alone in its group
+    assert recovery.picked(rows) == {"distil@8192|lr=0.0001", "plain@8192|lr=0.0001"}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    marked = [ln for ln in recovery.markdown(path).splitlines() if "◀" in ln]
+    assert len(marked) == 1 and marked[0].startswith("| distil (lr 0.0001) ◀ |") and "| 19.00 | 0.3500 |" in marked[0]

@@ -57,7 +57,8 @@ def test_two_gloo_processes_train_like_one_process_with_the_global_batch(tiny, t
     for g, w in zip(got, want, strict=True):
         for k, v in w.items():
             assert g[k] == (pytest.approx(v, rel=1e-5) if isinstance(v, float) else v), (k, g, w)
-    assert got[-1] == {"kept_step": 3, "kept": "best", "kept_val_loss": got[-1]["kept_val_loss"]}
+    assert got[-1] == {"kept_step": 3, "kept": "best", "kept_val_objective": got[-1]["kept_val_objective"]}
+    assert all("val_kl" in e for e in got if "val_loss" in e)  # the KL to the teacher, all-reduced too
     assert "kd_loss" in got[0]
 
     a, b = load_file(str(dist_out / "model.safetensors")), load_file(str(one_out / "model.safetensors"))

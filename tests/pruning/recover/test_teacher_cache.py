@@ -4,11 +4,13 @@ and the file is reused only for the same rows, k, temperature and teacher."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from actprune.pruning.fixtures.synthetic import build_checkpoint
 from actprune.pruning.recover import teacher_cache as tc
-from actprune.pruning.recover.finetune import FinetuneConfig, FinetuneRecipe
+from actprune.pruning.recover.finetune import FinetuneConfig, FinetuneRecipe, main
 from actprune.pruning.recover.recipe_config import kd_loss
 
 
@@ -69,7 +71,7 @@ def test_cached_teacher_over_the_vocabulary_trains_like_the_live_teacher(tiny, t
     assert cached.teacher is None  # not kept in memory for training
     cached.train()
     for a, b in zip(live.history, cached.history, strict=True):
-        for key in ("kd_loss", "lm_loss", "loss", "val_loss"):
+        for key in ("kd_loss", "lm_loss", "loss", "val_loss", "val_kl", "val_objective"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=2e-4), (key, a, b)
 
@@ -115,6 +117,35 @@ def test_the_teacher_runs_only_over_the_rows_the_run_reads(tiny, teacher, pr_jso
     visited = whole.visited_rows()
     assert {tuple(r) for r in visited.tolist()} == read(whole) and len(visited) >= len(whole.train_rows) - 1
     assert whole.teacher_topk.indices.shape[0] == len(visited)
+
+
+def test_distillation_validates_on_the_kl_to_the_teacher_and_keeps_the_best_objective(
+        tiny, teacher, pr_jsonl, tmp_path):
+    cfg = _cfg(tiny, pr_jsonl, tmp_path / "v", teacher, teacher_topk=8, kd_alpha=0.7, max_steps=4,
+               eval_every=1, early_stop_patience=5, lr=3e-2)
+    recipe = FinetuneRecipe(cfg)
+    recipe.setup()
+    recipe.evaluate()
+    got = recipe.history[-1]
+    # Here: the top-8 KL at T = 2 over the validation rows, weighted by predicted tokens.
+    kl = lm = n = 0.0
+    with torch.no_grad():
+        for ids in recipe.val_batches():
+            s, t = recipe.model(input_ids=ids).logits, first_teacher_logits(teacher, ids)
+            tokens = ids.shape[0] * (ids.shape[1] - 1)
+            kl += tc.topk_kd_loss(s, *_topk(t, 8, 2.0), 2.0).item() / 4.0 * tokens
+            lm += torch.nn.functional.cross_entropy(s[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item() * tokens
+            n += tokens
+    assert got["val_kl"] == pytest.approx(kl / n, rel=1e-4) and got["val_loss"] == pytest.approx(lm / n, rel=1e-4)
+    assert got["val_objective"] == pytest.approx(0.7 * 4.0 * kl / n + 0.3 * lm / n, rel=1e-4)
+    out = main(cfg)
+    # The default cache is not beside the weights: vLLM loads every *.safetensors at the top level.
+    assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"]
+    assert (out / "cache" / "teacher_topk.safetensors").is_file()
+    log = [json.loads(x) for x in (out / "finetune_log.jsonl").read_text().splitlines()]
+    vals = {e["step"]: e["val_objective"] for e in log if "val_objective" in e}
+    best = min(vals, key=vals.get)
+    assert log[-1] == {"kept_step": best, "kept": "best", "kept_val_objective": vals[best]}
 
 
 def first_teacher_logits(teacher, ids: torch.Tensor) -> torch.Tensor:
