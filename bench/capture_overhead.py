@@ -9,7 +9,10 @@ on, …), it sends each workload — B concurrent greedy completions of P prompt
 generated tokens — to each server, and records generated tokens/s (wall) and the CPU time of
 the server's whole process group (API server, engine core, worker) per generated token: the
 CPU figure is what the capture costs even when other jobs share the machine, the wall figure is
-what a user sees on a quiet one. The load average is sampled before every round; when it moved
+what a user sees on a quiet one. While one server is measured the others are stopped (SIGSTOP
+to their process groups; ``--no-freeze-idle`` leaves them running): an idle vLLM server's
+threads still poll, and on 2 cores they tax the measured one. The load average is sampled
+before every round; when it moved
 by more than ``--max-load-change`` over a mode, the wall-clock ratio is withheld.
 
 Prefix caching (``--prefix``, compiled mode): a chat workload — a long system prompt shared by
@@ -50,7 +53,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmarks_md import replace_section  # noqa: E402
-from decode_throughput import group_cpu_seconds  # noqa: E402
+from decode_throughput import group_cpu_seconds, others_frozen  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- capture-overhead:begin (bench/capture_overhead.py --write) -->", "<!-- capture-overhead:end -->"
@@ -133,7 +136,8 @@ def measure(srvs: dict, loads: dict[str, list[list[int]]], args: argparse.Namesp
             for name in order:
                 if name in CHAT_ONLY and not w.startswith("chat"):
                     continue
-                rate, cpu = run_load(srvs[name], prompts, args.tokens)
+                with others_frozen(srvs, name, args.freeze_idle):
+                    rate, cpu = run_load(srvs[name], prompts, args.tokens)
                 res[name][w]["rate"].append(rate)
                 res[name][w]["cpu"].append(cpu)
         print(f"round {r + 1}/{args.rounds} (load {samples[-1]:.1f}): " + "; ".join(
@@ -211,6 +215,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=32, help="tokens generated per request")
     ap.add_argument("--modes", nargs="+", default=["compiled", "eager"], choices=list(GRID))
     ap.add_argument("--prefix", action="store_true", help="add the shared-system-prompt chat workload")
+    ap.add_argument("--no-freeze-idle", dest="freeze_idle", action="store_false",
+                    help="leave the other servers running while one is measured (default: SIGSTOP them)")
     ap.add_argument("--max-load-change", type=float, default=1.0,
                     help="withhold the wall-clock ratio when the 1-min load average moves more")
     ap.add_argument("--hidden", type=int, default=768)

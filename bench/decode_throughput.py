@@ -5,7 +5,8 @@ Builds (once, cached in --dir) a random fp32 Qwen3-shaped model of ~150M paramet
 pulls the captured stats from the server, plans 25 % and 50 % MLP pruning (uniform → stock
 Qwen3 architecture) and 50 % with per-layer widths (→ actprune architecture), slices, and serves
 every checkpoint at once. Then, in interleaved rounds so that the load of a shared machine hits
-every model alike, streams greedy completions and times the decode phase (tokens after the
+every model alike — each measured with the others stopped (SIGSTOP; ``--no-freeze-idle``) —
+streams greedy completions and times the decode phase (tokens after the
 first), at batch 1 and at --batch concurrent requests, and the CPU time the whole server process
 group spends per generated token (steadier than wall time when the machine is shared).
 
@@ -28,9 +29,11 @@ grows it tends to the total bytes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
+import signal
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -132,6 +135,23 @@ def group_cpu_seconds(pgid: int) -> float:
     return total / _TICK
 
 
+@contextlib.contextmanager
+def others_frozen(srvs: dict, running: str, freeze: bool = True):
+    """Every server but ``running`` stopped (SIGSTOP to its whole process group) while it is
+    measured, continued after. On a small machine an idle vLLM server is not idle: its engine
+    and worker threads poll, and on 2 cores they took CPU from the measured one (load average
+    ~10 with two servers up and one request stream) — a ratio of two servers that tax each other
+    drifts with whatever the other one happens to do. A stopped group uses no CPU at all."""
+    frozen = [srv.proc.pid for name, srv in srvs.items() if freeze and name != running]
+    for pgid in frozen:
+        os.killpg(pgid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pgid in frozen:
+            os.killpg(pgid, signal.SIGCONT)
+
+
 def decode_rate(base_url: str, model: str, tokens: int, prompt: str = "The museum opens at nine") -> tuple[float, float]:
     """One streamed greedy completion: (decode tokens/s after the first token, seconds)."""
     body = {"model": model, "prompt": prompt, "max_tokens": tokens,
@@ -159,7 +179,8 @@ def batch_rate(base_url: str, model: str, tokens: int, batch: int) -> float:
     return batch * tokens / (time.perf_counter() - t0) if runs else 0.0
 
 
-def measure(servers: dict[str, object], rounds: int, tokens: int, batch: int) -> dict[str, dict[str, float]]:
+def measure(servers: dict[str, object], rounds: int, tokens: int, batch: int,
+            freeze: bool = True) -> dict[str, dict[str, float]]:
     for srv in servers.values():  # warm-up: first requests pay one-off costs
         decode_rate(srv.base_url, srv.model, 8)
     res: dict[str, dict[str, list[float]]] = {n: {"b1": [], "bN": [], "cpu": []} for n in servers}
@@ -167,11 +188,12 @@ def measure(servers: dict[str, object], rounds: int, tokens: int, batch: int) ->
         order = list(servers) if r % 2 == 0 else list(reversed(servers))
         for name in order:
             srv = servers[name]
-            cpu0 = group_cpu_seconds(srv.proc.pid)
-            res[name]["b1"].append(decode_rate(srv.base_url, srv.model, tokens)[0])
-            res[name]["cpu"].append(tokens / (group_cpu_seconds(srv.proc.pid) - cpu0))
-            if batch > 1:
-                res[name]["bN"].append(batch_rate(srv.base_url, srv.model, tokens, batch))
+            with others_frozen(servers, name, freeze):
+                cpu0 = group_cpu_seconds(srv.proc.pid)
+                res[name]["b1"].append(decode_rate(srv.base_url, srv.model, tokens)[0])
+                res[name]["cpu"].append(tokens / (group_cpu_seconds(srv.proc.pid) - cpu0))
+                if batch > 1:
+                    res[name]["bN"].append(batch_rate(srv.base_url, srv.model, tokens, batch))
         print(f"round {r + 1}/{rounds}: " + ", ".join(
             f"{n} {res[n]['b1'][-1]:.1f} tok/s ({res[n]['cpu'][-1]:.1f} per CPU-s)" for n in servers), flush=True)
     return {n: {k: statistics.median(v) if v else float("nan") for k, v in d.items()} for n, d in res.items()}
@@ -261,6 +283,8 @@ def main() -> int:
     ap.add_argument("--source", type=Path, default=None,
                     help="serve and prune this Qwen3 checkpoint instead of building one (shape flags ignored)")
     ap.add_argument("--json", type=Path, default=None, help="also write the medians here")
+    ap.add_argument("--no-freeze-idle", dest="freeze_idle", action="store_false",
+                    help="leave the other servers running while one is measured (default: SIGSTOP them)")
     args = ap.parse_args()
     args.dir.mkdir(parents=True, exist_ok=True)
     shape = {**SHAPE, "hidden_size": args.hidden, "num_hidden_layers": args.layers,
@@ -290,7 +314,7 @@ def main() -> int:
                 with Client(srv.base_url) as client:
                     client.reset()
         load = os.getloadavg()
-        medians = measure(servers, args.rounds, args.tokens, args.batch)
+        medians = measure(servers, args.rounds, args.tokens, args.batch, args.freeze_idle)
         if moe:
             ideals = moe_ideals(servers, {"base": src, **{n: c for n, (c, _, _) in pruned.items()}}, args.batch)
     params = {"base": next(iter(pruned.values()))[1], **{n: a for n, (_, _, a) in pruned.items()}}

@@ -64,3 +64,29 @@ def test_experts_option_builds_a_qwen3_moe_with_routers_in_every_layer(tmp_path)
     assert [s.num_experts for s in model_shape(cfg).layers] == [4, 4]  # every layer sparse: routers everywhere
     assert params == model_shape(cfg).params() and vocab == cfg["vocab_size"]
     assert "4 experts of 64, top-2" in capture_overhead._shape_name(args)
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_the_servers_not_measured_are_stopped_and_continued_after(tmp_path):
+    import subprocess
+    import time
+    from types import SimpleNamespace
+
+    procs = {n: subprocess.Popen(["sleep", "60"], start_new_session=True) for n in ("on", "off")}
+    srvs = {n: SimpleNamespace(proc=p) for n, p in procs.items()}
+    try:
+        with capture_overhead.others_frozen(srvs, "on"):
+            time.sleep(0.2)
+            assert _state(procs["off"].pid) == "T" and _state(procs["on"].pid) == "S"
+        time.sleep(0.2)
+        assert _state(procs["off"].pid) == "S"  # continued
+        with capture_overhead.others_frozen(srvs, "on", freeze=False):
+            time.sleep(0.2)
+            assert _state(procs["off"].pid) == "S"
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
