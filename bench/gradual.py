@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_results import append, load_results  # noqa: E402
+from quality_results import load_results  # noqa: E402
 from recovery import (  # noqa: E402
     BATCH,
     DENSE_NAME,
@@ -40,8 +40,7 @@ from recovery import (  # noqa: E402
     budget_data,
     dense_logp,
     eval_rows,
-    score,
-    score_ref,
+    evaluate_model,
     train,
 )
 
@@ -99,8 +98,7 @@ def main() -> None:
         print(markdown(path))
         return
     torch.set_num_threads(1)
-    from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
-    from actprune.pruning.evaluate.harness import run_tasks
+    from actprune.pruning.checkpoint.hf_io import load_tokenizer
 
     dense_dir = cache / "models" / DENSE_NAME
     tok = load_tokenizer(str(dense_dir))
@@ -110,13 +108,8 @@ def main() -> None:
     done = load_results(path)
 
     def evaluate(key: str, model_dir: Path, extra: dict) -> None:
-        model = load_causal_lm(model_dir, torch.float32).eval()
-        scores = score_ref(rows, ref) if model_dir == dense_dir else score(model, rows, ref)
-        rec = {"key": key, **extra, **scores}
-        if not args.no_task:
-            rec["task"] = run_tasks(model, tok, [TASK], batch_size=8)[TASK]
-        append(path, rec)
-        print(json.dumps(rec), flush=True)
+        evaluate_model(path, key, model_dir, extra, tok=tok, rows=rows, ref=ref, dense_dir=dense_dir,
+                       task=not args.no_task)
 
     if "dense" not in done:
         evaluate("dense", dense_dir, {})

@@ -152,6 +152,24 @@ def score(model, rows: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) ->
 
 
 
+def evaluate_model(path: Path, key: str, model_dir: Path, extra: dict, *, tok, rows: dict[str, torch.Tensor],
+                   ref: dict[str, torch.Tensor], dense_dir: Path, task: bool = True) -> None:
+    """Score one checkpoint on the evaluation rows (and lm-eval's TASK), append its record to
+    ``path`` and print it. The dense model's scores come from its cached log-probabilities."""
+    from actprune.pruning.checkpoint.hf_io import load_causal_lm
+    from actprune.pruning.evaluate.harness import run_tasks
+
+    model = load_causal_lm(model_dir, torch.float32).eval()
+    t0 = time.time()
+    scores = score_ref(rows, ref) if model_dir == dense_dir else score(model, rows, ref)
+    rec = {"key": key, **extra, **scores}
+    if task:
+        rec["task"] = run_tasks(model, tok, [TASK], batch_size=8)[TASK]
+    rec = {**rec, "eval_s": round(time.time() - t0)}
+    append(path, rec)
+    print(json.dumps(rec), flush=True)
+
+
 def train(cmd: list[str], out: Path) -> dict[str, float]:
     """Run one `actprune finetune` (unless its output exists); its wall and CPU seconds."""
     if (out / "model.safetensors").is_file():
@@ -232,8 +250,7 @@ def main() -> None:
         print(markdown(path))
         return
     torch.set_num_threads(1)
-    from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
-    from actprune.pruning.evaluate.harness import run_tasks
+    from actprune.pruning.checkpoint.hf_io import load_tokenizer
 
     dense_dir, start = cache / "models" / DENSE_NAME, Path(args.pruned or cache / "pruned20")
     tok = load_tokenizer(str(dense_dir))
@@ -241,15 +258,8 @@ def main() -> None:
     done = load_results(path)
 
     def evaluate(key: str, model_dir: Path, extra: dict) -> None:
-        model = load_causal_lm(model_dir, torch.float32).eval()
-        t0 = time.time()
-        scores = score_ref(rows, ref) if model_dir == dense_dir else score(model, rows, ref)
-        rec = {"key": key, **extra, **scores}
-        if not args.no_task:
-            rec["task"] = run_tasks(model, tok, [TASK], batch_size=8)[TASK]
-        rec = {**rec, "eval_s": round(time.time() - t0)}
-        append(path, rec)
-        print(json.dumps(rec), flush=True)
+        evaluate_model(path, key, model_dir, extra, tok=tok, rows=rows, ref=ref, dense_dir=dense_dir,
+                       task=not args.no_task)
 
     ref = dense_logp(cache, dense_dir, rows)
     steps = args.budget // (SEQ_TRAIN * BATCH)
