@@ -86,6 +86,19 @@ def test_keep_alive_outlasts_client_pools_unless_set_and_a_bad_loader_config_is_
         assert str(e.value).startswith("actprune serve: error: --model-loader-extra-config must be a JSON object")
 
 
+def test_the_engine_gets_a_shutdown_grace_period_unless_one_is_given():
+    # vLLM's 0 kills the engine's process tree at the first signal, racing the workers' shard
+    # writes; test_persistence.py's Ctrl-C tests are the end-to-end check.
+    from actprune.server.launch import SHUTDOWN_TIMEOUT_S, build_vllm_argv
+
+    argv, _ = build_vllm_argv(["m"], {})
+    assert argv[argv.index("--shutdown-timeout") + 1] == str(SHUTDOWN_TIMEOUT_S) and SHUTDOWN_TIMEOUT_S > 5
+    for given in (["--shutdown-timeout", "3"], ["--shutdown-timeout=3"]):
+        argv, _ = build_vllm_argv(["m", *given], {})
+        i = argv.index(given[0])
+        assert argv[i:i + len(given)] == given and sum(a.startswith("--shutdown-timeout") for a in argv) == 1
+
+
 def test_prefix_caching_is_off_unless_asked_and_needs_what_counts_the_cached_tokens():
     from actprune.server.launch import build_vllm_argv
 
