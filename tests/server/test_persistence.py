@@ -119,12 +119,13 @@ def test_stop_loses_nothing_a_reset_survives_kill_9_and_ctrl_c_loses_nothing(tin
         counted, before = _ctrl_c_during_traffic(srv)
     finally:
         srv.stop()
+    ctrl_c_log = log.read_text(errors="replace")[-6000:]  # the next start writes over the file
 
     # 4. every token counted before the signal is back, from the workers' own shards.
     srv = start_server(tiny_qwen3, "eager", tmp_path, env=env)
     try:
         resumed = _tokens(srv.base_url)
-        assert counted <= before <= resumed <= before + 200, log.read_text(errors="replace")[-6000:]
+        assert counted <= before <= resumed <= before + 200, ctrl_c_log
         text = log.read_text(errors="replace")
         assert "from shard-" in text, text[-3000:]
         # folded in once, then removed (a graceful stop, below, lets this run's workers write
