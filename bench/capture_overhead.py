@@ -11,9 +11,12 @@ the server's whole process group (API server, engine core, worker) per generated
 CPU figure is what the capture costs even when other jobs share the machine, the wall figure is
 what a user sees on a quiet one. While one server is measured the others are stopped (SIGSTOP
 to their process groups; ``--no-freeze-idle`` leaves them running): an idle vLLM server's
-threads still poll, and on 2 cores they tax the measured one. The load average is sampled
-before every round; when it moved
-by more than ``--max-load-change`` over a mode, the wall-clock ratio is withheld.
+threads still poll, and on 2 cores they tax the measured one. Before the first round every
+server is stopped until the load average has settled (start-up compilation leaves load behind
+for minutes). In every round the CPU that other jobs took (the machine's busy time minus the
+servers' and the benchmark's own) is measured; when it exceeds ``--max-other-cpu`` cores in any
+round, the wall-clock ratio is withheld. The extra CPU per token is split by process (API server,
+engine core, worker): where capture's cost lands.
 
 Prefix caching (``--prefix``, compiled mode): a chat workload — a long system prompt shared by
 every request, a short question each — sent to the capture server (prefix caching off, as
@@ -53,7 +56,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmarks_md import replace_section  # noqa: E402
-from decode_throughput import group_cpu_seconds, others_frozen  # noqa: E402
+from decode_throughput import group_cpu_by_role, machine_busy_seconds, others_frozen  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- capture-overhead:begin (bench/capture_overhead.py --write) -->", "<!-- capture-overhead:end -->"
@@ -69,8 +72,9 @@ def prompt_ids(n: int, seed: int, vocab: int) -> list[int]:
     return [(seed * 7919 + k * 104729) % (vocab - 10) + 5 for k in range(n)]
 
 
-def run_load(srv, prompts: list[list[int]], tokens: int) -> tuple[float, float]:
-    """(generated tokens / wall s, server CPU s per generated token) for concurrent completions."""
+def run_load(srv, prompts: list[list[int]], tokens: int) -> tuple[float, float, dict[str, float]]:
+    """(generated tokens / wall s, server CPU s per generated token, the same by process: api,
+    engine, worker) for concurrent completions."""
     body = {"model": srv.model, "max_tokens": tokens, "temperature": 0.0, "ignore_eos": True}
 
     def one(p: list[int]) -> int:
@@ -78,11 +82,12 @@ def run_load(srv, prompts: list[list[int]], tokens: int) -> tuple[float, float]:
         r.raise_for_status()
         return r.json()["usage"]["completion_tokens"]
 
-    cpu0, t0 = group_cpu_seconds(srv.proc.pid), time.perf_counter()
+    cpu0, t0 = group_cpu_by_role(srv.proc.pid), time.perf_counter()
     with cf.ThreadPoolExecutor(len(prompts)) as pool:
         n = sum(pool.map(one, prompts))
-    wall, cpu = time.perf_counter() - t0, group_cpu_seconds(srv.proc.pid) - cpu0
-    return n / wall, cpu / n
+    wall, cpu1 = time.perf_counter() - t0, group_cpu_by_role(srv.proc.pid)
+    roles = {r: (cpu1[r] - cpu0[r]) / n for r in cpu1}
+    return n / wall, sum(roles.values()), roles
 
 
 def workloads(args: argparse.Namespace, mode: str, vocab: int) -> dict[str, list[list[int]]]:
@@ -119,15 +124,36 @@ def servers(stack: ExitStack, model: Path, mode: str, args: argparse.Namespace, 
 CHAT_ONLY = ("vllm defaults", "on, prefix caching")  # servers measured on the chat workload only
 
 
+def settle(srvs: dict, args: argparse.Namespace) -> None:
+    """Every server stopped until the 1-min load average falls to ``--settle-load`` (at most
+    ``--settle-max`` s): the servers' start-up (compilation) leaves a load that decays for
+    minutes, and the first rounds would run under it."""
+    deadline = time.monotonic() + args.settle_max
+    with others_frozen(srvs, running="", freeze=True):
+        while os.getloadavg()[0] > args.settle_load and time.monotonic() < deadline:
+            time.sleep(5)
+    print(f"settled: load {os.getloadavg()[0]:.1f}", flush=True)
+
+
+def _cpu_now(srvs: dict) -> float:
+    """CPU seconds the machine spent busy minus the servers' and this process's: other jobs'."""
+    servers_cpu = sum(sum(group_cpu_by_role(s.proc.pid).values()) for s in srvs.values())
+    own = os.times()
+    return machine_busy_seconds() - servers_cpu - own.user - own.system
+
+
 def measure(srvs: dict, loads: dict[str, list[list[int]]], args: argparse.Namespace) -> dict:
-    """name -> workload -> {"rate": [...], "cpu": [...]}, and the load averages sampled."""
+    """name -> workload -> {"rate": [...], "cpu": [...], "roles": [...]}, the load averages
+    sampled, and the CPU other jobs took in each round (cores)."""
     for srv in srvs.values():  # warm-up: the first requests of every shape pay one-off costs
         for prompts in loads.values():
             run_load(srv, prompts[:2], 4)
-    res = {n: {w: {"rate": [], "cpu": []} for w in loads} for n in srvs}
-    samples = []
+    settle(srvs, args)
+    res = {n: {w: {"rate": [], "cpu": [], "roles": []} for w in loads} for n in srvs}
+    samples, foreign = [], []
     for r in range(args.rounds):
         samples.append(os.getloadavg()[0])
+        other0, t0 = _cpu_now(srvs), time.monotonic()
         order = list(srvs) if r % 2 == 0 else list(reversed(srvs))  # on, off | off, on | …
         for w, prompts in loads.items():
             # a new last token every round: a question is not asked twice (a prefix cache
@@ -137,10 +163,12 @@ def measure(srvs: dict, loads: dict[str, list[list[int]]], args: argparse.Namesp
                 if name in CHAT_ONLY and not w.startswith("chat"):
                     continue
                 with others_frozen(srvs, name, args.freeze_idle):
-                    rate, cpu = run_load(srvs[name], prompts, args.tokens)
+                    rate, cpu, roles = run_load(srvs[name], prompts, args.tokens)
                 res[name][w]["rate"].append(rate)
                 res[name][w]["cpu"].append(cpu)
-        print(f"round {r + 1}/{args.rounds} (load {samples[-1]:.1f}): " + "; ".join(
+                res[name][w]["roles"].append(roles)
+        foreign.append((_cpu_now(srvs) - other0) / (time.monotonic() - t0))
+        print(f"round {r + 1}/{args.rounds} (load {samples[-1]:.1f}, other jobs {foreign[-1]:.2f} cores): " + "; ".join(
             f"{w}: " + ", ".join(f"{n} {res[n][w]['rate'][-1]:.1f}" for n in srvs if res[n][w]['rate'])
             for w in loads), flush=True)
     samples.append(os.getloadavg()[0])
@@ -148,7 +176,7 @@ def measure(srvs: dict, loads: dict[str, list[list[int]]], args: argparse.Namesp
         st = httpx.get(f"{srvs['on'].base_url}/activations/status", timeout=30).json()
         if not st.get("tokens_decode"):
             raise RuntimeError(f"capture counted nothing: {st}")
-    return {"results": res, "load": samples}
+    return {"results": res, "load": samples, "foreign": foreign}
 
 
 def _spread(xs: list[float], fmt: str = ".1f") -> str:
@@ -156,12 +184,11 @@ def _spread(xs: list[float], fmt: str = ".1f") -> str:
 
 
 def table(mode: str, m: dict, args: argparse.Namespace) -> list[str]:
-    res, load = m["results"], m["load"]
-    moved = max(load) - min(load)
-    steady = moved <= args.max_load_change
-    lines = [f"**{mode}** — load average (1 min) per round: {', '.join(f'{x:.1f}' for x in load)}"
-             + ("" if steady else f"; it moved by {moved:.1f} (> {args.max_load_change}): "
-                "the wall-clock ratio is withheld"), "",
+    res, load, other = m["results"], m["load"], m["foreign"]
+    steady = max(other) <= args.max_other_cpu
+    lines = [f"**{mode}** — load average (1 min) before each round and after: {', '.join(f'{x:.1f}' for x in load)}; "
+             f"CPU taken by other jobs per round: {', '.join(f'{x:.2f}' for x in other)} cores"
+             + ("" if steady else f" (> {args.max_other_cpu}): the wall-clock ratio is withheld"), "",
              "| workload | on tok/s | off tok/s | on/off wall (paired) | on CPU ms/token | off CPU ms/token "
              "| on/off by CPU time (paired) |",
              "|---|---|---|---|---|---|---|"]
@@ -172,6 +199,14 @@ def table(mode: str, m: dict, args: argparse.Namespace) -> list[str]:
             lines.append(_row("↳ same, off = plain vLLM defaults (prefix caching on)", res["on"][w], d, steady))
             lines.append(_row("↳ on = capture with prefix caching on, off = plain vLLM defaults",
                               res["on, prefix caching"][w], d, steady))
+    lines += ["", "What capture adds per generated token, by process (CPU ms, median of on − off over "
+              "paired rounds):", "", "| workload | API server | engine core | worker | all |", "|---|---|---|---|---|"]
+    for w in res["on"]:
+        on, off = res["on"][w]["roles"], res["off"][w]["roles"]
+        cells = [statistics.median(1e3 * (a[r] - b[r]) for a, b in zip(on, off, strict=True))
+                 for r in ("api", "engine", "worker")]
+        total = statistics.median(1e3 * (sum(a.values()) - sum(b.values())) for a, b in zip(on, off, strict=True))
+        lines.append(f"| {w} | " + " | ".join(f"{x:+.1f}" for x in [*cells, total]) + " |")
     return lines
 
 
@@ -217,8 +252,11 @@ def main() -> int:
     ap.add_argument("--prefix", action="store_true", help="add the shared-system-prompt chat workload")
     ap.add_argument("--no-freeze-idle", dest="freeze_idle", action="store_false",
                     help="leave the other servers running while one is measured (default: SIGSTOP them)")
-    ap.add_argument("--max-load-change", type=float, default=1.0,
-                    help="withhold the wall-clock ratio when the 1-min load average moves more")
+    ap.add_argument("--max-other-cpu", type=float, default=0.15,
+                    help="withhold the wall-clock ratio when other jobs took more CPU (cores) in a round")
+    ap.add_argument("--settle-load", type=float, default=1.0,
+                    help="before the first round, wait (servers stopped) until the 1-min load average is this low")
+    ap.add_argument("--settle-max", type=float, default=300, help="... but at most this many seconds")
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--intermediate", type=int, default=2048)

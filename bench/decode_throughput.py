@@ -121,18 +121,36 @@ def prune_all(src: Path, base_url: str, root: Path, wanted: list[str] | None = N
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
+def group_cpu_by_role(pgid: int) -> dict[str, float]:
+    """user + system CPU seconds of the server's process group, by process: ``worker``
+    (VLLM::Worker*), ``engine`` (VLLM::EngineCore) and ``api`` (the rest: the API server and
+    its helpers). Processes that ended are not counted."""
+    out = {"api": 0.0, "engine": 0.0, "worker": 0.0}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            comm, rest = stat.read_text().rsplit(")", 1)
+            fields = rest.split()
+        except (OSError, ValueError):
+            continue  # the process ended meanwhile
+        if int(fields[2]) != pgid:  # fields[0] is field 3 of proc(5): state; pgrp is field 5
+            continue
+        name = comm.split("(", 1)[1]
+        role = "worker" if name.startswith("VLLM::Worker") else "engine" if name.startswith("VLLM::Engine") else "api"
+        out[role] += (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
+    return out
+
+
 def group_cpu_seconds(pgid: int) -> float:
     """user + system CPU time of every process in the server's process group (API server,
     engine core, worker). On a shared machine this is steadier than wall time."""
-    total = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue  # the process ended meanwhile
-        if int(fields[2]) == pgid:  # fields[0] is field 3 of proc(5): state; pgrp is field 5
-            total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / _TICK
+    return sum(group_cpu_by_role(pgid).values())
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine spent busy since boot (/proc/stat: all but idle
+    and iowait): minus the servers' and this process's own, what other jobs took."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / _TICK  # up to steal; guest is inside user
 
 
 @contextlib.contextmanager

@@ -1,4 +1,5 @@
-"""bench/capture_overhead.py's report: paired ratios, and no wall-clock ratio when the load moved."""
+"""bench/capture_overhead.py's report: paired ratios, no wall-clock ratio when other jobs took
+CPU, and capture's extra CPU split by process."""
 
 from __future__ import annotations
 
@@ -11,22 +12,59 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 import capture_overhead  # noqa: E402
 
 
-def _measured(load: list[float]) -> dict:
-    on = {"rate": [9.0, 9.5, 10.0], "cpu": [0.11, 0.10, 0.12]}
-    off = {"rate": [10.0, 10.0, 10.0], "cpu": [0.10, 0.10, 0.10]}
-    return {"results": {"on": {"B=1 P=16": on}, "off": {"B=1 P=16": off}}, "load": load}
+def _roles(api: float, engine: float, worker: float) -> dict[str, float]:
+    return {"api": api, "engine": engine, "worker": worker}
+
+
+def _measured(foreign: list[float]) -> dict:
+    on = {"rate": [9.0, 9.5, 10.0], "cpu": [0.11, 0.10, 0.12],
+          "roles": [_roles(0.01, 0.02, 0.08), _roles(0.01, 0.02, 0.07), _roles(0.01, 0.03, 0.08)]}
+    off = {"rate": [10.0, 10.0, 10.0], "cpu": [0.10, 0.10, 0.10], "roles": [_roles(0.01, 0.02, 0.07)] * 3}
+    return {"results": {"on": {"B=1 P=16": on}, "off": {"B=1 P=16": off}},
+            "load": [1.0, 1.5, 2.0, 2.5], "foreign": foreign}
+
+
+ARGS = Namespace(max_other_cpu=0.15)
+
+
+def _row(lines: list[str], workload: str = "B=1 P=16") -> str:
+    return next(x for x in lines if x.startswith(f"| {workload} |"))  # the first table's
 
 
 def test_a_steady_load_gives_paired_median_ratios_with_their_range():
-    row = capture_overhead.table("compiled", _measured([1.0, 1.2, 1.1, 1.0]), Namespace(max_load_change=1.0))[-1]
+    row = _row(capture_overhead.table("compiled", _measured([0.02, 0.05, 0.01]), ARGS))
     assert "| 0.950 (0.900–1.000) |" in row  # wall: median of 9/10, 9.5/10, 10/10
     assert "| 0.909 (0.833–1.000) |" in row  # CPU: off ÷ on CPU per token
 
 
-def test_a_moving_load_withholds_the_wall_clock_ratio_and_says_why():
-    lines = capture_overhead.table("compiled", _measured([1.0, 4.0, 2.0, 1.0]), Namespace(max_load_change=1.0))
-    assert "withheld" in lines[0] and "moved by 3.0" in lines[0]
-    assert "| withheld |" in lines[-1] and "0.909" in lines[-1]
+def test_other_jobs_taking_cpu_withhold_the_wall_clock_ratio_and_say_why():
+    lines = capture_overhead.table("compiled", _measured([0.02, 0.40, 0.01]), ARGS)
+    assert "0.02, 0.40, 0.01 cores (> 0.15): the wall-clock ratio is withheld" in lines[0]
+    assert "| withheld |" in _row(lines) and "0.909" in _row(lines)
+
+
+def test_the_extra_cpu_per_token_is_split_by_process():
+    lines = capture_overhead.table("compiled", _measured([0.0, 0.0, 0.0]), ARGS)
+    # medians of on − off, ms: API 0, engine 0 (0, 0, 10), worker 10 (10, 0, 10), all 10 (10, 0, 20)
+    assert lines[-1] == "| B=1 P=16 | +0.0 | +0.0 | +10.0 | +10.0 |"
+
+
+def test_cpu_is_counted_by_process_group_and_the_machine_total_grows(tmp_path):
+    import subprocess
+    import time
+
+    from decode_throughput import group_cpu_by_role, machine_busy_seconds
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
+    try:
+        total0 = machine_busy_seconds()
+        time.sleep(1.5)
+        roles, total = group_cpu_by_role(busy.pid), machine_busy_seconds() - total0
+        assert roles["engine"] == roles["worker"] == 0.0  # a process of another name: "api"
+        assert 0.5 < roles["api"] <= 2.0 and total >= 0.5 * min(roles["api"], 1.5)
+    finally:
+        busy.kill()
+        busy.wait()
 
 
 def test_write_puts_the_text_between_the_markers_and_keeps_the_rest(tmp_path):
@@ -38,14 +76,15 @@ def test_write_puts_the_text_between_the_markers_and_keeps_the_rest(tmp_path):
 
 
 def test_the_chat_workload_compares_both_capture_servers_with_plain_vllm_defaults():
-    m = _measured([1.0, 1.0, 1.0, 1.0])
+    m = _measured([0.0, 0.0, 0.0])
     chat = "chat: 512-token system prompt shared, B=8"
     fast = {"rate": [30.0, 30.0, 30.0], "cpu": [0.02, 0.02, 0.02]}
     for name, r in (("on", m["results"]["on"]["B=1 P=16"]), ("off", m["results"]["off"]["B=1 P=16"]),
                     ("vllm defaults", fast), ("on, prefix caching", {"rate": [27.0] * 3, "cpu": [0.025] * 3})):
-        m["results"].setdefault(name, {"B=1 P=16": {"rate": [], "cpu": []}})[chat] = r
-    lines = capture_overhead.table("compiled", m, Namespace(max_load_change=1.0))
-    defaults, cached = lines[-2], lines[-1]
+        r.setdefault("roles", [_roles(0.0, 0.0, 0.0)] * 3)
+        m["results"].setdefault(name, {"B=1 P=16": {"rate": [], "cpu": [], "roles": []}})[chat] = r
+    lines = capture_overhead.table("compiled", m, ARGS)
+    defaults, cached = (next(x for x in lines if x.startswith(f"| {label}")) for label in ("↳ same", "↳ on ="))
     assert "off = plain vLLM defaults" in defaults and "| 0.317 (0.300–0.333) |" in defaults  # 9.5/30
     assert "capture with prefix caching on" in cached and "| 0.900 (0.900–0.900) |" in cached  # 27/30
     assert "| 0.800 (0.800–0.800) |" in cached  # CPU: 0.02 ÷ 0.025
