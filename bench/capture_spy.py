@@ -29,21 +29,23 @@ CAPTURE_FRAMES = ("stash_channels", "stash_stream", "fold_step", "_fold_step_mat
                   "observe_channels", "observe_block", "observe_router", "_on_step", "_after_step")
 
 
-def shares(raw: Path) -> tuple[int, Counter]:
-    """(samples inside execute_model, frame -> samples under it, "capture" -> under any)."""
-    total, under = 0, Counter()
+def shares(raw: Path) -> tuple[int, Counter, Counter]:
+    """(samples inside execute_model, frame -> samples under it, "capture" -> under any, and
+    the innermost frame -> samples: where a worker with capture off spends the same step)."""
+    total, under, leaf = 0, Counter(), Counter()
     for line in raw.read_text().splitlines():
         stack, n = line.rsplit(" ", 1)
         frames = [f.split(" (")[0] for f in stack.split(";")]
         if "execute_model" not in " ".join(frames):
             continue
         total += int(n)
+        leaf[frames[-1]] += int(n)
         hit = {f for f in frames if f in CAPTURE_FRAMES}
         for f in hit:
             under[f] += int(n)
         if hit:
             under["capture"] += int(n)
-    return total, under
+    return total, under, leaf
 
 
 def main() -> int:
@@ -53,13 +55,16 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/actprune-overhead"))
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--seconds", type=int, default=20)
+    ap.add_argument("--off", action="store_true", help="the same server with --no-capture: the baseline's "
+                    "samples and innermost frames, to compare with capture on")
+    ap.add_argument("--top", type=int, default=0, help="also print the N innermost frames with most samples")
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    args.hidden, args.layers, args.intermediate, args.dtype = 768, 24, 2048, "float32"
+    args.hidden, args.layers, args.intermediate, args.dtype, args.experts = 768, 24, 2048, "float32", 0
     model, _, vocab = build_model(args)
     spy = str(Path(sys.executable).parent / "py-spy")
     server_args = ["--dtype", "float32", "--max-model-len", "1024", "--max-num-seqs", "32",
-                   "--max-num-batched-tokens", "2048"]
+                   "--max-num-batched-tokens", "2048", *(["--no-capture", "--no-enable-prefix-caching"] if args.off else [])]
     env = {"VLLM_CPU_KVCACHE_SPACE": "2", "ACTPRUNE_SNAPSHOT_INTERVAL": "0",
            "ACTPRUNE_SNAPSHOT_DIR": str(args.workdir / "snapshots-spy")}
     with ServerProcess(model, server_args, env=env, log_path=args.workdir / "server-spy.log",
@@ -75,16 +80,19 @@ def main() -> int:
         for b in args.batches:
             with cf.ThreadPoolExecutor(b) as pool:
                 list(pool.map(one, range(b)))  # warm-up
-                raw = args.workdir / f"spy-b{b}.txt"
+                raw = args.workdir / f"spy-b{b}{'-off' if args.off else ''}.txt"
                 rec = subprocess.Popen([spy, "record", "-p", worker, "-d", str(args.seconds), "-r", "50",
                                         "-f", "raw", "-o", str(raw), "--nonblocking"])
                 end = time.time() + args.seconds + 2
                 while time.time() < end:
                     list(pool.map(one, range(b)))
                 rec.wait()
-            total, under = shares(raw)
-            print(f"B={b}: {total} samples in execute_model; " + ", ".join(
+            total, under, leaf = shares(raw)
+            print(f"B={b}{' (capture off)' if args.off else ''}: {total} samples in execute_model "
+                  f"({total / args.seconds:.1f}/s); " + ", ".join(
                 f"{k} {100 * v / total:.1f} %" for k, v in under.most_common()), flush=True)
+            for frame, n in leaf.most_common(args.top):
+                print(f"    {100 * n / total:5.1f} %  {frame}")
     return 0
 
 
