@@ -1,4 +1,5 @@
-"""bench/decode_throughput.py's MoE ideal: parameters a decode step reads, from routing frequencies."""
+"""bench/decode_throughput.py: the MoE ideal (parameters a decode step reads, from routing
+frequencies), and the decode rate of a stream."""
 
 from __future__ import annotations
 
@@ -56,3 +57,11 @@ def test_expert_pruning_is_worth_about_nothing_at_batch_one_and_its_bytes_at_lar
     assert b1 == pytest.approx(1.0, rel=0.01)  # only the removed router rows are saved
     assert b1 > 1.0
     assert big == pytest.approx(model_shape(base).params() / model_shape(half).params())
+
+
+def test_a_stream_rate_counts_tokens_after_the_first_and_refuses_chunks_read_in_one_go():
+    assert decode_throughput.stream_rate([1.0, 1.1, 1.2, 1.5]) == pytest.approx(6.0)  # 3 tokens in 0.5 s
+    with pytest.raises(RuntimeError, match="read in one go"):
+        decode_throughput.stream_rate([1.0, 1.0 + 1e-6, 1.0 + 2e-6, 1.0 + 3e-6])
+    with pytest.raises(RuntimeError, match="got 1 streamed chunks"):
+        decode_throughput.stream_rate([1.0])
