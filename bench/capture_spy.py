@@ -83,16 +83,18 @@ def main() -> int:
                 raw = args.workdir / f"spy-b{b}{'-off' if args.off else ''}.txt"
                 rec = subprocess.Popen([spy, "record", "-p", worker, "-d", str(args.seconds), "-r", "50",
                                         "-f", "raw", "-o", str(raw), "--nonblocking"])
-                end = time.time() + args.seconds + 2
+                end, requests = time.time() + args.seconds + 2, 0
                 while time.time() < end:
                     list(pool.map(one, range(b)))
+                    requests += b
                 rec.wait()
             total, under, leaf = shares(raw)
             print(f"B={b}{' (capture off)' if args.off else ''}: {total} samples in execute_model "
                   f"({total / args.seconds:.1f}/s); " + ", ".join(
                 f"{k} {100 * v / total:.1f} %" for k, v in under.most_common()), flush=True)
+            per = 1000 / (requests * body["max_tokens"])  # samples per 1000 generated tokens
             for frame, n in leaf.most_common(args.top):
-                print(f"    {100 * n / total:5.1f} %  {frame}")
+                print(f"    {100 * n / total:5.1f} %  {n * per:6.1f} per 1k tokens  {frame}")
     return 0
 
 
