@@ -56,7 +56,12 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmarks_md import replace_section  # noqa: E402
-from decode_throughput import group_cpu_by_role, machine_busy_seconds, others_frozen  # noqa: E402
+from decode_throughput import (  # noqa: E402
+    group_cpu_by_role,
+    group_cpu_seconds,
+    machine_busy_seconds,
+    others_frozen,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- capture-overhead:begin (bench/capture_overhead.py --write) -->", "<!-- capture-overhead:end -->"
@@ -137,7 +142,7 @@ def settle(srvs: dict, args: argparse.Namespace) -> None:
 
 def _cpu_now(srvs: dict) -> float:
     """CPU seconds the machine spent busy minus the servers' and this process's: other jobs'."""
-    servers_cpu = sum(sum(group_cpu_by_role(s.proc.pid).values()) for s in srvs.values())
+    servers_cpu = sum(group_cpu_seconds(s.proc.pid) for s in srvs.values())
     own = os.times()
     return machine_busy_seconds() - servers_cpu - own.user - own.system
 

@@ -181,7 +181,7 @@ def decode_rate(base_url: str, model: str, tokens: int, prompt: str = "The museu
         for line in r.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 stamps.append(time.perf_counter())
-    return stream_rate(stamps, model), stamps[-1] - t0 if stamps else 0.0
+    return stream_rate(stamps, model), stamps[-1] - t0  # stream_rate refuses fewer than 2 chunks
 
 
 MIN_STEP_S = 1e-4  # no engine decodes a token in less: shorter gaps are chunks read in one go
