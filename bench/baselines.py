@@ -53,7 +53,8 @@ import torch
 from actprune.core.archs import LayerShape
 from actprune.core.planning.planner import _channel_scores
 from actprune.core.planning.scores import standardise
-from actprune.core.wire.plan import Plan, PlanRequest
+from actprune.core.wire.plan import Plan
+from actprune.core.wire.plan_request import PlanRequest
 from actprune.pruning.candidates import candidate_requests, choose
 from actprune.pruning.checkpoint.hf_io import load_causal_lm
 from actprune.pruning.checkpoint.slicer import slice_checkpoint

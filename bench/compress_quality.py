@@ -37,7 +37,8 @@ import torch
 from actprune.core.archs import model_shape
 from actprune.core.planning.planner import make_plan
 from actprune.core.tensor.checkpoint import ColumnNorms
-from actprune.core.wire.plan import Plan, PlanRequest
+from actprune.core.wire.plan import Plan
+from actprune.core.wire.plan_request import PlanRequest
 from actprune.core.wire.stats import Stats
 from actprune.pruning.compensate import calibrate
 from actprune.pruning.compensate.sensitivity import layer_sensitivity

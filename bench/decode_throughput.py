@@ -96,7 +96,7 @@ def prune_all(src: Path, base_url: str, root: Path, wanted: list[str] | None = N
     Returns name -> (checkpoint, params before, params after)."""
     from actprune.core.planning.planner import make_plan
     from actprune.core.tensor.checkpoint import ColumnNorms
-    from actprune.core.wire.plan import PlanRequest
+    from actprune.core.wire.plan_request import PlanRequest
     from actprune.pruning.checkpoint.slicer import slice_checkpoint
 
     for text in TEXTS:

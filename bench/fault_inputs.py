@@ -140,7 +140,7 @@ def bad_inputs(fx: Fixtures, tally: Tally, work: Path, fuzz: int = 40, seed: int
     tiny = fx.model("tiny")
     malformed = _module("tests/pruning/test_cli_malformed.py")
     from actprune.core.planning.planner import make_plan
-    from actprune.core.wire.plan import PlanRequest
+    from actprune.core.wire.plan_request import PlanRequest
     from pruning_helpers import record_stats
 
     stats = record_stats(tiny)

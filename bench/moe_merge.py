@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from actprune.core.config import read_config
 from actprune.core.planning.planner import make_plan
-from actprune.core.wire.plan import Plan, PlanRequest
+from actprune.core.wire.plan import Plan
+from actprune.core.wire.plan_request import PlanRequest
 from actprune.core.wire.stats import Stats
 from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
 from actprune.pruning.data import tokenize, wiki_texts

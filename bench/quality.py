@@ -37,7 +37,7 @@ from actprune.core.archs import REGISTRY
 from actprune.core.planning.planner import make_plan
 from actprune.core.tensor.checkpoint import ColumnNorms
 from actprune.core.tensor.hf_model import HfModel
-from actprune.core.wire.plan import PlanRequest
+from actprune.core.wire.plan_request import PlanRequest
 from actprune.core.wire.stats import Stats
 from actprune.pruning.compensate import calibrate
 from actprune.pruning.compensate import maths as compensate

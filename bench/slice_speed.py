@@ -76,7 +76,7 @@ def build(root: Path, layers: int) -> Path:
 
 def make_plan_file(src: Path, out: Path) -> Path:
     from actprune.core.planning.planner import make_plan
-    from actprune.core.wire.plan import PlanRequest
+    from actprune.core.wire.plan_request import PlanRequest
     from actprune.core.wire.stats import Stats, config_hash
 
     cfg = json.loads((src / "config.json").read_text())

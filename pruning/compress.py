@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from actprune.core.errors import ActpruneError
-from actprune.core.wire.plan import Plan, PlanRequest
+from actprune.core.wire.plan import Plan
+from actprune.core.wire.plan_request import PlanRequest
 
 __all__ = ["CANDIDATES_FILE", "CompressConfig", "CompressError", "compress"]
 

@@ -40,13 +40,8 @@ from actprune.core.planning.scores import (
     layer_scores,
 )
 from actprune.core.tensor.checkpoint import ColumnNorms
-from actprune.core.wire.plan import (
-    ImportanceWeights,
-    Plan,
-    PlanError,
-    PlanRequest,
-    format_validation_error,
-)
+from actprune.core.wire.plan import Plan, PlanError, format_validation_error
+from actprune.core.wire.plan_request import ImportanceWeights, PlanRequest
 from actprune.core.wire.stats import Stats
 from pydantic import ValidationError
 

@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 from actprune.core.archs import ModelShape, spec_for_config
-from actprune.core.wire.plan import PlanError, PlanRequest
+from actprune.core.wire.plan import PlanError
+from actprune.core.wire.plan_request import PlanRequest
 from actprune.core.wire.stats import Stats
 
 __all__ = ["EXPERT_STRATEGIES", "check_expert_request", "expert_choice", "expert_counts", "global_expert_counts",

@@ -42,10 +42,10 @@ from actprune.core.wire.plan import (
     LayerWidths,
     Plan,
     PlanError,
-    PlanRequest,
     Provenance,
     SourceModel,
 )
+from actprune.core.wire.plan_request import PlanRequest
 from actprune.core.wire.schema import ROUTER_KIND, key
 from actprune.core.wire.stats import Stats, config_hash
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from actprune.core.stats_math import ChannelFigures, figures
-from actprune.core.wire.plan import ImportanceWeights
+from actprune.core.wire.plan_request import ImportanceWeights
 from actprune.core.wire.schema import SPARSE_FRACTION
 from actprune.core.wire.stats import Stats
 

@@ -1,2 +1,3 @@
 """Wire formats shared by server, pruning and client: the stats file (``stats``), the plan
-(``plan``) and HTTP bodies (``api``). Light on purpose: numpy, safetensors, pydantic only."""
+(``plan``), the request for one (``plan_request``) and HTTP bodies (``api``). Light on purpose:
+numpy, safetensors, pydantic only."""

@@ -22,7 +22,7 @@ _FROM_SENSITIVITY_FILE = ("head_sensitivity", "sensitivity_at")
 
 
 def _request_fields() -> dict[str, Any]:
-    from actprune.core.wire.plan import PlanRequest
+    from actprune.core.wire.plan_request import PlanRequest
 
     return PlanRequest.model_fields
 
@@ -92,7 +92,8 @@ def _read_sensitivity(path: str) -> dict[str, Any]:
 
 
 def request_from_args(args: argparse.Namespace):
-    from actprune.core.wire.plan import PlanRequest, format_validation_error
+    from actprune.core.wire.plan import format_validation_error
+    from actprune.core.wire.plan_request import PlanRequest
     from pydantic import ValidationError
 
     fields = {n: getattr(args, n) for n in _request_fields() if getattr(args, n, None) is not None}

@@ -1,7 +1,7 @@
 """``POST /prune/plan``: a pruning plan computed from the live stats of the served model.
 
 The body carries the same fields as ``actprune plan`` (``{"strategy": "importance",
-"mlp_ratio": 0.3, ...}``, see :class:`actprune.core.wire.plan.PlanRequest`); the answer is the
+"mlp_ratio": 0.3, ...}``, see :class:`actprune.core.wire.plan_request.PlanRequest`); the answer is the
 same plan JSON the CLI writes. The body is validated here rather than by FastAPI so that a
 mistake comes back as one readable line (``{"detail": "mlp_ratio: ..."}``, 422); its size and
 content type are bounded by :mod:`.body`.
@@ -29,7 +29,8 @@ import numpy as np
 from actprune.core.errors import ActpruneError
 from actprune.core.planning.planner import make_plan
 from actprune.core.wire.api import ErrorBody
-from actprune.core.wire.plan import Plan, PlanRequest, format_validation_error
+from actprune.core.wire.plan import Plan, format_validation_error
+from actprune.core.wire.plan_request import PlanRequest
 from actprune.core.wire.stats import Stats
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response

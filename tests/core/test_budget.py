@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from actprune.core.planning.budget import Pool, allocate_budget
-from actprune.core.wire.plan import PlanRequest
+from actprune.core.wire.plan_request import PlanRequest
 from test_planner import CFG, plan, stats  # noqa: F401  (the module-scoped stats fixture)
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from actprune.core.planning.experts import EXPERT_STRATEGIES, expert_counts, kept_experts
 from actprune.core.planning.planner import make_plan
-from actprune.core.wire.plan import Plan, PlanError, PlanRequest
+from actprune.core.wire.plan import Plan, PlanError
+from actprune.core.wire.plan_request import PlanRequest
 from actprune.pruning.fixtures.synthetic import tiny_config
 from pruning_helpers import stats_from_samples
 

@@ -6,7 +6,8 @@ import json
 
 import pytest
 from actprune.core.planning.planner import make_plan
-from actprune.core.wire.plan import Plan, PlanError, PlanRequest
+from actprune.core.wire.plan import Plan, PlanError
+from actprune.core.wire.plan_request import PlanRequest
 from actprune.core.wire.stats import config_hash
 from actprune.pruning.fixtures.synthetic import tiny_config
 from pruning_helpers import stats_from_samples

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from actprune.core.planning.planner import allocate, allocate_by_cost, allowed_counts, make_plan
-from actprune.core.wire.plan import Plan, PlanError, PlanRequest
+from actprune.core.wire.plan import Plan, PlanError
+from actprune.core.wire.plan_request import PlanRequest
 from actprune.pruning.fixtures.synthetic import tiny_config
 from pruning_helpers import stats_from_samples
 

@@ -14,7 +14,7 @@ from actprune.core.planning.scores import (
     standardise,
 )
 from actprune.core.stats_math import figures
-from actprune.core.wire.plan import ImportanceWeights
+from actprune.core.wire.plan_request import ImportanceWeights
 from pruning_helpers import stats_from_samples
 
 # 4 tokens x 3 channels, picked so every figure is easy by hand.

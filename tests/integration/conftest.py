@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from actprune.core.planning.planner import make_plan
 from actprune.core.tensor.checkpoint import ColumnNorms
-from actprune.core.wire.plan import Plan, PlanRequest
+from actprune.core.wire.plan import Plan
+from actprune.core.wire.plan_request import PlanRequest
 from actprune.core.wire.stats import Stats
 from actprune.pruning.checkpoint.slicer import slice_checkpoint
 from actprune.pruning.fixtures.synthetic import build_checkpoint

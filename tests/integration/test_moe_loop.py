@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from actprune.client.http import Client
 from actprune.core.planning.planner import make_plan
-from actprune.core.wire.plan import PlanRequest
+from actprune.core.wire.plan_request import PlanRequest
 from actprune.core.wire.stats import config_hash
 from actprune.pruning.checkpoint.slicer import slice_checkpoint
 from actprune.pruning.fixtures.synthetic import build_checkpoint

@@ -16,7 +16,7 @@ import pytest
 from actprune.client.http import Client
 from actprune.core.planning.planner import make_plan
 from actprune.core.tensor.checkpoint import ColumnNorms
-from actprune.core.wire.plan import PlanRequest
+from actprune.core.wire.plan_request import PlanRequest
 from actprune.core.wire.stats import config_hash
 from actprune.server.process import ServerProcess
 from serving import PROMPTS, complete, hf_greedy, load_hf, serve, tokenize

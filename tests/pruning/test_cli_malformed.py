@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from actprune.client.cli import main
 from actprune.core.planning.planner import make_plan
-from actprune.core.wire.plan import PlanRequest
+from actprune.core.wire.plan_request import PlanRequest
 from actprune.core.wire.stats import Stats, to_file_arrays
 from pruning_helpers import record_stats
 from safetensors.numpy import save as st_save

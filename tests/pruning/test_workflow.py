@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from actprune.core.planning.scores import STRATEGIES, ScoreInput
-from actprune.core.wire.plan import ImportanceWeights, PlanError
+from actprune.core.wire.plan import PlanError
+from actprune.core.wire.plan_request import ImportanceWeights
 from actprune.core.wire.stats import Stats
 from actprune.pruning import workflow as api
 from actprune.pruning.fixtures.synthetic import build_checkpoint, tiny_config

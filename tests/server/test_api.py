@@ -7,7 +7,8 @@ import time
 
 import httpx
 import pytest
-from actprune.core.wire.plan import Plan, PlanRequest
+from actprune.core.wire.plan import Plan
+from actprune.core.wire.plan_request import PlanRequest
 from actprune.core.wire.stats import Stats
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st

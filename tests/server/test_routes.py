@@ -20,7 +20,8 @@ from actprune.core.planning.planner import make_plan
 from actprune.core.summary import summarize
 from actprune.core.tensor.checkpoint import ColumnNorms
 from actprune.core.wire.api import SAFETENSORS_MEDIA_TYPE
-from actprune.core.wire.plan import Plan, PlanRequest
+from actprune.core.wire.plan import Plan
+from actprune.core.wire.plan_request import PlanRequest
 from actprune.core.wire.stats import Stats, config_hash
 from actprune.pruning.fixtures.synthetic import build_checkpoint
 from fake_engine import FakeEngineClient, actprune_app, config_for

@@ -10,7 +10,8 @@ import pytest
 import torch
 from actprune.core.planning.planner import make_plan
 from actprune.core.tensor.checkpoint import ColumnNorms
-from actprune.core.wire.plan import Plan, PlanRequest
+from actprune.core.wire.plan import Plan
+from actprune.core.wire.plan_request import PlanRequest
 from actprune.pruning.checkpoint import slicer
 from actprune.pruning.checkpoint.slicer import PLAN_RECORD, SliceError, slice_checkpoint
 from pruning_helpers import input_ids, load, logits, masked_reference, max_diff

@@ -15,7 +15,7 @@ from actprune.client.cli import main
 from actprune.core.config import CheckpointError
 from actprune.core.planning.planner import make_plan
 from actprune.core.tensor.modeling import AUTO_MAP, MODELING_FILES, own_digests
-from actprune.core.wire.plan import PlanRequest
+from actprune.core.wire.plan_request import PlanRequest
 from actprune.pruning.checkpoint.hf_io import finish_output_dir, load_causal_lm
 from actprune.pruning.checkpoint.slicer import slice_checkpoint
 from actprune.pruning.checkpoint.trust import foreign_code

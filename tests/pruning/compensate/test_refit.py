@@ -11,7 +11,7 @@ import pytest
 import torch
 from actprune.core.planning.planner import make_plan
 from actprune.core.tensor.hooks import HookRegistry
-from actprune.core.wire.plan import PlanRequest
+from actprune.core.wire.plan_request import PlanRequest
 from actprune.pruning.checkpoint.slicer import slice_checkpoint
 from actprune.pruning.compensate import calibrate
 from actprune.pruning.compensate import maths as compensate

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from actprune.client.cli import main as cli
 from actprune.core.planning.planner import make_plan, removed_fractions
 from actprune.core.tensor.checkpoint import ColumnNorms
-from actprune.core.wire.plan import PlanRequest
+from actprune.core.wire.plan_request import PlanRequest
 from actprune.pruning.compensate import calibrate
 from actprune.pruning.compensate.sensitivity import layer_sensitivity
 from actprune.pruning.fixtures.synthetic import build_checkpoint
