@@ -181,7 +181,7 @@ class Bench:
         (its best-scored units, refitted), measure the loss increase Δ_i on calibration rows;
         with the model Δ_i(p) = Δ_i · (p / ratio)², the removed fractions minimising Σ Δ_i(p_i)
         at a fixed total are p_i ∝ 1 / Δ_i (capped at ``cap``, water-filled)."""
-        from actprune.core.planning.planner import removed_fractions
+        from actprune.core.planning.allocation import removed_fractions
 
         rows = self.calib_rows[:8]  # (8, L) calibration text: no evaluation text is used
 
@@ -235,7 +235,7 @@ class Bench:
         """Widths from each layer's refit residual: every layer keeps its best-scored units;
         the widths minimise the summed residual (``recon``) or the summed residual relative
         to the layer's MLP output energy (``recon_rel``), in steps of 32 units."""
-        from actprune.core.planning.planner import allocate_by_cost
+        from actprune.core.planning.allocation import allocate_by_cost
 
         layers = list(self.dense.model.layers)
         costs, orders = [], []

@@ -17,7 +17,7 @@ forwards of the probe rows (8 × 512 tokens by default), and one (K+1)³ solve p
 :func:`actprune.core.planning.planner` turns Δ into widths (``PlanRequest.layer_sensitivity``): with
 the model ``Δ_i(p) = Δ_i · (p / ratio)²`` for removed fraction ``p``, the fractions minimising
 ``Σ Δ_i(p_i)`` at a fixed total are ``p_i ∝ 1 / Δ_i``, capped at twice the mean ratio so that no
-layer is gutted on the strength of one noisy measurement (:func:`planner.removed_fractions`).
+layer is gutted on the strength of one noisy measurement (:func:`allocation.removed_fractions`).
 """
 
 from __future__ import annotations

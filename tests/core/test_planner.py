@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from actprune.core.planning.planner import allocate, allocate_by_cost, allowed_counts, make_plan
+from actprune.core.planning.allocation import allocate, allocate_by_cost, allowed_counts
+from actprune.core.planning.planner import make_plan
 from actprune.core.wire.plan import Plan, PlanError
 from actprune.core.wire.plan_request import PlanRequest
 from actprune.pruning.fixtures.synthetic import tiny_config

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from actprune.client.cli import main as cli
-from actprune.core.planning.planner import make_plan, removed_fractions
+from actprune.core.planning.allocation import removed_fractions
+from actprune.core.planning.planner import make_plan
 from actprune.core.tensor.checkpoint import ColumnNorms
 from actprune.core.wire.plan_request import PlanRequest
 from actprune.pruning.compensate import calibrate
