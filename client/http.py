@@ -44,7 +44,8 @@ from actprune.core.wire.api import (
     control_path,
 )
 from actprune.core.wire.plan import Plan
-from actprune.core.wire.stats import Stats, StatsFormatError, instance_ids, merge
+from actprune.core.wire.stats import Stats, StatsFormatError
+from actprune.core.wire.stats_merge import instance_ids, merge
 from pydantic import BaseModel, ValidationError
 
 __all__ = [

@@ -10,7 +10,8 @@ import pytest
 from actprune.client.stats_cli import format_layer, format_table
 from actprune.core.summary import summarize
 from actprune.core.wire.api import StatsSummary
-from actprune.core.wire.stats import Stats, StatsFormatError, merge
+from actprune.core.wire.stats import Stats, StatsFormatError
+from actprune.core.wire.stats_merge import merge
 from raw_samples import RawLayer, stats_from_raw
 
 BIG = float(2**24 + 1)  # a count float32 cannot hold exactly

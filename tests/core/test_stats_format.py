@@ -30,7 +30,7 @@ def test_numbers_of_the_metadata_are_checked(stats):
 
 
 def test_tokens_served_from_a_prefix_cache_are_checked_and_add_up_in_a_merge(stats):
-    from actprune.core.wire.stats import merge
+    from actprune.core.wire.stats_merge import merge
 
     with pytest.raises(StatsFormatError, match="tokens_cached"):
         Stats(tensors=stats.tensors, meta={**stats.meta, "tokens_cached": -1}).validate()

@@ -16,7 +16,8 @@ from actprune.core.config import read_config
 from actprune.core.tensor.hf_model import HfModel
 from actprune.core.tensor.hooks import HookRegistry
 from actprune.core.wire.plan import Plan
-from actprune.core.wire.stats import Stats, merge
+from actprune.core.wire.stats import Stats
+from actprune.core.wire.stats_merge import merge
 from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
 from actprune.pruning.data import tokenize
 from actprune.pruning.record import budget, record
