@@ -8,7 +8,8 @@ teacher (the unpruned original) the loss is the documented mix::
 averaged over predicted tokens (Hinton et al.; Minitron reports distillation recovers far more
 than fine-tuning alone). One optimizer step is ``grad_accum`` micro-batches of ``batch_size``
 packed rows. The learning rate is a pure function of the step (:func:`lr_at`) and the data
-order a pure function of (seed, epoch), so a checkpoint's step restores both exactly.
+order a pure function of (seed, epoch) (:mod:`.recipe_data`), so a checkpoint's step restores
+both exactly.
 
 Validation scores the training losses on its rows: ``val_loss``/``val_ppl`` (LM) and, with a
 teacher, ``val_kl`` (KL at T; on k + 1 outcomes under ``--teacher-topk``, whose cache then holds
@@ -27,7 +28,7 @@ from __future__ import annotations
 import json
 import shutil
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, replace
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +43,6 @@ from actprune.pruning.checkpoint.hf_io import (
     read_config,
 )
 from actprune.pruning.checkpoint.trust import resolve_trust
-from actprune.pruning.recover import sizing
 from actprune.pruning.recover import teacher_cache as tc
 from actprune.pruning.recover import train_state as ts
 from actprune.pruning.recover.recipe_config import (
@@ -54,13 +54,14 @@ from actprune.pruning.recover.recipe_config import (
     mixed_loss,
     val_record,
 )
+from actprune.pruning.recover.recipe_data import RecipeData
 from tqdm.auto import tqdm
 
 __all__ = ["FinetuneConfig", "FinetuneRecipe", "main"]
 
 
 # ---- recipe ----------------------------------------------------------------------------------
-class FinetuneRecipe:
+class FinetuneRecipe(RecipeData):
     def __init__(self, cfg: FinetuneConfig) -> None:
         self.cfg = cfg
         self.out = Path(cfg.output)
@@ -189,32 +190,6 @@ class FinetuneRecipe:
             return False
         return self.device.type == "cpu" or torch.cuda.is_bf16_supported()
 
-    def _setup_data(self) -> None:
-        """Tokenize, fill in the sizes left unset from the data (sizing), split and pack."""
-        cfg = self.cfg
-        docs = data_mod.tokenize(self.tok, data_mod.load_texts(cfg.data, cfg.text_field, self.tok))
-        val_docs = None
-        if cfg.val_data:
-            val_docs = data_mod.tokenize(self.tok, data_mod.load_texts(cfg.val_data, cfg.text_field, self.tok))
-        req = sizing.Requested(
-            seq_len=cfg.seq_len, batch_size=cfg.batch_size, val_fraction=cfg.val_fraction,
-            epochs=cfg.epochs, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps,
-            rows_per_batch_row=cfg.grad_accum * self.world)
-        sizes, note = sizing.fit_sizes([len(d) + 1 for d in docs], req, seed=cfg.seed,
-                                       val_doc_tokens=None if val_docs is None else [len(d) + 1 for d in val_docs])
-        if note:
-            self._say(note)
-        self.cfg = cfg = replace(cfg, **asdict(sizes))
-        if val_docs is not None:
-            train, val = docs, val_docs
-        else:
-            train, val = data_mod.split_train_val(docs, cfg.val_fraction, cfg.seed)
-        eos = self.tok.eos_token_id
-        self.train_rows = data_mod.pack(train, cfg.seq_len, eos)  # (N, L)
-        self.val_rows = data_mod.pack(val, cfg.seq_len, eos) if val else None  # (M, L)
-        self.steps_per_epoch = len(self.train_rows) // (cfg.batch_size * cfg.grad_accum * self.world)
-        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
-
     def _resume(self) -> None:
         path = ts.latest_checkpoint(self.ckpt_root)
         if path is None:
@@ -229,31 +204,6 @@ class FinetuneRecipe:
         self._say(f"resumed from {path} (step {self.step})")
 
     # -- train --
-    def _order(self, epoch: int) -> torch.Tensor:
-        """The data order of ``epoch``: a function of (seed, epoch) only, so a resume repeats it."""
-        return torch.randperm(len(self.train_rows), generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
-
-    def batch_rows(self, step: int) -> torch.Tensor:
-        """The rows of optimizer step ``step``, all ranks': (grad_accum · world · batch_size, L)."""
-        epoch, k = divmod(step, self.steps_per_epoch)
-        n = self.cfg.batch_size * self.cfg.grad_accum * self.world
-        return self.train_rows[self._order(epoch)[k * n : (k + 1) * n]]
-
-    def visited_rows(self) -> torch.Tensor:
-        """The training rows the run's steps read, in file order: (≤ N, L). The teacher's top-k is
-        needed for these only — a short run (``--max-steps``) over a large file reads a small part
-        of it. All N rows when the run covers whole epochs."""
-        n = self.cfg.batch_size * self.cfg.grad_accum * self.world
-        used = torch.zeros(len(self.train_rows), dtype=torch.bool)
-        for epoch in range(-(-self.total_steps // self.steps_per_epoch)):
-            steps = min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
-            used[self._order(epoch)[: steps * n]] = True
-        return self.train_rows[used]
-
-    def micro_batches(self, step: int) -> list[torch.Tensor]:
-        """This process's micro-batches of step ``step``: grad_accum × (batch_size, L)."""
-        return list(self.batch_rows(step).split(self.cfg.batch_size))
-
     def _clip(self, params: list[torch.nn.Parameter]) -> float:
         return torch.nn.utils.clip_grad_norm_(params, self.cfg.clip).item()
 
@@ -338,10 +288,6 @@ class FinetuneRecipe:
                 ts.save_best(self.best_root, self.ckpt_root, self.step, weights, val)
         if self.early.stop:
             self._say(f"early stop: no improvement in {self.early.bad_evals} evaluations")
-
-    def val_batches(self) -> list[torch.Tensor]:
-        """The validation batches scored: the first ``max_val_batches`` × (≤ B, L)."""
-        return list(self.val_rows.split(self.cfg.batch_size)[: self.cfg.max_val_batches])
 
     def _val_sums(self) -> tuple[dict[str, float], float]:
         """({loss name: Σ loss · tokens}, Σ tokens) over the validation batches: the losses of
