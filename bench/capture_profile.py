@@ -16,7 +16,8 @@ The same script measures any version of the capture (it only uses the Capture cl
 "before" figures of a whole step come from running it on an older commit. ``--fold-before REV``
 instead times the per-step fold alone, before and after in the same process: the fold of
 commit REV (its ``core/tensor/accumulate.py``, loaded under another name, called as that
-commit's ``fold_step`` did) against today's ``fold_step`` op, in interleaved blocks, CPU time of
+commit's ``fold_step`` did) against today's fold of a step's rows (``ops._fold_rows``, what
+``end_step`` runs once rows are due), in interleaved blocks, CPU time of
 this thread, the load average printed before and after.
 """
 
@@ -172,7 +173,7 @@ def _module_at(rev: str, path: str, name: str):
 def _fold_variants(rev: str, tokens: int):
     """{"before": fn, "after": fn}: one step's fold of ``tokens`` rows of every layer, each on its
     own accumulators. Before: commit ``rev``'s maths in one compiled call over all rows, as its
-    ``fold_step`` made it. After: today's ``fold_step`` op."""
+    ``fold_step`` made it. After: today's fold of the rows (``end_step`` calls it when they are due)."""
     from actprune.core.tensor import accumulate
     from actprune.server import ops
 
@@ -181,7 +182,8 @@ def _fold_variants(rev: str, tokens: int):
     chan = torch.randn(tokens, sum(widths))  # (T, ΣC)
     streams = torch.randn(tokens, LAYERS + 1, HIDDEN)  # (T, L + 1, H): today's, one slot a boundary
     pairs = torch.stack([streams[:, :-1], streams[:, 1:]], 1)  # (T, in/out, L, H): before, a copy each
-    armed, thr, hidden = torch.ones(()), torch.tensor(1e-3), torch.zeros(tokens, HIDDEN)
+    armed, thr = torch.ones(()), torch.tensor(1e-3)
+    valid = ops.valid_rows(tokens, armed)
 
     def math_before(chan, streams, fields, counts, gid, blocks, valid, thr):
         old.fold_packed(fields, counts, gid, chan, valid, thr)
@@ -193,7 +195,7 @@ def _fold_variants(rev: str, tokens: int):
     blocks_b, blocks_a = torch.zeros(2, LAYERS, dtype=torch.float64), torch.zeros(2, LAYERS, dtype=torch.float64)
     return {
         "before": lambda: before(chan, pairs, fb, cb, gb, blocks_b, ops.valid_rows(tokens, armed), thr),
-        "after": lambda: ops.fold_step(hidden, chan, streams, fa, ca, ga, blocks_a, armed, thr),
+        "after": lambda: ops._fold_rows(tokens, chan, streams, valid, fa, ca, ga, blocks_a, thr),
     }
 
 

@@ -25,7 +25,8 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from capture_overhead import build_model, prompt_ids  # noqa: E402
 
-CAPTURE_FRAMES = ("stash_channels", "stash_stream", "fold_step", "_fold_step_math", "valid_rows",
+CAPTURE_FRAMES = ("stash_layer", "end_step", "_fold_rows", "_fold_math", "_tap_hook", "valid_rows",
+                  "stash_channels", "stash_stream", "fold_step", "_fold_step_math",  # before 2026-12-02
                   "observe_channels", "observe_block", "observe_router", "_on_step", "_after_step")
 
 

@@ -4,16 +4,17 @@ One :class:`Capture` lives in each vLLM worker process (one per tensor/pipeline-
 rank), attached to the loaded model. It owns a :class:`HookRegistry` and these hooks
 (the ops: :mod:`actprune.server.ops`; why they are cheap: docs/capture.md):
 
-* pre-hook on ``mlp.down_proj``  -> actprune::stash_channels (MLP neurons, local shard)
-* pre-hook on ``self_attn.o_proj`` -> actprune::stash_channels (attention channels, local heads)
+* pre-hooks on ``self_attn.o_proj`` and ``mlp.down_proj``: hold the input (attention channels
+  of the local heads, MLP neurons of the local shard) for the layer's post-hook; no op
 * post-hook on ``mlp.gate`` of an MoE layer (instead of ``down_proj``, which the fused experts
   do not have) -> actprune::observe_router (the router logits vLLM routes with, (T, E))
-* pre-hook on the first decoder layer -> actprune::stash_stream (residual stream entering it)
-* post-hook on every decoder layer -> actprune::stash_stream (residual stream leaving it, which is
-  the stream entering the next: vLLM's decoder loop hands each layer's (hidden, residual)
-  output to the next layer unchanged, so one copy serves both)
-* post-hook on the last decoder layer -> actprune::fold_step: every statistic of every layer
-  for this step, folded at once (a step too long for the step buffers was folded tap by tap)
+* pre-hook on the first decoder layer -> actprune::stash_layer (slot 0: the stream entering it)
+* post-hook on every decoder layer -> actprune::stash_layer: the held inputs and the stream
+  leaving the layer, which is the stream entering the next (vLLM's decoder loop hands each
+  layer's (hidden, residual) output on unchanged): one op call a layer
+* post-hook on the last decoder layer -> actprune::end_step: every statistic of every layer for
+  the rows buffered so far, folded at once (on a CPU once 16 rows have gathered; a step too
+  long for the step buffers was folded tap by tap)
 * pre-hook on the top-level model (runs eagerly, outside the compiled graph, once per step):
   arms capture at the first real step and counts prefill / decode tokens; with the post-hook on
   the same model it tells whether a step is under way (``in_step``): a worker stopped by a signal
@@ -22,8 +23,9 @@ rank), attached to the loaded model. It owns a :class:`HookRegistry` and these h
 The channel accumulators of all layers are packed side by side (``new_packed_channels``);
 ``groups`` maps each stats-file group to its state dict of views into them.
 
-``snapshot()`` returns this rank's shard as safetensors bytes; the API process assembles the
-shards of all ranks into one stats file (:mod:`actprune.server.snapshot`).
+``snapshot()`` folds the rows still buffered and returns this rank's shard as safetensors
+bytes; the API process assembles the shards of all ranks into one stats file
+(:mod:`actprune.server.snapshot`).
 """
 
 from __future__ import annotations
@@ -60,7 +62,7 @@ from safetensors.numpy import load as st_load_np
 from safetensors.numpy import save as st_save
 from torch import nn
 
-from .ops import step_tokens  # importing ops registers torch.ops.actprune.*
+from .ops import StepBuffers, step_tokens  # importing ops registers torch.ops.actprune.*
 
 __all__ = ["Capture", "CaptureOptions", "Routing", "ShardInfo"]
 
@@ -168,22 +170,24 @@ class Capture:
         layers = decoder_layers(model, self.layout)
         if not layers:
             raise RuntimeError(f"actprune: found no decoder layers under {self.layout.layers!r}")
-        taps = self._channel_taps(layers)  # (group name, linear), in layer order
-        self._allocate([self.partitions[name][1] for name, _ in taps], len(layers))
-        for g, (_, linear) in enumerate(taps):
-            self.registry.pre_hook(HOOK_GROUP, linear, self._channels_hook(self.offsets[g], g))
+        taps = self._channel_taps(layers)  # (layer index, group name, linear), in layer order
+        self._allocate([self.partitions[name][1] for _, name, _ in taps], len(layers))
         # stream slot 0: entering the first layer (of this rank); slot j + 1: leaving layer j
         self.registry.pre_hook(HOOK_GROUP, layers[0][1], self._stream_in_hook())
         for j, (i, layer) in enumerate(layers):
-            self.groups[group_name(i, BLOCK_KIND)] = {"cos_sum": self.blocks[0, j:j + 1],
-                                                      "count": self.blocks[1, j:j + 1]}
-            self.registry.post_hook(HOOK_GROUP, layer, self._stream_out_hook(j + 1))
-        # after the last layer's stream hook (hooks run in registration order): fold the step
-        self.registry.post_hook(HOOK_GROUP, layers[-1][1], self._fold_hook())
+            self.groups[group_name(i, BLOCK_KIND)] = {"cos_sum": self.bufs.blocks[0, j:j + 1],
+                                                      "count": self.bufs.blocks[1, j:j + 1]}
+            mine = [(g, linear) for g, (li, _, linear) in enumerate(taps) if li == i]
+            held: list[torch.Tensor | None] = [None] * len(mine)  # this step's tap inputs
+            for k, (_, linear) in enumerate(mine):
+                self.registry.pre_hook(HOOK_GROUP, linear, self._tap_hook(held, k))
+            self.registry.post_hook(HOOK_GROUP, layer, self._layer_hook(held, [g for g, _ in mine], j + 1))
+        # after the last layer's stash (hooks run in registration order): fold what is due
+        self.registry.post_hook(HOOK_GROUP, layers[-1][1], self._end_hook())
         self.registry.pre_hook(HOOK_GROUP, model, self._on_step, with_kwargs=True)
         self.registry.post_hook(HOOK_GROUP, model, self._after_step)
 
-    def _channel_taps(self, layers: list[tuple[int, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    def _channel_taps(self, layers: list[tuple[int, nn.Module]]) -> list[tuple[int, str, nn.Module]]:
         """Partitions of every channel group and the linear each taps; router hooks of MoE
         layers are put on here, their state is not packed (a handful of experts)."""
         paths = dict(zip(CHANNEL_KINDS, (self.layout.mlp_in, self.layout.attn_in), strict=True))
@@ -199,28 +203,21 @@ class Capture:
                 linear = layer.get_submodule(path)
                 name = group_name(i, kind)
                 self.partitions[name] = _partition(linear)
-                taps.append((name, linear))
+                taps.append((i, name, linear))
         return taps
 
     def _allocate(self, widths: list[int], n_layers: int) -> None:
-        """The packed accumulators and the step buffers. A step of up to ``rows`` tokens is
-        copied into the buffers and folded once, at its end; ``rows`` is what fits in
-        ``stash_mib``, at most the largest batch vLLM schedules."""
-        self.fields, self.counts, self.gid, states = new_packed_channels(widths, self.device)
-        names = [n for n in self.partitions]
-        self.groups.update(zip(names, states, strict=True))
+        """The packed accumulators and the step buffers. Steps of up to ``rows`` tokens are
+        copied into the buffers and folded later; ``rows`` is what fits in ``stash_mib``, at
+        most the largest batch vLLM schedules."""
+        fields, counts, gid, states = new_packed_channels(widths, self.device)
+        self.groups.update(zip(self.partitions, states, strict=True))
         self.offsets = [0, *itertools.accumulate(widths)][:-1]
-        self.blocks = torch.zeros(2, n_layers, dtype=torch.float64, device=self.device)  # cos_sum, count
         row_bytes = 4 * (sum(widths) + (n_layers + 1) * self.hidden_size)
-        rows = min(self.options.max_tokens, (self.options.stash_mib << 20) // row_bytes)
-        self.stash_rows = rows
-        f32 = {"dtype": torch.float32, "device": self.device}
-        self.chan_buf = torch.zeros(rows, sum(widths), **f32)  # (N, ΣC)
-        self.stream_buf = torch.zeros(rows, n_layers + 1, self.hidden_size, **f32)  # (N, L + 1, H)
-        # longer steps fold tap by tap; the scratch holds the stream entering the current layer
-        long_rows = self.options.max_tokens if rows < self.options.max_tokens else 0
-        self.scratch = torch.zeros(long_rows, self.hidden_size, **f32)  # (M, H)
-        self.zero_gid = torch.zeros(max(widths, default=0), dtype=torch.int32, device=self.device)
+        rows, long_rows = StepBuffers.sizes(self.options.max_tokens, (self.options.stash_mib << 20) // row_bytes,
+                                             self.device.type == "cpu")
+        self.bufs = StepBuffers.new(fields, counts, gid, self.armed, self.threshold, rows=rows,
+                                    long_rows=long_rows, n_layers=n_layers, hidden=self.hidden_size)
 
     def _router(self, i: int, layer: nn.Module) -> nn.Module | None:
         """Layer ``i``'s router if it routes to experts: vLLM built one there (by the rule of
@@ -246,40 +243,43 @@ class Capture:
 
         return hook
 
-    def _channels_hook(self, offset: int, group: int):
-        buf, fields, counts, zero_gid = self.chan_buf, self.fields, self.counts, self.zero_gid
-        armed, thr = self.armed, self.threshold
-
+    @staticmethod
+    def _tap_hook(held: list[torch.Tensor | None], k: int):
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            torch.ops.actprune.stash_channels(args[0], buf, fields, counts, zero_gid, armed, thr,
-                                              offset, group)
+            held[k] = args[0]  # (T, C): stashed by the layer's post-hook, with the stream
+
+        return hook
+
+    def _layer_hook(self, held: list[torch.Tensor | None], groups: list[int], slot: int):
+        # One op call a layer for all its taps (each call's dispatch costs more than its copy).
+        # The held inputs are not written again before the layer ends (a linear's input is
+        # its own tensor), and in compiled mode Dynamo traces this list away: the op gets the
+        # tensors as graph values, and the list is empty again when the layer ends.
+        bufs, offsets = self.bufs.stash_args(), [self.offsets[g] for g in groups]
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            hidden, residual = output
+            taps = list(held)
+            for k in range(len(held)):
+                held[k] = None
+            torch.ops.actprune.stash_layer(taps, hidden, residual, *bufs, offsets, groups, slot)
 
         return hook
 
     def _stream_in_hook(self):
         h, r = self.layout.hidden_arg, self.layout.residual_arg
-        buf, scratch, blocks, armed = self.stream_buf, self.scratch, self.blocks, self.armed
+        bufs = self.bufs.stash_args()
 
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            torch.ops.actprune.stash_stream(args[h], args[r], buf, scratch, blocks, armed, 0)
+            torch.ops.actprune.stash_layer([], args[h], args[r], *bufs, [], [], 0)
 
         return hook
 
-    def _stream_out_hook(self, slot: int):
-        buf, scratch, blocks, armed = self.stream_buf, self.scratch, self.blocks, self.armed
+    def _end_hook(self):
+        bufs = self.bufs.end_args()
 
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            hidden, residual = output
-            torch.ops.actprune.stash_stream(hidden, residual, buf, scratch, blocks, armed, slot)
-
-        return hook
-
-    def _fold_hook(self):
-        bufs = (self.chan_buf, self.stream_buf, self.fields, self.counts, self.gid, self.blocks)
-        armed, thr = self.armed, self.threshold
-
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            torch.ops.actprune.fold_step(output[0], *bufs, armed, thr)
+            torch.ops.actprune.end_step(output[0], *bufs)
 
         return hook
 
@@ -305,6 +305,7 @@ class Capture:
 
     # ---- control ------------------------------------------------------------------------
     def reset(self) -> None:
+        self.bufs.discard()  # rows of the old window not yet folded
         for st in self.groups.values():
             reset_state(st)
         self.tokens_prefill = self.tokens_decode = 0
@@ -337,6 +338,7 @@ class Capture:
         """This rank's accumulators as safetensors bytes, with the partition of each group, the
         time they were read (``taken_at``: which of two saved states is newer) and ``extra``
         metadata."""
+        self.bufs.flush()  # rows of the last steps not yet folded (a CPU's)
         tensors: dict[str, np.ndarray] = {}
         for name, st in self.groups.items():
             for f, a in export_state(st).items():

@@ -7,39 +7,55 @@ order, never dead-code-eliminated, and runs eagerly at run time. Scalars travel 
 tensors: a Python float argument becomes a symbolic float under vLLM's full-graph AOT compile
 and fails with ``TensorifyScalarRestartAnalysis``; ints (offsets, slots) are graph constants.
 
-Why a decode step costs little (docs/capture.md): a step of T <= N tokens (N: the rows of the
-step buffers) only *copies* each layer's activations into a step buffer — one cheap op per
-tap — and the last layer's ``fold_step`` folds every layer at once, with one fused kernel.
-A longer step (a big prefill chunk) folds each tap where it is, as the op runs: its cost is
-spread over many tokens. The stash ops are defined with ``torch.library.Library`` rather than
-``torch.library.custom_op``, whose Python wrappers cost ~13 µs more per call (21 vs 8 µs).
+Why a decode step costs little (docs/capture.md): each decoder layer makes *one* op call,
+``stash_layer``, which copies the layer's channel taps and the residual stream leaving it into
+the step buffers; ``end_step``, after the last layer, folds the buffered rows into the
+accumulators with one fused kernel. On a CPU the rows of small steps wait in the buffers until
+``FOLD_ROWS`` of them are there (one pass over the accumulators per 16 rows, not per step); a
+GPU folds every step (``cursor`` None: no host read of a device value). A step too long for the
+buffers folds each tap where it is, its cost spread over many tokens. The ops are defined with
+``torch.library.Library`` rather than ``torch.library.custom_op``, whose Python wrappers cost
+~13 µs more per call (21 vs 8 µs).
 
-Ops (all return nothing; buffers and accumulators are updated in place):
+Ops (all return nothing; buffers and accumulators are updated in place; ``StepBuffers`` holds
+every tensor after the first three arguments):
 
-    actprune::stash_channels(x (T,C), buf (N,ΣC), fields [7 x (ΣC,)], counts (G,), zero_gid (≥C,),
-                             armed (), threshold (), offset, group)
-    actprune::stash_stream(hidden (T,H), residual (T,H) | None, buf (N,L+1,H), scratch (M,H),
-                           blocks (2,L), armed (), slot)
-    actprune::fold_step(hidden (T,H), chan_buf (N,ΣC), stream_buf (N,L+1,H), fields [7 x (ΣC,)],
-                        counts (G,), gid (ΣC,), blocks (2,L), armed (), threshold ())
+    actprune::stash_layer(taps [(T,C_k)], hidden (T,H), residual (T,H) | None, chan (N,ΣC),
+                          stream (N,L+1,H), scratch (M,H), fields [7 x (ΣC,)], counts (G,),
+                          blocks (2,L), zero_gid (≥C,), cursor (1,) | None, armed (), threshold (),
+                          offsets [k], groups [k], slot)
+    actprune::end_step(hidden (T,H), chan, stream, valid (N,), cursor | None, fields, counts,
+                       gid (ΣC,), blocks, armed, threshold)
     actprune::observe_router(logits (T,E), armed (), count, topk_count, weight_sum, prob_sum,
                              top_k, renormalize)
 
-No op reads a tensor's value on the host (no ``.item()``, no data-dependent shape): the only
-branch is on T, a shape, which a CUDA graph fixes at capture (docs/capture.md).
+No op reads a device tensor's value on the host (no ``.item()``, no data-dependent shape): the
+branches are on T, a shape a CUDA graph fixes at capture, and on a GPU nothing else; the row
+cursor of a CPU (a CPU tensor) is read on the CPU it lives on.
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 from actprune.core.tensor.accumulate import fold_blocks, fold_packed, update_router
 from torch import Tensor
 
-__all__ = ["step_tokens", "valid_rows"]
+__all__ = ["FOLD_ROWS", "StepBuffers", "step_tokens", "valid_rows"]
 
 _LIB = torch.library.Library("actprune", "FRAGMENT")  # the stash ops below
+
+# Rows per call of the compiled fold, and on a CPU the rows a fold waits for. The fold reduces
+# each column over the rows; the fused loop walks a tile of columns down all T rows, which sit
+# ΣC * 4 bytes apart (270 kB on the benchmark model): past a few dozen rows those reads outrun
+# the TLB and the prefetchers, and the cost per activation doubles (4.8 vs 2.0 ns at T = 256
+# vs 32). Chunks of 16 rows keep it flat; each chunk merges into the accumulators (exact:
+# Chan's merge), one pass over the (ΣC,) accumulators (~7 ns a column, ~0.5 ms on the
+# benchmark model) per chunk — so a CPU lets small steps' rows gather to a chunk before it
+# folds (BENCHMARKS.md, issue 16). A GPU folds each step whole (one set of kernels).
+FOLD_ROWS = 16
 
 
 def valid_rows(num_tokens: int, armed: Tensor) -> Tensor:
@@ -92,6 +108,84 @@ def step_tokens() -> tuple[int, int] | None:
     return sum(q) - decode, decode
 
 
+@dataclass(frozen=True)
+class StepBuffers:
+    """Every tensor the step ops read or update, allocated once per worker: their addresses
+    never change (a CUDA graph bakes them in). N: rows of the step buffers; ΣC: the channel
+    groups side by side; G: groups; L: decoder layers of this rank; H: hidden size."""
+
+    chan: Tensor  # (N, ΣC) float32: pending rows of the channel taps
+    stream: Tensor  # (N, L + 1, H) float32: the residual stream at each layer boundary
+    valid: Tensor  # (N,) bool: pending row is a real token, captured while armed
+    cursor: Tensor | None  # (1,) int64 on the CPU: rows pending; None: fold every step (GPU)
+    scratch: Tensor  # (M, H) float32: the stream entering the current layer of a long step
+    fields: list[Tensor]  # 7 x (ΣC,): the packed accumulators (accumulate.PACKED_FIELDS)
+    counts: Tensor  # (G,) float64
+    gid: Tensor  # (ΣC,) int32: each column's group
+    zero_gid: Tensor  # (max C,) int32 zeros: one group's columns folded alone
+    blocks: Tensor  # (2, L) float64: cos_sum, count of each layer
+    armed: Tensor  # () float32: 1 = capturing
+    threshold: Tensor  # () float32: near-zero threshold
+
+    @classmethod
+    def new(cls, fields: list[Tensor], counts: Tensor, gid: Tensor, armed: Tensor, threshold: Tensor, *,
+            rows: int, long_rows: int, n_layers: int, hidden: int) -> StepBuffers:
+        device = gid.device
+        f32 = {"dtype": torch.float32, "device": device}
+        return cls(
+            chan=torch.zeros(rows, gid.shape[0], **f32),
+            stream=torch.zeros(rows, n_layers + 1, hidden, **f32),
+            valid=torch.zeros(rows, dtype=torch.bool, device=device),
+            cursor=torch.zeros(1, dtype=torch.int64) if device.type == "cpu" else None,
+            scratch=torch.zeros(long_rows, hidden, **f32),
+            fields=fields, counts=counts, gid=gid,
+            zero_gid=torch.zeros(int(torch.bincount(gid).max()) if gid.numel() else 0,
+                                 dtype=torch.int32, device=device),
+            blocks=torch.zeros(2, n_layers, dtype=torch.float64, device=device),
+            armed=armed, threshold=threshold,
+        )
+
+    @staticmethod
+    def sizes(max_tokens: int, budget_rows: int, cpu: bool) -> tuple[int, int]:
+        """(rows of the step buffers, rows of the long-step scratch). ``budget_rows``: the rows
+        the memory budget allows; a step has at most ``max_tokens`` rows. On a CPU up to
+        FOLD_ROWS - 1 rows of earlier steps may be waiting: the buffers hold that many more
+        when the budget allows, and otherwise a step that does not fit beside them is folded
+        tap by tap, which needs the scratch."""
+        slack = FOLD_ROWS - 1 if cpu else 0
+        rows = min(max_tokens + slack, budget_rows)
+        return rows, (max_tokens if rows < max_tokens + slack else 0)
+
+    def stash_args(self) -> tuple:
+        """stash_layer's arguments after (taps, hidden, residual), in schema order."""
+        return (self.chan, self.stream, self.scratch, self.fields, self.counts, self.blocks,
+                self.zero_gid, self.cursor, self.armed, self.threshold)
+
+    def end_args(self) -> tuple:
+        """end_step's arguments after hidden, in schema order."""
+        return (self.chan, self.stream, self.valid, self.cursor, self.fields, self.counts, self.gid,
+                self.blocks, self.armed, self.threshold)
+
+    def flush(self) -> None:
+        """Fold the rows still waiting (a CPU's): before the accumulators are read. Between
+        steps only."""
+        n = _pending(self.cursor)
+        if n:
+            _fold_rows(n, self.chan, self.stream, self.valid, self.fields, self.counts, self.gid,
+                       self.blocks, self.threshold)
+            self.cursor.zero_()
+
+    def discard(self) -> None:
+        """Drop the rows still waiting: a reset starts a new window."""
+        if self.cursor is not None:
+            self.cursor.zero_()
+
+
+def _pending(cursor: Tensor | None) -> int:
+    # a CPU tensor, read on the CPU; a GPU has no cursor (its ops never read a value)
+    return 0 if cursor is None else int(cursor[0])
+
+
 @functools.cache
 def _compiled(fn):
     """``fn`` compiled once per process: its dozen element-wise passes and reductions become
@@ -99,12 +193,21 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=True, fullgraph=True)
 
 
-def _fold_step_math(chan: Tensor, streams: Tensor, fields: list[Tensor], counts: Tensor, gid: Tensor,
-                    blocks: Tensor, valid: Tensor, threshold: Tensor) -> None:
-    # chan: (T, ΣC); streams: (T, L + 1, H), the residual stream entering the first layer and
+def _fold_math(chan: Tensor, streams: Tensor, fields: list[Tensor], counts: Tensor, gid: Tensor,
+               blocks: Tensor, valid: Tensor, threshold: Tensor) -> None:
+    # chan: (R, ΣC); streams: (R, L + 1, H), the residual stream entering the first layer and
     # leaving each layer (= entering the next); one compiled call (one Dynamo guard check)
     fold_packed(fields, counts, gid, chan, valid, threshold)
     fold_blocks(blocks, streams[:, :-1], streams[:, 1:], valid)
+
+
+def _fold_rows(n: int, chan: Tensor, stream: Tensor, valid: Tensor, fields: list[Tensor], counts: Tensor,
+               gid: Tensor, blocks: Tensor, threshold: Tensor) -> None:
+    """Fold the first n rows of the step buffers, in chunks of FOLD_ROWS on a CPU."""
+    rows = FOLD_ROWS if chan.device.type == "cpu" else max(n, 1)
+    for a in range(0, n, rows):  # a shape loop: the same calls at every replay of a graph
+        b = min(n, a + rows)
+        _compiled(_fold_math)(chan[a:b], stream[a:b], fields, counts, gid, blocks, valid[a:b], threshold)
 
 
 def _define(schema: str, fn) -> None:
@@ -114,71 +217,66 @@ def _define(schema: str, fn) -> None:
     torch.library.register_fake(f"actprune::{name}", lambda *args: None, lib=_LIB)
 
 
-def stash_channels(x: Tensor, buf: Tensor, fields: list[Tensor], counts: Tensor, zero_gid: Tensor,
-                   armed: Tensor, threshold: Tensor, offset: int, group: int) -> None:
-    x2 = x.reshape(-1, x.shape[-1])  # (T, C)
-    t, c = x2.shape
-    if t <= buf.shape[0]:  # kept for fold_step at the end of this step
-        buf[:t, offset:offset + c].copy_(x2)
-        return
-    # a long step: fold this group now (its columns, its count)
-    _compiled(fold_packed)([f[offset:offset + c] for f in fields], counts[group:group + 1],
-                           zero_gid[:c], x2, valid_rows(t, armed), threshold)
-
-
-def stash_stream(hidden: Tensor, residual: Tensor | None, buf: Tensor, scratch: Tensor,
-                 blocks: Tensor, armed: Tensor, slot: int) -> None:
-    # The residual stream around a vLLM decoder layer is hidden + residual (vLLM defers the
-    # residual add into the next fused add-RMSNorm); layer 0 gets residual=None. Slot 0 is the
-    # stream entering a rank's first layer, slot j + 1 the one leaving its layer j, which is
-    # what layer j + 1 is given (vLLM's decoder loop passes it on as it is): one copy a layer.
+def stash_layer(taps: list[Tensor], hidden: Tensor, residual: Tensor | None, chan: Tensor, stream: Tensor,
+                scratch: Tensor, fields: list[Tensor], counts: Tensor, blocks: Tensor, zero_gid: Tensor,
+                cursor: Tensor | None, armed: Tensor, threshold: Tensor, offsets: list[int],
+                groups: list[int], slot: int) -> None:
+    # taps: the inputs of the layer's tapped linears, (T, C_k) each, their columns at offsets[k]
+    # of group groups[k]. The residual stream around a vLLM decoder layer is hidden + residual
+    # (vLLM defers the residual add into the next fused add-RMSNorm); layer 0 gets
+    # residual=None. Slot 0 is the stream entering a rank's first layer (no taps), slot j + 1
+    # the one leaving its layer j, which is what layer j + 1 is given (vLLM's decoder loop
+    # passes it on as it is): one copy a layer.
     t = hidden.shape[0]
-    if t <= buf.shape[0]:
-        dst = buf[:t, slot]  # (T, H)
+    row = _pending(cursor)
+    if row + t <= chan.shape[0]:  # kept for end_step
+        for x, offset in zip(taps, offsets, strict=True):
+            chan[row:row + t, offset:offset + x.shape[-1]].copy_(x.reshape(t, -1))
+        dst = stream[row:row + t, slot]  # (T, H)
         if residual is None:
             dst.copy_(hidden)
         else:
             torch.add(hidden.float(), residual.float(), out=dst)
         return
+    # a long step: fold each tap now (its columns, its count), and the layer's cosine
     if t > scratch.shape[0]:
         raise RuntimeError(f"actprune: batch of {t} tokens exceeds the capture scratch buffer "
                            f"({scratch.shape[0]} rows); this is a bug, please report it")
+    valid = valid_rows(t, armed)
+    for x, offset, group in zip(taps, offsets, groups, strict=True):
+        c = x.shape[-1]
+        _compiled(fold_packed)([f[offset:offset + c] for f in fields], counts[group:group + 1],
+                               zero_gid[:c], x.reshape(t, c), valid, threshold)
     h = hidden.float() if residual is None else hidden.float() + residual.float()  # (T, H)
-    if slot:  # a long step: layer slot - 1's cosine now, against the stream it was given
-        fold_blocks(blocks[:, slot - 1:slot], scratch[:t, None], h[:, None], valid_rows(t, armed))
+    if slot:  # layer slot - 1: against the stream it was given
+        fold_blocks(blocks[:, slot - 1:slot], scratch[:t, None], h[:, None], valid)
     scratch[:t].copy_(h)  # what the next layer is given
 
 
-# Rows per call of the compiled fold. The fold reduces each column over the rows; the fused
-# loop walks a tile of columns down all T rows, which sit ΣC * 4 bytes apart (270 kB on the
-# benchmark model): past a few dozen rows those reads outrun the TLB and the prefetchers, and
-# the cost per activation doubles (4.8 vs 2.0 ns at T = 256 vs 32). Chunks of 16 rows keep it
-# flat; each chunk merges into the accumulators (exact: Chan's merge), which costs one pass
-# over the (ΣC,) accumulators per chunk (BENCHMARKS.md, issue 16). A CPU matter: a GPU folds
-# the step whole (one set of kernels, not T / 16).
-FOLD_ROWS = 16
-
-
-def fold_step(hidden: Tensor, chan_buf: Tensor, stream_buf: Tensor, fields: list[Tensor], counts: Tensor,
-              gid: Tensor, blocks: Tensor, armed: Tensor, threshold: Tensor) -> None:
+def end_step(hidden: Tensor, chan: Tensor, stream: Tensor, valid: Tensor, cursor: Tensor | None,
+             fields: list[Tensor], counts: Tensor, gid: Tensor, blocks: Tensor, armed: Tensor,
+             threshold: Tensor) -> None:
     t = hidden.shape[0]
-    if t > chan_buf.shape[0]:  # folded tap by tap already
+    row = _pending(cursor)
+    if row + t > chan.shape[0]:  # folded tap by tap already
         return
-    valid = valid_rows(t, armed)
-    rows = FOLD_ROWS if chan_buf.device.type == "cpu" else max(t, 1)
-    for a in range(0, t, rows):  # a shape loop: the same calls at every replay of a graph
-        b = min(t, a + rows)
-        _compiled(_fold_step_math)(chan_buf[a:b], stream_buf[a:b], fields, counts, gid, blocks,
-                                   valid[a:b], threshold)
+    valid[row:row + t].copy_(valid_rows(t, armed))  # which rows count, decided as the step runs
+    n = row + t
+    if cursor is not None and n < FOLD_ROWS:  # a CPU: wait for a chunk's worth of rows
+        cursor.fill_(n)
+        return
+    _fold_rows(n, chan, stream, valid, fields, counts, gid, blocks, threshold)
+    if cursor is not None:
+        cursor.zero_()
 
 
-_define("stash_channels(Tensor x, Tensor(a!) buf, Tensor(b!)[] fields, Tensor(c!) counts, "
-        "Tensor zero_gid, Tensor armed, Tensor threshold, int offset, int group) -> ()", stash_channels)
-_define("stash_stream(Tensor hidden, Tensor? residual, Tensor(a!) buf, Tensor(b!) scratch, "
-        "Tensor(c!) blocks, Tensor armed, int slot) -> ()", stash_stream)
-_define("fold_step(Tensor hidden, Tensor chan_buf, Tensor stream_buf, Tensor(a!)[] fields, "
-        "Tensor(b!) counts, Tensor gid, Tensor(c!) blocks, Tensor armed, Tensor threshold) -> ()",
-        fold_step)
+_define("stash_layer(Tensor[] taps, Tensor hidden, Tensor? residual, Tensor(a!) chan, Tensor(b!) stream, "
+        "Tensor(c!) scratch, Tensor(d!)[] fields, Tensor(e!) counts, Tensor(f!) blocks, Tensor zero_gid, "
+        "Tensor? cursor, Tensor armed, Tensor threshold, int[] offsets, int[] groups, int slot) -> ()",
+        stash_layer)
+_define("end_step(Tensor hidden, Tensor(a!) chan, Tensor(b!) stream, Tensor(c!) valid, Tensor(d!)? cursor, "
+        "Tensor(e!)[] fields, Tensor(f!) counts, Tensor gid, Tensor(g!) blocks, Tensor armed, "
+        "Tensor threshold) -> ()", end_step)
 
 
 @torch.library.custom_op(

@@ -19,10 +19,12 @@ from actprune.server import ops
 
 def _observe(x: torch.Tensor, armed: float, buffer_rows: int) -> dict:
     (fields, counts, gid, (st,)) = new_packed_channels([x.shape[1]])
-    buf, streams = torch.zeros(buffer_rows, x.shape[1]), torch.zeros(buffer_rows, 2, 1)
-    blocks, a, thr = torch.zeros(2, 1, dtype=torch.float64), torch.tensor(armed), torch.tensor(0.0)
-    torch.ops.actprune.stash_channels(x, buf, fields, counts, gid, a, thr, 0, 0)
-    torch.ops.actprune.fold_step(x, buf, streams, fields, counts, gid, blocks, a, thr)
+    bufs = ops.StepBuffers.new(fields, counts, gid, torch.tensor(armed), torch.tensor(0.0), rows=buffer_rows,
+                               long_rows=8, n_layers=1, hidden=1)
+    torch.ops.actprune.stash_layer([], x, None, *bufs.stash_args(), [], [], 0)
+    torch.ops.actprune.stash_layer([x], x, None, *bufs.stash_args(), [0], [0], 1)
+    torch.ops.actprune.end_step(x, *bufs.end_args())
+    bufs.flush()  # a step of 6 rows waits for more on a CPU
     return export_state(st)
 
 

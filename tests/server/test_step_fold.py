@@ -1,11 +1,12 @@
-"""One step through the real ops equals the plain accumulators, however the step is cut.
+"""Steps through the real ops equal the plain accumulators, however the rows are cut.
 
-``fold_step`` folds the step buffers in chunks of ``FOLD_ROWS`` rows (cost, BENCHMARKS.md issue 16)
-and the stream buffer holds one slot per layer boundary (slot j + 1: the stream leaving layer j,
-which layer j + 1 is given). Neither may change a number: the packed accumulators after a step
-of T rows, on both paths of the ops (stashed and folded at the step's end, or folded tap by tap
-past the buffer), must equal ``update_channels`` / ``update_block`` on the whole batch. No
-forward context: every row is valid."""
+``end_step`` folds the step buffers in chunks of ``FOLD_ROWS`` rows, and on a CPU lets the rows
+of small steps gather until a chunk is there (cost, BENCHMARKS.md issue 16); the stream buffer
+holds one slot per layer boundary (slot j + 1: the stream leaving layer j, which layer j + 1 is
+given). None of that may change a number: the packed accumulators after steps of T rows, on
+both paths of the ops (stashed and folded later, or folded tap by tap past the buffer), with
+rows waiting or not, must equal ``update_channels`` / ``update_block`` on the whole batch. No
+forward context: every row is valid while armed."""
 
 from __future__ import annotations
 
@@ -22,36 +23,44 @@ from actprune.core.tensor.accumulate import (
 )
 from actprune.server import ops
 
-WIDTHS, LAYERS, HIDDEN = [5, 3], 2, 4
+WIDTHS, LAYERS, HIDDEN = [5, 3], 2, 4  # layer 0 taps group 0, layer 1 group 1
 
 
-def _step(xs: list[torch.Tensor], streams: list[tuple[torch.Tensor, torch.Tensor | None]], rows: int):
-    """One step of T tokens through the ops as the hooks call them: channels of each tap, the
-    stream entering layer 0 (slot 0) and leaving each layer (slot j + 1), then the fold."""
+def _buffers(rows: int, long_rows: int, *, gpu_like: bool = False) -> tuple[ops.StepBuffers, list]:
     fields, counts, gid, groups = new_packed_channels(WIDTHS)
-    t = xs[0].shape[0]
-    chan, buf = torch.zeros(rows, sum(WIDTHS)), torch.zeros(rows, LAYERS + 1, HIDDEN)  # (N, L + 1, H)
-    scratch, blocks = torch.zeros(t, HIDDEN), torch.zeros(2, LAYERS, dtype=torch.float64)
-    armed, thr = torch.tensor(1.0), torch.tensor(0.5)
-    zero_gid = torch.zeros(max(WIDTHS), dtype=torch.int32)
-    for slot, (h, r) in enumerate(streams):
-        if slot < len(xs):  # the channel taps of layer `slot` run between its stream hooks
-            offset = sum(WIDTHS[:slot])
-            ops.stash_channels(xs[slot], chan, fields, counts, zero_gid, armed, thr, offset, slot)
-        ops.stash_stream(h, r, buf, scratch, blocks, armed, slot)
-    ops.fold_step(streams[-1][0], chan, buf, fields, counts, gid, blocks, armed, thr)
-    return groups, blocks
+    bufs = ops.StepBuffers.new(fields, counts, gid, torch.tensor(1.0), torch.tensor(0.5), rows=rows,
+                               long_rows=long_rows, n_layers=LAYERS, hidden=HIDDEN)
+    if gpu_like:  # a GPU's buffers: no cursor, every step folded at its end
+        bufs = ops.StepBuffers(**{**bufs.__dict__, "cursor": None})
+    return bufs, groups
 
 
-@pytest.mark.parametrize("t, rows", [(37, 64), (37, 8)], ids=["stashed, 3 chunks", "tap-by-tap"])
-def test_a_step_folded_in_row_chunks_equals_one_fold_of_the_whole_batch(t, rows):
-    g = torch.Generator().manual_seed(4)
+def _step(bufs: ops.StepBuffers, xs: list[torch.Tensor], streams: list[tuple[torch.Tensor, torch.Tensor | None]]):
+    """One step of T tokens through the ops as the hooks call them: the stream entering layer 0
+    (slot 0), then per layer its channel taps and the stream leaving it (slot j + 1), then
+    end_step."""
+    offsets = [0, *np.cumsum(WIDTHS)[:-1].tolist()]
+    h, r = streams[0]
+    torch.ops.actprune.stash_layer([], h, r, *bufs.stash_args(), [], [], 0)
+    for j in range(LAYERS):
+        h, r = streams[j + 1]
+        torch.ops.actprune.stash_layer([xs[j]], h, r, *bufs.stash_args(), [offsets[j]], [j], j + 1)
+    torch.ops.actprune.end_step(streams[-1][0], *bufs.end_args())
+
+
+def _batch(t: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
     xs = [torch.randn(t, w, generator=g) * 3 + 40 for w in WIDTHS]  # (T, C) of each tap
     xs[0][::5, 0] = 0.1  # near zero, below the threshold
     hs = [torch.randn(t, HIDDEN, generator=g) for _ in range(LAYERS + 1)]  # (T, H) per boundary
     rs = [None] + [torch.randn(t, HIDDEN, generator=g) for _ in range(LAYERS)]  # layer 0: no residual
-    groups, blocks = _step(xs, list(zip(hs, rs, strict=True)), rows)
+    return xs, list(zip(hs, rs, strict=True))
 
+
+def _check(groups, blocks, batches):
+    """The accumulators equal one fold of every batch's rows at once."""
+    xs = [torch.cat([b[0][k] for b in batches]) for k in range(len(WIDTHS))]
+    t = xs[0].shape[0]
     valid = torch.ones(t, dtype=torch.bool)
     for x, packed in zip(xs, groups, strict=True):
         ref = new_channel_state(x.shape[1])
@@ -59,10 +68,67 @@ def test_a_step_folded_in_row_chunks_equals_one_fold_of_the_whole_batch(t, rows)
         p, r = export_state(packed), export_state(ref)
         for f in r:
             np.testing.assert_allclose(p[f], r[f], rtol=1e-12, atol=1e-12, err_msg=f)
-    stream = [h if r is None else h + r for h, r in zip(hs, rs, strict=True)]  # (T, H) each
+    stream = [torch.cat([h if r is None else h + r for h, r in (b[1][s] for b in batches)])
+              for s in range(LAYERS + 1)]  # (T, H) per boundary
     for j in range(LAYERS):  # layer j: from the stream it was given to the one it left
         ref = new_block_state()
         update_block(ref, stream[j], stream[j + 1], valid)
         assert float(blocks[1, j]) == float(ref["count"][0]) == t
         # float32 cosines, compiled or not: equal to float32 rounding
         assert abs(float(blocks[0, j]) - float(ref["cos_sum"][0])) < 1e-6 * t
+
+
+@pytest.mark.parametrize("t, rows", [(37, 64), (37, 8)], ids=["stashed, 3 chunks", "tap-by-tap"])
+def test_a_step_folded_in_row_chunks_equals_one_fold_of_the_whole_batch(t, rows):
+    bufs, groups = _buffers(rows, 64)
+    batch = _batch(t, 4)
+    _step(bufs, *batch)
+    assert int(bufs.cursor[0]) == 0, "a step of ≥ FOLD_ROWS rows is folded at its end"
+    _check(groups, bufs.blocks, [batch])
+
+
+@pytest.mark.parametrize("gpu_like", [False, True], ids=["cpu: rows wait", "gpu: every step"])
+def test_small_steps_wait_for_a_chunk_and_a_snapshot_flushes_them(gpu_like):
+    # steps of 3, 5, 1, 9 rows (the 4th overflows a chunk: folded with the waiting rows), then
+    # 2, 31 (2 + 31 > the 32 rows of the buffers: folded tap by tap, the 2 wait on)
+    bufs, groups = _buffers(32, 64, gpu_like=gpu_like)
+    sizes = [3, 5, 1, 9, 2, 31]
+    batches = [_batch(t, seed) for seed, t in enumerate(sizes)]
+    waiting = []
+    for b in batches:
+        _step(bufs, *b)
+        waiting.append(0 if bufs.cursor is None else int(bufs.cursor[0]))
+    if not gpu_like:
+        assert waiting == [3, 8, 9, 0, 2, 2]
+        assert float(bufs.counts[0]) == sum(sizes) - 2, "waiting rows are not in the accumulators yet"
+    bufs.flush()  # what Capture.snapshot does first
+    _check(groups, bufs.blocks, batches)
+
+
+def test_a_reset_drops_the_waiting_rows_and_a_disarmed_step_counts_nothing():
+    bufs, groups = _buffers(32, 64)
+    _step(bufs, *_batch(4, 0))  # waits
+    bufs.discard()  # Capture.reset: a new window
+    bufs.armed.fill_(0.0)
+    _step(bufs, *_batch(3, 1))  # paused: its rows wait, marked not valid
+    bufs.armed.fill_(1.0)
+    kept = _batch(5, 2)
+    _step(bufs, *kept)
+    bufs.flush()
+    _check(groups, bufs.blocks, [kept])
+
+
+@pytest.mark.parametrize("cpu", [True, False], ids=["cpu", "gpu"])
+def test_a_full_size_step_after_waiting_rows_fits_or_has_scratch(cpu):
+    # memory for any step and the rows that can wait: no scratch; less: a scratch for a whole step
+    assert ops.StepBuffers.sizes(64, 10_000, cpu) == ((64 + ops.FOLD_ROWS - 1, 0) if cpu else (64, 0))
+    assert ops.StepBuffers.sizes(64, 70, cpu) == ((70, 64) if cpu else (64, 0))
+    assert ops.StepBuffers.sizes(64, 20, cpu) == (20, 64)
+    # and through the ops: 3 rows wait, then a step of max_tokens rows
+    rows, long_rows = ops.StepBuffers.sizes(32, 40, cpu=True)
+    bufs, groups = _buffers(rows, long_rows)
+    batches = [_batch(3, 0), _batch(32, 1)]
+    for b in batches:
+        _step(bufs, *b)
+    bufs.flush()
+    _check(groups, bufs.blocks, batches)

@@ -41,30 +41,29 @@ def test_step_ops_never_read_device_values_on_the_host(monkeypatch, buffer_rows)
     monkeypatch.setattr(fc, "is_forward_context_available", lambda: True)
     monkeypatch.setattr(fc, "get_forward_context", lambda: SimpleNamespace(is_padding=padded))
     fields, counts, gid, _ = new_packed_channels([3, 2])
-    chan, streams = torch.zeros(buffer_rows, 5), torch.zeros(buffer_rows, 2, 4)  # (N, L + 1, H)
-    scratch, blocks = torch.zeros(8, 4), torch.zeros(2, 1, dtype=torch.float64)
-    armed, thr, zero_gid = torch.tensor(1.0), torch.tensor(0.1), torch.zeros(3, dtype=torch.int64)
+    bufs = ops.StepBuffers.new(fields, counts, gid, torch.tensor(1.0), torch.tensor(0.1), rows=buffer_rows,
+                               long_rows=8, n_layers=1, hidden=4)
+    bufs = ops.StepBuffers(**{**bufs.__dict__, "cursor": None})  # a GPU's: no row cursor to read
     h, r, x = torch.randn(4, 4), torch.randn(4, 4), torch.randn(4, 5)
     router = new_router_state(3)
     with _Recorder() as rec:
-        ops.stash_stream(h, None, streams, scratch, blocks, armed, 0)
-        ops.stash_channels(x[:, :3], chan, fields, counts, zero_gid, armed, thr, 0, 0)
-        ops.stash_channels(x[:, 3:], chan, fields, counts, zero_gid, armed, thr, 3, 1)
-        ops.stash_stream(h, r, streams, scratch, blocks, armed, 1)
-        ops.fold_step(h, chan, streams, fields, counts, gid, blocks, armed, thr)
-        update_router(router, x[:, :3], ops.valid_rows(4, armed), 2, True)  # observe_router's body
+        torch.ops.actprune.stash_layer([], h, None, *bufs.stash_args(), [], [], 0)
+        torch.ops.actprune.stash_layer([x[:, :3], x[:, 3:]], h, r, *bufs.stash_args(), [0, 3], [0, 1], 1)
+        torch.ops.actprune.end_step(h, *bufs.end_args())
+        update_router(router, x[:, :3], ops.valid_rows(4, bufs.armed), 2, True)  # observe_router's body
     assert rec.calls, "the recorder saw nothing"
     assert not [c for c in rec.calls if c.split(".")[0] in SYNCING], rec.calls
     assert float(counts[0]) == float(counts[1]) == 3.0  # and the step was folded
 
 
 def test_step_path_source_has_no_host_reads():
-    # .tolist() / .cpu() of a CPU tensor make no aten call the recorder could see
+    # .tolist() / .cpu() of a CPU tensor make no aten call the recorder could see (the row
+    # cursor, a CPU tensor read only where the buffers are on a CPU, is read in _pending alone)
     import inspect
 
     from actprune.core.tensor import accumulate
 
-    bodies = [ops.stash_channels, ops.stash_stream, ops.fold_step, ops._fold_step_math, ops.valid_rows,
+    bodies = [ops.stash_layer, ops.end_step, ops._fold_rows, ops._fold_math, ops.valid_rows,
               accumulate.fold_channels, accumulate.merge_channels, accumulate.fold_packed,
               accumulate.fold_blocks, accumulate.update_router]
     for fn in bodies:
