@@ -7,7 +7,7 @@ rank), attached to the loaded model. It owns a :class:`HookRegistry` and these h
 * pre-hooks on ``self_attn.o_proj`` and ``mlp.down_proj``: hold the input (attention channels
   of the local heads, MLP neurons of the local shard) for the layer's post-hook; no op
 * post-hook on ``mlp.gate`` of an MoE layer (instead of ``down_proj``, which the fused experts
-  do not have) -> actprune::observe_router (the router logits vLLM routes with, (T, E))
+  do not have): hold the router logits vLLM routes with, (T, E), for the layer's post-hook
 * pre-hook on the first decoder layer -> actprune::stash_layer (slot 0: the stream entering it)
 * post-hook on every decoder layer -> actprune::stash_layer: the held inputs and the stream
   leaving the layer, which is the stream entering the next (vLLM's decoder loop hands each
@@ -44,7 +44,7 @@ from actprune.core.tensor.accumulate import (
     export_state,
     merge_channels,
     new_packed_channels,
-    new_router_state,
+    new_packed_routers,
     reset_state,
 )
 from actprune.core.tensor.hooks import HookRegistry
@@ -52,7 +52,6 @@ from actprune.core.wire.schema import (
     BLOCK_KIND,
     CHANNEL_KINDS,
     DEFAULT_NEAR_ZERO,
-    ROUTER_FIELDS,
     ROUTER_KIND,
     SCALAR_FIELDS,
     group_name,
@@ -62,6 +61,7 @@ from safetensors.numpy import load as st_load_np
 from safetensors.numpy import save as st_save
 from torch import nn
 
+from .layout import decoder_layers, has_module, partition, router_width
 from .ops import StepBuffers, step_tokens  # importing ops registers torch.ops.actprune.*
 
 __all__ = ["Capture", "CaptureOptions", "Routing", "ShardInfo"]
@@ -95,42 +95,6 @@ class Routing:
     num_experts: int
     top_k: int
     renormalize: bool  # norm_topk_prob: top-k weights divided by their sum
-
-
-def _partition(linear: nn.Module) -> tuple[int, int, int]:
-    """(offset, local width, global width) of a RowParallelLinear's input.
-
-    Sizes come from the layer's attributes, never from ``weight.shape``: the CPU backend may
-    repack fp32 weights into a blocked layout."""
-    local = int(getattr(linear, "input_size_per_partition", 0) or 0)
-    total = int(getattr(linear, "input_size", 0) or 0)
-    rank = int(getattr(linear, "tp_rank", 0) or 0)
-    if not local:  # a plain nn.Linear (tests, unsharded models)
-        local = total = int(linear.in_features)
-    return rank * local, local, total
-
-
-def _router_width(gate: nn.Module, default: int) -> int:
-    """E of one router, from the module's attributes (never ``weight.shape``: the CPU backend
-    repacks and removes the gate's weight): the layer's own count in a checkpoint with per-layer
-    expert counts (the actprune architecture), the config's otherwise."""
-    return int(getattr(gate, "output_size", 0) or getattr(gate, "out_features", 0) or default)
-
-
-def decoder_layers(model: nn.Module, layout: VllmLayout) -> list[tuple[int, nn.Module]]:
-    """(global index, layer) for the decoder layers this rank owns; pipeline-parallel ranks hold
-    placeholders (PPMissingLayer) for the others, which have no attention (an MoE layer has
-    no ``mlp.down_proj`` either, so attention is what marks a real layer)."""
-    return [(i, layer) for i, layer in enumerate(model.get_submodule(layout.layers))
-            if _has(layer, layout.attn_in)]
-
-
-def _has(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
 
 
 class Capture:
@@ -170,60 +134,69 @@ class Capture:
         layers = decoder_layers(model, self.layout)
         if not layers:
             raise RuntimeError(f"actprune: found no decoder layers under {self.layout.layers!r}")
-        taps = self._channel_taps(layers)  # (layer index, group name, linear), in layer order
-        self._allocate([self.partitions[name][1] for _, name, _ in taps], len(layers))
+        taps, gates = self._taps(layers)  # (layer index, group name, linear) in layer order; routers
+        self._allocate([self.partitions[name][1] for _, name, _ in taps], len(layers), gates)
         # stream slot 0: entering the first layer (of this rank); slot j + 1: leaving layer j
         self.registry.pre_hook(HOOK_GROUP, layers[0][1], self._stream_in_hook())
         for j, (i, layer) in enumerate(layers):
             self.groups[group_name(i, BLOCK_KIND)] = {"cos_sum": self.bufs.blocks[0, j:j + 1],
                                                       "count": self.bufs.blocks[1, j:j + 1]}
             mine = [(g, linear) for g, (li, _, linear) in enumerate(taps) if li == i]
-            held: list[torch.Tensor | None] = [None] * len(mine)  # this step's tap inputs
+            held: list[torch.Tensor | None] = [None] * (len(mine) + 1)  # tap inputs, router logits
             for k, (_, linear) in enumerate(mine):
                 self.registry.pre_hook(HOOK_GROUP, linear, self._tap_hook(held, k))
-            self.registry.post_hook(HOOK_GROUP, layer, self._layer_hook(held, [g for g, _ in mine], j + 1))
+            router_slot = list(gates).index(i) if i in gates else -1
+            if router_slot >= 0:
+                self.registry.post_hook(HOOK_GROUP, gates[i], self._router_hook(held))
+            self.registry.post_hook(HOOK_GROUP, layer, self._layer_hook(held, [g for g, _ in mine], j + 1,
+                                                                        router_slot))
         # after the last layer's stash (hooks run in registration order): fold what is due
         self.registry.post_hook(HOOK_GROUP, layers[-1][1], self._end_hook())
         self.registry.pre_hook(HOOK_GROUP, model, self._on_step, with_kwargs=True)
         self.registry.post_hook(HOOK_GROUP, model, self._after_step)
 
-    def _channel_taps(self, layers: list[tuple[int, nn.Module]]) -> list[tuple[int, str, nn.Module]]:
-        """Partitions of every channel group and the linear each taps; router hooks of MoE
-        layers are put on here, their state is not packed (a handful of experts)."""
+    def _taps(self, layers: list[tuple[int, nn.Module]]
+              ) -> tuple[list[tuple[int, str, nn.Module]], dict[int, nn.Module]]:
+        """The channel taps (layer index, group name, linear), with each group's partition, and
+        the router of each MoE layer (layer index -> gate), which it has instead of a
+        ``down_proj`` tap."""
         paths = dict(zip(CHANNEL_KINDS, (self.layout.mlp_in, self.layout.attn_in), strict=True))
-        taps = []
+        taps, gates = [], {}
         for i, layer in layers:
             for kind, path in paths.items():
                 gate = self._router(i, layer) if kind == "mlp" else None
                 if gate is not None:  # an MoE layer: the router instead of down_proj
-                    state = new_router_state(_router_width(gate, self.routing.num_experts), self.device)
-                    self.groups[group_name(i, ROUTER_KIND)] = state
-                    self.registry.post_hook(HOOK_GROUP, gate, self._router_hook(state))
+                    gates[i] = gate
                     continue
                 linear = layer.get_submodule(path)
                 name = group_name(i, kind)
-                self.partitions[name] = _partition(linear)
+                self.partitions[name] = partition(linear)
                 taps.append((i, name, linear))
-        return taps
+        return taps, gates
 
-    def _allocate(self, widths: list[int], n_layers: int) -> None:
+    def _allocate(self, widths: list[int], n_layers: int, gates: dict[int, nn.Module]) -> None:
         """The packed accumulators and the step buffers. Steps of up to ``rows`` tokens are
         copied into the buffers and folded later; ``rows`` is what fits in ``stash_mib``, at
         most the largest batch vLLM schedules."""
         fields, counts, gid, states = new_packed_channels(widths, self.device)
         self.groups.update(zip(self.partitions, states, strict=True))
         self.offsets = [0, *itertools.accumulate(widths)][:-1]
-        row_bytes = 4 * (sum(widths) + (n_layers + 1) * self.hidden_size)
+        experts = [router_width(g, self.routing.num_experts) for g in gates.values()]
+        router_fields, router_states = new_packed_routers(experts, self.device)
+        self.groups.update({group_name(i, ROUTER_KIND): st for i, st in zip(gates, router_states, strict=True)})
+        row_bytes = 4 * (sum(widths) + (n_layers + 1) * self.hidden_size + len(experts) * max(experts, default=0))
         rows, long_rows = StepBuffers.sizes(self.options.max_tokens, (self.options.stash_mib << 20) // row_bytes,
-                                             self.device.type == "cpu")
-        self.bufs = StepBuffers.new(fields, counts, gid, self.armed, self.threshold, rows=rows,
-                                    long_rows=long_rows, n_layers=n_layers, hidden=self.hidden_size)
+                                            self.device.type == "cpu")
+        routing = {"top_k": self.routing.top_k, "renormalize": self.routing.renormalize} if gates else {}
+        self.bufs = StepBuffers.new(fields, counts, gid, self.armed, self.threshold, rows=rows, long_rows=long_rows,
+                                    n_layers=n_layers, hidden=self.hidden_size,
+                                    router_fields=router_fields if gates else None, **routing)
 
     def _router(self, i: int, layer: nn.Module) -> nn.Module | None:
         """Layer ``i``'s router if it routes to experts: vLLM built one there (by the rule of
         ``mlp_only_layers`` / ``decoder_sparse_step``; the module tree is what runs)."""
         path = self.layout.router_out
-        if path is None or not _has(layer, path):
+        if path is None or not has_module(layer, path):
             return None
         if self.routing is None:
             raise RuntimeError(f"actprune: layer {i} has a router ({path}) but capture was given no routing")
@@ -233,13 +206,11 @@ class Capture:
                                "parallelism with TP > 1 and DP > 1); serve with DP = 1")
         return layer.get_submodule(path)
 
-    def _router_hook(self, st: dict[str, torch.Tensor]):
-        armed, k, renorm = self.armed, self.routing.top_k, self.routing.renormalize
-        acc = [st[f] for f in ROUTER_FIELDS]  # the op's accumulator arguments, in schema order
-
+    @staticmethod
+    def _router_hook(held: list[torch.Tensor | None]):
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            logits = output[0] if isinstance(output, tuple) else output  # GateLinear: (logits, bias)
-            torch.ops.actprune.observe_router(logits, armed, *acc, k, renorm)
+            # GateLinear returns (logits, bias): the (T, E) logits vLLM routes with
+            held[-1] = output[0] if isinstance(output, tuple) else output
 
         return hook
 
@@ -250,19 +221,20 @@ class Capture:
 
         return hook
 
-    def _layer_hook(self, held: list[torch.Tensor | None], groups: list[int], slot: int):
+    def _layer_hook(self, held: list[torch.Tensor | None], groups: list[int], slot: int, router_slot: int):
         # One op call a layer for all its taps (each call's dispatch costs more than its copy).
-        # The held inputs are not written again before the layer ends (a linear's input is
-        # its own tensor), and in compiled mode Dynamo traces this list away: the op gets the
-        # tensors as graph values, and the list is empty again when the layer ends.
+        # The held inputs are not written again before the layer ends (a linear's input and the
+        # router's output are their own tensors), and in compiled mode Dynamo traces this list
+        # away: the op gets the tensors as graph values; the list is empty again at the end.
         bufs, offsets = self.bufs.stash_args(), [self.offsets[g] for g in groups]
+        routing = (router_slot, self.bufs.top_k, self.bufs.renormalize)
 
         def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
             hidden, residual = output
-            taps = list(held)
+            taps, router = held[:-1], held[-1]
             for k in range(len(held)):
                 held[k] = None
-            torch.ops.actprune.stash_layer(taps, hidden, residual, *bufs, offsets, groups, slot)
+            torch.ops.actprune.stash_layer(taps, router, hidden, residual, *bufs, offsets, groups, slot, *routing)
 
         return hook
 
@@ -271,7 +243,7 @@ class Capture:
         bufs = self.bufs.stash_args()
 
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            torch.ops.actprune.stash_layer([], args[h], args[r], *bufs, [], [], 0)
+            torch.ops.actprune.stash_layer([], None, args[h], args[r], *bufs, [], [], 0, -1, 0, False)
 
         return hook
 

@@ -20,14 +20,16 @@ buffers folds each tap where it is, its cost spread over many tokens. The ops ar
 Ops (all return nothing; buffers and accumulators are updated in place; ``StepBuffers`` holds
 every tensor after the first three arguments):
 
-    actprune::stash_layer(taps [(T,C_k)], hidden (T,H), residual (T,H) | None, chan (N,ΣC),
-                          stream (N,L+1,H), scratch (M,H), fields [7 x (ΣC,)], counts (G,),
+    actprune::stash_layer(taps [(T,C_k)], router (T,E) | None, hidden (T,H), residual (T,H) | None,
+                          chan (N,ΣC), stream (N,L+1,H), routers (N,R,E'), scratch (M,H),
+                          fields [7 x (ΣC,)], counts (G,), router_fields [(R,), 3 x (R,E')],
                           blocks (2,L), zero_gid (≥C,), cursor (1,) | None, armed (), threshold (),
-                          offsets [k], groups [k], slot)
-    actprune::end_step(hidden (T,H), chan, stream, valid (N,), cursor | None, fields, counts,
-                       gid (ΣC,), blocks, armed, threshold)
-    actprune::observe_router(logits (T,E), armed (), count, topk_count, weight_sum, prob_sum,
-                             top_k, renormalize)
+                          offsets [k], groups [k], slot, router_slot, top_k, renormalize)
+    actprune::end_step(hidden (T,H), chan, stream, routers, valid (N,), cursor | None, fields,
+                       counts, router_fields, gid (ΣC,), blocks, armed, threshold, top_k,
+                       renormalize)
+
+R: the MoE layers of the rank (0 for a dense model), E': the most experts of one of them.
 
 No op reads a device tensor's value on the host (no ``.item()``, no data-dependent shape): the
 branches are on T, a shape a CUDA graph fixes at capture, and on a GPU nothing else; the row
@@ -40,7 +42,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
-from actprune.core.tensor.accumulate import fold_blocks, fold_packed, update_router
+from actprune.core.tensor.accumulate import fold_blocks, fold_packed, fold_routers
 from torch import Tensor
 
 __all__ = ["FOLD_ROWS", "StepBuffers", "step_tokens", "valid_rows"]
@@ -116,25 +118,35 @@ class StepBuffers:
 
     chan: Tensor  # (N, ΣC) float32: pending rows of the channel taps
     stream: Tensor  # (N, L + 1, H) float32: the residual stream at each layer boundary
+    routers: Tensor  # (N, R, E') float32: router logits of the MoE layers, -inf past a layer's E
     valid: Tensor  # (N,) bool: pending row is a real token, captured while armed
     cursor: Tensor | None  # (1,) int64 on the CPU: rows pending; None: fold every step (GPU)
     scratch: Tensor  # (M, H) float32: the stream entering the current layer of a long step
     fields: list[Tensor]  # 7 x (ΣC,): the packed accumulators (accumulate.PACKED_FIELDS)
     counts: Tensor  # (G,) float64
+    router_fields: list[Tensor]  # count (R,), topk_count / weight_sum / prob_sum (R, E') float64
     gid: Tensor  # (ΣC,) int32: each column's group
     zero_gid: Tensor  # (max C,) int32 zeros: one group's columns folded alone
     blocks: Tensor  # (2, L) float64: cos_sum, count of each layer
     armed: Tensor  # () float32: 1 = capturing
     threshold: Tensor  # () float32: near-zero threshold
+    top_k: int = 0  # the MoE model's routing (its config)
+    renormalize: bool = False
 
     @classmethod
     def new(cls, fields: list[Tensor], counts: Tensor, gid: Tensor, armed: Tensor, threshold: Tensor, *,
-            rows: int, long_rows: int, n_layers: int, hidden: int) -> StepBuffers:
+            rows: int, long_rows: int, n_layers: int, hidden: int, router_fields: list[Tensor] | None = None,
+            top_k: int = 0, renormalize: bool = False) -> StepBuffers:
         device = gid.device
         f32 = {"dtype": torch.float32, "device": device}
+        if router_fields is None:  # a dense model
+            router_fields = [torch.zeros(0, dtype=torch.float64, device=device)] + [
+                torch.zeros(0, 1, dtype=torch.float64, device=device) for _ in range(3)]
         return cls(
             chan=torch.zeros(rows, gid.shape[0], **f32),
             stream=torch.zeros(rows, n_layers + 1, hidden, **f32),
+            routers=torch.full((rows, *router_fields[1].shape), float("-inf"), **f32),
+            router_fields=router_fields, top_k=top_k, renormalize=renormalize,
             valid=torch.zeros(rows, dtype=torch.bool, device=device),
             cursor=torch.zeros(1, dtype=torch.int64) if device.type == "cpu" else None,
             scratch=torch.zeros(long_rows, hidden, **f32),
@@ -157,22 +169,23 @@ class StepBuffers:
         return rows, (max_tokens if rows < max_tokens + slack else 0)
 
     def stash_args(self) -> tuple:
-        """stash_layer's arguments after (taps, hidden, residual), in schema order."""
-        return (self.chan, self.stream, self.scratch, self.fields, self.counts, self.blocks,
-                self.zero_gid, self.cursor, self.armed, self.threshold)
+        """stash_layer's arguments after (taps, router, hidden, residual), to offsets."""
+        return (self.chan, self.stream, self.routers, self.scratch, self.fields, self.counts,
+                self.router_fields, self.blocks, self.zero_gid, self.cursor, self.armed, self.threshold)
 
     def end_args(self) -> tuple:
         """end_step's arguments after hidden, in schema order."""
-        return (self.chan, self.stream, self.valid, self.cursor, self.fields, self.counts, self.gid,
-                self.blocks, self.armed, self.threshold)
+        return (self.chan, self.stream, self.routers, self.valid, self.cursor, self.fields, self.counts,
+                self.router_fields, self.gid, self.blocks, self.armed, self.threshold, self.top_k,
+                self.renormalize)
 
     def flush(self) -> None:
         """Fold the rows still waiting (a CPU's): before the accumulators are read. Between
         steps only."""
         n = _pending(self.cursor)
         if n:
-            _fold_rows(n, self.chan, self.stream, self.valid, self.fields, self.counts, self.gid,
-                       self.blocks, self.threshold)
+            _fold_rows(n, self.chan, self.stream, self.routers, self.valid, self.fields, self.counts,
+                       self.router_fields, self.gid, self.blocks, self.threshold, self.top_k, self.renormalize)
             self.cursor.zero_()
 
     def discard(self) -> None:
@@ -193,21 +206,27 @@ def _compiled(fn):
     return torch.compile(fn, dynamic=True, fullgraph=True)
 
 
-def _fold_math(chan: Tensor, streams: Tensor, fields: list[Tensor], counts: Tensor, gid: Tensor,
-               blocks: Tensor, valid: Tensor, threshold: Tensor) -> None:
+def _fold_math(chan: Tensor, streams: Tensor, routers: Tensor, fields: list[Tensor], counts: Tensor,
+               router_fields: list[Tensor], gid: Tensor, blocks: Tensor, valid: Tensor, threshold: Tensor,
+               top_k: int, renormalize: bool) -> None:
     # chan: (R, ΣC); streams: (R, L + 1, H), the residual stream entering the first layer and
-    # leaving each layer (= entering the next); one compiled call (one Dynamo guard check)
+    # leaving each layer (= entering the next); routers: (R, MoE layers, E'); one compiled call
+    # (one Dynamo guard check)
     fold_packed(fields, counts, gid, chan, valid, threshold)
     fold_blocks(blocks, streams[:, :-1], streams[:, 1:], valid)
+    if routers.shape[1]:  # an MoE model
+        fold_routers(router_fields, routers, valid, top_k, renormalize)
 
 
-def _fold_rows(n: int, chan: Tensor, stream: Tensor, valid: Tensor, fields: list[Tensor], counts: Tensor,
-               gid: Tensor, blocks: Tensor, threshold: Tensor) -> None:
+def _fold_rows(n: int, chan: Tensor, stream: Tensor, routers: Tensor, valid: Tensor, fields: list[Tensor],
+               counts: Tensor, router_fields: list[Tensor], gid: Tensor, blocks: Tensor, threshold: Tensor,
+               top_k: int, renormalize: bool) -> None:
     """Fold the first n rows of the step buffers, in chunks of FOLD_ROWS on a CPU."""
     rows = FOLD_ROWS if chan.device.type == "cpu" else max(n, 1)
     for a in range(0, n, rows):  # a shape loop: the same calls at every replay of a graph
         b = min(n, a + rows)
-        _compiled(_fold_math)(chan[a:b], stream[a:b], fields, counts, gid, blocks, valid[a:b], threshold)
+        _compiled(_fold_math)(chan[a:b], stream[a:b], routers[a:b], fields, counts, router_fields, gid, blocks,
+                              valid[a:b], threshold, top_k, renormalize)
 
 
 def _define(schema: str, fn) -> None:
@@ -217,13 +236,15 @@ def _define(schema: str, fn) -> None:
     torch.library.register_fake(f"actprune::{name}", lambda *args: None, lib=_LIB)
 
 
-def stash_layer(taps: list[Tensor], hidden: Tensor, residual: Tensor | None, chan: Tensor, stream: Tensor,
-                scratch: Tensor, fields: list[Tensor], counts: Tensor, blocks: Tensor, zero_gid: Tensor,
-                cursor: Tensor | None, armed: Tensor, threshold: Tensor, offsets: list[int],
-                groups: list[int], slot: int) -> None:
+def stash_layer(taps: list[Tensor], router: Tensor | None, hidden: Tensor, residual: Tensor | None, chan: Tensor,
+                stream: Tensor, routers: Tensor, scratch: Tensor, fields: list[Tensor], counts: Tensor,
+                router_fields: list[Tensor], blocks: Tensor, zero_gid: Tensor, cursor: Tensor | None,
+                armed: Tensor, threshold: Tensor, offsets: list[int], groups: list[int], slot: int,
+                router_slot: int, top_k: int, renormalize: bool) -> None:
     # taps: the inputs of the layer's tapped linears, (T, C_k) each, their columns at offsets[k]
-    # of group groups[k]. The residual stream around a vLLM decoder layer is hidden + residual
-    # (vLLM defers the residual add into the next fused add-RMSNorm); layer 0 gets
+    # of group groups[k]; router: an MoE layer's router logits (T, E), its row router_slot of
+    # the router accumulators. The residual stream around a vLLM decoder layer is hidden +
+    # residual (vLLM defers the residual add into the next fused add-RMSNorm); layer 0 gets
     # residual=None. Slot 0 is the stream entering a rank's first layer (no taps), slot j + 1
     # the one leaving its layer j, which is what layer j + 1 is given (vLLM's decoder loop
     # passes it on as it is): one copy a layer.
@@ -232,6 +253,8 @@ def stash_layer(taps: list[Tensor], hidden: Tensor, residual: Tensor | None, cha
     if row + t <= chan.shape[0]:  # kept for end_step
         for x, offset in zip(taps, offsets, strict=True):
             chan[row:row + t, offset:offset + x.shape[-1]].copy_(x.reshape(t, -1))
+        if router is not None:  # the columns past this layer's E stay -inf
+            routers[row:row + t, router_slot, :router.shape[-1]].copy_(router.reshape(t, -1))
         dst = stream[row:row + t, slot]  # (T, H)
         if residual is None:
             dst.copy_(hidden)
@@ -247,15 +270,19 @@ def stash_layer(taps: list[Tensor], hidden: Tensor, residual: Tensor | None, cha
         c = x.shape[-1]
         _compiled(fold_packed)([f[offset:offset + c] for f in fields], counts[group:group + 1],
                                zero_gid[:c], x.reshape(t, c), valid, threshold)
+    if router is not None:
+        e, r = router.shape[-1], router_slot
+        own = [router_fields[0][r:r + 1], *(f[r:r + 1, :e] for f in router_fields[1:])]  # (1,), (1, E)
+        _compiled(fold_routers)(own, router.reshape(t, 1, e), valid, top_k, renormalize)
     h = hidden.float() if residual is None else hidden.float() + residual.float()  # (T, H)
     if slot:  # layer slot - 1: against the stream it was given
         fold_blocks(blocks[:, slot - 1:slot], scratch[:t, None], h[:, None], valid)
     scratch[:t].copy_(h)  # what the next layer is given
 
 
-def end_step(hidden: Tensor, chan: Tensor, stream: Tensor, valid: Tensor, cursor: Tensor | None,
-             fields: list[Tensor], counts: Tensor, gid: Tensor, blocks: Tensor, armed: Tensor,
-             threshold: Tensor) -> None:
+def end_step(hidden: Tensor, chan: Tensor, stream: Tensor, routers: Tensor, valid: Tensor, cursor: Tensor | None,
+             fields: list[Tensor], counts: Tensor, router_fields: list[Tensor], gid: Tensor, blocks: Tensor,
+             armed: Tensor, threshold: Tensor, top_k: int, renormalize: bool) -> None:
     t = hidden.shape[0]
     row = _pending(cursor)
     if row + t > chan.shape[0]:  # folded tap by tap already
@@ -265,32 +292,17 @@ def end_step(hidden: Tensor, chan: Tensor, stream: Tensor, valid: Tensor, cursor
     if cursor is not None and n < FOLD_ROWS:  # a CPU: wait for a chunk's worth of rows
         cursor.fill_(n)
         return
-    _fold_rows(n, chan, stream, valid, fields, counts, gid, blocks, threshold)
+    _fold_rows(n, chan, stream, routers, valid, fields, counts, router_fields, gid, blocks, threshold, top_k,
+               renormalize)
     if cursor is not None:
         cursor.zero_()
 
 
-_define("stash_layer(Tensor[] taps, Tensor hidden, Tensor? residual, Tensor(a!) chan, Tensor(b!) stream, "
-        "Tensor(c!) scratch, Tensor(d!)[] fields, Tensor(e!) counts, Tensor(f!) blocks, Tensor zero_gid, "
-        "Tensor? cursor, Tensor armed, Tensor threshold, int[] offsets, int[] groups, int slot) -> ()",
-        stash_layer)
-_define("end_step(Tensor hidden, Tensor(a!) chan, Tensor(b!) stream, Tensor(c!) valid, Tensor(d!)? cursor, "
-        "Tensor(e!)[] fields, Tensor(f!) counts, Tensor gid, Tensor(g!) blocks, Tensor armed, "
-        "Tensor threshold) -> ()", end_step)
-
-
-@torch.library.custom_op(
-    "actprune::observe_router", mutates_args=("count", "topk_count", "weight_sum", "prob_sum"))
-def observe_router(
-    logits: Tensor, armed: Tensor, count: Tensor, topk_count: Tensor, weight_sum: Tensor,
-    prob_sum: Tensor, top_k: int, renormalize: bool,
-) -> None:
-    # top_k and renormalize are the model's own (config), constants of the traced graph.
-    z = logits.reshape(-1, logits.shape[-1])  # (T, E)
-    state = {"count": count, "topk_count": topk_count, "weight_sum": weight_sum, "prob_sum": prob_sum}
-    update_router(state, z, valid_rows(z.shape[0], armed), top_k, renormalize)
-
-
-@observe_router.register_fake
-def _(logits, armed, count, topk_count, weight_sum, prob_sum, top_k, renormalize):
-    return None
+_define("stash_layer(Tensor[] taps, Tensor? router, Tensor hidden, Tensor? residual, Tensor(a!) chan, "
+        "Tensor(b!) stream, Tensor(c!) routers, Tensor(d!) scratch, Tensor(e!)[] fields, Tensor(f!) counts, "
+        "Tensor(g!)[] router_fields, Tensor(h!) blocks, Tensor zero_gid, Tensor? cursor, Tensor armed, "
+        "Tensor threshold, int[] offsets, int[] groups, int slot, int router_slot, int top_k, "
+        "bool renormalize) -> ()", stash_layer)
+_define("end_step(Tensor hidden, Tensor(a!) chan, Tensor(b!) stream, Tensor(c!) routers, Tensor(d!) valid, "
+        "Tensor(e!)? cursor, Tensor(f!)[] fields, Tensor(g!) counts, Tensor(h!)[] router_fields, Tensor gid, "
+        "Tensor(i!) blocks, Tensor armed, Tensor threshold, int top_k, bool renormalize) -> ()", end_step)

@@ -43,10 +43,12 @@ __all__ = [
     "fold_channels",
     "fold_blocks",
     "fold_packed",
+    "fold_routers",
     "merge_channels",
     "new_block_state",
     "new_channel_state",
     "new_packed_channels",
+    "new_packed_routers",
     "new_router_state",
     "update_block",
     "update_router",
@@ -223,21 +225,62 @@ def new_router_state(num_experts: int, device: torch.device | str = "cpu") -> di
             for f in ROUTER_FIELDS}
 
 
+def new_packed_routers(
+    widths: list[int], device: torch.device | str = "cpu"
+) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """Zeroed accumulators of the routers of L layers with ``widths`` experts each, packed so
+    that one call folds them all: ([count (L,), then (L, max E) for the other ROUTER_FIELDS],
+    [each router's state, of views: count (1,), the others (E_l,)]). Columns past a layer's
+    own E stay zero (its logits there are -inf: never picked, probability 0)."""
+    e = max(widths, default=0)
+    fields = [torch.zeros(len(widths), *(() if f in SCALAR_FIELDS else (e,)), dtype=torch.float64, device=device)
+              for f in ROUTER_FIELDS]
+    states = [{f: t[i:i + 1] if f in SCALAR_FIELDS else t[i, :w] for f, t in zip(ROUTER_FIELDS, fields, strict=True)}
+              for i, w in enumerate(widths)]
+    return fields, states
+
+
 def route(logits: torch.Tensor, valid: torch.Tensor, top_k: int,
           renormalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Qwen3-MoE's routing re-derived in float64: (probabilities (T, E), top-k expert ids (T, k),
-    their weights (T, k) — softmax over all E, divided by their sum when ``renormalize``). Padding rows (``valid``
-    False) are routed as zero logits; callers mask them. The top-k is taken on the logits, as
-    vLLM's router does (softmax is monotone: the same experts as transformers' top-k of the
-    probabilities)."""
+    """Qwen3-MoE's routing re-derived in float64: (probabilities (T, ..., E), top-k expert ids
+    (T, ..., k), their weights (T, ..., k) — softmax over all E, divided by their sum when
+    ``renormalize``). Padding rows (``valid`` (T,) False) are routed as zero logits; callers
+    mask them. The top-k is taken on the logits, as vLLM's router does (softmax is monotone: the
+    same experts as transformers' top-k of the probabilities)."""
+    v = valid.view(-1, *([1] * (logits.dim() - 1)))  # (T, 1, ...)
     # torch.where, not multiplication: the profile run's NaN rows would poison the sums
-    z = torch.where(valid.view(-1, 1), logits.double(), 0.0)  # (T, E)
-    probs = torch.softmax(z, dim=-1)  # (T, E)
-    top_i = torch.topk(z, top_k, dim=-1).indices  # (T, k)
-    w = probs.gather(1, top_i)  # (T, k)
+    z = torch.where(v, logits.double(), 0.0)  # (T, ..., E)
+    probs = torch.softmax(z, dim=-1)  # (T, ..., E)
+    top_i = torch.topk(z, top_k, dim=-1).indices  # (T, ..., k)
+    w = probs.gather(-1, top_i)  # (T, ..., k)
     if renormalize:
         w = w / w.sum(dim=-1, keepdim=True)
     return probs, top_i, w
+
+
+def fold_routers(
+    fields: list[torch.Tensor],
+    logits: torch.Tensor,
+    valid: torch.Tensor,
+    top_k: int,
+    renormalize: bool,
+) -> None:
+    """Fold a batch of router logits of L layers into their accumulators: which experts each
+    token's top-k picks and with what weight, as Qwen3-MoE routes (:func:`route`).
+
+    fields: ROUTER_FIELDS in order: count (L,), topk_count / weight_sum / prob_sum (L, E), each
+    row contiguous; logits: (T, L, E) any float dtype, as the model computed them; valid: (T,)
+    bool."""
+    count, topk_count, weight_sum, prob_sum = fields
+    t, n_layers, e = logits.shape
+    v = valid.view(-1, 1, 1)  # (T, 1, 1)
+    probs, top_i, w = route(logits, valid, top_k, renormalize)  # (T, L, E), (T, L, k), (T, L, k)
+    hit = v.expand_as(top_i).double()  # (T, L, k): 1 for a real token's pick, 0 for padding
+    flat = (top_i + torch.arange(n_layers, device=logits.device).view(1, -1, 1) * e).reshape(-1)  # into (L·E,)
+    topk_count.view(-1).index_add_(0, flat, hit.reshape(-1))
+    weight_sum.view(-1).index_add_(0, flat, (w * hit).reshape(-1))
+    prob_sum.add_(torch.where(v, probs, 0.0).sum(0))
+    count.add_(valid.sum(dtype=torch.float64))
 
 
 def update_router(
@@ -247,16 +290,10 @@ def update_router(
     top_k: int,
     renormalize: bool,
 ) -> None:
-    """Fold a batch of router logits into ``state``: which experts each token's top-k picks and
-    with what weight, as Qwen3-MoE routes (:func:`route`). logits: (T, E) any float dtype, as
-    the model computed them; valid: (T,) bool."""
-    v = valid.view(-1, 1)  # (T, 1)
-    probs, top_i, w = route(logits, valid, top_k, renormalize)  # (T, E), (T, k), (T, k)
-    hit = v.expand_as(top_i).double()  # (T, k): 1 for a real token's pick, 0 for padding
-    state["topk_count"].index_add_(0, top_i.reshape(-1), hit.reshape(-1))
-    state["weight_sum"].index_add_(0, top_i.reshape(-1), (w * hit).reshape(-1))
-    state["prob_sum"].add_(torch.where(v, probs, 0.0).sum(0))
-    state["count"].add_(valid.sum(dtype=torch.float64))
+    """Fold a batch of one router's logits into ``state`` (:func:`fold_routers` for L = 1).
+    logits: (T, E) any float dtype, as the model computed them; valid: (T,) bool."""
+    fields = [state[f] if f in SCALAR_FIELDS else state[f].view(1, -1) for f in ROUTER_FIELDS]
+    fold_routers(fields, logits.reshape(logits.shape[0], 1, -1), valid, top_k, renormalize)
 
 
 def reset_state(state: dict[str, torch.Tensor]) -> None:

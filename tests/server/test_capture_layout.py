@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from actprune.core.archs import REGISTRY, spec_for_architecture
-from actprune.server.capture import _partition, decoder_layers
+from actprune.server.layout import decoder_layers, partition
 from torch import nn
 from vllm.model_executor.models.utils import PPMissingLayer
 
@@ -30,8 +30,8 @@ def test_tensor_parallel_partition_comes_from_layer_attributes_not_weight_shape(
     class Row(nn.Module):  # RowParallelLinear's attributes; the CPU backend may repack weights
         input_size, input_size_per_partition, tp_rank = 384, 192, 1
 
-    assert _partition(Row()) == (192, 192, 384)
-    assert _partition(nn.Linear(16, 3)) == (0, 16, 16)
+    assert partition(Row()) == (192, 192, 384)
+    assert partition(nn.Linear(16, 3)) == (0, 16, 16)
 
 
 def test_unknown_architecture_is_refused_with_the_supported_list():

@@ -93,8 +93,10 @@ def test_router_of_rank_zero_is_the_file_s_and_resume_restores_it_exactly():
     assert stats.router(1) is None and stats.group(1, "mlp")["sum"].shape == (MLP,)
     assert float(router["count"]) == 3 and float(stats.group(0, "attn")["count"]) == 3
     np.testing.assert_array_equal(router["topk_count"], [2, 3, 1])
-    np.testing.assert_allclose(router["weight_sum"], [6 / 7, 10 / 7, 5 / 7], rtol=1e-12)
-    np.testing.assert_allclose(router["prob_sum"], [7 / 8, 10 / 8, 7 / 8], rtol=1e-12)
+    # the step buffer keeps logits in float32 (a model's own are float32 or bfloat16: exact
+    # there); these float64 logs round to float32's 1e-7
+    np.testing.assert_allclose(router["weight_sum"], [6 / 7, 10 / 7, 5 / 7], rtol=1e-6)
+    np.testing.assert_allclose(router["prob_sum"], [7 / 8, 10 / 8, 7 / 8], rtol=1e-6)
 
     fresh = [_rank(r)[1] for r in range(TP)]
     for c in fresh:

@@ -21,8 +21,8 @@ def _observe(x: torch.Tensor, armed: float, buffer_rows: int) -> dict:
     (fields, counts, gid, (st,)) = new_packed_channels([x.shape[1]])
     bufs = ops.StepBuffers.new(fields, counts, gid, torch.tensor(armed), torch.tensor(0.0), rows=buffer_rows,
                                long_rows=8, n_layers=1, hidden=1)
-    torch.ops.actprune.stash_layer([], x, None, *bufs.stash_args(), [], [], 0)
-    torch.ops.actprune.stash_layer([x], x, None, *bufs.stash_args(), [0], [0], 1)
+    torch.ops.actprune.stash_layer([], None, x, None, *bufs.stash_args(), [], [], 0, -1, 0, False)
+    torch.ops.actprune.stash_layer([x], None, x, None, *bufs.stash_args(), [0], [0], 1, -1, 0, False)
     torch.ops.actprune.end_step(x, *bufs.end_args())
     bufs.flush()  # a step of 6 rows waits for more on a CPU
     return export_state(st)

@@ -41,10 +41,11 @@ def _step(bufs: ops.StepBuffers, xs: list[torch.Tensor], streams: list[tuple[tor
     end_step."""
     offsets = [0, *np.cumsum(WIDTHS)[:-1].tolist()]
     h, r = streams[0]
-    torch.ops.actprune.stash_layer([], h, r, *bufs.stash_args(), [], [], 0)
+    torch.ops.actprune.stash_layer([], None, h, r, *bufs.stash_args(), [], [], 0, -1, 0, False)
     for j in range(LAYERS):
         h, r = streams[j + 1]
-        torch.ops.actprune.stash_layer([xs[j]], h, r, *bufs.stash_args(), [offsets[j]], [j], j + 1)
+        torch.ops.actprune.stash_layer([xs[j]], None, h, r, *bufs.stash_args(), [offsets[j]], [j], j + 1,
+                                       -1, 0, False)
     torch.ops.actprune.end_step(streams[-1][0], *bufs.end_args())
 
 

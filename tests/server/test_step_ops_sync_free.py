@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import vllm.forward_context as fc
-from actprune.core.tensor.accumulate import new_packed_channels, new_router_state, update_router
+from actprune.core.tensor.accumulate import new_packed_channels, new_packed_routers
 from actprune.server import ops
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -41,19 +41,20 @@ def test_step_ops_never_read_device_values_on_the_host(monkeypatch, buffer_rows)
     monkeypatch.setattr(fc, "is_forward_context_available", lambda: True)
     monkeypatch.setattr(fc, "get_forward_context", lambda: SimpleNamespace(is_padding=padded))
     fields, counts, gid, _ = new_packed_channels([3, 2])
+    router_fields, _ = new_packed_routers([3])
     bufs = ops.StepBuffers.new(fields, counts, gid, torch.tensor(1.0), torch.tensor(0.1), rows=buffer_rows,
-                               long_rows=8, n_layers=1, hidden=4)
+                               long_rows=8, n_layers=1, hidden=4, router_fields=router_fields, top_k=2,
+                               renormalize=True)
     bufs = ops.StepBuffers(**{**bufs.__dict__, "cursor": None})  # a GPU's: no row cursor to read
     h, r, x = torch.randn(4, 4), torch.randn(4, 4), torch.randn(4, 5)
-    router = new_router_state(3)
-    with _Recorder() as rec:
-        torch.ops.actprune.stash_layer([], h, None, *bufs.stash_args(), [], [], 0)
-        torch.ops.actprune.stash_layer([x[:, :3], x[:, 3:]], h, r, *bufs.stash_args(), [0, 3], [0, 1], 1)
+    with _Recorder() as rec:  # a layer with two channel taps and a router
+        torch.ops.actprune.stash_layer([], None, h, None, *bufs.stash_args(), [], [], 0, -1, 2, True)
+        torch.ops.actprune.stash_layer([x[:, :3], x[:, 3:]], x[:, :3], h, r, *bufs.stash_args(), [0, 3], [0, 1],
+                                       1, 0, 2, True)
         torch.ops.actprune.end_step(h, *bufs.end_args())
-        update_router(router, x[:, :3], ops.valid_rows(4, bufs.armed), 2, True)  # observe_router's body
     assert rec.calls, "the recorder saw nothing"
     assert not [c for c in rec.calls if c.split(".")[0] in SYNCING], rec.calls
-    assert float(counts[0]) == float(counts[1]) == 3.0  # and the step was folded
+    assert float(counts[0]) == float(counts[1]) == float(router_fields[0][0]) == 3.0  # and the step was folded
 
 
 def test_step_path_source_has_no_host_reads():
@@ -65,7 +66,7 @@ def test_step_path_source_has_no_host_reads():
 
     bodies = [ops.stash_layer, ops.end_step, ops._fold_rows, ops._fold_math, ops.valid_rows,
               accumulate.fold_channels, accumulate.merge_channels, accumulate.fold_packed,
-              accumulate.fold_blocks, accumulate.update_router]
+              accumulate.fold_blocks, accumulate.fold_routers, accumulate.route]
     for fn in bodies:
         src = inspect.getsource(fn)
         for bad in (".item(", ".tolist(", ".cpu(", ".numpy(", "nonzero(", 'to("cpu")'):
