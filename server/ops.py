@@ -18,7 +18,7 @@ buffers folds each tap where it is, its cost spread over many tokens. The ops ar
 ~13 µs more per call (21 vs 8 µs).
 
 Ops (all return nothing; buffers and accumulators are updated in place; ``StepBuffers`` holds
-every tensor after the first three arguments):
+every tensor after the layer's own (taps, router, hidden, residual)):
 
     actprune::stash_layer(taps [(T,C_k)], router (T,E) | None, hidden (T,H), residual (T,H) | None,
                           chan (N,ΣC), stream (N,L+1,H), routers (N,R,E'), scratch (M,H),
