@@ -191,6 +191,7 @@ class Capture:
         self.bufs = StepBuffers.new(fields, counts, gid, self.armed, self.threshold, rows=rows, long_rows=long_rows,
                                     n_layers=n_layers, hidden=self.hidden_size,
                                     router_fields=router_fields if gates else None, **routing)
+        self.bufs.warm_up()  # compile the fold at load, not in the middle of serving
 
     def _router(self, i: int, layer: nn.Module) -> nn.Module | None:
         """Layer ``i``'s router if it routes to experts: vLLM built one there (by the rule of

@@ -188,6 +188,17 @@ class StepBuffers:
                        self.router_fields, self.gid, self.blocks, self.threshold, self.top_k, self.renormalize)
             self.cursor.zero_()
 
+    def warm_up(self) -> None:
+        """Compile the fold now, on rows marked not valid (which change no accumulator), for a
+        one-row chunk and a many-row one (dynamic shapes specialise a size of 1). Otherwise a
+        CPU's rows, which wait past vLLM's warm-up steps, would compile it at the first fold
+        or snapshot while serving (seconds on a small machine), and a GPU must never compile
+        inside a CUDA-graph capture. Before any step: nothing is waiting."""
+        for n in sorted({min(1, self.chan.shape[0]), min(FOLD_ROWS, self.chan.shape[0])} - {0}):
+            self.valid[:n].zero_()
+            _fold_rows(n, self.chan, self.stream, self.routers, self.valid, self.fields, self.counts,
+                       self.router_fields, self.gid, self.blocks, self.threshold, self.top_k, self.renormalize)
+
     def discard(self) -> None:
         """Drop the rows still waiting: a reset starts a new window."""
         if self.cursor is not None:

@@ -133,3 +133,16 @@ def test_a_full_size_step_after_waiting_rows_fits_or_has_scratch(cpu):
         _step(bufs, *b)
     bufs.flush()
     _check(groups, bufs.blocks, batches)
+
+
+def test_warm_up_compiles_the_fold_without_changing_a_number():
+    bufs, groups = _buffers(32, 64)
+    batch = _batch(16, 3)
+    _step(bufs, *batch)  # folded: 16 rows
+    before = [{f: a.copy() for f, a in export_state(g).items()} for g in groups], bufs.blocks.clone()
+    bufs.chan.fill_(7.0)  # stale rows in the buffers: the warm-up must not count them
+    bufs.warm_up()
+    for g, want in zip(groups, before[0], strict=True):
+        for f, a in export_state(g).items():
+            np.testing.assert_array_equal(a, want[f], err_msg=f)
+    assert torch.equal(bufs.blocks, before[1])
