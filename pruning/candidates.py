@@ -13,7 +13,9 @@ the same parameters on MLP neurons alone (BENCHMARKS.md, issue 13). So compress 
   --per-layer --layer-sensitivity``, the best MLP-only path of issue 7) removing the same number
   of parameters (within the rounding of one neuron per layer and the width multiple),
 
-refits each, and keeps the one whose loss on validation rows is lowest.
+refits each, and keeps the one whose loss on validation rows is lowest — on ``--data``'s held-out
+rows alone, or, with ``--val-data`` (text of other domains that the result must keep serving),
+by the mean over the validation sets of its loss above the dense model's (:func:`excess_loss`).
 
 Rows: ``--data`` is packed once (documents joined by EOS, cut into ``seq_len`` rows). Rows
 ``[0, fit)`` feed the sensitivity pass (its probe: the first ``probe_rows``) and the refits;
@@ -29,7 +31,7 @@ from typing import Any
 
 from actprune.core.archs import ModelShape
 
-__all__ = ["CANDIDATES", "Split", "candidate_requests", "choose", "split_rows"]
+__all__ = ["CANDIDATES", "Split", "candidate_requests", "choose", "excess_loss", "split_rows"]
 
 CANDIDATES = ("budget", "heads-capped", "mlp")  # the table's order; ties go to the earlier one
 
@@ -87,3 +89,14 @@ def choose(losses: dict[str, float]) -> str:
     if not losses:
         raise ValueError("no candidate to choose from")
     return min(losses, key=losses.__getitem__)
+
+
+def excess_loss(losses: dict[str, float], dense: dict[str, float]) -> float:
+    """A candidate's validation score over several sets: the mean over ``dense``'s sets of its
+    mean next-token loss minus the dense model's on the same set, i.e. the log of the geometric
+    mean of its × dense perplexities. Each set weighs the same whatever its length, so a drift
+    to another domain counts as much as the calibration domain; with one set it orders
+    candidates as their loss does. KeyError when a set is missing from ``losses``."""
+    if not dense:
+        raise ValueError("no validation set")
+    return sum(losses[s] - dense[s] for s in dense) / len(dense)

@@ -15,9 +15,12 @@ one that validates best kept.
 4. each distinct candidate refitted (``down_proj`` and ``o_proj``, least squares with a bias,
    :mod:`.compensate.calibrate`), sliced into ``WORK/candidate-NAME`` and its loss measured on
    validation rows of ``--data`` that neither the sensitivity probe nor the refits read
-   (:func:`.candidates.split_rows`); figures in ``candidates.json``. Only the best checkpoint so
-   far is kept on disk.
-5. ``OUT``: the candidate with the lowest validation loss (a table of all is printed).
+   (:func:`.candidates.split_rows`), and on the first ``val_rows`` rows of each ``--val-data``
+   source (text of other domains, read by nothing else); figures in ``candidates.json``. Only
+   the best checkpoint so far is kept on disk.
+5. ``OUT``: the candidate with the lowest validation loss — with ``--val-data``, the lowest mean
+   loss above the dense model's over the sets (:func:`.candidates.excess_loss`); a table of all
+   is printed.
 
 The files go into ``WORK`` (default ``OUT.steps``, beside ``OUT``). Resumable: a step whose
 output exists and was made from the same inputs is skipped (the plans record their request and
@@ -43,7 +46,8 @@ from actprune.core.wire.plan_request import PlanRequest
 __all__ = ["CANDIDATES_FILE", "CompressConfig", "CompressError", "compress"]
 
 CANDIDATES_FILE = "candidates.json"
-_CANDIDATES_FORMAT = "actprune.compress_candidates/1"
+_CANDIDATES_FORMAT = "actprune.compress_candidates/2"  # /2: validation sets of --val-data ("extra")
+DATA = "--data"  # the validation set of --data's held-out rows
 _PLAN_FILES = {"budget": "plan.json", "heads-capped": "plan-heads-capped.json", "mlp": "plan-mlp.json"}
 
 
@@ -64,6 +68,7 @@ class CompressConfig:
     seq_len: int = 512
     probe_rows: int = 8
     val_rows: int = 8
+    val_data: tuple[str, ...] = ()  # other domains' text: validation only, first val_rows rows each
     ridge: float = 1e-2
     overwrite: bool = False
     progress: bool = True
@@ -157,8 +162,9 @@ def _made_from(cfg: CompressConfig, plan: Plan, out: Path) -> bool:
 
 # ---- validation rows and candidates ------------------------------------------------------------
 def _split(cfg: CompressConfig):
-    """Pack ``--data`` once; returns (cfg with ``tokens`` = the rows the fit reads, validation
-    rows (V, T), the split) — :func:`.candidates.split_rows`."""
+    """Pack ``--data`` once; returns (cfg with ``tokens`` = the rows the fit reads, the
+    validation sets {"--data": rows (V, T), SOURCE: rows (V', T) of each ``--val-data``}, the
+    split) — :func:`.candidates.split_rows`."""
     from actprune.pruning.candidates import split_rows
     from actprune.pruning.checkpoint.hf_io import load_tokenizer
     from actprune.pruning.data import load_texts, pack, tokenize
@@ -174,25 +180,61 @@ def _split(cfg: CompressConfig):
     cfg.log(f"split: --data packs into {len(rows)} rows of {cfg.seq_len} tokens: rows 0–{split.fit - 1} for "
             f"sensitivity (probe: the first {cfg.probe_rows}) and refit, rows {a}–{b - 1} for validation"
             + (f" ({split.note})" if split.note else ""))
-    return replace(cfg, tokens=split.fit * cfg.seq_len), rows[a:b], split
+    sets = {DATA: rows[a:b]}
+    for source in cfg.val_data:
+        if source == cfg.data or source in sets:
+            raise CompressError(f"--val-data {source}: named twice (or is --data, whose held-out rows are "
+                                f"validated already)")
+        try:
+            extra = pack(tokenize(tok, load_texts(source, None, tok)), cfg.seq_len, tok.eos_token_id)[:cfg.val_rows]
+        except ActpruneError as e:  # load_texts names its source as --data
+            raise CompressError(f"--val-data {source}: {str(e).removeprefix(f'--data {source}: ')}") from None
+        if not len(extra):
+            raise CompressError(f"--val-data {source}: shorter than one row of {cfg.seq_len} tokens")
+        sets[source] = extra
+        cfg.log(f"split: --val-data {source}: validation on its first {len(extra)} rows"
+                + (f" (only {len(extra)}, not --val-rows {cfg.val_rows})" if len(extra) < cfg.val_rows else ""))
+    return replace(cfg, tokens=split.fit * cfg.seq_len), sets, split
 
 
-def _validation_loss(cfg: CompressConfig, model_dir: Path, rows) -> float:
-    """Mean next-token loss of the checkpoint at ``model_dir`` on ``rows`` (V, T), as loaded."""
+def _validation_losses(cfg: CompressConfig, model_dir: Path, sets: dict[str, Any]) -> dict[str, float]:
+    """Mean next-token loss of the checkpoint at ``model_dir``, as loaded, on each validation
+    set's rows (V, T)."""
     import torch
     from actprune.pruning.checkpoint.hf_io import load_causal_lm
     from actprune.pruning.evaluate.perplexity import nll_and_kl
 
     model = load_causal_lm(model_dir, torch.float32, trust_remote_code=cfg.trust_remote_code)
-    nll, _, tokens = nll_and_kl([model], rows, batch_size=2, progress=cfg.progress, desc="validation")
-    return nll[0] / tokens
+    out = {}
+    for name, rows in sets.items():
+        nll, _, tokens = nll_and_kl([model], rows, batch_size=2, progress=cfg.progress, desc=f"validation {name}")
+        out[name] = nll[0] / tokens
+    return out
+
+
+def _figures(losses: dict[str, float]) -> dict[str, Any]:
+    """The record of a model's validation: ``--data``'s loss and perplexity, the other sets' losses."""
+    return {"loss": losses[DATA], "perplexity": math.exp(losses[DATA]),
+            "extra": {k: v for k, v in losses.items() if k != DATA}}
+
+
+def _losses(figures: dict[str, Any]) -> dict[str, float]:
+    return {DATA: figures["loss"], **figures.get("extra", {})}
+
+
+def _scores(record: dict[str, Any], names) -> dict[str, float]:
+    """Each candidate's :func:`.candidates.excess_loss` over the validation sets."""
+    from actprune.pruning.candidates import excess_loss
+
+    dense = _losses(record["dense"])
+    return {n: excess_loss(_losses(record["candidates"][n]), dense) for n in names}
 
 
 def _candidate_dir(cfg: CompressConfig, name: str) -> Path:
     return cfg.work_dir / f"candidate-{name}"
 
 
-def _candidates_step(cfg: CompressConfig, plans: dict[str, Plan], rows, split) -> dict[str, Any]:
+def _candidates_step(cfg: CompressConfig, plans: dict[str, Plan], sets, split) -> dict[str, Any]:
     """Build and validate every candidate not yet in ``candidates.json`` (module doc, step 4);
     returns the record: ``dense`` and ``candidates`` (name -> loss, perplexity, parameters)."""
     from actprune.core.files import atomic_write
@@ -200,13 +242,13 @@ def _candidates_step(cfg: CompressConfig, plans: dict[str, Plan], rows, split) -
 
     path = cfg.work_dir / CANDIDATES_FILE
     validation = {"model": str(Path(cfg.model).resolve()), "data": cfg.data, "text_field": cfg.text_field,
-                  "seq_len": cfg.seq_len, "rows": list(split.val)}  # what the dense figure depends on
+                  "seq_len": cfg.seq_len, "rows": list(split.val),  # what the dense figures depend on
+                  "extra": {k: len(v) for k, v in sets.items() if k != DATA}}
     record = _read_json(path)
     if record.get("format") != _CANDIDATES_FORMAT or record.get("validation") != validation:
         record = {"format": _CANDIDATES_FORMAT, "validation": validation, "candidates": {}}
     if not isinstance(record.get("dense"), dict):
-        loss = _validation_loss(cfg, cfg.model, rows)
-        record["dense"] = {"loss": loss, "perplexity": math.exp(loss)}
+        record["dense"] = _figures(_validation_losses(cfg, cfg.model, sets))
         atomic_write(path, json.dumps(record, indent=1) + "\n")
     done = record["candidates"]
     for name, plan in plans.items():
@@ -216,12 +258,11 @@ def _candidates_step(cfg: CompressConfig, plans: dict[str, Plan], rows, split) -
             continue
         ckpt = _candidate_dir(cfg, name)
         _build(cfg, plan, ckpt, name)
-        loss = _validation_loss(cfg, ckpt, rows)
-        done[name] = {"plan": _digest(plan), "fit": cfg.fit_inputs(), "loss": loss, "perplexity": math.exp(loss),
+        done[name] = {"plan": _digest(plan), "fit": cfg.fit_inputs(), **_figures(_validation_losses(cfg, ckpt, sets)),
                       "params_before": plan.params_before, "params_after": plan.params_after}
         atomic_write(path, json.dumps(record, indent=1) + "\n")
-        cfg.log(f"candidate {name}: wrote {path}: validation perplexity {math.exp(loss):.3f}")
-        best = choose({n: done[n]["loss"] for n in plans if n in done})
+        cfg.log(f"candidate {name}: wrote {path}: validation perplexity {done[name]['perplexity']:.3f}")
+        best = choose(_scores(record, [n for n in plans if n in done]))
         for other in cfg.work_dir.glob("candidate-*"):  # only the best so far stays on disk
             if other != _candidate_dir(cfg, best):
                 shutil.rmtree(other, ignore_errors=True)
@@ -229,15 +270,22 @@ def _candidates_step(cfg: CompressConfig, plans: dict[str, Plan], rows, split) -
 
 
 def _table(cfg: CompressConfig, plans: dict[str, Plan], record: dict[str, Any], best: str) -> None:
-    dense = record["dense"]["perplexity"]
+    dense = _losses(record["dense"])
+    extra = [k for k in dense if k != DATA]
     a, b = record["validation"]["rows"]
-    cfg.log(f"candidates, validation perplexity on rows {a}–{b - 1} of --data (dense {dense:.3f}):")
-    cfg.log(f"  {'candidate':<14} {'params removed':>24} {'val ppl':>9} {'× dense':>8}")
+    cfg.log(f"candidates, validation perplexity on rows {a}–{b - 1} of --data (dense {math.exp(dense[DATA]):.3f})"
+            + "".join(f"; × dense on [{i + 1}] {k}" for i, k in enumerate(extra)) + ":")
+    cfg.log(f"  {'candidate':<14} {'params removed':>24} {'val ppl':>9} {'× dense':>8}"
+            + "".join(f" {f'[{i + 1}]':>6}" for i in range(len(extra))) + (f" {'mean × dense':>12}" if extra else ""))
+    scores = _scores(record, plans)
     for name in plans:
         r = record["candidates"][name]
+        mine = _losses(r)
         removed = r["params_before"] - r["params_after"]
         cfg.log(f"{'*' if name == best else ' '} {name:<14} {removed:>15,} ({removed / r['params_before']:5.1%})"
-                f" {r['perplexity']:>9.3f} {r['perplexity'] / dense:>8.3f}")
+                f" {r['perplexity']:>9.3f} {math.exp(mine[DATA] - dense[DATA]):>8.3f}"
+                + "".join(f" {math.exp(mine[k] - dense[k]):>6.3f}" for k in extra)
+                + (f" {math.exp(scores[name]):>12.3f}" if extra else ""))
 
 
 def _final_step(cfg: CompressConfig, name: str, plan: Plan) -> Path:
@@ -282,7 +330,7 @@ def compress(cfg: CompressConfig) -> Path:
     config = read_config(cfg.model)
     stats = Stats.load(cfg.stats)
     norms = ColumnNorms(cfg.model, spec_for_config(config))
-    cfg, rows, split = _split(cfg)
+    cfg, sets, split = _split(cfg)
     base = {k: v for k, v in cfg.request.items() if v is not None}
     uniform = _plan_step(cfg, "uniform.json", _request(base), stats, config, norms)
     sens = request_fields(_sensitivity_step(cfg, uniform))
@@ -296,8 +344,8 @@ def compress(cfg: CompressConfig) -> Path:
         plans[name] = plan
     if not plans:
         raise CompressError(f"--param-ratio {base['param_ratio']}: no candidate can remove that much")
-    record = _candidates_step(cfg, plans, rows, split)
-    best = choose({n: record["candidates"][n]["loss"] for n in plans})
+    record = _candidates_step(cfg, plans, sets, split)
+    best = choose(_scores(record, plans))
     _table(cfg, plans, record, best)
     return _final_step(cfg, best, plans[best])
 

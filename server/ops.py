@@ -184,8 +184,7 @@ class StepBuffers:
         steps only."""
         n = _pending(self.cursor)
         if n:
-            _fold_rows(n, self.chan, self.stream, self.routers, self.valid, self.fields, self.counts,
-                       self.router_fields, self.gid, self.blocks, self.threshold, self.top_k, self.renormalize)
+            self._fold(n)
             self.cursor.zero_()
 
     def warm_up(self) -> None:
@@ -196,8 +195,11 @@ class StepBuffers:
         inside a CUDA-graph capture. Before any step: nothing is waiting."""
         for n in sorted({min(1, self.chan.shape[0]), min(FOLD_ROWS, self.chan.shape[0])} - {0}):
             self.valid[:n].zero_()
-            _fold_rows(n, self.chan, self.stream, self.routers, self.valid, self.fields, self.counts,
-                       self.router_fields, self.gid, self.blocks, self.threshold, self.top_k, self.renormalize)
+            self._fold(n)
+
+    def _fold(self, n: int) -> None:
+        _fold_rows(n, self.chan, self.stream, self.routers, self.valid, self.fields, self.counts,
+                   self.router_fields, self.gid, self.blocks, self.threshold, self.top_k, self.renormalize)
 
     def discard(self) -> None:
         """Drop the rows still waiting: a reset starts a new window."""

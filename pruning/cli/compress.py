@@ -63,6 +63,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-rows", type=int, default=8, help="rows of --data the sensitivity loss is measured on")
     p.add_argument("--val-rows", type=int, default=8,
                    help="rows of --data after those the fit reads, held out to choose the candidate")
+    p.add_argument("--val-data", action="append", default=[], metavar="SOURCE",
+                   help="text of another domain the result must keep serving (wiki:PART, FILE.txt, FILE.jsonl with a "
+                        "'text' or 'messages' field; repeatable): candidates are chosen by their mean loss above the "
+                        "dense model's over --data's held-out rows and the first --val-rows rows of each")
     p.add_argument("--ridge", type=float, default=1e-2, help="refit ridge towards the plain slice")
     p.add_argument("--overwrite", action="store_true", help="replace an output directory this run did not make")
     add_trust_flag(p)
@@ -79,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     out = compress(CompressConfig(
         model=args.model, stats=args.stats, data=args.data, output=args.output, request=request, work=args.work,
         text_field=args.text_field, tokens=args.tokens, seq_len=args.seq_len, probe_rows=args.probe_rows,
-        val_rows=args.val_rows, ridge=args.ridge, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
+        val_rows=args.val_rows, val_data=tuple(args.val_data), ridge=args.ridge, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
     ))
     print(f"compressed checkpoint: {out}")
     return 0

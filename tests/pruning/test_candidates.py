@@ -1,12 +1,20 @@
 """compress's candidates (pure parts): the rows split (fit rows first, validation after them;
 adapted when the data is short, refused below probe + validation rows), the candidates'
-requests at one budget, and the choice (lowest validation loss)."""
+requests at one budget, and the choice (lowest validation loss; over several validation
+sets, the lowest mean loss above the dense model's)."""
 
 from __future__ import annotations
 
 import pytest
 from actprune.core.archs import LayerShape, ModelShape
-from actprune.pruning.candidates import Split, candidate_requests, choose, mlp_params, split_rows
+from actprune.pruning.candidates import (
+    Split,
+    candidate_requests,
+    choose,
+    excess_loss,
+    mlp_params,
+    split_rows,
+)
 
 SHAPE = ModelShape(hidden_size=64, vocab_size=100, head_dim=16, layers=(LayerShape(96, 8, 4),) * 4,
                    tie_word_embeddings=True, qkv_bias=False, qk_norm=False, dtype_bytes=4)
@@ -18,6 +26,20 @@ def test_choose_takes_the_lowest_validation_loss_and_the_first_of_ties():
     assert choose({"budget": 2.0, "mlp": 2.0}) == "budget"
     with pytest.raises(ValueError):
         choose({})
+
+
+def test_excess_loss_weighs_each_validation_set_the_same():
+    dense = {"--data": 2.0, "code": 3.0}
+    # in domain a is better by 0.1; out of domain b is better by 0.3: b wins on the mean
+    a, b = {"--data": 2.1, "code": 3.6}, {"--data": 2.2, "code": 3.3}
+    assert excess_loss(a, dense) == pytest.approx(0.35) and excess_loss(b, dense) == pytest.approx(0.25)
+    assert choose({"a": excess_loss(a, dense), "b": excess_loss(b, dense)}) == "b"
+    # one set: the same order as the loss itself
+    assert excess_loss({"--data": 2.1}, {"--data": 2.0}) < excess_loss({"--data": 2.2}, {"--data": 2.0})
+    with pytest.raises(KeyError):
+        excess_loss({"--data": 2.1}, dense)
+    with pytest.raises(ValueError):
+        excess_loss({}, {})
 
 
 def test_split_puts_validation_after_every_row_the_fit_reads():

@@ -2,13 +2,15 @@
 slice + validation of each → the best candidate as OUT; every candidate meets the budget, OUT is
 the candidate with the lowest loss on held-out rows of --data (checked by scoring OUT again),
 the plans equal the steps run one by one, a rerun or a killed run does not build a finished
-candidate again, and mistakes are refused in one line."""
+candidate again, and mistakes are refused in one line. With --val-data, the choice is the lowest
+mean loss above the dense model's over --data's held-out rows and each other text."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import re
 import shutil
 
 import pytest
@@ -217,3 +219,73 @@ def test_compress_head_cap_zero_spends_the_budget_on_mlp_neurons_only(run, tmp_p
     plan = json.loads((tmp_path / "out" / "actprune_plan.json").read_text())
     assert all(len(lp["heads_keep"]) == SHAPE["num_attention_heads"] for lp in plan["layers"])
     assert RATIO - 0.01 <= 1 - plan["params_after"] / plan["params_before"] <= RATIO + 1e-9
+
+
+def _other_domain(path):
+    """A text of another 'domain' for --val-data: other words than write_calibration_text's."""
+    from pruning_helpers import SENTENCES
+
+    path.write_text("\n\n".join(f"{SENTENCES[k % len(SENTENCES)]} Item {k}." for k in range(40)))
+    return path
+
+
+def test_compress_val_data_scores_every_set_and_chooses_by_the_mean_excess(run, tmp_path, capsys):
+    tmp, _, argv = run
+    _ran(tmp, argv)
+    other = _other_domain(tmp_path / "other.txt")
+    work = tmp_path / "steps"
+    work.mkdir()
+    for f in ("uniform.json", "sensitivity.json"):  # reused: their inputs match
+        shutil.copy(tmp / "out.steps" / f, work)
+    argv_v = [*argv[:-1], str(tmp_path / "out"), "--work", str(work), "--val-data", str(other)]
+    capsys.readouterr()
+    assert main(argv_v) == 0
+    out = capsys.readouterr().out
+    assert f"split: --val-data {other}: validation on its first {VAL} rows" in out, out
+    assert "mean × dense" in out and f"[1] {other}" in out, out
+    record = json.loads((work / "candidates.json").read_text())
+    assert record["validation"]["extra"] == {str(other): VAL}
+    dense = {"--data": record["dense"]["loss"], **record["dense"]["extra"]}
+    assert set(dense) == {"--data", str(other)}
+    from actprune.pruning.candidates import excess_loss
+
+    scores = {n: excess_loss({"--data": c["loss"], **c["extra"]}, dense) for n, c in record["candidates"].items()}
+    chosen = json.loads((tmp_path / "out" / "actprune_plan.json").read_text())["slice"]["candidate"]
+    assert chosen == min(scores, key=scores.get)
+    # OUT, loaded as a user would, scores the recorded losses: --data's held-out rows, the other
+    # text's first VAL rows
+    from actprune.pruning.checkpoint.hf_io import load_tokenizer
+    from actprune.pruning.data import load_texts, pack, tokenize
+
+    tok = load_tokenizer(tmp_path / "out")
+    a, b = record["validation"]["rows"]
+    data = argv[argv.index("--data") + 1]
+    model = load(tmp_path / "out", trust_remote_code=True)
+    for source, sl, want in ((data, slice(a, b), record["candidates"][chosen]["loss"]),
+                             (str(other), slice(0, VAL), record["candidates"][chosen]["extra"][str(other)])):
+        rows = pack(tokenize(tok, load_texts(source, None, tok)), SEQ, tok.eos_token_id)[sl]
+        with torch.no_grad():
+            loss = float(model(input_ids=rows, labels=rows).loss)
+        assert math.isclose(loss, want, rel_tol=1e-4), source
+
+    # the other text decides when it disagrees with --data: make --data's best the worst out of domain
+    best_in = min(record["candidates"], key=lambda n: record["candidates"][n]["loss"])
+    for n, c in record["candidates"].items():
+        c["extra"][str(other)] = dense[str(other)] + (10.0 if n == best_in else 0.01)
+    (work / "candidates.json").write_text(json.dumps(record))
+    assert main([*argv_v[:-5], str(tmp_path / "out2"), *argv_v[-4:]]) == 0
+    out = capsys.readouterr().out
+    chosen2 = json.loads((tmp_path / "out2" / "actprune_plan.json").read_text())["slice"]["candidate"]
+    assert chosen2 != best_in, out
+    assert not re.search(r"candidate \S+: wrote", out), out  # the recorded figures decided, none re-measured
+
+
+def test_compress_val_data_mistakes_are_one_line(run, tmp_path, capsys):
+    tmp, _, argv = run
+    data = argv[argv.index("--data") + 1]
+    for extra, words in (([data], "--data"), ([str(tmp_path / "missing.txt")], "no such file"),
+                         ([str(_other_domain(tmp_path / "o.txt"))] * 2, "twice")):
+        bad = [*argv[:-1], str(tmp_path / "o"), *[a for x in extra for a in ("--val-data", x)]]
+        assert main(bad) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--val-data" in err[0] and words in err[0], err
