@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
+import math
 import os
 import platform
 import statistics
@@ -97,7 +98,7 @@ def run_load(srv, prompts: list[list[int]], tokens: int) -> tuple[float, float, 
 
 def workloads(args: argparse.Namespace, mode: str, vocab: int) -> dict[str, list[list[int]]]:
     out = {}
-    for b, p in GRID[mode]:
+    for b, p in args.grid or GRID[mode]:
         out[f"B={b} P={p}"] = [prompt_ids(p, 1000 * b + p + i, vocab) for i in range(b)]
     if args.prefix and mode == "compiled":
         system = prompt_ids(SYSTEM_TOKENS, 1, vocab)
@@ -188,15 +189,29 @@ def _spread(xs: list[float], fmt: str = ".1f") -> str:
     return f"{statistics.median(xs):{fmt}} ({min(xs):{fmt}}–{max(xs):{fmt}})"
 
 
+def median_interval(xs: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free interval that holds the median of the rounds' population with at
+    least ``confidence``: the k-th smallest and k-th largest of n paired ratios, k the largest
+    with P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2 (the sign test's interval). None when
+    n is too small for any (n <= 5 at 95 %). It assumes rounds independent and alike; rounds
+    that drift together (the host's speed wandering) make it too narrow, not too wide."""
+    xs, n = sorted(xs), len(xs)
+    tail, k, below = (1 - confidence) / 2, 0, 0.0
+    while k < n // 2 and below + math.comb(n, k) / 2 ** n <= tail:
+        below += math.comb(n, k) / 2 ** n
+        k += 1
+    return (xs[k - 1], xs[n - k]) if k else None
+
+
 def table(mode: str, m: dict, args: argparse.Namespace) -> list[str]:
     res, load, other = m["results"], m["load"], m["foreign"]
     steady = max(other) <= args.max_other_cpu
     lines = [f"**{mode}** — load average (1 min) before each round and after: {', '.join(f'{x:.1f}' for x in load)}; "
              f"CPU taken by other jobs per round: {', '.join(f'{x:.2f}' for x in other)} cores"
              + ("" if steady else f" (> {args.max_other_cpu}): the wall-clock ratio is withheld"), "",
-             "| workload | on tok/s | off tok/s | on/off wall (paired) | on CPU ms/token | off CPU ms/token "
-             "| on/off by CPU time (paired) |",
-             "|---|---|---|---|---|---|---|"]
+             "| workload | on tok/s | off tok/s | on/off wall (paired) | its median, 95 % interval "
+             "| on CPU ms/token | off CPU ms/token | on/off by CPU time (paired) |",
+             "|---|---|---|---|---|---|---|---|"]
     for w in res["on"]:
         lines.append(_row(w, res["on"][w], res["off"][w], steady))
         if "vllm defaults" in res and res["vllm defaults"][w]["rate"]:
@@ -219,8 +234,10 @@ def _row(label: str, on: dict, off: dict, steady: bool) -> str:
     """One table row: rates, wall ratio (paired rounds), CPU per token, CPU-time ratio."""
     wall = [a / b for a, b in zip(on["rate"], off["rate"], strict=True)]
     cpu = [b / a for a, b in zip(on["cpu"], off["cpu"], strict=True)]  # off CPU/token ÷ on
+    ci = median_interval(wall) if steady else None
     return (f"| {label} | {_spread(on['rate'])} | {_spread(off['rate'])} "
             f"| {_spread(wall, '.3f') if steady else 'withheld'} "
+            f"| {f'{ci[0]:.3f}–{ci[1]:.3f}' if ci else '–'} "
             f"| {_spread([1e3 * x for x in on['cpu']])} | {_spread([1e3 * x for x in off['cpu']])} "
             f"| {_spread(cpu, '.3f')} |")
 
@@ -254,6 +271,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=32, help="tokens generated per request")
     ap.add_argument("--modes", nargs="+", default=["compiled", "eager"], choices=list(GRID))
+    ap.add_argument("--grid", nargs="+", type=_batch_prompt, default=None, metavar="B:P",
+                    help="only these workloads (batch B, prompt tokens P), in every mode; more rounds in the "
+                         "same time, for a tighter interval (default: the full grid)")
     ap.add_argument("--prefix", action="store_true", help="add the shared-system-prompt chat workload")
     ap.add_argument("--no-freeze-idle", dest="freeze_idle", action="store_false",
                     help="leave the other servers running while one is measured (default: SIGSTOP them)")
@@ -301,6 +321,16 @@ def main() -> int:
             "params_m": round(params / 1e6), "dtype": args.dtype, "tokens": args.tokens, "rounds": args.rounds,
             "load_before": load_before, "load_after": load_after, "modes": figures}, indent=2) + "\n")
     return 0
+
+
+def _batch_prompt(text: str) -> tuple[int, int]:
+    try:
+        b, p = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected B:P, e.g. 8:16") from None
+    if b < 1 or p < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: batch and prompt tokens must be >= 1")
+    return b, p
 
 
 def _shape_name(args: argparse.Namespace) -> str:

@@ -129,3 +129,38 @@ def test_the_servers_not_measured_are_stopped_and_continued_after(tmp_path):
         for p in procs.values():
             p.kill()
             p.wait()
+
+
+def test_the_median_interval_is_the_sign_tests_order_statistics():
+    from math import comb
+
+    xs = [0.848, 0.885, 0.897, 0.905, 0.935, 0.944, 0.97, 0.98, 1.031, 1.034, 1.035, 1.075]
+    # n = 12: P(Bin(12, 1/2) <= 2) = 79/4096 = 1.9 % <= 2.5 %, <= 3 is 7.3 %: the 3rd and 10th
+    assert capture_overhead.median_interval(xs[::-1]) == (0.897, 1.034)
+    assert sum(comb(12, k) for k in range(3)) / 2**12 <= 0.025 < sum(comb(12, k) for k in range(4)) / 2**12
+    assert capture_overhead.median_interval([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]) == (1.0, 6.0)  # 1/64 <= 2.5 %
+    assert capture_overhead.median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None  # 1/32 > 2.5 %
+    wide = capture_overhead.median_interval(list(range(40)))
+    assert wide == (13, 26)  # n = 40: k = 14 (P(Bin <= 13) = 1.9 %, <= 14 is 4.0 %)
+
+
+def test_the_table_prints_the_interval_only_with_enough_rounds():
+    m = _measured([0.0, 0.0, 0.0])
+    assert "| 0.950 (0.900–1.000) | – |" in _row(capture_overhead.table("compiled", m, ARGS))
+    for side in ("on", "off"):  # six rounds: the interval is min–max
+        r = m["results"][side]["B=1 P=16"]
+        r["rate"], r["cpu"], r["roles"] = r["rate"] * 2, r["cpu"] * 2, r["roles"] * 2
+    m["foreign"] = [0.0] * 6
+    assert "| 0.950 (0.900–1.000) | 0.900–1.000 |" in _row(capture_overhead.table("compiled", m, ARGS))
+
+
+def test_grid_picks_the_workloads():
+    args = Namespace(grid=[capture_overhead._batch_prompt("8:16"), (1, 16)], prefix=False)
+    loads = capture_overhead.workloads(args, "compiled", 1000)
+    assert list(loads) == ["B=8 P=16", "B=1 P=16"] and [len(x) for x in loads["B=8 P=16"]] == [16] * 8
+    import argparse
+
+    import pytest
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        capture_overhead._batch_prompt("8x16")
