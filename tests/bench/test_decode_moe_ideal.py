@@ -65,3 +65,31 @@ def test_a_stream_rate_counts_tokens_after_the_first_and_refuses_chunks_read_in_
         decode_throughput.stream_rate([1.0, 1.0 + 1e-6, 1.0 + 2e-6, 1.0 + 3e-6])
     with pytest.raises(RuntimeError, match="got 1 streamed chunks"):
         decode_throughput.stream_rate([1.0])
+
+
+def test_a_stream_read_in_one_go_is_measured_again_and_the_last_refusal_is_raised(capsys):
+    calls = []
+
+    def flaky(fail: int):
+        def fn():
+            calls.append(1)
+            if len(calls) <= fail:
+                decode_throughput.stream_rate([1.0, 1.0 + 1e-6, 1.0 + 2e-6], "m")  # refused
+            return 7.0
+        return fn
+
+    assert decode_throughput.retried(flaky(2)) == 7.0 and len(calls) == 3
+    assert "measuring that stream again" in capsys.readouterr().out
+    calls.clear()
+    with pytest.raises(decode_throughput.ReadInOneGo):
+        decode_throughput.retried(flaky(3))
+    assert len(calls) == 3
+    calls.clear()
+
+    def broken():  # any other failure is not retried
+        calls.append(1)
+        raise RuntimeError("server gone")
+
+    with pytest.raises(RuntimeError, match="server gone"):
+        decode_throughput.retried(broken)
+    assert len(calls) == 1
