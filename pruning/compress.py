@@ -187,10 +187,8 @@ def _split(cfg: CompressConfig):
                                 f"validated already)")
         try:
             extra = pack(tokenize(tok, load_texts(source, None, tok)), cfg.seq_len, tok.eos_token_id)[:cfg.val_rows]
-        except ActpruneError as e:  # load_texts names its source as --data
+        except ActpruneError as e:  # load_texts names its source as --data; pack refuses < 1 row
             raise CompressError(f"--val-data {source}: {str(e).removeprefix(f'--data {source}: ')}") from None
-        if not len(extra):
-            raise CompressError(f"--val-data {source}: shorter than one row of {cfg.seq_len} tokens")
         sets[source] = extra
         cfg.log(f"split: --val-data {source}: validation on its first {len(extra)} rows"
                 + (f" (only {len(extra)}, not --val-rows {cfg.val_rows})" if len(extra) < cfg.val_rows else ""))

@@ -283,7 +283,9 @@ def test_compress_val_data_scores_every_set_and_chooses_by_the_mean_excess(run, 
 def test_compress_val_data_mistakes_are_one_line(run, tmp_path, capsys):
     tmp, _, argv = run
     data = argv[argv.index("--data") + 1]
+    (tmp_path / "short.txt").write_text("Too short.")
     for extra, words in (([data], "--data"), ([str(tmp_path / "missing.txt")], "no such file"),
+                         ([str(tmp_path / "short.txt")], "not enough for one block"),
                          ([str(_other_domain(tmp_path / "o.txt"))] * 2, "twice")):
         bad = [*argv[:-1], str(tmp_path / "o"), *[a for x in extra for a in ("--val-data", x)]]
         assert main(bad) == 2
