@@ -139,6 +139,7 @@ class StepBuffers:
             top_k: int = 0, renormalize: bool = False) -> StepBuffers:
         device = gid.device
         f32 = {"dtype": torch.float32, "device": device}
+        _VIEWS.clear()  # views of earlier buffers: let them go
         if router_fields is None:  # a dense model
             router_fields = [torch.zeros(0, dtype=torch.float64, device=device)] + [
                 torch.zeros(0, 1, dtype=torch.float64, device=device) for _ in range(3)]
@@ -249,6 +250,29 @@ def _define(schema: str, fn) -> None:
     torch.library.register_fake(f"actprune::{name}", lambda *args: None, lib=_LIB)
 
 
+# (chan's address, slot, row, T) -> (the taps' and router's destinations, the stream's): the
+# views a small step of one layer writes to. Slicing them anew costs more than the copies (two
+# __getitem__ per tap, ~2 µs each, 25 layers a step); a small step (T < FOLD_ROWS, on a CPU) of a
+# given layer, row and T writes to the same views every time. The views keep the buffers alive,
+# so an address cannot be reused while it is a key; StepBuffers.new empties the cache.
+_VIEWS: dict[tuple[int, int, int, int], tuple[list[Tensor], Tensor]] = {}
+
+
+def _stash_views(taps: list[Tensor], router: Tensor | None, chan: Tensor, stream: Tensor, routers: Tensor,
+                 offsets: list[int], slot: int, router_slot: int, row: int, t: int) -> tuple[list[Tensor], Tensor]:
+    key = (chan.data_ptr(), slot, row, t)
+    hit = _VIEWS.get(key)
+    if hit is not None:
+        return hit
+    dsts = [chan[row:row + t, offset:offset + x.shape[-1]] for x, offset in zip(taps, offsets, strict=True)]
+    if router is not None:  # the columns past this layer's E stay -inf
+        dsts.append(routers[row:row + t, router_slot, :router.shape[-1]])
+    views = dsts, stream[row:row + t, slot]  # (T, C_k) each, (T, H)
+    if t < FOLD_ROWS:  # a prefill's T takes too many values to keep
+        _VIEWS[key] = views
+    return views
+
+
 def stash_layer(taps: list[Tensor], router: Tensor | None, hidden: Tensor, residual: Tensor | None, chan: Tensor,
                 stream: Tensor, routers: Tensor, scratch: Tensor, fields: list[Tensor], counts: Tensor,
                 router_fields: list[Tensor], blocks: Tensor, zero_gid: Tensor, cursor: Tensor | None,
@@ -264,11 +288,12 @@ def stash_layer(taps: list[Tensor], router: Tensor | None, hidden: Tensor, resid
     t = hidden.shape[0]
     row = _pending(cursor)
     if row + t <= chan.shape[0]:  # kept for end_step
-        for x, offset in zip(taps, offsets, strict=True):
-            chan[row:row + t, offset:offset + x.shape[-1]].copy_(x.reshape(t, -1))
-        if router is not None:  # the columns past this layer's E stay -inf
-            routers[row:row + t, router_slot, :router.shape[-1]].copy_(router.reshape(t, -1))
-        dst = stream[row:row + t, slot]  # (T, H)
+        dsts, dst = _stash_views(taps, router, chan, stream, routers, offsets, slot, router_slot, row, t)
+        srcs = [x if x.dim() == 2 else x.reshape(t, -1) for x in taps]
+        if router is not None:
+            srcs.append(router if router.dim() == 2 else router.reshape(t, -1))
+        if srcs:
+            torch._foreach_copy_(dsts, srcs)  # one call for every tap's copy
         if residual is None:
             dst.copy_(hidden)
         else:

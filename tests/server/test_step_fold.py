@@ -106,6 +106,22 @@ def test_small_steps_wait_for_a_chunk_and_a_snapshot_flushes_them(gpu_like):
     _check(groups, bufs.blocks, batches)
 
 
+@pytest.mark.parametrize("gpu_like", [False, True], ids=["cpu: rows wait", "gpu: every step"])
+def test_decode_steps_of_one_size_land_in_their_own_rows(gpu_like):
+    # decode's pattern: every step the same T, so the same layer writes at rows 0, 3, 6, ... of
+    # the buffers (stash_layer keeps its destination views per layer, row and T)
+    bufs, groups = _buffers(32, 64, gpu_like=gpu_like)
+    batches = [_batch(3, seed) for seed in range(7)]
+    waiting = []
+    for b in batches:
+        _step(bufs, *b)
+        waiting.append(0 if bufs.cursor is None else int(bufs.cursor[0]))
+    if not gpu_like:
+        assert waiting == [3, 6, 9, 12, 15, 0, 3]
+    bufs.flush()
+    _check(groups, bufs.blocks, batches)
+
+
 def test_a_reset_drops_the_waiting_rows_and_a_disarmed_step_counts_nothing():
     bufs, groups = _buffers(32, 64)
     _step(bufs, *_batch(4, 0))  # waits
