@@ -12,6 +12,10 @@ group spends per generated token (steadier than wall time when the machine is sh
 
     .venv/bin/python bench/decode_throughput.py --dir /tmp/actprune-decode
 
+``--source DIR --checkpoint NAME=PRUNED`` serves checkpoints pruned elsewhere (the output of
+``actprune compress``: any mix of widths, heads, KV groups and layers) beside their source, as
+they are; parameters are counted from the safetensors headers for every model.
+
 Ideal speed-up = parameters before ÷ after (decode streams every weight once per step).
 Goal (issue #4): measured speed-up ≥ 0.9 × ideal.
 
@@ -43,6 +47,7 @@ from pathlib import Path
 
 import httpx
 from actprune.client.http import Client
+from actprune.core.tensor.checkpoint import ShardIndex
 
 SHAPE = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=16,
              num_key_value_heads=8, head_dim=64, max_position_embeddings=4096)
@@ -92,9 +97,8 @@ def server(model: Path, log: Path, compiled: bool, extra: tuple[str, ...] = ()):
 
 
 def prune_all(src: Path, base_url: str, root: Path, wanted: list[str] | None = None,
-              variants: dict[str, dict | None] = VARIANTS) -> dict[str, tuple[Path, int, int]]:
-    """Stats captured by the base server -> plans -> sliced checkpoints.
-    Returns name -> (checkpoint, params before, params after)."""
+              variants: dict[str, dict | None] = VARIANTS) -> dict[str, Path]:
+    """Stats captured by the base server -> plans -> sliced checkpoints: name -> checkpoint."""
     from actprune.core.planning.planner import make_plan
     from actprune.core.tensor.checkpoint import ColumnNorms
     from actprune.core.wire.plan_request import PlanRequest
@@ -114,7 +118,7 @@ def prune_all(src: Path, base_url: str, root: Path, wanted: list[str] | None = N
         ckpt = root / name
         if not (ckpt / "config.json").is_file():
             slice_checkpoint(src, plan, ckpt, progress=False)
-        out[name] = (ckpt, plan.params_before, plan.params_after)
+        out[name] = ckpt
     return out
 
 
@@ -323,6 +327,24 @@ def report(medians, params: dict[str, int], batch: int, load: tuple[float, ...],
     return "\n".join(lines)
 
 
+def checkpoints_given(ap: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Path]:
+    """``--checkpoint NAME=DIR`` -> {NAME: DIR}; they are pruned from ``--source``, which they
+    need. Errors go through ``ap.error`` (one line, exit 2)."""
+    out: dict[str, Path] = {}
+    for item in args.checkpoint:
+        name, sep, d = item.partition("=")
+        if not sep or not name or not d:
+            ap.error(f"--checkpoint {item!r}: expected NAME=DIR")
+        if name == "base" or name in out or name in VARIANTS or name in MOE_VARIANTS:
+            ap.error(f"--checkpoint {item!r}: the name {name!r} is taken")
+        if not (Path(d) / "config.json").is_file():
+            ap.error(f"--checkpoint {item!r}: {d} has no config.json")
+        out[name] = Path(d)
+    if out and args.source is None:
+        ap.error("--checkpoint needs --source, the checkpoint it was pruned from")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", type=Path, default=Path("/tmp/actprune-decode"))
@@ -347,10 +369,14 @@ def main() -> int:
                     help="more vLLM flags for every server, e.g. '--gpu-memory-utilization 0.2'")
     ap.add_argument("--source", type=Path, default=None,
                     help="serve and prune this Qwen3 checkpoint instead of building one (shape flags ignored)")
+    ap.add_argument("--checkpoint", action="append", default=[], metavar="NAME=DIR",
+                    help="serve this pruned checkpoint of --source beside it, as it is (e.g. the output of "
+                    "actprune compress); repeatable; with it no variant is pruned unless --variants names it")
     ap.add_argument("--json", type=Path, default=None, help="also write the medians here")
     ap.add_argument("--no-freeze-idle", dest="freeze_idle", action="store_false",
                     help="leave the other servers running while one is measured (default: SIGSTOP them)")
     args = ap.parse_args()
+    given = checkpoints_given(ap, args)
     args.dir.mkdir(parents=True, exist_ok=True)
     shape = {**SHAPE, "hidden_size": args.hidden, "num_hidden_layers": args.layers,
              "intermediate_size": args.intermediate, "num_attention_heads": args.hidden // 64,
@@ -365,13 +391,15 @@ def main() -> int:
     moe = any(s.num_experts is not None for s in layers)  # transformers 5 says num_local_experts
     variants = MOE_VARIANTS if moe else VARIANTS
     extra = ("--dtype", args.dtype, *args.server_args.split())
-    wanted = [v for v in (args.variants or ",".join(variants)).split(",") if v and v != "base"]
+    default = "" if given else ",".join(variants)
+    wanted = [v for v in (args.variants or default).split(",") if v and v != "base"]
     ideals = None
     with ExitStack() as stack:
         print("starting the base server ...", flush=True)
         servers = {"base": stack.enter_context(server(src, args.dir / "base.log", args.compiled, extra))}
-        pruned = prune_all(src, servers["base"].base_url, args.dir, wanted, variants)
-        for name, (ckpt, _, _) in pruned.items():
+        pruned = prune_all(src, servers["base"].base_url, args.dir, wanted, variants) if wanted else {}
+        pruned.update(given)
+        for name, ckpt in pruned.items():
             print(f"starting {name} ...", flush=True)
             servers[name] = stack.enter_context(server(ckpt, args.dir / f"{name}.log", args.compiled, extra))
         if moe:  # the routing frequencies of the ideal: those of the measured traffic alone
@@ -381,8 +409,9 @@ def main() -> int:
         load = os.getloadavg()
         medians = measure(servers, args.rounds, args.tokens, args.batch, args.freeze_idle)
         if moe:
-            ideals = moe_ideals(servers, {"base": src, **{n: c for n, (c, _, _) in pruned.items()}}, args.batch)
-    params = {"base": next(iter(pruned.values()))[1], **{n: a for n, (_, _, a) in pruned.items()}}
+            ideals = moe_ideals(servers, {"base": src, **pruned}, args.batch)
+    # stored parameters, from the headers: the same count for the pruned variants and the given ones
+    params = {n: ShardIndex(d).parameters() for n, d in {"base": src, **pruned}.items()}
     print(report(medians, params, args.batch, load, ideals))
     if args.json:
         args.json.write_text(json.dumps({

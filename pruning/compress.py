@@ -7,6 +7,10 @@ one that validates best kept.
 
 1. ``uniform.json``: the planner's uniform split of ``param_ratio`` (every layer gives up the
    same share of MLP neurons and KV groups); it fixes the fractions sensitivity is measured at.
+   A small budget's uniform split may take no KV group from any layer (SmolLM2 has three a
+   layer: 10 % of its parameters leaves them all); then ``uniform-heads.json``, every layer
+   losing its smallest legal step of heads, sets the heads' measured fraction instead, so that
+   the heads are a candidate at every budget.
 2. ``sensitivity.json``: each layer's loss increase when that layer alone loses its MLP share,
    and separately its heads, refitted (:mod:`.compensate.sensitivity`): Δ per layer and kind.
 3. ``plan.json`` (``budget``: ``param_ratio`` allocated across layers and kinds by least modelled
@@ -114,6 +118,27 @@ def _plan_step(cfg: CompressConfig, name: str, request: PlanRequest, stats, conf
     return plan
 
 
+def _with_head_probe(cfg: CompressConfig, uniform: Plan, base: dict[str, Any], stats, config, norms) -> Plan:
+    """``uniform``, or when it removes no head anywhere, ``uniform`` with the head lists of a
+    plan that takes every layer's smallest legal step of heads (one KV group, or one query
+    head of each group): what the sensitivity pass measures the heads at."""
+    if any(len(lp.heads_keep) < w.num_attention_heads for lp, w in zip(uniform.layers, uniform.source.widths,
+                                                                         strict=True)):
+        return uniform
+    w = min(uniform.source.widths, key=lambda w: w.num_key_value_heads)
+    units = w.num_key_value_heads if base.get("head_mode", "kv_groups") == "kv_groups" else \
+        w.num_attention_heads // w.num_key_value_heads
+    if units < 2:  # a layer with one unit of heads cannot lose one and keep attention
+        return uniform
+    fields = {k: v for k, v in base.items() if k != "param_ratio"} | {"head_ratio": min(1.01 / units, 0.99)}
+    probe = _plan_step(cfg, "uniform-heads.json", _request(fields), stats, config, norms)
+    layers = [lp.model_copy(update={"heads_keep": hp.heads_keep, "kv_heads_keep": hp.kv_heads_keep})
+              for lp, hp in zip(uniform.layers, probe.layers, strict=True)]
+    cfg.log("sensitivity: the uniform plan removes no heads at this budget: heads are measured at "
+            "uniform-heads.json's")
+    return uniform.model_copy(update={"layers": layers})
+
+
 def _sensitivity_step(cfg: CompressConfig, uniform: Plan) -> dict[str, Any]:
     from actprune.pruning.compensate.sensitivity import SENSITIVITY_FORMAT, sensitivity_for_plan
 
@@ -167,10 +192,10 @@ def _split(cfg: CompressConfig):
     split) — :func:`.candidates.split_rows`."""
     from actprune.pruning.candidates import split_rows
     from actprune.pruning.checkpoint.hf_io import load_tokenizer
-    from actprune.pruning.data import load_texts, pack, tokenize
+    from actprune.pruning.data import packed_rows
 
     tok = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    rows = pack(tokenize(tok, load_texts(cfg.data, cfg.text_field, tok)), cfg.seq_len, tok.eos_token_id)  # (N, T)
+    rows = packed_rows(tok, cfg.data, cfg.text_field, cfg.seq_len)  # (N, T)
     try:
         split = split_rows(len(rows), cfg.tokens // cfg.seq_len, cfg.probe_rows, cfg.val_rows)
     except ValueError as e:
@@ -186,7 +211,7 @@ def _split(cfg: CompressConfig):
             raise CompressError(f"--val-data {source}: named twice (or is --data, whose held-out rows are "
                                 f"validated already)")
         try:
-            extra = pack(tokenize(tok, load_texts(source, None, tok)), cfg.seq_len, tok.eos_token_id)[:cfg.val_rows]
+            extra = packed_rows(tok, source, None, cfg.seq_len)[:cfg.val_rows]
         except ActpruneError as e:  # load_texts names its source as --data; pack refuses < 1 row
             raise CompressError(f"--val-data {source}: {str(e).removeprefix(f'--data {source}: ')}") from None
         sets[source] = extra
@@ -331,6 +356,7 @@ def compress(cfg: CompressConfig) -> Path:
     cfg, sets, split = _split(cfg)
     base = {k: v for k, v in cfg.request.items() if v is not None}
     uniform = _plan_step(cfg, "uniform.json", _request(base), stats, config, norms)
+    uniform = _with_head_probe(cfg, uniform, base, stats, config, norms)
     sens = request_fields(_sensitivity_step(cfg, uniform))
     plans: dict[str, Plan] = {}
     for name, fields in candidate_requests(base, sens, model_shape(config)).items():

@@ -13,7 +13,7 @@ Sources, all resolved by :func:`load_texts`:
   parts never overlap and do not depend on the file's order.
 
 Token streams become training blocks with :func:`pack`: documents joined by EOS, cut into
-rows of ``seq_len`` tokens.
+rows of ``seq_len`` tokens; :func:`packed_rows` goes from a source to its rows in one call.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ __all__ = [
     "DataError",
     "load_texts",
     "pack",
+    "packed_rows",
     "pick_seq_len",
     "split_train_val",
     "tokenize",
@@ -203,6 +204,13 @@ def pack(token_lists: Sequence[Sequence[int]], seq_len: int, eos_id: int) -> tor
     if n == 0:
         raise DataError(f"only {len(stream)} tokens: not enough for one block of {seq_len}")
     return torch.tensor(stream[: n * seq_len], dtype=torch.int64).view(n, seq_len)  # (N, L)
+
+
+def packed_rows(tokenizer: Any, source: str, text_field: str | None, seq_len: int) -> torch.Tensor:
+    """(N, seq_len) int64: the documents of ``source`` (:func:`load_texts`), tokenized and packed
+    (:func:`pack`), EOS from the tokenizer."""
+    texts = load_texts(source, text_field, tokenizer)
+    return pack(tokenize(tokenizer, texts), seq_len, tokenizer.eos_token_id)
 
 
 def pick_seq_len(n_tokens: int, requested: int | None, default: int, min_rows: int = 4,

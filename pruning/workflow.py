@@ -274,14 +274,13 @@ def evaluate(model_dirs: list[PathLike], data: str = "wiki:heldout", *, output: 
     and with ``tasks`` accuracy on lm-eval tasks (``["actprune_facts", "hellaswag"]``); with
     ``output``, also results.json, report.md and plots there. Returns ``ModelResult``s."""
     from actprune.pruning.checkpoint.hf_io import load_tokenizer
-    from actprune.pruning.data import load_texts, pack, tokenize
+    from actprune.pruning.data import packed_rows
     from actprune.pruning.evaluate.perplexity import DEFAULT_PROMPTS, evaluate_models
     from actprune.pruning.evaluate.report import write_report
 
     dirs = [str(d) for d in model_dirs]
     tok = load_tokenizer(dirs[0], trust_remote_code=trust_remote_code)
-    rows = pack(tokenize(tok, load_texts(data, text_field, tok)), seq_len, tok.eos_token_id)
-    rows = rows[: max(1, max_tokens // seq_len)]  # (N, L)
+    rows = packed_rows(tok, data, text_field, seq_len)[: max(1, max_tokens // seq_len)]  # (N, L)
     prompts = list(prompts or DEFAULT_PROMPTS)
     suite = None
     if tasks:

@@ -10,6 +10,7 @@ keeping the (small) norms for later plans of the same checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
@@ -77,6 +78,11 @@ class ShardIndex:
     def header(self, name: str) -> dict[str, Any]:
         """The safetensors header entry of ``name``: dtype, shape, data_offsets."""
         return self._header(self.weight_map[name])[1][name]
+
+    def parameters(self) -> int:
+        """Elements of every stored tensor, from the headers (nothing loaded): a tied
+        embedding, stored once, counts once."""
+        return sum(math.prod(self.header(n)["shape"]) for n in self.weight_map)
 
     def nbytes(self, name: str) -> int:
         start, end = self.header(name)["data_offsets"]

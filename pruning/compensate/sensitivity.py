@@ -139,11 +139,11 @@ def sensitivity_for_plan(model_dir: str | Path, plan: Plan, data: str, output: s
     :mod:`actprune.pruning.checkpoint.trust`); ``extra``: more keys for the record."""
     from actprune.core.files import atomic_write
     from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
-    from actprune.pruning.data import load_texts, pack, tokenize
+    from actprune.pruning.data import packed_rows
 
     plan.refuse_experts("actprune sensitivity")
     tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    rows = pack(tokenize(tok, load_texts(data, text_field, tok)), seq_len, tok.eos_token_id)
+    rows = packed_rows(tok, data, text_field, seq_len)
     rows = rows[: max(tokens // seq_len, probe_rows)]  # (N, T)
     model = load_causal_lm(model_dir, torch.float32, trust_remote_code=trust_remote_code)
     src = plan.source.widths

@@ -113,18 +113,6 @@ def _mlp_total(model_dir: Path) -> int:
     return sum(model_shape(read_config(model_dir)).mlp_widths)
 
 
-def _parameters(model_dir: Path) -> int:
-    """Parameters stored in a safetensors checkpoint, from the headers (nothing loaded)."""
-    from actprune.pruning.checkpoint.slicer import ShardIndex
-    from safetensors import safe_open
-
-    total = 0
-    for shard in ShardIndex(model_dir).shards:
-        with safe_open(model_dir / shard, framework="pt") as f:
-            total += sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
-    return total
-
-
 def _perplexity(model_dir: Path, rows: Any, progress: bool, trust_remote_code: bool = False) -> float:
     import torch
     from actprune.pruning.checkpoint.hf_io import load_causal_lm
@@ -190,7 +178,9 @@ def _step(cfg: IterateConfig, n: int, ratio: float, current: Path, original_tota
                                  teacher=cfg.model if cfg.distil else None, **ft)
     pruned_ppl = _perplexity(pruned, rows, cfg.progress)
     rec_ppl = pruned_ppl if recovered == pruned else _perplexity(recovered, rows, cfg.progress)
-    params = _parameters(recovered)
+    from actprune.core.tensor.checkpoint import ShardIndex
+
+    params = ShardIndex(recovered).parameters()  # from the headers
     total = _mlp_total(recovered)
     return StepResult(
         step=n, ratio=ratio, achieved_ratio=1 - total / original_total, local_ratio=local,
@@ -206,7 +196,7 @@ def run_iterate(cfg: IterateConfig) -> dict[str, Any]:
     from actprune.core.wire.stats import Stats
     from actprune.pruning import workflow as api
     from actprune.pruning.checkpoint.hf_io import load_tokenizer
-    from actprune.pruning.data import load_texts, pack, tokenize
+    from actprune.pruning.data import packed_rows
 
     if not cfg.ratios or any(b <= a for a, b in zip(cfg.ratios, cfg.ratios[1:], strict=False)):
         raise IterateError(f"ratios must be increasing, got {cfg.ratios}")
@@ -221,8 +211,8 @@ def run_iterate(cfg: IterateConfig) -> dict[str, Any]:
     work.mkdir(parents=True, exist_ok=True)
     state = _load_state(work, cfg)
     tok = load_tokenizer(original, trust_remote_code=cfg.trust_remote_code)
-    rows = pack(tokenize(tok, load_texts(cfg.eval_data, cfg.eval_text_field, tok)), cfg.eval_seq_len,
-                tok.eos_token_id)[: max(1, cfg.eval_tokens // cfg.eval_seq_len)]  # (N, L)
+    rows = packed_rows(tok, cfg.eval_data, cfg.eval_text_field, cfg.eval_seq_len)[
+        : max(1, cfg.eval_tokens // cfg.eval_seq_len)]  # (N, L)
     if state["original"] is None:
         state["original"] = {"perplexity": _perplexity(original, rows, cfg.progress, cfg.trust_remote_code),
                              "mlp_neurons": _mlp_total(original)}

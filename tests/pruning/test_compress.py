@@ -87,10 +87,10 @@ def test_compress_keeps_the_candidate_with_the_lowest_validation_loss(run, capsy
     assert (a, b) == (TOKENS // SEQ, TOKENS // SEQ + VAL)  # after every row the probe and refit read
     # OUT, loaded as a user would, scores what the record says on those rows
     from actprune.pruning.checkpoint.hf_io import load_tokenizer
-    from actprune.pruning.data import load_texts, pack, tokenize
+    from actprune.pruning.data import packed_rows
 
     tok = load_tokenizer(tmp / "out")
-    rows = pack(tokenize(tok, load_texts(argv[argv.index("--data") + 1], None, tok)), SEQ, tok.eos_token_id)[a:b]
+    rows = packed_rows(tok, argv[argv.index("--data") + 1], None, SEQ)[a:b]
     model = load(tmp / "out", trust_remote_code=True)
     with torch.no_grad():
         loss = float(model(input_ids=rows, labels=rows).loss)
@@ -255,7 +255,7 @@ def test_compress_val_data_scores_every_set_and_chooses_by_the_mean_excess(run, 
     # OUT, loaded as a user would, scores the recorded losses: --data's held-out rows, the other
     # text's first VAL rows
     from actprune.pruning.checkpoint.hf_io import load_tokenizer
-    from actprune.pruning.data import load_texts, pack, tokenize
+    from actprune.pruning.data import packed_rows
 
     tok = load_tokenizer(tmp_path / "out")
     a, b = record["validation"]["rows"]
@@ -263,7 +263,7 @@ def test_compress_val_data_scores_every_set_and_chooses_by_the_mean_excess(run, 
     model = load(tmp_path / "out", trust_remote_code=True)
     for source, sl, want in ((data, slice(a, b), record["candidates"][chosen]["loss"]),
                              (str(other), slice(0, VAL), record["candidates"][chosen]["extra"][str(other)])):
-        rows = pack(tokenize(tok, load_texts(source, None, tok)), SEQ, tok.eos_token_id)[sl]
+        rows = packed_rows(tok, source, None, SEQ)[sl]
         with torch.no_grad():
             loss = float(model(input_ids=rows, labels=rows).loss)
         assert math.isclose(loss, want, rel_tol=1e-4), source
@@ -291,3 +291,23 @@ def test_compress_val_data_mistakes_are_one_line(run, tmp_path, capsys):
         assert main(bad) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and "--val-data" in err[0] and words in err[0], err
+
+
+def test_compress_measures_heads_at_a_budget_too_small_to_take_a_kv_group_uniformly(run, tmp_path, capsys):
+    # at 5 % the uniform split takes no KV group from any layer (4 a layer); the heads are then
+    # measured at one group a layer (uniform-heads.json), so the budget allocation can weigh them
+    tmp, _, argv = run
+    small = [*argv[:-1], str(tmp_path / "out")]
+    small[small.index("--param-ratio") + 1] = "0.05"
+    assert main(small) == 0
+    out = capsys.readouterr().out
+    work = tmp_path / "out.steps"
+    uniform = json.loads((work / "uniform.json").read_text())
+    assert all(len(lp["kv_heads_keep"]) == SHAPE["num_key_value_heads"] for lp in uniform["layers"])
+    probe = json.loads((work / "uniform-heads.json").read_text())
+    assert all(len(lp["kv_heads_keep"]) == SHAPE["num_key_value_heads"] - 1 for lp in probe["layers"]), out
+    sens = json.loads((work / "sensitivity.json").read_text())
+    assert sens["attn_removed"] == [0.25] * SHAPE["num_hidden_layers"]
+    assert sens["attn_deltas"] and all(d != 0 for d in sens["attn_deltas"])
+    assert sens["mlp_removed"] == [1 - len(lp["mlp_keep"]) / MODEL["intermediate_size"] for lp in uniform["layers"]]
+    assert "heads are measured at uniform-heads.json" in out
