@@ -31,7 +31,7 @@ from typing import Any
 
 from actprune.core.archs import ModelShape
 
-__all__ = ["CANDIDATES", "Split", "candidate_requests", "choose", "excess_loss", "split_rows"]
+__all__ = ["CANDIDATES", "Split", "candidate_requests", "choose", "excess_loss", "head_probe_request", "split_rows"]
 
 CANDIDATES = ("budget", "heads-capped", "mlp")  # the table's order; ties go to the earlier one
 
@@ -82,6 +82,25 @@ def candidate_requests(base: dict[str, Any], sens: dict[str, Any], shape: ModelS
         out["mlp"] = {**{k: base[k] for k in _MLP_FIELDS if k in base}, "mlp_ratio": ratio, "per_layer": True,
                       "layer_sensitivity": sens["layer_sensitivity"]}
     return out
+
+
+def head_probe_request(base: dict[str, Any], uniform: Any) -> dict[str, Any] | None:
+    """PlanRequest fields of the plan the heads are measured at, when the uniform plan (a
+    :class:`~actprune.core.wire.plan.Plan`) removes no head anywhere — a small budget's share of
+    a layer is less than one KV group (SmolLM2: 3 a layer, so not at 10 %) — else None: every
+    layer losing its smallest legal step, one KV group (``head_mode`` kv_groups) or one query
+    head of each group, with the compress request's constraints. None too when a layer has a
+    single such unit (losing it would remove its attention)."""
+    widths = uniform.source.widths
+    if any(len(lp.heads_keep) < w.num_attention_heads for lp, w in zip(uniform.layers, widths, strict=True)):
+        return None
+    w = min(widths, key=lambda w: w.num_key_value_heads)
+    groups = base.get("head_mode", "kv_groups") == "kv_groups"
+    units = w.num_key_value_heads if groups else w.num_attention_heads // w.num_key_value_heads
+    if units < 2:
+        return None
+    # 1 % over one unit: a ratio of exactly 1 / units may round down to no unit
+    return {k: v for k, v in base.items() if k != "param_ratio"} | {"head_ratio": min(1.01 / units, 0.99)}
 
 
 def choose(losses: dict[str, float]) -> str:

@@ -30,7 +30,9 @@ The files go into ``WORK`` (default ``OUT.steps``, beside ``OUT``). Resumable: a
 output exists and was made from the same inputs is skipped (the plans record their request and
 source model, the sensitivity file the plan and data it measured, ``candidates.json`` each
 candidate's plan, refit inputs and validation rows, a checkpoint its plan), so a killed run
-starts again at the step it was in and a finished candidate is not built again.
+starts again at the step it was in and a finished candidate is not built again. Data is
+recorded by a digest of the token rows read, not only by its name: a file edited in place is
+measured again.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ class CompressConfig:
     progress: bool = True
     trust_remote_code: bool = False
     log: Any = field(default=print)
+    fit_digest: str | None = None  # set from the rows the fit reads (_split): an edited --data is seen
 
     @property
     def work_dir(self) -> Path:
@@ -86,7 +89,7 @@ class CompressConfig:
     def fit_inputs(self) -> dict[str, Any]:
         """What a refit depends on besides the plan (recorded with each checkpoint)."""
         return {"data": self.data, "text_field": self.text_field, "tokens": self.tokens, "seq_len": self.seq_len,
-                "ridge": self.ridge}
+                "ridge": self.ridge, "rows": self.fit_digest}
 
 
 def _digest(plan: Plan) -> str:
@@ -119,18 +122,13 @@ def _plan_step(cfg: CompressConfig, name: str, request: PlanRequest, stats, conf
 
 
 def _with_head_probe(cfg: CompressConfig, uniform: Plan, base: dict[str, Any], stats, config, norms) -> Plan:
-    """``uniform``, or when it removes no head anywhere, ``uniform`` with the head lists of a
-    plan that takes every layer's smallest legal step of heads (one KV group, or one query
-    head of each group): what the sensitivity pass measures the heads at."""
-    if any(len(lp.heads_keep) < w.num_attention_heads for lp, w in zip(uniform.layers, uniform.source.widths,
-                                                                         strict=True)):
+    """``uniform``, or when it removes no head, ``uniform`` with the head lists of
+    ``uniform-heads.json`` (:func:`.candidates.head_probe_request`): what sensitivity measures."""
+    from actprune.pruning.candidates import head_probe_request
+
+    fields = head_probe_request(base, uniform)
+    if fields is None:
         return uniform
-    w = min(uniform.source.widths, key=lambda w: w.num_key_value_heads)
-    units = w.num_key_value_heads if base.get("head_mode", "kv_groups") == "kv_groups" else \
-        w.num_attention_heads // w.num_key_value_heads
-    if units < 2:  # a layer with one unit of heads cannot lose one and keep attention
-        return uniform
-    fields = {k: v for k, v in base.items() if k != "param_ratio"} | {"head_ratio": min(1.01 / units, 0.99)}
     probe = _plan_step(cfg, "uniform-heads.json", _request(fields), stats, config, norms)
     layers = [lp.model_copy(update={"heads_keep": hp.heads_keep, "kv_heads_keep": hp.kv_heads_keep})
               for lp, hp in zip(uniform.layers, probe.layers, strict=True)]
@@ -144,7 +142,7 @@ def _sensitivity_step(cfg: CompressConfig, uniform: Plan) -> dict[str, Any]:
 
     path = cfg.work_dir / "sensitivity.json"
     inputs = {"plan": _digest(uniform), "data": cfg.data, "text_field": cfg.text_field, "tokens": cfg.tokens,
-              "seq_len": cfg.seq_len, "probe_rows": cfg.probe_rows, "ridge": cfg.ridge}
+              "seq_len": cfg.seq_len, "probe_rows": cfg.probe_rows, "ridge": cfg.ridge, "rows": cfg.fit_digest}
     record = _read_json(path)
     verb = "kept"
     if not (record.get("format") == SENSITIVITY_FORMAT and record.get("inputs") == inputs and "deltas" in record):
@@ -217,7 +215,13 @@ def _split(cfg: CompressConfig):
         sets[source] = extra
         cfg.log(f"split: --val-data {source}: validation on its first {len(extra)} rows"
                 + (f" (only {len(extra)}, not --val-rows {cfg.val_rows})" if len(extra) < cfg.val_rows else ""))
-    return replace(cfg, tokens=split.fit * cfg.seq_len), sets, split
+    return replace(cfg, tokens=split.fit * cfg.seq_len, fit_digest=_rows_digest(rows[:split.fit])), sets, split
+
+
+def _rows_digest(rows: Any) -> str:
+    """Of token rows (N, T): the records are keyed by what was read, not by a file's name, so a
+    file edited in place between two runs is measured again."""
+    return hashlib.sha256(rows.numpy().tobytes()).hexdigest()[:16]
 
 
 def _validation_losses(cfg: CompressConfig, model_dir: Path, sets: dict[str, Any]) -> dict[str, float]:
@@ -266,7 +270,7 @@ def _candidates_step(cfg: CompressConfig, plans: dict[str, Plan], sets, split) -
     path = cfg.work_dir / CANDIDATES_FILE
     validation = {"model": str(Path(cfg.model).resolve()), "data": cfg.data, "text_field": cfg.text_field,
                   "seq_len": cfg.seq_len, "rows": list(split.val),  # what the dense figures depend on
-                  "extra": {k: len(v) for k, v in sets.items() if k != DATA}}
+                  "sets": {k: _rows_digest(v) for k, v in sets.items()}}
     record = _read_json(path)
     if record.get("format") != _CANDIDATES_FORMAT or record.get("validation") != validation:
         record = {"format": _CANDIDATES_FORMAT, "validation": validation, "candidates": {}}

@@ -154,6 +154,26 @@ def test_compress_rerun_skips_finished_steps_and_redoes_changed_ones(run, capsys
     assert "sensitivity: wrote" in out and "candidate mlp: wrote" in out and "uniform.json: kept" in out
 
 
+def test_compress_rerun_after_the_data_file_was_edited_in_place_measures_again(run, tmp_path, capsys):
+    # the records are keyed by the rows read, not by the file's name
+    tmp, _, argv = run
+    data = tmp_path / "calib.txt"
+    shutil.copy(argv[argv.index("--data") + 1], data)
+    other = _other_domain(tmp_path / "other.txt")
+    mine = [*argv[:-1], str(tmp_path / "out"), "--val-data", str(other)]
+    mine[mine.index("--data") + 1] = str(data)
+    assert main(mine) == 0
+    capsys.readouterr()
+    other.write_text(other.read_text().replace("the", "a"))  # a validation text changed: re-validated
+    assert main(mine) == 0
+    out = capsys.readouterr().out
+    assert "sensitivity: kept" in out and "candidate mlp: wrote" in out, out
+    data.write_text(data.read_text().replace("river", "lake", 1))  # the fit's text changed: all redone
+    assert main(mine) == 0
+    out = capsys.readouterr().out
+    assert "sensitivity: wrote" in out and "candidate mlp: wrote" in out, out
+
+
 def test_compress_killed_midway_resumes_without_rebuilding_finished_candidates(run, tmp_path, capsys, monkeypatch):
     tmp, _, argv = run
     _ran(tmp, argv)
@@ -244,7 +264,7 @@ def test_compress_val_data_scores_every_set_and_chooses_by_the_mean_excess(run, 
     assert f"split: --val-data {other}: validation on its first {VAL} rows" in out, out
     assert "mean × dense" in out and f"[1] {other}" in out, out
     record = json.loads((work / "candidates.json").read_text())
-    assert record["validation"]["extra"] == {str(other): VAL}
+    assert set(record["validation"]["sets"]) == {"--data", str(other)}
     dense = {"--data": record["dense"]["loss"], **record["dense"]["extra"]}
     assert set(dense) == {"--data", str(other)}
     from actprune.pruning.candidates import excess_loss
