@@ -239,7 +239,8 @@ def compress_choice(recs: list[dict]) -> dict | None:
     ours_ = {r["method"]: r for r in recs if r["method"] in OURS}
     if len(ours_) < len(OURS):
         return None
-    best = choose({m: math.log(r["val"]) for m, r in ours_.items()})
+    name = {c: m for m, c in OURS.items()}
+    best = name[choose({OURS[m]: math.log(r["val"]) for m, r in ours_.items()}, prefer="mlp")]
     return {**ours_[best], "method": "compress", "chosen": best}
 
 

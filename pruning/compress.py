@@ -23,8 +23,10 @@ one that validates best kept.
    source (text of other domains, read by nothing else); figures in ``candidates.json``. Only
    the best checkpoint so far is kept on disk.
 5. ``OUT``: the candidate with the lowest validation loss — with ``--val-data``, the lowest mean
-   loss above the dense model's over the sets (:func:`.candidates.excess_loss`); a table of all
-   is printed.
+   loss above the dense model's over the sets (:func:`.candidates.excess_loss`) — except that
+   ``mlp`` is kept unless a candidate pruning heads beats it by more than 1 %
+   (:data:`.candidates.PREFER_MARGIN`: closer than that, validation cannot tell them apart and
+   MLP-only held up better out of domain); a table of all is printed.
 
 The files go into ``WORK`` (default ``OUT.steps``, beside ``OUT``). Resumable: a step whose
 output exists and was made from the same inputs is skipped (the plans record their request and
@@ -289,7 +291,7 @@ def _candidates_step(cfg: CompressConfig, plans: dict[str, Plan], sets, split) -
                       "params_before": plan.params_before, "params_after": plan.params_after}
         atomic_write(path, json.dumps(record, indent=1) + "\n")
         cfg.log(f"candidate {name}: wrote {path}: validation perplexity {done[name]['perplexity']:.3f}")
-        best = choose(_scores(record, [n for n in plans if n in done]))
+        best = choose(_scores(record, [n for n in plans if n in done]), prefer="mlp")
         for other in cfg.work_dir.glob("candidate-*"):  # only the best so far stays on disk
             if other != _candidate_dir(cfg, best):
                 shutil.rmtree(other, ignore_errors=True)
@@ -297,6 +299,8 @@ def _candidates_step(cfg: CompressConfig, plans: dict[str, Plan], sets, split) -
 
 
 def _table(cfg: CompressConfig, plans: dict[str, Plan], record: dict[str, Any], best: str) -> None:
+    from actprune.pruning.candidates import PREFER_MARGIN
+
     dense = _losses(record["dense"])
     extra = [k for k in dense if k != DATA]
     a, b = record["validation"]["rows"]
@@ -313,6 +317,10 @@ def _table(cfg: CompressConfig, plans: dict[str, Plan], record: dict[str, Any], 
                 f" {r['perplexity']:>9.3f} {math.exp(mine[DATA] - dense[DATA]):>8.3f}"
                 + "".join(f" {math.exp(mine[k] - dense[k]):>6.3f}" for k in extra)
                 + (f" {math.exp(scores[name]):>12.3f}" if extra else ""))
+    lowest = min(scores, key=scores.__getitem__)
+    if best != lowest:
+        cfg.log(f"  {best} kept: {lowest} validates better by {math.expm1(scores[best] - scores[lowest]):.2%}, "
+                f"within the {math.expm1(PREFER_MARGIN):.0%} a candidate that prunes heads must win by")
 
 
 def _final_step(cfg: CompressConfig, name: str, plan: Plan) -> Path:
@@ -373,7 +381,7 @@ def compress(cfg: CompressConfig) -> Path:
     if not plans:
         raise CompressError(f"--param-ratio {base['param_ratio']}: no candidate can remove that much")
     record = _candidates_step(cfg, plans, sets, split)
-    best = choose(_scores(record, plans))
+    best = choose(_scores(record, plans), prefer="mlp")
     _table(cfg, plans, record, best)
     return _final_step(cfg, best, plans[best])
 

@@ -19,6 +19,10 @@ def test_compress_row_is_our_candidate_with_the_lowest_validation_perplexity_onc
     assert compress_choice(recs) is None  # ours|all not measured yet
     row = compress_choice([*recs, {"method": "ours|all", "val": 29.7, "wiki": 28.8}])
     assert row == {"method": "compress", "chosen": "ours|mlp", "val": 26.3, "wiki": 25.6}
+    # as compress chooses: heads-capped better by 0.5 % keeps mlp, by 5 % takes heads-capped
+    for val, chosen in ((26.3 / 1.005, "ours|mlp"), (26.3 / 1.05, "ours|all-hm")):
+        recs[1]["val"] = val
+        assert compress_choice([*recs, {"method": "ours|all", "val": 29.7, "wiki": 28.8}])["chosen"] == chosen
 
 
 def test_global_cut_takes_lowest_scores_first_skips_what_no_longer_fits_and_keeps_one_per_pool():

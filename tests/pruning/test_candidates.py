@@ -28,6 +28,14 @@ def test_choose_takes_the_lowest_validation_loss_and_the_first_of_ties():
         choose({})
 
 
+def test_choose_keeps_the_preferred_candidate_unless_another_wins_by_more_than_the_margin():
+    assert choose({"budget": 2.0, "heads-capped": 1.995, "mlp": 2.004}, prefer="mlp") == "mlp"
+    assert choose({"budget": 2.0, "heads-capped": 1.98, "mlp": 2.004}, prefer="mlp") == "heads-capped"
+    assert choose({"budget": 2.0, "heads-capped": 1.98, "mlp": 2.004}, prefer="mlp", margin=0.05) == "mlp"
+    assert choose({"budget": 2.0, "heads-capped": 1.995}, prefer="mlp") == "heads-capped"  # no mlp candidate
+    assert choose({"heads-capped": 1.995, "mlp": 2.004}) == "heads-capped"  # no preference: the lowest
+
+
 def test_excess_loss_weighs_each_validation_set_the_same():
     dense = {"--data": 2.0, "code": 3.0}
     # in domain a is better by 0.1; out of domain b is better by 0.3: b wins on the mean

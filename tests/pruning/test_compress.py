@@ -97,22 +97,28 @@ def test_compress_keeps_the_candidate_with_the_lowest_validation_loss(run, capsy
     assert math.isclose(loss, losses[chosen["slice"]["candidate"]], rel_tol=1e-4)
 
 
-def test_compress_choice_follows_the_recorded_validation_losses(run, tmp_path, capsys):
-    """Whichever candidate the data favours: with the budget allocation's figure made the worst,
-    the lowest of the others is chosen (and rebuilt: its checkpoint is gone)."""
+@pytest.mark.parametrize("lead, want", [(0.05, "heads-capped"), (0.005, "mlp")],
+                         ids=["heads win by 5 %", "heads within 1 %: mlp kept"])
+def test_compress_choice_follows_the_recorded_validation_losses(run, tmp_path, capsys, lead, want):
+    """Whichever candidate the data favours, by more than the margin a head-pruning candidate
+    must win by (and rebuilt: its checkpoint is gone): the recorded losses are set so."""
     tmp, _, argv = run
     _ran(tmp, argv)
     work = tmp_path / "steps"
     shutil.copytree(tmp / "out.steps", work)
     record = json.loads((work / "candidates.json").read_text())
     cands = record["candidates"]
-    cands["budget"]["loss"] = max(c["loss"] for c in cands.values()) + 1.0
+    assert "heads-capped" in cands, list(cands)
+    worst = max(c["loss"] for c in cands.values())
+    cands["budget"]["loss"] = worst + 1.0
+    cands["mlp"]["loss"] = worst + 0.5
+    cands["heads-capped"]["loss"] = worst + 0.5 - lead
     (work / "candidates.json").write_text(json.dumps(record))
-    want = min((n for n in cands if n != "budget"), key=lambda n: cands[n]["loss"])
     capsys.readouterr()
     assert main([*argv[:-1], str(tmp_path / "out"), "--work", str(work)]) == 0
     out = capsys.readouterr().out
     assert f"chosen: {want}: rebuilt" in out and "candidate budget: kept" in out, out
+    assert ("mlp kept: heads-capped validates better by 0.50%" in out) == (want == "mlp"), out
     chosen = json.loads((tmp_path / "out" / "actprune_plan.json").read_text())
     plan_file = {"heads-capped": "plan-heads-capped.json", "mlp": "plan-mlp.json"}[want]
     assert chosen["slice"]["candidate"] == want
