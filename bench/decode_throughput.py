@@ -158,6 +158,22 @@ def machine_busy_seconds() -> float:
     return (sum(fields[:8]) - fields[3] - fields[4]) / _TICK  # up to steal; guest is inside user
 
 
+def settle(busy_cores: float = 0.3, window_s: float = 5.0, timeout_s: float = 180.0) -> float:
+    """Wait until the machine is quiet — under ``busy_cores`` cores busy over ``window_s`` —
+    or ``timeout_s`` has passed; returns the last window's busy cores (printed). Servers that
+    have just compiled leave work behind (the first rounds of a run measured 9-10 tokens per
+    CPU-second where later ones measured 14-24), which would count against whichever model
+    the first round measures."""
+    t_end = time.monotonic() + timeout_s
+    while True:
+        b0 = machine_busy_seconds()
+        time.sleep(window_s)
+        busy = (machine_busy_seconds() - b0) / window_s
+        if busy < busy_cores or time.monotonic() > t_end:
+            print(f"machine busy {busy:.2f} cores before the rounds", flush=True)
+            return busy
+
+
 @contextlib.contextmanager
 def others_frozen(srvs: dict, running: str, freeze: bool = True):
     """Every server but ``running`` stopped (SIGSTOP to its whole process group) while it is
@@ -250,8 +266,12 @@ def _one_stream(srv, tokens: int) -> tuple[float, float]:
 
 def measure(servers: dict[str, object], rounds: int, tokens: int, batch: int,
             freeze: bool = True) -> dict[str, dict[str, float]]:
-    for srv in servers.values():  # warm-up: first requests pay one-off costs
-        decode_rate(srv.base_url, srv.model, 8)
+    for name, srv in servers.items():  # warm-up: first requests pay one-off costs, batched ones too
+        with others_frozen(servers, name, freeze):
+            decode_rate(srv.base_url, srv.model, 8)
+            if batch > 1:
+                batch_rate(srv.base_url, srv.model, 8, batch)
+    settle()
     res: dict[str, dict[str, list[float]]] = {n: {"b1": [], "bN": [], "cpu": []} for n in servers}
     for r in range(rounds):
         order = list(servers) if r % 2 == 0 else list(reversed(servers))

@@ -58,3 +58,16 @@ def test_checkpoint_mistakes_are_one_line_errors(tmp_path, capsys, argv, says):
         decode_throughput.checkpoints_given(ap, args)
     assert e.value.code == 2
     assert says in capsys.readouterr().err
+
+
+def test_settle_waits_for_a_quiet_window_or_gives_up(monkeypatch):
+    # busy seconds since boot, read twice a window: 2 cores busy, then 1, then 0.1 (quiet)
+    reads = iter([0.0, 10.0, 10.0, 15.0, 15.0, 15.5])
+    monkeypatch.setattr(decode_throughput, "machine_busy_seconds", lambda: next(reads))
+    monkeypatch.setattr(decode_throughput.time, "sleep", lambda s: None)
+    assert decode_throughput.settle(window_s=5.0) == pytest.approx(0.1)
+    reads = iter([0.0, 10.0] * 3)  # never quiet: one window past the timeout
+    clock = iter([0.0, 1.0, 2.0, 99.0])
+    monkeypatch.setattr(decode_throughput, "machine_busy_seconds", lambda: next(reads))
+    monkeypatch.setattr(decode_throughput.time, "monotonic", lambda: next(clock))
+    assert decode_throughput.settle(window_s=5.0, timeout_s=50.0) == pytest.approx(2.0)
