@@ -271,7 +271,7 @@ def measure(servers: dict[str, object], rounds: int, tokens: int, batch: int,
             decode_rate(srv.base_url, srv.model, 8)
             if batch > 1:
                 batch_rate(srv.base_url, srv.model, 8, batch)
-    settle()
+    settle(0.1 + 0.15 * len(servers))  # an idle vLLM server polls: ~0.12 cores each, measured
     res: dict[str, dict[str, list[float]]] = {n: {"b1": [], "bN": [], "cpu": []} for n in servers}
     for r in range(rounds):
         order = list(servers) if r % 2 == 0 else list(reversed(servers))
