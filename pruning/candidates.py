@@ -92,7 +92,7 @@ def head_probe_request(base: dict[str, Any], uniform: Any) -> dict[str, Any] | N
     head of each group, with the compress request's constraints. None too when a layer has a
     single such unit (losing it would remove its attention)."""
     widths = uniform.source.widths
-    if any(len(lp.heads_keep) < w.num_attention_heads for lp, w in zip(uniform.layers, widths, strict=True)):
+    if any(len(lp.heads_keep) < widths[lp.index].num_attention_heads for lp in uniform.layers):
         return None
     w = min(widths, key=lambda w: w.num_key_value_heads)
     groups = base.get("head_mode", "kv_groups") == "kv_groups"

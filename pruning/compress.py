@@ -132,8 +132,10 @@ def _with_head_probe(cfg: CompressConfig, uniform: Plan, base: dict[str, Any], s
     if fields is None:
         return uniform
     probe = _plan_step(cfg, "uniform-heads.json", _request(fields), stats, config, norms)
-    layers = [lp.model_copy(update={"heads_keep": hp.heads_keep, "kv_heads_keep": hp.kv_heads_keep})
-              for lp, hp in zip(uniform.layers, probe.layers, strict=True)]
+    heads = {hp.index: hp for hp in probe.layers}
+    layers = [lp.model_copy(update={"heads_keep": heads[lp.index].heads_keep,
+                                    "kv_heads_keep": heads[lp.index].kv_heads_keep}) if lp.index in heads else lp
+              for lp in uniform.layers]
     cfg.log("sensitivity: the uniform plan removes no heads at this budget: heads are measured at "
             "uniform-heads.json's")
     return uniform.model_copy(update={"layers": layers})
