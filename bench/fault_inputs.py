@@ -16,7 +16,6 @@ import contextlib
 import importlib.util
 import io
 import json
-import math
 import shutil
 import signal
 import sys
@@ -311,12 +310,9 @@ def _fuzz_settings(n: int, seed: int):
 
 def _sliced_as_planned(plan, out: Path) -> str | None:
     """None when the checkpoint at ``out`` has exactly the parameters the plan promised."""
-    from safetensors import safe_open
+    from actprune.core.tensor.checkpoint import ShardIndex
 
-    total = 0
-    for f in out.glob("*.safetensors"):
-        with safe_open(str(f), framework="np") as st:
-            total += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
+    total = ShardIndex(out).parameters()
     return None if total == plan.params_after else f"{out}: {total:,} parameters, the plan says {plan.params_after:,}"
 
 
