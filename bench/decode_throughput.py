@@ -264,14 +264,19 @@ def _one_stream(srv, tokens: int) -> tuple[float, float]:
     return rate, tokens / (group_cpu_seconds(srv.proc.pid) - cpu0)
 
 
-def measure(servers: dict[str, object], rounds: int, tokens: int, batch: int,
-            freeze: bool = True) -> dict[str, dict[str, float]]:
-    for name, srv in servers.items():  # warm-up: first requests pay one-off costs, batched ones too
+def warm_up(servers: dict[str, object], batch: int, freeze: bool = True) -> None:
+    """First requests pay one-off costs, batched ones too: each server alone, then the machine
+    left to settle (:func:`settle`)."""
+    for name, srv in servers.items():
         with others_frozen(servers, name, freeze):
             decode_rate(srv.base_url, srv.model, 8)
             if batch > 1:
                 batch_rate(srv.base_url, srv.model, 8, batch)
     settle(0.1 + 0.15 * len(servers))  # an idle vLLM server polls: ~0.12 cores each, measured
+
+
+def measure(servers: dict[str, object], rounds: int, tokens: int, batch: int,
+            freeze: bool = True) -> dict[str, dict[str, float]]:
     res: dict[str, dict[str, list[float]]] = {n: {"b1": [], "bN": [], "cpu": []} for n in servers}
     for r in range(rounds):
         order = list(servers) if r % 2 == 0 else list(reversed(servers))
@@ -426,7 +431,8 @@ def main() -> int:
             for srv in servers.values():
                 with Client(srv.base_url) as client:
                     client.reset()
-        load = os.getloadavg()
+        warm_up(servers, args.batch, args.freeze_idle)
+        load = os.getloadavg()  # as the rounds begin
         medians = measure(servers, args.rounds, args.tokens, args.batch, args.freeze_idle)
         if moe:
             ideals = moe_ideals(servers, {"base": src, **pruned}, args.batch)
