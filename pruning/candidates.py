@@ -26,14 +26,17 @@ token is in both. When ``--data`` is shorter than ``fit + val`` rows, the fit gi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from actprune.core.archs import ModelShape
 
-__all__ = ["CANDIDATES", "Split", "candidate_requests", "choose", "excess_loss", "head_probe_request", "split_rows"]
+__all__ = ["CANDIDATES", "DATA", "Split", "candidate_requests", "choose", "excess_loss", "figures", "head_probe_request",
+           "scores", "split_rows", "table"]
 
 CANDIDATES = ("budget", "heads-capped", "mlp")  # the table's order; ties go to the earlier one
+DATA = "--data"  # a validation record's name for --data's held-out rows; --val-data sets by their source
 
 # request fields the MLP-only candidate keeps (the budget's constraints on MLP widths)
 _MLP_FIELDS = ("strategy", "weights", "width_multiple", "tp_size", "min_mlp_width")
@@ -133,3 +136,51 @@ def excess_loss(losses: dict[str, float], dense: dict[str, float]) -> float:
     if not dense:
         raise ValueError("no validation set")
     return sum(losses[s] - dense[s] for s in dense) / len(dense)
+
+
+# ---- the validation record (compress's candidates.json) -----------------------------------------
+# A model's figures: {"loss": --data's mean next-token loss, "perplexity", "extra": {SOURCE: loss}
+# of each --val-data set}; the record: {"validation": {"rows": [start, stop], ...}, "dense":
+# figures, "candidates": {NAME: figures + "params_before", "params_after", ...}}.
+def figures(losses: dict[str, float]) -> dict[str, Any]:
+    """The record of one model's validation from its loss on each set (:data:`DATA` required)."""
+    return {"loss": losses[DATA], "perplexity": math.exp(losses[DATA]),
+            "extra": {k: v for k, v in losses.items() if k != DATA}}
+
+
+def set_losses(figures: dict[str, Any]) -> dict[str, float]:
+    """Inverse of :func:`figures`: the loss on each validation set."""
+    return {DATA: figures["loss"], **figures.get("extra", {})}
+
+
+def scores(record: dict[str, Any], names: Any) -> dict[str, float]:
+    """Each named candidate's :func:`excess_loss` over the record's validation sets."""
+    dense = set_losses(record["dense"])
+    return {n: excess_loss(set_losses(record["candidates"][n]), dense) for n in names}
+
+
+def table(record: dict[str, Any], names: list[str], best: str) -> list[str]:
+    """The lines compress prints: each candidate's parameters removed, validation perplexity and
+    × dense on every set (their geometric mean with --val-data), ``best`` starred, and why it was
+    kept when it is not the lowest (within :data:`PREFER_MARGIN`)."""
+    dense = set_losses(record["dense"])
+    extra = [k for k in dense if k != DATA]
+    a, b = record["validation"]["rows"]
+    lines = [f"candidates, validation perplexity on rows {a}–{b - 1} of --data (dense {math.exp(dense[DATA]):.3f})"
+             + "".join(f"; × dense on [{i + 1}] {k}" for i, k in enumerate(extra)) + ":",
+             f"  {'candidate':<14} {'params removed':>24} {'val ppl':>9} {'× dense':>8}"
+             + "".join(f" {f'[{i + 1}]':>6}" for i in range(len(extra))) + (f" {'mean × dense':>12}" if extra else "")]
+    score = scores(record, names)
+    for name in names:
+        r = record["candidates"][name]
+        mine = set_losses(r)
+        removed = r["params_before"] - r["params_after"]
+        lines.append(f"{'*' if name == best else ' '} {name:<14} {removed:>15,} ({removed / r['params_before']:5.1%})"
+                     f" {r['perplexity']:>9.3f} {math.exp(mine[DATA] - dense[DATA]):>8.3f}"
+                     + "".join(f" {math.exp(mine[k] - dense[k]):>6.3f}" for k in extra)
+                     + (f" {math.exp(score[name]):>12.3f}" if extra else ""))
+    lowest = min(score, key=score.__getitem__)
+    if best != lowest:
+        lines.append(f"  {best} kept: {lowest} validates better by {math.expm1(score[best] - score[lowest]):.2%}, "
+                     f"within the {math.expm1(PREFER_MARGIN):.0%} a candidate that prunes heads must win by")
+    return lines

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -50,12 +49,12 @@ from typing import Any
 from actprune.core.errors import ActpruneError
 from actprune.core.wire.plan import Plan
 from actprune.core.wire.plan_request import PlanRequest
+from actprune.pruning.candidates import DATA, figures, scores, table
 
 __all__ = ["CANDIDATES_FILE", "CompressConfig", "CompressError", "compress"]
 
 CANDIDATES_FILE = "candidates.json"
 _CANDIDATES_FORMAT = "actprune.compress_candidates/2"  # /2: validation sets of --val-data ("extra")
-DATA = "--data"  # the validation set of --data's held-out rows
 _PLAN_FILES = {"budget": "plan.json", "heads-capped": "plan-heads-capped.json", "mlp": "plan-mlp.json"}
 
 
@@ -243,24 +242,6 @@ def _validation_losses(cfg: CompressConfig, model_dir: Path, sets: dict[str, Any
     return out
 
 
-def _figures(losses: dict[str, float]) -> dict[str, Any]:
-    """The record of a model's validation: ``--data``'s loss and perplexity, the other sets' losses."""
-    return {"loss": losses[DATA], "perplexity": math.exp(losses[DATA]),
-            "extra": {k: v for k, v in losses.items() if k != DATA}}
-
-
-def _losses(figures: dict[str, Any]) -> dict[str, float]:
-    return {DATA: figures["loss"], **figures.get("extra", {})}
-
-
-def _scores(record: dict[str, Any], names) -> dict[str, float]:
-    """Each candidate's :func:`.candidates.excess_loss` over the validation sets."""
-    from actprune.pruning.candidates import excess_loss
-
-    dense = _losses(record["dense"])
-    return {n: excess_loss(_losses(record["candidates"][n]), dense) for n in names}
-
-
 def _candidate_dir(cfg: CompressConfig, name: str) -> Path:
     return cfg.work_dir / f"candidate-{name}"
 
@@ -279,7 +260,7 @@ def _candidates_step(cfg: CompressConfig, plans: dict[str, Plan], sets, split) -
     if record.get("format") != _CANDIDATES_FORMAT or record.get("validation") != validation:
         record = {"format": _CANDIDATES_FORMAT, "validation": validation, "candidates": {}}
     if not isinstance(record.get("dense"), dict):
-        record["dense"] = _figures(_validation_losses(cfg, cfg.model, sets))
+        record["dense"] = figures(_validation_losses(cfg, cfg.model, sets))
         atomic_write(path, json.dumps(record, indent=1) + "\n")
     done = record["candidates"]
     for name, plan in plans.items():
@@ -289,40 +270,15 @@ def _candidates_step(cfg: CompressConfig, plans: dict[str, Plan], sets, split) -
             continue
         ckpt = _candidate_dir(cfg, name)
         _build(cfg, plan, ckpt, name)
-        done[name] = {"plan": _digest(plan), "fit": cfg.fit_inputs(), **_figures(_validation_losses(cfg, ckpt, sets)),
+        done[name] = {"plan": _digest(plan), "fit": cfg.fit_inputs(), **figures(_validation_losses(cfg, ckpt, sets)),
                       "params_before": plan.params_before, "params_after": plan.params_after}
         atomic_write(path, json.dumps(record, indent=1) + "\n")
         cfg.log(f"candidate {name}: wrote {path}: validation perplexity {done[name]['perplexity']:.3f}")
-        best = choose(_scores(record, [n for n in plans if n in done]), prefer="mlp")
+        best = choose(scores(record, [n for n in plans if n in done]), prefer="mlp")
         for other in cfg.work_dir.glob("candidate-*"):  # only the best so far stays on disk
             if other != _candidate_dir(cfg, best):
                 shutil.rmtree(other, ignore_errors=True)
     return record
-
-
-def _table(cfg: CompressConfig, plans: dict[str, Plan], record: dict[str, Any], best: str) -> None:
-    from actprune.pruning.candidates import PREFER_MARGIN
-
-    dense = _losses(record["dense"])
-    extra = [k for k in dense if k != DATA]
-    a, b = record["validation"]["rows"]
-    cfg.log(f"candidates, validation perplexity on rows {a}–{b - 1} of --data (dense {math.exp(dense[DATA]):.3f})"
-            + "".join(f"; × dense on [{i + 1}] {k}" for i, k in enumerate(extra)) + ":")
-    cfg.log(f"  {'candidate':<14} {'params removed':>24} {'val ppl':>9} {'× dense':>8}"
-            + "".join(f" {f'[{i + 1}]':>6}" for i in range(len(extra))) + (f" {'mean × dense':>12}" if extra else ""))
-    scores = _scores(record, plans)
-    for name in plans:
-        r = record["candidates"][name]
-        mine = _losses(r)
-        removed = r["params_before"] - r["params_after"]
-        cfg.log(f"{'*' if name == best else ' '} {name:<14} {removed:>15,} ({removed / r['params_before']:5.1%})"
-                f" {r['perplexity']:>9.3f} {math.exp(mine[DATA] - dense[DATA]):>8.3f}"
-                + "".join(f" {math.exp(mine[k] - dense[k]):>6.3f}" for k in extra)
-                + (f" {math.exp(scores[name]):>12.3f}" if extra else ""))
-    lowest = min(scores, key=scores.__getitem__)
-    if best != lowest:
-        cfg.log(f"  {best} kept: {lowest} validates better by {math.expm1(scores[best] - scores[lowest]):.2%}, "
-                f"within the {math.expm1(PREFER_MARGIN):.0%} a candidate that prunes heads must win by")
 
 
 def _final_step(cfg: CompressConfig, name: str, plan: Plan) -> Path:
@@ -383,8 +339,9 @@ def compress(cfg: CompressConfig) -> Path:
     if not plans:
         raise CompressError(f"--param-ratio {base['param_ratio']}: no candidate can remove that much")
     record = _candidates_step(cfg, plans, sets, split)
-    best = choose(_scores(record, plans), prefer="mlp")
-    _table(cfg, plans, record, best)
+    best = choose(scores(record, plans), prefer="mlp")
+    for line in table(record, list(plans), best):
+        cfg.log(line)
     return _final_step(cfg, best, plans[best])
 
 

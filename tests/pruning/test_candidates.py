@@ -12,8 +12,11 @@ from actprune.pruning.candidates import (
     candidate_requests,
     choose,
     excess_loss,
+    figures,
     mlp_params,
+    scores,
     split_rows,
+    table,
 )
 
 SHAPE = ModelShape(hidden_size=64, vocab_size=100, head_dim=16, layers=(LayerShape(96, 8, 4),) * 4,
@@ -48,6 +51,28 @@ def test_excess_loss_weighs_each_validation_set_the_same():
         excess_loss({"--data": 2.1}, dense)
     with pytest.raises(ValueError):
         excess_loss({}, {})
+
+
+def test_the_record_scores_and_tabulates_each_candidate_against_the_dense_model():
+    import math
+
+    record = {"validation": {"rows": [24, 32]}, "dense": figures({"--data": 2.0, "code.txt": 3.0}),
+              "candidates": {"heads-capped": figures({"--data": 2.30, "code.txt": 3.50}),
+                             "mlp": figures({"--data": 2.31, "code.txt": 3.495})}}
+    for r in record["candidates"].values():
+        r.update(params_before=1000, params_after=800)
+    got = scores(record, ["heads-capped", "mlp"])
+    assert got == pytest.approx({"heads-capped": 0.4, "mlp": 0.4025})
+    lines = table(record, ["heads-capped", "mlp"], "mlp")
+    assert lines[0].startswith("candidates, validation perplexity on rows 24–31 of --data (dense 7.389)")
+    assert "[1] code.txt" in lines[0] and "mean × dense" in lines[1]
+    row = {ln[2:].split()[0]: ln for ln in lines[2:4]}
+    assert row["mlp"].startswith("* mlp") and row["heads-capped"].startswith("  heads-capped")
+    # × dense per set and their geometric mean
+    assert row["heads-capped"].split()[-3:] == [f"{math.exp(0.3):.3f}", f"{math.exp(0.5):.3f}", f"{math.exp(0.4):.3f}"]
+    assert "200 (20.0%)" in row["mlp"]
+    assert lines[4] == "  mlp kept: heads-capped validates better by 0.25%, within the 1% a candidate that prunes heads must win by"
+    assert len(table(record, ["heads-capped", "mlp"], "heads-capped")) == 4  # the lowest chosen: no reason line
 
 
 def test_split_puts_validation_after_every_row_the_fit_reads():
