@@ -65,6 +65,21 @@ def test_bad_input_corpus_runs_every_kind_and_files_each_outcome(tmp_path: Path)
     assert not [k for k in tally.failures if "(reused)" in k], tally.failures
 
 
+def test_a_sliced_checkpoint_is_checked_against_the_parameters_its_plan_promised(tmp_path: Path):
+    """The fuzzed-plan checker: a checkpoint one parameter short of (or over) the plan is a finding."""
+    from types import SimpleNamespace
+
+    import torch
+    from fault_inputs import _sliced_as_planned
+    from safetensors.torch import save_file
+
+    save_file({"a.weight": torch.zeros(4, 3), "b.bias": torch.zeros(5)}, str(tmp_path / "model.safetensors"))
+    assert _sliced_as_planned(SimpleNamespace(params_after=17), tmp_path) is None
+    for wrong in (16, 18):
+        assert _sliced_as_planned(SimpleNamespace(params_after=wrong), tmp_path) == (
+            f"{tmp_path}: 17 parameters, the plan says {wrong}")
+
+
 @pytest.mark.parametrize("present", [False, True])
 def test_write_replaces_only_the_marked_section(tmp_path: Path, present: bool):
     doc = tmp_path / "BENCHMARKS.md"
