@@ -57,12 +57,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmarks_md import replace_section  # noqa: E402
-from decode_throughput import (  # noqa: E402
-    group_cpu_by_role,
-    group_cpu_seconds,
-    machine_busy_seconds,
-    others_frozen,
-)
+from machine import group_cpu_by_role, group_cpu_seconds, machine_busy_seconds, others_frozen  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- capture-overhead:begin (bench/capture_overhead.py --write) -->", "<!-- capture-overhead:end -->"

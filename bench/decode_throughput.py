@@ -33,12 +33,10 @@ grows it tends to the total bytes.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
 import platform
-import signal
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +46,7 @@ from pathlib import Path
 import httpx
 from actprune.client.http import Client
 from actprune.core.tensor.checkpoint import ShardIndex
+from machine import group_cpu_seconds, others_frozen, settle
 
 SHAPE = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=16,
              num_key_value_heads=8, head_dim=64, max_position_embeddings=4096)
@@ -123,74 +122,6 @@ def prune_all(src: Path, base_url: str, root: Path, wanted: list[str] | None = N
 
 
 # ---- measuring ----------------------------------------------------------------------------
-_TICK = os.sysconf("SC_CLK_TCK")
-
-
-def group_cpu_by_role(pgid: int) -> dict[str, float]:
-    """user + system CPU seconds of the server's process group, by process: ``worker``
-    (VLLM::Worker*), ``engine`` (VLLM::EngineCore) and ``api`` (the rest: the API server and
-    its helpers). Processes that ended are not counted."""
-    out = {"api": 0.0, "engine": 0.0, "worker": 0.0}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            comm, rest = stat.read_text().rsplit(")", 1)
-            fields = rest.split()
-        except (OSError, ValueError):
-            continue  # the process ended meanwhile
-        if int(fields[2]) != pgid:  # fields[0] is field 3 of proc(5): state; pgrp is field 5
-            continue
-        name = comm.split("(", 1)[1]
-        role = "worker" if name.startswith("VLLM::Worker") else "engine" if name.startswith("VLLM::Engine") else "api"
-        out[role] += (int(fields[11]) + int(fields[12])) / _TICK  # utime, stime
-    return out
-
-
-def group_cpu_seconds(pgid: int) -> float:
-    """user + system CPU time of every process in the server's process group (API server,
-    engine core, worker). On a shared machine this is steadier than wall time."""
-    return sum(group_cpu_by_role(pgid).values())
-
-
-def machine_busy_seconds() -> float:
-    """CPU seconds every core of the machine spent busy since boot (/proc/stat: all but idle
-    and iowait): minus the servers' and this process's own, what other jobs took."""
-    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return (sum(fields[:8]) - fields[3] - fields[4]) / _TICK  # up to steal; guest is inside user
-
-
-def settle(busy_cores: float = 0.3, window_s: float = 5.0, timeout_s: float = 180.0) -> float:
-    """Wait until the machine is quiet — under ``busy_cores`` cores busy over ``window_s`` —
-    or ``timeout_s`` has passed; returns the last window's busy cores (printed). Servers that
-    have just compiled leave work behind (the first rounds of a run measured 9-10 tokens per
-    CPU-second where later ones measured 14-24), which would count against whichever model
-    the first round measures."""
-    t_end = time.monotonic() + timeout_s
-    while True:
-        b0 = machine_busy_seconds()
-        time.sleep(window_s)
-        busy = (machine_busy_seconds() - b0) / window_s
-        if busy < busy_cores or time.monotonic() > t_end:
-            print(f"machine busy {busy:.2f} cores before the rounds", flush=True)
-            return busy
-
-
-@contextlib.contextmanager
-def others_frozen(srvs: dict, running: str, freeze: bool = True):
-    """Every server but ``running`` stopped (SIGSTOP to its whole process group) while it is
-    measured, continued after. On a small machine an idle vLLM server is not idle: its engine
-    and worker threads poll, and on 2 cores they took CPU from the measured one (load average
-    ~10 with two servers up and one request stream) — a ratio of two servers that tax each other
-    drifts with whatever the other one happens to do. A stopped group uses no CPU at all."""
-    frozen = [srv.proc.pid for name, srv in srvs.items() if freeze and name != running]
-    for pgid in frozen:
-        os.killpg(pgid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        for pgid in frozen:
-            os.killpg(pgid, signal.SIGCONT)
-
-
 def stream_stamps(base_url: str, model: str, tokens: int, prompt: str) -> list[float]:
     """One streamed greedy completion of ``tokens`` tokens: the arrival time of each chunk."""
     body = {"model": model, "prompt": prompt, "max_tokens": tokens,

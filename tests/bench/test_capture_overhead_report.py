@@ -53,7 +53,7 @@ def test_cpu_is_counted_by_process_group_and_the_machine_total_grows(tmp_path):
     import subprocess
     import time
 
-    from decode_throughput import group_cpu_by_role, machine_busy_seconds
+    from machine import group_cpu_by_role, machine_busy_seconds
 
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True)
     try:

@@ -13,6 +13,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import decode_throughput  # noqa: E402
+import machine  # noqa: E402
 from actprune.core.tensor.checkpoint import ShardIndex  # noqa: E402
 from actprune.pruning.fixtures.synthetic import build_checkpoint  # noqa: E402
 
@@ -63,11 +64,11 @@ def test_checkpoint_mistakes_are_one_line_errors(tmp_path, capsys, argv, says):
 def test_settle_waits_for_a_quiet_window_or_gives_up(monkeypatch):
     # busy seconds since boot, read twice a window: 2 cores busy, then 1, then 0.1 (quiet)
     reads = iter([0.0, 10.0, 10.0, 15.0, 15.0, 15.5])
-    monkeypatch.setattr(decode_throughput, "machine_busy_seconds", lambda: next(reads))
-    monkeypatch.setattr(decode_throughput.time, "sleep", lambda s: None)
-    assert decode_throughput.settle(window_s=5.0) == pytest.approx(0.1)
+    monkeypatch.setattr(machine, "machine_busy_seconds", lambda: next(reads))
+    monkeypatch.setattr(machine.time, "sleep", lambda s: None)
+    assert machine.settle(window_s=5.0) == pytest.approx(0.1)
     reads = iter([0.0, 10.0] * 3)  # never quiet: one window past the timeout
     clock = iter([0.0, 1.0, 2.0, 99.0])
-    monkeypatch.setattr(decode_throughput, "machine_busy_seconds", lambda: next(reads))
-    monkeypatch.setattr(decode_throughput.time, "monotonic", lambda: next(clock))
-    assert decode_throughput.settle(window_s=5.0, timeout_s=50.0) == pytest.approx(2.0)
+    monkeypatch.setattr(machine, "machine_busy_seconds", lambda: next(reads))
+    monkeypatch.setattr(machine.time, "monotonic", lambda: next(clock))
+    assert machine.settle(window_s=5.0, timeout_s=50.0) == pytest.approx(2.0)
