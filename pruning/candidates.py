@@ -32,7 +32,7 @@ from typing import Any
 
 from actprune.core.archs import ModelShape
 
-__all__ = ["CANDIDATES", "DATA", "Split", "candidate_requests", "choose", "excess_loss", "figures", "head_probe_request",
+__all__ = ["CANDIDATES", "DATA", "Split", "candidate_requests", "choose", "excess_loss", "figures", "HeadProbe", "head_probe_requests",
            "scores", "split_rows", "table"]
 
 CANDIDATES = ("budget", "heads-capped", "mlp")  # the table's order; ties go to the earlier one
@@ -87,23 +87,37 @@ def candidate_requests(base: dict[str, Any], sens: dict[str, Any], shape: ModelS
     return out
 
 
-def head_probe_request(base: dict[str, Any], uniform: Any) -> dict[str, Any] | None:
-    """PlanRequest fields of the plan the heads are measured at, when the uniform plan (a
+@dataclass(frozen=True)
+class HeadProbe:
+    units: int  # a layer's head units (KV groups, or query heads per group): this probe's layers have that many
+    layers: tuple[int, ...]  # the layers (indices) whose heads are measured in this probe's plan
+    fields: dict[str, Any]  # PlanRequest fields of the plan
+
+
+def head_probe_requests(base: dict[str, Any], uniform: Any) -> list[HeadProbe]:
+    """The plans the heads are measured at when the uniform plan (a
     :class:`~actprune.core.wire.plan.Plan`) removes no head anywhere — a small budget's share of
-    a layer is less than one KV group (SmolLM2: 3 a layer, so not at 10 %) — else None: every
-    layer losing its smallest legal step, one KV group (``head_mode`` kv_groups) or one query
-    head of each group, with the compress request's constraints. None too when a layer has a
-    single such unit (losing it would remove its attention)."""
+    a layer is less than one unit (SmolLM2: 3 KV groups a layer, so not at 10 %) — else []:
+    every layer losing its smallest legal step, one KV group (``head_mode`` kv_groups) or one
+    query head of each group, with the compress request's constraints. One plan per distinct
+    unit count u (a checkpoint compressed before may have layers of 2 and of 3 KV groups): a
+    ``head_ratio`` of just over 1 / u takes one unit from each layer of u units (the uniform
+    split keeps the legal count nearest to (1 - ratio) · u). Layers of a single unit are left
+    whole (losing it would remove their attention)."""
     widths = uniform.source.widths
     if any(len(lp.heads_keep) < widths[lp.index].num_attention_heads for lp in uniform.layers):
-        return None
-    w = min(widths, key=lambda w: w.num_key_value_heads)
+        return []
     groups = base.get("head_mode", "kv_groups") == "kv_groups"
-    units = w.num_key_value_heads if groups else w.num_attention_heads // w.num_key_value_heads
-    if units < 2:
-        return None
-    # 1 % over one unit: a ratio of exactly 1 / units may round down to no unit
-    return {k: v for k, v in base.items() if k != "param_ratio"} | {"head_ratio": min(1.01 / units, 0.99)}
+    by_units: dict[int, list[int]] = {}
+    for lp in uniform.layers:
+        w = widths[lp.index]
+        u = w.num_key_value_heads if groups else w.num_attention_heads // w.num_key_value_heads
+        if u >= 2:
+            by_units.setdefault(u, []).append(lp.index)
+    rest = {k: v for k, v in base.items() if k != "param_ratio"}
+    # 1 % over one unit: a ratio of exactly 1 / u may round down to no unit
+    return [HeadProbe(u, tuple(layers), rest | {"head_ratio": min(1.01 / u, 0.99)})
+            for u, layers in sorted(by_units.items(), reverse=True)]
 
 
 # How much better (in loss: 0.01 = 1 % perplexity) a candidate that prunes heads must validate

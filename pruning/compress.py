@@ -123,20 +123,26 @@ def _plan_step(cfg: CompressConfig, name: str, request: PlanRequest, stats, conf
 
 
 def _with_head_probe(cfg: CompressConfig, uniform: Plan, base: dict[str, Any], stats, config, norms) -> Plan:
-    """``uniform``, or when it removes no head, ``uniform`` with the head lists of
-    ``uniform-heads.json`` (:func:`.candidates.head_probe_request`): what sensitivity measures."""
-    from actprune.pruning.candidates import head_probe_request
+    """``uniform``, or when it removes no head, ``uniform`` with each layer's heads from
+    ``uniform-heads.json`` (:func:`.candidates.head_probe_requests`: one unit a layer; one file
+    per distinct unit count, ``uniform-heads-U.json``, when layers differ): what sensitivity
+    measures."""
+    from actprune.pruning.candidates import head_probe_requests
 
-    fields = head_probe_request(base, uniform)
-    if fields is None:
+    probes = head_probe_requests(base, uniform)
+    if not probes:
         return uniform
-    probe = _plan_step(cfg, "uniform-heads.json", _request(fields), stats, config, norms)
-    heads = {hp.index: hp for hp in probe.layers}
+    heads, names = {}, []
+    for probe in probes:
+        name = "uniform-heads.json" if len(probes) == 1 else f"uniform-heads-{probe.units}.json"
+        plan = _plan_step(cfg, name, _request(probe.fields), stats, config, norms)
+        heads |= {hp.index: hp for hp in plan.layers if hp.index in probe.layers}
+        names.append(name)
     layers = [lp.model_copy(update={"heads_keep": heads[lp.index].heads_keep,
                                     "kv_heads_keep": heads[lp.index].kv_heads_keep}) if lp.index in heads else lp
               for lp in uniform.layers]
-    cfg.log("sensitivity: the uniform plan removes no heads at this budget: heads are measured at "
-            "uniform-heads.json's")
+    cfg.log(f"sensitivity: the uniform plan removes no heads at this budget: heads are measured at "
+            f"{' and '.join(names)}'s")
     return uniform.model_copy(update={"layers": layers})
 
 

@@ -13,6 +13,7 @@ from actprune.pruning.candidates import (
     choose,
     excess_loss,
     figures,
+    head_probe_requests,
     mlp_params,
     scores,
     split_rows,
@@ -73,6 +74,31 @@ def test_the_record_scores_and_tabulates_each_candidate_against_the_dense_model(
     assert "200 (20.0%)" in row["mlp"]
     assert lines[4] == "  mlp kept: heads-capped validates better by 0.25%, within the 1% a candidate that prunes heads must win by"
     assert len(table(record, ["heads-capped", "mlp"], "heads-capped")) == 4  # the lowest chosen: no reason line
+
+
+def _uniform(kv: list[int], per_group: int, lose_head_in: int | None = None):
+    """A stand-in for a uniform Plan: layer i has kv[i] KV groups of per_group query heads."""
+    from types import SimpleNamespace as NS
+
+    widths = [NS(num_attention_heads=k * per_group, num_key_value_heads=k) for k in kv]
+    layers = [NS(index=i, heads_keep=list(range(k * per_group - (i == lose_head_in)))) for i, k in enumerate(kv)]
+    return NS(source=NS(widths=widths), layers=layers)
+
+
+def test_head_probes_take_one_unit_from_every_layer_whatever_its_unit_count():
+    base = {"param_ratio": 0.05, "head_mode": "kv_groups", "tp_size": 1}
+    probes = head_probe_requests(base, _uniform([3, 2, 3, 1], per_group=3))
+    assert [(p.units, p.layers) for p in probes] == [(3, (0, 2)), (2, (1,))]  # the one-group layer is left whole
+    for p in probes:
+        assert p.fields == {"head_mode": "kv_groups", "tp_size": 1, "head_ratio": pytest.approx(1.01 / p.units)}
+        # the uniform split keeps the count nearest (1 - ratio) · u: exactly one unit fewer
+        assert round((1 - p.fields["head_ratio"]) * p.units) == p.units - 1
+    # query heads within groups: the unit is one head of each group
+    probes = head_probe_requests({"param_ratio": 0.05, "head_mode": "query"}, _uniform([2, 2], per_group=4))
+    assert [(p.units, p.layers, p.fields["head_ratio"]) for p in probes] == [(4, (0, 1), pytest.approx(1.01 / 4))]
+    # a plan that already removes a head somewhere measures the heads where they are: no probe
+    assert head_probe_requests(base, _uniform([3, 3], per_group=3, lose_head_in=1)) == []
+    assert head_probe_requests(base, _uniform([1, 1], per_group=3)) == []  # no layer can lose a unit
 
 
 def test_split_puts_validation_after_every_row_the_fit_reads():

@@ -337,3 +337,29 @@ def test_compress_measures_heads_at_a_budget_too_small_to_take_a_kv_group_unifor
     assert sens["attn_deltas"] and all(d != 0 for d in sens["attn_deltas"])
     assert sens["mlp_removed"] == [1 - len(lp["mlp_keep"]) / MODEL["intermediate_size"] for lp in uniform["layers"]]
     assert "heads are measured at uniform-heads.json" in out
+
+
+def test_compress_of_a_checkpoint_with_layers_of_different_group_counts_probes_one_group_a_layer(run, tmp_path,
+                                                                                                  capsys):
+    # a checkpoint compressed before (the budget candidate: per-layer KV groups) compressed again
+    # at a budget too small for the uniform split to take a group: each layer's heads are
+    # measured at one group fewer than *it* has, one probe plan per group count
+    tmp, _, argv = run
+    _ran(tmp, argv)
+    mixed = tmp_path / "mixed"
+    assert main(["prune", "--model", str(tmp / "llama"), "--plan", str(tmp / "out.steps" / "plan.json"),
+                 "-o", str(mixed)]) == 0
+    kv = [len(lp["kv_heads_keep"]) for lp in json.loads((tmp / "out.steps" / "plan.json").read_text())["layers"]]
+    assert len({k for k in kv if k >= 2}) >= 2, kv  # the premise: layers of at least two group counts
+    record_stats_of(mixed).save(tmp_path / "stats.safetensors")
+    again = [*argv[:-1], str(tmp_path / "out")]
+    again[again.index("--model") + 1] = str(mixed)
+    again[again.index("--stats") + 1] = str(tmp_path / "stats.safetensors")
+    again[again.index("--param-ratio") + 1] = "0.03"
+    assert main(again) == 0
+    out = capsys.readouterr().out
+    work = tmp_path / "out.steps"
+    sens = json.loads((work / "sensitivity.json").read_text())
+    assert sens["attn_removed"] == [pytest.approx(1 / k) if k >= 2 else 0.0 for k in kv], (kv, sens["attn_removed"])
+    assert sorted(p.name for p in work.glob("uniform-heads-*.json")) == sorted(
+        f"uniform-heads-{k}.json" for k in set(kv) if k >= 2), out
