@@ -1,5 +1,6 @@
 """The candidates ``actprune compress`` builds at one parameter budget, the held-out rows it
-scores them on, and its choice: the candidate with the lowest validation loss.
+scores them on, and its choice: the candidate with the lowest validation loss (pure: the
+record of those losses, ``candidates.json``, is read and tabulated here; compress measures).
 
 Why candidates: the budget allocation (:mod:`actprune.core.planning.budget`) spends the budget
 where the *modelled* loss per parameter is least, but the model extrapolates one measured Δ per
