@@ -33,8 +33,8 @@ from typing import Any
 
 from actprune.core.archs import ModelShape
 
-__all__ = ["CANDIDATES", "DATA", "Split", "candidate_requests", "choose", "excess_loss", "figures", "HeadProbe", "head_probe_requests",
-           "scores", "split_rows", "table"]
+__all__ = ["CANDIDATES", "DATA", "HeadProbe", "Split", "candidate_requests", "choose", "excess_loss", "figures",
+           "head_probe_requests", "scores", "set_losses", "split_rows", "table"]
 
 CANDIDATES = ("budget", "heads-capped", "mlp")  # the table's order; ties go to the earlier one
 DATA = "--data"  # a validation record's name for --data's held-out rows; --val-data sets by their source
@@ -163,9 +163,9 @@ def figures(losses: dict[str, float]) -> dict[str, Any]:
             "extra": {k: v for k, v in losses.items() if k != DATA}}
 
 
-def set_losses(figures: dict[str, Any]) -> dict[str, float]:
+def set_losses(record: dict[str, Any]) -> dict[str, float]:
     """Inverse of :func:`figures`: the loss on each validation set."""
-    return {DATA: figures["loss"], **figures.get("extra", {})}
+    return {DATA: record["loss"], **record.get("extra", {})}
 
 
 def scores(record: dict[str, Any], names: Any) -> dict[str, float]:

@@ -70,9 +70,11 @@ def test_the_record_scores_and_tabulates_each_candidate_against_the_dense_model(
     row = {ln[2:].split()[0]: ln for ln in lines[2:4]}
     assert row["mlp"].startswith("* mlp") and row["heads-capped"].startswith("  heads-capped")
     # × dense per set and their geometric mean
-    assert row["heads-capped"].split()[-3:] == [f"{math.exp(0.3):.3f}", f"{math.exp(0.5):.3f}", f"{math.exp(0.4):.3f}"]
+    want = [f"{math.exp(x):.3f}" for x in (0.3, 0.5, 0.4)]
+    assert row["heads-capped"].split()[-3:] == want
     assert "200 (20.0%)" in row["mlp"]
-    assert lines[4] == "  mlp kept: heads-capped validates better by 0.25%, within the 1% a candidate that prunes heads must win by"
+    assert lines[4] == ("  mlp kept: heads-capped validates better by 0.25%, within the 1% a candidate that prunes "
+                        "heads must win by")
     assert len(table(record, ["heads-capped", "mlp"], "heads-capped")) == 4  # the lowest chosen: no reason line
 
 
