@@ -12,6 +12,15 @@ so the same figures can be re-measured on any machine (no hub, no download):
 
 None of them is ever used for calibration, fine-tuning or any choice (ridges, allocations,
 learning rates): choices are made on validation rows of the calibration domain.
+
+Two more texts of other domains are *not* evaluation texts: they may serve as calibration or
+validation text of another domain (``compress --val-data``, ``bench/calib_mix.py``), so no
+evaluation figure ever rests on them:
+
+- ``datasets``: scikit-learn's dataset descriptions (``sklearn/datasets/descr/*.rst``):
+  statistics prose.
+- ``readmes``: the first 1,200 characters of each installed package's description (its
+  ``METADATA``), lines with links or markup dropped: software prose.
 """
 
 from __future__ import annotations
@@ -48,6 +57,37 @@ def python_code() -> str:
 
 # name -> loader; the order is the column order of the tables.
 OOD_TEXTS = {"opticks": opticks, "pydoc": pydoc_topics, "code": python_code}
+
+
+def dataset_descriptions() -> str:
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the dataset descriptions ship in scikit-learn: install it")
+    descr = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "descr"
+    return "\n\n".join(p.read_text(encoding="utf-8") for p in sorted(descr.glob("*.rst")))
+
+
+MARKUP = ("http", "](", "<", "![", "|", "```", "::", "[!", "===", "---")
+
+
+def package_readmes(chars: int = 1200) -> str:
+    """The installed packages' descriptions, by name, each cut to ``chars`` characters, lines
+    with links or markup dropped (what is left is prose)."""
+    import importlib.metadata as md
+
+    parts = {}
+    for dist in md.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        body = dist.metadata.get_payload() or dist.metadata["Description"] or ""
+        lines = [ln for ln in body.splitlines() if ln.strip() and not any(m in ln for m in MARKUP)]
+        text = "\n".join(lines)[:chars]
+        if name and len(text) > 200:
+            parts.setdefault(name, text)
+    return "\n\n".join(parts[n] for n in sorted(parts))
+
+
+# Texts of other domains for calibration or validation, never for evaluation.
+OTHER_TEXTS = {"datasets": dataset_descriptions, "readmes": package_readmes}
 
 
 def ood_texts(names: tuple[str, ...] | None = None) -> dict[str, str]:

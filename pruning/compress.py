@@ -77,6 +77,8 @@ class CompressConfig:
     val_rows: int = 8
     val_data: tuple[str, ...] = ()  # other domains' text: validation only, first val_rows rows each
     ridge: float = 1e-2
+    anchor: str | None = None  # other domains' text mixed into the refits (refit_for_plan)
+    anchor_weight: float | None = None  # None: refit_for_plan's default
     overwrite: bool = False
     progress: bool = True
     trust_remote_code: bool = False
@@ -90,7 +92,8 @@ class CompressConfig:
     def fit_inputs(self) -> dict[str, Any]:
         """What a refit depends on besides the plan (recorded with each checkpoint)."""
         return {"data": self.data, "text_field": self.text_field, "tokens": self.tokens, "seq_len": self.seq_len,
-                "ridge": self.ridge, "rows": self.fit_digest}
+                "ridge": self.ridge, "rows": self.fit_digest,
+                **({"anchor": self.anchor, "anchor_weight": self.anchor_weight} if self.anchor else {})}
 
 
 def _digest(plan: Plan) -> str:
@@ -178,7 +181,8 @@ def _build(cfg: CompressConfig, plan: Plan, out: Path, name: str) -> bool:
         return False
     plan, mlp, attn = refit_for_plan(cfg.model, plan, cfg.data, tokens=cfg.tokens, seq_len=cfg.seq_len,
                                      ridge=cfg.ridge, text_field=cfg.text_field, progress=cfg.progress,
-                                     trust_remote_code=cfg.trust_remote_code)
+                                     trust_remote_code=cfg.trust_remote_code, anchor=cfg.anchor,
+                                     anchor_weight=cfg.anchor_weight)
     slice_checkpoint(cfg.model, plan, out, overwrite=True, progress=cfg.progress, mlp_refit=mlp, attn_refit=attn,
                      slice_record={"compress": cfg.fit_inputs(), "candidate": name})
     cfg.log(f"refit + slice ({name}): wrote {out}: {len(mlp)} MLPs and {len(attn)} attention blocks refitted, "

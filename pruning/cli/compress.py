@@ -32,6 +32,7 @@ from pathlib import Path
 
 from actprune.core.errors import UsageError
 from actprune.pruning.checkpoint.trust import add_trust_flag
+from actprune.pruning.cli import check_anchor
 
 __all__ = ["configure", "run"]
 
@@ -68,6 +69,11 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "'text' or 'messages' field; repeatable): candidates are chosen by their mean loss above the "
                         "dense model's over --data's held-out rows and the first --val-rows rows of each")
     p.add_argument("--ridge", type=float, default=1e-2, help="refit ridge towards the plain slice")
+    p.add_argument("--refit-anchor", default=None, metavar="SOURCE",
+                   help="text of other domains mixed into the refits, so that they hold up when traffic drifts "
+                        "(wiki:PART, FILE.txt, FILE.jsonl; not a --val-data source); see docs/plan.md")
+    p.add_argument("--refit-anchor-weight", type=float, default=None,
+                   help="share of the refits' least-squares weight on --refit-anchor text (default 0.25)")
     p.add_argument("--overwrite", action="store_true", help="replace an output directory this run did not make")
     add_trust_flag(p)
 
@@ -79,11 +85,13 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--param-ratio is required: the fraction of all parameters to remove")
     if args.tokens < 1 or args.probe_rows < 1 or args.val_rows < 1 or args.seq_len < 2 or args.ridge < 0:
         raise UsageError("--tokens, --probe-rows and --val-rows must be >= 1, --seq-len >= 2, --ridge >= 0")
+    check_anchor(args.refit_anchor, args.refit_anchor_weight, [args.data, *args.val_data])
     request = {name: getattr(args, name) for name in _PLAN_FLAGS}
     out = compress(CompressConfig(
         model=args.model, stats=args.stats, data=args.data, output=args.output, request=request, work=args.work,
         text_field=args.text_field, tokens=args.tokens, seq_len=args.seq_len, probe_rows=args.probe_rows,
         val_rows=args.val_rows, val_data=tuple(args.val_data), ridge=args.ridge, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
+        anchor=args.refit_anchor, anchor_weight=args.refit_anchor_weight,
     ))
     print(f"compressed checkpoint: {out}")
     return 0

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from actprune.core.errors import UsageError
 from actprune.pruning.checkpoint.trust import add_trust_flag
+from actprune.pruning.cli import check_anchor
 
 __all__ = ["configure", "run"]
 
@@ -46,6 +47,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--no-refit-attention", dest="refit_attention", action="store_false",
                    help="refit only down_proj; slice o_proj plainly in layers that lose heads")
     g.add_argument("--text-field", default=None, help="JSONL field of --refit data")
+    g.add_argument("--refit-anchor", default=None, metavar="SOURCE",
+                   help="text of other domains mixed into the refit, so that it holds up when traffic drifts "
+                        "(wiki:PART, FILE.txt, FILE.jsonl); see docs/plan.md")
+    g.add_argument("--refit-anchor-weight", type=float, default=None,
+                   help="share of the refit's least-squares weight on --refit-anchor text (default 0.25)")
     add_trust_flag(g)
 
 
@@ -62,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--refit fits the bias itself; drop --bias-compensation")
     if args.refit is None and (args.refit_ridge is not None or args.refit_sequential != "off" or args.refit_reselect):
         raise UsageError("--refit-ridge / --refit-sequential / --refit-reselect need --refit DATA")
+    if args.refit_anchor is not None and args.refit is None:
+        raise UsageError("--refit-anchor needs --refit DATA")
+    check_anchor(args.refit_anchor, args.refit_anchor_weight, [args.refit] if args.refit else [])
     if args.refit_tokens < 1 or (isinstance(args.refit_ridge, float) and args.refit_ridge < 0):
         raise UsageError("--refit-tokens must be >= 1 and --refit-ridge >= 0")
     plan = Plan.load(args.plan)
@@ -94,5 +103,6 @@ def _refit(args: argparse.Namespace, plan):
     return refit_for_plan(args.model, plan, args.refit, tokens=args.refit_tokens,
                           seq_len=args.refit_seq_len, sequential=seq, text_field=args.text_field,
                           reselect=args.refit_reselect, trust_remote_code=args.trust_remote_code,
-                          attention=args.refit_attention,
+                          attention=args.refit_attention, anchor=args.refit_anchor,
+                          anchor_weight=args.refit_anchor_weight,
                           ridge=DEFAULT_RIDGE if args.refit_ridge is None else args.refit_ridge)

@@ -37,8 +37,10 @@ from actprune.core.tensor.hooks import HookRegistry
 from actprune.core.wire.plan import Plan
 from actprune.pruning.compensate.layers import apply_attention, apply_mlp, head_channels
 from actprune.pruning.compensate.maths import (
+    DEFAULT_ANCHOR_WEIGHT,
     DEFAULT_RIDGE,
     choose_ridge,
+    mixture_weights,
     obs_select,
     refit,
     update_gram,
@@ -134,10 +136,11 @@ class LayerMoments:
     ``add(x)`` folds one batch of ``down_proj`` inputs x (T, I) with its target t (T, H) — the
     dense output ``x Wᵀ``, or the next of ``targets`` (the dense-trajectory output, for
     ``sequential="dense"``). With ``hold_out``, every ``HOLD_OUT``-th batch goes to the held-out
-    moments (A, B and Σ‖t‖²) that choose the ridge instead."""
+    moments (A, B and Σ‖t‖²) that choose the ridge instead. ``weights``: each batch's (T,) token
+    weights, in the order the batches come (every pass over the rows comes in the same order)."""
 
     def __init__(self, w: torch.Tensor, kept: torch.Tensor, *, hold_out: bool,
-                 targets: list[torch.Tensor] | None = None) -> None:
+                 targets: list[torch.Tensor] | None = None, weights: list[torch.Tensor] | None = None) -> None:
         self.w, self.kept, self.hold_out = w, kept, hold_out  # w: (H, I); kept: (K,)
         n, dev = len(kept) + 1, w.device
         self.a = torch.zeros(n, n, dtype=torch.float64, device=dev)  # (K+1, K+1)
@@ -145,15 +148,18 @@ class LayerMoments:
         self.a_held, self.b_held = torch.zeros_like(self.a), torch.zeros_like(self.b)
         self.energy_held = torch.zeros((), dtype=torch.float64, device=dev)
         self.targets = iter(targets) if targets is not None else None
+        self.weights = weights
         self.batches = 0
 
     def add(self, x: torch.Tensor) -> None:
         t = next(self.targets) if self.targets is not None else x @ self.w.T  # (T, H)
+        wt = None if self.weights is None else self.weights[self.batches % len(self.weights)].to(x.device)  # (T,)
         if self.hold_out and self.batches % HOLD_OUT == HOLD_OUT - 1:
-            update_moments(self.a_held, self.b_held, x.index_select(1, self.kept), t)
-            self.energy_held.add_((t.double() ** 2).sum())
+            update_moments(self.a_held, self.b_held, x.index_select(1, self.kept), t, wt)
+            e = (t.double() ** 2).sum(1)  # (T,)
+            self.energy_held.add_(e.sum() if wt is None else (e * wt.double()).sum())
         else:
-            update_moments(self.a, self.b, x.index_select(1, self.kept), t)
+            update_moments(self.a, self.b, x.index_select(1, self.kept), t, wt)
         self.batches += 1
 
 
@@ -175,6 +181,7 @@ def layerwise_refit(
     batch: int = 4,
     progress: bool = True,
     chosen: dict[int, float] | None = None,
+    row_weights: torch.Tensor | None = None,
 ) -> Refits:
     """Refitted ``(down_proj weight (H, K), bias (H,))`` per pruned layer; ``model`` is left
     pruned and refitted in place. rows: (N, T) packed token ids; keep: layer -> kept neurons
@@ -190,7 +197,9 @@ def layerwise_refit(
     the choice back into ``keep``. ``ridge="auto"``: every ``HOLD_OUT``-th batch of rows is held
     out, each layer takes the ridge of :data:`maths.RIDGE_GRID` whose fit on the other
     batches leaves the least output error on the held-out ones (:func:`maths.choose_ridge`),
-    then refits on all rows with it; the MLP choices go into ``chosen`` (layer -> ridge)."""
+    then refits on all rows with it; the MLP choices go into ``chosen`` (layer -> ridge).
+    ``row_weights``: (N,) each row's weight in every least-squares fit (its tokens'), e.g. to mix
+    text of several domains in fixed shares (:func:`mixture_weights`); None: all equal."""
     if sequential not in (False, "local", "dense"):
         raise ValueError(f"sequential must be False, 'local' or 'dense', got {sequential!r}")
     if isinstance(ridge, str) and ridge != "auto":
@@ -200,7 +209,9 @@ def layerwise_refit(
     h, pe, pos = embed_rows(view, rows)
     h_dense = h if sequential == "dense" else None
     out: Refits = {}
-    pass_ = _LayerPass(view, pe, pos, batch, ridge, sequential, reselect, obs_step)
+    weights = None if row_weights is None else [  # one (batch · T,) per batch of rows, as run_layer cuts them
+        w.repeat_interleave(rows.shape[1]) for w in row_weights.double().split(batch)]
+    pass_ = _LayerPass(view, pe, pos, batch, ridge, sequential, reselect, obs_step, weights)
     for i, layer in enumerate(tqdm(view.layers, desc="refit", unit="layer", disable=not progress)):
         if i not in keep and i not in attention:
             h = run_layer(layer, h, pe, pos, batch)
@@ -216,8 +227,8 @@ class _LayerPass:
     install the sliced and refitted projections, return the next hidden states."""
 
     def __init__(self, view: HfModel, pe: Any, pos: torch.Tensor, batch: int, ridge: float | str,
-                 sequential: bool | str, reselect: bool, obs_step: int) -> None:
-        self.view, self.pe, self.pos, self.batch = view, pe, pos, batch
+                 sequential: bool | str, reselect: bool, obs_step: int, weights: list[torch.Tensor] | None) -> None:
+        self.view, self.pe, self.pos, self.batch, self.weights = view, pe, pos, batch, weights
         self.ridge, self.sequential, self.reselect, self.obs_step = ridge, sequential, reselect, obs_step
 
     def _run(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -244,11 +255,11 @@ class _LayerPass:
             if heads is not None:
                 ch = head_channels(heads[0], attn.head_dim)
                 m_o = LayerMoments(o.weight.detach(), torch.tensor(ch, device=o.weight.device), hold_out=hold,
-                                   targets=t_o)
+                                   targets=t_o, weights=self.weights)
             if i in keep:
                 units = range(down.in_features) if self.reselect else keep[i]
                 m_d = LayerMoments(down.weight.detach(), torch.as_tensor(list(units), device=down.weight.device),
-                                   hold_out=hold, targets=t_d)
+                                   hold_out=hold, targets=t_d, weights=self.weights)
             h_out = None
             if not self.sequential:  # one pass: both taps on the dense layer
                 tap_o.sink = m_o.add if m_o else None
@@ -316,6 +327,8 @@ def refit_for_plan(
     attention: bool = True,
     progress: bool = True,
     trust_remote_code: bool = False,
+    anchor: str | None = None,
+    anchor_weight: float | None = None,
 ) -> tuple[Plan, Refits, Refits]:
     """:func:`layerwise_refit` of the kept MLP neurons of ``plan`` (and, with ``attention``, of
     the kept heads' ``o_proj`` columns in layers that lose heads) over ``tokens`` tokens of
@@ -323,7 +336,11 @@ def refit_for_plan(
     attn_refit=)``. Returns the plan (with ``reselect``, the same widths but the OBS-chosen
     neurons), the MLP refits and the attention refits. A plan that drops layers is refused (the
     refit is computed on the model with its layers in place). ``trust_remote_code``: run code
-    the checkpoint's ``auto_map`` names (see :mod:`actprune.pruning.checkpoint.trust`)."""
+    the checkpoint's ``auto_map`` names (see :mod:`actprune.pruning.checkpoint.trust`).
+    ``anchor``: text of other domains (a source like ``data``) mixed into every fit with
+    ``anchor_weight`` of its weight (None: ``DEFAULT_ANCHOR_WEIGHT``): the refit then also reproduces the dense layers on text
+    unlike ``data``, and holds up better when the traffic drifts (docs/plan.md). Its rows: as
+    many as give its tokens that share unweighted (at least one)."""
     from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
     from actprune.pruning.data import DataError, load_texts, pack, tokenize
 
@@ -333,6 +350,13 @@ def refit_for_plan(
     tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     texts = load_texts(data, text_field, tok)
     rows = pack(tokenize(tok, texts), seq_len, tok.eos_token_id)[: max(tokens // seq_len, 1)]  # (N, L)
+    weights = None
+    anchor_weight = DEFAULT_ANCHOR_WEIGHT if anchor_weight is None else anchor_weight
+    if anchor is not None and anchor_weight > 0:
+        want = max(1, round(rows.shape[0] * anchor_weight / (1.0 - anchor_weight)))
+        extra = pack(tokenize(tok, load_texts(anchor, None, tok)), seq_len, tok.eos_token_id)[:want]
+        weights = mixture_weights(rows.shape[0], extra.shape[0], anchor_weight)  # (N + M,)
+        rows = torch.cat([rows, extra])
     model = load_causal_lm(model_dir, torch.float32, trust_remote_code=trust_remote_code)
     view = HfModel.of(model)
     full = [view.mlp(ly)[2].in_features for ly in view.layers]
@@ -341,7 +365,7 @@ def refit_for_plan(
              if attention and len(lp.heads_keep) < plan.source.widths[lp.index].num_attention_heads}
     attn: Refits = {}
     refits = layerwise_refit(model, rows, keep, attention=heads, attn_out=attn, ridge=ridge,
-                             sequential=sequential, reselect=reselect, progress=progress)
+                             sequential=sequential, reselect=reselect, progress=progress, row_weights=weights)
     if reselect:
         layers = [lp.model_copy(update={"mlp_keep": sorted(keep[lp.index])}) if lp.index in keep else lp
                   for lp in plan.layers]

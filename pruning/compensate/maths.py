@@ -38,6 +38,8 @@ __all__ = [
     "choose_ridge",
     "update_gram",
     "update_moments",
+    "mixture_weights",
+    "DEFAULT_ANCHOR_WEIGHT",
 ]
 
 DEFAULT_RIDGE = 1e-2
@@ -58,12 +60,35 @@ def update_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
     gram += (xb.T @ xb).double()
 
 
-def update_moments(a: torch.Tensor, b: torch.Tensor, x_kept: torch.Tensor, target: torch.Tensor) -> None:
-    """``A += x̄ᵀ x̄``, ``B += x̄ᵀ t`` in place. a: (K+1, K+1), b: (K+1, H) float64;
-    x_kept: (T, K) kept activations; target: (T, H) the output the layer should reproduce."""
+# The share of the refit's least-squares weight that ``--refit-anchor`` text gets, chosen on
+# validation text (BENCHMARKS.md, issue 13: "A refit that holds up out of domain").
+DEFAULT_ANCHOR_WEIGHT = 0.25
+
+
+def mixture_weights(n_main: int, n_anchor: int, anchor_weight: float) -> torch.Tensor:
+    """(n_main + n_anchor,) float64 row weights, mean 1: the first ``n_main`` rows share
+    1 - ``anchor_weight`` of the total weight, the last ``n_anchor`` share ``anchor_weight``
+    (the per-token mixture (1 - λ) E_main + λ E_anchor of the moments, whatever the row counts)."""
+    if not 0.0 <= anchor_weight < 1.0:
+        raise ValueError(f"anchor weight must be in [0, 1), got {anchor_weight}")
+    if n_main < 1 or n_anchor < 0 or (anchor_weight > 0 and n_anchor < 1):
+        raise ValueError(f"need rows of the main text, and of the anchor when it has weight "
+                         f"(got {n_main} and {n_anchor})")
+    n = n_main + n_anchor
+    main = torch.full((n_main,), (1.0 - anchor_weight) * n / n_main, dtype=torch.float64)
+    anchor = torch.full((n_anchor,), anchor_weight * n / max(n_anchor, 1), dtype=torch.float64)
+    return torch.cat([main, anchor])
+
+
+def update_moments(a: torch.Tensor, b: torch.Tensor, x_kept: torch.Tensor, target: torch.Tensor,
+                   weight: torch.Tensor | None = None) -> None:
+    """``A += x̄ᵀ W x̄``, ``B += x̄ᵀ W t`` in place (W = diag(weight), 1 when None). a: (K+1, K+1),
+    b: (K+1, H) float64; x_kept: (T, K) kept activations; target: (T, H) the output the layer
+    should reproduce; weight: (T,) each token's weight in the least-squares fit."""
     xb = augment(x_kept)  # (T, K+1)
-    a += xb.T @ xb
-    b += xb.T @ target.double()
+    xw = xb if weight is None else xb * weight.to(xb)[:, None]  # (T, K+1)
+    a += xw.T @ xb
+    b += xw.T @ target.double()
 
 
 def moments_from_gram(gram: torch.Tensor, w: torch.Tensor, keep: list[int] | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
