@@ -19,6 +19,7 @@ import json
 
 from actprune.core.errors import UsageError
 from actprune.pruning.checkpoint.trust import add_trust_flag
+from actprune.pruning.cli import check_anchor
 
 __all__ = ["configure", "run"]
 
@@ -45,6 +46,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tp-size", type=int, default=None, help="tensor-parallel size the result must support")
     g.add_argument("--min-mlp-width", type=int, default=None)
     g.add_argument("--refit", action="store_true", help="refit kept down_proj columns on --calibration")
+    g.add_argument("--refit-anchor", default=None, metavar="SOURCE",
+                   help="text of other domains mixed into each --refit (see `actprune prune --help`)")
+    g.add_argument("--refit-anchor-weight", type=float, default=None,
+                   help="share of the refit's least-squares weight on --refit-anchor text (default 0.25)")
     g.add_argument("--bias-compensation", action="store_true", help="FLAP bias instead of --refit")
     g = p.add_argument_group("recovery")
     g.add_argument("--train-data", default="wiki:train", help="FILE.jsonl, FILE.txt or wiki:train")
@@ -75,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     reserved = {"model", "data", "output", "teacher", "max_steps", "trust_remote_code"} & set(finetune)
     if unknown or reserved:
         raise UsageError(f"--finetune-config: unknown {sorted(unknown)} / set by iterate {sorted(reserved)}")
+    check_anchor(args.refit_anchor, args.refit_anchor_weight, [args.calibration, args.eval_data])
     plan = {k: getattr(args, k) for k in _PLAN_FLAGS if getattr(args, k, None) is not None}
     fields = set(IterateConfig.__dataclass_fields__) - {"plan", "finetune"}
     cfg = IterateConfig(**{k: v for k, v in vars(args).items() if k in fields}, plan=plan, finetune=finetune)

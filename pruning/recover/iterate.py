@@ -39,6 +39,8 @@ __all__ = ["IterateConfig", "IterateError", "StepResult", "local_ratio", "run_it
 
 # Options that may change between a run and its resume without changing any step's result.
 _RESUME_FREE = ("progress", "overwrite", "max_ppl_ratio", "trust_remote_code")
+# Options added after runs existed: in the key only when set, so those runs still resume.
+_KEYED_WHEN_SET = ("refit_anchor", "refit_anchor_weight")
 
 
 class IterateError(ActpruneError):
@@ -64,6 +66,8 @@ class IterateConfig:
     eval_tokens: int = 20_000
     eval_seq_len: int = 256
     refit: bool = False  # refit kept down_proj columns on the calibration data
+    refit_anchor: str | None = None  # other domains' text mixed into the refit (refit_for_plan)
+    refit_anchor_weight: float | None = None
     bias_compensation: bool = False
     plan: dict[str, Any] = field(default_factory=dict)  # PlanRequest fields besides mlp_ratio
     finetune: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig overrides
@@ -73,7 +77,8 @@ class IterateConfig:
 
     def key(self) -> str:
         """Hash of everything that decides the steps' results."""
-        d = {k: v for k, v in asdict(self).items() if k not in _RESUME_FREE}
+        d = {k: v for k, v in asdict(self).items()
+             if k not in _RESUME_FREE and not (k in _KEYED_WHEN_SET and v is None)}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -162,7 +167,8 @@ def _step(cfg: IterateConfig, n: int, ratio: float, current: Path, original_tota
 
         plan, refit, attn = refit_for_plan(current, plan, cfg.calibration, tokens=cfg.calibration_tokens,
                                      text_field=cfg.calibration_text_field, progress=cfg.progress,
-                                     trust_remote_code=cfg.trust_remote_code)
+                                     trust_remote_code=cfg.trust_remote_code, anchor=cfg.refit_anchor,
+                                     anchor_weight=cfg.refit_anchor_weight)
     from actprune.pruning.checkpoint.slicer import slice_checkpoint
 
     pruned = slice_checkpoint(current, plan, work / "pruned", overwrite=True, progress=cfg.progress,
@@ -204,6 +210,8 @@ def run_iterate(cfg: IterateConfig) -> dict[str, Any]:
         raise IterateError(f"max_ppl_ratio must be > 0, got {cfg.max_ppl_ratio}")
     if cfg.refit and cfg.bias_compensation:
         raise IterateError("refit fits the bias itself; choose refit or bias compensation")
+    if cfg.refit_anchor is not None and not cfg.refit:
+        raise IterateError("a refit anchor needs refit")
     if "mlp_ratio" in cfg.plan:
         raise IterateError("the steps' MLP ratios come from ratios; do not set mlp_ratio in plan")
     original = Path(cfg.model)

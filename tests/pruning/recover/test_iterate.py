@@ -72,6 +72,12 @@ def test_iterate_steps_resume_and_threshold(tiny: Path, text: Path, tmp_path: Pa
     # Another configuration in the same directory is refused (--overwrite starts over).
     assert cli(_args(tiny, work, text, 1000.0, "--no-distil")) == 2
     assert "another configuration" in capsys.readouterr().err
+    other = tmp_path / "other.txt"
+    other.write_text("def f(x):\n    return x + 1\n" * 40)
+    assert cli(_args(tiny, work, text, 1000.0, "--refit-anchor", str(other))) == 2  # the anchor is configuration
+    assert "another configuration" in capsys.readouterr().err
+    assert cli(_args(tiny, work, text, 1000.0, "--refit-anchor", str(text))) == 2  # the calibration text itself
+    assert "another domain" in capsys.readouterr().err
 
 
 def test_iterate_refuses_bad_schedules(tiny: Path, text: Path, tmp_path: Path, capsys) -> None:
