@@ -338,9 +338,10 @@ def refit_for_plan(
     refit is computed on the model with its layers in place). ``trust_remote_code``: run code
     the checkpoint's ``auto_map`` names (see :mod:`actprune.pruning.checkpoint.trust`).
     ``anchor``: text of other domains (a source like ``data``) mixed into every fit with
-    ``anchor_weight`` of its weight (None: ``DEFAULT_ANCHOR_WEIGHT``): the refit then also reproduces the dense layers on text
-    unlike ``data``, and holds up better when the traffic drifts (docs/plan.md). Its rows: as
-    many as give its tokens that share unweighted (at least one)."""
+    ``anchor_weight`` of its weight (None: ``DEFAULT_ANCHOR_WEIGHT``): the refit then also
+    reproduces the dense layers on text unlike ``data``, and holds up better when the traffic
+    drifts (docs/plan.md). Its rows: as many as give its tokens that share unweighted (at least
+    one; fewer when the anchor is shorter, the weights keep its share)."""
     from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
     from actprune.pruning.data import DataError, load_texts, pack, tokenize
 
@@ -354,7 +355,10 @@ def refit_for_plan(
     anchor_weight = DEFAULT_ANCHOR_WEIGHT if anchor_weight is None else anchor_weight
     if anchor is not None and anchor_weight > 0:
         want = max(1, round(rows.shape[0] * anchor_weight / (1.0 - anchor_weight)))
-        extra = pack(tokenize(tok, load_texts(anchor, None, tok)), seq_len, tok.eos_token_id)[:want]
+        try:
+            extra = pack(tokenize(tok, load_texts(anchor, None, tok)), seq_len, tok.eos_token_id)[:want]
+        except DataError as e:
+            raise DataError(f"refit anchor {anchor}: {e}") from None
         weights = mixture_weights(rows.shape[0], extra.shape[0], anchor_weight)  # (N + M,)
         rows = torch.cat([rows, extra])
     model = load_causal_lm(model_dir, torch.float32, trust_remote_code=trust_remote_code)

@@ -138,3 +138,17 @@ def test_compress_records_the_anchor_with_its_refits_and_refuses_it_as_validatio
     rc = main(["compress", "--model", str(d), "--stats", str(tmp_path / "s"), "--data", "a.txt",
                "--param-ratio", "0.1", "-o", str(tmp_path / "o"), "--val-data", "b.txt", "--refit-anchor", "b.txt"])
     assert rc == 2 and "another domain" in capsys.readouterr().err
+
+
+def test_an_anchor_too_short_for_one_row_is_named_in_the_error(llama, tmp_path, capsys):
+    from actprune.client.cli import main
+
+    d, plan = llama
+    plan.save(tmp_path / "plan.json")
+    short = tmp_path / "short.txt"
+    short.write_text("too short")
+    rc = main(["prune", "--model", str(d), "--plan", str(tmp_path / "plan.json"), "-o", str(tmp_path / "x"),
+               "--refit", str(write_calibration_text(tmp_path / "calib.txt", 40)), "--refit-seq-len", "32",
+               "--refit-anchor", str(short)])
+    err = capsys.readouterr().err
+    assert rc != 0 and "refit anchor" in err and "short.txt" in err
