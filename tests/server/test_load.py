@@ -44,16 +44,29 @@ async def _wave(base: str, poll_and_reset: bool) -> tuple[list[tuple[int, int]],
         model = (await client.get("/v1/models")).json()["data"][0]["id"]
         tasks = [asyncio.create_task(_stream_chat(client, model, i)) for i in range(N_REQUESTS)]
         if poll_and_reset:
-            reset_done = False
+            # The reset goes out as the N/2-th stream completes (a done-callback, not a check
+            # between polls: on a loaded machine the other half can finish within one sleep).
+            half, done = asyncio.Event(), [0]
+
+            def count(_task: asyncio.Task) -> None:
+                done[0] += 1
+                if done[0] == N_REQUESTS // 2:
+                    half.set()
+
+            for t in tasks:
+                t.add_done_callback(count)
+
+            async def reset_at_half() -> None:
+                await half.wait()
+                statuses.append((await client.post("/activations/reset", json={})).status_code)
+
+            resetter = asyncio.create_task(reset_at_half())
             while not all(t.done() for t in tasks):
                 for path in ("/activations/status", "/activations/stats"):
                     r = await client.get(path, params={"format": "safetensors"} if "stats" in path else None)
                     statuses.append(r.status_code)
-                if not reset_done and sum(t.done() for t in tasks) >= N_REQUESTS // 2:
-                    statuses.append((await client.post("/activations/reset", json={})).status_code)
-                    reset_done = True
                 await asyncio.sleep(0.05)
-            assert reset_done
+            await asyncio.wait_for(resetter, timeout=600)
         results = await asyncio.gather(*tasks)
     return results, statuses
 
