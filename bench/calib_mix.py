@@ -36,7 +36,7 @@ import torch
 from actprune.pruning.compensate import calibrate
 from actprune.pruning.compensate import maths as compensate
 from actprune.pruning.data import pack, tokenize
-from quality import VIEW, Bench, perplexities
+from quality import Bench, perplexities
 from quality_results import append, load_results
 from safetensors.torch import load_file, save_file
 from texts import OTHER_TEXTS, ood_texts
@@ -91,14 +91,8 @@ def grams_of(bench: Bench, rows: torch.Tensor, path: Path) -> list[torch.Tensor]
 def build(bench: Bench, keep: dict[int, list[int]], other: list[torch.Tensor], lam: float,
           ridge: float) -> torch.nn.Module:
     """The dense model with each MLP sliced to ``keep`` and refitted on G_λ."""
-    import copy
-
-    model = copy.deepcopy(bench.dense)
-    for i, ly in enumerate(model.model.layers):
-        w = VIEW.mlp(ly)[2].weight.detach()  # (H, I)
-        a, b = compensate.moments_from_gram(mix_gram(bench.grams[i], other[i], lam), w, keep[i])
-        calibrate.apply_mlp(VIEW, ly, keep[i], *compensate.refit(a, b, w[:, keep[i]], ridge))
-    return model
+    mixed = [mix_gram(g, o, lam) for g, o in zip(bench.grams, other, strict=True)]
+    return bench.build(keep, "refit", ridge, grams=mixed)
 
 
 def geomean(xs: list[float]) -> float:

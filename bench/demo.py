@@ -4,7 +4,8 @@ The recipe is the one that measured best on SmolLM2-135M (BENCHMARKS.md, issues 
 
     capture (vLLM + actprune serve) -> replay prompts (actprune collect) -> pull stats
     -> plan (20 % of MLP neurons, per-layer widths) -> prune (refit down_proj + bias on
-    calibration text, with text of another domain mixed in: scikit-learn's dataset descriptions) -> recover (distil from the original on its cached top-64 logits)
+    calibration text, with text of another domain mixed in: scikit-learn's dataset descriptions)
+    -> recover (distil from the original on its cached top-64 logits)
     -> evaluate on held-out Wikipedia and an out-of-domain text (perplexity, KL to the original)
     -> restart the server on the recovered checkpoint and answer a prompt -> before/after table
 

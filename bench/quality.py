@@ -257,7 +257,11 @@ class Bench:
         counts = allocate_by_cost(costs, round((1 - ratio) * sum(len(o) for o in orders)))
         return {i: sorted(orders[i][:c].tolist()) for i, c in enumerate(counts)}
 
-    def build(self, keep: dict[int, list[int]], comp: str, ridge: float) -> torch.nn.Module:
+    def build(self, keep: dict[int, list[int]], comp: str, ridge: float,
+              grams: list[torch.Tensor] | None = None) -> torch.nn.Module:
+        """The dense model pruned to ``keep`` with compensation ``comp``; ``grams``: the refit's
+        per-layer moments (default: the calibration pass's)."""
+        grams = self.grams if grams is None else grams
         model = copy.deepcopy(self.dense)
         if comp.startswith("seq-") or comp == "lw":  # the shipped layer-wise pass (lw: one-shot)
             chosen: dict[int, float] = {}
@@ -275,7 +279,7 @@ class Bench:
                 mean = self.stats.tensors[f"layers.{i}.mlp.mean"]
                 calibrate.apply_mlp(VIEW, ly, keep[i], None, compensate.flap_bias(w, keep[i], mean))
             elif comp == "refit":
-                a, b = compensate.moments_from_gram(self.grams[i], w, keep[i])
+                a, b = compensate.moments_from_gram(grams[i], w, keep[i])
                 w_new, bias = compensate.refit(a, b, w[:, keep[i]], ridge)
                 calibrate.apply_mlp(VIEW, ly, keep[i], w_new, bias)
             else:
