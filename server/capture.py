@@ -17,8 +17,10 @@ rank), attached to the loaded model. It owns a :class:`HookRegistry` and these h
   long for the step buffers was folded tap by tap)
 * pre-hook on the top-level model (runs eagerly, outside the compiled graph, once per step):
   arms capture at the first real step and counts prefill / decode tokens; with the post-hook on
-  the same model it tells whether a step is under way (``in_step``): a worker stopped by a signal
-  in the middle of a step holds a torn state, which it must not save.
+  the same model it tells whether a step is under way (``in_step``). A step cut short (a signal,
+  or a collective failing because another rank stopped first) is taken back by
+  ``settle_step`` when its rows only wait in the buffers; one stopped while folding leaves a
+  torn state, which the worker must not save.
 
 The channel accumulators of all layers are packed side by side (``new_packed_channels``);
 ``groups`` maps each stats-file group to its state dict of views into them.
@@ -62,7 +64,12 @@ from safetensors.numpy import save as st_save
 from torch import nn
 
 from .layout import decoder_layers, has_module, partition, router_width
-from .ops import StepBuffers, step_tokens  # importing ops registers torch.ops.actprune.*
+from .ops import (  # importing ops registers torch.ops.actprune.*
+    STEP_FOLDING,
+    STEP_OPEN,
+    StepBuffers,
+    step_tokens,
+)
 
 __all__ = ["Capture", "CaptureOptions", "Routing", "ShardInfo"]
 
@@ -120,6 +127,7 @@ class Capture:
         self.threshold = torch.tensor(float(options.near_zero_threshold), dtype=torch.float32, device=device)
         self.started = False  # a real step has been seen
         self.in_step = False  # between the pre- and post-hook of the model on a real step
+        self._step_counted = (0, 0)  # (prefill, decode) tokens the current step added
         self.after_step: Callable[[], None] | None = None  # the worker's, run as each step ends
         self.paused = False
         self.tokens_prefill = 0
@@ -262,19 +270,39 @@ class Capture:
         if split is None:  # vLLM's profile / warm-up / padding-only dummy runs
             return
         self.in_step = True
+        self.bufs.phase.fill_(STEP_OPEN)
         if not self.started:
             self.started = True
             if not self.paused:
                 self.armed.fill_(1.0)
-        if self.paused:
-            return
-        self.tokens_prefill += split[0]
-        self.tokens_decode += split[1]
+        self._step_counted = (0, 0) if self.paused else split
+        self.tokens_prefill += self._step_counted[0]
+        self.tokens_decode += self._step_counted[1]
 
     def _after_step(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         self.in_step = False
         if self.after_step is not None:
             self.after_step()
+
+    def settle_step(self) -> bool:
+        """After a step that never reached the model's post-hook (a signal, or an exception such
+        as a collective failing because another rank stopped, unwound it): bring the state back
+        to the last step boundary where that is exact. Its rows only waiting past the cursor
+        (``STEP_OPEN``) are left there and its tokens taken back; a step that got to its end
+        (``STEP_DONE``) stays. False when it stopped while accumulators were changing (a long
+        step folded tap by tap, or the end-of-step fold): a torn state, not to be saved. Between
+        steps only; reads a device value (shutdown, not the serving path)."""
+        if not self.in_step:
+            return True
+        phase = int(self.bufs.phase[0])
+        if phase == STEP_FOLDING:
+            return False
+        if phase == STEP_OPEN:
+            self.tokens_prefill -= self._step_counted[0]
+            self.tokens_decode -= self._step_counted[1]
+        self._step_counted = (0, 0)
+        self.in_step = False
+        return True
 
     # ---- control ------------------------------------------------------------------------
     def reset(self) -> None:

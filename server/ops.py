@@ -23,10 +23,10 @@ every tensor after the layer's own (taps, router, hidden, residual)):
     actprune::stash_layer(taps [(T,C_k)], router (T,E) | None, hidden (T,H), residual (T,H) | None,
                           chan (N,ΣC), stream (N,L+1,H), routers (N,R,E'), scratch (M,H),
                           fields [7 x (ΣC,)], counts (G,), router_fields [(R,), 3 x (R,E')],
-                          blocks (2,L), zero_gid (≥C,), cursor (1,) | None, armed (), threshold (),
-                          offsets [k], groups [k], slot, router_slot, top_k, renormalize)
-    actprune::end_step(hidden (T,H), chan, stream, routers, valid (N,), cursor | None, fields,
-                       counts, router_fields, gid (ΣC,), blocks, armed, threshold, top_k,
+                          blocks (2,L), zero_gid (≥C,), cursor (1,) | None, phase (1,), armed (),
+                          threshold (), offsets [k], groups [k], slot, router_slot, top_k, renormalize)
+    actprune::end_step(hidden (T,H), chan, stream, routers, valid (N,), cursor | None, phase,
+                       fields, counts, router_fields, gid (ΣC,), blocks, armed, threshold, top_k,
                        renormalize)
 
 R: the MoE layers of the rank (0 for a dense model), E': the most experts of one of them.
@@ -34,6 +34,12 @@ R: the MoE layers of the rank (0 for a dense model), E': the most experts of one
 No op reads a device tensor's value on the host (no ``.item()``, no data-dependent shape): the
 branches are on T, a shape a CUDA graph fixes at capture, and on a GPU nothing else; the row
 cursor of a CPU (a CPU tensor) is read on the CPU it lives on.
+
+``phase`` says how far the current step got, for a worker whose step was cut short (a signal,
+or a collective failing because another rank stopped): STEP_OPEN (the capture sets it as a
+step starts) — its rows only wait past the cursor, the accumulators hold whole steps;
+STEP_FOLDING — accumulators are changing (a long step's taps, the end-of-step fold): torn;
+STEP_DONE — the step is in. ``Capture.settle_step`` reads it.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ import torch
 from actprune.core.tensor.accumulate import fold_blocks, fold_packed, fold_routers
 from torch import Tensor
 
-__all__ = ["FOLD_ROWS", "StepBuffers", "step_tokens", "valid_rows"]
+__all__ = ["FOLD_ROWS", "STEP_DONE", "STEP_FOLDING", "STEP_OPEN", "StepBuffers", "step_tokens", "valid_rows"]
 
 _LIB = torch.library.Library("actprune", "FRAGMENT")  # the stash ops below
 
@@ -58,6 +64,7 @@ _LIB = torch.library.Library("actprune", "FRAGMENT")  # the stash ops below
 # benchmark model) per chunk — so a CPU lets small steps' rows gather to a chunk before it
 # folds (BENCHMARKS.md, issue 16). A GPU folds each step whole (one set of kernels).
 FOLD_ROWS = 16
+STEP_OPEN, STEP_FOLDING, STEP_DONE = 0, 1, 2  # StepBuffers.phase
 
 
 def valid_rows(num_tokens: int, armed: Tensor) -> Tensor:
@@ -121,6 +128,7 @@ class StepBuffers:
     routers: Tensor  # (N, R, E') float32: router logits of the MoE layers, -inf past a layer's E
     valid: Tensor  # (N,) bool: pending row is a real token, captured while armed
     cursor: Tensor | None  # (1,) int64 on the CPU: rows pending; None: fold every step (GPU)
+    phase: Tensor  # (1,) int64: how far the current step got (STEP_OPEN / _FOLDING / _DONE)
     scratch: Tensor  # (M, H) float32: the stream entering the current layer of a long step
     fields: list[Tensor]  # 7 x (ΣC,): the packed accumulators (accumulate.PACKED_FIELDS)
     counts: Tensor  # (G,) float64
@@ -150,6 +158,7 @@ class StepBuffers:
             router_fields=router_fields, top_k=top_k, renormalize=renormalize,
             valid=torch.zeros(rows, dtype=torch.bool, device=device),
             cursor=torch.zeros(1, dtype=torch.int64) if device.type == "cpu" else None,
+            phase=torch.full((1,), STEP_DONE, dtype=torch.int64, device=device),
             scratch=torch.zeros(long_rows, hidden, **f32),
             fields=fields, counts=counts, gid=gid,
             zero_gid=torch.zeros(int(torch.bincount(gid).max()) if gid.numel() else 0,
@@ -172,11 +181,11 @@ class StepBuffers:
     def stash_args(self) -> tuple:
         """stash_layer's arguments after (taps, router, hidden, residual), to offsets."""
         return (self.chan, self.stream, self.routers, self.scratch, self.fields, self.counts,
-                self.router_fields, self.blocks, self.zero_gid, self.cursor, self.armed, self.threshold)
+                self.router_fields, self.blocks, self.zero_gid, self.cursor, self.phase, self.armed, self.threshold)
 
     def end_args(self) -> tuple:
         """end_step's arguments after hidden, in schema order."""
-        return (self.chan, self.stream, self.routers, self.valid, self.cursor, self.fields, self.counts,
+        return (self.chan, self.stream, self.routers, self.valid, self.cursor, self.phase, self.fields, self.counts,
                 self.router_fields, self.gid, self.blocks, self.armed, self.threshold, self.top_k,
                 self.renormalize)
 
@@ -276,7 +285,7 @@ def _stash_views(taps: list[Tensor], router: Tensor | None, chan: Tensor, stream
 def stash_layer(taps: list[Tensor], router: Tensor | None, hidden: Tensor, residual: Tensor | None, chan: Tensor,
                 stream: Tensor, routers: Tensor, scratch: Tensor, fields: list[Tensor], counts: Tensor,
                 router_fields: list[Tensor], blocks: Tensor, zero_gid: Tensor, cursor: Tensor | None,
-                armed: Tensor, threshold: Tensor, offsets: list[int], groups: list[int], slot: int,
+                phase: Tensor, armed: Tensor, threshold: Tensor, offsets: list[int], groups: list[int], slot: int,
                 router_slot: int, top_k: int, renormalize: bool) -> None:
     # taps: the inputs of the layer's tapped linears, (T, C_k) each, their columns at offsets[k]
     # of group groups[k]; router: an MoE layer's router logits (T, E), its row router_slot of
@@ -303,6 +312,7 @@ def stash_layer(taps: list[Tensor], router: Tensor | None, hidden: Tensor, resid
     if t > scratch.shape[0]:
         raise RuntimeError(f"actprune: batch of {t} tokens exceeds the capture scratch buffer "
                            f"({scratch.shape[0]} rows); this is a bug, please report it")
+    phase.fill_(STEP_FOLDING)  # from here a step cut short leaves a torn state
     valid = valid_rows(t, armed)
     for x, offset, group in zip(taps, offsets, groups, strict=True):
         c = x.shape[-1]
@@ -319,28 +329,32 @@ def stash_layer(taps: list[Tensor], router: Tensor | None, hidden: Tensor, resid
 
 
 def end_step(hidden: Tensor, chan: Tensor, stream: Tensor, routers: Tensor, valid: Tensor, cursor: Tensor | None,
-             fields: list[Tensor], counts: Tensor, router_fields: list[Tensor], gid: Tensor, blocks: Tensor,
-             armed: Tensor, threshold: Tensor, top_k: int, renormalize: bool) -> None:
+             phase: Tensor, fields: list[Tensor], counts: Tensor, router_fields: list[Tensor], gid: Tensor,
+             blocks: Tensor, armed: Tensor, threshold: Tensor, top_k: int, renormalize: bool) -> None:
     t = hidden.shape[0]
     row = _pending(cursor)
     if row + t > chan.shape[0]:  # folded tap by tap already
+        phase.fill_(STEP_DONE)
         return
     valid[row:row + t].copy_(valid_rows(t, armed))  # which rows count, decided as the step runs
     n = row + t
+    phase.fill_(STEP_FOLDING)  # the cursor and the accumulators change from here
     if cursor is not None and n < FOLD_ROWS:  # a CPU: wait for a chunk's worth of rows
         cursor.fill_(n)
+        phase.fill_(STEP_DONE)
         return
     _fold_rows(n, chan, stream, routers, valid, fields, counts, router_fields, gid, blocks, threshold, top_k,
                renormalize)
     if cursor is not None:
         cursor.zero_()
+    phase.fill_(STEP_DONE)
 
 
 _define("stash_layer(Tensor[] taps, Tensor? router, Tensor hidden, Tensor? residual, Tensor(a!) chan, "
         "Tensor(b!) stream, Tensor(c!) routers, Tensor(d!) scratch, Tensor(e!)[] fields, Tensor(f!) counts, "
-        "Tensor(g!)[] router_fields, Tensor(h!) blocks, Tensor zero_gid, Tensor? cursor, Tensor armed, "
-        "Tensor threshold, int[] offsets, int[] groups, int slot, int router_slot, int top_k, "
+        "Tensor(g!)[] router_fields, Tensor(h!) blocks, Tensor zero_gid, Tensor? cursor, Tensor(i!) phase, "
+        "Tensor armed, Tensor threshold, int[] offsets, int[] groups, int slot, int router_slot, int top_k, "
         "bool renormalize) -> ()", stash_layer)
 _define("end_step(Tensor hidden, Tensor(a!) chan, Tensor(b!) stream, Tensor(c!) routers, Tensor(d!) valid, "
-        "Tensor(e!)? cursor, Tensor(f!)[] fields, Tensor(g!) counts, Tensor(h!)[] router_fields, Tensor gid, "
-        "Tensor(i!) blocks, Tensor armed, Tensor threshold, int top_k, bool renormalize) -> ()", end_step)
+        "Tensor(e!)? cursor, Tensor(j!) phase, Tensor(f!)[] fields, Tensor(g!) counts, Tensor(h!)[] router_fields, "
+        "Tensor gid, Tensor(i!) blocks, Tensor armed, Tensor threshold, int top_k, bool renormalize) -> ()", end_step)

@@ -11,7 +11,11 @@ last interval. vLLM's worker class owns ``shutdown`` (an extension may not defin
 worker instance's ``shutdown`` is wrapped once, at run time. A worker process of its own (tensor
 parallelism) turns SIGINT/SIGTERM into SystemExit wherever its main thread is, in the middle of
 a forward step too, which would leave a torn state: such a signal is handed on when the step
-ends (a second one at once), so every rank stops at the same step boundary.
+ends (a second one at once). Ranks do not reach a step boundary at the same instant, though:
+rank 0 sends the step's output to the engine while rank 1 may already run the next step; if
+the signal stops rank 0 there, rank 1's step fails in its next collective. That step is taken
+back before the shard is saved (``Capture.settle_step``), so every rank saves the same step
+boundary.
 """
 
 from __future__ import annotations
@@ -98,7 +102,7 @@ class CaptureWorkerExtension:
         path, meta = target
         try:
             cap = self._actprune()
-            if cap.in_step:  # stopped by a signal inside a forward step: a torn state
+            if not cap.settle_step():  # stopped while folding a step: a torn state
                 log.warning("actprune: rank stopped in the middle of a step; not saving %s (the last "
                             "snapshot stands)", path.name)
                 return

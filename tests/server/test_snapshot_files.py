@@ -21,6 +21,7 @@ import httpx
 import numpy as np
 import pytest
 from actprune.core.wire.stats import Stats, StatsFormatError, config_hash
+from actprune.server import ops
 from actprune.server.api.service import CaptureService
 from actprune.server.settings import Settings
 from actprune.server.store import SnapshotInUse, check_fits
@@ -41,8 +42,9 @@ def _own_signal_handlers() -> Iterator[None]:
 class Server:
     """One start of a server: a fresh engine, the service, and its routes."""
 
-    def __init__(self, raw: list[RawLayer], directory: Path, instance: str = "pod-a", tp: int = 1) -> None:
-        self.engine = FakeEngineClient(config_for(raw), tp_size=tp)
+    def __init__(self, raw: list[RawLayer], directory: Path, instance: str = "pod-a", tp: int = 1,
+                 stash_mib: int = 256) -> None:
+        self.engine = FakeEngineClient(config_for(raw), tp_size=tp, stash_mib=stash_mib)
         settings = Settings(snapshot_dir=directory, snapshot_interval=60, instance_id=instance)
         self.app: FastAPI = actprune_app(self.engine, snapshot_dir=directory, settings=settings)
         self.svc: CaptureService = self.app.state.actprune
@@ -154,23 +156,63 @@ def test_shards_are_folded_in_exactly_once_however_start_up_is_interrupted(raw_a
     assert not list(tmp_path.glob("shard-*"))
 
 
-def test_a_rank_stopped_mid_step_saves_nothing_and_the_last_snapshot_stands(raw_a, raw_b, tmp_path):
-    a = Server(raw_a, tmp_path).start()
+class _PeerGone(RuntimeError):  # a collective failing because the other rank has exited
+    pass
+
+
+def _next_step_alone(server: Server, rank: int, raw: list[RawLayer]) -> None:
+    """Rank ``rank`` runs the next step alone and it fails: the other rank stopped between
+    steps (rank 0 sends a step's output to the engine while rank 1 already runs the next one;
+    Ctrl-C can stop either there), so this rank's next collective fails."""
+    everyone = server.engine.ranks
+    server.engine.ranks = [everyone[rank]]
+    try:
+        with pytest.raises(_PeerGone):
+            server.engine.feed(raw)
+    finally:
+        server.engine.ranks = everyone
+
+
+def _peer_gone(*args: Any, **kwargs: Any) -> Any:
+    raise _PeerGone("connection closed by peer")
+
+
+@pytest.mark.parametrize("torn", [0, 1])
+def test_a_step_cut_short_before_its_fold_is_taken_back_so_every_rank_saves_the_same_boundary(
+        raw_a, raw_b, tmp_path, torn):
+    a = Server(raw_a, tmp_path, tp=2).start()
+    a.engine.feed(raw_a)  # in no snapshot: only the shards can bring it back
+    # layer 0 stashed the step's rows, layer 1's row-parallel all-reduce fails
+    a.engine.ranks[torn].model.model.layers[1].mlp.down_proj.forward = _peer_gone
+    _next_step_alone(a, torn, raw_b)
+    a.engine_stops()
+    assert len(list(tmp_path.glob("shard-*"))) == 2
+    b = Server(raw_a, tmp_path, tp=2).start()
+    assert b.tokens() == 300  # the cut step's tokens taken back on the rank that ran it
+    assert_stats_match(b.stats(), _reference(b.engine, raw_a))
+
+
+@pytest.mark.parametrize("where", ["long step", "end-of-step fold"])
+def test_a_step_cut_short_while_folding_saves_nothing_and_the_last_snapshot_stands(
+        raw_a, raw_b, tmp_path, monkeypatch, where):
+    a = Server(raw_a, tmp_path, tp=2, stash_mib=256 if where == "end-of-step fold" else 0).start()
     a.engine.feed(raw_a)
     a.snapshot()
+    if where == "long step":  # no step buffers: layer 0 folded its taps, layer 1 fails
+        a.engine.ranks[0].model.model.layers[1].mlp.down_proj.forward = _peer_gone
+    else:  # the fold of the step's rows stops after its first chunk
+        fold = ops._fold_rows
 
-    class Stopped(BaseException):  # SIGINT's SystemExit inside a forward step
-        pass
+        def first_chunk_only(n: int, *args: Any) -> None:
+            fold(min(n, ops.FOLD_ROWS), *args)
+            raise _PeerGone("stopped while folding")
 
-    def stop(*args: Any, **kwargs: Any) -> Any:
-        raise Stopped
-
-    a.engine.ranks[0].model.model.layers[1].forward = stop  # layer 0 counted the step, layer 1 not
-    with pytest.raises(Stopped):
-        a.engine.feed(raw_b)
+        monkeypatch.setattr(ops, "_fold_rows", first_chunk_only)
+    _next_step_alone(a, 0, raw_b)
+    monkeypatch.undo()
     a.engine_stops()
-    assert not list(tmp_path.glob("shard-*"))  # a torn state is never saved
-    b = Server(raw_a, tmp_path).start()
+    assert [p.name.rsplit("-", 1)[1] for p in tmp_path.glob("shard-*")] == ["tp1.safetensors"]  # not rank 0
+    b = Server(raw_a, tmp_path, tp=2).start()  # an incomplete set of shards: set aside
     assert_stats_match(b.stats(), _reference(b.engine, raw_a))
 
 

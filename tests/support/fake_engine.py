@@ -185,6 +185,7 @@ class FakeEngineClient:
     capture: CaptureMode = "on"
     calls: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
     fail: Exception | None = None
+    stash_mib: int = 256  # 0: no step buffers, every step folded tap by tap (a "long" step)
 
     def __post_init__(self) -> None:
         cfg = dict(self.config)
@@ -202,7 +203,7 @@ class FakeEngineClient:
         capture = None
         if self.capture == "on":  # what server.loader.CaptureModelLoader.load_model does
             spec = REGISTRY[self.config["architectures"][0]]
-            capture = Capture(model, spec.vllm, CaptureOptions(max_tokens=MAX_TOKENS),
+            capture = Capture(model, spec.vllm, CaptureOptions(max_tokens=MAX_TOKENS, stash_mib=self.stash_mib),
                               ShardInfo(tp_rank=tp_rank, tp_size=self.tp_size), torch.device("cpu"), HIDDEN)
             attach_capture(model, capture)
         return _Rank(model, _CaptureWorker(model), capture, tp_rank)
