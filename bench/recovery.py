@@ -9,7 +9,11 @@ with the dense control, on SmolLM2-135M-Instruct at 20 % of MLP neurons.
 
 Every trained row sees the same data: the first ``wiki:train`` summaries (in file order) that
 fill ``--budget`` tokens, packed into rows of 256 tokens and trained for exactly one epoch
-(batch 4 rows, so budget / 1024 optimizer steps), seed 0. Validation rows (for choosing the
+(batch 4 rows, so budget / 1024 optimizer steps), seed 0. ``--mix-other S`` trains on a mix
+instead: the summaries fill (1 - S) of the budget, the first halves of the other-domain texts
+of :mod:`texts` (``OTHER_TEXTS``: statistics and software prose, never evaluation text; the
+same text ``--refit-anchor`` calibrates on) the rest, in paragraph documents, equal tokens from
+each — what a user does who keeps general text in the recovery data. Validation rows (for choosing the
 learning rate) are calibration-part summaries 256–319, never seen by the calibration pass nor by
 any evaluation. ``--lr A B C`` trains each row at every rate; the table marks, per row and
 budget, the rate of the lowest **validation KL to the dense model** (``val_kl`` of `actprune
@@ -50,7 +54,7 @@ import torch.nn.functional as F
 from actprune.pruning.data import pack, tokenize, wiki_texts
 from quality_results import append, load_results
 from safetensors.torch import load_file, save_file
-from texts import ood_texts
+from texts import OTHER_TEXTS, ood_texts
 
 SEQ_TRAIN, BATCH, EVAL_SEQ = 256, 4, 512
 DENSE_NAME = "SmolLM2-135M-Instruct-fp32"
@@ -74,19 +78,49 @@ def finetune_args(row: str, args: argparse.Namespace, start: Path, dense: Path, 
     return cmd
 
 
-def budget_data(cache: Path, tok, budget: int) -> tuple[Path, Path]:
+def fill(tok, texts, budget: int) -> list[str]:
+    """The first of ``texts`` that fill ``budget`` tokens as finetune packs them (each + EOS)."""
+    docs, total = [], 0
+    for text in texts:
+        if total >= budget:
+            break
+        docs.append(text)
+        total += len(tokenize(tok, [text])[0]) + 1
+    if total < budget:
+        raise SystemExit(f"the texts give {total} tokens, short of the {budget} asked for")
+    return docs
+
+
+def paragraphs(text: str, chars: int = 1500) -> list[str]:
+    """``text`` cut at paragraph breaks into documents of about ``chars`` characters."""
+    docs, cur = [], ""
+    for para in text.split("\n\n"):
+        cur = f"{cur}\n\n{para}" if cur else para
+        if len(cur) >= chars:
+            docs.append(cur)
+            cur = ""
+    return docs + ([cur] if cur.strip() else [])
+
+
+def other_docs(tok, budget: int) -> list[str]:
+    """Documents of the first half of every other-domain text, ``budget`` tokens shared equally."""
+    from calib_mix import halves
+
+    share = budget // len(OTHER_TEXTS)
+    return [d for load in OTHER_TEXTS.values() for d in fill(tok, paragraphs(halves(load())[0]), share)]
+
+
+def budget_data(cache: Path, tok, budget: int, mix: float = 0.0) -> tuple[Path, Path]:
     """JSONL of the first wiki:train summaries filling ``budget`` tokens (as finetune packs them:
-    each document + EOS), and the validation JSONL."""
+    each document + EOS) — with ``mix`` > 0, filling (1 - mix) of it and other-domain documents
+    the rest (finetune shuffles the packed rows) — and the validation JSONL."""
     d = cache / "data"
     d.mkdir(exist_ok=True)
-    train, val = d / f"train-{budget}.jsonl", d / "val.jsonl"
+    name = f"train-{budget}" + (f"-mix{mix:g}" if mix else "")
+    train, val = d / f"{name}.jsonl", d / "val.jsonl"
     if not train.is_file():
-        docs, total = [], 0
-        for text in wiki_texts("train"):
-            docs.append(text)
-            total += len(tokenize(tok, [text])[0]) + 1
-            if total >= budget:
-                break
+        other = round(budget * mix)
+        docs = fill(tok, wiki_texts("train"), budget - other) + (other_docs(tok, other) if other else [])
         train.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
     if not val.is_file():
         val.write_text("".join(json.dumps({"text": t}) + "\n" for t in wiki_texts("calibration")[256:320]))
@@ -187,10 +221,10 @@ def picked(results: list[dict]) -> set[str]:
     """Keys of the learning rate chosen per (row, budget): the lowest validation KL to the dense
     model where every rate of the group has one, else (rows trained before it was recorded) the
     lowest validation perplexity. Groups of one rate pick it."""
-    groups: dict[tuple[str, int], list[dict]] = {}
+    groups: dict[tuple[str, int, float], list[dict]] = {}
     for r in results:
         if r.get("val"):
-            groups.setdefault((r["row"], r["budget"]), []).append(r)
+            groups.setdefault((r["row"], r["budget"], r.get("mix", 0.0)), []).append(r)
     out = set()
     for rs in groups.values():
         by = "val_kl" if all("val_kl" in r["val"] for r in rs) else "val_ppl"
@@ -212,8 +246,9 @@ def markdown(path: Path) -> str:
     lines = [head, "|" + "---|" * (6 + 2 * len(texts))]
     order = {r: i for i, r in enumerate(ROWS)}
     chosen = picked(list(res.values()))
-    rates = Counter((r["row"], r.get("budget")) for r in res.values() if r.get("val"))
-    for r in sorted(res.values(), key=lambda r: (r.get("budget") or 0, order.get(r["row"], 99), r.get("lr", 0))):
+    rates = Counter((r["row"], r.get("budget"), r.get("mix", 0.0)) for r in res.values() if r.get("val"))
+    for r in sorted(res.values(), key=lambda r: (r.get("budget") or 0, order.get(r["row"], 99), r.get("mix", 0.0),
+                                                 r.get("lr", 0))):
         ppl = " | ".join(f"{r[t + '_ppl'] / dense[t + '_ppl']:.3f} ({r[t + '_ppl']:.2f})" for t in texts)
         kl = " | ".join(f"{r[t + '_kl']:.4f}" for t in texts)
         acc = r.get("task", {})
@@ -222,8 +257,8 @@ def markdown(path: Path) -> str:
         v = r.get("val") or {}
         val = f"{v['val_ppl']:.2f}" if v else "—"
         val_kl = f"{v['val_kl']:.4f}" if "val_kl" in v else "—"
-        name = r["row"] + (f" (lr {r['lr']:g})" if "lr" in r else "")
-        if r["key"] in chosen and rates[(r["row"], r.get("budget"))] > 1:
+        name = r["row"] + (f", {r['mix']:.0%} other" if r.get("mix") else "") + (f" (lr {r['lr']:g})" if "lr" in r else "")
+        if r["key"] in chosen and rates[(r["row"], r.get("budget"), r.get("mix", 0.0))] > 1:
             name += " ◀"
         lines.append(f"| {name} | {r.get('budget') or '—'} | {ppl} | {kl} | {task} | {cpu} | {val} | {val_kl} |")
     return "\n".join(lines)
@@ -239,11 +274,15 @@ def main() -> None:
                    help="learning rates; with several, the table marks the one of the lowest validation KL")
     p.add_argument("--local-steps", type=int, default=16)
     p.add_argument("--local-tokens", type=int, default=8192)
+    p.add_argument("--mix-other", type=float, default=0.0, metavar="S",
+                   help="share of the training tokens from other-domain text (texts.OTHER_TEXTS), 0 to 1")
     p.add_argument("--eval-tokens", type=int, default=4096, help="tokens per evaluation text")
     p.add_argument("--no-task", action="store_true", help=f"skip lm-eval's {TASK}")
     p.add_argument("--results", default=None, help="results JSONL (default CACHE/recovery-eEVAL_TOKENS.jsonl)")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args()
+    if not 0.0 <= args.mix_other < 1.0:
+        p.error(f"--mix-other is a share in [0, 1), got {args.mix_other}")
     cache = Path(args.cache)
     path = Path(args.results or cache / f"recovery-e{args.eval_tokens}.jsonl")
     if args.markdown:
@@ -263,14 +302,15 @@ def main() -> None:
 
     ref = dense_logp(cache, dense_dir, rows)
     steps = args.budget // (SEQ_TRAIN * BATCH)
-    data, val = budget_data(cache, tok, args.budget)
+    data, val = budget_data(cache, tok, args.budget, args.mix_other)
+    mix = {"mix": args.mix_other} if args.mix_other else {}
     for row in filter(None, args.rows.split(",")):
         if row in ("dense", "pruned"):  # no training
             if row not in done:
                 evaluate(row, dense_dir if row == "dense" else start, {"row": row, "budget": 0})
             continue
         for lr in args.lr:
-            key = f"{row}@{args.budget}|lr={lr:g}"
+            key = f"{row}@{args.budget}|lr={lr:g}" + (f"|mix={args.mix_other:g}" if mix else "")
             if key in done:
                 continue
             out = cache / "runs" / key.replace("|", "-").replace("@", "-").replace("+", "-")
@@ -280,7 +320,7 @@ def main() -> None:
             cost = train(cmd, out)
             vals = [r for r in map(json.loads, (out / "finetune_log.jsonl").read_text().splitlines())
                     if "val_ppl" in r or "val_loss" in r]
-            evaluate(key, out, {"row": row, "budget": args.budget, "lr": lr, "cmd": " ".join(cmd[1:]), **cost,
+            evaluate(key, out, {"row": row, "budget": args.budget, "lr": lr, **mix, "cmd": " ".join(cmd[1:]), **cost,
                                 "val": vals[-1] if vals else None})
 
 

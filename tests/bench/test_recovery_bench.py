@@ -76,3 +76,30 @@ def test_the_learning_rate_is_picked_on_validation_kl_not_validation_perplexity(
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     marked = [ln for ln in recovery.markdown(path).splitlines() if "◀" in ln]
     assert len(marked) == 1 and marked[0].startswith("| distil (lr 0.0001) ◀ |") and "| 19.00 | 0.3500 |" in marked[0]
+
+
+def test_a_mixed_budget_takes_its_share_from_the_other_domain_texts_first_halves_only(tmp_path):
+    from actprune.pruning.data import wiki_texts
+    from calib_mix import halves
+    from texts import OTHER_TEXTS
+
+    def tok(text: str, add_special_tokens: bool = False) -> dict[str, list[str]]:  # one token a word
+        return {"input_ids": text.split()}
+
+    def tokens(docs: list[str]) -> int:
+        return sum(len(d.split()) + 1 for d in docs)  # as finetune packs them: + EOS
+
+    wiki = set(wiki_texts("train"))
+    plain, _ = recovery.budget_data(tmp_path, tok, 4000)
+    docs = [json.loads(line)["text"] for line in plain.read_text().splitlines()]
+    assert plain.name == "train-4000.jsonl" and set(docs) <= wiki and tokens(docs) >= 4000
+
+    mixed, _ = recovery.budget_data(tmp_path, tok, 4000, mix=0.25)
+    docs = [json.loads(line)["text"] for line in mixed.read_text().splitlines()]
+    other = [d for d in docs if d not in wiki]
+    assert 3000 <= tokens([d for d in docs if d in wiki]) < 3000 + max(map(tokens, [[d] for d in docs]))
+    firsts, seconds = zip(*(halves(load()) for load in OTHER_TEXTS.values()), strict=True)
+    for first, second in zip(firsts, seconds, strict=True):
+        mine = [d for d in other if d in first]  # documents are whole paragraphs of a first half
+        assert 500 <= tokens(mine) and not any(d in second for d in mine)
+    assert len(other) == sum(1 for d in other if any(d in f for f in firsts))
