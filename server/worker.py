@@ -8,14 +8,14 @@ Each worker also saves its own accumulators when it shuts down (:meth:`actprune_
 where): on Ctrl-C the whole process group gets SIGINT and the engine stops before the API
 server's last snapshot can reach it, so the API server alone would lose every token since its
 last interval. vLLM's worker class owns ``shutdown`` (an extension may not define it), so the
-worker instance's ``shutdown`` is wrapped once, at run time. A worker process of its own (tensor
-parallelism) turns SIGINT/SIGTERM into SystemExit wherever its main thread is, in the middle of
-a forward step too, which would leave a torn state: such a signal is handed on when the step
-ends (a second one at once). Ranks do not reach a step boundary at the same instant, though:
-rank 0 sends the step's output to the engine while rank 1 may already run the next step; if
-the signal stops rank 0 there, rank 1's step fails in its next collective. That step is taken
-back before the shard is saved (``Capture.settle_step``), so every rank saves the same step
-boundary.
+worker instance's ``shutdown`` is wrapped once, at run time. vLLM's worker process of its own
+(tensor or pipeline parallelism) turns SIGINT/SIGTERM into SystemExit wherever its main thread
+is; ranks do not stop at the same instant, and a rank left running a step its peer never
+started waits forever in the step's collective. So such a worker holds the first signal and
+lets the stopping engine end it between steps (:class:`_SignalGuard`); a worker inside the
+engine's process defers a signal to the end of the step under way. A step cut short all the
+same (an exception, a second signal) is taken back before the shard is saved where that is
+exact (``Capture.settle_step``), so every rank saves the same step boundary.
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ from .store import SHARD_FORMAT, SHARD_FORMAT_VERSION, InstanceFiles
 __all__ = ["CaptureWorkerExtension"]
 
 log = logging.getLogger("vllm.actprune")  # under "vllm": its handlers apply
+
+# The signal handler vLLM's multiprocessing executor installs in each worker process of its own
+# (its qualified name): such a worker holds the first signal (_SignalGuard).
+VLLM_WORKER_HANDLER = "WorkerProc.worker_main"
+HOLD_S = 30.0  # a held signal no engine acted on is handed on after this long
 
 
 class CaptureWorkerExtension:
@@ -92,7 +97,7 @@ class CaptureWorkerExtension:
                 return inner(*args, **kwargs) if inner is not None else None
 
             self.shutdown = shutdown
-            _defer_signals_to_step_end(cap)
+            _guard_signals(cap)
         return str(path)
 
     def _actprune_save_shard(self) -> None:
@@ -112,32 +117,77 @@ class CaptureWorkerExtension:
             log.error("actprune: could not save %s on shutdown: %s", path, e)
 
 
-def _defer_signals_to_step_end(cap: Any) -> None:
-    """Wrap the SIGINT/SIGTERM handlers of this worker process: a signal arriving inside a
-    forward step runs its handler when the step ends (``cap.after_step``); a second signal, or
-    one between steps, runs it at once. Only the main thread may set handlers: elsewhere (Ray
-    actors) nothing changes and a mid-step signal costs at most one snapshot interval."""
-    if threading.current_thread() is not threading.main_thread():
-        return
-    pending: list[tuple[Any, int]] = []
+class _SignalGuard:
+    """Wraps this worker process's SIGINT/SIGTERM handlers so that a signal never stops a rank
+    where the other ranks cannot follow.
 
-    def deferring(previous: Any) -> Any:
+    * A worker process of its own (vLLM's multiprocessing executor, TP or PP > 1: the handler it
+      finds is vLLM's ``WorkerProc.worker_main`` one) **holds** the first signal. Ctrl-C reaches
+      every process of the group; the engine, stopping, closes its queues, and each worker
+      leaves at its next wait for work, after every step the engine sent — the same step
+      boundary on every rank. A rank leaving on its own could leave while another has started
+      the next step: that rank then waits forever in its next collective (vLLM's CPU all-reduce
+      spins on shared memory) until the engine kills it, its shard unsaved. A second signal (the
+      engine's SIGTERM after its grace period, a second Ctrl-C) is handed on at once; a held
+      signal that no engine acted on within ``HOLD_S`` (one sent to this worker alone) is handed
+      on then, at the end of the step under way.
+    * Otherwise (the worker inside the engine's process: TP = PP = 1) a signal arriving inside a
+      forward step runs its handler when the step ends (``cap.after_step``); a second one, or
+      one between steps, at once.
+    """
+
+    def __init__(self, cap: Any) -> None:
+        self.cap = cap
+        self.pending: tuple[Any, int, bool] | None = None  # (handler, signal, held)
+        self.due = False  # a held signal's time is up
+
+    def install(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.getsignal(sig)
+            if callable(previous):
+                signal.signal(sig, self._wrap(previous))
+        if signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None):  # nobody else's timer
+            signal.signal(signal.SIGALRM, self._time_up)
+        self.cap.after_step = self._step_end
+
+    def _wrap(self, previous: Any) -> Any:
+        hold = getattr(previous, "__qualname__", "").startswith(VLLM_WORKER_HANDLER)
+
         def handler(signum: int, frame: Any) -> None:
-            if cap.in_step and not pending:
-                pending.append((previous, signum))
-                return
-            previous(signum, frame)
+            if self.pending is not None:  # a second signal: at once
+                self.pending = None
+                previous(signum, frame)
+            elif hold:
+                self.pending = (previous, signum, True)
+                log.info("actprune: signal %d held: the engine stops this worker between steps (a second "
+                         "signal stops it now)", signum)
+                if signal.getsignal(signal.SIGALRM) == self._time_up:
+                    signal.setitimer(signal.ITIMER_REAL, HOLD_S)
+            elif self.cap.in_step:
+                self.pending = (previous, signum, False)
+            else:
+                previous(signum, frame)
 
         return handler
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        previous = signal.getsignal(sig)
-        if callable(previous):
-            signal.signal(sig, deferring(previous))
+    def _time_up(self, signum: int, frame: Any) -> None:
+        if self.pending is None:
+            return
+        self.due = True
+        if not self.cap.in_step:
+            self._hand_on()
 
-    def step_end() -> None:
-        if pending:
-            previous, signum = pending.pop()
-            previous(signum, None)  # vLLM's handler raises SystemExit here, between steps
+    def _step_end(self) -> None:
+        if self.pending is not None and (self.due or not self.pending[2]):
+            self._hand_on()
 
-    cap.after_step = step_end
+    def _hand_on(self) -> None:
+        (previous, signum, _), self.pending, self.due = self.pending, None, False
+        previous(signum, None)  # vLLM's handler raises SystemExit here, between steps
+
+
+def _guard_signals(cap: Any) -> None:
+    """:class:`_SignalGuard` on this worker. Only the main thread may set handlers: elsewhere
+    (Ray actors) nothing changes and a signal costs at most one snapshot interval."""
+    if threading.current_thread() is threading.main_thread():
+        _SignalGuard(cap).install()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 from actprune.core.wire.stats import Stats, StatsFormatError, config_hash
 from actprune.server import ops
+from actprune.server import worker as worker_mod
 from actprune.server.api.service import CaptureService
 from actprune.server.settings import Settings
 from actprune.server.store import SnapshotInUse, check_fits
@@ -32,9 +34,11 @@ from raw_samples import RawLayer, assert_stats_match, concat, random_raw, stats_
 
 @pytest.fixture(autouse=True)
 def _own_signal_handlers() -> Iterator[None]:
-    """The worker RPCs wrap this process's SIGINT/SIGTERM handlers, as in a vLLM worker: undo."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    """The worker RPCs wrap this process's SIGINT/SIGTERM handlers (and set a SIGALRM one), as
+    in a vLLM worker: undo."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGALRM)}
     yield
+    signal.setitimer(signal.ITIMER_REAL, 0)
     for sig, handler in saved.items():
         signal.signal(sig, handler)
 
@@ -216,25 +220,32 @@ def test_a_step_cut_short_while_folding_saves_nothing_and_the_last_snapshot_stan
     assert_stats_match(b.stats(), _reference(b.engine, raw_a))
 
 
-def test_a_signal_inside_a_step_stops_the_worker_when_the_step_ends_so_its_shard_is_whole(raw_a, tmp_path):
-    class Stopped(BaseException):
-        pass
+class Stopped(BaseException):  # what a vLLM process's handler raises (SystemExit)
+    pass
 
-    def vllm_worker_handler(signum: int, frame: Any) -> None:  # what vLLM's worker_main installs
-        raise Stopped
 
-    signal.signal(signal.SIGINT, vllm_worker_handler)
-    a = Server(raw_a, tmp_path).start()  # the worker wraps the handler it finds
-    layer = a.engine.ranks[0].model.model.layers[1]
+def _stop(signum: int, frame: Any) -> None:
+    raise Stopped
+
+
+def _signal_in_first_step(server: Server) -> None:
+    """Ctrl-C lands in the middle of the next step (in layer 1)."""
+    layer = server.engine.ranks[0].model.model.layers[1]
     forward, fired = layer.forward, []
 
     def signalled(*args: Any, **kwargs: Any) -> Any:
         if not fired:
             fired.append(True)
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C lands in the middle of the first step
+            os.kill(os.getpid(), signal.SIGINT)
         return forward(*args, **kwargs)
 
     layer.forward = signalled
+
+
+def test_a_signal_inside_a_step_stops_the_worker_when_the_step_ends_so_its_shard_is_whole(raw_a, tmp_path):
+    signal.signal(signal.SIGINT, _stop)  # the engine process's handler (TP = 1: the worker runs there)
+    a = Server(raw_a, tmp_path).start()  # the worker wraps the handler it finds
+    _signal_in_first_step(a)
     with pytest.raises(Stopped):
         a.engine.feed(raw_a)
     a.engine_stops()
@@ -242,6 +253,39 @@ def test_a_signal_inside_a_step_stops_the_worker_when_the_step_ends_so_its_shard
     b = Server(raw_a, tmp_path).start()
     counts = {float(t) for n, t in b.stats().tensors.items() if n.endswith(".count")}
     assert len(counts) == 1 and 0 < b.tokens() == counts.pop() < 300  # one whole step, every layer
+
+
+def _vllm_worker_process_handler(signum: int, frame: Any) -> None:
+    raise Stopped
+
+
+# the name vLLM's multiprocessing executor gives the handler of a worker process of its own
+_vllm_worker_process_handler.__qualname__ = "WorkerProc.worker_main.<locals>.signal_handler"
+
+
+def test_a_worker_process_of_its_own_holds_ctrl_c_until_the_engine_stops_it_between_steps(raw_a, raw_b, tmp_path):
+    signal.signal(signal.SIGINT, _vllm_worker_process_handler)
+    a = Server(raw_a, tmp_path).start()
+    _signal_in_first_step(a)
+    a.engine.feed(raw_a)  # held: no step, and no rank, stops on its own
+    a.engine.feed(raw_b)  # (the engine keeps sending work until it stops)
+    a.engine_stops()  # the engine closes its queues: the worker leaves between steps, saving
+    b = Server(raw_a, tmp_path).start()
+    assert b.tokens() == 470
+    assert_stats_match(b.stats(), _reference(b.engine, concat(raw_a, raw_b)))
+
+
+def test_a_held_signal_gives_way_to_a_second_one_or_to_time(raw_a, tmp_path, monkeypatch):
+    signal.signal(signal.SIGINT, _vllm_worker_process_handler)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # pytest-timeout's: a worker leaves others' timers alone
+    Server(raw_a, tmp_path).start()  # the worker wraps the handler it finds
+    os.kill(os.getpid(), signal.SIGINT)  # held
+    with pytest.raises(Stopped):
+        os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C (or the engine's SIGTERM): at once
+    monkeypatch.setattr(worker_mod, "HOLD_S", 0.2)
+    os.kill(os.getpid(), signal.SIGINT)  # held again, and no engine comes to stop the worker
+    with pytest.raises(Stopped):
+        time.sleep(5)
 
 
 # ---- finding 2: instance identity -------------------------------------------------------------
@@ -410,3 +454,15 @@ def test_a_reset_that_cannot_be_saved_answers_503_saying_so(raw_a, tmp_path, mon
     r = a.post("reset")
     assert r.status_code == 503 and r.headers["retry-after"]
     assert "could not be saved" in r.json()["detail"] and "No space left" in r.json()["detail"]
+
+
+def test_the_held_handler_is_the_one_vllms_worker_processes_install():
+    # The hold keys on the qualified name of vLLM's handler: a vLLM that renamed it would
+    # silently fall back to stopping each rank at its own step end.
+    import inspect
+
+    from vllm.v1.executor.multiproc_executor import WorkerProc
+
+    source = inspect.getsource(WorkerProc.worker_main)
+    assert WorkerProc.worker_main.__qualname__ == worker_mod.VLLM_WORKER_HANDLER
+    assert "def signal_handler(" in source and "signal.signal(signal.SIGINT, signal_handler)" in source
