@@ -86,6 +86,12 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-cache", default=None, metavar="FILE",
                    help="where the top-K file goes (default OUT/cache/teacher_topk.safetensors); reused when it "
                         "matches the data, K, temperature and teacher")
+    p.add_argument("--mix-data", default=None, metavar="SOURCE",
+                   help="general text (FILE.txt, FILE.jsonl with 'text' or 'messages', wiki:train) mixed into "
+                        "the training rows, so the model keeps more of what it knew outside your traffic; "
+                        "validation stays on --data")
+    p.add_argument("--mix-share", type=float, default=0.25, metavar="S",
+                   help="share of the training tokens --mix-data fills (default 0.25)")
     p.add_argument("--seed", type=int, default=0)
     add_trust_flag(p)
 

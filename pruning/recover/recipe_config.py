@@ -57,6 +57,8 @@ class FinetuneConfig:
     local_lr: float = 3e-4
     local_tokens: int = 16384  # training tokens the local stage stores layer inputs/outputs for
     teacher_cache: str | None = None  # where; default OUT/cache/teacher_topk.safetensors
+    mix_data: str | None = None  # general text mixed into the training rows (recipe_data)
+    mix_share: float = 0.25  # its share of the training tokens
     seed: int = 0
     trust_remote_code: bool = False  # run code named by --model/--teacher's auto_map (not actprune's own)
     progress: bool = True
@@ -139,6 +141,11 @@ def check_config(cfg: FinetuneConfig) -> None:
                         "(drop --teacher-topk), or run in one process")
     if cfg.lr <= 0 or (cfg.warmup_steps is not None and cfg.warmup_steps < 0):
         raise DataError("--lr must be > 0 and --warmup-steps >= 0")
+    if cfg.mix_data and not 0.0 < cfg.mix_share < 1.0:
+        raise DataError(f"--mix-share must be in (0, 1), got {cfg.mix_share}")
+    if cfg.mix_data and cfg.mix_data in (cfg.data, cfg.val_data):
+        raise DataError(f"--mix-data {cfg.mix_data} is the training or validation data: give general text of "
+                        "other domains")
 
 
 def loop_recovery(steps: int, **overrides: object) -> dict[str, object]:

@@ -45,11 +45,36 @@ class RecipeData:
             train, val = docs, val_docs
         else:
             train, val = data_mod.split_train_val(docs, cfg.val_fraction, cfg.seed)
+        if cfg.mix_data:
+            train = train + self._mix_docs(sum(len(d) + 1 for d in train))
         eos = self.tok.eos_token_id
         self.train_rows = data_mod.pack(train, cfg.seq_len, eos)  # (N, L)
         self.val_rows = data_mod.pack(val, cfg.seq_len, eos) if val else None  # (M, L)
         self.steps_per_epoch = len(self.train_rows) // (cfg.batch_size * cfg.grad_accum * self.world)
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+
+    def _mix_docs(self, own: int) -> list[list[int]]:
+        """Documents of ``--mix-data``, in file order, filling ``--mix-share`` of the training
+        tokens beside the ``own`` tokens of ``--data``: general text that keeps more of what
+        the model knew outside the traffic (BENCHMARKS.md, issue 14). Validation stays on
+        ``--data``'s domain; the shuffled rows mix the two."""
+        cfg = self.cfg
+        want = round(own * cfg.mix_share / (1.0 - cfg.mix_share))
+        try:
+            texts = data_mod.load_texts(cfg.mix_data, None, self.tok)
+        except data_mod.DataError as e:
+            raise data_mod.DataError(str(e).replace("--data", "--mix-data", 1)) from None
+        docs, got = [], 0
+        for text in texts:
+            if got >= want:
+                break
+            ids = data_mod.tokenize(self.tok, [text])[0]
+            docs.append(ids)
+            got += len(ids) + 1
+        short = "" if got >= want else f" (all it has; {cfg.mix_share:.0%} asked)"
+        self._say(f"--mix-data: {got} tokens of {cfg.mix_data} beside {own} of {cfg.data}, "
+                  f"{got / (own + got):.0%} of the training tokens{short}")
+        return docs
 
     def _order(self, epoch: int) -> torch.Tensor:
         """The data order of ``epoch``: a function of (seed, epoch) only, so a resume repeats it."""

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from actprune.client.cli import main as cli
 from actprune.pruning.checkpoint.hf_io import finish_output_dir, load_causal_lm
+from actprune.pruning.data import DataError
 from actprune.pruning.fixtures.synthetic import build_checkpoint
 from actprune.pruning.recover.finetune import FinetuneConfig, FinetuneRecipe, main
 from actprune.pruning.recover.recipe_config import kd_loss, lr_at
@@ -195,3 +196,30 @@ def test_lora_on_a_bf16_checkpoint_keeps_the_base_in_bf16(pr_jsonl, tmp_path):
     w = load_file(str(out / "model.safetensors"))
     assert {t.dtype for t in w.values()} == {torch.bfloat16}
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_mix_data_fills_its_share_of_the_training_tokens_and_leaves_validation_alone(tiny, pr_jsonl, tmp_path,
+                                                                                      capsys):
+    mix = tmp_path / "general.txt"  # paragraphs of another domain, one word the traffic never has
+    mix.write_text("\n\n".join(f"Zebrafish number {i} swims in the tank with the others." for i in range(200)))
+    plain, mixed = (FinetuneRecipe(_cfg(tiny, pr_jsonl, tmp_path / name, **kw))
+                    for name, kw in (("a", {}), ("b", {"mix_data": str(mix), "mix_share": 0.25})))
+    plain.setup()
+    mixed.setup()
+    assert "of the training tokens" in capsys.readouterr().out
+    assert torch.equal(mixed.val_rows, plain.val_rows)  # validation stays on --data
+    n = len(plain.train_rows)  # packed in order: --data's rows, then the mix's
+    assert torch.equal(mixed.train_rows[:n], plain.train_rows)
+    assert "Zebrafish" not in plain.tok.decode(plain.train_rows.flatten())
+    assert "Zebrafish number" in mixed.tok.decode(mixed.train_rows[n + 1])
+    own, total = plain.train_rows.numel(), mixed.train_rows.numel()
+    assert (total - own) / total == pytest.approx(0.25, abs=0.05)  # up to a paragraph and a row of rounding
+
+
+def test_mix_data_refuses_a_share_out_of_range_and_the_training_data_itself(tiny, pr_jsonl, tmp_path):
+    with pytest.raises(DataError, match="--mix-share"):
+        main(_cfg(tiny, pr_jsonl, tmp_path / "o", mix_data="wiki:train", mix_share=1.0))
+    with pytest.raises(DataError, match="is the training or validation data"):
+        main(_cfg(tiny, pr_jsonl, tmp_path / "o", mix_data=str(pr_jsonl)))
+    with pytest.raises(DataError, match="--mix-data .*no such file"):
+        main(_cfg(tiny, pr_jsonl, tmp_path / "o", mix_data=str(tmp_path / "missing.txt")))
