@@ -10,10 +10,11 @@ with the dense control, on SmolLM2-135M-Instruct at 20 % of MLP neurons.
 Every trained row sees the same data: the first ``wiki:train`` summaries (in file order) that
 fill ``--budget`` tokens, packed into rows of 256 tokens and trained for exactly one epoch
 (batch 4 rows, so budget / 1024 optimizer steps), seed 0. ``--mix-other S`` trains on a mix
-instead: the summaries fill (1 - S) of the budget, the first halves of the other-domain texts
-of :mod:`texts` (``OTHER_TEXTS``: statistics and software prose, never evaluation text; the
-same text ``--refit-anchor`` calibrates on) the rest, in paragraph documents, equal tokens from
-each — what a user does who keeps general text in the recovery data. Validation rows (for choosing the
+through ``finetune --mix-data --mix-share S``: the summaries fill (1 - S) of the budget, the
+first halves of the other-domain texts of :mod:`texts` (``OTHER_TEXTS``: statistics and
+software prose, never evaluation text; the same text ``--refit-anchor`` calibrates on) the
+rest, in paragraph documents, equal tokens from each — what a user does who keeps general text
+in the recovery data. Validation rows (for choosing the
 learning rate) are calibration-part summaries 256–319, never seen by the calibration pass nor by
 any evaluation. ``--lr A B C`` trains each row at every rate; the table marks, per row and
 budget, the rate of the lowest **validation KL to the dense model** (``val_kl`` of `actprune
@@ -63,16 +64,20 @@ ROWS = ("dense", "pruned", "plain", "distil", "local+distil", "dense+plain")
 
 
 def finetune_args(row: str, args: argparse.Namespace, start: Path, dense: Path, data: Path, val: Path,
-                  out: Path, steps: int, lr: float) -> list[str]:
-    """The `actprune finetune` command line of one trained row at learning rate ``lr``."""
+                  out: Path, steps: int, lr: float, mix: tuple[Path, float] | None = None) -> list[str]:
+    """The `actprune finetune` command line of one trained row at learning rate ``lr``; ``mix``:
+    (general text, its share of the training tokens)."""
     cmd = [str(Path(sys.executable).parent / "actprune"), "finetune", "--model", str(start), "--data", str(data),
            "--val-data", str(val), "-o", str(out), "--max-steps", str(steps), "--batch-size", str(BATCH),
            "--seq-len", str(SEQ_TRAIN), "--lr", str(lr), "--warmup-steps", str(max(1, steps // 10)),
            "--seed", "0", "--eval-every", "0"]
     # Every row gets the teacher, for the validation KL the learning rate is chosen on; without
     # distillation it weighs 0 in the loss.
+    name = data.stem + (f"-mix{mix[1]:g}" if mix else "")
     cmd += ["--teacher", str(dense), "--kd-alpha", "1.0" if "distil" in row else "0.0", "--teacher-topk", "64",
-            "--teacher-cache", str(data.parent / f"teacher-top64-{data.stem}.safetensors")]  # one pass for all rows
+            "--teacher-cache", str(data.parent / f"teacher-top64-{name}.safetensors")]  # one pass for all rows
+    if mix:
+        cmd += ["--mix-data", str(mix[0]), "--mix-share", f"{mix[1]:g}"]
     if row.startswith("local"):
         cmd += ["--local-steps", str(args.local_steps), "--local-tokens", str(args.local_tokens)]
     return cmd
@@ -110,21 +115,23 @@ def other_docs(tok, budget: int) -> list[str]:
     return [d for load in OTHER_TEXTS.values() for d in fill(tok, paragraphs(halves(load())[0]), share)]
 
 
-def budget_data(cache: Path, tok, budget: int, mix: float = 0.0) -> tuple[Path, Path]:
+def budget_data(cache: Path, tok, budget: int, mix: float = 0.0) -> tuple[Path, Path, Path | None]:
     """JSONL of the first wiki:train summaries filling ``budget`` tokens (as finetune packs them:
-    each document + EOS) — with ``mix`` > 0, filling (1 - mix) of it and other-domain documents
-    the rest (finetune shuffles the packed rows) — and the validation JSONL."""
+    each document + EOS), the validation JSONL, and None — with ``mix`` > 0, the summaries fill
+    (1 - mix) of it, and the third file holds the other-domain documents for the rest
+    (``finetune --mix-data``)."""
     d = cache / "data"
     d.mkdir(exist_ok=True)
-    name = f"train-{budget}" + (f"-mix{mix:g}" if mix else "")
-    train, val = d / f"{name}.jsonl", d / "val.jsonl"
-    if not train.is_file():
-        other = round(budget * mix)
-        docs = fill(tok, wiki_texts("train"), budget - other) + (other_docs(tok, other) if other else [])
-        train.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    other = round(budget * mix)
+    train, val = d / f"train-{budget - other}.jsonl", d / "val.jsonl"
+    general = d / f"other-{other}.jsonl" if other else None
+    for path, docs in ((train, lambda: fill(tok, wiki_texts("train"), budget - other)),
+                       (general, lambda: other_docs(tok, other))):
+        if path is not None and not path.is_file():
+            path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs()))
     if not val.is_file():
         val.write_text("".join(json.dumps({"text": t}) + "\n" for t in wiki_texts("calibration")[256:320]))
-    return train, val
+    return train, val, general
 
 
 def eval_rows(tok, tokens: int) -> dict[str, torch.Tensor]:
@@ -302,7 +309,7 @@ def main() -> None:
 
     ref = dense_logp(cache, dense_dir, rows)
     steps = args.budget // (SEQ_TRAIN * BATCH)
-    data, val = budget_data(cache, tok, args.budget, args.mix_other)
+    data, val, general = budget_data(cache, tok, args.budget, args.mix_other)
     mix = {"mix": args.mix_other} if args.mix_other else {}
     for row in filter(None, args.rows.split(",")):
         if row in ("dense", "pruned"):  # no training
@@ -316,7 +323,8 @@ def main() -> None:
             out = cache / "runs" / key.replace("|", "-").replace("@", "-").replace("+", "-")
             out.parent.mkdir(exist_ok=True)
             begin = dense_dir if row.startswith("dense") else start
-            cmd = finetune_args(row, args, begin, dense_dir, data, val, out, steps, lr)
+            cmd = finetune_args(row, args, begin, dense_dir, data, val, out, steps, lr,
+                                (general, args.mix_other) if general else None)
             cost = train(cmd, out)
             vals = [r for r in map(json.loads, (out / "finetune_log.jsonl").read_text().splitlines())
                     if "val_ppl" in r or "val_loss" in r]

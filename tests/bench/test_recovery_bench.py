@@ -90,16 +90,20 @@ def test_a_mixed_budget_takes_its_share_from_the_other_domain_texts_first_halves
         return sum(len(d.split()) + 1 for d in docs)  # as finetune packs them: + EOS
 
     wiki = set(wiki_texts("train"))
-    plain, _ = recovery.budget_data(tmp_path, tok, 4000)
+    plain, _, none = recovery.budget_data(tmp_path, tok, 4000)
     docs = [json.loads(line)["text"] for line in plain.read_text().splitlines()]
-    assert plain.name == "train-4000.jsonl" and set(docs) <= wiki and tokens(docs) >= 4000
+    assert none is None and set(docs) <= wiki and tokens(docs) >= 4000
 
-    mixed, _ = recovery.budget_data(tmp_path, tok, 4000, mix=0.25)
-    docs = [json.loads(line)["text"] for line in mixed.read_text().splitlines()]
-    other = [d for d in docs if d not in wiki]
-    assert 3000 <= tokens([d for d in docs if d in wiki]) < 3000 + max(map(tokens, [[d] for d in docs]))
+    own, _, general = recovery.budget_data(tmp_path, tok, 4000, mix=0.25)
+    docs = [json.loads(line)["text"] for line in own.read_text().splitlines()]
+    assert set(docs) <= wiki and 3000 <= tokens(docs) < 3000 + max(tokens([d]) for d in docs)
+    other = [json.loads(line)["text"] for line in general.read_text().splitlines()]
     firsts, seconds = zip(*(halves(load()) for load in OTHER_TEXTS.values()), strict=True)
     for first, second in zip(firsts, seconds, strict=True):
         mine = [d for d in other if d in first]  # documents are whole paragraphs of a first half
         assert 500 <= tokens(mine) and not any(d in second for d in mine)
     assert len(other) == sum(1 for d in other if any(d in f for f in firsts))
+    args = Namespace(local_steps=16, local_tokens=8192)
+    cmd = recovery.finetune_args("distil", args, Path("s"), Path("d"), own, Path("v"), Path("o"), 4, 1e-4,
+                                 (general, 0.25))
+    assert cmd[cmd.index("--mix-data") + 1] == str(general) and cmd[cmd.index("--mix-share") + 1] == "0.25"
