@@ -166,8 +166,9 @@ class _PeerGone(RuntimeError):  # a collective failing because the other rank ha
 
 def _next_step_alone(server: Server, rank: int, raw: list[RawLayer]) -> None:
     """Rank ``rank`` runs the next step alone and it fails: the other rank stopped between
-    steps (rank 0 sends a step's output to the engine while rank 1 already runs the next one;
-    Ctrl-C can stop either there), so this rank's next collective fails."""
+    steps (a second signal, or a worker whose first signal was not held) and this rank's next
+    collective raises (torch.distributed's backends do when a peer is gone; vLLM's CPU
+    all-reduce would spin instead, which is why workers hold the first signal)."""
     everyone = server.engine.ranks
     server.engine.ranks = [everyone[rank]]
     try:
