@@ -108,11 +108,19 @@ def paragraphs(text: str, chars: int = 1500) -> list[str]:
 
 
 def other_docs(tok, budget: int) -> list[str]:
-    """Documents of the first half of every other-domain text, ``budget`` tokens shared equally."""
+    """Documents of the first half of every other-domain text, ``budget`` tokens shared equally;
+    a text too short for its share gives all it has and the others fill the rest."""
     from calib_mix import halves
 
-    share = budget // len(OTHER_TEXTS)
-    return [d for load in OTHER_TEXTS.values() for d in fill(tok, paragraphs(halves(load())[0]), share)]
+    pools = [paragraphs(halves(load())[0]) for load in OTHER_TEXTS.values()]
+    sizes = [sum(len(ids) + 1 for ids in tokenize(tok, pool)) for pool in pools]
+    if sum(sizes) < budget:
+        raise SystemExit(f"the other-domain texts give {sum(sizes)} tokens, short of the {budget} asked for")
+    shares, left = {}, budget
+    for i, k in enumerate(sorted(range(len(pools)), key=sizes.__getitem__)):  # shortest first
+        shares[k] = min(sizes[k], left // (len(pools) - i))
+        left -= shares[k]
+    return [d for k in range(len(pools)) for d in fill(tok, pools[k], shares[k])]  # in OTHER_TEXTS order
 
 
 def budget_data(cache: Path, tok, budget: int, mix: float = 0.0) -> tuple[Path, Path, Path | None]:
