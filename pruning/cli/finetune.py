@@ -90,17 +90,21 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="general text (FILE.txt, FILE.jsonl with 'text' or 'messages', wiki:train) mixed into "
                         "the training rows, so the model keeps more of what it knew outside your traffic; "
                         "validation stays on --data")
-    p.add_argument("--mix-share", type=float, default=0.25, metavar="S",
+    p.add_argument("--mix-share", type=float, default=None, metavar="S",
                    help="share of the training tokens --mix-data fills (default 0.25)")
     p.add_argument("--seed", type=int, default=0)
     add_trust_flag(p)
 
 
 def run(args: argparse.Namespace) -> int:
+    from actprune.core.errors import UsageError
     from actprune.pruning.recover.finetune import FinetuneConfig, main
 
+    if args.mix_share is not None and not args.mix_data:
+        raise UsageError("--mix-share needs --mix-data SOURCE")
     fields = set(FinetuneConfig.__dataclass_fields__)
-    cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k in fields})
+    given = {k: v for k, v in vars(args).items() if k in fields and not (k == "mix_share" and v is None)}
+    cfg = FinetuneConfig(**given)
     out = main(cfg)
     if out is not None:  # None on ranks other than 0 under --fsdp
         print(f"wrote {out}")

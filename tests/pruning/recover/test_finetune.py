@@ -223,3 +223,9 @@ def test_mix_data_refuses_a_share_out_of_range_and_the_training_data_itself(tiny
         main(_cfg(tiny, pr_jsonl, tmp_path / "o", mix_data=str(pr_jsonl)))
     with pytest.raises(DataError, match="--mix-data .*no such file"):
         main(_cfg(tiny, pr_jsonl, tmp_path / "o", mix_data=str(tmp_path / "missing.txt")))
+
+
+def test_finetune_cli_refuses_a_mix_share_without_mix_data(tiny, pr_jsonl, tmp_path, capsys):
+    args = ["finetune", "--model", str(tiny), "--data", str(pr_jsonl), "-o", str(tmp_path / "o"), "--mix-share", "0.3"]
+    assert cli(args) == 2
+    assert "--mix-share needs --mix-data" in capsys.readouterr().err
