@@ -142,16 +142,18 @@ class _SignalGuard:
         self.due = False  # a held signal's time is up
 
     def install(self) -> None:
+        holding = False
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous = signal.getsignal(sig)
             if callable(previous):
+                holding |= _holds(previous)
                 signal.signal(sig, self._wrap(previous))
-        if signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None):  # nobody else's timer
+        if holding and signal.getsignal(signal.SIGALRM) in (signal.SIG_DFL, None):  # nobody else's timer
             signal.signal(signal.SIGALRM, self._time_up)
         self.cap.after_step = self._step_end
 
     def _wrap(self, previous: Any) -> Any:
-        hold = getattr(previous, "__qualname__", "").startswith(VLLM_WORKER_HANDLER)
+        hold = _holds(previous)
 
         def handler(signum: int, frame: Any) -> None:
             if self.pending is not None:  # a second signal: at once
@@ -184,6 +186,11 @@ class _SignalGuard:
     def _hand_on(self) -> None:
         (previous, signum, _), self.pending, self.due = self.pending, None, False
         previous(signum, None)  # vLLM's handler raises SystemExit here, between steps
+
+
+def _holds(handler: Any) -> bool:
+    """Whether ``handler`` is the one vLLM installs in a worker process of its own."""
+    return getattr(handler, "__qualname__", "").startswith(VLLM_WORKER_HANDLER)
 
 
 def _guard_signals(cap: Any) -> None:
