@@ -232,14 +232,19 @@ def train(cmd: list[str], out: Path) -> dict[str, float]:
     return {"train_wall_s": round(time.time() - t0), "train_cpu_s": round(c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime)}
 
 
+def group(r: dict) -> tuple:
+    """(row, budget, mix share): the records whose learning rates compete."""
+    return r["row"], r.get("budget"), r.get("mix", 0.0)
+
+
 def picked(results: list[dict]) -> set[str]:
     """Keys of the learning rate chosen per (row, budget): the lowest validation KL to the dense
     model where every rate of the group has one, else (rows trained before it was recorded) the
     lowest validation perplexity. Groups of one rate pick it."""
-    groups: dict[tuple[str, int, float], list[dict]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for r in results:
         if r.get("val"):
-            groups.setdefault((r["row"], r["budget"], r.get("mix", 0.0)), []).append(r)
+            groups.setdefault(group(r), []).append(r)
     out = set()
     for rs in groups.values():
         by = "val_kl" if all("val_kl" in r["val"] for r in rs) else "val_ppl"
@@ -261,7 +266,7 @@ def markdown(path: Path) -> str:
     lines = [head, "|" + "---|" * (6 + 2 * len(texts))]
     order = {r: i for i, r in enumerate(ROWS)}
     chosen = picked(list(res.values()))
-    rates = Counter((r["row"], r.get("budget"), r.get("mix", 0.0)) for r in res.values() if r.get("val"))
+    rates = Counter(group(r) for r in res.values() if r.get("val"))
     for r in sorted(res.values(), key=lambda r: (r.get("budget") or 0, order.get(r["row"], 99), r.get("mix", 0.0),
                                                  r.get("lr", 0))):
         ppl = " | ".join(f"{r[t + '_ppl'] / dense[t + '_ppl']:.3f} ({r[t + '_ppl']:.2f})" for t in texts)
@@ -273,7 +278,7 @@ def markdown(path: Path) -> str:
         val = f"{v['val_ppl']:.2f}" if v else "—"
         val_kl = f"{v['val_kl']:.4f}" if "val_kl" in v else "—"
         name = r["row"] + (f", {r['mix']:.0%} other" if r.get("mix") else "") + (f" (lr {r['lr']:g})" if "lr" in r else "")
-        if r["key"] in chosen and rates[(r["row"], r.get("budget"), r.get("mix", 0.0))] > 1:
+        if r["key"] in chosen and rates[group(r)] > 1:
             name += " ◀"
         lines.append(f"| {name} | {r.get('budget') or '—'} | {ppl} | {kl} | {task} | {cpu} | {val} | {val_kl} |")
     return "\n".join(lines)
