@@ -36,7 +36,7 @@ import torch
 from actprune.pruning.compensate import calibrate
 from actprune.pruning.compensate import maths as compensate
 from actprune.pruning.data import pack, tokenize
-from quality import Bench, perplexities
+from quality import Bench, perplexities, save_checkpoint
 from quality_results import append, load_results
 from safetensors.torch import load_file, save_file
 from texts import OTHER_TEXTS, ood_texts
@@ -138,6 +138,9 @@ def main() -> None:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--markdown", action="store_true", help="print the table and exit")
+    p.add_argument("--save", nargs=2, metavar=("LAMBDA", "DIR"), default=None,
+                   help="also write the model refitted at λ = LAMBDA as a checkpoint, through the slicer "
+                        "(e.g. a start for bench/recovery.py --pruned DIR)")
     args = p.parse_args()
     args.via_server, args.obs_step = False, 8  # what quality.Bench reads besides
     torch.set_num_threads(args.threads)
@@ -172,6 +175,10 @@ def main() -> None:
         tqdm.write(json.dumps(rec))
         append(path, rec)
     print(table(load_results(path), prefix))
+    if args.save:
+        lam, out = float(args.save[0]), Path(args.save[1])
+        mixed = [mix_gram(g, o, lam) for g, o in zip(bench.grams, other, strict=True)]
+        print(f"wrote {save_checkpoint(bench, f'{args.strategy}|{args.ratio}|refit|per_layer', out, mixed)}")
 
 
 if __name__ == "__main__":

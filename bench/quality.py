@@ -314,10 +314,11 @@ def run(bench: Bench, keys: list[str], path: Path) -> None:
         del model
 
 
-def save_checkpoint(bench: Bench, key: str, out: Path) -> Path:
+def save_checkpoint(bench: Bench, key: str, out: Path, grams: list[torch.Tensor] | None = None) -> Path:
     """Write config ``key`` (compensation none/bias/refit) as a checkpoint through the slicer,
-    the way `actprune prune` does, e.g. as the starting point of recovery. (For the baselines,
-    ``params_after`` in its plan record is the template plan's.)"""
+    the way `actprune prune` does, e.g. as the starting point of recovery. ``grams``: the
+    refit's per-layer moments, when not the calibration's own (``bench/calib_mix.py``'s mix).
+    (For the baselines, ``params_after`` in its plan record is the template plan's.)"""
     from actprune.pruning.checkpoint.slicer import slice_checkpoint
 
     strategy, ratio, comp, alloc = key.split("|")
@@ -335,7 +336,7 @@ def save_checkpoint(bench: Bench, key: str, out: Path) -> Path:
         refit = {}
         for i, ly in enumerate(bench.dense.model.layers):
             w = VIEW.mlp(ly)[2].weight.detach()
-            a, b = compensate.moments_from_gram(bench.grams[i], w, keep[i])
+            a, b = compensate.moments_from_gram((grams or bench.grams)[i], w, keep[i])
             refit[i] = compensate.refit(a, b, w[:, keep[i]], bench.args.ridge)
     stats = bench.stats if comp == "bias" else None
     return slice_checkpoint(bench.model_dir, plan, out, stats=stats, mlp_refit=refit, overwrite=True)

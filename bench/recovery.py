@@ -233,8 +233,8 @@ def train(cmd: list[str], out: Path) -> dict[str, float]:
 
 
 def group(r: dict) -> tuple:
-    """(row, budget, mix share): the records whose learning rates compete."""
-    return r["row"], r.get("budget"), r.get("mix", 0.0)
+    """(row, budget, mix share, start): the records whose learning rates compete."""
+    return r["row"], r.get("budget"), r.get("mix", 0.0), r.get("start", "")
 
 
 def picked(results: list[dict]) -> set[str]:
@@ -267,8 +267,8 @@ def markdown(path: Path) -> str:
     order = {r: i for i, r in enumerate(ROWS)}
     chosen = picked(list(res.values()))
     rates = Counter(group(r) for r in res.values() if r.get("val"))
-    for r in sorted(res.values(), key=lambda r: (r.get("budget") or 0, order.get(r["row"], 99), r.get("mix", 0.0),
-                                                 r.get("lr", 0))):
+    for r in sorted(res.values(), key=lambda r: (r.get("budget") or 0, order.get(r["row"], 99), r.get("start", ""),
+                                                 r.get("mix", 0.0), r.get("lr", 0))):
         ppl = " | ".join(f"{r[t + '_ppl'] / dense[t + '_ppl']:.3f} ({r[t + '_ppl']:.2f})" for t in texts)
         kl = " | ".join(f"{r[t + '_kl']:.4f}" for t in texts)
         acc = r.get("task", {})
@@ -277,7 +277,8 @@ def markdown(path: Path) -> str:
         v = r.get("val") or {}
         val = f"{v['val_ppl']:.2f}" if v else "—"
         val_kl = f"{v['val_kl']:.4f}" if "val_kl" in v else "—"
-        name = r["row"] + (f", {r['mix']:.0%} other" if r.get("mix") else "") + (f" (lr {r['lr']:g})" if "lr" in r else "")
+        name = (r["row"] + (f" from {r['start']}" if r.get("start") else "")
+                + (f", {r['mix']:.0%} other" if r.get("mix") else "") + (f" (lr {r['lr']:g})" if "lr" in r else ""))
         if r["key"] in chosen and rates[group(r)] > 1:
             name += " ◀"
         lines.append(f"| {name} | {r.get('budget') or '—'} | {ppl} | {kl} | {task} | {cpu} | {val} | {val_kl} |")
@@ -287,7 +288,9 @@ def markdown(path: Path) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cache", default="/tmp/rq14")
-    p.add_argument("--pruned", default=None, help="start checkpoint (default CACHE/pruned20)")
+    p.add_argument("--pruned", default=None,
+                   help="start checkpoint (default CACHE/pruned20); another one is named by its directory "
+                        "in the results and the table")
     p.add_argument("--budget", type=int, default=16384, help="training tokens per row")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, of {', '.join(ROWS)}")
     p.add_argument("--lr", type=float, nargs="+", default=[1e-4],
@@ -324,13 +327,19 @@ def main() -> None:
     steps = args.budget // (SEQ_TRAIN * BATCH)
     data, val, general = budget_data(cache, tok, args.budget, args.mix_other)
     mix = {"mix": args.mix_other} if args.mix_other else {}
+    # a start other than the default one: its rows are its own (key, run directory, table row)
+    named = {"start": start.name} if args.pruned and start.resolve() != (cache / "pruned20").resolve() else {}
+    tag = f"|start={named['start']}" if named else ""
     for row in filter(None, args.rows.split(",")):
         if row in ("dense", "pruned"):  # no training
-            if row not in done:
-                evaluate(row, dense_dir if row == "dense" else start, {"row": row, "budget": 0})
+            key = row + (tag if row == "pruned" else "")
+            if key not in done:
+                evaluate(key, dense_dir if row == "dense" else start,
+                         {"row": row, "budget": 0, **(named if row == "pruned" else {})})
             continue
         for lr in args.lr:
             key = f"{row}@{args.budget}|lr={lr:g}" + (f"|mix={args.mix_other:g}" if mix else "")
+            key += tag if not row.startswith("dense") else ""
             if key in done:
                 continue
             out = cache / "runs" / key.replace("|", "-").replace("@", "-").replace("+", "-")
@@ -341,7 +350,8 @@ def main() -> None:
             cost = train(cmd, out)
             vals = [r for r in map(json.loads, (out / "finetune_log.jsonl").read_text().splitlines())
                     if "val_ppl" in r or "val_loss" in r]
-            evaluate(key, out, {"row": row, "budget": args.budget, "lr": lr, **mix, "cmd": " ".join(cmd[1:]), **cost,
+            evaluate(key, out, {"row": row, "budget": args.budget, "lr": lr, **mix,
+                                **({} if row.startswith("dense") else named), "cmd": " ".join(cmd[1:]), **cost,
                                 "val": vals[-1] if vals else None})
 
 

@@ -78,6 +78,22 @@ def test_the_learning_rate_is_picked_on_validation_kl_not_validation_perplexity(
     assert len(marked) == 1 and marked[0].startswith("| distil (lr 0.0001) ◀ |") and "| 19.00 | 0.3500 |" in marked[0]
 
 
+def test_rows_from_another_start_are_their_own_group_and_named_in_the_table(tmp_path):
+    path = tmp_path / "r.jsonl"
+    dense = {"key": "dense", "row": "dense", "budget": 0, "wiki_ppl": 10.0, "wiki_kl": 0.0}
+    rows = [dense]
+    for start, lr, kl in (("", 1e-4, 0.30), ("", 3e-4, 0.40), ("anchored20", 3e-4, 0.50)):
+        tag = {"start": start} if start else {}
+        rows.append({"key": f"distil@8192|lr={lr:g}" + (f"|start={start}" if start else ""), "row": "distil",
+                     "budget": 8192, "lr": lr, **tag, "wiki_ppl": 12.0, "wiki_kl": 0.3,
+                     "val": {"val_ppl": 19.0, "val_kl": kl}})
+    # the anchored start's one rate is not beaten by the default start's better one
+    assert recovery.picked(rows) == {"distil@8192|lr=0.0001", "distil@8192|lr=0.0003|start=anchored20"}
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    names = [ln.split(" | ")[0] for ln in recovery.markdown(path).splitlines()[3:]]
+    assert names == ["| distil (lr 0.0001) ◀", "| distil (lr 0.0003)", "| distil from anchored20 (lr 0.0003)"]
+
+
 def test_a_mixed_budget_takes_its_share_from_the_other_domain_texts_first_halves_only(tmp_path):
     from actprune.pruning.data import wiki_texts
     from calib_mix import halves
