@@ -37,7 +37,8 @@ def test_the_demo_runs_the_best_recipe_and_reports_in_and_out_of_domain(tmp_path
     distil = next(c for c in commands.splitlines() if c.startswith("actprune finetune "))
     assert "--mlp-ratio 0.2" in plan and "--per-layer" in plan
     assert "--refit wiki:calibration" in prune and "--refit-anchor" in prune
-    assert all(f in distil for f in ("--teacher ", "--teacher-topk 64", "--kd-alpha 1", "--lr 1e-4"))
+    assert all(f in distil for f in ("--teacher ", "--teacher-topk 64", "--kd-alpha 1", "--lr 1e-4",
+                                     "--mix-data ", "--mix-share 0.25"))
     assert len([c for c in commands.splitlines() if c.startswith("actprune eval ")]) == 2
     assert "actprune compress" in report  # the one line on why the demo stays MLP-only
 
