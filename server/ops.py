@@ -17,17 +17,20 @@ buffers folds each tap where it is, its cost spread over many tokens. The ops ar
 ``torch.library.Library`` rather than ``torch.library.custom_op``, whose Python wrappers cost
 ~13 µs more per call (21 vs 8 µs).
 
-Ops (all return nothing; buffers and accumulators are updated in place; ``StepBuffers`` holds
-every tensor after the layer's own (taps, router, hidden, residual)):
+Ops (all return nothing; buffers and accumulators are updated in place):
 
     actprune::stash_layer(taps [(T,C_k)], router (T,E) | None, hidden (T,H), residual (T,H) | None,
-                          chan (N,ΣC), stream (N,L+1,H), routers (N,R,E'), scratch (M,H),
-                          fields [7 x (ΣC,)], counts (G,), router_fields [(R,), 3 x (R,E')],
-                          blocks (2,L), zero_gid (≥C,), cursor (1,) | None, phase (1,), armed (),
-                          threshold (), offsets [k], groups [k], slot, router_slot, top_k, renormalize)
-    actprune::end_step(hidden (T,H), chan, stream, routers, valid (N,), cursor | None, phase,
-                       fields, counts, router_fields, gid (ΣC,), blocks, armed, threshold, top_k,
-                       renormalize)
+                          phase (1,), offsets [k], groups [k], slot, router_slot, top_k, renormalize)
+    actprune::end_step(hidden (T,H), phase (1,))
+
+Every other tensor the ops read or update (``StepBuffers``: the step buffers, the accumulators,
+the row cursor) is found from ``phase``, the one mutable argument, by its address. Passed as
+arguments they cost more than the work at small steps: each call converts every argument from
+Python to the dispatcher's values and back (a Python-bodied op), two dozen tensors and lists,
+and in a serving worker whose caches the weights have just flushed a call cost ~100 µs where it
+costs 13 µs hot (BENCHMARKS.md, issue 16, ``perf`` on both workers). ``phase`` keeps the calls
+in order (each mutates it) and alive (a mutating op is never dead code); nothing else in the
+graph reads the buffers, so the compiler need not know the op writes them.
 
 R: the MoE layers of the rank (0 for a dense model), E': the most experts of one of them.
 
@@ -45,6 +48,7 @@ STEP_DONE — the step is in. ``Capture.settle_step`` reads it.
 from __future__ import annotations
 
 import functools
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +145,9 @@ class StepBuffers:
     top_k: int = 0  # the MoE model's routing (its config)
     renormalize: bool = False
 
+    def __post_init__(self) -> None:
+        _BUFFERS[self.phase.data_ptr()] = self  # the ops find the buffers from phase
+
     @classmethod
     def new(cls, fields: list[Tensor], counts: Tensor, gid: Tensor, armed: Tensor, threshold: Tensor, *,
             rows: int, long_rows: int, n_layers: int, hidden: int, router_fields: list[Tensor] | None = None,
@@ -180,14 +187,11 @@ class StepBuffers:
 
     def stash_args(self) -> tuple:
         """stash_layer's arguments after (taps, router, hidden, residual), to offsets."""
-        return (self.chan, self.stream, self.routers, self.scratch, self.fields, self.counts,
-                self.router_fields, self.blocks, self.zero_gid, self.cursor, self.phase, self.armed, self.threshold)
+        return (self.phase,)
 
     def end_args(self) -> tuple:
-        """end_step's arguments after hidden, in schema order."""
-        return (self.chan, self.stream, self.routers, self.valid, self.cursor, self.phase, self.fields, self.counts,
-                self.router_fields, self.gid, self.blocks, self.armed, self.threshold, self.top_k,
-                self.renormalize)
+        """end_step's arguments after hidden."""
+        return (self.phase,)
 
     def flush(self) -> None:
         """Fold the rows still waiting (a CPU's): before the accumulators are read. Between
@@ -215,6 +219,19 @@ class StepBuffers:
         """Drop the rows still waiting: a reset starts a new window."""
         if self.cursor is not None:
             self.cursor.zero_()
+
+
+# phase's address -> the StepBuffers it belongs to (the last one built with it: a copy made with
+# dataclasses.replace takes over). Weak: the capture owns its buffers.
+_BUFFERS: weakref.WeakValueDictionary[int, StepBuffers] = weakref.WeakValueDictionary()
+
+
+def _buffers(phase: Tensor) -> StepBuffers:
+    b = _BUFFERS.get(phase.data_ptr())  # a live StepBuffers keeps its phase, so no other tensor has the address
+    if b is None:
+        raise RuntimeError("actprune: a capture op was given a phase tensor of no StepBuffers; this is a bug, "
+                           "please report it")
+    return b
 
 
 def _pending(cursor: Tensor | None) -> int:
@@ -282,11 +299,9 @@ def _stash_views(taps: list[Tensor], router: Tensor | None, chan: Tensor, stream
     return views
 
 
-def stash_layer(taps: list[Tensor], router: Tensor | None, hidden: Tensor, residual: Tensor | None, chan: Tensor,
-                stream: Tensor, routers: Tensor, scratch: Tensor, fields: list[Tensor], counts: Tensor,
-                router_fields: list[Tensor], blocks: Tensor, zero_gid: Tensor, cursor: Tensor | None,
-                phase: Tensor, armed: Tensor, threshold: Tensor, offsets: list[int], groups: list[int], slot: int,
-                router_slot: int, top_k: int, renormalize: bool) -> None:
+def stash_layer(taps: list[Tensor], router: Tensor | None, hidden: Tensor, residual: Tensor | None, phase: Tensor,
+                offsets: list[int], groups: list[int], slot: int, router_slot: int, top_k: int,
+                renormalize: bool) -> None:
     # taps: the inputs of the layer's tapped linears, (T, C_k) each, their columns at offsets[k]
     # of group groups[k]; router: an MoE layer's router logits (T, E), its row router_slot of
     # the router accumulators. The residual stream around a vLLM decoder layer is hidden +
@@ -294,6 +309,8 @@ def stash_layer(taps: list[Tensor], router: Tensor | None, hidden: Tensor, resid
     # residual=None. Slot 0 is the stream entering a rank's first layer (no taps), slot j + 1
     # the one leaving its layer j, which is what layer j + 1 is given (vLLM's decoder loop
     # passes it on as it is): one copy a layer.
+    b = _buffers(phase)
+    chan, stream, routers, cursor = b.chan, b.stream, b.routers, b.cursor
     t = hidden.shape[0]
     row = _pending(cursor)
     if row + t <= chan.shape[0]:  # kept for end_step
@@ -309,11 +326,13 @@ def stash_layer(taps: list[Tensor], router: Tensor | None, hidden: Tensor, resid
             torch.add(hidden.float(), residual.float(), out=dst)
         return
     # a long step: fold each tap now (its columns, its count), and the layer's cosine
+    scratch, fields, counts, router_fields, blocks = b.scratch, b.fields, b.counts, b.router_fields, b.blocks
+    threshold, zero_gid = b.threshold, b.zero_gid
     if t > scratch.shape[0]:
         raise RuntimeError(f"actprune: batch of {t} tokens exceeds the capture scratch buffer "
                            f"({scratch.shape[0]} rows); this is a bug, please report it")
     phase.fill_(STEP_FOLDING)  # from here a step cut short leaves a torn state
-    valid = valid_rows(t, armed)
+    valid = valid_rows(t, b.armed)
     for x, offset, group in zip(taps, offsets, groups, strict=True):
         c = x.shape[-1]
         _compiled(fold_packed)([f[offset:offset + c] for f in fields], counts[group:group + 1],
@@ -328,33 +347,27 @@ def stash_layer(taps: list[Tensor], router: Tensor | None, hidden: Tensor, resid
     scratch[:t].copy_(h)  # what the next layer is given
 
 
-def end_step(hidden: Tensor, chan: Tensor, stream: Tensor, routers: Tensor, valid: Tensor, cursor: Tensor | None,
-             phase: Tensor, fields: list[Tensor], counts: Tensor, router_fields: list[Tensor], gid: Tensor,
-             blocks: Tensor, armed: Tensor, threshold: Tensor, top_k: int, renormalize: bool) -> None:
+def end_step(hidden: Tensor, phase: Tensor) -> None:
+    b = _buffers(phase)
+    chan, cursor, valid = b.chan, b.cursor, b.valid
     t = hidden.shape[0]
     row = _pending(cursor)
     if row + t > chan.shape[0]:  # folded tap by tap already
         phase.fill_(STEP_DONE)
         return
-    valid[row:row + t].copy_(valid_rows(t, armed))  # which rows count, decided as the step runs
+    valid[row:row + t].copy_(valid_rows(t, b.armed))  # which rows count, decided as the step runs
     n = row + t
     phase.fill_(STEP_FOLDING)  # the cursor and the accumulators change from here
     if cursor is not None and n < FOLD_ROWS:  # a CPU: wait for a chunk's worth of rows
         cursor.fill_(n)
         phase.fill_(STEP_DONE)
         return
-    _fold_rows(n, chan, stream, routers, valid, fields, counts, router_fields, gid, blocks, threshold, top_k,
-               renormalize)
+    b._fold(n)
     if cursor is not None:
         cursor.zero_()
     phase.fill_(STEP_DONE)
 
 
-_define("stash_layer(Tensor[] taps, Tensor? router, Tensor hidden, Tensor? residual, Tensor(a!) chan, "
-        "Tensor(b!) stream, Tensor(c!) routers, Tensor(d!) scratch, Tensor(e!)[] fields, Tensor(f!) counts, "
-        "Tensor(g!)[] router_fields, Tensor(h!) blocks, Tensor zero_gid, Tensor? cursor, Tensor(i!) phase, "
-        "Tensor armed, Tensor threshold, int[] offsets, int[] groups, int slot, int router_slot, int top_k, "
-        "bool renormalize) -> ()", stash_layer)
-_define("end_step(Tensor hidden, Tensor(a!) chan, Tensor(b!) stream, Tensor(c!) routers, Tensor(d!) valid, "
-        "Tensor(e!)? cursor, Tensor(j!) phase, Tensor(f!)[] fields, Tensor(g!) counts, Tensor(h!)[] router_fields, "
-        "Tensor gid, Tensor(i!) blocks, Tensor armed, Tensor threshold, int top_k, bool renormalize) -> ()", end_step)
+_define("stash_layer(Tensor[] taps, Tensor? router, Tensor hidden, Tensor? residual, Tensor(a!) phase, "
+        "int[] offsets, int[] groups, int slot, int router_slot, int top_k, bool renormalize) -> ()", stash_layer)
+_define("end_step(Tensor hidden, Tensor(a!) phase) -> ()", end_step)

@@ -162,3 +162,20 @@ def test_warm_up_compiles_the_fold_without_changing_a_number():
         for f, a in export_state(g).items():
             np.testing.assert_array_equal(a, want[f], err_msg=f)
     assert torch.equal(bufs.blocks, before[1])
+
+
+def test_the_ops_find_their_buffers_from_phase_and_say_so_when_they_cannot():
+    # the ops take the step's phase, the one mutable argument, and find every other buffer
+    # from its address: two captures' buffers stay apart, and a phase of no buffers is a bug
+    # that says so rather than a KeyError (or worse, another capture's accumulators)
+    first, _ = _buffers(rows=8, long_rows=0, gpu_like=True)
+    second, _ = _buffers(rows=8, long_rows=0, gpu_like=True)
+    h = torch.randn(3, HIDDEN)
+    torch.ops.actprune.stash_layer([], None, h, None, *second.stash_args(), [], [], 0, -1, 0, False)
+    torch.ops.actprune.stash_layer([h[:, :WIDTHS[0]]], None, h, h, *second.stash_args(), [0], [0], 1, -1, 0, False)
+    torch.ops.actprune.stash_layer([h[:, :WIDTHS[1]]], None, h, h, *second.stash_args(), [WIDTHS[0]], [1], 2, -1,
+                                   0, False)
+    torch.ops.actprune.end_step(h, *second.end_args())
+    assert second.counts.tolist() == [3.0, 3.0] and first.counts.tolist() == [0.0, 0.0]
+    with pytest.raises(RuntimeError, match="phase tensor of no StepBuffers"):
+        torch.ops.actprune.end_step(h, torch.zeros(1, dtype=torch.int64))
