@@ -228,10 +228,14 @@ _BUFFERS: weakref.WeakValueDictionary[int, StepBuffers] = weakref.WeakValueDicti
 
 def _buffers(phase: Tensor) -> StepBuffers:
     b = _BUFFERS.get(phase.data_ptr())  # a live StepBuffers keeps its phase, so no other tensor has the address
-    if b is None:
-        raise RuntimeError("actprune: a capture op was given a phase tensor of no StepBuffers; this is a bug, "
-                           "please report it")
-    return b
+    if b is not None:
+        return b
+    if len(_BUFFERS) == 1:
+        # a compiler that did not re-inplace the mutable argument passes a copy of phase (and
+        # copies it back after the graph): a worker has one capture, so its buffers are these
+        return next(iter(_BUFFERS.values()))
+    raise RuntimeError("actprune: a capture op was given a phase tensor of no StepBuffers; this is a bug, "
+                       "please report it")
 
 
 def _pending(cursor: Tensor | None) -> int:

@@ -179,3 +179,8 @@ def test_the_ops_find_their_buffers_from_phase_and_say_so_when_they_cannot():
     assert second.counts.tolist() == [3.0, 3.0] and first.counts.tolist() == [0.0, 0.0]
     with pytest.raises(RuntimeError, match="phase tensor of no StepBuffers"):
         torch.ops.actprune.end_step(h, torch.zeros(1, dtype=torch.int64))
+    # one capture, as in a worker: a copy of its phase (a compiler that cloned the mutable
+    # argument) still reaches its buffers
+    del first
+    torch.ops.actprune.end_step(h, second.phase.clone())
+    assert second.counts.tolist() == [6.0, 6.0]
