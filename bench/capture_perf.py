@@ -2,9 +2,10 @@
 
 py-spy (``capture_spy.py``) sees Python frames only: the model's own kernels (oneDNN's JIT
 GEMMs, Inductor's fused C++) are one opaque ``OpOverload.__call__`` to it, so it cannot say
-whether capture makes them slower. This records the ``VLLM::Worker`` process of a capture-on
-and a capture-off server (both up, the idle one stopped, interleaved rounds) with ``perf
-record`` and prints, per symbol, the CPU samples **per generated token** on each side and
+whether capture makes them slower. This records the whole machine with ``perf record`` while a
+capture-on and a capture-off server (both up, the idle one stopped) take turns at one load,
+cuts each turn's window out of the recording and prints, for the ``VLLM::Worker`` process, per
+symbol and per group, the CPU time **per generated token** on each side and
 their difference — where the extra CPU of a capture step lands: the capture's own ops, the
 dispatcher, or the model's kernels running slower beside them. oneDNN is asked for a perf map
 of its JIT kernels (``ONEDNN_JIT_PROFILE=2``) so they are named; Inductor's kernels are named
@@ -29,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from capture_overhead import build_model, prompt_ids, run_load, servers, settle  # noqa: E402
-from machine import others_frozen  # noqa: E402
+from machine import others_frozen, worker_pid  # noqa: E402
 
 # a symbol's group, first match wins: what a reader asks of the difference
 GROUPS = (
@@ -94,11 +95,6 @@ def perf_running(data: Path, freq: int, ready: float):
         perf.wait(timeout=600)
 
 
-def worker_of(srv) -> str:
-    return subprocess.run(["pgrep", "-s", str(srv.proc.pid), "-f", "VLLM::Worker"],
-                          capture_output=True, text=True).stdout.split()[-1]
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/actprune-perf"))
@@ -132,7 +128,7 @@ def main() -> int:
                     with others_frozen(srvs, name):
                         t0 = time.monotonic()
                         rate, _, roles = run_load(srvs[name], [q[:-1] + [1 + r] for q in prompts], args.tokens)
-                        windows.append((name, worker_of(srvs[name]), t0 + 0.5, time.monotonic() - 0.2,
+                        windows.append((name, worker_pid(srvs[name]), t0 + 0.5, time.monotonic() - 0.2,
                                         1000.0 * roles["worker"]))
                     print(f"round {r + 1} {name}: {rate:.1f} tok/s, worker {windows[-1][-1]:.2f} CPU ms per token, "
                           f"load {os.getloadavg()[0]:.1f}", flush=True)

@@ -24,6 +24,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from capture_overhead import build_model, prompt_ids  # noqa: E402
+from machine import worker_pid  # noqa: E402
 
 CAPTURE_FRAMES = ("stash_layer", "end_step", "_fold_rows", "_fold_math", "_tap_hook", "valid_rows",
                   "stash_channels", "stash_stream", "fold_step", "_fold_step_math",  # before 2026-12-02
@@ -70,8 +71,7 @@ def main() -> int:
            "ACTPRUNE_SNAPSHOT_DIR": str(args.workdir / "snapshots-spy")}
     with ServerProcess(model, server_args, env=env, log_path=args.workdir / "server-spy.log",
                        startup_timeout=1800) as srv:
-        worker = subprocess.run(["pgrep", "-s", str(srv.proc.pid), "-f", "VLLM::Worker"],
-                                capture_output=True, text=True).stdout.split()[-1]
+        worker = worker_pid(srv)
         body = {"model": srv.model, "max_tokens": 100, "temperature": 0.0, "ignore_eos": True}
 
         def one(i: int) -> None:

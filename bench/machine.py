@@ -1,12 +1,14 @@
 """What the benchmarks read of the machine: CPU time of a server's process group by role, the
-CPU every core spent busy, a wait for a quiet window, and servers stopped while another is
-measured. Linux only (/proc); shared by decode_throughput.py and capture_overhead.py."""
+CPU every core spent busy, a wait for a quiet window, servers stopped while another is
+measured, a server's worker process. Linux only (/proc); shared by the decode and capture
+benchmarks."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -76,3 +78,9 @@ def others_frozen(srvs: dict, running: str, freeze: bool = True):
     finally:
         for pgid in frozen:
             os.killpg(pgid, signal.SIGCONT)
+
+
+def worker_pid(srv) -> str:
+    """The pid of the ``VLLM::Worker`` process of a server (the last one: with TP > 1, rank N - 1)."""
+    return subprocess.run(["pgrep", "-s", str(srv.proc.pid), "-f", "VLLM::Worker"],
+                          capture_output=True, text=True).stdout.split()[-1]
