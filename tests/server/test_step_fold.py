@@ -10,6 +10,8 @@ forward context: every row is valid while armed."""
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pytest
 import torch
@@ -164,7 +166,7 @@ def test_warm_up_compiles_the_fold_without_changing_a_number():
     assert torch.equal(bufs.blocks, before[1])
 
 
-def test_the_ops_find_their_buffers_from_phase_and_say_so_when_they_cannot():
+def test_the_ops_find_their_buffers_from_phase_and_say_so_when_they_cannot(monkeypatch):
     # the ops take the step's phase, the one mutable argument, and find every other buffer
     # from its address: two captures' buffers stay apart, and a phase of no buffers is a bug
     # that says so rather than a KeyError (or worse, another capture's accumulators)
@@ -180,7 +182,8 @@ def test_the_ops_find_their_buffers_from_phase_and_say_so_when_they_cannot():
     with pytest.raises(RuntimeError, match="phase tensor of no StepBuffers"):
         torch.ops.actprune.end_step(h, torch.zeros(1, dtype=torch.int64))
     # one capture, as in a worker: a copy of its phase (a compiler that cloned the mutable
-    # argument) still reaches its buffers
-    del first
+    # argument) still reaches its buffers. The registry is made to hold only `second`: other
+    # tests' buffers may still be alive in this process (a reference cycle not yet collected)
+    monkeypatch.setattr(ops, "_BUFFERS", weakref.WeakValueDictionary({second.phase.data_ptr(): second}))
     torch.ops.actprune.end_step(h, second.phase.clone())
     assert second.counts.tolist() == [6.0, 6.0]
