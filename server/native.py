@@ -26,7 +26,7 @@ from actprune.server.settings import cache_dir, native_ops
 
 __all__ = ["SOURCE", "load"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("vllm.actprune")  # under "vllm": its handlers apply
 
 SOURCE = Path(__file__).parent / "csrc" / "stash.cpp"
 _STALE_LOCK_S = 600  # a build lock this old was left by a build that was killed
@@ -59,4 +59,5 @@ def load(env: dict[str, str] | None = None) -> str | None:
                     "its Python body, which costs more a step (set ACTPRUNE_NATIVE_OPS=0 to skip "
                     "the attempt)", why)
         return why
+    log.info("actprune: the capture's per-layer op runs its C++ body (%s)", where)
     return None
