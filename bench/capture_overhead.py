@@ -109,23 +109,20 @@ def servers(stack: ExitStack, model: Path, mode: str, args: argparse.Namespace, 
               "--max-num-batched-tokens", "2048", *([] if mode == "compiled" else ["--enforce-eager"])]
     env = {"VLLM_CPU_KVCACHE_SPACE": "2", "ACTPRUNE_SNAPSHOT_INTERVAL": "0",
            "ACTPRUNE_SNAPSHOT_DIR": str(args.workdir / "snapshots")}
-    variants = {"on": ([], {}), "off": (["--no-capture", "--no-enable-prefix-caching"], {})}
-    if args.python_ops:  # the capture's per-layer op with its Python body: what the C++ one saves
-        variants[PYTHON_OPS] = ([], {"ACTPRUNE_NATIVE_OPS": "0"})
+    variants = {"on": [], "off": ["--no-capture", "--no-enable-prefix-caching"]}
     if prefix:
-        variants["vllm defaults"] = (["--no-capture"], {})  # prefix caching on: vLLM's default
-        variants["on, prefix caching"] = (["--enable-prefix-caching"], {})  # the stats count what the cache kept
+        variants["vllm defaults"] = ["--no-capture"]  # prefix caching on: vLLM's default
+        variants["on, prefix caching"] = ["--enable-prefix-caching"]  # the stats count what the cache kept
     out = {}
-    for name, (extra, extra_env) in variants.items():  # one at a time: two compiling at once would thrash
+    for name, extra in variants.items():  # one at a time: two compiling at once would thrash
         print(f"[{mode}] starting {name} ...", flush=True)
-        log = args.workdir / f"server-{mode}-{name.replace(' ', '-').replace(',', '')}.log"
-        out[name] = stack.enter_context(ServerProcess(model, [*common, *extra], env={**env, **extra_env},
-                                                      log_path=log, startup_timeout=1800))
+        log = args.workdir / f"server-{mode}-{name.replace(' ', '-')}.log"
+        out[name] = stack.enter_context(ServerProcess(model, [*common, *extra], env=env, log_path=log,
+                                                      startup_timeout=1800))
     return out
 
 
 CHAT_ONLY = ("vllm defaults", "on, prefix caching")  # servers measured on the chat workload only
-PYTHON_OPS = "on, Python op"
 
 
 def settle(srvs: dict, args: argparse.Namespace) -> None:
@@ -217,10 +214,6 @@ def table(mode: str, m: dict, args: argparse.Namespace) -> list[str]:
             lines.append(_row("↳ same, off = plain vLLM defaults (prefix caching on)", res["on"][w], d, steady))
             lines.append(_row("↳ on = capture with prefix caching on, off = plain vLLM defaults",
                               res["on, prefix caching"][w], d, steady))
-        if PYTHON_OPS in res:
-            lines.append(_row("↳ on = the per-layer op's Python body (ACTPRUNE_NATIVE_OPS=0)", res[PYTHON_OPS][w],
-                              res["off"][w], steady))
-            lines.append(_row("↳ C++ body (on) / Python body (as off)", res["on"][w], res[PYTHON_OPS][w], steady))
     lines += ["", "What capture adds per generated token, by process (CPU ms, median of on − off over "
               "paired rounds):", "", "| workload | API server | engine core | worker | all |", "|---|---|---|---|---|"]
     for w in res["on"]:
@@ -277,9 +270,6 @@ def main() -> int:
                     help="only these workloads (batch B, prompt tokens P), in every mode; more rounds in the "
                          "same time, for a tighter interval (default: the full grid)")
     ap.add_argument("--prefix", action="store_true", help="add the shared-system-prompt chat workload")
-    ap.add_argument("--python-ops", action="store_true",
-                    help="a third server capturing with the per-layer op's Python body (ACTPRUNE_NATIVE_OPS=0): "
-                         "what the C++ body saves, in the same rounds")
     ap.add_argument("--no-freeze-idle", dest="freeze_idle", action="store_false",
                     help="leave the other servers running while one is measured (default: SIGSTOP them)")
     ap.add_argument("--max-other-cpu", type=float, default=0.15,

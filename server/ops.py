@@ -17,8 +17,7 @@ buffers folds each tap where it is, its cost spread over many tokens. The ops ar
 ``torch.library.Library`` rather than ``torch.library.custom_op``, whose Python wrappers cost
 ~13 µs more per call (21 vs 8 µs).
 
-Ops (all return nothing; buffers and accumulators are updated in place; ``stash_layer``'s body
-is C++, csrc/stash.cpp via native.py, and the Python one below its reference and slow path):
+Ops (all return nothing; buffers and accumulators are updated in place):
 
     actprune::stash_layer(taps [(T,C_k)], router (T,E) | None, hidden (T,H), residual (T,H) | None,
                           phase (1,), offsets [k], groups [k], slot, router_slot, top_k, renormalize)
@@ -54,10 +53,9 @@ from dataclasses import dataclass
 
 import torch
 from actprune.core.tensor.accumulate import fold_blocks, fold_packed, fold_routers
-from actprune.server import native
 from torch import Tensor
 
-__all__ = ["FOLD_ROWS", "NATIVE_ERROR", "STEP_DONE", "STEP_FOLDING", "STEP_OPEN", "StepBuffers", "step_tokens", "valid_rows"]
+__all__ = ["FOLD_ROWS", "STEP_DONE", "STEP_FOLDING", "STEP_OPEN", "StepBuffers", "step_tokens", "valid_rows"]
 
 _LIB = torch.library.Library("actprune", "FRAGMENT")  # the stash ops below
 
@@ -148,11 +146,7 @@ class StepBuffers:
     renormalize: bool = False
 
     def __post_init__(self) -> None:
-        key = self.phase.data_ptr()
-        _BUFFERS[key] = self  # the ops find the buffers from phase
-        if NATIVE_ERROR is None:  # and so does the C++ op, which holds the tensors it writes
-            torch.ops.actprune.native_register(self.phase, self.chan, self.stream, self.routers, self.cursor)
-            weakref.finalize(self, _forget, key, self.phase)
+        _BUFFERS[self.phase.data_ptr()] = self  # the ops find the buffers from phase
 
     @classmethod
     def new(cls, fields: list[Tensor], counts: Tensor, gid: Tensor, armed: Tensor, threshold: Tensor, *,
@@ -232,13 +226,6 @@ class StepBuffers:
 _BUFFERS: weakref.WeakValueDictionary[int, StepBuffers] = weakref.WeakValueDictionary()
 
 
-def _forget(key: int, phase: Tensor) -> None:
-    # a StepBuffers is gone: the C++ op lets its buffers go, unless a copy (dataclasses.replace)
-    # with the same phase still lives
-    if _BUFFERS.get(key) is None:
-        torch.ops.actprune.native_forget(phase)
-
-
 def _buffers(phase: Tensor) -> StepBuffers:
     b = _BUFFERS.get(phase.data_ptr())  # a live StepBuffers keeps its phase, so no other tensor has the address
     if b is not None:
@@ -286,12 +273,10 @@ def _fold_rows(n: int, chan: Tensor, stream: Tensor, routers: Tensor, valid: Ten
                               valid[a:b], threshold, top_k, renormalize)
 
 
-def _define(schema: str, fn=None) -> None:
-    """Define an op; fn its body, or None for a body registered elsewhere (the C++ library)."""
+def _define(schema: str, fn) -> None:
     name = schema.split("(", 1)[0]
     _LIB.define(schema)
-    if fn is not None:
-        _LIB.impl(name, fn, "CompositeExplicitAutograd")
+    _LIB.impl(name, fn, "CompositeExplicitAutograd")
     torch.library.register_fake(f"actprune::{name}", lambda *args: None, lib=_LIB)
 
 
@@ -387,12 +372,6 @@ def end_step(hidden: Tensor, phase: Tensor) -> None:
     phase.fill_(STEP_DONE)
 
 
-_STASH_ARGS = ("(Tensor[] taps, Tensor? router, Tensor hidden, Tensor? residual, Tensor(a!) phase, int[] offsets, "
-               "int[] groups, int slot, int router_slot, int top_k, bool renormalize) -> ()")
-_define("stash_layer_slow" + _STASH_ARGS, stash_layer)  # the reference; the C++ op's rare cases
-_define("stash_layer" + _STASH_ARGS)
+_define("stash_layer(Tensor[] taps, Tensor? router, Tensor hidden, Tensor? residual, Tensor(a!) phase, "
+        "int[] offsets, int[] groups, int slot, int router_slot, int top_k, bool renormalize) -> ()", stash_layer)
 _define("end_step(Tensor hidden, Tensor(a!) phase) -> ()", end_step)
-# None: stash_layer runs csrc/stash.cpp; else why it runs the Python body
-NATIVE_ERROR = native.load()
-if NATIVE_ERROR is not None:
-    _LIB.impl("stash_layer", stash_layer, "CompositeExplicitAutograd")

@@ -13,9 +13,6 @@
     VLLM_API_KEY                vLLM's key, used when --api-key is not given
     ACTPRUNE_ALLOW_NO_KEY       1: let `actprune serve` listen on a non-loopback address without
                                 an API key (default 0: it refuses, see server/launch.py)
-    ACTPRUNE_NATIVE_OPS         0: the capture's per-layer op runs its Python body rather than
-                                the C++ one (server/csrc/stash.cpp), which is built once per
-                                machine under the snapshot directory's parent (default 1)
 """
 
 from __future__ import annotations
@@ -28,15 +25,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["MIN_SNAPSHOT_INTERVAL", "Settings", "allow_no_key", "cache_dir", "check_instance_id",
-           "default_instance_id", "native_ops", "parse_interval"]
+__all__ = ["MIN_SNAPSHOT_INTERVAL", "Settings", "allow_no_key", "check_instance_id", "default_instance_id",
+           "parse_interval"]
 
 _BOOLS = {"0": False, "1": True, "false": False, "true": True, "no": False, "yes": True}
 
 
-def cache_dir() -> Path:
-    """actprune's own files on this machine: /workspace/actprune on a RunPod volume (it outlives
-    the pod), else ~/.cache/actprune."""
+def _default_dir() -> Path:
     ws = Path("/workspace")
     if ws.is_dir() and os.access(ws, os.W_OK):
         return ws / "actprune"
@@ -77,7 +72,7 @@ def default_instance_id(port: int | str | None = None) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    snapshot_dir: Path = field(default_factory=cache_dir)
+    snapshot_dir: Path = field(default_factory=_default_dir)
     snapshot_interval: float = 60.0
     resume: bool = True
     instance_id: str = field(default_factory=default_instance_id)
@@ -92,7 +87,7 @@ class Settings:
             raise ValueError(f"ACTPRUNE_RESUME must be 0 or 1, got {resume!r}")
         snap = env.get("ACTPRUNE_SNAPSHOT_DIR")
         return cls(
-            snapshot_dir=Path(snap).expanduser() if snap else cache_dir(),
+            snapshot_dir=Path(snap).expanduser() if snap else _default_dir(),
             snapshot_interval=interval_s,
             resume=resume in ("1", "true", "yes"),
             instance_id=check_instance_id(env.get("ACTPRUNE_INSTANCE_ID") or default_instance_id()),
@@ -105,12 +100,4 @@ def allow_no_key(env: Mapping[str, str]) -> bool:
     value = env.get("ACTPRUNE_ALLOW_NO_KEY", "0").strip().lower()
     if value not in _BOOLS:
         raise ValueError(f"ACTPRUNE_ALLOW_NO_KEY must be 0 or 1, got {value!r}")
-    return _BOOLS[value]
-
-
-def native_ops(env: Mapping[str, str]) -> bool:
-    """ACTPRUNE_NATIVE_OPS: whether the capture builds and uses its C++ op (server/native.py)."""
-    value = env.get("ACTPRUNE_NATIVE_OPS", "1").strip().lower()
-    if value not in _BOOLS:
-        raise ValueError(f"ACTPRUNE_NATIVE_OPS must be 0 or 1, got {value!r}")
     return _BOOLS[value]
