@@ -9,7 +9,7 @@ and fails with ``TensorifyScalarRestartAnalysis``; ints (offsets, slots) are gra
 
 Why a decode step costs little (docs/capture.md): each decoder layer makes *one* op call,
 ``stash_layer``, which copies the layer's channel taps and the residual stream leaving it into
-the step buffers; ``end_step``, after the last layer, folds the buffered rows into the
+the step buffers (on a GPU in one Triton kernel, :mod:`actprune.server.stash_kernel`); ``end_step``, after the last layer, folds the buffered rows into the
 accumulators with one fused kernel. On a CPU the rows of small steps wait in the buffers until
 ``FOLD_ROWS`` of them are there (one pass over the accumulators per 16 rows, not per step); a
 GPU folds every step (``cursor`` None: no host read of a device value). A step too long for the
@@ -273,6 +273,26 @@ def _fold_rows(n: int, chan: Tensor, stream: Tensor, routers: Tensor, valid: Ten
                               valid[a:b], threshold, top_k, renormalize)
 
 
+# On a GPU a layer's stash is one Triton kernel (actprune.server.stash_kernel: 1 launch, not 4-5;
+# in a CUDA graph each costs ~2-3 µs whatever its size). False: the torch copies (benchmarks).
+STASH_KERNEL = True
+
+
+def _stash_kernel_for(hidden: Tensor):
+    """actprune.server.stash_kernel where a stash of ``hidden``'s device uses it (CUDA, Triton
+    installed, ``STASH_KERNEL``), else None."""
+    return _kernel() if STASH_KERNEL and hidden.is_cuda else None
+
+
+@functools.cache
+def _kernel():
+    try:
+        from . import stash_kernel
+    except ImportError:  # no Triton: the torch copies
+        return None
+    return stash_kernel
+
+
 def _define(schema: str, fn) -> None:
     name = schema.split("(", 1)[0]
     _LIB.define(schema)
@@ -322,6 +342,10 @@ def stash_layer(taps: list[Tensor], router: Tensor | None, hidden: Tensor, resid
         srcs = [x if x.dim() == 2 else x.reshape(t, -1) for x in taps]
         if router is not None:
             srcs.append(router if router.dim() == 2 else router.reshape(t, -1))
+        kernel = _stash_kernel_for(hidden)
+        if kernel is not None and kernel.usable(srcs, dsts, hidden, residual, dst):
+            kernel.stash_rows(srcs, dsts, hidden, residual, dst)  # one launch for the whole layer
+            return
         if srcs:
             torch._foreach_copy_(dsts, srcs)  # one call for every tap's copy
         if residual is None:

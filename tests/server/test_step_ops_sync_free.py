@@ -63,9 +63,10 @@ def test_step_path_source_has_no_host_reads():
     import inspect
 
     from actprune.core.tensor import accumulate
+    from actprune.server import stash_kernel
 
     bodies = [ops.stash_layer, ops.end_step, ops._fold_rows, ops._fold_math, ops.valid_rows,
-              accumulate.fold_channels, accumulate.merge_channels, accumulate.fold_packed,
+              stash_kernel.usable, stash_kernel.stash_rows, accumulate.fold_channels, accumulate.merge_channels, accumulate.fold_packed,
               accumulate.fold_blocks, accumulate.fold_routers, accumulate.route]
     for fn in bodies:
         src = inspect.getsource(fn)
