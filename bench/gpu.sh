@@ -11,9 +11,14 @@
 # Every step runs under its own time budget; one that fails or runs out is recorded as such
 # and the next one runs.
 #
-#   bench/gpu.sh [--dry-run] [--moe] [--out DIR] [--work DIR]
+#   bench/gpu.sh [--dry-run] [--moe | --no-vllm] [--out DIR] [--work DIR]
 #
 # --dry-run prints the plan (steps, budgets, commands) and runs nothing.
+# --no-vllm: for a GPU machine that reaches no package registry (vLLM cannot be installed), with
+#   torch, transformers and Triton: the capture under CUDA graphs in a transformers Qwen3-1.7B
+#   decode step, on vs off, with its checks (bench/graph_decode.py), its pieces
+#   (bench/graph_capture_cost.py), pruned vs dense decode in the same step, and distillation.
+#   Runs the image's python3 (PYTHON=... to choose), actprune importable from this checkout.
 # --moe (issue 15): the same capture and decode steps on a Qwen3-MoE (2.5B random parameters:
 #   16 sparse layers of 32 experts of 768, top-4 — Qwen3-30B-A3B's expert width), half of its
 #   experts pruned; no distillation step.
@@ -25,11 +30,13 @@ OUT="$ROOT/runs/gpu/$(date -u +%Y%m%dT%H%MZ)"
 WORK=/tmp/actprune-gpu
 DRY_RUN=0
 MOE=0
+NO_VLLM=0
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --dry-run) DRY_RUN=1 ;;
         --moe) MOE=1 ;;
+        --no-vllm) NO_VLLM=1 ;;
         --out) OUT=$2; shift ;;
         --work) WORK=$2; shift ;;
         -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
@@ -38,8 +45,17 @@ while [[ $# -gt 0 ]]; do
     shift
 done
 
+if [[ $MOE == 1 && $NO_VLLM == 1 ]]; then
+    echo "bench/gpu.sh: --moe needs vLLM (its fused MoE kernels); not with --no-vllm" >&2
+    exit 2
+fi
+if [[ $NO_VLLM == 1 ]]; then
+    PY=${PYTHON:-python3}
+    SHAPE=(--hidden 2048 --layers 28 --intermediate 6144)
+    PLAN_NAMES=(graph cost gdecode distill report)
+    PLAN_BUDGETS=(170 100 100 170 20)
 # the checkpoint capture_overhead.py builds; the decode step serves and prunes the same one
-if [[ $MOE == 1 ]]; then
+elif [[ $MOE == 1 ]]; then
     SHAPE=(--hidden 2048 --layers 16 --experts 32 --top-k 4 --moe-intermediate 768)
     MODEL="$WORK/overhead/qwen3-2048x16-bfloat16-e32k4"
     VARIANT=experts50
@@ -65,6 +81,9 @@ plan_command() {
         distill) echo "$PY $ROOT/bench/distill_speed.py --dir $WORK/distill ${SHAPE[*]} --student-intermediate 3072" \
                       "--vocab 151936 --dtype bfloat16 --bf16 --grad-checkpointing --seq-len 2048 --batch-size 4" \
                       "--warmup 2 --steps 8 --json $OUT/distill.json" ;;
+        graph) echo "$PY $ROOT/bench/graph_decode.py --parts capture exact --json $OUT/graph_capture.json" ;;
+        cost) echo "$PY $ROOT/bench/graph_capture_cost.py --json $OUT/graph_cost.json" ;;
+        gdecode) echo "$PY $ROOT/bench/graph_decode.py --parts decode --json $OUT/graph_decode.json" ;;
         report) echo "$PY $ROOT/bench/gpu_report.py --out $OUT" ;;
     esac
 }
@@ -86,6 +105,11 @@ if ! command -v nvidia-smi >/dev/null 2>&1 || ! nvidia-smi -L >/dev/null 2>&1; t
     exit 2
 fi
 mkdir -p "$OUT" "$WORK"
+if [[ $NO_VLLM == 1 ]] && ! "$PY" -c "import actprune.server.ops" 2>/dev/null; then
+    # not installed: this checkout, under the name the code imports (actprune.core = core/, ...)
+    mkdir -p "$WORK/pkg" && ln -sfn "$ROOT" "$WORK/pkg/actprune"
+    export PYTHONPATH="$WORK/pkg${PYTHONPATH:+:$PYTHONPATH}"
+fi
 : > "$OUT/steps.tsv"
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "no nvidia-smi"

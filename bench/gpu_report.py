@@ -16,7 +16,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-FILES = {"capture": "capture_overhead.json", "decode": "decode.json", "distill": "distill.json"}
+FILES = {"capture": "capture_overhead.json", "decode": "decode.json", "distill": "distill.json",
+         # gpu.sh --no-vllm: bench/graph_decode.py and bench/graph_capture_cost.py
+         "graph_capture": "graph_capture.json", "graph_cost": "graph_cost.json", "graph_decode": "graph_decode.json"}
 
 
 def read(out: Path) -> dict[str, Any]:
@@ -39,6 +41,8 @@ def markdown(res: dict[str, Any]) -> str:
     lines = ["## GPU run (`bench/gpu.sh`)", "", f"Machine: {res['machine']}.", ""]
     lines += ["| step | status | seconds |", "|---|---|---|"]
     lines += [f"| {n} | {s['status']} | {s['seconds']} |" for n, s in res["steps"].items()]
+    if "graph" in res["steps"]:  # gpu.sh --no-vllm
+        return "\n".join(lines + graph_markdown(res)) + "\n"
     lines += ["", "### Capture overhead, compiled + CUDA graphs", ""]
     if c := res.get("capture"):
         lines += [f"{c['params_m']}M parameters, {c['dtype']}, {c['tokens']} tokens per completion, "
@@ -63,7 +67,11 @@ def markdown(res: dict[str, Any]) -> str:
                          f"{m['b1'] / base['b1']:.2f}× | {m['bN']:.1f} | {m['bN'] / base['bN']:.2f}× |")
     else:
         lines.append(_missing(res, "decode"))
-    lines += ["", "### Distillation throughput (`actprune finetune --teacher`)", ""]
+    return "\n".join(lines + distill_markdown(res)) + "\n"
+
+
+def distill_markdown(res: dict[str, Any]) -> list[str]:
+    lines = ["", "### Distillation throughput (`actprune finetune --teacher`)", ""]
     if t := res.get("distill"):
         lines += [f"Student {t['student_params_m']}M parameters (MLP {t['student_intermediate']} of the "
                   f"teacher's {t['teacher_intermediate']}), {t['dtype']}, bf16 autocast {t['bf16']}, "
@@ -71,7 +79,44 @@ def markdown(res: dict[str, Any]) -> str:
                   f"**{t['tokens_per_s']} tokens/s**."]
     else:
         lines.append(_missing(res, "distill"))
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def graph_markdown(res: dict[str, Any]) -> list[str]:
+    """The sections of a --no-vllm run: a transformers Qwen3 decode step replayed as a CUDA graph."""
+    lines = ["", "### Capture under CUDA graphs, transformers Qwen3 decode step (no vLLM)", ""]
+    if g := res.get("graph_capture"):
+        lines += [f"{g['params_m']}M parameters, {g['dtype']}, {g['steps']} steps from position {g['pos']}, "
+                  f"{g['rounds']} interleaved rounds (medians; spread: lowest-highest round).", "",
+                  "| batch | off (tok/s) | on (tok/s) | on/off | torch copies: on/off | same tokens |",
+                  "|---|---|---|---|---|---|"]
+        for b, row in g["capture"].items():
+            on, copies = row["on"], row.get("on, torch copies")  # the second: captured on a GPU only
+            copies_ratio = f"{copies['ratio']:.3f}" if copies else "-"
+            lines.append(f"| {b} | {row['tok_s_off']:.1f} | {on['tok_s']:.1f} | **{on['ratio']:.3f}** "
+                         f"({on['ratio_lo']:.3f}-{on['ratio_hi']:.3f}) | {copies_ratio} | {row['same_tokens']} |")
+        if e := g.get("exact"):
+            worst = max(v for f, v in e.items() if f not in ("count", "block_count"))
+            lines += ["", f"Exactness (graph replays, unarmed then armed): largest relative error {worst:.1e}, "
+                          f"token counts off by {e['count']:.0f} (groups) and {e['block_count']:.0f} (blocks)."]
+    else:
+        lines.append(_missing(res, "graph"))
+    lines += ["", "### The capture's pieces, each alone in a CUDA graph (µs per step)", ""]
+    if c := res.get("graph_cost"):
+        batches = list(c["batches"])
+        lines += ["| piece | " + " | ".join(f"B = {b}" for b in batches) + " |", "|---" * (len(batches) + 1) + "|"]
+        for piece in c["batches"][batches[0]]:
+            lines.append(f"| {piece} | " + " | ".join(f"{c['batches'][b][piece]['us']:.1f}" for b in batches) + " |")
+    else:
+        lines.append(_missing(res, "cost"))
+    lines += ["", "### Pruned vs dense decode in the same graph-replayed step", ""]
+    if d := res.get("graph_decode", {}).get("decode"):
+        lines += ["| batch | model | ms/step | speed-up | ideal (weight bytes) | of ideal |", "|---|---|---|---|---|---|"]
+        lines += [f"| {b} | {n} | {m['step_ms']:.3f} | {m['speedup']:.3f} | {m['ideal']:.3f} | {m['of_ideal']:.3f} |"
+                  for b, row in d["batches"].items() for n, m in row.items()]
+    else:
+        lines.append(_missing(res, "gdecode"))
+    return lines + distill_markdown(res)
 
 
 def main() -> int:

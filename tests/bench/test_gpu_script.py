@@ -79,13 +79,24 @@ def test_the_moe_run_measures_capture_and_decode_of_an_expert_pruned_model_withi
     assert n * e * 3 * h * w >= 1e9
 
 
-@pytest.mark.parametrize("flags", [(), ("--moe",)], ids=["dense", "moe"])
+def test_the_no_vllm_run_plans_the_graph_steps_within_ten_minutes(tmp_path):
+    steps = _steps(_dry_run(tmp_path, "--no-vllm"))
+    assert list(steps) == ["graph", "cost", "gdecode", "distill", "report"]
+    assert sum(budget for budget, _ in steps.values()) <= 600
+    assert steps["graph"][1][0] == "python3"  # the machine's python, no venv
+    assert steps["graph"][1][steps["graph"][1].index("--parts") + 1:][:2] == ["capture", "exact"]
+    r = subprocess.run(["bash", str(_sandboxed(tmp_path / "2")), "--dry-run", "--moe", "--no-vllm"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 2 and "--moe needs vLLM" in r.stderr
+
+
+@pytest.mark.parametrize("flags", [(), ("--moe",), ("--no-vllm",)], ids=["dense", "moe", "no-vllm"])
 def test_every_flag_of_the_plan_is_one_the_bench_script_accepts(tmp_path, flags):
     for name, (_, argv) in _steps(_dry_run(tmp_path, *flags)).items():
         if name == "install":
             continue
         script = argv[1]  # under the sandbox's bench/, linked to the real one
-        help_text = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True,
+        help_text = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, cwd=ROOT / "bench",
                                    timeout=300, check=True).stdout
         for flag in (a.split("=")[0] for a in argv[2:] if a.startswith("--")):
             assert flag in help_text, f"{Path(script).name} has no {flag}"
@@ -132,6 +143,27 @@ def test_report_takes_the_figures_and_names_steps_that_did_not_finish(tmp_path):
     assert "| mlp50 | 850 M | 1.00× (batch 16: 1.45×) | 260.0 |" in (tmp_path / "gpu.md").read_text()
     merged = json.loads((tmp_path / "gpu.json").read_text())
     assert merged["steps"]["distill"]["status"] == "timed out" and "distill" not in merged
+
+
+def test_report_of_a_no_vllm_run_takes_the_graph_figures(tmp_path):
+    (tmp_path / "steps.tsv").write_text("graph\tok\t61\ncost\tok\t57\ngdecode\tfailed (exit 1, see gdecode.log)\t3\n")
+    (tmp_path / "graph_capture.json").write_text(json.dumps({
+        "params_m": 1720.6, "dtype": "bfloat16", "steps": 64, "pos": 128, "rounds": 6,
+        "capture": {"8": {"same_tokens": True, "tok_s_off": 1438.9,
+                          "on": {"ratio": 0.9808, "ratio_lo": 0.9808, "ratio_hi": 0.9809, "tok_s": 1411.3},
+                          "on, torch copies": {"ratio": 0.9406, "ratio_lo": 0.94, "ratio_hi": 0.941, "tok_s": 1353.4}}},
+        "exact": {"sum": 0.0, "m2": 7.3e-16, "count": 0.0, "block_count": 0.0}}))
+    (tmp_path / "graph_cost.json").write_text(json.dumps({"batches": {
+        "1": {"stash": {"us": 52.0, "kernels": 29}}, "8": {"stash": {"us": 54.1, "kernels": 29}}}}))
+    subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_report.py"), "--out", str(tmp_path)],
+                   check=True, capture_output=True, timeout=60)
+    md = (tmp_path / "gpu.md").read_text()
+    assert "| 8 | 1438.9 | 1411.3 | **0.981** (0.981-0.981) | 0.941 | True |" in md
+    assert "largest relative error 7.3e-16, token counts off by 0 (groups) and 0 (blocks)" in md
+    assert "| stash | 52.0 | 54.1 |" in md
+    assert "not measured (failed (exit 1, see gdecode.log) after 3 s)" in md
+    assert "not measured (not run)" in md  # distill: not in steps.tsv
+    assert "actprune serve" not in md  # no vLLM section in a run without vLLM
 
 
 @pytest.mark.slow
