@@ -266,6 +266,11 @@ class Capture:
 
     def _on_step(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Eager, once per forward step: arm at the first real step, count tokens."""
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # vLLM capturing a CUDA graph on a dummy batch: not a real step (for a full graph it
+            # has attention metadata, so step_tokens would count its rows); its replays are
+            # counted by the ops (hookless_tokens)
+            return
         split = step_tokens()
         if split is None:  # vLLM's profile / warm-up / padding-only dummy runs
             return
@@ -304,11 +309,19 @@ class Capture:
         self.in_step = False
         return True
 
+    def hookless_tokens(self) -> int:
+        """Tokens of the steps no Python hook saw: vLLM on a GPU replays a *full* CUDA graph for a
+        batch of decodes (its default cudagraph mode, FULL_AND_PIECEWISE), calling no module's
+        hooks, so ``_on_step`` never counts them; the ops in the graph do (``end_step``). All
+        decode tokens. Reads a device value: between steps only."""
+        return int(self.bufs.hookless[1])
+
     # ---- control ------------------------------------------------------------------------
     def reset(self) -> None:
         self.bufs.discard()  # rows of the old window not yet folded
         for st in self.groups.values():
             reset_state(st)
+        self.bufs.hookless.zero_()
         self.tokens_prefill = self.tokens_decode = 0
         self.window_start = time.time()
 
@@ -326,7 +339,7 @@ class Capture:
             "started": self.started,
             "paused": self.paused,
             "tokens_prefill": self.tokens_prefill,
-            "tokens_decode": self.tokens_decode,
+            "tokens_decode": self.tokens_decode + self.hookless_tokens(),
             "window_start": self.window_start,
             "near_zero_threshold": float(self.options.near_zero_threshold),
             "tp_rank": self.shard.tp_rank,

@@ -142,6 +142,10 @@ class StepBuffers:
     blocks: Tensor  # (2, L) float64: cos_sum, count of each layer
     armed: Tensor  # () float32: 1 = capturing
     threshold: Tensor  # () float32: near-zero threshold
+    # (2,) float64: [0] 1 while the current step began with no hook run (phase still STEP_DONE
+    # at its first stash: vLLM replaying a full CUDA graph, which calls no module's hooks);
+    # [1] the real tokens of such steps, which the model's Python pre-hook could not count
+    hookless: Tensor
     top_k: int = 0  # the MoE model's routing (its config)
     renormalize: bool = False
 
@@ -171,7 +175,7 @@ class StepBuffers:
             zero_gid=torch.zeros(int(torch.bincount(gid).max()) if gid.numel() else 0,
                                  dtype=torch.int32, device=device),
             blocks=torch.zeros(2, n_layers, dtype=torch.float64, device=device),
-            armed=armed, threshold=threshold,
+            armed=armed, threshold=threshold, hookless=torch.zeros(2, dtype=torch.float64, device=device),
         )
 
     @staticmethod
@@ -336,6 +340,8 @@ def stash_layer(taps: list[Tensor], router: Tensor | None, hidden: Tensor, resid
     b = _buffers(phase)
     chan, stream, routers, cursor = b.chan, b.stream, b.routers, b.cursor
     t = hidden.shape[0]
+    if slot == 0:  # a step's first stash: did the model's pre-hook open it?
+        b.hookless[0:1].copy_(phase == STEP_DONE)
     row = _pending(cursor)
     if row + t <= chan.shape[0]:  # kept for end_step
         dsts, dst = _stash_views(taps, router, chan, stream, routers, offsets, slot, router_slot, row, t)
@@ -380,10 +386,12 @@ def end_step(hidden: Tensor, phase: Tensor) -> None:
     chan, cursor, valid = b.chan, b.cursor, b.valid
     t = hidden.shape[0]
     row = _pending(cursor)
+    rows = valid_rows(t, b.armed)  # (T,): which rows count, decided as the step runs
+    b.hookless[1:2].add_(rows.sum(dtype=torch.float64) * b.hookless[0])  # a step no hook counted
     if row + t > chan.shape[0]:  # folded tap by tap already
         phase.fill_(STEP_DONE)
         return
-    valid[row:row + t].copy_(valid_rows(t, b.armed))  # which rows count, decided as the step runs
+    valid[row:row + t].copy_(rows)
     n = row + t
     phase.fill_(STEP_FOLDING)  # the cursor and the accumulators change from here
     if cursor is not None and n < FOLD_ROWS:  # a CPU: wait for a chunk's worth of rows

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import torch
 from actprune.core.config import read_config
 from actprune.core.planning.planner import make_plan
 from actprune.core.summary import summarize
@@ -94,6 +95,37 @@ def test_stats_summary_and_file_equal_numpy_on_the_raw_samples(raw_a, tmp_path, 
     assert (got.tokens, got.meta["tokens_decode"]) == (300, 75)
     assert got.meta["config_hash"] == want.meta["config_hash"] and got.meta["tensor_parallel_size"] == tp
     assert engine.calls == [("actprune_snapshot", ())] * 2
+
+
+@pytest.mark.parametrize("stash_mib", [256, 0], ids=["stashed", "tap-by-tap"])
+def test_decode_steps_replayed_as_full_cuda_graphs_are_counted(raw_a, tmp_path, stash_mib):
+    # vLLM on a GPU replays decode-only batches as full CUDA graphs: no hook around the model
+    # runs, so its pre-hook cannot count their tokens; the ops recorded in the graph count them
+    engine = _engine(raw_a, feed=False, full_graph_decodes=True, stash_mib=stash_mib)
+    engine.feed(raw_a, decode=150)  # prefill chunks carry 48 decodes; 102 in decode-only steps
+    app, want = _app(engine, tmp_path), _reference(engine, raw_a)
+    assert engine.ranks[0].capture.hookless_tokens() == 102
+    got = _stats(app)
+    assert_stats_match(got, want)
+    assert (got.tokens, got.meta["tokens_prefill"], got.meta["tokens_decode"]) == (300, 150, 150)
+    st = call(app, "POST", "/activations/reset", json={}).json()["status"]
+    assert st["tokens_prefill"] == st["tokens_decode"] == 0  # the replays' count starts again too
+
+
+def test_steps_run_while_a_cuda_graph_is_captured_neither_arm_nor_count(raw_a, tmp_path, monkeypatch):
+    # vLLM captures its full decode graphs on dummy batches with attention metadata, before any
+    # request: no GPU here, so the capture check is made to answer "capturing" for one feed
+    engine = _engine(raw_a, feed=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    engine.feed(raw_a)
+    cap = engine.ranks[0].capture
+    assert not cap.started and cap.tokens_prefill == cap.tokens_decode == 0
+    monkeypatch.undo()
+    engine.feed(raw_a)  # the first real traffic: armed from here
+    got = _stats(_app(engine, tmp_path))
+    assert_stats_match(got, _reference(engine, raw_a))
+    assert (got.tokens, got.meta["tokens_decode"]) == (300, 75)
 
 
 def test_tp2_shards_assemble_to_the_same_file_as_tp1(raw_a, tmp_path):

@@ -186,6 +186,10 @@ class FakeEngineClient:
     calls: list[tuple[str, tuple[Any, ...]]] = field(default_factory=list)
     fail: Exception | None = None
     stash_mib: int = 256  # 0: no step buffers, every step folded tap by tap (a "long" step)
+    # vLLM's default on a GPU (cudagraph mode FULL_AND_PIECEWISE): a step of decodes alone is a
+    # full CUDA graph's replay, which runs the ops recorded in it but calls no module's hooks
+    # around the model; played here by calling the model's forward past its own hooks
+    full_graph_decodes: bool = False
 
     def __post_init__(self) -> None:
         cfg = dict(self.config)
@@ -239,8 +243,9 @@ class FakeEngineClient:
                 for rank in self.ranks:
                     steps = [_layer_step(layer, rows, padded, i, rank.tp_rank, self.tp_size, streams)
                              for i, layer in enumerate(raw)]
+                    replay = self.full_graph_decodes and set(query_lens) == {1}
                     with override_forward_context(ctx):
-                        rank.model(torch.arange(padded), steps)
+                        (rank.model.forward if replay else rank.model)(torch.arange(padded), steps)
 
     def _check_widths(self, raw: Sequence[RawLayer]) -> None:
         c = self.config
