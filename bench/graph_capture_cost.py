@@ -29,23 +29,7 @@ from typing import Any
 
 import torch
 from actprune.server import ops
-from graph_decode import FULL, TINY, GraphCapture, _timer, qwen3
-
-
-def as_graph(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
-    """``fn`` captured as a CUDA graph (after warm-up calls on a side stream); on a CPU, ``fn``."""
-    if device.type != "cuda":
-        return fn
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return g.replay
+from graph_decode import FULL, TINY, GraphCapture, _timer, as_graph, qwen3
 
 
 def kernels(fn: Callable[[], None], device: torch.device) -> int | None:

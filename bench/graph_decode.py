@@ -124,30 +124,34 @@ class DecodeStep:
         self.positions.add_(1)
 
     def graph(self, capture: GraphCapture | None = None) -> Callable[[], None]:
-        """The step, with ``capture``'s hooks in it when given, as a replayable CUDA graph; on a
-        CPU the eager step, the hooks enabled around it. Warm-up steps run first on a side
-        stream (they compile the capture's fold); the state they change is the caller's to
-        reset."""
-        if self.ids.device.type != "cuda":
-            if capture is None:
-                return self
+        """The step, with ``capture``'s hooks in it when given (enabled only around it), as
+        ``as_graph`` makes it: a replayable CUDA graph, on a CPU the eager step. The warm-up
+        steps change state that is the caller's to reset."""
+        if capture is None:
+            return as_graph(self, self.ids.device)
 
-            def eager() -> None:
-                with capture.enabled():
-                    self()
-
-            return eager
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        g = torch.cuda.CUDAGraph()
-        with capture.enabled() if capture is not None else contextlib.nullcontext():
-            with torch.cuda.stream(s):
-                for _ in range(3):
-                    self()
-            torch.cuda.current_stream().wait_stream(s)
-            with torch.cuda.graph(g):
+        def hooked() -> None:
+            with capture.enabled():
                 self()
-        return g.replay
+
+        return as_graph(hooked, self.ids.device)
+
+
+def as_graph(fn: Callable[[], None], device: torch.device) -> Callable[[], None]:
+    """``fn`` captured as a CUDA graph, after warm-up calls on a side stream (they compile the
+    capture's fold); on a CPU, ``fn`` itself."""
+    if device.type != "cuda":
+        return fn
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
 
 
 class GraphCapture:
