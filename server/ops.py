@@ -9,8 +9,9 @@ and fails with ``TensorifyScalarRestartAnalysis``; ints (offsets, slots) are gra
 
 Why a decode step costs little (docs/capture.md): each decoder layer makes *one* op call,
 ``stash_layer``, which copies the layer's channel taps and the residual stream leaving it into
-the step buffers (on a GPU in one Triton kernel, :mod:`actprune.server.stash_kernel`); ``end_step``, after the last layer, folds the buffered rows into the
-accumulators with one fused kernel. On a CPU the rows of small steps wait in the buffers until
+the step buffers (on a GPU in one Triton kernel, :mod:`actprune.server.stash_kernel`);
+``end_step``, after the last layer, folds the buffered rows into the accumulators with one
+fused kernel. On a CPU the rows of small steps wait in the buffers until
 ``FOLD_ROWS`` of them are there (one pass over the accumulators per 16 rows, not per step); a
 GPU folds every step (``cursor`` None: no host read of a device value). A step too long for the
 buffers folds each tap where it is, its cost spread over many tokens. The ops are defined with
