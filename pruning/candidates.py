@@ -40,7 +40,7 @@ CANDIDATES = ("budget", "heads-capped", "mlp")  # the table's order; ties go to 
 DATA = "--data"  # a validation record's name for --data's held-out rows; --val-data sets by their source
 
 # request fields the MLP-only candidate keeps (the budget's constraints on MLP widths)
-_MLP_FIELDS = ("strategy", "weights", "width_multiple", "tp_size", "min_mlp_width")
+_MLP_FIELDS = ("strategy", "weights", "width_multiple", "tp_size", "min_mlp_width", "keep_layers")
 _MLP_MAX = 0.9  # removed_fractions caps a layer at 0.9: MLP neurons alone cannot hold more
 
 
@@ -65,9 +65,12 @@ def split_rows(n_rows: int, fit_rows: int, probe_rows: int, val_rows: int) -> Sp
                                      f"{fit_rows}), validation the last {val_rows}")
 
 
-def mlp_params(shape: ModelShape) -> int:
-    """Parameters in the dense MLPs (those the MLP-only candidate can take from)."""
-    return sum(3 * shape.hidden_size * ly.intermediate_size for ly in shape.layers if ly.num_experts is None)
+def mlp_params(shape: ModelShape, keep_layers: list[int] | None = None) -> int:
+    """Parameters in the dense MLPs the MLP-only candidate can take from (not those of
+    ``keep_layers``, which stay whole; negative indices count from the end)."""
+    whole = {i % shape.num_layers for i in keep_layers or ()}
+    return sum(3 * shape.hidden_size * ly.intermediate_size for i, ly in enumerate(shape.layers)
+               if ly.num_experts is None and i not in whole)
 
 
 def candidate_requests(base: dict[str, Any], sens: dict[str, Any], shape: ModelShape) -> dict[str, dict[str, Any]]:
@@ -81,9 +84,10 @@ def candidate_requests(base: dict[str, Any], sens: dict[str, Any], shape: ModelS
         out["budget"] = budget
         if base.get("head_cap") is None:
             out["heads-capped"] = {**budget, "head_cap": sens["sensitivity_at"]["attn"]}
-    ratio = base["param_ratio"] * shape.params() / max(mlp_params(shape), 1)
-    if ratio <= _MLP_MAX:
-        out["mlp"] = {**{k: base[k] for k in _MLP_FIELDS if k in base}, "mlp_ratio": ratio, "per_layer": True,
+    removed = base["param_ratio"] * shape.params()
+    if removed <= _MLP_MAX * mlp_params(shape, base.get("keep_layers")):  # the layers it may prune can hold it
+        out["mlp"] = {**{k: base[k] for k in _MLP_FIELDS if k in base}, "per_layer": True,
+                      "mlp_ratio": removed / max(mlp_params(shape), 1),  # of all neurons (keep_layers: planner)
                       "layer_sensitivity": sens["layer_sensitivity"]}
     return out
 
@@ -115,7 +119,9 @@ def head_probe_requests(base: dict[str, Any], uniform: Any) -> list[HeadProbe]:
         u = w.num_key_value_heads if groups else w.num_attention_heads // w.num_key_value_heads
         if u >= 2:
             by_units.setdefault(u, []).append(lp.index)
-    rest = {k: v for k, v in base.items() if k != "param_ratio"}
+    # keep_layers left out: one unit from every layer (kept layers' Δ go unused), not a whole-model
+    # share of heads from the others, which could be more than one unit each
+    rest = {k: v for k, v in base.items() if k not in ("param_ratio", "keep_layers")}
     # 1 % over one unit: a ratio of exactly 1 / u may round down to no unit
     return [HeadProbe(u, tuple(layers), rest | {"head_ratio": min(1.01 / u, 0.99)})
             for u, layers in sorted(by_units.items(), reverse=True)]

@@ -130,22 +130,36 @@ def _budget_ratio(shape: ModelShape, sparse: list[int], param_ratio: float) -> f
     held = sum(shape.layers[i].num_experts * per_expert[i] for i in sparse)
     want = param_ratio * shape.params()
     if want >= held:
-        raise PlanError(f"param_ratio: {param_ratio} of the parameters is more than all routed experts hold "
-                        f"({held / shape.params():.1%}); on a mixture-of-experts model it removes experts only")
+        raise PlanError(f"param_ratio: {param_ratio} of the parameters is more than the routed experts it may "
+                        f"remove hold ({held / shape.params():.1%}: those outside keep_layers); on a mixture-of-experts "
+                        "model it removes experts only")
     return want / held  # every expert holds as many parameters (one moe_intermediate_size)
 
 
-def expert_choice(stats: Stats, shape: ModelShape, config: dict[str, Any],
-                  request: PlanRequest) -> dict[int, list[int]]:
+def expert_choice(stats: Stats, shape: ModelShape, config: dict[str, Any], request: PlanRequest,
+                  protected: frozenset[int] = frozenset()) -> dict[int, list[int]]:
     """Sparse layer -> kept experts, its best-scored ones: in every sparse layer the legal count
-    nearest to (1 − ratio) · E_i, or with ``per_layer`` the counts of :func:`global_expert_counts`."""
-    sparse = [i for i, s in enumerate(shape.layers) if s.num_experts is not None]
+    nearest to (1 − ratio) · E_i, or with ``per_layer`` the counts of :func:`global_expert_counts`.
+    Layers in ``protected`` (``keep_layers``) keep every expert; the ratio still counts every
+    sparse layer's experts, taken from the others."""
+    every = [i for i, s in enumerate(shape.layers) if s.num_experts is not None]
+    whole = {i: list(range(shape.layers[i].num_experts)) for i in every if i in protected}
+    sparse = [i for i in every if i not in protected]
     full = {i: shape.layers[i].num_experts for i in sparse}
     ratio = request.expert_ratio
-    if request.param_ratio is not None and sparse:
+    if ratio and whole:  # the same number of experts, from the layers not kept whole
+        held = sum(full.values())
+        want = ratio * (held + sum(len(e) for e in whole.values()))
+        if want >= held:
+            raise PlanError(f"expert_ratio: {ratio:g} of the routed experts is {want:.0f}; the sparse layers "
+                            f"outside keep_layers hold {held}: keep fewer layers whole or remove less")
+        ratio = want / held
+    if request.param_ratio is not None and every:
+        if not sparse:
+            raise PlanError("param_ratio: every sparse layer is in keep_layers: no expert may go")
         ratio = _budget_ratio(shape, sparse, request.param_ratio)
     if not ratio:
-        return {i: list(range(full[i])) for i in sparse}
+        return {i: list(range(full[i])) for i in sparse} | whole
     top_k = spec_for_config(config).moe.routing(config)[1]
     allowed = {}
     for i in sparse:
@@ -167,4 +181,4 @@ def expert_choice(stats: Stats, shape: ModelShape, config: dict[str, Any],
     else:  # nearest legal count, ties keep more
         counts = {i: min(allowed[i], key=lambda k, i=i: (abs(k - (1.0 - ratio) * full[i]), -k))
                   for i in sparse}
-    return {i: kept_experts(scores[i], counts[i]) for i in sparse}
+    return {i: kept_experts(scores[i], counts[i]) for i in sparse} | whole

@@ -55,6 +55,9 @@ __all__ = ["ColumnNormsFn", "make_plan"]
 ColumnNormsFn = Callable[[int, str], np.ndarray]
 
 
+_SENSITIVITY_MAX = 0.9  # allocation.removed_fractions' largest cap
+
+
 def _tp_ok(k: int, tp: int) -> bool:
     # vLLM shards KV heads across ranks, or replicates them when there are fewer heads than ranks.
     return k % tp == 0 or tp % k == 0
@@ -82,20 +85,59 @@ def make_plan(stats: Stats, config: dict[str, Any], request: PlanRequest,
     check_expert_request(shape, request)
     norms = column_norms
 
-    dropped = _dropped_layers(stats, shape, request)
+    protected = _protected_layers(shape, request)
+    dropped = _dropped_layers(stats, shape, request, protected)
     kept = [i for i in range(shape.num_layers) if i not in dropped]
-    mlp_ratio, head_ratio = request.mlp_ratio, request.head_ratio
-    heads = _HeadChoice(stats, shape, kept, request, norms)
+    free = [i for i in kept if i not in protected]  # the layers every ratio and budget takes from
+    whole = {i: _whole(shape, i) for i in kept if i in protected}  # layer -> (MLP, (query, KV) heads)
+    whole_mlp, whole_heads = {i: m for i, (m, _) in whole.items()}, {i: h for i, (_, h) in whole.items()}
+    dense = [i for i in kept if shape.layers[i].num_experts is None]
+    mlp_ratio = _of_free(request.mlp_ratio, "mlp_ratio", "MLP neurons",
+                         {i: shape.layers[i].intermediate_size for i in dense}, protected)
+    head_ratio = _of_free(request.head_ratio, "head_ratio", "attention heads",
+                          {i: shape.layers[i].num_attention_heads for i in kept}, protected)
+    heads = _HeadChoice(stats, shape, free, request, norms)
     if request.param_ratio is not None and request.head_sensitivity is not None:
-        mlp_counts, head_keep = _global_budget(shape, kept, dropped, request, heads)
-        mlp_keep = _mlp_choice(stats, shape, kept, request, None, norms, mlp_counts)
-        return _assemble(stats, config, shape, chash, request, dropped, mlp_keep, head_keep, {})
+        mlp_counts, head_keep = _global_budget(shape, free, dropped, request, heads)
+        mlp_keep = _mlp_choice(stats, shape, free, request, None, norms, mlp_counts)
+        return _assemble(stats, config, shape, chash, request, dropped, mlp_keep | whole_mlp,
+                         head_keep | whole_heads, {})
     if request.param_ratio is not None and not any(s.num_experts for s in shape.layers):  # MoE: experts go
-        mlp_ratio, head_ratio = _split_budget(shape, kept, dropped, request, heads)
-    head_keep = heads.choose(head_ratio)
-    mlp_keep = _mlp_choice(stats, shape, kept, request, mlp_ratio, norms)
-    experts_keep = expert_choice(stats, shape, config, request)
+        mlp_ratio, head_ratio = _split_budget(shape, free, dropped, request, heads)
+    head_keep = heads.choose(head_ratio) | whole_heads
+    mlp_keep = _mlp_choice(stats, shape, free, request, mlp_ratio, norms) | whole_mlp
+    experts_keep = expert_choice(stats, shape, config, request, protected)
     return _assemble(stats, config, shape, chash, request, dropped, mlp_keep, head_keep, experts_keep)
+
+
+def _protected_layers(shape: ModelShape, request: PlanRequest) -> frozenset[int]:
+    """``keep_layers`` as layer indices (negative ones count from the end)."""
+    n = shape.num_layers
+    out = set()
+    for i in request.keep_layers or ():
+        if not -n <= i < n:
+            raise PlanError(f"keep_layers: the model has no layer {i}; it has {n} (0 to {n - 1}, or -1 to -{n})")
+        out.add(i % n)
+    return frozenset(out)
+
+
+def _whole(shape: ModelShape, i: int) -> tuple[list[int], tuple[list[int], list[int]]]:
+    """Layer i's every MLP neuron (an MoE layer: its experts' own widths) and (query, KV) head."""
+    s = shape.layers[i]
+    return list(range(s.intermediate_size)), (list(range(s.num_attention_heads)), list(range(s.num_key_value_heads)))
+
+
+def _of_free(ratio: float | None, name: str, what: str, units: dict[int, int], protected: frozenset[int]) -> float | None:
+    """A ratio of all ``units`` (layer -> count, the layers not dropped) as a ratio of those
+    outside ``protected``: the same number of units removed, from those layers only."""
+    if not ratio or not protected:
+        return ratio
+    free = sum(n for i, n in units.items() if i not in protected)
+    total = sum(units.values())
+    if free == 0 or ratio * total >= free:
+        raise PlanError(f"{name}: {ratio:g} of the {what} is {ratio * total:.0f} of {total}; the layers outside "
+                        f"keep_layers hold {free}: keep fewer layers whole or remove less")
+    return ratio * total / free
 
 
 def _check_inputs(stats: Stats, shape: ModelShape, chash: str, request: PlanRequest,
@@ -135,15 +177,17 @@ def _check_inputs(stats: Stats, shape: ModelShape, chash: str, request: PlanRequ
         raise PlanError(f"tp_size: the model's KV heads do not fit tensor parallelism {request.tp_size}")
 
 
-def _dropped_layers(stats: Stats, shape: ModelShape, request: PlanRequest) -> list[int]:
+def _dropped_layers(stats: Stats, shape: ModelShape, request: PlanRequest, protected: frozenset[int]) -> list[int]:
     n = shape.num_layers
     k = request.drop_layers if request.drop_layers is not None else round((request.drop_layer_ratio or 0) * n)
     if k >= n:
         raise PlanError(f"drop_layers: cannot drop {k} of {n} layers; keep at least one")
+    if k > n - len(protected):
+        raise PlanError(f"drop_layers: cannot drop {k} of {n} layers when keep_layers keeps {len(protected)} whole")
     if k == 0:
         return []
-    s = layer_scores(stats, list(range(n)), request.layer_strategy)
-    return sorted(int(i) for i in np.argsort(s, kind="stable")[:k])
+    s = layer_scores(stats, list(range(n)), request.layer_strategy)  # (n,) lowest first go
+    return sorted([int(i) for i in np.argsort(s, kind="stable") if int(i) not in protected][:k])
 
 
 def _mlp_choice(stats, shape, kept, request, ratio, norms, counts: list[int] | None = None) -> dict[int, list[int]]:
@@ -167,6 +211,9 @@ def _mlp_choice(stats, shape, kept, request, ratio, norms, counts: list[int] | N
                 f"and >= min_mlp_width {request.min_mlp_width}"
             )
     if request.layer_sensitivity is not None:
+        if ratio > _SENSITIVITY_MAX:  # removed_fractions caps every layer there: it could not be met
+            raise PlanError(f"mlp_ratio: with layer_sensitivity a layer loses at most {_SENSITIVITY_MAX:.0%} of its "
+                            f"neurons; {ratio:.1%} of the layers it may prune cannot be met")
         fractions = removed_fractions([request.layer_sensitivity[i] for i in kept], ratio, [full[i] for i in kept])
         counts = [_nearest(a, (1 - p) * full[i]) for i, a, p in zip(kept, allowed, fractions, strict=True)]
     else:
@@ -262,6 +309,11 @@ def _global_budget(shape, kept, dropped, request, heads: _HeadChoice):
                           request.head_sensitivity[i], at["attn"], request.head_cap))
         picks.append(pick)
     counts = allocate_budget(pools, int(budget), cap=0.9)
+    removed = sum(p.params[-1] - p.params[p.allowed.index(c)] for p, c in zip(pools, counts, strict=True))
+    step = max((b - a for p in pools for a, b in zip(p.params, p.params[1:], strict=False)), default=0)
+    if budget - removed > step:  # short by more than the coarsest step: the pools cannot hold it
+        raise PlanError(f"param_ratio: {request.param_ratio} is {budget:,.0f} parameters; the layers it may prune "
+                        f"give up at most {removed:,} within their limits (90 % of a layer's units, head_cap)")
     return counts[0::2], {i: p(c) for i, p, c in zip(kept, picks, counts[1::2], strict=True)}
 
 
@@ -282,7 +334,7 @@ def _split_budget(shape, kept, dropped, request, heads: _HeadChoice) -> tuple[fl
     removed_attn = sum(shape.layer_params(shape.layers[i]) for i in kept) - shape.params(widths) + shape.global_params()
     mlp_ratio = (budget - removed_attn) / mlp
     if mlp_ratio >= 1:
-        raise PlanError(f"param_ratio: {request.param_ratio} removes more than the MLPs and heads hold")
+        raise PlanError(f"param_ratio: {request.param_ratio} removes more than the MLPs and heads of the layers it may prune hold")
     return max(mlp_ratio, 0.0), r
 
 

@@ -49,6 +49,12 @@ class PlanRequest(BaseModel):
     head_mode: Literal["kv_groups", "query_heads"] = Field(
         "kv_groups", description="remove whole KV groups, or query heads evenly within every group"
     )
+    keep_layers: list[int] | None = Field(
+        None, max_length=LIMITS.layers,
+        description="decoder layers kept whole: never dropped, none of their neurons, heads or experts removed "
+        "(-1 is the last layer); every ratio and budget is still a share of the whole model, taken from the "
+        "other layers (CLI: 0-3,28,29 or =-2,-1)",
+    )
     drop_layers: int | None = Field(None, ge=0, description="number of decoder layers to drop")
     drop_layer_ratio: float | None = Field(None, ge=0, lt=1, description="fraction of layers dropped")
     param_ratio: float | None = Field(

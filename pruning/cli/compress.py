@@ -33,6 +33,7 @@ from pathlib import Path
 from actprune.core.errors import UsageError
 from actprune.pruning.checkpoint.trust import add_trust_flag
 from actprune.pruning.cli import check_anchor
+from actprune.pruning.cli.plan import parse_layers
 
 __all__ = ["configure", "run"]
 
@@ -47,6 +48,8 @@ _PLAN_FLAGS = {
     "min_kv_heads": (int, "minimum KV heads kept per layer"),
     "head_cap": (float, "most of a layer's query heads the budget may take (0: MLP neurons only; "
                         "default twice the measured share)"),
+    "keep_layers": (parse_layers, "decoder layers kept whole, e.g. 0-3,28,29 (negative: from the end, "
+                                  "--keep-layers=-2,-1); the budget is taken from the other layers"),
 }
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from actprune.core.errors import UsageError
 
-__all__ = ["configure", "parse_weights", "request_from_args", "run"]
+__all__ = ["configure", "parse_layers", "parse_weights", "request_from_args", "run"]
 
 # request fields filled from the --layer-sensitivity file rather than flags of their own
 _FROM_SENSITIVITY_FILE = ("head_sensitivity", "sensitivity_at")
@@ -44,6 +44,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                                 help="sensitivity JSON from `actprune sensitivity`: per-layer MLP widths from "
                                      "measured loss increases (with --per-layer); with --param-ratio and a file "
                                      "that measured heads too, the budget is allocated across layers and kinds")
+        elif name == "keep_layers":
+            parser.add_argument(flag, dest=name, default=None, metavar="LAYERS",
+                                help="decoder layers kept whole, e.g. 0-3,28,29 (negative: from the end, "
+                                     "--keep-layers=-2,-1): never dropped, none of their units removed; ratios and "
+                                     "budgets stay shares of the whole model, taken from the other layers")
         elif name == "weights":
             parser.add_argument(flag, dest=name, default=None, metavar="M,V,S",
                                 help="importance weights magnitude,variance,sparsity (default: 0.3,0.4,0.3)")
@@ -75,6 +80,26 @@ def parse_weights(text: str) -> dict[str, float]:
     raise UsageError(f"--weights: expected three numbers M,V,S (magnitude,variance,sparsity), got {text!r}")
 
 
+def parse_layers(text: str) -> list[int]:
+    """'0-3,28,-1' -> [0, 1, 2, 3, 28, -1]: indices, inclusive ranges A-B of non-negative
+    indices, and negative indices counting from the end (checked against the model by the planner)."""
+    out: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        a, dash, b = part.partition("-") if not part.startswith("-") else (part, "", "")
+        try:
+            if dash:
+                lo, hi = int(a), int(b)
+                if lo > hi:
+                    raise ValueError
+                out.extend(range(lo, hi + 1))
+            else:
+                out.append(int(a))
+        except ValueError:
+            raise UsageError(f"--keep-layers: {part!r} in {text!r} is not a layer index (7, -1) or a range (0-3)") \
+                from None
+    return out
+
+
 def _read_sensitivity(path: str) -> dict[str, Any]:
     """Request fields from a sensitivity file (:func:`sensitivity.request_fields`)."""
     from actprune.pruning.compensate.sensitivity import SENSITIVITY_FORMAT, request_fields
@@ -97,6 +122,8 @@ def request_from_args(args: argparse.Namespace):
     from pydantic import ValidationError
 
     fields = {n: getattr(args, n) for n in _request_fields() if getattr(args, n, None) is not None}
+    if isinstance(fields.get("keep_layers"), str):
+        fields["keep_layers"] = parse_layers(fields["keep_layers"])
     if isinstance(fields.get("weights"), str):
         fields["weights"] = parse_weights(fields["weights"])
     if isinstance(fields.get("layer_sensitivity"), str):

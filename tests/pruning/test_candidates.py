@@ -132,3 +132,20 @@ def test_candidates_remove_the_same_budget_each_their_way():
     assert list(candidate_requests(base, {"layer_sensitivity": sens["layer_sensitivity"]}, SHAPE)) == ["mlp"]
     # more than the MLPs can give (removed_fractions caps a layer at 0.9): no MLP-only candidate
     assert "mlp" not in candidate_requests({**base, "param_ratio": 0.85}, sens, SHAPE)
+
+
+def test_kept_layers_reach_every_candidate_and_the_mlp_budget_counts_only_the_other_layers():
+    sens = {"layer_sensitivity": [0.1, 0.2, 0.3, 0.4], "head_sensitivity": [0.5] * 4,
+            "sensitivity_at": {"mlp": 0.15, "attn": 0.25}}
+    base = {"param_ratio": 0.15, "keep_layers": [0, -1]}
+    req = candidate_requests(base, sens, SHAPE)
+    assert all(r["keep_layers"] == [0, -1] for r in req.values())
+    # mlp_ratio stays a share of all neurons (the planner takes it from the other layers)
+    assert req["mlp"]["mlp_ratio"] == pytest.approx(0.15 * SHAPE.params() / mlp_params(SHAPE))
+    assert mlp_params(SHAPE, [0, -1]) == mlp_params(SHAPE) // 2
+    # 0.3 of the parameters fits in all four MLPs (90 % of them) but not in the two left to prune
+    assert "mlp" in candidate_requests({"param_ratio": 0.3}, sens, SHAPE)
+    assert "mlp" not in candidate_requests({"param_ratio": 0.3, "keep_layers": [0, 3]}, sens, SHAPE)
+    # the head probe still takes one unit from every layer: no keep_layers in it
+    probes = head_probe_requests({**base, "head_mode": "kv_groups"}, _uniform([3, 3], per_group=3))
+    assert [p.fields for p in probes] == [{"head_mode": "kv_groups", "head_ratio": pytest.approx(1.01 / 3)}]

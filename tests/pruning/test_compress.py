@@ -363,3 +363,21 @@ def test_compress_of_a_checkpoint_with_layers_of_different_group_counts_probes_o
     assert sens["attn_removed"] == [pytest.approx(1 / k) if k >= 2 else 0.0 for k in kv], (kv, sens["attn_removed"])
     assert sorted(p.name for p in work.glob("uniform-heads-*.json")) == sorted(
         f"uniform-heads-{k}.json" for k in set(kv) if k >= 2), out
+
+
+def test_compress_keep_layers_leaves_them_whole_in_every_candidate_at_the_same_budget(run, tmp_path, capsys):
+    tmp, _, argv = run
+    assert main([*argv[:-1], str(tmp_path / "out"), "--keep-layers=-1"]) == 0
+    capsys.readouterr()
+    last = MODEL["num_hidden_layers"] - 1
+    for name in ("plan.json", "plan-heads-capped.json", "plan-mlp.json"):
+        path = tmp_path / "out.steps" / name
+        if path.is_file():  # a candidate the budget allows
+            plan = json.loads(path.read_text())
+            lp = plan["layers"][last]
+            assert len(lp["mlp_keep"]) == MODEL["intermediate_size"], name
+            assert len(lp["heads_keep"]) == MODEL["num_attention_heads"], name
+            assert RATIO - 0.01 <= 1 - plan["params_after"] / plan["params_before"] <= RATIO + 1e-9, name
+    assert (tmp_path / "out.steps" / "plan-mlp.json").is_file()
+    out = json.loads((tmp_path / "out" / "actprune_plan.json").read_text())
+    assert out["provenance"]["request"]["keep_layers"] == [-1]

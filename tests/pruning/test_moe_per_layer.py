@@ -120,10 +120,23 @@ def test_param_ratio_on_a_moe_model_removes_experts_worth_that_share_of_paramete
         assert all(w.num_attention_heads == 4 for w in plan.widths)
     assert [w.num_experts for w in plan.widths] == [7, None, 5]  # per layer: one threshold, as expert_ratio
     ckpt, stats = moe
-    for flags, message in ((["--param-ratio", "0.6"], "more than all routed experts hold"),
+    for flags, message in ((["--param-ratio", "0.6"], "more than the routed experts it may remove hold"),
                            (["--param-ratio", "0.1", "--expert-ratio", "0.1"], "not both")):
         capsys.readouterr()
         rc = main(["plan", "--stats", str(stats), "--model", str(ckpt), "--strategy", "magnitude", *flags,
                    "-o", str(tmp_path / "p.json")])
         err = capsys.readouterr().err
         assert rc == 2 and message in err and "param_ratio" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_kept_layers_keep_every_expert_and_the_ratio_comes_from_the_other_sparse_layers(moe, tmp_path, capsys):
+    for per_layer in ((), ("--per-layer",)):
+        plan = _plan(moe, tmp_path, "--expert-ratio", "0.25", "--keep-layers", "0", *per_layer)
+        assert [w.num_experts for w in plan.widths] == [8, None, 4]  # 0.25 of 16 experts, all from layer 2
+        assert plan.layers[0].experts_keep == list(range(8))
+    ckpt, stats = moe
+    capsys.readouterr()
+    rc = main(["plan", "--stats", str(stats), "--model", str(ckpt), "--expert-ratio", "0.5", "--keep-layers=-1",
+               "-o", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "outside keep_layers hold 8" in err and len(err.strip().splitlines()) == 1, err
