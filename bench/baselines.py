@@ -24,12 +24,13 @@ a user would get. A budget is a fraction of the **non-embedding** parameters (as
   (the paper's LoRA recovery is fine-tuning, excluded here); ``taylor|ends``: the paper's default
   layout instead, the first 4 and last 2 layers kept whole (its 4 and 2 of LLaMA-7B's 32), the
   others pruned alike.
-- ``ours|all``, ``ours|all-hm``, ``ours|mlp``: the three candidates of ``actprune compress``
-  (``budget``, ``heads-capped``, ``mlp``: :func:`candidate_requests`, the same code), built in
+- ``ours|all``, ``ours|all-hm``, ``ours|mlp``: three candidates of ``actprune compress``
+  (``budget``, ``heads-capped``, ``mlp``: :func:`candidate_requests`, the same code; its fourth,
+  ``mlp-ends``, is measured through the real command and ``--score``), built in
   memory as the slicer writes them (``bench/compress_quality.py``'s ``build``), from the
   sensitivity measured at ``--ref-budget`` (20 %; at other budgets the same Δ, as the cost
   model intends). A cached figure of one counts only if its plan is the one compress makes now.
-- ``compress``: not built; the row compress keeps, i.e. of the three the one with the lowest
+- ``compress``: not built; the row compress would keep of these three, the one with the lowest
   validation perplexity (compress's :func:`choose`; its validation rows are held-out rows of
   ``--data``, here the next 64 calibration summaries that neither probe nor refit read).
 

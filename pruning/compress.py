@@ -49,13 +49,14 @@ from typing import Any
 from actprune.core.errors import ActpruneError
 from actprune.core.wire.plan import Plan
 from actprune.core.wire.plan_request import PlanRequest
-from actprune.pruning.candidates import DATA, figures, scores, table
+from actprune.pruning.candidates import DATA, MLP_ONLY, figures, scores, table
 
 __all__ = ["CANDIDATES_FILE", "CompressConfig", "CompressError", "compress"]
 
 CANDIDATES_FILE = "candidates.json"
 _CANDIDATES_FORMAT = "actprune.compress_candidates/2"  # /2: validation sets of --val-data ("extra")
-_PLAN_FILES = {"budget": "plan.json", "heads-capped": "plan-heads-capped.json", "mlp": "plan-mlp.json"}
+_PLAN_FILES = {"budget": "plan.json", "heads-capped": "plan-heads-capped.json", "mlp": "plan-mlp.json",
+               "mlp-ends": "plan-mlp-ends.json"}
 
 
 class CompressError(ActpruneError):
@@ -284,7 +285,7 @@ def _candidates_step(cfg: CompressConfig, plans: dict[str, Plan], sets, split) -
                       "params_before": plan.params_before, "params_after": plan.params_after}
         atomic_write(path, json.dumps(record, indent=1) + "\n")
         cfg.log(f"candidate {name}: wrote {path}: validation perplexity {done[name]['perplexity']:.3f}")
-        best = choose(scores(record, [n for n in plans if n in done]), prefer="mlp")
+        best = choose(scores(record, [n for n in plans if n in done]), prefer=MLP_ONLY)
         for other in cfg.work_dir.glob("candidate-*"):  # only the best so far stays on disk
             if other != _candidate_dir(cfg, best):
                 shutil.rmtree(other, ignore_errors=True)
@@ -349,7 +350,7 @@ def compress(cfg: CompressConfig) -> Path:
     if not plans:
         raise CompressError(f"--param-ratio {base['param_ratio']}: no candidate can remove that much")
     record = _candidates_step(cfg, plans, sets, split)
-    best = choose(scores(record, plans), prefer="mlp")
+    best = choose(scores(record, plans), prefer=MLP_ONLY)
     for line in table(record, list(plans), best):
         cfg.log(line)
     return _final_step(cfg, best, plans[best])

@@ -1,7 +1,8 @@
 """`actprune compress`: a checkpoint, its stats and calibration text -> a checkpoint with
 ``--param-ratio`` of its parameters removed from heads, KV groups and MLP neurons, every kept
 output projection refitted: of the candidate ways to spend the budget (the allocation across
-kinds, the same with heads capped at their measured share, MLP neurons only), the one with the
+kinds, the same with heads capped at their measured share, MLP neurons only, and MLP neurons
+only with the first and last layers kept whole), the one with the
 lowest loss on held-out rows of ``--data`` (:mod:`actprune.pruning.candidates`).
 
     actprune compress --model M/ --stats stats.safetensors --data traffic.jsonl --text-field prompt \\
@@ -17,6 +18,8 @@ The same as, one by one (the files land in ``--work``, default ``OUT.steps``)::
         --layer-sensitivity sensitivity.json -o plan-heads-capped.json    # S: the measured share
     actprune plan --stats stats.safetensors --model M/ --mlp-ratio R --per-layer \\
         --layer-sensitivity sensitivity.json -o plan-mlp.json             # R: as many parameters
+    actprune plan --stats stats.safetensors --model M/ --mlp-ratio R --per-layer --keep-layers 0-3,28,29 \\
+        --layer-sensitivity sensitivity.json -o plan-mlp-ends.json        # 16+ layers: first 1/8, last 1/16
     actprune prune --model M/ --plan plan-mlp.json --refit traffic.jsonl -o M-compressed/  # each
     actprune eval --model M/ --model M-compressed/ --data validation.txt  # text the fit did not read
 

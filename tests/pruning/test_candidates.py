@@ -11,6 +11,7 @@ from actprune.pruning.candidates import (
     Split,
     candidate_requests,
     choose,
+    end_layers,
     excess_loss,
     figures,
     head_probe_requests,
@@ -38,6 +39,11 @@ def test_choose_keeps_the_preferred_candidate_unless_another_wins_by_more_than_t
     assert choose({"budget": 2.0, "heads-capped": 1.98, "mlp": 2.004}, prefer="mlp", margin=0.05) == "mlp"
     assert choose({"budget": 2.0, "heads-capped": 1.995}, prefer="mlp") == "heads-capped"  # no mlp candidate
     assert choose({"heads-capped": 1.995, "mlp": 2.004}) == "heads-capped"  # no preference: the lowest
+    # several preferred (the MLP-only candidates): the lowest of them, against the margin
+    both = ("mlp", "mlp-ends")
+    assert choose({"heads-capped": 1.995, "mlp": 2.004, "mlp-ends": 2.001}, prefer=both) == "mlp-ends"
+    assert choose({"heads-capped": 1.98, "mlp": 2.004, "mlp-ends": 1.985}, prefer=both) == "mlp-ends"
+    assert choose({"heads-capped": 1.98, "mlp": 2.004, "mlp-ends": 2.0}, prefer=both) == "heads-capped"
 
 
 def test_excess_loss_weighs_each_validation_set_the_same():
@@ -101,6 +107,10 @@ def test_head_probes_take_one_unit_from_every_layer_whatever_its_unit_count():
     # a plan that already removes a head somewhere measures the heads where they are: no probe
     assert head_probe_requests(base, _uniform([3, 3], per_group=3, lose_head_in=1)) == []
     assert head_probe_requests(base, _uniform([1, 1], per_group=3)) == []  # no layer can lose a unit
+    # the budget's head cap is not the probe's (a head_ratio plan refuses it); a cap of 0 needs no probe
+    assert [p.fields for p in head_probe_requests({**base, "head_cap": 0.5}, _uniform([3], per_group=3))] == \
+        [{"head_mode": "kv_groups", "tp_size": 1, "head_ratio": pytest.approx(1.01 / 3)}]
+    assert head_probe_requests({**base, "head_cap": 0.0}, _uniform([3], per_group=3)) == []
 
 
 def test_split_puts_validation_after_every_row_the_fit_reads():
@@ -149,3 +159,21 @@ def test_kept_layers_reach_every_candidate_and_the_mlp_budget_counts_only_the_ot
     # the head probe still takes one unit from every layer: no keep_layers in it
     probes = head_probe_requests({**base, "head_mode": "kv_groups"}, _uniform([3, 3], per_group=3))
     assert [p.fields for p in probes] == [{"head_mode": "kv_groups", "head_ratio": pytest.approx(1.01 / 3)}]
+
+
+def test_the_ends_candidate_keeps_llm_pruners_layers_whole_on_deep_enough_models():
+    assert end_layers(32) == [0, 1, 2, 3, 30, 31]  # LLM-Pruner's 4 and 2 of LLaMA-7B's 32
+    assert end_layers(30) == [0, 1, 2, 3, 28, 29] and end_layers(36) == [0, 1, 2, 3, 4, 34, 35]
+    assert end_layers(16) == [0, 1, 15]
+    sens = {"layer_sensitivity": [0.1] * 16}
+    deep = ModelShape(hidden_size=64, vocab_size=100, head_dim=16, layers=(LayerShape(96, 8, 4),) * 16,
+                      tie_word_embeddings=True, qkv_bias=False, qk_norm=False, dtype_bytes=4)
+    req = candidate_requests({"param_ratio": 0.2, "width_multiple": 8}, sens, deep)
+    assert list(req) == ["mlp", "mlp-ends"]
+    assert req["mlp-ends"] == {**req["mlp"], "keep_layers": [0, 1, 15]}
+    # the user's own keep_layers, or too few layers to keep an eighth of: no such candidate
+    assert "mlp-ends" not in candidate_requests({"param_ratio": 0.2, "keep_layers": [5]}, sens, deep)
+    assert "mlp-ends" not in candidate_requests({"param_ratio": 0.2}, {"layer_sensitivity": [0.1] * 4}, SHAPE)
+    # more than the other 13 layers' MLPs can give (90 % of them): no ends candidate, the plain one still
+    big = candidate_requests({"param_ratio": 0.35}, sens, deep)
+    assert "mlp" in big and "mlp-ends" not in big

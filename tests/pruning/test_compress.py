@@ -381,3 +381,24 @@ def test_compress_keep_layers_leaves_them_whole_in_every_candidate_at_the_same_b
     assert (tmp_path / "out.steps" / "plan-mlp.json").is_file()
     out = json.loads((tmp_path / "out" / "actprune_plan.json").read_text())
     assert out["provenance"]["request"]["keep_layers"] == [-1]
+
+
+def test_compress_of_a_deep_model_builds_the_ends_candidate_and_keeps_the_lowest(tmp_path, capsys):
+    """16 layers or more: a fourth candidate, MLP only with the first and last layers whole."""
+    d = build_checkpoint(tmp_path / "deep", arch="llama", seed=5, **{**MODEL, "num_hidden_layers": 16})
+    record_stats_of(d).save(tmp_path / "stats.safetensors")
+    data = write_calibration_text(tmp_path / "calib.txt", 60)
+    assert main(["compress", "--model", str(d), "--stats", str(tmp_path / "stats.safetensors"), "--data", str(data),
+                 "--param-ratio", "0.1", "--seq-len", str(SEQ), "--tokens", str(TOKENS), "--probe-rows", "2",
+                 "--val-rows", str(VAL), "--head-cap", "0", "-o", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    ends = json.loads((tmp_path / "out.steps" / "plan-mlp-ends.json").read_text())
+    assert ends["provenance"]["request"]["keep_layers"] == [0, 1, 15]
+    assert all(len(ends["layers"][i]["mlp_keep"]) == MODEL["intermediate_size"] for i in (0, 1, 15))
+    assert abs(1 - ends["params_after"] / ends["params_before"] - 0.1) < 0.005  # within a neuron a layer
+    record = json.loads((tmp_path / "out.steps" / "candidates.json").read_text())
+    loss = {n: r["loss"] for n, r in record["candidates"].items()}
+    assert {"mlp", "mlp-ends"} <= set(loss) and re.search(r"mlp-ends\s+\d", out)
+    chosen = json.loads((tmp_path / "out" / "actprune_plan.json").read_text())
+    mlp_only = min(("mlp", "mlp-ends"), key=loss.__getitem__)
+    assert chosen["layers"] == json.loads((tmp_path / "out.steps" / f"plan-{mlp_only}.json").read_text())["layers"]
