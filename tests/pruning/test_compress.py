@@ -395,6 +395,10 @@ def test_compress_of_a_deep_model_builds_the_ends_candidate_and_keeps_the_lowest
     ends = json.loads((tmp_path / "out.steps" / "plan-mlp-ends.json").read_text())
     assert ends["provenance"]["request"]["keep_layers"] == [0, 1, 15]
     assert all(len(ends["layers"][i]["mlp_keep"]) == MODEL["intermediate_size"] for i in (0, 1, 15))
+    # its widths come from the Δ measured on its own uniform layout (the other layers losing more)
+    own = json.loads((tmp_path / "out.steps" / "sensitivity-ends.json").read_text())
+    assert ends["provenance"]["request"]["layer_sensitivity"] == pytest.approx(own["deltas"])
+    assert own["deltas"] != json.loads((tmp_path / "out.steps" / "sensitivity.json").read_text())["deltas"]
     assert abs(1 - ends["params_after"] / ends["params_before"] - 0.1) < 0.005  # within a neuron a layer
     record = json.loads((tmp_path / "out.steps" / "candidates.json").read_text())
     loss = {n: r["loss"] for n, r in record["candidates"].items()}
