@@ -38,8 +38,8 @@ from typing import Any
 
 from actprune.core.archs import ModelShape
 
-__all__ = ["CANDIDATES", "DATA", "ENDS_MIN_LAYERS", "MLP_ONLY", "HeadProbe", "end_layers", "Split", "candidate_requests", "choose", "excess_loss", "figures",
-           "head_probe_requests", "scores", "set_losses", "split_rows", "table"]
+__all__ = ["CANDIDATES", "DATA", "ENDS_MIN_LAYERS", "MLP_ONLY", "HeadProbe", "Split", "candidate_requests", "choose",
+           "end_layers", "excess_loss", "figures", "head_probe_requests", "scores", "set_losses", "split_rows", "table"]
 
 CANDIDATES = ("budget", "heads-capped", "mlp", "mlp-ends")  # the table's order; ties go to the earlier one
 MLP_ONLY = ("mlp", "mlp-ends")  # the candidates that prune no head: compress prefers them (PREFER_MARGIN)
@@ -150,8 +150,8 @@ def head_probe_requests(base: dict[str, Any], uniform: Any) -> list[HeadProbe]:
 
 
 # How much better (in loss: 0.01 = 1 % perplexity) a candidate that prunes heads must validate
-# than the best MLP-only one (MLP_ONLY) to be chosen. Validation is a few thousand tokens, which cannot resolve
-# a smaller difference, and on SmolLM2-135M MLP-only was ahead out of domain wherever the two
+# than the best MLP-only one (MLP_ONLY) to be chosen. Validation is a few thousand tokens, which
+# cannot resolve a smaller difference, and on SmolLM2-135M MLP-only was ahead out of domain wherever the two
 # were that close in domain (BENCHMARKS.md, issue 13: at 10 % heads-capped 1.170× vs mlp 1.174×
 # on held-out calibration rows, 1.52 / 2.28× vs 1.36 / 1.83× on two other domains' validation
 # texts; at 20 % mlp ahead by 1 % in domain, 27–36 % out of it). At 30 %, where heads-capped

@@ -334,7 +334,8 @@ def _split_budget(shape, kept, dropped, request, heads: _HeadChoice) -> tuple[fl
     removed_attn = sum(shape.layer_params(shape.layers[i]) for i in kept) - shape.params(widths) + shape.global_params()
     mlp_ratio = (budget - removed_attn) / mlp
     if mlp_ratio >= 1:
-        raise PlanError(f"param_ratio: {request.param_ratio} removes more than the MLPs and heads of the layers it may prune hold")
+        raise PlanError(f"param_ratio: {request.param_ratio} removes more than the MLPs and heads of the layers "
+                        "it may prune hold")
     return max(mlp_ratio, 0.0), r
 
 

@@ -18,8 +18,11 @@ The same as, one by one (the files land in ``--work``, default ``OUT.steps``)::
         --layer-sensitivity sensitivity.json -o plan-heads-capped.json    # S: the measured share
     actprune plan --stats stats.safetensors --model M/ --mlp-ratio R --per-layer \\
         --layer-sensitivity sensitivity.json -o plan-mlp.json             # R: as many parameters
+    actprune plan --stats stats.safetensors --model M/ --mlp-ratio R --keep-layers 0-3,28,29 \\
+        -o uniform-ends.json                                              # 16+ layers: first 1/8, last 1/16
+    actprune sensitivity --model M/ --plan uniform-ends.json --data traffic.jsonl -o sensitivity-ends.json
     actprune plan --stats stats.safetensors --model M/ --mlp-ratio R --per-layer --keep-layers 0-3,28,29 \\
-        --layer-sensitivity sensitivity.json -o plan-mlp-ends.json        # 16+ layers: first 1/8, last 1/16
+        --layer-sensitivity sensitivity-ends.json -o plan-mlp-ends.json   # candidate "mlp-ends"
     actprune prune --model M/ --plan plan-mlp.json --refit traffic.jsonl -o M-compressed/  # each
     actprune eval --model M/ --model M-compressed/ --data validation.txt  # text the fit did not read
 
@@ -51,7 +54,7 @@ _PLAN_FLAGS = {
     "min_kv_heads": (int, "minimum KV heads kept per layer"),
     "head_cap": (float, "most of a layer's query heads the budget may take (0: MLP neurons only; "
                         "default twice the measured share)"),
-    "keep_layers": (parse_layers, "decoder layers kept whole, e.g. 0-3,28,29 (negative: from the end, "
+    "keep_layers": (str, "decoder layers kept whole, e.g. 0-3,28,29 (negative: from the end, "
                                   "--keep-layers=-2,-1); the budget is taken from the other layers"),
 }
 
@@ -93,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--tokens, --probe-rows and --val-rows must be >= 1, --seq-len >= 2, --ridge >= 0")
     check_anchor(args.refit_anchor, args.refit_anchor_weight, [args.data, *args.val_data])
     request = {name: getattr(args, name) for name in _PLAN_FLAGS}
+    if request["keep_layers"] is not None:  # parsed here, not by argparse: its message names the part
+        request["keep_layers"] = parse_layers(request["keep_layers"])
     out = compress(CompressConfig(
         model=args.model, stats=args.stats, data=args.data, output=args.output, request=request, work=args.work,
         text_field=args.text_field, tokens=args.tokens, seq_len=args.seq_len, probe_rows=args.probe_rows,

@@ -381,6 +381,9 @@ def test_compress_keep_layers_leaves_them_whole_in_every_candidate_at_the_same_b
     assert (tmp_path / "out.steps" / "plan-mlp.json").is_file()
     out = json.loads((tmp_path / "out" / "actprune_plan.json").read_text())
     assert out["provenance"]["request"]["keep_layers"] == [-1]
+    assert main([*argv[:-1], str(tmp_path / "bad"), "--keep-layers", "3-1"]) == 2
+    err = capsys.readouterr().err
+    assert "--keep-layers: '3-1'" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_compress_of_a_deep_model_builds_the_ends_candidate_and_keeps_the_lowest(tmp_path, capsys):
