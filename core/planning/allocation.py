@@ -12,8 +12,9 @@ from collections.abc import Callable
 
 import numpy as np
 from actprune.core.planning.scores import standardise
+from actprune.core.wire.plan import PlanError
 
-__all__ = ["allocate", "allocate_by_cost", "allowed_counts", "removed_fractions"]
+__all__ = ["allocate", "allocate_by_cost", "allowed_counts", "of_free_layers", "removed_fractions"]
 
 
 def allowed_counts(full: int, multiple: int, minimum: int, ok=None) -> list[int]:
@@ -99,3 +100,18 @@ def removed_fractions(deltas: list[float], ratio: float, sizes: list[int] | None
 
 def _nearest(allowed: list[int], want: float) -> int:
     return min(allowed, key=lambda k: (abs(k - want), -k))
+
+
+def of_free_layers(ratio: float | None, name: str, what: str, units: dict[int, int],
+                   protected: frozenset[int]) -> float | None:
+    """A ratio of all ``units`` (layer -> count) as a ratio of those of the layers outside
+    ``protected`` (``keep_layers``): the same number of units removed, from those layers only.
+    PlanError, naming the request field ``name``, when they do not hold that many."""
+    if not ratio or not protected:
+        return ratio
+    free = sum(n for i, n in units.items() if i not in protected)
+    total = sum(units.values())
+    if free == 0 or ratio * total >= free:
+        raise PlanError(f"{name}: {ratio:g} of the {what} is {ratio * total:.0f} of {total}; the layers outside "
+                        f"keep_layers hold {free}: keep fewer layers whole or remove less")
+    return ratio * total / free

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from actprune.core.archs import ModelShape, spec_for_config
+from actprune.core.planning.allocation import of_free_layers
 from actprune.core.wire.plan import PlanError
 from actprune.core.wire.plan_request import PlanRequest
 from actprune.core.wire.stats import Stats
@@ -146,14 +147,9 @@ def expert_choice(stats: Stats, shape: ModelShape, config: dict[str, Any], reque
     whole = {i: list(range(shape.layers[i].num_experts)) for i in every if i in protected}
     sparse = [i for i in every if i not in protected]
     full = {i: shape.layers[i].num_experts for i in sparse}
-    ratio = request.expert_ratio
-    if ratio and whole:  # the same number of experts, from the layers not kept whole
-        held = sum(full.values())
-        want = ratio * (held + sum(len(e) for e in whole.values()))
-        if want >= held:
-            raise PlanError(f"expert_ratio: {ratio:g} of the routed experts is {want:.0f}; the sparse layers "
-                            f"outside keep_layers hold {held}: keep fewer layers whole or remove less")
-        ratio = want / held
+    # the same number of experts, from the layers not kept whole
+    ratio = of_free_layers(request.expert_ratio, "expert_ratio", "routed experts",
+                           {i: shape.layers[i].num_experts for i in every}, protected)
     if request.param_ratio is not None and every:
         if not sparse:
             raise PlanError("param_ratio: every sparse layer is in keep_layers: no expert may go")

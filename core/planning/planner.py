@@ -24,7 +24,13 @@ from typing import Any
 
 import numpy as np
 from actprune.core.archs import LayerShape, ModelShape, model_shape, spec_for_config
-from actprune.core.planning.allocation import _nearest, allocate, allowed_counts, removed_fractions
+from actprune.core.planning.allocation import (
+    _nearest,
+    allocate,
+    allowed_counts,
+    of_free_layers,
+    removed_fractions,
+)
 from actprune.core.planning.budget import Pool, allocate_budget
 from actprune.core.planning.experts import check_expert_request, expert_choice
 from actprune.core.planning.scores import (
@@ -89,13 +95,14 @@ def make_plan(stats: Stats, config: dict[str, Any], request: PlanRequest,
     dropped = _dropped_layers(stats, shape, request, protected)
     kept = [i for i in range(shape.num_layers) if i not in dropped]
     free = [i for i in kept if i not in protected]  # the layers every ratio and budget takes from
-    whole = {i: _whole(shape, i) for i in kept if i in protected}  # layer -> (MLP, (query, KV) heads)
-    whole_mlp, whole_heads = {i: m for i, (m, _) in whole.items()}, {i: h for i, (_, h) in whole.items()}
+    whole = [i for i in kept if i in protected]  # every unit kept: the choices below with no ratio
+    whole_mlp = _mlp_choice(stats, shape, whole, request, None, norms)
+    whole_heads = _HeadChoice(stats, shape, whole, request, norms).choose(None)
     dense = [i for i in kept if shape.layers[i].num_experts is None]
-    mlp_ratio = _of_free(request.mlp_ratio, "mlp_ratio", "MLP neurons",
-                         {i: shape.layers[i].intermediate_size for i in dense}, protected)
-    head_ratio = _of_free(request.head_ratio, "head_ratio", "attention heads",
-                          {i: shape.layers[i].num_attention_heads for i in kept}, protected)
+    mlp_ratio = of_free_layers(request.mlp_ratio, "mlp_ratio", "MLP neurons",
+                               {i: shape.layers[i].intermediate_size for i in dense}, protected)
+    head_ratio = of_free_layers(request.head_ratio, "head_ratio", "attention heads",
+                                {i: shape.layers[i].num_attention_heads for i in kept}, protected)
     heads = _HeadChoice(stats, shape, free, request, norms)
     if request.param_ratio is not None and request.head_sensitivity is not None:
         mlp_counts, head_keep = _global_budget(shape, free, dropped, request, heads)
@@ -119,25 +126,6 @@ def _protected_layers(shape: ModelShape, request: PlanRequest) -> frozenset[int]
             raise PlanError(f"keep_layers: the model has no layer {i}; it has {n} (0 to {n - 1}, or -1 to -{n})")
         out.add(i % n)
     return frozenset(out)
-
-
-def _whole(shape: ModelShape, i: int) -> tuple[list[int], tuple[list[int], list[int]]]:
-    """Layer i's every MLP neuron (an MoE layer: its experts' own widths) and (query, KV) head."""
-    s = shape.layers[i]
-    return list(range(s.intermediate_size)), (list(range(s.num_attention_heads)), list(range(s.num_key_value_heads)))
-
-
-def _of_free(ratio: float | None, name: str, what: str, units: dict[int, int], protected: frozenset[int]) -> float | None:
-    """A ratio of all ``units`` (layer -> count, the layers not dropped) as a ratio of those
-    outside ``protected``: the same number of units removed, from those layers only."""
-    if not ratio or not protected:
-        return ratio
-    free = sum(n for i, n in units.items() if i not in protected)
-    total = sum(units.values())
-    if free == 0 or ratio * total >= free:
-        raise PlanError(f"{name}: {ratio:g} of the {what} is {ratio * total:.0f} of {total}; the layers outside "
-                        f"keep_layers hold {free}: keep fewer layers whole or remove less")
-    return ratio * total / free
 
 
 def _check_inputs(stats: Stats, shape: ModelShape, chash: str, request: PlanRequest,
