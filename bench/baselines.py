@@ -347,7 +347,7 @@ def main() -> None:
     if args.score:
         ppl = s.perplexity(load_causal_lm(args.score, torch.float32))
         print(json.dumps({"score": args.score, **ppl}))
-        print(" | ".join(f"{t} {ppl[t] / load_results(path)['dense'][t]:.2f}" for t in TEXTS))
+        print(" | ".join(f"{t} {ppl[t] / load_results(path)['dense'][t]:.3f}" for t in TEXTS))
         return
     for budget in args.budget:
         for method in args.methods:

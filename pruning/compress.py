@@ -153,23 +153,25 @@ def _with_head_probe(cfg: CompressConfig, uniform: Plan, base: dict[str, Any], s
 
 
 def _sensitivity_step(cfg: CompressConfig, uniform: Plan, name: str = "sensitivity.json") -> dict[str, Any]:
-    from actprune.pruning.compensate.sensitivity import SENSITIVITY_FORMAT, sensitivity_for_plan
+    from actprune.pruning.compensate import sensitivity as sens
 
     path = cfg.work_dir / name
     inputs = {"plan": _digest(uniform), "data": cfg.data, "text_field": cfg.text_field, "tokens": cfg.tokens,
               "seq_len": cfg.seq_len, "probe_rows": cfg.probe_rows, "ridge": cfg.ridge, "rows": cfg.fit_digest}
     record = _read_json(path)
     verb = "kept"
-    if not (record.get("format") == SENSITIVITY_FORMAT and record.get("inputs") == inputs and "deltas" in record):
-        sensitivity_for_plan(cfg.model, uniform, cfg.data, path, tokens=cfg.tokens, seq_len=cfg.seq_len,
-                             ridge=cfg.ridge, probe_rows=cfg.probe_rows, text_field=cfg.text_field,
-                             progress=cfg.progress, trust_remote_code=cfg.trust_remote_code, extra={"inputs": inputs})
+    if not (record.get("format") == sens.SENSITIVITY_FORMAT and record.get("inputs") == inputs and "deltas" in record):
+        sens.sensitivity_for_plan(cfg.model, uniform, cfg.data, path, tokens=cfg.tokens, seq_len=cfg.seq_len,
+                                  ridge=cfg.ridge, probe_rows=cfg.probe_rows, text_field=cfg.text_field,
+                                  progress=cfg.progress, trust_remote_code=cfg.trust_remote_code,
+                                  extra={"inputs": inputs})
         record, verb = json.loads(path.read_text()), "wrote"
     for kind, name in (("MLP", "deltas"), ("heads", "attn_deltas")):
         d = sorted(record.get(name) or [])
         if d:
+            note = sens.noise_note(record[name], record.get(name.replace("deltas", "delta_se")))
             cfg.log(f"sensitivity: {verb} {path}: {kind} Δloss per layer min {d[0]:.4f}, median "
-                    f"{d[len(d) // 2]:.4f}, max {d[-1]:.4f}")
+                    f"{d[len(d) // 2]:.4f}, max {d[-1]:.4f}" + (f" ({note})" if note else ""))
     if not record.get("attn_deltas") and name == "sensitivity.json":
         cfg.log("sensitivity: the uniform plan removes no heads at this budget: MLP neurons only")
     return record

@@ -16,6 +16,7 @@ loss on probe rows of DATA compared with the dense model's (actprune.pruning.com
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from actprune.core.errors import UsageError
@@ -40,7 +41,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from actprune.core.wire.plan import Plan
     from actprune.pruning.compensate.maths import DEFAULT_RIDGE
-    from actprune.pruning.compensate.sensitivity import sensitivity_for_plan
+    from actprune.pruning.compensate.sensitivity import noise_note, sensitivity_for_plan
 
     if args.tokens < 1 or args.probe_rows < 1 or (args.ridge is not None and args.ridge < 0):
         raise UsageError("--tokens and --probe-rows must be >= 1, --ridge >= 0")
@@ -53,5 +54,8 @@ def run(args: argparse.Namespace) -> int:
                                ridge=DEFAULT_RIDGE if args.ridge is None else args.ridge)
     heads = any(len(lp.heads_keep) < w.num_attention_heads for lp, w in zip(plan.layers, plan.source.widths, strict=True))
     how = "--param-ratio" if heads else "--mlp-ratio R --per-layer"
-    print(f"wrote {out}; use it with: actprune plan ... {how} --layer-sensitivity {out}")
+    record = json.loads(out.read_text())
+    note = noise_note(record["deltas"], record["delta_se"])
+    print(f"wrote {out}" + (f" (MLP Δ: {note})" if note else "") +
+          f"; use it with: actprune plan ... {how} --layer-sensitivity {out}")
     return 0

@@ -36,21 +36,33 @@ from actprune.pruning.compensate.layers import apply_attention, apply_mlp, head_
 from actprune.pruning.compensate.maths import DEFAULT_RIDGE, refit, update_moments
 from tqdm.auto import tqdm
 
-__all__ = ["SENSITIVITY_FORMAT", "layer_sensitivity", "request_fields", "sensitivity_for_plan"]
+__all__ = ["SENSITIVITY_FORMAT", "delta_and_error", "layer_sensitivity", "noise_note", "request_fields",
+           "sensitivity_for_plan"]
 
 SENSITIVITY_FORMAT = "actprune.layer_sensitivity/1"
 
 
-def _loss(view: HfModel, head: Any, layers: Any, h: torch.Tensor, ids: torch.Tensor, pe: Any,
-          pos: torch.Tensor, batch: int) -> float:
-    """Mean next-token loss of ids (P, T) from hidden states h (P, T, H) entering ``layers``."""
+def _row_losses(view: HfModel, head: Any, layers: Any, h: torch.Tensor, ids: torch.Tensor, pe: Any,
+                pos: torch.Tensor, batch: int) -> torch.Tensor:
+    """Mean next-token loss of each row of ids (P, T), from hidden states h (P, T, H) entering
+    ``layers``: (P,) float64. Rows have equal length, so their mean is the probe's loss."""
     for layer in layers:
         h = run_layer(layer, h, pe, pos, batch)
-    total = 0.0
+    out = []
     for hb, ib in zip(h.split(batch), ids.split(batch), strict=True):  # (B, T, V) logits at a time
         logits = head(view.final_norm(hb)).float()
-        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1), ib[:, 1:].flatten(), reduction="sum"))
-    return total / (ids.shape[0] * (ids.shape[1] - 1))
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ib[:, 1:].flatten(), reduction="none")
+        out.append(nll.view(ib.shape[0], -1).double().mean(1))  # (B,)
+    return torch.cat(out)
+
+
+def delta_and_error(pruned: torch.Tensor, dense: torch.Tensor) -> tuple[float, float]:
+    """Δ = mean over probe rows of (pruned − dense) loss, and its standard error from the rows'
+    paired differences (P,): std / √P, NaN with a single row. The pairing removes what the rows
+    differ by on the dense model, so the error is the pruning's own spread across text."""
+    d = pruned - dense  # (P,)
+    se = float(d.std() / d.numel() ** 0.5) if d.numel() > 1 else float("nan")
+    return float(d.mean()), se
 
 
 @torch.no_grad()
@@ -58,12 +70,14 @@ def layer_sensitivity(model: torch.nn.Module, rows: torch.Tensor, keep: dict[int
                       heads: dict[int, tuple[list[int], list[int]]] | None = None,
                       attn_out: dict[int, float] | None = None,
                       ridge: float = DEFAULT_RIDGE, probe_rows: int = 8, batch: int = 4,
+                      errors: dict[str, dict[int, float]] | None = None,
                       progress: bool = True) -> dict[int, float]:
     """Δ loss per layer of ``keep`` (see the module doc). rows: (N, T) packed calibration token
     ids, the first ``probe_rows`` of them also the probe; ``model`` is left unchanged. With
     ``heads`` (layer -> kept query heads, kept KV heads), the layer's attention alone is pruned
     too, in a separate measurement, its ``o_proj`` refitted over the kept heads' channels;
-    those Δ go into ``attn_out``."""
+    those Δ go into ``attn_out``. ``errors``, if given, receives each Δ's standard error
+    across the probe rows (:func:`delta_and_error`) under ``"mlp"`` and ``"attn"``."""
     view = HfModel.of(model)
     head = model.get_output_embeddings()
     dev = next(model.parameters()).device
@@ -71,11 +85,16 @@ def layer_sensitivity(model: torch.nn.Module, rows: torch.Tensor, keep: dict[int
     probe = rows[:probe_rows].to(dev)  # (P, T)
     h, pe, pos = embed_rows(view, rows)  # h (N, T, H) on the dense trajectory
     layers = list(view.layers)
-    dense = _loss(view, head, layers, h[:probe_rows], probe, pe, pos, batch)
+    dense = _row_losses(view, head, layers, h[:probe_rows], probe, pe, pos, batch)  # (P,)
     hooks, out = HookRegistry(), {}
+    errors = errors if errors is not None else {}
+    errors.setdefault("mlp", {})
+    errors.setdefault("attn", {})
 
-    def probe_loss(i: int) -> float:
-        return _loss(view, head, layers[i:], h[:probe_rows], probe, pe, pos, batch) - dense
+    def probe_delta(i: int, kind: str) -> float:
+        d, errors[kind][i] = delta_and_error(
+            _row_losses(view, head, layers[i:], h[:probe_rows], probe, pe, pos, batch), dense)
+        return d
 
     for i, layer in enumerate(tqdm(layers, desc="sensitivity", unit="layer", disable=not progress)):
         if i not in keep and i not in heads:
@@ -98,14 +117,14 @@ def layer_sensitivity(model: torch.nn.Module, rows: torch.Tensor, keep: dict[int
         if mlp_m is not None:
             apply_mlp(view, layer, keep[i], *mlp_m.solve(ridge))
             try:
-                out[i] = probe_loss(i)
+                out[i] = probe_delta(i, "mlp")
             finally:
                 view.set_mlp(layer, gate, up, down)  # the dense layer again
         if attn_m is not None:
             undo = apply_attention(view, layer, heads[i][0], heads[i][1], attn.head_dim, *attn_m.solve(ridge))
             try:
                 if attn_out is not None:
-                    attn_out[i] = probe_loss(i)
+                    attn_out[i] = probe_delta(i, "attn")
             finally:
                 undo()
         h = h_next
@@ -152,13 +171,17 @@ def sensitivity_for_plan(model_dir: str | Path, plan: Plan, data: str, output: s
     keep = {lp.index: lp.mlp_keep for lp in plan.layers if mlp_removed[lp.index] > 0}
     heads = {lp.index: (lp.heads_keep, lp.kv_heads_keep) for lp in plan.layers if attn_removed[lp.index] > 0}
     attn: dict[int, float] = {}
+    errors: dict[str, dict[int, float]] = {}
     deltas = layer_sensitivity(model, rows, keep, heads=heads, attn_out=attn, ridge=ridge, probe_rows=probe_rows,
-                               progress=progress)
+                               errors=errors, progress=progress)
     n = len(HfModel.of(model).layers)
     record = {
         "format": SENSITIVITY_FORMAT,
         "deltas": [deltas.get(i, 0.0) for i in range(n)],
         "attn_deltas": [attn.get(i, 0.0) for i in range(n)] if heads else None,
+        # standard errors across probe rows (null: layer not measured, or one probe row)
+        "delta_se": [_finite(errors["mlp"].get(i)) for i in range(n)],
+        "attn_delta_se": [_finite(errors["attn"].get(i)) for i in range(n)] if heads else None,
         "mlp_removed": mlp_removed, "attn_removed": attn_removed,
         "plan_mlp_ratio": plan.provenance.request.get("mlp_ratio"),
         "plan_head_ratio": plan.provenance.request.get("head_ratio"),
@@ -168,6 +191,22 @@ def sensitivity_for_plan(model_dir: str | Path, plan: Plan, data: str, output: s
         "ridge": ridge, **(extra or {}),
     }
     return atomic_write(output, json.dumps(record, indent=2) + "\n")
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and x == x else None  # JSON has no NaN
+
+
+def noise_note(deltas: list[float], errors: list[float | None] | None) -> str:
+    """A line on how far Δ can be trusted: the median standard error, and how many measured
+    layers' Δ lie within two of them of zero (their order, hence the widths, is then partly
+    the probe's noise: more ``--probe-rows`` steady it). Empty without errors."""
+    pairs = [(d, e) for d, e in zip(deltas, errors or [], strict=False) if e is not None]
+    if not pairs:
+        return ""
+    se = sorted(e for _, e in pairs)
+    within = sum(abs(d) <= 2 * e for d, e in pairs)
+    return f"s.e. median {se[len(se) // 2]:.4f}; {within} of {len(pairs)} layers within 2 s.e. of 0"
 
 
 def request_fields(record: dict[str, Any]) -> dict[str, Any]:

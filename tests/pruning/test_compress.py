@@ -51,6 +51,7 @@ def test_compress_builds_every_candidate_at_the_budget_and_out_loads_cleanly(run
     for step in ("split: --data packs into 50 rows", "uniform.json: wrote", "sensitivity: wrote", "plan.json: wrote",
                  "plan-mlp.json: wrote", "candidate budget: wrote", "candidate mlp: wrote", "chosen: "):
         assert step in out, out
+    assert re.search(r"MLP Δloss per layer .*\(s\.e\. median [0-9.]+; \d+ of 4 layers within 2 s\.e\. of 0\)", out), out
     record = json.loads((tmp / "out.steps" / "candidates.json").read_text())
     cands = record["candidates"]
     assert {"budget", "mlp"} <= set(cands)

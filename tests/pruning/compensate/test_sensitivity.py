@@ -16,7 +16,7 @@ from actprune.core.planning.planner import make_plan
 from actprune.core.tensor.checkpoint import ColumnNorms
 from actprune.core.wire.plan_request import PlanRequest
 from actprune.pruning.compensate import calibrate
-from actprune.pruning.compensate.sensitivity import layer_sensitivity
+from actprune.pruning.compensate.sensitivity import delta_and_error, layer_sensitivity, noise_note
 from actprune.pruning.fixtures.synthetic import build_checkpoint
 from pruning_helpers import SHAPE, load, record_stats, write_calibration_text
 
@@ -48,6 +48,10 @@ def _loss(model, ids: torch.Tensor) -> float:
     return float(F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()))
 
 
+def _row_losses(model, ids: torch.Tensor) -> np.ndarray:
+    return np.array([_loss(model, ids[r:r + 1]) for r in range(ids.shape[0])])
+
+
 @torch.no_grad()
 def test_one_pass_equals_pruning_each_layer_alone(llama):
     d, _, plan = llama
@@ -55,13 +59,28 @@ def test_one_pass_equals_pruning_each_layer_alone(llama):
     rows = torch.randint(3, model.config.vocab_size, (6, 32), generator=torch.Generator().manual_seed(1))
     keep = {lp.index: lp.mlp_keep for lp in plan.layers}
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    got = layer_sensitivity(model, rows, keep, ridge=0.1, probe_rows=3, batch=2, progress=False)
+    errors: dict[str, dict[int, float]] = {}
+    got = layer_sensitivity(model, rows, keep, ridge=0.1, probe_rows=3, batch=2, errors=errors, progress=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # left dense
     dense = _loss(model, rows[:3])
+    dense_rows = _row_losses(model, rows[:3])
+    assert sorted(errors["mlp"]) == sorted(keep) and errors["attn"] == {}
     for i in keep:
         alone = load(d)
         calibrate.layerwise_refit(alone, rows, {i: keep[i]}, ridge=0.1, batch=2, progress=False)
         assert got[i] == pytest.approx(_loss(alone, rows[:3]) - dense, abs=2e-5)
+        paired = _row_losses(alone, rows[:3]) - dense_rows  # (3,) the rows' own Δ
+        assert errors["mlp"][i] == pytest.approx(paired.std(ddof=1) / np.sqrt(3), rel=1e-3, abs=1e-6)
+        assert errors["mlp"][i] > 0
+
+
+def test_noise_note_counts_layers_whose_delta_is_within_two_errors_of_zero():
+    assert noise_note([0.5, 0.01, -0.02, 0.0], [0.01, 0.02, 0.005, None]) == \
+        "s.e. median 0.0100; 1 of 3 layers within 2 s.e. of 0"
+    assert noise_note([0.5, 0.2], None) == ""  # a record of before the errors, or one probe row
+    assert delta_and_error(torch.tensor([2.0, 3.0]), torch.tensor([1.0, 1.0])) == (1.5, 0.5)
+    d, se = delta_and_error(torch.tensor([2.0]), torch.tensor([1.0]))
+    assert d == 1.0 and se != se  # NaN: one row says nothing of the spread
 
 
 @torch.no_grad()
@@ -92,8 +111,10 @@ def test_cli_plan_sensitivity_plan_chain(llama, tmp_path, capsys):
     assert cli([*base, "-o", str(tmp_path / "uniform.json")]) == 0
     assert cli(["sensitivity", "--model", str(d), "--plan", str(tmp_path / "uniform.json"), "--data", str(text),
                 "--seq-len", "32", "--probe-rows", "2", "-o", str(tmp_path / "sens.json")]) == 0
+    assert "(MLP Δ: s.e. median " in capsys.readouterr().out
     record = json.loads((tmp_path / "sens.json").read_text())
     assert len(record["deltas"]) == SHAPE["num_hidden_layers"]
+    assert len(record["delta_se"]) == len(record["deltas"]) and all(e > 0 for e in record["delta_se"])
     assert cli([*base, "--per-layer", "--layer-sensitivity", str(tmp_path / "sens.json"),
                 "-o", str(tmp_path / "plan.json")]) == 0
     plan = json.loads((tmp_path / "plan.json").read_text())
