@@ -6,6 +6,10 @@ its best-scored units), prune that layer alone, refit its kept ``down_proj`` col
 
     Δ_i = loss(model with only layer i pruned and refitted) − loss(dense model)
 
+with its standard error across the probe rows (each row's Δ paired with the dense loss of the
+same row; ``delta_se`` in the file): with few rows many Δ are within noise of zero, which
+``noise_note`` tells the user.
+
 One pass, layer by layer, over calibration rows on the dense trajectory (the hidden states
 ``(N, T, H)`` are held, as in :func:`calibrate.layerwise_refit`): at layer ``i`` the kept units'
 moments give the refit, and the probe rows' hidden states at layer ``i`` are run through the
