@@ -238,6 +238,7 @@ def test_compress_mistakes_are_one_line(run, tmp_path, capsys):
 def test_compress_head_cap_zero_spends_the_budget_on_mlp_neurons_only(run, tmp_path, capsys):
     tmp, _, argv = run
     _ran(tmp, argv)
+    capsys.readouterr()  # the shared run's output, when this test is the first to need it
     (tmp_path / "steps").mkdir()
     shutil.copy(tmp / "out.steps" / "sensitivity.json", tmp_path / "steps")  # reused if its inputs match
     assert main([*argv[:-1], str(tmp_path / "out"), "--work", str(tmp_path / "steps"), "--head-cap", "0"]) == 0
