@@ -166,14 +166,14 @@ def _sensitivity_step(cfg: CompressConfig, uniform: Plan, name: str = "sensitivi
                                   progress=cfg.progress, trust_remote_code=cfg.trust_remote_code,
                                   extra={"inputs": inputs})
         record, verb = json.loads(path.read_text()), "wrote"
-    for kind, name in (("MLP", "deltas"), ("heads", "attn_deltas")):
-        d = sorted(record.get(name) or [])
+    for kind, key, se_key in (("MLP", "deltas", "delta_se"), ("heads", "attn_deltas", "attn_delta_se")):
+        d = sorted(record.get(key) or [])
         if d:
-            note = sens.noise_note(record[name], record.get(name.replace("deltas", "delta_se")))
+            note = sens.noise_note(record[key], record.get(se_key))
             cfg.log(f"sensitivity: {verb} {path}: {kind} Δloss per layer min {d[0]:.4f}, median "
                     f"{d[len(d) // 2]:.4f}, max {d[-1]:.4f}" + (f" ({note})" if note else ""))
     if not record.get("attn_deltas") and name == "sensitivity.json":
-        cfg.log("sensitivity: the uniform plan removes no heads at this budget: MLP neurons only")
+        cfg.log("sensitivity: no heads measured (none to probe at this budget and --head-cap): MLP neurons only")
     return record
 
 

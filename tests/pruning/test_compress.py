@@ -397,6 +397,7 @@ def test_compress_of_a_deep_model_builds_the_ends_candidate_and_keeps_the_lowest
                  "--param-ratio", "0.1", "--seq-len", str(SEQ), "--tokens", str(TOKENS), "--probe-rows", "2",
                  "--val-rows", str(VAL), "--head-cap", "0", "-o", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
+    assert "sensitivity: no heads measured (none to probe at this budget and --head-cap): MLP neurons only" in out
     ends = json.loads((tmp_path / "out.steps" / "plan-mlp-ends.json").read_text())
     assert ends["provenance"]["request"]["keep_layers"] == [0, 1, 15]
     assert all(len(ends["layers"][i]["mlp_keep"]) == MODEL["intermediate_size"] for i in (0, 1, 15))
