@@ -14,7 +14,7 @@ import numpy as np
 from actprune.core.planning.scores import standardise
 from actprune.core.wire.plan import PlanError
 
-__all__ = ["allocate", "allocate_by_cost", "allowed_counts", "of_free_layers", "removed_fractions"]
+__all__ = ["allocate", "allocate_by_cost", "allowed_counts", "nearest_within", "of_free_layers", "removed_fractions"]
 
 
 def allowed_counts(full: int, multiple: int, minimum: int, ok=None) -> list[int]:
@@ -96,6 +96,21 @@ def removed_fractions(deltas: list[float], ratio: float, sizes: list[int] | None
         if not (p[free] > cap + 1e-12).any():
             return [float(x) for x in p]
         free &= p <= cap + 1e-12
+
+
+def nearest_within(want: list[float], allowed: list[list[int]], floor: float) -> list[int]:
+    """Per layer the allowed count nearest to ``want[i]`` (ties keep more), then, while the total
+    is below ``floor``, the layer rounded down furthest raised one allowed step: rounding each
+    layer alone can remove a few units more than asked, and a budget is a most (compress
+    compares candidates at the same parameter count). Layers already whole stay so."""
+    counts = [_nearest(a, w) for a, w in zip(allowed, want, strict=True)]
+    while sum(counts) < floor - 1e-9:
+        up = [i for i, (a, c) in enumerate(zip(allowed, counts, strict=True)) if c < a[-1]]
+        if not up:
+            break
+        i = max(up, key=lambda j: want[j] - counts[j])
+        counts[i] = next(k for k in allowed[i] if k > counts[i])
+    return counts
 
 
 def _nearest(allowed: list[int], want: float) -> int:

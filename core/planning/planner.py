@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 from actprune.core.archs import LayerShape, ModelShape, model_shape, spec_for_config
 from actprune.core.planning.allocation import (
-    _nearest,
     allocate,
     allowed_counts,
+    nearest_within,
     of_free_layers,
     removed_fractions,
 )
@@ -203,7 +203,8 @@ def _mlp_choice(stats, shape, kept, request, ratio, norms, counts: list[int] | N
             raise PlanError(f"mlp_ratio: with layer_sensitivity a layer loses at most {_SENSITIVITY_MAX:.0%} of its "
                             f"neurons; {ratio:.1%} of the layers it may prune cannot be met")
         fractions = removed_fractions([request.layer_sensitivity[i] for i in kept], ratio, [full[i] for i in kept])
-        counts = [_nearest(a, (1 - p) * full[i]) for i, a, p in zip(kept, allowed, fractions, strict=True)]
+        want = [(1 - p) * full[i] for i, p in zip(kept, fractions, strict=True)]
+        counts = nearest_within(want, allowed, (1 - ratio) * sum(full[i] for i in kept))
     else:
         counts = allocate([scores[i][order[i]] for i in kept], allowed, 1.0 - ratio, request.per_layer)
     return {i: sorted(int(j) for j in order[i][:c]) for i, c in zip(kept, counts, strict=True)} | sparse
