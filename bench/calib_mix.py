@@ -39,7 +39,7 @@ from actprune.pruning.data import pack, tokenize
 from quality import Bench, perplexities, save_checkpoint
 from quality_results import append, load_results
 from safetensors.torch import load_file, save_file
-from texts import OTHER_TEXTS, ood_texts
+from texts import OTHER_TEXTS, halves, ood_texts
 from tqdm.auto import tqdm
 
 VAL_SETS = ("val", "val-datasets", "val-readmes")  # where λ is chosen
@@ -52,13 +52,6 @@ def mix_gram(g_a: torch.Tensor, g_b: torch.Tensor, lam: float) -> torch.Tensor:
     if not 0.0 <= lam <= 1.0:
         raise ValueError(f"λ must be in [0, 1], got {lam}")
     return (1.0 - lam) * g_a / g_a[-1, -1] + lam * g_b / g_b[-1, -1]
-
-
-def halves(text: str) -> tuple[str, str]:
-    """A text cut at the paragraph break nearest its middle: (calibration, validation)."""
-    mid = text.find("\n\n", len(text) // 2)
-    mid = len(text) // 2 if mid < 0 else mid
-    return text[:mid], text[mid:]
 
 
 def other_rows(bench: Bench, tokens: int, val_tokens: int, names: list[str]

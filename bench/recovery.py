@@ -110,7 +110,7 @@ def paragraphs(text: str, chars: int = 1500) -> list[str]:
 def other_docs(tok, budget: int) -> list[str]:
     """Documents of the first half of every other-domain text, ``budget`` tokens shared equally;
     a text too short for its share gives all it has and the others fill the rest."""
-    from calib_mix import halves
+    from texts import halves
 
     pools = [paragraphs(halves(load())[0]) for load in OTHER_TEXTS.values()]
     sizes = [sum(len(ids) + 1 for ids in tokenize(tok, pool)) for pool in pools]

@@ -90,6 +90,38 @@ def package_readmes(chars: int = 1200) -> str:
 OTHER_TEXTS = {"datasets": dataset_descriptions, "readmes": package_readmes}
 
 
+def halves(text: str) -> tuple[str, str]:
+    """A text cut at the paragraph break nearest its middle: (calibration, validation)."""
+    mid = text.find("\n\n", len(text) // 2)
+    mid = len(text) // 2 if mid < 0 else mid
+    return text[:mid], text[mid:]
+
+
+def write_other_texts(out: Path) -> dict[str, Path]:
+    """The files the ``compress`` benchmarks pass (BENCHMARKS.md, issue 13): ``anchor.txt``
+    (``--refit-anchor``: the first halves of the other-domain texts, one after the other) and
+    ``val-NAME.txt`` (``--val-data``: each one's second half), so no text both fits and
+    validates, and none is an evaluation text."""
+    out.mkdir(parents=True, exist_ok=True)
+    split = {name: halves(load()) for name, load in OTHER_TEXTS.items()}
+    paths = {"anchor": out / "anchor.txt"}
+    paths["anchor"].write_text("\n\n".join(first for first, _ in split.values()), encoding="utf-8")
+    for name, (_, second) in split.items():
+        paths[f"val-{name}"] = out / f"val-{name}.txt"
+        paths[f"val-{name}"].write_text(second, encoding="utf-8")
+    return paths
+
+
 def ood_texts(names: tuple[str, ...] | None = None) -> dict[str, str]:
     """The out-of-domain texts by name (all of them by default)."""
     return {n: OOD_TEXTS[n]() for n in (names or tuple(OOD_TEXTS))}
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description="Write compress's other-domain text files: "
+                                "anchor.txt (first halves) and val-NAME.txt (second halves).")
+    p.add_argument("out", type=Path, help="folder to write them in")
+    for key, path in write_other_texts(p.parse_args().out).items():
+        print(f"{key}: {path} ({path.stat().st_size:,} bytes)")

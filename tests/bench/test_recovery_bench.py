@@ -96,8 +96,7 @@ def test_rows_from_another_start_are_their_own_group_and_named_in_the_table(tmp_
 
 def test_a_mixed_budget_takes_its_share_from_the_other_domain_texts_first_halves_only(tmp_path):
     from actprune.pruning.data import wiki_texts
-    from calib_mix import halves
-    from texts import OTHER_TEXTS
+    from texts import OTHER_TEXTS, halves
 
     def tok(text: str, add_special_tokens: bool = False) -> dict[str, list[str]]:  # one token a word
         return {"input_ids": text.split()}
