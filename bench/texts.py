@@ -72,11 +72,14 @@ MARKUP = ("http", "](", "<", "![", "|", "```", "::", "[!", "===", "---")
 
 def package_readmes(chars: int = 1200) -> str:
     """The installed packages' descriptions, by name, each cut to ``chars`` characters, lines
-    with links or markup dropped (what is left is prose)."""
+    with links or markup dropped (what is left is prose). Only what the environment's
+    site-packages hold: ``import setuptools`` puts the packages it vendors on ``sys.path``, so
+    every distribution on the path would make the text depend on what the process imported."""
     import importlib.metadata as md
+    import site
 
     parts = {}
-    for dist in md.distributions():
+    for dist in md.distributions(path=site.getsitepackages()):
         name = (dist.metadata["Name"] or "").lower()
         body = dist.metadata.get_payload() or dist.metadata["Description"] or ""
         lines = [ln for ln in body.splitlines() if ln.strip() and not any(m in ln for m in MARKUP)]

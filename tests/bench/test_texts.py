@@ -25,6 +25,7 @@ def test_cli_writes_the_anchor_from_first_halves_and_validation_from_second_halv
     assert "anchor.txt" in out
     files = {p.name: p.read_text(encoding="utf-8") for p in tmp_path.iterdir()}
     assert set(files) == {"anchor.txt"} | {f"val-{n}.txt" for n in OTHER_TEXTS}
+    import setuptools  # noqa: F401  puts its vendored packages on sys.path: the texts must not change
     split = {n: halves(load()) for n, load in OTHER_TEXTS.items()}
     assert files["anchor.txt"] == "\n\n".join(first for first, _ in split.values())
     for name, (first, second) in split.items():
