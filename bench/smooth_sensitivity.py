@@ -44,17 +44,22 @@ _GRID = np.logspace(-3, 3, 61)
 _MIN_LAYERS = 3  # below, neighbours say too little to estimate λ
 
 
+def _posterior(y: np.ndarray, s: np.ndarray, lam: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(posterior precision A (n, n), S⁻¹y (n,), posterior mean θ̂ = A⁻¹S⁻¹y (n,)). y, s: (n,)."""
+    s_inv = np.diag(1.0 / s**2)  # (n, n)
+    d = np.diff(np.eye(len(y)), axis=0)  # (n-1, n): (D θ)_i = θ_{i+1} − θ_i
+    a = s_inv + lam * d.T @ d
+    b = s_inv @ y
+    return a, b, np.linalg.solve(a, b)
+
+
 def log_evidence(y: np.ndarray, s: np.ndarray, lam: float) -> float:
     """log p(y | λ) up to a constant that does not depend on λ, with the random walk's level
     integrated out under a flat prior (the random walk prior is improper in the level; its
     pseudo-determinant ``λⁿ⁻¹ · |DᵀD|₊`` keeps the terms that move with λ). y, s: (n,)."""
-    n = len(y)
-    s_inv = np.diag(1.0 / s**2)  # (n, n)
-    d = np.diff(np.eye(n), axis=0)  # (n-1, n): (D θ)_i = θ_{i+1} − θ_i
-    a = s_inv + lam * d.T @ d  # posterior precision (n, n)
-    b = s_inv @ y
-    theta = np.linalg.solve(a, b)
-    return float(0.5 * (n - 1) * math.log(lam) - 0.5 * np.linalg.slogdet(a)[1] - 0.5 * (y @ s_inv @ y - b @ theta))
+    a, b, theta = _posterior(y, s, lam)
+    return float(0.5 * (len(y) - 1) * math.log(lam) - 0.5 * np.linalg.slogdet(a)[1]
+                 - 0.5 * (y @ (y / s**2) - b @ theta))
 
 
 def smooth_by_depth(y: list[float], s: list[float]) -> tuple[list[float], float]:
@@ -74,10 +79,7 @@ def smooth_by_depth(y: list[float], s: list[float]) -> tuple[list[float], float]
         ll = log_evidence(y_arr, s_arr, 1.0 / step**2)
         if ll > best_ll:
             best_ll, best_step = ll, float(step)
-    lam = 1.0 / best_step**2
-    d = np.diff(np.eye(len(y_arr)), axis=0)
-    s_inv = np.diag(1.0 / s_arr**2)
-    theta = np.linalg.solve(s_inv + lam * d.T @ d, s_inv @ y_arr)
+    theta = _posterior(y_arr, s_arr, 1.0 / best_step**2)[2]
     return [float(v) for v in theta], best_step
 
 
