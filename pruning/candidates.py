@@ -17,7 +17,8 @@ the same parameters on MLP neurons alone (BENCHMARKS.md, issue 13). So compress 
   (``keep_layers``; LLM-Pruner's default layout, its 4 and 2 of LLaMA-7B's 32) — only for models
   of :data:`ENDS_MIN_LAYERS` layers or more, when the request keeps no layers of its own. On
   SmolLM2-135M it validated better in domain and out of it, and held out it was 4–8 % better on
-  every text at 10 % of the non-embedding parameters (BENCHMARKS.md, issue 13),
+  every text at 10 % of the non-embedding parameters (BENCHMARKS.md, issue 13; ``heads-capped``
+  with the same layers whole was tried too and never chosen: worse out of domain at 20 and 30 %),
 
 refits each, and keeps the one whose loss on validation rows is lowest — on ``--data``'s held-out
 rows alone, or, with ``--val-data`` (text of other domains that the result must keep serving),
