@@ -109,13 +109,18 @@ def paragraphs(text: str, chars: int = 1500) -> list[str]:
 
 def other_docs(tok, budget: int) -> list[str]:
     """Documents of the first half of every other-domain text, ``budget`` tokens shared equally;
-    a text too short for its share gives all it has and the others fill the rest."""
+    a text too short for its share gives all it has and the others fill the rest. When all of
+    them hold fewer than ``budget`` tokens (a quarter of 256k is ~2.6× what they hold), each is
+    repeated, in order, as many times as it takes — the passes are printed and go into the
+    BENCHMARKS prose, since text seen several times is not the same mix as fresh text."""
     from texts import halves
 
     pools = [paragraphs(halves(load())[0]) for load in OTHER_TEXTS.values()]
     sizes = [sum(len(ids) + 1 for ids in tokenize(tok, pool)) for pool in pools]
-    if sum(sizes) < budget:
-        raise SystemExit(f"the other-domain texts give {sum(sizes)} tokens, short of the {budget} asked for")
+    if (passes := math.ceil(budget / sum(sizes))) > 1:
+        print(f"the other-domain texts give {sum(sizes)} tokens for the {budget} asked: "
+              f"each is repeated, up to {budget / sum(sizes):.2f} passes", file=sys.stderr, flush=True)
+        pools, sizes = [pool * passes for pool in pools], [n * passes for n in sizes]
     shares, left = {}, budget
     for i, k in enumerate(sorted(range(len(pools)), key=sizes.__getitem__)):  # shortest first
         shares[k] = min(sizes[k], left // (len(pools) - i))
@@ -219,17 +224,18 @@ def evaluate_model(path: Path, key: str, model_dir: Path, extra: dict, *, tok, r
     print(json.dumps(rec), flush=True)
 
 
-def train(cmd: list[str], out: Path) -> dict[str, float]:
-    """Run one `actprune finetune` (unless its output exists); its wall and CPU seconds."""
+def train(cmd: list[str], out: Path, threads: int = 1) -> dict[str, float]:
+    """Run one `actprune finetune` on ``threads`` threads (unless its output exists); its wall and
+    CPU seconds."""
     if (out / "model.safetensors").is_file():
         return {}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     print(" ".join(cmd), flush=True)
     t0, c0 = time.time(), resource.getrusage(resource.RUSAGE_CHILDREN)
     with (out.parent / f"{out.name}.log").open("w") as log:
         subprocess.run(cmd, check=True, env=env, stdout=log, stderr=subprocess.STDOUT)
     c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"train_wall_s": round(time.time() - t0), "train_cpu_s": round(c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime)}
+    return {"threads": threads, "train_wall_s": round(time.time() - t0), "train_cpu_s": round(c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime)}
 
 
 def group(r: dict) -> tuple:
@@ -301,6 +307,9 @@ def main() -> None:
                    help="share of the training tokens from other-domain text (texts.OTHER_TEXTS), 0 to 1")
     p.add_argument("--eval-tokens", type=int, default=4096, help="tokens per evaluation text")
     p.add_argument("--no-task", action="store_true", help=f"skip lm-eval's {TASK}")
+    p.add_argument("--threads", type=int, default=1,
+                   help="threads of each training run (1: several runs side by side; the CPU-minutes "
+                        "in the table are comparable only at equal threads)")
     p.add_argument("--results", default=None, help="results JSONL (default CACHE/recovery-eEVAL_TOKENS.jsonl)")
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args()
@@ -311,7 +320,7 @@ def main() -> None:
     if args.markdown:
         print(markdown(path))
         return
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     from actprune.pruning.checkpoint.hf_io import load_tokenizer
 
     dense_dir, start = cache / "models" / DENSE_NAME, Path(args.pruned or cache / "pruned20")
@@ -347,7 +356,7 @@ def main() -> None:
             begin = dense_dir if row.startswith("dense") else start
             cmd = finetune_args(row, args, begin, dense_dir, data, val, out, steps, lr,
                                 (general, args.mix_other) if general else None)
-            cost = train(cmd, out)
+            cost = train(cmd, out, args.threads)
             vals = [r for r in map(json.loads, (out / "finetune_log.jsonl").read_text().splitlines())
                     if "val_ppl" in r or "val_loss" in r]
             evaluate(key, out, {"row": row, "budget": args.budget, "lr": lr, **mix,
