@@ -110,7 +110,7 @@ def paragraphs(text: str, chars: int = 1500) -> list[str]:
 def other_docs(tok, budget: int) -> list[str]:
     """Documents of the first half of every other-domain text, ``budget`` tokens shared equally;
     a text too short for its share gives all it has and the others fill the rest. When all of
-    them hold fewer than ``budget`` tokens (a quarter of 256k is ~2.6× what they hold), each is
+    them hold fewer than ``budget`` tokens (a quarter of 256k is ~2× what they hold), each is
     repeated, in order, as many times as it takes — the passes are printed and go into the
     BENCHMARKS prose, since text seen several times is not the same mix as fresh text."""
     from texts import halves
