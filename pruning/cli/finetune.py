@@ -76,6 +76,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="run the teacher once over the training rows and keep its top-K next tokens on disk "
                         "(safetensors); training then needs no teacher in memory. Loss: the KL on those K "
                         "tokens plus 'any other' (0: the live teacher, full vocabulary; 64 is a good start)")
+    p.add_argument("--kd-hidden", type=float, default=0.0, metavar="BETA",
+                   help="add BETA x a per-layer hidden-state loss: each layer's output follows the teacher's on the "
+                        "same tokens (mean over layers and tokens of |h_s - h_t|^2 / |h_t|^2; Minitron's "
+                        "intermediate-state loss). Keeps the teacher in memory, even with --teacher-topk (0: off)")
     p.add_argument("--local-steps", type=int, default=0, metavar="N",
                    help="before global training, train each layer N steps to reproduce the teacher's layer "
                         "from the teacher's layer input (block-wise distillation; each layer keeps its best "

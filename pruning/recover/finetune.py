@@ -4,6 +4,7 @@ Plain fine-tuning minimises the language-model loss (next-token cross-entropy). 
 teacher (the unpruned original) the loss is the documented mix::
 
     loss = kd_alpha * T² * KL(softmax(teacher / T) ‖ softmax(student / T)) + (1 - kd_alpha) * CE
+           [+ kd_hidden * hidden-state loss (per layer, :mod:`.features`)]
 
 averaged over predicted tokens (Hinton et al.; Minitron reports distillation recovers far more
 than fine-tuning alone). One optimizer step is ``grad_accum`` micro-batches of ``batch_size``
@@ -45,6 +46,7 @@ from actprune.pruning.checkpoint.hf_io import (
 from actprune.pruning.checkpoint.trust import resolve_trust
 from actprune.pruning.recover import teacher_cache as tc
 from actprune.pruning.recover import train_state as ts
+from actprune.pruning.recover.features import feature_loss, recorders
 from actprune.pruning.recover.recipe_config import (
     FinetuneConfig,
     check_config,
@@ -70,6 +72,7 @@ class FinetuneRecipe(RecipeData):
         self.early = ts.EarlyStop(cfg.early_stop_patience)
         self.rank, self.world, self.is_main = 0, 1, True  # set by the distributed recipe
         self.best_root = self.out / "best"
+        self.teacher = self.live_teacher = self.features = None  # set up by setup()
         self.ckpt_root = self.out / "checkpoints"
 
     def _say(self, msg: str) -> None:
@@ -90,12 +93,17 @@ class FinetuneRecipe(RecipeData):
         cfg = self.cfg  # with the sizes picked from the data
         self.stored_dtype = self.model_dtype(cfg.model)
         self.model = self._build_student()
-        self.teacher, self.teacher_topk = None, None
+        self.teacher, self.teacher_topk, self.live_teacher = None, None, None
         if cfg.teacher:
             if read_config(cfg.teacher).get("vocab_size") != read_config(cfg.model).get("vocab_size"):
                 raise data_mod.DataError("--teacher has another vocabulary than --model; distillation needs the same one")
+            if not cfg.teacher_topk or cfg.kd_hidden:  # the hidden-state loss needs the teacher in memory
+                self.live_teacher = self._build_teacher(torch.bfloat16 if self.use_bf16 else torch.float32)
             if not cfg.teacher_topk:
-                self.teacher = self._build_teacher(torch.bfloat16 if self.use_bf16 else torch.float32)
+                self.teacher = self.live_teacher  # the logit KL from it too
+        if cfg.kd_hidden:
+            self.features = recorders(self.model, self.live_teacher, cfg.model)
+            self._say(f"hidden-state loss on {len(self.features[0])} layer pairs, weight {cfg.kd_hidden:g}")
         if cfg.local_steps and not (cfg.resume and ts.latest_checkpoint(self.ckpt_root)):
             self._local_stage()  # a resumed run's checkpoint already holds its effect
         if cfg.teacher_topk:
@@ -146,7 +154,7 @@ class FinetuneRecipe(RecipeData):
         from actprune.pruning.recover.blockwise import blockwise_distill
 
         cfg = self.cfg
-        teacher = self.teacher or self._build_teacher(torch.float32)
+        teacher = self.live_teacher or self._build_teacher(torch.float32)
         report = blockwise_distill(self.model, teacher, self.train_rows, steps=cfg.local_steps, lr=cfg.local_lr,
                                    batch_size=cfg.batch_size, max_tokens=cfg.local_tokens,
                                    progress=cfg.progress and self.is_main)
@@ -216,18 +224,29 @@ class FinetuneRecipe(RecipeData):
         return nullcontext()
 
     def losses(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
         with self.autocast():
-            logits = self.model(input_ids=ids).logits  # (B, T, V)
+            if self.features is None:
+                logits = self.model(input_ids=ids).logits  # (B, T, V)
+            else:  # the layers' outputs too, and the live teacher's on the same ids
+                with self.features[0].recording() as s_states:
+                    logits = self.model(input_ids=ids).logits
+                with torch.no_grad(), self.features[1].recording() as t_states:
+                    t_logits = self.live_teacher(input_ids=ids).logits
             out = {"lm_loss": lm_loss(logits, ids)}
+            feature = None if self.features is None else feature_loss(s_states, t_states)
+            if feature is not None:
+                out["feature_loss"] = feature
             if self.teacher is not None:
-                with torch.no_grad():
-                    t_logits = self.teacher(input_ids=ids).logits
-                out["kd_loss"] = kd_loss(logits, t_logits, self.cfg.kd_temperature)
-                out["loss"] = mixed_loss(out["lm_loss"], out["kd_loss"], self.cfg.kd_alpha)
+                if self.features is None:
+                    with torch.no_grad():
+                        t_logits = self.teacher(input_ids=ids).logits
+                out["kd_loss"] = kd_loss(logits, t_logits, cfg.kd_temperature)
             elif self.teacher_topk is not None:
                 t_logprobs, t_indices = self.teacher_topk.lookup(ids)
-                out["kd_loss"] = tc.topk_kd_loss(logits, t_logprobs, t_indices, self.cfg.kd_temperature)
-                out["loss"] = mixed_loss(out["lm_loss"], out["kd_loss"], self.cfg.kd_alpha)
+                out["kd_loss"] = tc.topk_kd_loss(logits, t_logprobs, t_indices, cfg.kd_temperature)
+            if "kd_loss" in out:
+                out["loss"] = mixed_loss(out["lm_loss"], out["kd_loss"], cfg.kd_alpha, feature, cfg.kd_hidden)
             else:
                 out["loss"] = out["lm_loss"]
         return out
@@ -353,7 +372,10 @@ class FinetuneRecipe(RecipeData):
         return self.model
 
     def cleanup(self) -> None:
-        self.teacher = None
+        if self.features is not None:
+            for rec in self.features:
+                rec.remove()
+        self.teacher = self.live_teacher = self.features = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -53,6 +53,7 @@ class FinetuneConfig:
     kd_temperature: float = 1.0
     kd_alpha: float = 0.5
     teacher_topk: int = 0  # > 0: the teacher's top-k cached on disk in one pass (teacher_cache.py)
+    kd_hidden: float = 0.0  # > 0: weight of the per-layer hidden-state loss (features.py); needs the live teacher
     local_steps: int = 0  # > 0: block-wise distillation of each layer first (blockwise.py), steps per layer
     local_lr: float = 3e-4
     local_tokens: int = 16384  # training tokens the local stage stores layer inputs/outputs for
@@ -98,18 +99,24 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float) ->
     return kl.mean() * temperature**2
 
 
-def mixed_loss(lm: torch.Tensor, kd: torch.Tensor, alpha: float) -> torch.Tensor:
-    return alpha * kd + (1.0 - alpha) * lm
+def mixed_loss(lm: torch.Tensor, kd: torch.Tensor, alpha: float, feature: torch.Tensor | None = None,
+               beta: float = 0.0) -> torch.Tensor:
+    """alpha · KD + (1 − alpha) · LM, plus beta · the hidden-state loss when given."""
+    loss = alpha * kd + (1.0 - alpha) * lm
+    return loss if feature is None else loss + beta * feature
 
 
 def val_record(means: dict[str, float], temperature: float) -> dict[str, float]:
     """One validation's figures from the mean losses per predicted token (the keys of the
     recipe's ``losses``): the LM loss and its perplexity; with a teacher (``kd_loss`` present)
-    also KL(teacher ‖ student) at temperature T (the KD term ÷ T²) and the training objective."""
+    also KL(teacher ‖ student) at temperature T (the KD term ÷ T²) and the training objective;
+    with ``--kd-hidden`` the hidden-state loss (``val_feature``)."""
     rec = {"val_loss": means["lm_loss"], "val_ppl": math.exp(means["lm_loss"])}
     if "kd_loss" in means:
         rec["val_kl"] = means["kd_loss"] / temperature**2
         rec["val_objective"] = means["loss"]
+    if "feature_loss" in means:
+        rec["val_feature"] = means["feature_loss"]
     return rec
 
 
@@ -132,6 +139,11 @@ def check_config(cfg: FinetuneConfig) -> None:
         raise DataError("--kd-alpha must be in [0, 1] and --kd-temperature > 0")
     if cfg.teacher_topk < 0 or (cfg.teacher_topk and not cfg.teacher):
         raise DataError("--teacher-topk must be >= 0 and needs --teacher")
+    if cfg.kd_hidden < 0 or (cfg.kd_hidden and not cfg.teacher):
+        raise DataError("--kd-hidden must be >= 0 and needs --teacher")
+    if cfg.kd_hidden and cfg.fsdp:
+        raise DataError("--kd-hidden is not supported with --fsdp yet: run in one process (--device-map auto for "
+                        "a model larger than one GPU)")
     if cfg.local_steps < 0 or (cfg.local_steps and not cfg.teacher):
         raise DataError("--local-steps must be >= 0 and needs --teacher")
     if cfg.local_steps and (cfg.fsdp or cfg.lora or cfg.device_map):

@@ -38,10 +38,10 @@ def test_score_is_perplexity_and_kl_against_the_cached_reference(tmp_path):
 
 
 def test_rows_share_data_budget_and_seed_and_differ_only_in_loss_and_start():
-    args = Namespace(local_steps=16, local_tokens=8192)
+    args = Namespace(local_steps=16, local_tokens=8192, kd_hidden=5.0)
     p = Path
     cmds = {r: recovery.finetune_args(r, args, p("start"), p("dense"), p("d.jsonl"), p("v.jsonl"), p("o"), 16, 1e-4)
-            for r in ("plain", "distil", "local+distil")}
+            for r in ("plain", "distil", "distil+hidden", "local+distil")}
     common = ["--data", "d.jsonl", "--max-steps", "16", "--batch-size", "4", "--seed", "0", "--val-data", "v.jsonl"]
     for cmd in cmds.values():
         assert all(x in cmd for x in common)
@@ -49,6 +49,10 @@ def test_rows_share_data_budget_and_seed_and_differ_only_in_loss_and_start():
     assert cmds["plain"][cmds["plain"].index("--kd-alpha") + 1] == "0.0"
     assert cmds["distil"][cmds["distil"].index("--kd-alpha") + 1] == "1.0" and "--teacher-topk" in cmds["distil"]
     assert "--local-steps" in cmds["local+distil"] and "--local-steps" not in cmds["distil"]
+    # distil+hidden is distil and the hidden-state term, nothing else
+    hidden = cmds["distil+hidden"]
+    assert hidden[hidden.index("--kd-hidden") + 1] == "5" and hidden[:-2] == cmds["distil"]
+    assert all("--kd-hidden" not in c for r, c in cmds.items() if r != "distil+hidden")
 
 
 def test_markdown_divides_by_dense_and_shows_accuracy_with_its_error(tmp_path):

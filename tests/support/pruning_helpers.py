@@ -182,3 +182,14 @@ def stats_from_samples(config: dict, samples, blocks: list[float] | None = None,
 
 # The tiny test models share the Llama module layout: the registry's view walks any of their layers.
 VIEW = HfModel(None, REGISTRY["LlamaForCausalLM"])
+
+
+def finetune_cfg(model, data, out, **kw):
+    """A FinetuneConfig for the tiny checkpoints and the ``pr_jsonl`` records: small rows and
+    batches, a quarter held out, 6 steps, no progress bars; ``kw`` wins."""
+    from actprune.pruning.recover.finetune import FinetuneConfig
+
+    base = dict(model=str(model), data=str(data), output=str(out), text_field="response",
+                lr=3e-3, warmup_steps=2, batch_size=2, seq_len=32, val_fraction=0.25,
+                max_steps=6, progress=False)
+    return FinetuneConfig(**{**base, **kw})

@@ -15,15 +15,10 @@ from actprune.pruning.data import DataError
 from actprune.pruning.fixtures.synthetic import build_checkpoint
 from actprune.pruning.recover.finetune import FinetuneConfig, FinetuneRecipe, main
 from actprune.pruning.recover.recipe_config import kd_loss, lr_at
+from pruning_helpers import finetune_cfg
 from safetensors.torch import load_file
 
-
-def _cfg(model, data, out, **kw) -> FinetuneConfig:
-    base = dict(model=str(model), data=str(data), output=str(out), text_field="response",
-                lr=3e-3, warmup_steps=2, batch_size=2, seq_len=32, val_fraction=0.25,
-                max_steps=6, progress=False)
-    base.update(kw)
-    return FinetuneConfig(**base)
+_cfg = finetune_cfg
 
 
 def _log(out: Path) -> list[dict]:
