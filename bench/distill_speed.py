@@ -65,6 +65,8 @@ def main() -> int:
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     ap.add_argument("--steps", type=int, default=5, help="timed steps")
+    ap.add_argument("--kd-hidden", type=float, default=0.0, metavar="BETA",
+                    help="with the per-layer hidden-state loss (finetune --kd-hidden): its cost per token")
     ap.add_argument("--json", type=Path, default=None, help="also write the result here")
     args = ap.parse_args()
 
@@ -77,7 +79,8 @@ def main() -> int:
     cfg = FinetuneConfig(model=str(student), teacher=str(teacher), data=str(data), output=str(args.dir / "out"),
                          max_steps=total, warmup_steps=1, lr=1e-5, seq_len=args.seq_len,
                          batch_size=args.batch_size, grad_accum=args.grad_accum, val_fraction=0.0,
-                         bf16=args.bf16, grad_checkpointing=args.grad_checkpointing, kd_alpha=0.5, progress=False, stop_after_steps=args.warmup)
+                         bf16=args.bf16, grad_checkpointing=args.grad_checkpointing, kd_alpha=0.5, kd_hidden=args.kd_hidden, progress=False,
+                         stop_after_steps=args.warmup)
     recipe = FinetuneRecipe(cfg)
     recipe.setup()
     recipe.train()  # the untimed warm-up steps (stop_after_steps leaves the loop there)
@@ -96,10 +99,10 @@ def main() -> int:
         "load_avg": round(os.getloadavg()[0], 2), "student_params_m": round(params / 1e6, 1),
         "teacher_intermediate": args.intermediate, "student_intermediate": args.student_intermediate,
         "dtype": args.dtype, "bf16": args.bf16, "grad_checkpointing": args.grad_checkpointing,
-        "vocab": args.vocab, "seq_len": args.seq_len,
+        "vocab": args.vocab, "seq_len": args.seq_len, "kd_hidden": args.kd_hidden,
         "rows_per_step": args.batch_size * args.grad_accum, "timed_steps": args.steps,
         "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1),
-        "last_step": {k: v for k, v in recipe.history[-1].items() if k in ("step", "loss", "lm_loss", "kd_loss")},
+        "last_step": {k: v for k, v in recipe.history[-1].items() if k in ("step", "loss", "lm_loss", "kd_loss", "feature_loss")},
     }
     print(json.dumps(result, indent=2))
     if args.json:

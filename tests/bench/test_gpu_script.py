@@ -167,13 +167,15 @@ def test_report_of_a_no_vllm_run_takes_the_graph_figures(tmp_path):
 
 
 @pytest.mark.slow
-def test_distill_speed_times_the_real_recipe_on_a_tiny_model(tmp_path):
+@pytest.mark.parametrize("hidden", [[], ["--kd-hidden", "2"]], ids=["logits", "hidden-states"])
+def test_distill_speed_times_the_real_recipe_on_a_tiny_model(tmp_path, hidden):
     out = tmp_path / "distill.json"
     subprocess.run([sys.executable, str(ROOT / "bench" / "distill_speed.py"), "--dir", str(tmp_path / "d"),
                     "--hidden", "64", "--layers", "2", "--intermediate", "128", "--student-intermediate", "64",
-                    "--seq-len", "32", "--batch-size", "2", "--warmup", "1", "--steps", "2", "--json", str(out)],
-                   check=True, capture_output=True, timeout=600)
+                    "--seq-len", "32", "--batch-size", "2", "--warmup", "1", "--steps", "2", "--json", str(out),
+                    *hidden], check=True, capture_output=True, timeout=600)
     res = json.loads(out.read_text())
     assert res["timed_steps"] == 2 and res["tokens_per_s"] > 0
     assert res["last_step"]["step"] == 3  # one untimed step, then the two timed ones
     assert res["last_step"]["kd_loss"] > 0  # distillation from the teacher, not plain fine-tuning
+    assert ("feature_loss" in res["last_step"]) == bool(hidden) and res["kd_hidden"] == (2.0 if hidden else 0.0)
