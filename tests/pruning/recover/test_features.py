@@ -125,3 +125,10 @@ def test_cli_refuses_kd_hidden_without_a_teacher_and_pairs_it_can_not_trace(tiny
     other = build_checkpoint(tmp_path / "deep", arch="qwen3", num_hidden_layers=3)
     assert cli([*base, "-o", str(tmp_path / "b"), "--teacher", str(other), "--kd-hidden", "1"]) == 2
     assert "does not say which teacher layers" in capsys.readouterr().err
+
+
+def test_under_lora_the_hooks_find_the_layers_inside_the_adapter_wrapper(tiny, teacher, pr_jsonl, tmp_path):
+    out = main(_cfg(tiny, pr_jsonl, tmp_path / "lora", teacher=str(teacher), lora=True, kd_hidden=1.0, max_steps=2))
+    log = [json.loads(x) for x in (Path(out) / "finetune_log.jsonl").read_text().splitlines()]
+    assert [e["feature_loss"] > 0 for e in log if "lr" in e] == [True, True]
+    assert type(load_causal_lm(out)).__name__ == "Qwen3ForCausalLM"  # merged, as without the term
