@@ -109,6 +109,8 @@ def servers(stack: ExitStack, model: Path, mode: str, args: argparse.Namespace, 
               "--max-num-batched-tokens", "2048", *([] if mode == "compiled" else ["--enforce-eager"])]
     env = {"VLLM_CPU_KVCACHE_SPACE": "2", "ACTPRUNE_SNAPSHOT_INTERVAL": "0",
            "ACTPRUNE_SNAPSHOT_DIR": str(args.workdir / "snapshots")}
+    if args.preload:  # both servers alike, e.g. the tcmalloc vLLM's CPU install guide preloads
+        env["LD_PRELOAD"] = ":".join(filter(None, [args.preload, os.environ.get("LD_PRELOAD")]))
     variants = {"on": [], "off": ["--no-capture", "--no-enable-prefix-caching"]}
     if prefix:
         variants["vllm defaults"] = ["--no-capture"]  # prefix caching on: vLLM's default
@@ -285,9 +287,14 @@ def main() -> int:
                     "(router statistics captured); 0: dense Qwen3")
     ap.add_argument("--top-k", type=int, default=2, help="experts per token (with --experts)")
     ap.add_argument("--moe-intermediate", type=int, default=256, help="neurons of one expert (with --experts)")
+    ap.add_argument("--preload", default=None, metavar="LIB",
+                    help="LD_PRELOAD this library into every server (vLLM's CPU guide preloads tcmalloc, e.g. "
+                         "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4); default: the system allocator")
     ap.add_argument("--write", action="store_true", help="put the table into BENCHMARKS.md")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here (bench/gpu_report.py reads them)")
     args = ap.parse_args()
+    if args.preload and not Path(args.preload).is_file():  # the loader would only warn, and run without it
+        ap.error(f"--preload {args.preload}: no such file")
     args.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="actprune-overhead-"))
     args.workdir.mkdir(parents=True, exist_ok=True)
     started, load_before = time.time(), os.getloadavg()
@@ -304,6 +311,7 @@ def main() -> int:
             f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(started))} UTC, {(time.time() - started) / 60:.0f} min; "
             f"{platform.machine()}, {os.cpu_count()} cores; model {_shape_name(args)} {params / 1e6:.0f}M, {args.dtype}; "
             f"{args.tokens} tokens generated per request, {args.rounds} interleaved rounds, median (min–max); "
+            f"servers' allocator: {f'LD_PRELOAD {args.preload}' if args.preload else 'the system malloc'}; "
             f"load average {' / '.join(f'{x:.1f}' for x in load_before)} before, "
             f"{' / '.join(f'{x:.1f}' for x in load_after)} after.")
     text = "\n".join([head, "", *out]).rstrip()
@@ -314,6 +322,7 @@ def main() -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "params_m": round(params / 1e6), "dtype": args.dtype, "tokens": args.tokens, "rounds": args.rounds,
+            "preload": args.preload,
             "load_before": load_before, "load_after": load_after, "modes": figures}, indent=2) + "\n")
     return 0
 
