@@ -74,7 +74,7 @@ class LayerOutputs:
 
     def __init__(self, model: Any, layers: list[int], group: str) -> None:
         all_layers = HfModel.of(_unwrap(model)).layers
-        self.registry, self.group = HookRegistry(), group
+        self.registry = HookRegistry()
         self._want = {idx: k for k, idx in enumerate(layers)}
         self._out: list[torch.Tensor | None] = [None] * len(layers)
         self._on = False

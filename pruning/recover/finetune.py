@@ -232,7 +232,10 @@ class FinetuneRecipe(RecipeData):
                 with self.features[0].recording() as s_states:
                     logits = self.model(input_ids=ids).logits
                 with torch.no_grad(), self.features[1].recording() as t_states:
-                    t_logits = self.live_teacher(input_ids=ids).logits
+                    if self.teacher is None:  # the KL comes from the top-k cache: the backbone alone, no lm_head
+                        self.live_teacher.base_model(input_ids=ids)
+                    else:
+                        t_logits = self.live_teacher(input_ids=ids).logits
             out = {"lm_loss": lm_loss(logits, ids)}
             feature = None if self.features is None else feature_loss(s_states, t_states)
             if feature is not None:

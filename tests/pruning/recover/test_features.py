@@ -110,10 +110,17 @@ def test_the_term_moves_the_students_states_towards_the_teachers(teacher, pr_jso
 
 def test_with_the_topk_cache_the_kl_comes_from_the_cache_and_the_states_from_the_live_teacher(
         tiny, teacher, pr_jsonl, tmp_path):
-    out = main(_cfg(tiny, pr_jsonl, tmp_path / "topk", teacher=str(teacher), teacher_topk=8, kd_hidden=0.5,
-                    kd_alpha=1.0, max_steps=2))
+    recipe = FinetuneRecipe(_cfg(tiny, pr_jsonl, tmp_path / "topk", teacher=str(teacher), teacher_topk=8,
+                                 kd_hidden=0.5, kd_alpha=1.0, max_steps=2))
+    recipe.setup()
+    ids = recipe.batch_rows(0)
+    feat = _reference(_states(tiny, ids), _states(teacher, ids))  # the teacher runs without its lm_head here
+    recipe.train()
+    out = recipe.save()
+    recipe.cleanup()
     log = [json.loads(x) for x in (Path(out) / "finetune_log.jsonl").read_text().splitlines()]
     assert all("feature_loss" in e and "kd_loss" in e for e in log if "lr" in e)
+    assert log[0]["feature_loss"] == pytest.approx(feat, rel=1e-5)
     assert (Path(out) / "cache" / "teacher_topk.safetensors").is_file()
 
 
