@@ -127,7 +127,9 @@ def main() -> None:
     if args.fold_before:
         return fold_before_after(args.fold_before, args.tokens, args.reps)
     bare, hooked = _Model(), _Model()
-    cap = Capture(hooked, REGISTRY["Qwen3ForCausalLM"].vllm, CaptureOptions(max_tokens=2048),
+    # the ops, which this profiles (a CPU's default lets the graph write the rows instead, with
+    # the step's end in the model's post-hook: bench/stash_in_graph.py measures that)
+    cap = Capture(hooked, REGISTRY["Qwen3ForCausalLM"].vllm, CaptureOptions(max_tokens=2048, stash_in_graph=False),
                   ShardInfo(), torch.device("cpu"), HIDDEN)
     cap.armed.fill_(1.0)  # no forward context here: arm by hand, every row counts
     print(f"{'eager' if args.eager else 'compiled'}, {LAYERS} layers, 1 thread, "
@@ -193,9 +195,12 @@ def _fold_variants(rev: str, tokens: int):
     fb, cb, gb, _ = old.new_packed_channels(widths)
     fa, ca, ga, _ = accumulate.new_packed_channels(widths)
     blocks_b, blocks_a = torch.zeros(2, LAYERS, dtype=torch.float64), torch.zeros(2, LAYERS, dtype=torch.float64)
+    routers = torch.zeros(tokens, 0, 1)  # (T, R, E'): a dense model has no router
+    router_fields = [torch.zeros(0, dtype=torch.float64)] + [torch.zeros(0, 1, dtype=torch.float64)] * 3
     return {
         "before": lambda: before(chan, pairs, fb, cb, gb, blocks_b, ops.valid_rows(tokens, armed), thr),
-        "after": lambda: ops._fold_rows(tokens, chan, streams, valid, fa, ca, ga, blocks_a, thr),
+        "after": lambda: ops._fold_rows(tokens, chan, streams, routers, valid, fa, ca, router_fields, ga, blocks_a,
+                                        thr, 0, False),
     }
 
 
