@@ -115,8 +115,6 @@ def servers(stack: ExitStack, model: Path, mode: str, args: argparse.Namespace, 
     if prefix:
         variants["vllm defaults"] = ["--no-capture"]  # prefix caching on: vLLM's default
         variants["on, prefix caching"] = ["--enable-prefix-caching"]  # the stats count what the cache kept
-    if args.ops:  # the same capture, stashed by one op call a layer instead of by the graph
-        variants["on, ops"] = ["--model-loader-extra-config", '{"actprune": {"stash_in_graph": false}}']
     out = {}
     for name, extra in variants.items():  # one at a time: two compiling at once would thrash
         print(f"[{mode}] starting {name} ...", flush=True)
@@ -218,11 +216,6 @@ def table(mode: str, m: dict, args: argparse.Namespace) -> list[str]:
             lines.append(_row("↳ same, off = plain vLLM defaults (prefix caching on)", res["on"][w], d, steady))
             lines.append(_row("↳ on = capture with prefix caching on, off = plain vLLM defaults",
                               res["on, prefix caching"][w], d, steady))
-        if "on, ops" in res:
-            lines.append(_row("↳ on = the stash by one op call a layer (stash_in_graph false)", res["on, ops"][w],
-                              res["off"][w], steady))
-            lines.append(_row("↳ on = the stash by the graph, off = by one op call a layer", res["on"][w],
-                              res["on, ops"][w], steady))
     lines += ["", "What capture adds per generated token, by process (CPU ms, median of on − off over "
               "paired rounds):", "", "| workload | API server | engine core | worker | all |", "|---|---|---|---|---|"]
     for w in res["on"]:
@@ -297,8 +290,6 @@ def main() -> int:
     ap.add_argument("--preload", default=None, metavar="LIB",
                     help="LD_PRELOAD this library into every server (vLLM's CPU guide preloads tcmalloc, e.g. "
                          "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4); default: the system allocator")
-    ap.add_argument("--ops", action="store_true", help="a third server: capture on, stashed by one op call a "
-                    "layer (stash_in_graph false), interleaved with the other two")
     ap.add_argument("--write", action="store_true", help="put the table into BENCHMARKS.md")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here (bench/gpu_report.py reads them)")
     args = ap.parse_args()

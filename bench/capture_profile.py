@@ -127,9 +127,7 @@ def main() -> None:
     if args.fold_before:
         return fold_before_after(args.fold_before, args.tokens, args.reps)
     bare, hooked = _Model(), _Model()
-    # the ops, which this profiles (a CPU's default lets the graph write the rows instead, with
-    # the step's end in the model's post-hook: bench/stash_in_graph.py measures that)
-    cap = Capture(hooked, REGISTRY["Qwen3ForCausalLM"].vllm, CaptureOptions(max_tokens=2048, stash_in_graph=False),
+    cap = Capture(hooked, REGISTRY["Qwen3ForCausalLM"].vllm, CaptureOptions(max_tokens=2048),
                   ShardInfo(), torch.device("cpu"), HIDDEN)
     cap.armed.fill_(1.0)  # no forward context here: arm by hand, every row counts
     print(f"{'eager' if args.eager else 'compiled'}, {LAYERS} layers, 1 thread, "

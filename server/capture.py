@@ -2,8 +2,7 @@
 
 One :class:`Capture` lives in each vLLM worker process (one per tensor/pipeline-parallel
 rank), attached to the loaded model. It owns a :class:`HookRegistry` and these hooks
-(:mod:`actprune.server.capture_hooks`; the ops: :mod:`actprune.server.ops`; why they are cheap:
-docs/capture.md):
+(the ops: :mod:`actprune.server.ops`; why they are cheap: docs/capture.md):
 
 * pre-hooks on ``self_attn.o_proj`` and ``mlp.down_proj``: hold the input (attention channels
   of the local heads, MLP neurons of the local shard) for the layer's post-hook; no op
@@ -16,10 +15,6 @@ docs/capture.md):
 * post-hook on the last decoder layer -> actprune::end_step: every statistic of every layer for
   the rows buffered so far, folded at once (on a CPU once 16 rows have gathered; a step too
   long for the step buffers was folded tap by tap)
-* on a CPU whose step buffers hold every step (``in_graph``, the default there), no op call: the
-  first layer's pre-hook and every layer's post-hook write the rows with graph ops
-  (``ops.stash_rows``), and the model's post-hook ends the step (``ops.finish_step``), eagerly,
-  after the graph — the op calls were most of what capture cost a small step (BENCHMARKS.md)
 * pre-hook on the top-level model (runs eagerly, outside the compiled graph, once per step):
   arms capture at the first real step and counts prefill / decode tokens; with the post-hook on
   the same model it tells whether a step is under way (``in_step``). A step cut short (a signal,
@@ -68,14 +63,11 @@ from safetensors.numpy import load as st_load_np
 from safetensors.numpy import save as st_save
 from torch import nn
 
-from .capture_hooks import end_hook, layer_hook, router_hook, stream_in_hook, tap_hook
 from .layout import decoder_layers, has_module, partition, router_width
 from .ops import (  # importing ops registers torch.ops.actprune.*
-    FOLD_ROWS,
     STEP_FOLDING,
     STEP_OPEN,
     StepBuffers,
-    finish_step,
     step_tokens,
 )
 
@@ -88,13 +80,9 @@ HOOK_GROUP = "actprune.capture"
 class CaptureOptions:
     near_zero_threshold: float = DEFAULT_NEAR_ZERO
     max_tokens: int = 8192  # the most tokens vLLM puts in one step (max batched tokens)
-    # memory for the step buffers (None: 256 MiB, on a CPU up to 1 GiB where that holds every
-    # step): steps of up to stash_mib / (4 (ΣC + (L + 1) H)) tokens are folded once per step,
-    # longer ones tap by tap; a CPU whose buffers hold every step has the graph write the rows
-    stash_mib: int | None = None
-    # the graph writes a step's rows itself (no op call a layer): None where it can (a CPU
-    # whose buffers hold every step), False never (the ops; a GPU always uses them)
-    stash_in_graph: bool | None = None
+    # memory for the step buffers: steps of up to stash_mib / (4 (ΣC + 2 L H)) tokens are
+    # folded once per step, longer ones tap by tap (docs/capture.md)
+    stash_mib: int = 256
 
 
 @dataclass(frozen=True)
@@ -157,24 +145,21 @@ class Capture:
         taps, gates = self._taps(layers)  # (layer index, group name, linear) in layer order; routers
         self._allocate([self.partitions[name][1] for _, name, _ in taps], len(layers), gates)
         # stream slot 0: entering the first layer (of this rank); slot j + 1: leaving layer j
-        self.registry.pre_hook(HOOK_GROUP, layers[0][1], stream_in_hook(
-            self.bufs, self.in_graph, self.layout.hidden_arg, self.layout.residual_arg))
+        self.registry.pre_hook(HOOK_GROUP, layers[0][1], self._stream_in_hook())
         for j, (i, layer) in enumerate(layers):
             self.groups[group_name(i, BLOCK_KIND)] = {"cos_sum": self.bufs.blocks[0, j:j + 1],
                                                       "count": self.bufs.blocks[1, j:j + 1]}
             mine = [(g, linear) for g, (li, _, linear) in enumerate(taps) if li == i]
             held: list[torch.Tensor | None] = [None] * (len(mine) + 1)  # tap inputs, router logits
             for k, (_, linear) in enumerate(mine):
-                self.registry.pre_hook(HOOK_GROUP, linear, tap_hook(held, k))
+                self.registry.pre_hook(HOOK_GROUP, linear, self._tap_hook(held, k))
             router_slot = list(gates).index(i) if i in gates else -1
             if router_slot >= 0:
-                self.registry.post_hook(HOOK_GROUP, gates[i], router_hook(held))
-            groups = [g for g, _ in mine]
-            self.registry.post_hook(HOOK_GROUP, layer, layer_hook(
-                self.bufs, self.in_graph, held, [self.offsets[g] for g in groups], groups, j + 1, router_slot))
-        if not self.in_graph:  # else finish_step runs in the model's post-hook, after the graph
-            # after the last layer's stash (hooks run in registration order): fold what is due
-            self.registry.post_hook(HOOK_GROUP, layers[-1][1], end_hook(self.bufs))
+                self.registry.post_hook(HOOK_GROUP, gates[i], self._router_hook(held))
+            self.registry.post_hook(HOOK_GROUP, layer, self._layer_hook(held, [g for g, _ in mine], j + 1,
+                                                                        router_slot))
+        # after the last layer's stash (hooks run in registration order): fold what is due
+        self.registry.post_hook(HOOK_GROUP, layers[-1][1], self._end_hook())
         self.registry.pre_hook(HOOK_GROUP, model, self._on_step, with_kwargs=True)
         self.registry.post_hook(HOOK_GROUP, model, self._after_step)
 
@@ -208,23 +193,13 @@ class Capture:
         router_fields, router_states = new_packed_routers(experts, self.device)
         self.groups.update({group_name(i, ROUTER_KIND): st for i, st in zip(gates, router_states, strict=True)})
         row_bytes = 4 * (sum(widths) + (n_layers + 1) * self.hidden_size + len(experts) * max(experts, default=0))
-        cpu = self.device.type == "cpu"
-        whole = -(-(self.options.max_tokens + FOLD_ROWS - 1) * row_bytes // (1 << 20))  # MiB for every step
-        mib = self.options.stash_mib
-        if mib is None:  # 256 MiB; on a CPU up to 1 GiB where that holds every step (no op call)
-            mib = max(256, whole) if cpu and whole <= 1024 and self.options.stash_in_graph is not False else 256
-        rows, long_rows = StepBuffers.sizes(self.options.max_tokens, (mib << 20) // row_bytes, cpu)
+        rows, long_rows = StepBuffers.sizes(self.options.max_tokens, (self.options.stash_mib << 20) // row_bytes,
+                                            self.device.type == "cpu")
         routing = {"top_k": self.routing.top_k, "renormalize": self.routing.renormalize} if gates else {}
         self.bufs = StepBuffers.new(fields, counts, gid, self.armed, self.threshold, rows=rows, long_rows=long_rows,
                                     n_layers=n_layers, hidden=self.hidden_size,
                                     router_fields=router_fields if gates else None, **routing)
         self.bufs.warm_up()  # compile the fold at load, not in the middle of serving
-        want = self.options.stash_in_graph
-        self.in_graph = self.bufs.fit_every_step and want is not False
-        if want and not self.in_graph:
-            raise ValueError(f"actprune: stash_in_graph needs a CPU whose step buffers hold every step: "
-                             f"{whole} MiB for {self.options.max_tokens} batched tokens (stash_mib {mib})"
-                             if cpu else "actprune: stash_in_graph is for a CPU; a GPU stashes with its ops")
 
     def _router(self, i: int, layer: nn.Module) -> nn.Module | None:
         """Layer ``i``'s router if it routes to experts: vLLM built one there (by the rule of
@@ -239,6 +214,55 @@ class Capture:
             raise RuntimeError("actprune: capture does not support sequence-parallel MoE (expert "
                                "parallelism with TP > 1 and DP > 1); serve with DP = 1")
         return layer.get_submodule(path)
+
+    @staticmethod
+    def _router_hook(held: list[torch.Tensor | None]):
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            # GateLinear returns (logits, bias): the (T, E) logits vLLM routes with
+            held[-1] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    @staticmethod
+    def _tap_hook(held: list[torch.Tensor | None], k: int):
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            held[k] = args[0]  # (T, C): stashed by the layer's post-hook, with the stream
+
+        return hook
+
+    def _layer_hook(self, held: list[torch.Tensor | None], groups: list[int], slot: int, router_slot: int):
+        # One op call a layer for all its taps (each call's dispatch costs more than its copy).
+        # The held inputs are not written again before the layer ends (a linear's input and the
+        # router's output are their own tensors), and in compiled mode Dynamo traces this list
+        # away: the op gets the tensors as graph values; the list is empty again at the end.
+        bufs, offsets = self.bufs.stash_args(), [self.offsets[g] for g in groups]
+        routing = (router_slot, self.bufs.top_k, self.bufs.renormalize)
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            hidden, residual = output
+            taps, router = held[:-1], held[-1]
+            for k in range(len(held)):
+                held[k] = None
+            torch.ops.actprune.stash_layer(taps, router, hidden, residual, *bufs, offsets, groups, slot, *routing)
+
+        return hook
+
+    def _stream_in_hook(self):
+        h, r = self.layout.hidden_arg, self.layout.residual_arg
+        bufs = self.bufs.stash_args()
+
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            torch.ops.actprune.stash_layer([], None, args[h], args[r], *bufs, [], [], 0, -1, 0, False)
+
+        return hook
+
+    def _end_hook(self):
+        bufs = self.bufs.end_args()
+
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            torch.ops.actprune.end_step(output[0], *bufs)
+
+        return hook
 
     def _on_step(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         """Eager, once per forward step: arm at the first real step, count tokens."""
@@ -261,8 +285,6 @@ class Capture:
         self.tokens_decode += self._step_counted[1]
 
     def _after_step(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if self.in_graph:  # the graph wrote this step's rows: now fold what is due
-            finish_step(self.bufs, int(self.bufs.step_rows[0]))
         self.in_step = False
         if self.after_step is not None:
             self.after_step()

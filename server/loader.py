@@ -6,12 +6,8 @@ on another node under Ray — gets them with the config, not through the environ
 
     load_format          the weight format to hand to the default loader ("auto")
     near_zero_threshold  |x| at or below which an activation counts as near zero (1e-3)
-    stash_mib            memory for the step buffers (256; on a CPU up to 1024 where that holds
-                         every step): steps that fit are folded once, at their end; longer ones
-                         tap by tap
-    stash_in_graph       false: stash with one op call a layer even where the compiled graph
-                         could write the rows itself (a CPU whose buffers hold every step;
-                         docs/capture.md)
+    stash_mib            memory for the step buffers (256): steps that fit are folded once, at
+                         their end; longer ones tap by tap (docs/capture.md)
 """
 
 from __future__ import annotations
@@ -82,9 +78,8 @@ class CaptureModelLoader(DefaultModelLoader):
         )
         attach_capture(model, capture)
         logger.info(
-            "actprune: capturing %d layers (tp %d/%d, pp %d/%d); step buffers of %d rows, stashed %s",
+            "actprune: capturing %d layers (tp %d/%d, pp %d/%d)",
             len(capture.groups) // 3, shard.tp_rank, shard.tp_size, shard.pp_rank, shard.pp_size,
-            capture.bufs.chan.shape[0], "by the graph" if capture.in_graph else "by one op call a layer",
         )
         return model
 

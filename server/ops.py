@@ -18,11 +18,6 @@ buffers folds each tap where it is, its cost spread over many tokens. The ops ar
 ``torch.library.Library`` rather than ``torch.library.custom_op``, whose Python wrappers cost
 ~13 µs more per call (21 vs 8 µs).
 
-On a CPU whose step buffers hold every step (the capture's default there), no step is long and
-the graph writes the rows itself, with no op call (``stash_rows``, fused into the kernels that
-produce the activations); the model's post-hook then ends the step eagerly (``finish_step``,
-``end_step``'s body).
-
 Ops (all return nothing; buffers and accumulators are updated in place):
 
     actprune::stash_layer(taps [(T,C_k)], router (T,E) | None, hidden (T,H), residual (T,H) | None,
@@ -61,10 +56,7 @@ import torch
 from actprune.core.tensor.accumulate import fold_blocks, fold_packed, fold_routers
 from torch import Tensor
 
-from .step_context import step_tokens, valid_rows  # the ops' view of vLLM's forward context
-
-__all__ = ["FOLD_ROWS", "STEP_DONE", "STEP_FOLDING", "STEP_OPEN", "StepBuffers", "finish_step", "stash_rows",
-           "step_tokens", "valid_rows"]
+__all__ = ["FOLD_ROWS", "STEP_DONE", "STEP_FOLDING", "STEP_OPEN", "StepBuffers", "step_tokens", "valid_rows"]
 
 _LIB = torch.library.Library("actprune", "FRAGMENT")  # the stash ops below
 
@@ -78,6 +70,56 @@ _LIB = torch.library.Library("actprune", "FRAGMENT")  # the stash ops below
 # folds (BENCHMARKS.md, issue 16). A GPU folds each step whole (one set of kernels).
 FOLD_ROWS = 16
 STEP_OPEN, STEP_FOLDING, STEP_DONE = 0, 1, 2  # StepBuffers.phase
+
+
+def valid_rows(num_tokens: int, armed: Tensor) -> Tensor:
+    """(T,) bool: the rows of this step that are real tokens of a real request.
+
+    ``armed`` is a device scalar (1 = capturing): it stays 0 through vLLM's profile and
+    warm-up passes and while paused. vLLM marks padding rows in ``is_padding``; that tensor is
+    a view of a persistent buffer, so a CUDA graph captured with it reads each replay's mask.
+    """
+    pad = None
+    try:
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        if is_forward_context_available():
+            pad = get_forward_context().is_padding
+    except ImportError:  # the offline recorder has no forward context
+        pass
+    on = armed.to(torch.bool)
+    if pad is None:
+        return on.expand(num_tokens)
+    return torch.logical_and(torch.logical_not(pad[:num_tokens]), on)
+
+
+def step_tokens() -> tuple[int, int] | None:
+    """(prefill, decode) real tokens of the current forward step, or None for a dummy run.
+
+    A request whose query in this step is one token long is counted as decode (a one-token
+    prompt chunk is indistinguishable here and rare)."""
+    try:
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+    except ImportError:
+        return None
+    if not is_forward_context_available():
+        return None
+    md = get_forward_context().attn_metadata
+    if isinstance(md, list):  # dual-batch overlap: one dict per micro-batch
+        md = md[0] if md else None
+    if not md:
+        return None
+    m = next(iter(md.values()))
+    qsl = getattr(m, "query_start_loc_cpu", None)
+    if qsl is None:
+        qsl = getattr(m, "query_start_loc", None)
+    if qsl is None:
+        n = int(getattr(m, "num_actual_tokens", 0))
+        return (n, 0) if n else None
+    q = torch.diff(qsl.to("cpu")).tolist()
+    q = [x for x in q if x > 0]
+    decode = sum(1 for x in q if x == 1)
+    return sum(q) - decode, decode
 
 
 @dataclass(frozen=True)
@@ -105,7 +147,6 @@ class StepBuffers:
     # at its first stash: vLLM replaying a full CUDA graph, which calls no module's hooks);
     # [1] the real tokens of such steps, which the model's Python pre-hook could not count
     hookless: Tensor
-    step_rows: Tensor  # (1,) int64: T of the step whose rows the graph wrote last (stash_rows)
     top_k: int = 0  # the MoE model's routing (its config)
     renormalize: bool = False
 
@@ -136,7 +177,6 @@ class StepBuffers:
                                  dtype=torch.int32, device=device),
             blocks=torch.zeros(2, n_layers, dtype=torch.float64, device=device),
             armed=armed, threshold=threshold, hookless=torch.zeros(2, dtype=torch.float64, device=device),
-            step_rows=torch.zeros(1, dtype=torch.int64, device=device),
         )
 
     @staticmethod
@@ -149,12 +189,6 @@ class StepBuffers:
         slack = FOLD_ROWS - 1 if cpu else 0
         rows = min(max_tokens + slack, budget_rows)
         return rows, (max_tokens if rows < max_tokens + slack else 0)
-
-    @property
-    def fit_every_step(self) -> bool:
-        """A CPU's buffers that hold the largest step beside the rows waiting: no step is long,
-        so the graph may write the rows itself (``stash_rows``)."""
-        return self.cursor is not None and self.scratch.shape[0] == 0
 
     def stash_args(self) -> tuple:
         """stash_layer's arguments after (taps, router, hidden, residual), to offsets."""
@@ -349,14 +383,9 @@ def stash_layer(taps: list[Tensor], router: Tensor | None, hidden: Tensor, resid
 
 
 def end_step(hidden: Tensor, phase: Tensor) -> None:
-    finish_step(_buffers(phase), hidden.shape[0])
-
-
-def finish_step(b: StepBuffers, t: int) -> None:
-    """The end of a step of t rows: record which rows count, fold the rows due. In the graph
-    (``end_step``) after the last layer's stash, or eagerly after the graph when the graph
-    wrote the rows itself (``stash_rows``)."""
-    phase, chan, cursor, valid = b.phase, b.chan, b.cursor, b.valid
+    b = _buffers(phase)
+    chan, cursor, valid = b.chan, b.cursor, b.valid
+    t = hidden.shape[0]
     row = _pending(cursor)
     rows = valid_rows(t, b.armed)  # (T,): which rows count, decided as the step runs
     b.hookless[1:2].add_(rows.sum(dtype=torch.float64) * b.hookless[0])  # a step no hook counted
@@ -374,36 +403,6 @@ def finish_step(b: StepBuffers, t: int) -> None:
     if cursor is not None:
         cursor.zero_()
     phase.fill_(STEP_DONE)
-
-
-def stash_rows(taps: list[Tensor], router: Tensor | None, hidden: Tensor, residual: Tensor | None,
-               chan: Tensor, stream: Tensor, routers: Tensor, cursor: Tensor, step_rows: Tensor, offsets: list[int],
-               slot: int, router_slot: int) -> None:
-    """What ``stash_layer`` does for a step that fits, written as graph ops: on a CPU whose step
-    buffers hold the largest step beside the rows waiting (``StepBuffers.fit_every_step``), no step
-    is long, so there is nothing to branch on and the compiled graph writes the rows itself —
-    Inductor fuses the writes into the kernels that produce the activations: no op call, no
-    Python, no copy kernel of its own (BENCHMARKS.md, issue 16: the calls were most of what the
-    capture cost a small step). Rows cursor .. cursor + T - 1, the cursor read inside the graph
-    (a CPU tensor: no sync); ``finish_step`` runs after the graph. Indexing the whole buffers,
-    not views of them, lets the compiler write in place (a view's update is a copy of the
-    whole buffer). Arguments as ``stash_layer``'s; chan (N, ΣC), stream (N, L + 1, H), routers
-    (N, R, E') float32; cursor (1,) int64; step_rows (1,) int64 gets T at slot 0, for
-    ``finish_step`` (the model's output need not say it: a pipeline rank's is not a tensor)."""
-    t = hidden.shape[0]
-    if slot == 0:
-        step_rows.fill_(t)
-    rows = torch.arange(t, device=hidden.device) + cursor  # (T,) int64: after the rows waiting
-    for x, offset in zip(taps, offsets, strict=True):
-        cols = torch.arange(offset, offset + x.shape[-1], device=x.device)  # (C_k,)
-        chan.index_put_((rows[:, None], cols[None, :]), x.reshape(t, -1).float())
-    if router is not None:  # the columns past this layer's E stay -inf
-        e = router.shape[-1]
-        cols = torch.arange(e, device=router.device)
-        routers.index_put_((rows[:, None], torch.full_like(rows, router_slot)[:, None], cols[None, :]),
-                           router.reshape(t, e).float())
-    h = hidden.float() if residual is None else hidden.float() + residual.float()  # (T, H)
-    stream.index_put_((rows, torch.full_like(rows, slot)), h)
 
 
 _define("stash_layer(Tensor[] taps, Tensor? router, Tensor hidden, Tensor? residual, Tensor(a!) phase, "

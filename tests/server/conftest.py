@@ -25,9 +25,6 @@ MODES = {
     "eager": (["--enforce-eager"], {}),
     "compiled": ([], {}),
     "compiled-tp2": (["--tensor-parallel-size", "2"], TP2_ENV),
-    # the stash by one op call a layer (a GPU's way, and a CPU's when its buffers cannot hold
-    # every step); the other modes' buffers hold every step, so their graphs write the rows
-    "compiled-ops": (["--model-loader-extra-config", '{"actprune": {"stash_in_graph": false}}'], {}),
 }
 
 

@@ -10,7 +10,6 @@ import pytest
 import torch
 from actprune.core.archs import REGISTRY
 from actprune.server.capture import Capture, CaptureOptions, Routing, ShardInfo
-from actprune.server.ops import FOLD_ROWS
 from actprune.server.snapshot import assemble
 from torch import Tensor, nn
 from vllm.forward_context import ForwardContext, override_forward_context
@@ -69,10 +68,10 @@ class _AttnMetadata:
     query_start_loc_cpu = torch.tensor([0, 3], dtype=torch.int32)  # one 3-token prefill
 
 
-def _rank(rank: int, in_graph: bool | None = None) -> tuple[_Model, Capture]:
+def _rank(rank: int) -> tuple[_Model, Capture]:
     model = _Model(rank)
-    capture = Capture(model, LAYOUT, CaptureOptions(max_tokens=8, stash_in_graph=in_graph),
-                      ShardInfo(tp_rank=rank, tp_size=TP), torch.device("cpu"), HIDDEN, routing=ROUTING)
+    capture = Capture(model, LAYOUT, CaptureOptions(max_tokens=8), ShardInfo(tp_rank=rank, tp_size=TP),
+                      torch.device("cpu"), HIDDEN, routing=ROUTING)
     return model, capture
 
 
@@ -83,10 +82,8 @@ def _step(model: _Model, logits: Tensor) -> None:
         model(torch.arange(4), logits)
 
 
-@pytest.mark.parametrize("in_graph", [None, False], ids=["graph-written", "op-stashed"])
-def test_router_of_rank_zero_is_the_file_s_and_resume_restores_it_exactly(in_graph):
-    ranks = [_rank(r, in_graph) for r in range(TP)]
-    assert all(c.in_graph == (in_graph is None) for _, c in ranks)  # a CPU's default: the graph writes
+def test_router_of_rank_zero_is_the_file_s_and_resume_restores_it_exactly():
+    ranks = [_rank(r) for r in range(TP)]
     for r, (model, _) in enumerate(ranks):
         # the router is replicated: ranks see the same logits; rank 1's are garbage here, to show
         # that the snapshot takes rank 0's, as it does the residual-stream figures
@@ -118,21 +115,3 @@ def test_a_router_without_the_model_s_routing_or_sequence_parallel_is_refused():
         Capture(model, LAYOUT, CaptureOptions(max_tokens=8), ShardInfo(), torch.device("cpu"), HIDDEN,
                 routing=ROUTING)
 
-
-
-def test_a_cpu_gives_its_buffers_every_step_where_a_gib_holds_them_and_the_ops_the_rest():
-    # 8 batched tokens: 8 + 15 rows, the graph writes them (no op call a layer)
-    small = _rank(0)[1]
-    assert small.in_graph and small.bufs.chan.shape[0] == 8 + FOLD_ROWS - 1
-    # 104 bytes a row here: 11 M batched tokens would need 1.1 GiB: 256 MiB and the ops, a step
-    # past the buffers folded tap by tap, as before
-    big = 11 << 20
-    cap = Capture(_Model(0), LAYOUT, CaptureOptions(max_tokens=big), ShardInfo(), torch.device("cpu"), HIDDEN,
-                  routing=ROUTING)
-    row_bytes = 4 * (2 * ATTN // TP + MLP // TP + 3 * HIDDEN + 3)  # taps, stream slots, one router
-    assert not cap.in_graph and cap.bufs.chan.shape[0] == (256 << 20) // row_bytes
-    assert cap.bufs.scratch.shape[0] == big  # the long-step path
-    del cap
-    with pytest.raises(ValueError, match="hold every step: 1145 MiB"):
-        Capture(_Model(0), LAYOUT, CaptureOptions(max_tokens=big, stash_in_graph=True), ShardInfo(),
-                torch.device("cpu"), HIDDEN, routing=ROUTING)

@@ -124,49 +124,6 @@ def test_decode_steps_of_one_size_land_in_their_own_rows(gpu_like):
     _check(groups, bufs.blocks, batches)
 
 
-def _graph_step(bufs: ops.StepBuffers):
-    """One step as a CPU whose buffers hold every step runs it: the graph (compiled here as vLLM
-    compiles the decoder stack) writes the rows with ``stash_rows``; ``finish_step`` after it."""
-    offsets = [0, *np.cumsum(WIDTHS)[:-1].tolist()]
-    dst = (bufs.chan, bufs.stream, bufs.routers, bufs.cursor, bufs.step_rows)
-
-    def stash(xs, streams):
-        h, r = streams[0]
-        ops.stash_rows([], None, h, r, *dst, [], 0, -1)
-        for j in range(LAYERS):
-            h, r = streams[j + 1]
-            ops.stash_rows([xs[j] * 1.0], None, h, r, *dst, [offsets[j]], j + 1, -1)
-
-    graph = torch.compile(stash, dynamic=True, fullgraph=True)
-
-    def step(xs, streams):
-        graph(xs, streams)
-        ops.finish_step(bufs, int(bufs.step_rows[0]))
-
-    return step
-
-
-def test_the_graph_written_stash_equals_the_ops_bit_for_bit():
-    # the same steps (rows waiting, chunks overflowing) through the ops and through the compiled
-    # graph's own writes: the same accumulators, to the bit, and the same rows waiting
-    by_ops, ops_groups = _buffers(3 * ops.FOLD_ROWS, 0)
-    by_graph, graph_groups = _buffers(3 * ops.FOLD_ROWS, 0)
-    step = _graph_step(by_graph)
-    batches = [_batch(t, seed) for seed, t in enumerate([3, 5, 1, 9, 2, 16, 7])]
-    for b in batches:
-        _step(by_ops, *b)
-        step(*b)
-        assert int(by_graph.cursor[0]) == int(by_ops.cursor[0])
-    assert int(by_graph.cursor[0]) == 7  # waiting when compared: flush folds them alike
-    for bufs in (by_ops, by_graph):
-        bufs.flush()
-    for a, b in zip(ops_groups, graph_groups, strict=True):
-        for f in a:
-            assert torch.equal(a[f], b[f]), f
-    assert torch.equal(by_ops.blocks, by_graph.blocks)
-    _check(graph_groups, by_graph.blocks, batches)
-
-
 def test_a_reset_drops_the_waiting_rows_and_a_disarmed_step_counts_nothing():
     bufs, groups = _buffers(32, 64)
     _step(bufs, *_batch(4, 0))  # waits

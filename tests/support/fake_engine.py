@@ -207,10 +207,7 @@ class FakeEngineClient:
         capture = None
         if self.capture == "on":  # what server.loader.CaptureModelLoader.load_model does
             spec = REGISTRY[self.config["architectures"][0]]
-            # replays past the model's hooks happen on a GPU, which stashes with the ops
-            options = CaptureOptions(max_tokens=MAX_TOKENS, stash_mib=self.stash_mib,
-                                     stash_in_graph=False if self.full_graph_decodes else None)
-            capture = Capture(model, spec.vllm, options,
+            capture = Capture(model, spec.vllm, CaptureOptions(max_tokens=MAX_TOKENS, stash_mib=self.stash_mib),
                               ShardInfo(tp_rank=tp_rank, tp_size=self.tp_size), torch.device("cpu"), HIDDEN)
             attach_capture(model, capture)
         return _Rank(model, _CaptureWorker(model), capture, tp_rank)
