@@ -115,6 +115,8 @@ def servers(stack: ExitStack, model: Path, mode: str, args: argparse.Namespace, 
     if prefix:
         variants["vllm defaults"] = ["--no-capture"]  # prefix caching on: vLLM's default
         variants["on, prefix caching"] = ["--enable-prefix-caching"]  # the stats count what the cache kept
+    if args.variant:  # the same capture with other capture options (e.g. fold_rows), a third side
+        variants["on, variant"] = ["--model-loader-extra-config", json.dumps({"actprune": args.variant})]
     out = {}
     for name, extra in variants.items():  # one at a time: two compiling at once would thrash
         print(f"[{mode}] starting {name} ...", flush=True)
@@ -216,6 +218,11 @@ def table(mode: str, m: dict, args: argparse.Namespace) -> list[str]:
             lines.append(_row("↳ same, off = plain vLLM defaults (prefix caching on)", res["on"][w], d, steady))
             lines.append(_row("↳ on = capture with prefix caching on, off = plain vLLM defaults",
                               res["on, prefix caching"][w], d, steady))
+        if "on, variant" in res:
+            opts = json.dumps(args.variant)
+            lines.append(_row(f"↳ on = capture with {opts}", res["on, variant"][w], res["off"][w], steady))
+            lines.append(_row(f"↳ on = capture as by default, off = capture with {opts}", res["on"][w],
+                              res["on, variant"][w], steady))
     lines += ["", "What capture adds per generated token, by process (CPU ms, median of on − off over "
               "paired rounds):", "", "| workload | API server | engine core | worker | all |", "|---|---|---|---|---|"]
     for w in res["on"]:
@@ -290,6 +297,9 @@ def main() -> int:
     ap.add_argument("--preload", default=None, metavar="LIB",
                     help="LD_PRELOAD this library into every server (vLLM's CPU guide preloads tcmalloc, e.g. "
                          "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4); default: the system allocator")
+    ap.add_argument("--variant", type=json.loads, default=None, metavar="JSON",
+                    help="a third server: capture on with these capture options (the --model-loader-extra-config "
+                         "'actprune' object, e.g. '{\"fold_rows\": 16}'), interleaved with the other two")
     ap.add_argument("--write", action="store_true", help="put the table into BENCHMARKS.md")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here (bench/gpu_report.py reads them)")
     args = ap.parse_args()

@@ -65,6 +65,7 @@ from torch import nn
 
 from .layout import decoder_layers, has_module, partition, router_width
 from .ops import (  # importing ops registers torch.ops.actprune.*
+    FOLD_ROWS,
     STEP_FOLDING,
     STEP_OPEN,
     StepBuffers,
@@ -83,6 +84,15 @@ class CaptureOptions:
     # memory for the step buffers: steps of up to stash_mib / (4 (ΣC + 2 L H)) tokens are
     # folded once per step, longer ones tap by tap (docs/capture.md)
     stash_mib: int = 256
+    # on a CPU: the rows of small steps that gather before a fold, and the rows per call of the
+    # fold (at most half the step buffers); more rows, fewer passes over the accumulators
+    fold_rows: int = FOLD_ROWS
+
+    def __post_init__(self) -> None:
+        for name, least in (("stash_mib", 0), ("fold_rows", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"actprune: capture option {name} must be an integer >= {least}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -194,11 +204,12 @@ class Capture:
         self.groups.update({group_name(i, ROUTER_KIND): st for i, st in zip(gates, router_states, strict=True)})
         row_bytes = 4 * (sum(widths) + (n_layers + 1) * self.hidden_size + len(experts) * max(experts, default=0))
         rows, long_rows = StepBuffers.sizes(self.options.max_tokens, (self.options.stash_mib << 20) // row_bytes,
-                                            self.device.type == "cpu")
+                                            self.device.type == "cpu", self.options.fold_rows)
         routing = {"top_k": self.routing.top_k, "renormalize": self.routing.renormalize} if gates else {}
         self.bufs = StepBuffers.new(fields, counts, gid, self.armed, self.threshold, rows=rows, long_rows=long_rows,
                                     n_layers=n_layers, hidden=self.hidden_size,
-                                    router_fields=router_fields if gates else None, **routing)
+                                    router_fields=router_fields if gates else None, fold_rows=self.options.fold_rows,
+                                    **routing)
         self.bufs.warm_up()  # compile the fold at load, not in the middle of serving
 
     def _router(self, i: int, layer: nn.Module) -> nn.Module | None:

@@ -12,7 +12,7 @@ Why a decode step costs little (docs/capture.md): each decoder layer makes *one*
 the step buffers (on a GPU in one Triton kernel, :mod:`actprune.server.stash_kernel`);
 ``end_step``, after the last layer, folds the buffered rows into the accumulators with one
 fused kernel. On a CPU the rows of small steps wait in the buffers until
-``FOLD_ROWS`` of them are there (one pass over the accumulators per 16 rows, not per step); a
+``fold_rows`` of them are there (one pass over the accumulators per 128 rows, not per step); a
 GPU folds every step (``cursor`` None: no host read of a device value). A step too long for the
 buffers folds each tap where it is, its cost spread over many tokens. The ops are defined with
 ``torch.library.Library`` rather than ``torch.library.custom_op``, whose Python wrappers cost
@@ -60,15 +60,18 @@ __all__ = ["FOLD_ROWS", "STEP_DONE", "STEP_FOLDING", "STEP_OPEN", "StepBuffers",
 
 _LIB = torch.library.Library("actprune", "FRAGMENT")  # the stash ops below
 
-# Rows per call of the compiled fold, and on a CPU the rows a fold waits for. The fold reduces
-# each column over the rows; the fused loop walks a tile of columns down all T rows, which sit
-# ΣC * 4 bytes apart (270 kB on the benchmark model): past a few dozen rows those reads outrun
-# the TLB and the prefetchers, and the cost per activation doubles (4.8 vs 2.0 ns at T = 256
-# vs 32). Chunks of 16 rows keep it flat; each chunk merges into the accumulators (exact:
-# Chan's merge), one pass over the (ΣC,) accumulators (~7 ns a column, ~0.5 ms on the
-# benchmark model) per chunk — so a CPU lets small steps' rows gather to a chunk before it
-# folds (BENCHMARKS.md, issue 16). A GPU folds each step whole (one set of kernels).
-FOLD_ROWS = 16
+# On a CPU, the rows a fold waits for and the rows of one call of the compiled fold (the
+# capture option ``fold_rows``). A fold reads and writes every accumulator, seven (ΣC,) tensors
+# (~100 bytes a column, 6.8 MB on the benchmark model), whatever its rows; in a serving worker
+# the weights streamed by every step have pushed them out of the caches, so each fold pays that
+# traffic from memory, and fewer, larger folds cost less a row: with the caches flushed between
+# steps as a worker's are, a batch-8 step's share of the fold is 0.97 ms at 16 rows a fold,
+# 0.62 at 64, 0.52 at 128, 0.43 at 256 (hot caches: 0.41 at 16, 0.44 at 128; BENCHMARKS.md,
+# issue 16). A GPU folds each step whole (one set of kernels).
+FOLD_ROWS = 128
+# stash_layer keeps its destination views for steps of fewer tokens than this (decode steps)
+_VIEW_TOKENS = 16
+_VIEWS_MAX = 4096  # kept views at most: the cache is emptied past this (mixed step sizes)
 STEP_OPEN, STEP_FOLDING, STEP_DONE = 0, 1, 2  # StepBuffers.phase
 
 
@@ -149,6 +152,9 @@ class StepBuffers:
     hookless: Tensor
     top_k: int = 0  # the MoE model's routing (its config)
     renormalize: bool = False
+    # on a CPU: rows that wait before a fold, and rows per call of the compiled fold (at most
+    # half the buffers, so that a step of up to the other half always fits beside them)
+    fold_rows: int = FOLD_ROWS
 
     def __post_init__(self) -> None:
         _BUFFERS[self.phase.data_ptr()] = self  # the ops find the buffers from phase
@@ -156,7 +162,7 @@ class StepBuffers:
     @classmethod
     def new(cls, fields: list[Tensor], counts: Tensor, gid: Tensor, armed: Tensor, threshold: Tensor, *,
             rows: int, long_rows: int, n_layers: int, hidden: int, router_fields: list[Tensor] | None = None,
-            top_k: int = 0, renormalize: bool = False) -> StepBuffers:
+            top_k: int = 0, renormalize: bool = False, fold_rows: int = FOLD_ROWS) -> StepBuffers:
         device = gid.device
         f32 = {"dtype": torch.float32, "device": device}
         _VIEWS.clear()  # views of earlier buffers: let them go
@@ -177,16 +183,17 @@ class StepBuffers:
                                  dtype=torch.int32, device=device),
             blocks=torch.zeros(2, n_layers, dtype=torch.float64, device=device),
             armed=armed, threshold=threshold, hookless=torch.zeros(2, dtype=torch.float64, device=device),
+            fold_rows=max(1, min(fold_rows, rows // 2)),
         )
 
     @staticmethod
-    def sizes(max_tokens: int, budget_rows: int, cpu: bool) -> tuple[int, int]:
+    def sizes(max_tokens: int, budget_rows: int, cpu: bool, fold_rows: int = FOLD_ROWS) -> tuple[int, int]:
         """(rows of the step buffers, rows of the long-step scratch). ``budget_rows``: the rows
         the memory budget allows; a step has at most ``max_tokens`` rows. On a CPU up to
-        FOLD_ROWS - 1 rows of earlier steps may be waiting: the buffers hold that many more
+        fold_rows - 1 rows of earlier steps may be waiting: the buffers hold that many more
         when the budget allows, and otherwise a step that does not fit beside them is folded
         tap by tap, which needs the scratch."""
-        slack = FOLD_ROWS - 1 if cpu else 0
+        slack = fold_rows - 1 if cpu else 0
         rows = min(max_tokens + slack, budget_rows)
         return rows, (max_tokens if rows < max_tokens + slack else 0)
 
@@ -212,13 +219,14 @@ class StepBuffers:
         CPU's rows, which wait past vLLM's warm-up steps, would compile it at the first fold
         or snapshot while serving (seconds on a small machine), and a GPU must never compile
         inside a CUDA-graph capture. Before any step: nothing is waiting."""
-        for n in sorted({min(1, self.chan.shape[0]), min(FOLD_ROWS, self.chan.shape[0])} - {0}):
+        for n in sorted({min(1, self.chan.shape[0]), min(self.fold_rows, self.chan.shape[0])} - {0}):
             self.valid[:n].zero_()
             self._fold(n)
 
     def _fold(self, n: int) -> None:
         _fold_rows(n, self.chan, self.stream, self.routers, self.valid, self.fields, self.counts,
-                   self.router_fields, self.gid, self.blocks, self.threshold, self.top_k, self.renormalize)
+                   self.router_fields, self.gid, self.blocks, self.threshold, self.top_k, self.renormalize,
+                   self.fold_rows)
 
     def discard(self) -> None:
         """Drop the rows still waiting: a reset starts a new window."""
@@ -269,9 +277,9 @@ def _fold_math(chan: Tensor, streams: Tensor, routers: Tensor, fields: list[Tens
 
 def _fold_rows(n: int, chan: Tensor, stream: Tensor, routers: Tensor, valid: Tensor, fields: list[Tensor],
                counts: Tensor, router_fields: list[Tensor], gid: Tensor, blocks: Tensor, threshold: Tensor,
-               top_k: int, renormalize: bool) -> None:
-    """Fold the first n rows of the step buffers, in chunks of FOLD_ROWS on a CPU."""
-    rows = FOLD_ROWS if chan.device.type == "cpu" else max(n, 1)
+               top_k: int, renormalize: bool, fold_rows: int = FOLD_ROWS) -> None:
+    """Fold the first n rows of the step buffers, in chunks of ``fold_rows`` on a CPU."""
+    rows = fold_rows if chan.device.type == "cpu" else max(n, 1)
     for a in range(0, n, rows):  # a shape loop: the same calls at every replay of a graph
         b = min(n, a + rows)
         _compiled(_fold_math)(chan[a:b], stream[a:b], routers[a:b], fields, counts, router_fields, gid, blocks,
@@ -307,8 +315,8 @@ def _define(schema: str, fn) -> None:
 
 # (chan's address, slot, row, T) -> (the taps' and router's destinations, the stream's): the
 # views a small step of one layer writes to. Slicing them anew costs more than the copies (two
-# __getitem__ per tap, ~2 µs each, 25 layers a step); a small step (T < FOLD_ROWS, on a CPU) of a
-# given layer, row and T writes to the same views every time. The views keep the buffers alive,
+# __getitem__ per tap, ~2 µs each, 25 layers a step); a small step (T < _VIEW_TOKENS, on a CPU) of
+# a given layer, row and T writes to the same views every time. The views keep the buffers alive,
 # so an address cannot be reused while it is a key; StepBuffers.new empties the cache.
 _VIEWS: dict[tuple[int, int, int, int], tuple[list[Tensor], Tensor]] = {}
 
@@ -323,7 +331,9 @@ def _stash_views(taps: list[Tensor], router: Tensor | None, chan: Tensor, stream
     if router is not None:  # the columns past this layer's E stay -inf
         dsts.append(routers[row:row + t, router_slot, :router.shape[-1]])
     views = dsts, stream[row:row + t, slot]  # (T, C_k) each, (T, H)
-    if t < FOLD_ROWS:  # a prefill's T takes too many values to keep
+    if t < _VIEW_TOKENS:  # a prefill's T takes too many values to keep
+        if len(_VIEWS) >= _VIEWS_MAX:  # steps of many sizes at many rows: start again
+            _VIEWS.clear()
         _VIEWS[key] = views
     return views
 
@@ -395,7 +405,7 @@ def end_step(hidden: Tensor, phase: Tensor) -> None:
     valid[row:row + t].copy_(rows)
     n = row + t
     phase.fill_(STEP_FOLDING)  # the cursor and the accumulators change from here
-    if cursor is not None and n < FOLD_ROWS:  # a CPU: wait for a chunk's worth of rows
+    if cursor is not None and n < b.fold_rows:  # a CPU: wait for a chunk's worth of rows
         cursor.fill_(n)
         phase.fill_(STEP_DONE)
         return

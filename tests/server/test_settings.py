@@ -62,3 +62,18 @@ def test_capture_options_in_the_extra_config_reach_the_loader_beside_actprunes_o
                                '{"actprune": {"stash_mib": 64}, "other": 1}'], {})
     cfg = json.loads(argv[argv.index("--model-loader-extra-config") + 1])
     assert cfg == {"actprune": {"stash_mib": 64, "load_format": "auto", "near_zero_threshold": 0.01}, "other": 1}
+
+
+@pytest.mark.parametrize("options, named", [
+    ({"fold_rows": 0}, "fold_rows must be an integer >= 1"),
+    ({"fold_rows": "64"}, "fold_rows must be an integer >= 1"),
+    ({"stash_mib": -1}, "stash_mib must be an integer >= 0"),
+    ({"fold_row": 64}, "unknown capture options"),
+])
+def test_the_capture_loader_refuses_bad_options_before_loading_any_weight(options, named):
+    from actprune.server.loader import CaptureModelLoader
+    from vllm.config.load import LoadConfig
+
+    with pytest.raises(ValueError, match=named):
+        CaptureModelLoader(LoadConfig(load_format="actprune", model_loader_extra_config={"actprune": options}))
+    CaptureModelLoader(LoadConfig(load_format="actprune", model_loader_extra_config={"actprune": {"fold_rows": 16}}))

@@ -1,6 +1,6 @@
 """Steps through the real ops equal the plain accumulators, however the rows are cut.
 
-``end_step`` folds the step buffers in chunks of ``FOLD_ROWS`` rows, and on a CPU lets the rows
+``end_step`` folds the step buffers in chunks of ``fold_rows`` rows, and on a CPU lets the rows
 of small steps gather until a chunk is there (cost, BENCHMARKS.md issue 16); the stream buffer
 holds one slot per layer boundary (slot j + 1: the stream leaving layer j, which layer j + 1 is
 given). None of that may change a number: the packed accumulators after steps of T rows, on
@@ -26,12 +26,13 @@ from actprune.core.tensor.accumulate import (
 from actprune.server import ops
 
 WIDTHS, LAYERS, HIDDEN = [5, 3], 2, 4  # layer 0 taps group 0, layer 1 group 1
+FOLD = 16  # rows a fold waits for, here: steps of a few rows cross it
 
 
-def _buffers(rows: int, long_rows: int, *, gpu_like: bool = False) -> tuple[ops.StepBuffers, list]:
+def _buffers(rows: int, long_rows: int, *, gpu_like: bool = False, fold_rows: int = FOLD) -> tuple[ops.StepBuffers, list]:
     fields, counts, gid, groups = new_packed_channels(WIDTHS)
     bufs = ops.StepBuffers.new(fields, counts, gid, torch.tensor(1.0), torch.tensor(0.5), rows=rows,
-                               long_rows=long_rows, n_layers=LAYERS, hidden=HIDDEN)
+                               long_rows=long_rows, n_layers=LAYERS, hidden=HIDDEN, fold_rows=fold_rows)
     if gpu_like:  # a GPU's buffers: no cursor, every step folded at its end
         bufs = ops.StepBuffers(**{**bufs.__dict__, "cursor": None})
     return bufs, groups
@@ -86,7 +87,7 @@ def test_a_step_folded_in_row_chunks_equals_one_fold_of_the_whole_batch(t, rows)
     bufs, groups = _buffers(rows, 64)
     batch = _batch(t, 4)
     _step(bufs, *batch)
-    assert int(bufs.cursor[0]) == 0, "a step of ≥ FOLD_ROWS rows is folded at its end"
+    assert int(bufs.cursor[0]) == 0, "a step of ≥ fold_rows rows is folded at its end"
     _check(groups, bufs.blocks, [batch])
 
 
@@ -137,14 +138,48 @@ def test_a_reset_drops_the_waiting_rows_and_a_disarmed_step_counts_nothing():
     _check(groups, bufs.blocks, [kept])
 
 
+def test_rows_wait_for_at_most_half_the_buffers_so_a_step_of_the_other_half_fits():
+    # the default (128 rows a fold) asked of buffers of 20 rows: folds of 10, and a step of 10
+    # rows after 9 waiting is still stashed (not folded tap by tap, which a cursor left at 9
+    # would show), then folded with them
+    bufs, groups = _buffers(20, 64, fold_rows=ops.FOLD_ROWS)
+    assert bufs.fold_rows == 10
+    batches = [_batch(t, seed) for seed, t in enumerate([4, 5, 10, 3])]
+    waiting = []
+    for b in batches:
+        _step(bufs, *b)
+        waiting.append(int(bufs.cursor[0]))
+    assert waiting == [4, 9, 0, 3]
+    bufs.flush()
+    _check(groups, bufs.blocks, batches)
+
+
+def test_a_long_step_is_folded_in_chunks_of_the_default_fold_rows(monkeypatch):
+    # 300 rows, folded at the step's end in chunks of 128, 128 and 44: as one fold of the batch
+    bufs, groups = _buffers(512, 0, fold_rows=ops.FOLD_ROWS)
+    assert bufs.fold_rows == ops.FOLD_ROWS == 128
+    compiled, fold, chunks = ops._compiled, ops._compiled(ops._fold_math), []
+
+    def counted(chan, *args):
+        chunks.append(chan.shape[0])
+        return fold(chan, *args)
+
+    monkeypatch.setattr(ops, "_compiled", lambda fn: counted if fn is ops._fold_math else compiled(fn))
+    batch = _batch(300, 5)
+    _step(bufs, *batch)
+    assert chunks == [128, 128, 44]
+    _check(groups, bufs.blocks, [batch])
+
+
 @pytest.mark.parametrize("cpu", [True, False], ids=["cpu", "gpu"])
 def test_a_full_size_step_after_waiting_rows_fits_or_has_scratch(cpu):
     # memory for any step and the rows that can wait: no scratch; less: a scratch for a whole step
     assert ops.StepBuffers.sizes(64, 10_000, cpu) == ((64 + ops.FOLD_ROWS - 1, 0) if cpu else (64, 0))
-    assert ops.StepBuffers.sizes(64, 70, cpu) == ((70, 64) if cpu else (64, 0))
-    assert ops.StepBuffers.sizes(64, 20, cpu) == (20, 64)
+    assert ops.StepBuffers.sizes(64, 10_000, cpu, FOLD) == ((64 + FOLD - 1, 0) if cpu else (64, 0))
+    assert ops.StepBuffers.sizes(64, 70, cpu, FOLD) == ((70, 64) if cpu else (64, 0))
+    assert ops.StepBuffers.sizes(64, 20, cpu, FOLD) == (20, 64)
     # and through the ops: 3 rows wait, then a step of max_tokens rows
-    rows, long_rows = ops.StepBuffers.sizes(32, 40, cpu=True)
+    rows, long_rows = ops.StepBuffers.sizes(32, 40, cpu=True, fold_rows=FOLD)
     bufs, groups = _buffers(rows, long_rows)
     batches = [_batch(3, 0), _batch(32, 1)]
     for b in batches:
