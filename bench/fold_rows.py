@@ -4,13 +4,18 @@ serving worker's are.
 The capture's step buffers on a CPU gather the rows of small steps and fold them together
 (``fold_rows``, docs/capture.md). A fold reads and writes every accumulator (seven (ΣC,)
 tensors, ~100 bytes a column); in vLLM's worker each step streams the model's weights through
-the caches in between, so those accumulators come from memory at every fold. An in-process
-benchmark that keeps them hot measures something else (it once chose 16 rows a fold). Here each
+the caches in between, so those accumulators come from memory at every fold; an in-process
+benchmark that keeps them hot (``--hot``) measures something else. Here each
 simulated step first streams ``--flush-mb`` of memory (a 152M float32 model reads ~600 MB a
 step), writes its B rows into the real step buffers, and folds them with the real fold
 (``ops._fold_rows``: the channel statistics of every layer and the cosines of the stream) once
 ``wait`` rows have gathered, in chunks of ``chunk`` rows. Reported: CPU ms of folding per step
 (this thread), median of interleaved blocks, with the load average before and after.
+
+What it predicts is the fold alone: in the twenty-sixth session it halved from 16 to 128 rows
+a fold at batch 8, and end to end (``bench/capture_overhead.py --variant '{"fold_rows": 16}'``)
+128 rows served batch 8 no faster and batch 1 slower (BENCHMARKS.md, issue 16): check a
+prediction from here against the servers before changing the default.
 
     .venv/bin/python bench/fold_rows.py --batch 8 --configs 16:16 64:64 128:128 256:256
     .venv/bin/python bench/fold_rows.py --batch 8 --hot          # no flush: the in-process view

@@ -8,8 +8,8 @@ on another node under Ray — gets them with the config, not through the environ
     near_zero_threshold  |x| at or below which an activation counts as near zero (1e-3)
     stash_mib            memory for the step buffers (256): steps that fit are folded once, at
                          their end; longer ones tap by tap (docs/capture.md)
-    fold_rows            on a CPU, the rows of small steps that gather before one fold (128, at
-                         most half the step buffers): fewer, larger folds cost less a row
+    fold_rows            on a CPU, the rows of small steps that gather before one fold (16, at
+                         most half the step buffers; docs/capture.md)
 """
 
 from __future__ import annotations

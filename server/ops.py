@@ -12,7 +12,7 @@ Why a decode step costs little (docs/capture.md): each decoder layer makes *one*
 the step buffers (on a GPU in one Triton kernel, :mod:`actprune.server.stash_kernel`);
 ``end_step``, after the last layer, folds the buffered rows into the accumulators with one
 fused kernel. On a CPU the rows of small steps wait in the buffers until
-``fold_rows`` of them are there (one pass over the accumulators per 128 rows, not per step); a
+``fold_rows`` of them are there (one pass over the accumulators per 16 rows, not per step); a
 GPU folds every step (``cursor`` None: no host read of a device value). A step too long for the
 buffers folds each tap where it is, its cost spread over many tokens. The ops are defined with
 ``torch.library.Library`` rather than ``torch.library.custom_op``, whose Python wrappers cost
@@ -62,13 +62,12 @@ _LIB = torch.library.Library("actprune", "FRAGMENT")  # the stash ops below
 
 # On a CPU, the rows a fold waits for and the rows of one call of the compiled fold (the
 # capture option ``fold_rows``). A fold reads and writes every accumulator, seven (ΣC,) tensors
-# (~100 bytes a column, 6.8 MB on the benchmark model), whatever its rows; in a serving worker
-# the weights streamed by every step have pushed them out of the caches, so each fold pays that
-# traffic from memory, and fewer, larger folds cost less a row: with the caches flushed between
-# steps as a worker's are, a batch-8 step's share of the fold is 0.97 ms at 16 rows a fold,
-# 0.62 at 64, 0.52 at 128, 0.43 at 256 (hot caches: 0.41 at 16, 0.44 at 128; BENCHMARKS.md,
-# issue 16). A GPU folds each step whole (one set of kernels).
-FOLD_ROWS = 128
+# (~100 bytes a column), whatever its rows, so small steps' rows gather first. 16, measured end
+# to end: 128 rows a fold (fewer passes over accumulators that a worker's weights have pushed
+# out of the caches: half the fold's cost a step in process, caches flushed) served batch 8 no
+# faster (1.01, interval 0.98-1.05) and batch 1 slower (0.95, 0.93-0.98; BENCHMARKS.md, issue
+# 16). A GPU folds each step whole (one set of kernels).
+FOLD_ROWS = 16
 # stash_layer keeps its destination views for steps of fewer tokens than this (decode steps)
 _VIEW_TOKENS = 16
 _VIEWS_MAX = 4096  # kept views at most: the cache is emptied past this (mixed step sizes)

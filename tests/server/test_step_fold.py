@@ -139,25 +139,25 @@ def test_a_reset_drops_the_waiting_rows_and_a_disarmed_step_counts_nothing():
 
 
 def test_rows_wait_for_at_most_half_the_buffers_so_a_step_of_the_other_half_fits():
-    # the default (128 rows a fold) asked of buffers of 20 rows: folds of 10, and a step of 10
-    # rows after 9 waiting is still stashed (not folded tap by tap, which a cursor left at 9
-    # would show), then folded with them
-    bufs, groups = _buffers(20, 64, fold_rows=ops.FOLD_ROWS)
+    # 16 rows a fold asked of buffers of 20 rows: folds of 10 or more rows. Steps of 4, 5, 6
+    # rows, then 10: with 16 rows a fold, 15 would wait and the step of 10 would not fit beside
+    # them (folded tap by tap, the 15 left waiting); capped, they are folded at 15 and the step
+    # of 10 is stashed, then folded at its end
+    bufs, groups = _buffers(20, 64, fold_rows=16)
     assert bufs.fold_rows == 10
-    batches = [_batch(t, seed) for seed, t in enumerate([4, 5, 10, 3])]
+    batches = [_batch(t, seed) for seed, t in enumerate([4, 5, 6, 10])]
     waiting = []
     for b in batches:
         _step(bufs, *b)
         waiting.append(int(bufs.cursor[0]))
-    assert waiting == [4, 9, 0, 3]
-    bufs.flush()
+    assert waiting == [4, 9, 0, 0]
     _check(groups, bufs.blocks, batches)
 
 
 def test_a_long_step_is_folded_in_chunks_of_the_default_fold_rows(monkeypatch):
-    # 300 rows, folded at the step's end in chunks of 128, 128 and 44: as one fold of the batch
+    # 300 rows, folded at the step's end in 18 chunks of 16 and one of 12: as one fold of the batch
     bufs, groups = _buffers(512, 0, fold_rows=ops.FOLD_ROWS)
-    assert bufs.fold_rows == ops.FOLD_ROWS == 128
+    assert bufs.fold_rows == ops.FOLD_ROWS == 16
     compiled, fold, chunks = ops._compiled, ops._compiled(ops._fold_math), []
 
     def counted(chan, *args):
@@ -167,7 +167,7 @@ def test_a_long_step_is_folded_in_chunks_of_the_default_fold_rows(monkeypatch):
     monkeypatch.setattr(ops, "_compiled", lambda fn: counted if fn is ops._fold_math else compiled(fn))
     batch = _batch(300, 5)
     _step(bufs, *batch)
-    assert chunks == [128, 128, 44]
+    assert chunks == [16] * 18 + [12]
     _check(groups, bufs.blocks, [batch])
 
 
