@@ -64,9 +64,9 @@ _LIB = torch.library.Library("actprune", "FRAGMENT")  # the stash ops below
 # capture option ``fold_rows``). A fold reads and writes every accumulator, seven (ΣC,) tensors
 # (~100 bytes a column), whatever its rows, so small steps' rows gather first. 16, measured end
 # to end: 128 rows a fold (fewer passes over accumulators that a worker's weights have pushed
-# out of the caches: half the fold's cost a step in process, caches flushed) served batch 8 no
-# faster (1.01, interval 0.98-1.05) and batch 1 slower (0.95, 0.93-0.98; BENCHMARKS.md, issue
-# 16). A GPU folds each step whole (one set of kernels).
+# out of the caches: half the fold's cost a step in process, caches flushed) was not shown
+# faster (batch 8 1.01, interval 0.98-1.05; batch 1 0.95, 0.93-0.98, within what two identical
+# server instances differ by; BENCHMARKS.md, issue 16). A GPU folds each step whole.
 FOLD_ROWS = 16
 # stash_layer keeps its destination views for steps of fewer tokens than this (decode steps)
 _VIEW_TOKENS = 16
