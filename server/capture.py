@@ -85,7 +85,7 @@ class CaptureOptions:
     # folded once per step, longer ones tap by tap (docs/capture.md)
     stash_mib: int = 256
     # on a CPU: the rows of small steps that gather before a fold, and the rows per call of the
-    # fold (at most half the step buffers; the default measured best, server/ops.py)
+    # fold (at most half the step buffers; why 16: server/ops.py)
     fold_rows: int = FOLD_ROWS
 
     def __post_init__(self) -> None:
