@@ -31,7 +31,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 import types
 from pathlib import Path
 
@@ -41,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from actprune.core.archs import REGISTRY  # noqa: E402
 from actprune.server.capture import Capture, CaptureOptions, ShardInfo  # noqa: E402
-from capture_profile import HIDDEN, _Model  # noqa: E402  (the skeleton)
+from capture_profile import HIDDEN, _Model, _time_block  # noqa: E402  (the skeleton, its timer)
 
 MAX_TOKENS = 256  # every step here fits the buffers beside the rows waiting (they hold 256 + 15)
 
@@ -131,13 +130,6 @@ def check_equal(vs: dict, steps: list[int]) -> None:
     print(f"statistics equal, byte for byte, after steps of {steps} tokens")
 
 
-def _block(fn, calls: int) -> float:
-    t0 = time.thread_time()
-    for _ in range(calls):
-        fn()
-    return (time.thread_time() - t0) / calls * 1e3
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32])
@@ -162,7 +154,7 @@ def main() -> None:
             ms: dict[str, list[float]] = {k: [] for k in runs}
             for r in range(args.reps):
                 for k in (order if r % 2 == 0 else order[::-1]):
-                    ms[k].append(_block(lambda k=k, x=x: runs[k](torch.zeros(1), x), args.calls))
+                    ms[k].append(_time_block(lambda k=k, x=x: runs[k](torch.zeros(1), x), args.calls) / 1e3)
             med = {k: statistics.median(v) for k, v in ms.items()}
             print(f"| {t} | {med['none']:.2f} | {med['op']:.2f} | {med['graph']:.2f} "
                   f"| {med['op'] - med['none']:.2f} | {med['graph'] - med['none']:.2f} "
