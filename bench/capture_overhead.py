@@ -25,7 +25,13 @@ turning it off costs; and to ``actprune serve --enable-prefix-caching``, which c
 tokens the model computes and counts those the cache served (``tokens_cached``).
 
     .venv/bin/python bench/capture_overhead.py --workdir /tmp/overhead [--rounds 3]
-        [--modes compiled eager] [--prefix] [--write]
+        [--modes compiled eager] [--prefix] [--instances 2] [--write]
+
+Instances (``--instances N``): two servers of the same configuration, each started and compiled
+on its own, can differ by several per cent however the rounds are interleaved (an A/A run: 7 % at
+batch 8, BENCHMARKS.md). With N servers per side (started on, off | off, on | …), the main rows
+pool each side's instances (geometric mean per round) and every replica is printed against the
+first of its side: identical servers, the run's own noise floor for the pooled ratio.
 
 ``--write`` puts the table into BENCHMARKS.md between the capture-overhead markers.
 Goals (issue 16, compiled mode, quiet machine): on/off >= 0.97 at batch 8, >= 0.95 at batch 1.
@@ -43,10 +49,8 @@ from __future__ import annotations
 import argparse
 import concurrent.futures as cf
 import json
-import math
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -58,6 +62,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchmarks_md import replace_section  # noqa: E402
 from machine import group_cpu_by_role, group_cpu_seconds, machine_busy_seconds, others_frozen  # noqa: E402
+from overhead_report import instances, summary, table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- capture-overhead:begin (bench/capture_overhead.py --write) -->", "<!-- capture-overhead:end -->"
@@ -107,7 +112,7 @@ def servers(stack: ExitStack, model: Path, mode: str, args: argparse.Namespace, 
 
     common = ["--dtype", args.dtype, "--max-model-len", "1024", "--max-num-seqs", "32",
               "--max-num-batched-tokens", "2048", *([] if mode == "compiled" else ["--enforce-eager"])]
-    env = {"VLLM_CPU_KVCACHE_SPACE": "2", "ACTPRUNE_SNAPSHOT_INTERVAL": "0",
+    env = {"VLLM_CPU_KVCACHE_SPACE": str(args.kv_gib), "ACTPRUNE_SNAPSHOT_INTERVAL": "0",
            "ACTPRUNE_SNAPSHOT_DIR": str(args.workdir / "snapshots")}
     if args.preload:  # both servers alike, e.g. the tcmalloc vLLM's CPU install guide preloads
         env["LD_PRELOAD"] = ":".join(filter(None, [args.preload, os.environ.get("LD_PRELOAD")]))
@@ -118,11 +123,13 @@ def servers(stack: ExitStack, model: Path, mode: str, args: argparse.Namespace, 
     if args.variant:  # the same capture with other capture options (e.g. fold_rows), a third side
         variants["on, variant"] = ["--model-loader-extra-config", json.dumps({"actprune": args.variant})]
     out = {}
-    for name, extra in variants.items():  # one at a time: two compiling at once would thrash
-        print(f"[{mode}] starting {name} ...", flush=True)
-        log = args.workdir / f"server-{mode}-{name.replace(' ', '-')}.log"
-        out[name] = stack.enter_context(ServerProcess(model, [*common, *extra], env=env, log_path=log,
-                                                      startup_timeout=1800))
+    for i in range(args.instances):  # on, off | off, on | …: no side always starts first
+        for side, extra in (list(variants.items()) if i % 2 == 0 else list(reversed(variants.items()))):
+            name = side if i == 0 else f"{side} #{i + 1}"
+            print(f"[{mode}] starting {name} ...", flush=True)  # one at a time: two compiling at once thrash
+            log = args.workdir / f"server-{mode}-{name.replace(' ', '-').replace('#', '')}.log"
+            out[name] = stack.enter_context(ServerProcess(model, [*common, *extra], env=env, log_path=log,
+                                                          startup_timeout=1800))
     return out
 
 
@@ -165,7 +172,7 @@ def measure(srvs: dict, loads: dict[str, list[list[int]]], args: argparse.Namesp
             # keeps what rounds share, the system prompt)
             prompts = [q[:-1] + [1 + r % 4] for q in prompts]
             for name in order:
-                if name in CHAT_ONLY and not w.startswith("chat"):
+                if name.split(" #")[0] in CHAT_ONLY and not w.startswith("chat"):
                     continue
                 with others_frozen(srvs, name, args.freeze_idle):
                     rate, cpu, roles = run_load(srvs[name], prompts, args.tokens)
@@ -177,73 +184,11 @@ def measure(srvs: dict, loads: dict[str, list[list[int]]], args: argparse.Namesp
             f"{w}: " + ", ".join(f"{n} {res[n][w]['rate'][-1]:.1f}" for n in srvs if res[n][w]['rate'])
             for w in loads), flush=True)
     samples.append(os.getloadavg()[0])
-    if "on" in srvs:  # the capture really captured
-        st = httpx.get(f"{srvs['on'].base_url}/activations/status", timeout=30).json()
+    for name in instances(srvs, "on"):  # the capture really captured
+        st = httpx.get(f"{srvs[name].base_url}/activations/status", timeout=30).json()
         if not st.get("tokens_decode"):
-            raise RuntimeError(f"capture counted nothing: {st}")
+            raise RuntimeError(f"{name}: capture counted nothing: {st}")
     return {"results": res, "load": samples, "foreign": foreign}
-
-
-def _spread(xs: list[float], fmt: str = ".1f") -> str:
-    return f"{statistics.median(xs):{fmt}} ({min(xs):{fmt}}–{max(xs):{fmt}})"
-
-
-def median_interval(xs: list[float], confidence: float = 0.95) -> tuple[float, float] | None:
-    """A distribution-free interval that holds the median of the rounds' population with at
-    least ``confidence``: the k-th smallest and k-th largest of n paired ratios, k the largest
-    with P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2 (the sign test's interval). None when
-    n is too small for any (n <= 5 at 95 %). It assumes rounds independent and alike; rounds
-    that drift together (the host's speed wandering) make it too narrow, not too wide."""
-    xs, n = sorted(xs), len(xs)
-    tail, k, below = (1 - confidence) / 2, 0, 0.0
-    while k < n // 2 and below + math.comb(n, k) / 2 ** n <= tail:
-        below += math.comb(n, k) / 2 ** n
-        k += 1
-    return (xs[k - 1], xs[n - k]) if k else None
-
-
-def table(mode: str, m: dict, args: argparse.Namespace) -> list[str]:
-    res, load, other = m["results"], m["load"], m["foreign"]
-    steady = max(other) <= args.max_other_cpu
-    lines = [f"**{mode}** — load average (1 min) before each round and after: {', '.join(f'{x:.1f}' for x in load)}; "
-             f"CPU taken by other jobs per round: {', '.join(f'{x:.2f}' for x in other)} cores"
-             + ("" if steady else f" (> {args.max_other_cpu}): the wall-clock ratio is withheld"), "",
-             "| workload | on tok/s | off tok/s | on/off wall (paired) | its median, 95 % interval "
-             "| on CPU ms/token | off CPU ms/token | on/off by CPU time (paired) |",
-             "|---|---|---|---|---|---|---|---|"]
-    for w in res["on"]:
-        lines.append(_row(w, res["on"][w], res["off"][w], steady))
-        if "vllm defaults" in res and res["vllm defaults"][w]["rate"]:
-            d = res["vllm defaults"][w]
-            lines.append(_row("↳ same, off = plain vLLM defaults (prefix caching on)", res["on"][w], d, steady))
-            lines.append(_row("↳ on = capture with prefix caching on, off = plain vLLM defaults",
-                              res["on, prefix caching"][w], d, steady))
-        if "on, variant" in res:
-            opts = json.dumps(args.variant)
-            lines.append(_row(f"↳ on = capture with {opts}", res["on, variant"][w], res["off"][w], steady))
-            lines.append(_row(f"↳ on = capture as by default, off = capture with {opts}", res["on"][w],
-                              res["on, variant"][w], steady))
-    lines += ["", "What capture adds per generated token, by process (CPU ms, median of on − off over "
-              "paired rounds):", "", "| workload | API server | engine core | worker | all |", "|---|---|---|---|---|"]
-    for w in res["on"]:
-        on, off = res["on"][w]["roles"], res["off"][w]["roles"]
-        cells = [statistics.median(1e3 * (a[r] - b[r]) for a, b in zip(on, off, strict=True))
-                 for r in ("api", "engine", "worker")]
-        total = statistics.median(1e3 * (sum(a.values()) - sum(b.values())) for a, b in zip(on, off, strict=True))
-        lines.append(f"| {w} | " + " | ".join(f"{x:+.1f}" for x in [*cells, total]) + " |")
-    return lines
-
-
-def _row(label: str, on: dict, off: dict, steady: bool) -> str:
-    """One table row: rates, wall ratio (paired rounds), CPU per token, CPU-time ratio."""
-    wall = [a / b for a, b in zip(on["rate"], off["rate"], strict=True)]
-    cpu = [b / a for a, b in zip(on["cpu"], off["cpu"], strict=True)]  # off CPU/token ÷ on
-    ci = median_interval(wall) if steady else None
-    return (f"| {label} | {_spread(on['rate'])} | {_spread(off['rate'])} "
-            f"| {_spread(wall, '.3f') if steady else 'withheld'} "
-            f"| {f'{ci[0]:.3f}–{ci[1]:.3f}' if ci else '–'} "
-            f"| {_spread([1e3 * x for x in on['cpu']])} | {_spread([1e3 * x for x in off['cpu']])} "
-            f"| {_spread(cpu, '.3f')} |")
 
 
 def write_benchmarks(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
@@ -300,9 +245,16 @@ def main() -> int:
     ap.add_argument("--variant", type=json.loads, default=None, metavar="JSON",
                     help="a third server: capture on with these capture options (the --model-loader-extra-config "
                          "'actprune' object, e.g. '{\"fold_rows\": 16}'), interleaved with the other two")
+    ap.add_argument("--instances", type=int, default=1,
+                    help="servers per side (each started and compiled on its own): the table pools them "
+                         "and prints each replica against the first, identical servers, as a noise floor")
+    ap.add_argument("--kv-gib", type=int, default=2, help="each server's KV cache (GiB): 1 leaves room for "
+                    "4 servers in 24 GiB (the workloads use < 0.2 GiB)")
     ap.add_argument("--write", action="store_true", help="put the table into BENCHMARKS.md")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here (bench/gpu_report.py reads them)")
     args = ap.parse_args()
+    if args.instances < 1:
+        ap.error("--instances must be >= 1")
     if args.preload and not Path(args.preload).is_file():  # the loader would only warn, and run without it
         ap.error(f"--preload {args.preload}: no such file")
     args.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="actprune-overhead-"))
@@ -320,7 +272,8 @@ def main() -> int:
     head = (f"`bench/capture_overhead.py {' '.join(sys.argv[1:])}` on "
             f"{time.strftime('%Y-%m-%d %H:%M', time.gmtime(started))} UTC, {(time.time() - started) / 60:.0f} min; "
             f"{platform.machine()}, {os.cpu_count()} cores; model {_shape_name(args)} {params / 1e6:.0f}M, {args.dtype}; "
-            f"{args.tokens} tokens generated per request, {args.rounds} interleaved rounds, median (min–max); "
+            f"{args.tokens} tokens generated per request, {args.rounds} interleaved rounds, "
+            f"{args.instances} server{'s' if args.instances > 1 else ''} per side, median (min–max); "
             f"servers' allocator: {f'LD_PRELOAD {args.preload}' if args.preload else 'the system malloc'}; "
             f"load average {' / '.join(f'{x:.1f}' for x in load_before)} before, "
             f"{' / '.join(f'{x:.1f}' for x in load_after)} after.")
@@ -331,7 +284,7 @@ def main() -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "params_m": round(params / 1e6), "dtype": args.dtype, "tokens": args.tokens, "rounds": args.rounds,
+            "params_m": round(params / 1e6), "dtype": args.dtype, "tokens": args.tokens, "rounds": args.rounds, "instances": args.instances,
             "preload": args.preload,
             "load_before": load_before, "load_after": load_after, "modes": figures}, indent=2) + "\n")
     return 0
@@ -351,20 +304,6 @@ def _shape_name(args: argparse.Namespace) -> str:
     if not args.experts:
         return "Qwen3-shaped"
     return f"Qwen3-MoE-shaped ({args.experts} experts of {args.moe_intermediate}, top-{args.top_k})"
-
-
-def summary(m: dict) -> dict[str, dict[str, float]]:
-    """workload -> medians of capture on / off: tok/s, CPU s per token, and on÷off ratios."""
-    res, out = m["results"], {}
-    for w in res.get("on", {}):
-        on, off = res["on"][w], res["off"][w]
-        out[w] = {
-            "tok_s_on": statistics.median(on["rate"]), "tok_s_off": statistics.median(off["rate"]),
-            "cpu_s_per_tok_on": statistics.median(on["cpu"]), "cpu_s_per_tok_off": statistics.median(off["cpu"]),
-            "ratio_wall": statistics.median(a / b for a, b in zip(on["rate"], off["rate"], strict=True)),
-            "ratio_cpu": statistics.median(b / a for a, b in zip(on["cpu"], off["cpu"], strict=True)),
-        }
-    return out
 
 
 if __name__ == "__main__":

@@ -110,6 +110,8 @@ def main() -> int:
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.hidden, args.layers, args.intermediate, args.dtype, args.experts = 768, 24, 2048, "float32", 0
+    # the rest of what capture_overhead.servers reads: one server per side, system malloc, 2 GiB KV
+    args.preload, args.variant, args.instances, args.kv_gib = None, None, 1, 2
     os.environ["ONEDNN_JIT_PROFILE"] = "2"  # the servers inherit it: /tmp/perf-<pid>.map names JIT kernels
     model, _, vocab = build_model(args)
     prompts = [prompt_ids(args.prompt, 7000 + i, vocab) for i in range(args.batch)]

@@ -1,5 +1,5 @@
-"""bench/capture_overhead.py's report: paired ratios, no wall-clock ratio when other jobs took
-CPU, and capture's extra CPU split by process."""
+"""bench/capture_overhead.py's report (bench/overhead_report.py): paired ratios, no wall-clock
+ratio when other jobs took CPU, capture's extra CPU split by process, replicas pooled."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import capture_overhead  # noqa: E402
+import overhead_report  # noqa: E402
 
 
 def _roles(api: float, engine: float, worker: float) -> dict[str, float]:
@@ -32,19 +33,19 @@ def _row(lines: list[str], workload: str = "B=1 P=16") -> str:
 
 
 def test_a_steady_load_gives_paired_median_ratios_with_their_range():
-    row = _row(capture_overhead.table("compiled", _measured([0.02, 0.05, 0.01]), ARGS))
+    row = _row(overhead_report.table("compiled", _measured([0.02, 0.05, 0.01]), ARGS))
     assert "| 0.950 (0.900–1.000) |" in row  # wall: median of 9/10, 9.5/10, 10/10
     assert "| 0.909 (0.833–1.000) |" in row  # CPU: off ÷ on CPU per token
 
 
 def test_other_jobs_taking_cpu_withhold_the_wall_clock_ratio_and_say_why():
-    lines = capture_overhead.table("compiled", _measured([0.02, 0.40, 0.01]), ARGS)
+    lines = overhead_report.table("compiled", _measured([0.02, 0.40, 0.01]), ARGS)
     assert "0.02, 0.40, 0.01 cores (> 0.15): the wall-clock ratio is withheld" in lines[0]
     assert "| withheld |" in _row(lines) and "0.909" in _row(lines)
 
 
 def test_the_extra_cpu_per_token_is_split_by_process():
-    lines = capture_overhead.table("compiled", _measured([0.0, 0.0, 0.0]), ARGS)
+    lines = overhead_report.table("compiled", _measured([0.0, 0.0, 0.0]), ARGS)
     # medians of on − off, ms: API 0, engine 0 (0, 0, 10), worker 10 (10, 0, 10), all 10 (10, 0, 20)
     assert lines[-1] == "| B=1 P=16 | +0.0 | +0.0 | +10.0 | +10.0 |"
 
@@ -83,7 +84,7 @@ def test_the_chat_workload_compares_both_capture_servers_with_plain_vllm_default
                     ("vllm defaults", fast), ("on, prefix caching", {"rate": [27.0] * 3, "cpu": [0.025] * 3})):
         r.setdefault("roles", [_roles(0.0, 0.0, 0.0)] * 3)
         m["results"].setdefault(name, {"B=1 P=16": {"rate": [], "cpu": [], "roles": []}})[chat] = r
-    lines = capture_overhead.table("compiled", m, ARGS)
+    lines = overhead_report.table("compiled", m, ARGS)
     defaults, cached = (next(x for x in lines if x.startswith(f"| {label}")) for label in ("↳ same", "↳ on ="))
     assert "off = plain vLLM defaults" in defaults and "| 0.317 (0.300–0.333) |" in defaults  # 9.5/30
     assert "capture with prefix caching on" in cached and "| 0.900 (0.900–0.900) |" in cached  # 27/30
@@ -136,22 +137,22 @@ def test_the_median_interval_is_the_sign_tests_order_statistics():
 
     xs = [0.848, 0.885, 0.897, 0.905, 0.935, 0.944, 0.97, 0.98, 1.031, 1.034, 1.035, 1.075]
     # n = 12: P(Bin(12, 1/2) <= 2) = 79/4096 = 1.9 % <= 2.5 %, <= 3 is 7.3 %: the 3rd and 10th
-    assert capture_overhead.median_interval(xs[::-1]) == (0.897, 1.034)
+    assert overhead_report.median_interval(xs[::-1]) == (0.897, 1.034)
     assert sum(comb(12, k) for k in range(3)) / 2**12 <= 0.025 < sum(comb(12, k) for k in range(4)) / 2**12
-    assert capture_overhead.median_interval([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]) == (1.0, 6.0)  # 1/64 <= 2.5 %
-    assert capture_overhead.median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None  # 1/32 > 2.5 %
-    wide = capture_overhead.median_interval(list(range(40)))
+    assert overhead_report.median_interval([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]) == (1.0, 6.0)  # 1/64 <= 2.5 %
+    assert overhead_report.median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) is None  # 1/32 > 2.5 %
+    wide = overhead_report.median_interval(list(range(40)))
     assert wide == (13, 26)  # n = 40: k = 14 (P(Bin <= 13) = 1.9 %, <= 14 is 4.0 %)
 
 
 def test_the_table_prints_the_interval_only_with_enough_rounds():
     m = _measured([0.0, 0.0, 0.0])
-    assert "| 0.950 (0.900–1.000) | – |" in _row(capture_overhead.table("compiled", m, ARGS))
+    assert "| 0.950 (0.900–1.000) | – |" in _row(overhead_report.table("compiled", m, ARGS))
     for side in ("on", "off"):  # six rounds: the interval is min–max
         r = m["results"][side]["B=1 P=16"]
         r["rate"], r["cpu"], r["roles"] = r["rate"] * 2, r["cpu"] * 2, r["roles"] * 2
     m["foreign"] = [0.0] * 6
-    assert "| 0.950 (0.900–1.000) | 0.900–1.000 |" in _row(capture_overhead.table("compiled", m, ARGS))
+    assert "| 0.950 (0.900–1.000) | 0.900–1.000 |" in _row(overhead_report.table("compiled", m, ARGS))
 
 
 def test_grid_picks_the_workloads():
@@ -164,3 +165,20 @@ def test_grid_picks_the_workloads():
 
     with pytest.raises(argparse.ArgumentTypeError):
         capture_overhead._batch_prompt("8x16")
+
+
+def test_replicas_are_pooled_per_round_and_each_is_shown_against_the_first_of_its_side():
+    m = _measured([0.0] * 3)
+    res = m["results"]
+    on2 = {"rate": [4.0, 4.75, 10.0], "cpu": [0.11, 0.10, 0.12], "roles": res["on"]["B=1 P=16"]["roles"]}
+    off2 = {"rate": [10.0, 10.0, 10.0], "cpu": [0.10, 0.10, 0.10], "roles": res["off"]["B=1 P=16"]["roles"]}
+    res["on #2"], res["off #2"] = {"B=1 P=16": on2}, {"B=1 P=16": off2}
+    assert overhead_report.instances(res, "on") == ["on", "on #2"]
+    lines = overhead_report.table("compiled", m, ARGS)
+    # pooled per round: sqrt(9 * 4) / 10, sqrt(9.5 * 4.75) / 10, sqrt(10 * 10) / 10
+    assert "| 0.672 (0.600–1.000) |" in _row(lines)
+    assert any(x.startswith("| ↳ on #2 / on (identical servers) | 4.8 (4.0–10.0) | 9.5 (9.0–10.0) "
+                            "| 0.500 (0.444–1.000) |") for x in lines)
+    assert any(x.startswith("| ↳ on #2 / off #2 |") for x in lines)
+    assert any(x.startswith("| ↳ off #2 / off (identical servers) | 10.0") for x in lines)
+    assert overhead_report.summary(m)["B=1 P=16"]["ratio_wall"] == __import__("pytest").approx(0.67175, abs=1e-4)
