@@ -22,7 +22,7 @@ def pooled(res: dict, side: str, w: str) -> dict:
     runs = [res[n][w] for n in instances(res, side)]
     if len(runs) == 1:
         return runs[0]
-    gmean = lambda xs: math.exp(statistics.fmean(math.log(x) for x in xs))  # noqa: E731
+    gmean = statistics.geometric_mean
     return {"rate": [gmean(xs) for xs in zip(*(r["rate"] for r in runs), strict=True)],
             "cpu": [gmean(xs) for xs in zip(*(r["cpu"] for r in runs), strict=True)],
             "roles": [{k: statistics.fmean(d[k] for d in ds) for k in ds[0]}

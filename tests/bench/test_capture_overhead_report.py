@@ -7,6 +7,8 @@ import sys
 from argparse import Namespace
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 import capture_overhead  # noqa: E402
@@ -181,4 +183,4 @@ def test_replicas_are_pooled_per_round_and_each_is_shown_against_the_first_of_it
                             "| 0.500 (0.444–1.000) |") for x in lines)
     assert any(x.startswith("| ↳ on #2 / off #2 |") for x in lines)
     assert any(x.startswith("| ↳ off #2 / off (identical servers) | 10.0") for x in lines)
-    assert overhead_report.summary(m)["B=1 P=16"]["ratio_wall"] == __import__("pytest").approx(0.67175, abs=1e-4)
+    assert overhead_report.summary(m)["B=1 P=16"]["ratio_wall"] == pytest.approx(0.67175, abs=1e-4)
