@@ -371,7 +371,7 @@ def compress(cfg: CompressConfig) -> Path:
         raise CompressError(f"--param-ratio {base['param_ratio']}: no candidate can remove that much")
     record = _candidates_step(cfg, plans, sets, split)
     best = choose(scores(record, plans), prefer=MLP_ONLY)
-    for line in table(record, list(plans), best):
+    for line in table(record, list(plans), best, {n: cfg.work_dir / _PLAN_FILES[n] for n in plans}):
         cfg.log(line)
     return _final_step(cfg, best, plans[best])
 
