@@ -240,6 +240,6 @@ def table(record: dict[str, Any], names: list[str], best: str, plan_files: dict[
         top = min(on_data, key=on_data.__getitem__)
         if on_data[best] - on_data[top] > PREFER_MARGIN:
             where = f" (its plan: {plan_files[top]}; build it with `actprune prune --plan`)" if plan_files else ""
-            lines.append(f"  {best} chosen by the mean over the validation sets; on --data alone {top} validates "
+            lines.append(f"  {best} chosen on all the validation sets together; on --data alone {top} validates "
                          f"{math.expm1(on_data[best] - on_data[top]):.1%} better{where}")
     return lines

@@ -190,7 +190,7 @@ def test_the_table_says_when_another_candidate_is_better_on_data_alone():
     names = ["heads-capped", "mlp"]
     assert scores(record, names)["mlp"] < scores(record, names)["heads-capped"]  # the mean prefers mlp
     lines = table(record, names, "mlp", {"heads-capped": "W/plan-heads-capped.json", "mlp": "W/plan-mlp.json"})
-    assert lines[-1] == ("  mlp chosen by the mean over the validation sets; on --data alone heads-capped validates "
+    assert lines[-1] == ("  mlp chosen on all the validation sets together; on --data alone heads-capped validates "
                          "5.1% better (its plan: W/plan-heads-capped.json; build it with `actprune prune --plan`)")
     assert "on --data alone" not in "\n".join(table(record, names, "heads-capped"))  # the best on --data: silent
     # within the margin on --data: no line
