@@ -31,6 +31,11 @@ LM loss alone; the teacher's top-k only scores validation). Rows of the table:
   trained like ``plain`` — the control: a gain it shows too is adaptation to Wikipedia, not
   recovery of what pruning removed.
 
+Variants of a trained row, each its own row in the table: ``--mix-source teacher`` (the mix share
+is the dense model's own unconditional samples, :func:`teacher_docs`, instead of other-domain
+text), ``--teacher-topk K`` (the teacher's top-K cached, 64 by default; 0 is the live teacher
+and the KL on the full vocabulary), ``--lora`` (LoRA adapters instead of every weight).
+
 Evaluation (never used for a choice): perplexity ÷ dense on held-out Wikipedia and on the three
 out-of-domain texts of :mod:`texts`, the mean per-token KL(dense ‖ model) on each, and lm-eval's
 accuracy ± standard error on ``actprune_facts`` (40 shipped multiple-choice facts; s.e. ≈ 0.07,
@@ -76,14 +81,19 @@ def finetune_args(row: str, args: argparse.Namespace, start: Path, dense: Path, 
     # Every row gets the teacher, for the validation KL the learning rate is chosen on; without
     # distillation it weighs 0 in the loss.
     name = data.stem + (f"-mix{mix[1]:g}" if mix else "")
-    cmd += ["--teacher", str(dense), "--kd-alpha", "1.0" if "distil" in row else "0.0", "--teacher-topk", "64",
-            "--teacher-cache", str(data.parent / f"teacher-top64-{name}.safetensors")]  # one pass for all rows
+    name += f"-{mix[0].stem}" if mix and not mix[0].stem.startswith("other") else ""  # the teacher's samples
+    cmd += ["--teacher", str(dense), "--kd-alpha", "1.0" if "distil" in row else "0.0"]
+    if args.teacher_topk:  # one pass for all rows
+        k = args.teacher_topk
+        cmd += ["--teacher-topk", str(k), "--teacher-cache", str(data.parent / f"teacher-top{k}-{name}.safetensors")]
     if mix:
         cmd += ["--mix-data", str(mix[0]), "--mix-share", f"{mix[1]:g}"]
     if row.startswith("local"):
         cmd += ["--local-steps", str(args.local_steps), "--local-tokens", str(args.local_tokens)]
     if row.endswith("+hidden"):
         cmd += ["--kd-hidden", f"{args.kd_hidden:g}"]
+    if args.lora:
+        cmd += ["--lora"]  # finetune's defaults: r 16, alpha 32, every linear layer
     return cmd
 
 
@@ -132,18 +142,50 @@ def other_docs(tok, budget: int) -> list[str]:
     return [d for k in range(len(pools)) for d in fill(tok, pools[k], shares[k])]  # in OTHER_TEXTS order
 
 
-def budget_data(cache: Path, tok, budget: int, mix: float = 0.0) -> tuple[Path, Path, Path | None]:
+def teacher_docs(model_dir: Path, tok, budget: int, *, batch: int = 32, new_tokens: int = SEQ_TRAIN,
+                 seed: int = 0) -> list[str]:
+    """Samples of the dense model itself, unconditional (from its BOS token), at temperature 1
+    with no top-k / top-p cut, filling ``budget`` tokens as finetune packs them: distillation on
+    them minimises KL(teacher ‖ student) over the teacher's own distribution — its general
+    ability, which no single domain of traffic covers (sequence-level distillation; "self-data
+    distillation" for pruned models, Thangarasa et al. 2024). Samples under 16 tokens (an early
+    end of turn) are dropped. Seeded: the same ``seed`` and ``budget`` give the same file."""
+    from actprune.pruning.checkpoint.hf_io import load_causal_lm
+
+    model = load_causal_lm(model_dir, torch.float32).eval()
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    torch.manual_seed(seed)
+    docs, total, t0 = [], 0, time.time()
+    while total < budget:
+        ids = torch.full((batch, 1), bos)
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                                 top_k=0, top_p=1.0, max_new_tokens=new_tokens, pad_token_id=tok.eos_token_id)
+        for text in tok.batch_decode(out[:, 1:], skip_special_tokens=True):
+            n = len(tokenize(tok, [text])[0])
+            if n >= 16 and total < budget:
+                docs.append(text)
+                total += n + 1
+        print(f"teacher samples: {total}/{budget} tokens, {total / (time.time() - t0):.0f} tokens/s",
+              file=sys.stderr, flush=True)
+    return docs
+
+
+def budget_data(cache: Path, tok, budget: int, mix: float = 0.0,
+                source: str = "other") -> tuple[Path, Path, Path | None]:
     """JSONL of the first wiki:train summaries filling ``budget`` tokens (as finetune packs them:
     each document + EOS), the validation JSONL, and None — with ``mix`` > 0, the summaries fill
-    (1 - mix) of it, and the third file holds the other-domain documents for the rest
-    (``finetune --mix-data``)."""
+    (1 - mix) of it, and the third file holds the general documents for the rest
+    (``finetune --mix-data``): other-domain text (``source`` "other") or the dense model's own
+    samples ("teacher", :func:`teacher_docs`)."""
     d = cache / "data"
     d.mkdir(exist_ok=True)
     other = round(budget * mix)
     train, val = d / f"train-{budget - other}.jsonl", d / "val.jsonl"
-    general = d / f"other-{other}.jsonl" if other else None
-    for path, docs in ((train, lambda: fill(tok, wiki_texts("train"), budget - other)),
-                       (general, lambda: other_docs(tok, other))):
+    general = d / f"{source}-{other}.jsonl" if other else None
+    make = (lambda: other_docs(tok, other)) if source == "other" else (
+        lambda: teacher_docs(cache / "models" / DENSE_NAME, tok, other))
+    for path, docs in ((train, lambda: fill(tok, wiki_texts("train"), budget - other)), (general, make)):
         if path is not None and not path.is_file():
             path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs()))
     if not val.is_file():
@@ -244,7 +286,8 @@ def train(cmd: list[str], out: Path, threads: int = 1) -> dict[str, float]:
 
 def group(r: dict) -> tuple:
     """(row, budget, mix share, start): the records whose learning rates compete."""
-    return r["row"], r.get("budget"), r.get("mix", 0.0), r.get("start", ""), r.get("kd_hidden")
+    return (r["row"], r.get("budget"), r.get("mix", 0.0), r.get("mix_source"), r.get("start", ""), r.get("kd_hidden"),
+            r.get("topk"), r.get("lora", False))
 
 
 def picked(results: list[dict]) -> set[str]:
@@ -278,7 +321,9 @@ def markdown(path: Path) -> str:
     chosen = picked(list(res.values()))
     rates = Counter(group(r) for r in res.values() if r.get("val"))
     for r in sorted(res.values(), key=lambda r: (r.get("budget") or 0, order.get(r["row"], 99), r.get("start", ""),
-                                                 r.get("mix", 0.0), r.get("lr", 0))):
+                                                 r.get("mix", 0.0), r.get("mix_source") or "", r.get("topk", 64) or 1 << 30,
+                                                 r.get("lora", False),
+                                                 r.get("lr", 0))):
         ppl = " | ".join(f"{r[t + '_ppl'] / dense[t + '_ppl']:.3f} ({r[t + '_ppl']:.2f})" for t in texts)
         kl = " | ".join(f"{r[t + '_kl']:.4f}" for t in texts)
         acc = r.get("task", {})
@@ -288,7 +333,10 @@ def markdown(path: Path) -> str:
         val = f"{v['val_ppl']:.2f}" if v else "—"
         val_kl = f"{v['val_kl']:.4f}" if "val_kl" in v else "—"
         name = (r["row"] + (f" from {r['start']}" if r.get("start") else "")
-                + (f", {r['mix']:.0%} other" if r.get("mix") else "") + (f", β {r['kd_hidden']:g}" if "kd_hidden" in r else "")
+                + (f", {r['mix']:.0%} {'teacher samples' if r.get('mix_source') == 'teacher' else 'other'}"
+                   if r.get("mix") else "") + (f", β {r['kd_hidden']:g}" if "kd_hidden" in r else "")
+                + ((f", top-{r['topk']}" if r["topk"] else ", full-vocabulary KL") if "topk" in r else "")
+                + (", LoRA r 16" if r.get("lora") else "")
                 + (f" (lr {r['lr']:g})" if "lr" in r else ""))
         if r["key"] in chosen and rates[group(r)] > 1:
             name += " ◀"
@@ -313,6 +361,14 @@ def main() -> None:
     p.add_argument("--local-tokens", type=int, default=8192)
     p.add_argument("--mix-other", type=float, default=0.0, metavar="S",
                    help="share of the training tokens from other-domain text (texts.OTHER_TEXTS), 0 to 1")
+    p.add_argument("--teacher-topk", type=int, default=64, metavar="K",
+                   help="the teacher's top-K cached on disk (finetune --teacher-topk); 0: the live teacher, the "
+                        "KL on the full vocabulary (rows other than 64 are their own rows)")
+    p.add_argument("--lora", action="store_true",
+                   help="train LoRA adapters (finetune --lora, r 16) instead of every weight; rows of their own")
+    p.add_argument("--mix-source", choices=("other", "teacher"), default="other",
+                   help="what the --mix-other share is: other-domain text, or the dense model's own samples "
+                        "(unconditional, temperature 1; generated once into CACHE/data/teacher-N.jsonl)")
     p.add_argument("--eval-tokens", type=int, default=4096, help="tokens per evaluation text")
     p.add_argument("--no-task", action="store_true", help=f"skip lm-eval's {TASK}")
     p.add_argument("--threads", type=int, default=1,
@@ -342,8 +398,10 @@ def main() -> None:
 
     ref = dense_logp(cache, dense_dir, rows)
     steps = args.budget // (SEQ_TRAIN * BATCH)
-    data, val, general = budget_data(cache, tok, args.budget, args.mix_other)
+    data, val, general = budget_data(cache, tok, args.budget, args.mix_other, args.mix_source)
     mix = {"mix": args.mix_other} if args.mix_other else {}
+    if mix and args.mix_source != "other":
+        mix["mix_source"] = args.mix_source
     # a start other than the default one: its rows are its own (key, run directory, table row)
     named = {"start": start.name} if args.pruned and start.resolve() != (cache / "pruned20").resolve() else {}
     tag = f"|start={named['start']}" if named else ""
@@ -356,6 +414,11 @@ def main() -> None:
             continue
         for lr in args.lr:
             key = f"{row}@{args.budget}|lr={lr:g}" + (f"|mix={args.mix_other:g}" if mix else "")
+            key += f"|src={args.mix_source}" if "mix_source" in mix else ""
+            topk = {"topk": args.teacher_topk} if args.teacher_topk != 64 and "distil" in row else {}
+            key += f"|topk={args.teacher_topk}" if topk else ""
+            lora = {"lora": True} if args.lora and not row.startswith("dense") else {}
+            key += "|lora" if lora else ""
             hidden = {"kd_hidden": args.kd_hidden} if row.endswith("+hidden") else {}
             key += f"|kd_hidden={args.kd_hidden:g}" if hidden else ""
             key += tag if not row.startswith("dense") else ""
@@ -369,7 +432,7 @@ def main() -> None:
             cost = train(cmd, out, args.threads)
             vals = [r for r in map(json.loads, (out / "finetune_log.jsonl").read_text().splitlines())
                     if "val_ppl" in r or "val_loss" in r]
-            evaluate(key, out, {"row": row, "budget": args.budget, "lr": lr, **mix, **hidden,
+            evaluate(key, out, {"row": row, "budget": args.budget, "lr": lr, **mix, **hidden, **topk, **lora,
                                 **({} if row.startswith("dense") else named), "cmd": " ".join(cmd[1:]), **cost,
                                 "val": vals[-1] if vals else None})
 

@@ -38,7 +38,7 @@ def test_score_is_perplexity_and_kl_against_the_cached_reference(tmp_path):
 
 
 def test_rows_share_data_budget_and_seed_and_differ_only_in_loss_and_start():
-    args = Namespace(local_steps=16, local_tokens=8192, kd_hidden=5.0)
+    args = Namespace(local_steps=16, local_tokens=8192, kd_hidden=5.0, teacher_topk=64, lora=False)
     p = Path
     cmds = {r: recovery.finetune_args(r, args, p("start"), p("dense"), p("d.jsonl"), p("v.jsonl"), p("o"), 16, 1e-4)
             for r in ("plain", "distil", "distil+hidden", "local+distil")}
@@ -53,6 +53,40 @@ def test_rows_share_data_budget_and_seed_and_differ_only_in_loss_and_start():
     hidden = cmds["distil+hidden"]
     assert hidden[hidden.index("--kd-hidden") + 1] == "5" and hidden[:-2] == cmds["distil"]
     assert all("--kd-hidden" not in c for r, c in cmds.items() if r != "distil+hidden")
+
+
+def test_topk_0_is_the_live_teacher_and_lora_changes_nothing_else():
+    p = Path
+
+    def distil(**kw) -> list[str]:
+        args = Namespace(**{"local_steps": 16, "local_tokens": 8192, "kd_hidden": 5.0, "teacher_topk": 64,
+                            "lora": False, **kw})
+        return recovery.finetune_args("distil", args, p("s"), p("t"), p("d.jsonl"), p("v.jsonl"), p("o"), 16, 1e-4)
+
+    base = distil()
+    assert base[base.index("--teacher-topk") + 1] == "64" and "teacher-top64-d" in base[base.index("--teacher-cache") + 1]
+    live = distil(teacher_topk=0)  # the teacher in memory: full-vocabulary KL, no cache file
+    assert live == base[:-4] and "--teacher-topk" not in live  # base ends: --teacher-topk 64 --teacher-cache F
+    k = distil(teacher_topk=1024)
+    assert k[k.index("--teacher-topk") + 1] == "1024" and "teacher-top1024-d" in k[k.index("--teacher-cache") + 1]
+    assert distil(lora=True) == base + ["--lora"]
+
+
+def test_teacher_samples_fill_the_budget_and_the_same_seed_gives_the_same_file(tmp_path):
+    from actprune.pruning.checkpoint.hf_io import load_tokenizer
+    from actprune.pruning.data import tokenize
+
+    d = build_checkpoint(tmp_path / "cache" / "models" / recovery.DENSE_NAME, arch="llama", seed=3)
+    tok = load_tokenizer(d)
+    docs = recovery.teacher_docs(d, tok, 300, batch=4, new_tokens=32)
+    n = [len(ids) + 1 for ids in tokenize(tok, docs)]
+    assert sum(n) >= 300 and sum(n) - n[-1] < 300  # the budget, and no sample more than it takes
+    assert min(n) > 16 and len(set(docs)) == len(docs)  # sampled, not greedy: no two alike
+    assert recovery.teacher_docs(d, tok, 300, batch=4, new_tokens=32) == docs
+    assert recovery.teacher_docs(d, tok, 300, batch=4, new_tokens=32, seed=1) != docs
+    _, _, general = recovery.budget_data(tmp_path / "cache", tok, 1200, mix=0.25, source="teacher")
+    samples = [json.loads(line)["text"] for line in general.read_text().splitlines()]
+    assert general.name == "teacher-300.jsonl" and sum(len(ids) + 1 for ids in tokenize(tok, samples)) >= 300
 
 
 def test_markdown_divides_by_dense_and_shows_accuracy_with_its_error(tmp_path):
@@ -122,7 +156,7 @@ def test_a_mixed_budget_takes_its_share_from_the_other_domain_texts_first_halves
         mine = [d for d in other if d in first]  # documents are whole paragraphs of a first half
         assert 500 <= tokens(mine) and not any(d in second for d in mine)
     assert len(other) == sum(1 for d in other if any(d in f for f in firsts))
-    args = Namespace(local_steps=16, local_tokens=8192)
+    args = Namespace(local_steps=16, local_tokens=8192, teacher_topk=64, lora=False)
     cmd = recovery.finetune_args("distil", args, Path("s"), Path("d"), own, Path("v"), Path("o"), 4, 1e-4,
                                  (general, 0.25))
     assert cmd[cmd.index("--mix-data") + 1] == str(general) and cmd[cmd.index("--mix-share") + 1] == "0.25"
