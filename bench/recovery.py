@@ -149,7 +149,8 @@ def teacher_docs(model_dir: Path, tok, budget: int, *, batch: int = 32, new_toke
     them minimises KL(teacher ‖ student) over the teacher's own distribution — its general
     ability, which no single domain of traffic covers (sequence-level distillation; "self-data
     distillation" for pruned models, Thangarasa et al. 2024). Samples under 16 tokens (an early
-    end of turn) are dropped. Seeded: the same ``seed`` and ``budget`` give the same file."""
+    end of turn) are dropped. Seeded: the same ``seed``, ``budget`` and thread count give the
+    same file."""
     from actprune.pruning.checkpoint.hf_io import load_causal_lm
 
     model = load_causal_lm(model_dir, torch.float32).eval()
@@ -285,7 +286,8 @@ def train(cmd: list[str], out: Path, threads: int = 1) -> dict[str, float]:
 
 
 def group(r: dict) -> tuple:
-    """(row, budget, mix share, start): the records whose learning rates compete."""
+    """(row, budget, mix share and source, start, β, top-K, LoRA): the records whose learning
+    rates compete."""
     return (r["row"], r.get("budget"), r.get("mix", 0.0), r.get("mix_source"), r.get("start", ""), r.get("kd_hidden"),
             r.get("topk"), r.get("lora", False))
 
@@ -379,6 +381,8 @@ def main() -> None:
     args = p.parse_args()
     if not 0.0 <= args.mix_other < 1.0:
         p.error(f"--mix-other is a share in [0, 1), got {args.mix_other}")
+    if args.mix_source != "other" and not args.mix_other:
+        p.error("--mix-source teacher needs --mix-other S > 0 (the share of the budget the samples fill)")
     cache = Path(args.cache)
     path = Path(args.results or cache / f"recovery-e{args.eval_tokens}.jsonl")
     if args.markdown:
@@ -417,7 +421,7 @@ def main() -> None:
             key += f"|src={args.mix_source}" if "mix_source" in mix else ""
             topk = {"topk": args.teacher_topk} if args.teacher_topk != 64 and "distil" in row else {}
             key += f"|topk={args.teacher_topk}" if topk else ""
-            lora = {"lora": True} if args.lora and not row.startswith("dense") else {}
+            lora = {"lora": True} if args.lora else {}  # the dense control too: a LoRA control
             key += "|lora" if lora else ""
             hidden = {"kd_hidden": args.kd_hidden} if row.endswith("+hidden") else {}
             key += f"|kd_hidden={args.kd_hidden:g}" if hidden else ""
