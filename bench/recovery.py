@@ -80,8 +80,7 @@ def finetune_args(row: str, args: argparse.Namespace, start: Path, dense: Path, 
            "--seed", "0", "--eval-every", "0"]
     # Every row gets the teacher, for the validation KL the learning rate is chosen on; without
     # distillation it weighs 0 in the loss.
-    name = data.stem + (f"-mix{mix[1]:g}" if mix else "")
-    name += f"-{mix[0].stem}" if mix and not mix[0].stem.startswith("other") else ""  # the teacher's samples
+    name = data.stem + (f"-mix{mix[1]:g}-{mix[0].stem}" if mix else "")  # other-N / teacher-N: their own file
     cmd += ["--teacher", str(dense), "--kd-alpha", "1.0" if "distil" in row else "0.0"]
     if args.teacher_topk:  # one pass for all rows
         k = args.teacher_topk
@@ -162,11 +161,11 @@ def teacher_docs(model_dir: Path, tok, budget: int, *, batch: int = 32, new_toke
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
                                  top_k=0, top_p=1.0, max_new_tokens=new_tokens, pad_token_id=tok.eos_token_id)
-        for text in tok.batch_decode(out[:, 1:], skip_special_tokens=True):
-            n = len(tokenize(tok, [text])[0])
-            if n >= 16 and total < budget:
+        texts = tok.batch_decode(out[:, 1:], skip_special_tokens=True)
+        for text, ids in zip(texts, tokenize(tok, texts), strict=True):
+            if len(ids) >= 16 and total < budget:
                 docs.append(text)
-                total += n + 1
+                total += len(ids) + 1
         print(f"teacher samples: {total}/{budget} tokens, {total / (time.time() - t0):.0f} tokens/s",
               file=sys.stderr, flush=True)
     return docs
@@ -419,7 +418,8 @@ def main() -> None:
         for lr in args.lr:
             key = f"{row}@{args.budget}|lr={lr:g}" + (f"|mix={args.mix_other:g}" if mix else "")
             key += f"|src={args.mix_source}" if "mix_source" in mix else ""
-            topk = {"topk": args.teacher_topk} if args.teacher_topk != 64 and "distil" in row else {}
+            # every row: without distillation K still sets what its validation KL is taken on
+            topk = {"topk": args.teacher_topk} if args.teacher_topk != 64 else {}
             key += f"|topk={args.teacher_topk}" if topk else ""
             lora = {"lora": True} if args.lora else {}  # the dense control too: a LoRA control
             key += "|lora" if lora else ""
