@@ -99,13 +99,19 @@ def _cached(m: SnapshotMeta) -> str:
     return "; prefix caching on: " + ("cached prompt tokens unknown" if n is None else f"{n} more served from the cache, not seen")
 
 
+def _unsampled(m: SnapshotMeta) -> str:
+    """What a sampling capture (step_sample < 1) skipped: the stats cover a random share of steps."""
+    n = m.tokens_unsampled
+    return f"; {n} more in steps the capture's sampling skipped, not seen" if n else ""
+
+
 def format_table(summary: StatsSummary, layers: Sequence[int] | None = None) -> str:
     """Header lines about the snapshot, then one row per layer (neuron/head means)."""
     m = summary.meta
     out = [
         f"model {m.model} ({m.architecture}), config_hash {m.config_hash}, TP {m.tensor_parallel_size}",
         f"tokens {summary.tokens} (prefill {m.tokens_prefill}, decode {m.tokens_decode}"
-        f"{_cached(m)}), "
+        f"{_cached(m)}{_unsampled(m)}), "
         f"merged from {m.merged_from}, near-zero threshold {m.near_zero_threshold:g}",
         "",
         "  ".join(h.rjust(w) for h, w in _COLUMNS),

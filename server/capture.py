@@ -16,7 +16,9 @@ rank), attached to the loaded model. It owns a :class:`HookRegistry` and these h
   the rows buffered so far, folded at once (on a CPU once 16 rows have gathered; a step too
   long for the step buffers was folded tap by tap)
 * pre-hook on the top-level model (runs eagerly, outside the compiled graph, once per step):
-  arms capture at the first real step and counts prefill / decode tokens; with the post-hook on
+  arms capture at the first real step, decides whether this step is captured (not while
+  paused; with ``step_sample`` < 1 a seeded draw: on a CPU a step not captured skips the ops'
+  work) and counts prefill / decode tokens; with the post-hook on
   the same model it tells whether a step is under way (``in_step``). A step cut short (a signal,
   or a collective failing because another rank stopped first) is taken back by
   ``settle_step`` when its rows only wait in the buffers; one stopped while folding leaves a
@@ -34,6 +36,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -87,12 +90,20 @@ class CaptureOptions:
     # on a CPU: the rows of small steps that gather before a fold, and the rows per call of the
     # fold (at most half the step buffers; why 16: server/ops.py)
     fold_rows: int = FOLD_ROWS
+    # opt-in, CPU only: the chance that a forward step is captured, drawn per step from a
+    # generator seeded with sample_seed (every rank draws the same); the steps not drawn cost
+    # no copy and no fold, and their tokens are counted as tokens_unsampled (docs/capture.md)
+    step_sample: float = 1.0
+    sample_seed: int = 0
 
     def __post_init__(self) -> None:
-        for name, least in (("stash_mib", 0), ("fold_rows", 1)):
+        for name, least in (("stash_mib", 0), ("fold_rows", 1), ("sample_seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"actprune: capture option {name} must be an integer >= {least}, got {value!r}")
+        p = self.step_sample
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise ValueError(f"actprune: capture option step_sample must be a number in (0, 1], got {p!r}")
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,10 @@ class Capture:
         hidden_size: int,
         routing: Routing | None = None,
     ) -> None:
+        if options.step_sample < 1 and device.type != "cpu":
+            raise ValueError("actprune: step_sample < 1 is for CPU servers: under CUDA graphs the capture's "
+                             "kernels replay whether a step is drawn or not, so sampling would save nothing "
+                             "(the GPU capture costs 1-2 % of a step; docs/capture.md)")
         self.layout = layout
         self.routing = routing
         self.options = options
@@ -142,6 +157,9 @@ class Capture:
         self.paused = False
         self.tokens_prefill = 0
         self.tokens_decode = 0
+        self._draw = random.Random(options.sample_seed)  # one draw per real step, the same on every rank
+        self.tokens_unsampled = 0  # tokens of the real steps step_sample skipped
+        self._step_unsampled = 0  # ... of the current step
         self.window_start = time.time()
         self.groups: dict[str, dict[str, torch.Tensor]] = {}
         self.partitions: dict[str, tuple[int, int, int]] = {}
@@ -284,6 +302,9 @@ class Capture:
             return
         split = step_tokens()
         if split is None:  # vLLM's profile / warm-up / padding-only dummy runs
+            # run the ops as ever: their rows are not armed (or padding), and a profile run's
+            # long step compiles the tap-by-tap fold now rather than while serving
+            self.bufs.idle[0] = False
             return
         self.in_step = True
         self.bufs.phase.fill_(STEP_OPEN)
@@ -291,9 +312,15 @@ class Capture:
             self.started = True
             if not self.paused:
                 self.armed.fill_(1.0)
-        self._step_counted = (0, 0) if self.paused else split
+        drawn = self.options.step_sample >= 1 or self._draw.random() < self.options.step_sample
+        # on a CPU a step not captured skips the ops' work; a GPU's steps run them (unarmed
+        # while paused), and step_sample < 1 is refused there
+        self.bufs.idle[0] = self.device.type == "cpu" and (self.paused or not drawn)
+        self._step_counted = (0, 0) if self.paused or not drawn else split
+        self._step_unsampled = 0 if drawn or self.paused else sum(split)
         self.tokens_prefill += self._step_counted[0]
         self.tokens_decode += self._step_counted[1]
+        self.tokens_unsampled += self._step_unsampled
 
     def _after_step(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         self.in_step = False
@@ -316,7 +343,8 @@ class Capture:
         if phase == STEP_OPEN:
             self.tokens_prefill -= self._step_counted[0]
             self.tokens_decode -= self._step_counted[1]
-        self._step_counted = (0, 0)
+            self.tokens_unsampled -= self._step_unsampled
+        self._step_counted, self._step_unsampled = (0, 0), 0
         self.in_step = False
         return True
 
@@ -333,7 +361,7 @@ class Capture:
         for st in self.groups.values():
             reset_state(st)
         self.bufs.hookless.zero_()
-        self.tokens_prefill = self.tokens_decode = 0
+        self.tokens_prefill = self.tokens_decode = self.tokens_unsampled = 0
         self.window_start = time.time()
 
     def pause(self) -> None:
@@ -351,6 +379,8 @@ class Capture:
             "paused": self.paused,
             "tokens_prefill": self.tokens_prefill,
             "tokens_decode": self.tokens_decode + self.hookless_tokens(),
+            "tokens_unsampled": self.tokens_unsampled,
+            "step_sample": self.options.step_sample,
             "window_start": self.window_start,
             "near_zero_threshold": float(self.options.near_zero_threshold),
             "tp_rank": self.shard.tp_rank,
@@ -385,9 +415,10 @@ class Capture:
         and leaves the accumulators untouched."""
         parts, meta = self._slices(data)
         prefill, decode = int(meta.get("tokens_prefill", 0)), int(meta.get("tokens_decode", 0))
+        unsampled = int(meta.get("tokens_unsampled", 0))
         window_start = float(meta["window_start"]) if "window_start" in meta else None
-        if min(prefill, decode) < 0:
-            raise ValueError(f"saved token counts are negative ({prefill}, {decode})")
+        if min(prefill, decode, unsampled) < 0:
+            raise ValueError(f"saved token counts are negative ({prefill}, {decode}, {unsampled})")
         for name, st in self.groups.items():
             other = {f: t.to(st[f].device).reshape(st[f].shape) for f, t in parts[name].items()}
             if name in self.partitions:
@@ -397,6 +428,7 @@ class Capture:
                     st[f].add_(other[f])
         self.tokens_prefill += prefill
         self.tokens_decode += decode
+        self.tokens_unsampled += unsampled
         if window_start is not None:  # the counts now reach back to the saved window's start
             self.window_start = min(self.window_start, window_start)
 

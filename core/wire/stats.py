@@ -285,7 +285,7 @@ def _validate_router(tensors: dict[str, np.ndarray], layer: int, source: str) ->
 
 def _validate_meta(meta: dict[str, Any], source: str) -> None:
     """The numbers of the metadata: token counts and sizes are integers, the threshold finite."""
-    optional = [("tokens_cached", 0)] if meta.get("tokens_cached") is not None else []
+    optional = [(k, 0) for k in ("tokens_cached", "tokens_unsampled") if meta.get(k) is not None]
     for name, lo in (("tokens_prefill", 0), ("tokens_decode", 0), ("tensor_parallel_size", 1), *optional):
         v = meta[name]
         if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:

@@ -77,6 +77,11 @@ def merge(parts: Iterable[Stats]) -> Stats:
     cached = [p.meta.get("tokens_cached", 0) for p in parts]
     meta["tokens_cached"] = None if any(c is None for c in cached) else sum(int(c) for c in cached)
     meta["prefix_caching"] = any(p.meta.get("prefix_caching") is True for p in parts)
+    # tokens of steps a sampling capture skipped (step_sample); absent = none skipped
+    unsampled = sum(int(p.meta.get("tokens_unsampled") or 0) for p in parts)
+    meta.pop("tokens_unsampled", None)
+    if unsampled:
+        meta["tokens_unsampled"] = unsampled
     meta["merged_from"] = len(parts) + sum(int(p.meta.get("merged_from", 1)) - 1 for p in parts)
     meta.pop("instance_id", None)  # a merge is no single server's: it lists them all
     ids = sorted({i for p in parts for i in instance_ids(p)})

@@ -199,6 +199,8 @@ class CaptureService:
             tokens_decode=int(st["tokens_decode"]),
             tokens_cached=self.cached.value(),
             prefix_caching=self.meta["prefix_caching"],
+            tokens_unsampled=int(st.get("tokens_unsampled", 0)),
+            step_sample=float(st.get("step_sample", 1.0)),
             window_start=float(st["window_start"]),
             last_snapshot_time=self.last_snapshot_time,
             model=self.meta["model"],

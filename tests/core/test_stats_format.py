@@ -45,6 +45,22 @@ def test_tokens_served_from_a_prefix_cache_are_checked_and_add_up_in_a_merge(sta
     assert merge([a, unknown]).meta["tokens_cached"] is None  # a sum with an unknown part is unknown
 
 
+def test_tokens_a_sampling_capture_skipped_are_checked_add_up_and_are_shown(stats):
+    from actprune.client.stats_cli import format_table
+    from actprune.core.summary import summarize
+    from actprune.core.wire.stats_merge import merge
+
+    with pytest.raises(StatsFormatError, match="tokens_unsampled"):
+        Stats(tensors=stats.tensors, meta={**stats.meta, "tokens_unsampled": 2.5}).validate()
+    a = Stats(tensors=stats.tensors, meta={**stats.meta, "tokens_unsampled": 120})
+    b = Stats(tensors=stats.tensors, meta=dict(stats.meta))  # an exact capture: none skipped
+    assert "tokens_unsampled" not in merge([b, b]).meta
+    both = Stats.from_bytes(merge([b, a, a]).to_bytes())
+    assert both.meta["tokens_unsampled"] == 240
+    assert "; 240 more in steps the capture's sampling skipped, not seen" in format_table(summarize(both))
+    assert "sampling" not in format_table(summarize(b))
+
+
 def test_stats_show_says_what_a_prefix_cache_kept_from_the_capture(stats):
     from actprune.client.stats_cli import format_table
     from actprune.core.summary import summarize

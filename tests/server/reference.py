@@ -66,3 +66,33 @@ def reference_activations(model_dir: Path, sequences: list[list[int]]) -> dict[s
         for h in handles:
             h.remove()
     return {k: np.concatenate(v) for k, v in acts.items()}
+
+
+def close(got: np.ndarray, want: np.ndarray, what: str, rtol: float = 1e-4) -> None:
+    scale = float(np.max(np.abs(want))) or 1.0  # relative to the statistic's scale in the layer
+    err = float(np.max(np.abs(got - want)))
+    assert err <= rtol * scale, f"{what}: max error {err:.3g} > {rtol} x scale {scale:.3g}"
+
+
+def assert_stats_match(stats, ref: dict[str, np.ndarray]) -> None:
+    """Every channel statistic and block cosine of a dense model's ``stats`` (a Stats) equals
+    the reduction of ``ref``'s rows (:func:`reference_activations`, or a subset of its rows)."""
+    n_tokens = ref["cos.0"].shape[0]
+    for i in stats.layers:
+        assert float(stats.tensors[f"layers.{i}.block.count"]) == n_tokens
+        close(float(stats.tensors[f"layers.{i}.block.cos_sum"]) / n_tokens,
+              np.mean(ref[f"cos.{i}"]), f"layer {i} mean cosine")
+        for kind in ("mlp", "attn"):
+            x = ref[f"{kind}.{i}"]  # (N, C) float64
+            fig = stats.figures(i, kind)
+            assert fig.count == n_tokens == x.shape[0]
+            assert fig.mean.shape == (x.shape[1],)
+            close(fig.mean, x.mean(0), f"layer {i} {kind} mean")
+            close(fig.var, x.var(0), f"layer {i} {kind} variance")
+            close(fig.mean_abs, np.abs(x).mean(0), f"layer {i} {kind} mean |x|")
+            close(fig.max_abs, np.abs(x).max(0), f"layer {i} {kind} max |x|")
+            close(fig.rms, np.sqrt((x * x).mean(0)), f"layer {i} {kind} rms")
+            thr = float(stats.meta["near_zero_threshold"])
+            want_sparse = (np.abs(x) <= thr).mean(0)
+            # a value within float32 rounding of the threshold may land on either side
+            assert np.max(np.abs(fig.sparsity - want_sparse)) <= 2.0 / n_tokens

@@ -4,6 +4,7 @@ environment, plus one run of the real command that must stop before vLLM starts.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -114,3 +115,17 @@ def test_prefix_caching_is_off_unless_asked_and_needs_what_counts_the_cached_tok
         assert str(e.value).startswith("actprune serve: error: --enable-prefix-caching") and says in str(e.value)
     # without prefix caching nothing is cached: the same flags are vLLM's business
     build_vllm_argv(["m", "--disable-log-stats", "--api-server-count", "2"], {})
+
+
+def test_step_sample_reaches_the_capture_options_and_a_bad_one_is_one_line():
+    from actprune.server.launch import build_vllm_argv
+
+    argv, _ = build_vllm_argv(["m", "--step-sample", "0.25", "--model-loader-extra-config",
+                               '{"actprune": {"sample_seed": 3}}'], {})
+    ours = json.loads(argv[argv.index("--model-loader-extra-config") + 1])["actprune"]
+    assert ours["step_sample"] == 0.25 and ours["sample_seed"] == 3
+    plain, _ = build_vllm_argv(["m"], {})
+    assert "step_sample" not in json.loads(plain[plain.index("--model-loader-extra-config") + 1])["actprune"]
+    for bad in ("0", "1.5", "half", "nan"):
+        with pytest.raises(SystemExit, match="--step-sample must be a number in"):
+            build_vllm_argv(["m", "--step-sample", bad], {})

@@ -28,8 +28,9 @@ from actprune.pruning.record import record
 from actprune.server.process import ServerProcess
 
 from .conftest import start_server
+from .reference import close as _close
 from .reference import reference_activations
-from .test_capture_fidelity import PROMPTS, _close, complete, send_concurrently
+from .test_capture_fidelity import PROMPTS, complete, send_concurrently
 
 pytestmark = pytest.mark.slow
 
