@@ -16,7 +16,8 @@ fused kernel. On a CPU the rows of small steps wait in the buffers until
 GPU folds every step (``cursor`` None: no host read of a device value). A step too long for the
 buffers folds each tap where it is, its cost spread over many tokens. The ops are defined with
 ``torch.library.Library`` rather than ``torch.library.custom_op``, whose Python wrappers cost
-~13 µs more per call (21 vs 8 µs).
+~13 µs more per call (21 vs 8 µs). On a CPU a step that is not captured (paused, or not drawn
+by the opt-in ``step_sample``) sets ``StepBuffers.idle``: its ops return at once.
 
 Ops (all return nothing; buffers and accumulators are updated in place):
 
