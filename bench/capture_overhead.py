@@ -33,6 +33,10 @@ batch 8, BENCHMARKS.md). With N servers per side (started on, off | off, on | â€
 pool each side's instances (geometric mean per round) and every replica is printed against the
 first of its side: identical servers, the run's own noise floor for the pooled ratio.
 
+``--capture JSON`` gives the "on" side capture options (e.g. ``'{"step_sample": 0.25}'``, the
+opt-in sampled capture, docs/capture.md); ``--variant JSON`` adds a third side, capture with
+those options, beside the shipped one.
+
 ``--write`` puts the table into BENCHMARKS.md between the capture-overhead markers.
 Goals (issue 16, compiled mode, quiet machine): on/off >= 0.97 at batch 8, >= 0.95 at batch 1.
 On a GPU pod, pass ``--hidden 2048 --layers 28 --intermediate 6144 --dtype bfloat16``.
@@ -116,7 +120,9 @@ def servers(stack: ExitStack, model: Path, mode: str, args: argparse.Namespace, 
            "ACTPRUNE_SNAPSHOT_DIR": str(args.workdir / "snapshots")}
     if args.preload:  # both servers alike, e.g. the tcmalloc vLLM's CPU install guide preloads
         env["LD_PRELOAD"] = ":".join(filter(None, [args.preload, os.environ.get("LD_PRELOAD")]))
-    variants = {"on": [], "off": ["--no-capture", "--no-enable-prefix-caching"]}
+    # --capture: the "on" side's capture options (e.g. step_sample); by default capture as shipped
+    on = ["--model-loader-extra-config", json.dumps({"actprune": args.capture})] if args.capture else []
+    variants = {"on": on, "off": ["--no-capture", "--no-enable-prefix-caching"]}
     if prefix:
         variants["vllm defaults"] = ["--no-capture"]  # prefix caching on: vLLM's default
         variants["on, prefix caching"] = ["--enable-prefix-caching"]  # the stats count what the cache kept
@@ -184,10 +190,14 @@ def measure(srvs: dict, loads: dict[str, list[list[int]]], args: argparse.Namesp
             f"{w}: " + ", ".join(f"{n} {res[n][w]['rate'][-1]:.1f}" for n in srvs if res[n][w]['rate'])
             for w in loads), flush=True)
     samples.append(os.getloadavg()[0])
-    for name in instances(srvs, "on"):  # the capture really captured
+    for name in [*instances(srvs, "on"), *instances(srvs, "on, variant")]:  # the capture really captured
         st = httpx.get(f"{srvs[name].base_url}/activations/status", timeout=30).json()
         if not st.get("tokens_decode"):
             raise RuntimeError(f"{name}: capture counted nothing: {st}")
+        if st.get("tokens_unsampled"):  # a sampling capture (step_sample): what share it saw
+            seen = st["tokens_prefill"] + st["tokens_decode"]
+            print(f"{name}: captured {seen} tokens, skipped {st['tokens_unsampled']} "
+                  f"({seen / (seen + st['tokens_unsampled']):.3f} captured; step_sample {st['step_sample']})")
     return {"results": res, "load": samples, "foreign": foreign}
 
 
@@ -242,6 +252,8 @@ def main() -> int:
     ap.add_argument("--preload", default=None, metavar="LIB",
                     help="LD_PRELOAD this library into every server (vLLM's CPU guide preloads tcmalloc, e.g. "
                          "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4); default: the system allocator")
+    ap.add_argument("--capture", type=json.loads, default=None, metavar="JSON",
+                    help='the "on" side\'s capture options, e.g. \'{"step_sample": 0.25}\' (default: as shipped)')
     ap.add_argument("--variant", type=json.loads, default=None, metavar="JSON",
                     help="a third server: capture on with these capture options (the --model-loader-extra-config "
                          "'actprune' object, e.g. '{\"fold_rows\": 16}'), interleaved with the other two")
