@@ -17,13 +17,15 @@ import numpy as np
 import pytest
 import torch
 from actprune.core.archs import REGISTRY
-from actprune.server.capture import Capture, CaptureOptions, ShardInfo
+from actprune.server.capture import Capture, CaptureOptions, Routing, ShardInfo
 from actprune.server.snapshot import assemble
 from torch import Tensor, nn
 from vllm.forward_context import ForwardContext, override_forward_context
 
 LAYOUT = REGISTRY["Qwen3ForCausalLM"].vllm
-HIDDEN, ATTN, MLP = 4, 8, 6
+MOE_LAYOUT = REGISTRY["Qwen3MoeForCausalLM"].vllm
+HIDDEN, ATTN, MLP, EXPERTS = 4, 8, 6, 5
+ROUTING = Routing(num_experts=EXPERTS, top_k=2, renormalize=True)
 META = {"model": "m", "architecture": "Qwen3ForCausalLM", "config_hash": "h"}
 
 
@@ -33,25 +35,39 @@ class _Row(nn.Linear):  # a RowParallelLinear of one rank, as capture reads it
         self.input_size, self.input_size_per_partition, self.tp_rank = total, total, 0
 
 
+class _Gate(nn.Module):  # vLLM's GateLinear as capture reads it: (T, E) logits and a bias
+    output_size = EXPERTS
+
+    def forward(self, x: Tensor) -> tuple[Tensor, None]:
+        return torch.tan(x * torch.arange(1.0, EXPERTS + 1)), None  # (T, E)
+
+
 class _Layer(nn.Module):
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, routed: bool = False) -> None:
         super().__init__()
         self.k = k
         self.self_attn, self.mlp = nn.Module(), nn.Module()
-        self.self_attn.o_proj, self.mlp.down_proj = _Row(ATTN), _Row(MLP)
+        self.self_attn.o_proj = _Row(ATTN)
+        if routed:  # an MoE layer: a router, no down_proj tap
+            self.mlp.gate = _Gate()
+        else:
+            self.mlp.down_proj = _Row(MLP)
 
     def forward(self, positions: Tensor, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
         x = hidden.sum(1, keepdim=True)  # (T, 1): every tap depends on the step's rows
         self.self_attn.o_proj(torch.sin(x * torch.arange(1.0, ATTN + 1) + self.k))
-        self.mlp.down_proj(torch.cos(x * torch.arange(1.0, MLP + 1) - self.k))
+        if hasattr(self.mlp, "gate"):
+            self.mlp.gate(x - self.k)
+        else:
+            self.mlp.down_proj(torch.cos(x * torch.arange(1.0, MLP + 1) - self.k))
         return hidden * 0.5 + self.k, hidden
 
 
 class _Model(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, moe: bool = False) -> None:
         super().__init__()
         self.model = nn.Module()
-        self.model.layers = nn.ModuleList([_Layer(0), _Layer(1)])
+        self.model.layers = nn.ModuleList([_Layer(0), _Layer(1, routed=moe)])  # moe: layer 1 routes
 
     def forward(self, positions: Tensor, hidden: Tensor) -> None:
         residual = None
@@ -64,10 +80,10 @@ class _AttnMetadata:
         self.query_start_loc_cpu = torch.tensor([0, *np.cumsum(queries)], dtype=torch.int32)
 
 
-def _capture(**options) -> tuple[_Model, Capture]:
-    model = _Model()
-    return model, Capture(model, LAYOUT, CaptureOptions(max_tokens=64, **options), ShardInfo(),
-                          torch.device("cpu"), HIDDEN)
+def _capture(moe: bool = False, **options) -> tuple[_Model, Capture]:
+    model = _Model(moe)
+    return model, Capture(model, MOE_LAYOUT if moe else LAYOUT, CaptureOptions(max_tokens=64, **options),
+                          ShardInfo(), torch.device("cpu"), HIDDEN, ROUTING if moe else None)
 
 
 def _step(model: _Model, queries: list[int], seed: int) -> None:
@@ -89,21 +105,27 @@ def _split(queries: list[int]) -> tuple[int, int]:
     return sum(queries) - decode, decode
 
 
-def test_sampled_stats_equal_an_exact_capture_of_the_drawn_steps_bit_for_bit():
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_sampled_stats_equal_an_exact_capture_of_the_drawn_steps_bit_for_bit(moe):
     p, seed = 0.4, 11
     draws = random.Random(seed)
     drawn = [draws.random() < p for _ in STEPS]
     assert 0 < sum(drawn) < len(STEPS)  # the draw keeps some steps and skips some
 
-    model, sampled = _capture(step_sample=p, sample_seed=seed)
-    ref_model, exact = _capture()
+    model, sampled = _capture(moe, step_sample=p, sample_seed=seed)
+    ref_model, exact = _capture(moe)
     for k, (queries, keep) in enumerate(zip(STEPS, drawn, strict=True)):
         _step(model, queries, seed=k)
         if keep:
             _step(ref_model, queries, seed=k)
 
-    got, want = (assemble([c.snapshot()], META) for c in (sampled, exact))
+    meta = {**META, "architecture": "Qwen3MoeForCausalLM"} if moe else META
+    got, want = (assemble([c.snapshot()], meta) for c in (sampled, exact))
     assert set(got.tensors) == set(want.tensors)
+    if moe:  # the router's statistics are there, and counted the drawn steps' tokens
+        routed = want.router(1)
+        assert float(routed["count"]) == sum(sum(q) for q, keep in zip(STEPS, drawn, strict=True) if keep)
+        assert float(routed["topk_count"].sum()) == 2 * float(routed["count"])
     for name, v in want.tensors.items():
         np.testing.assert_array_equal(got.tensors[name], v, err_msg=name)
     covered = [_split(q) for q, keep in zip(STEPS, drawn, strict=True) if keep]
@@ -115,30 +137,39 @@ def test_sampled_stats_equal_an_exact_capture_of_the_drawn_steps_bit_for_bit():
     assert float(got.group(0, "mlp")["count"]) == st["tokens_prefill"] + st["tokens_decode"]
 
     # a restart folds the saved file back in, token counts included
-    _, again = _capture(step_sample=p, sample_seed=seed)
+    _, again = _capture(moe, step_sample=p, sample_seed=seed)
     again.load(got.to_bytes())
     assert again.status()["tokens_unsampled"] == skipped
 
 
-def test_skipped_and_paused_steps_never_reach_the_step_buffers():
-    model, cap = _capture(step_sample=0.5, sample_seed=3)
+def _buffers(cap: Capture) -> list[Tensor]:
+    return [cap.bufs.chan.clone(), cap.bufs.stream.clone(), cap.bufs.routers.clone()]
+
+
+def _same(a: list[Tensor], b: list[Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_skipped_and_paused_steps_never_reach_the_step_buffers(moe):
+    model, cap = _capture(moe, step_sample=0.5, sample_seed=3)
+    assert cap.bufs.routers.numel() > 0 if moe else cap.bufs.routers.numel() == 0
     draws = random.Random(3)
     rows = 0
     for k, queries in enumerate(STEPS[:6]):
         keep = draws.random() < 0.5
-        buffers = cap.bufs.chan.clone(), cap.bufs.stream.clone()
+        buffers = _buffers(cap)
         _step(model, queries, seed=k)
         if not keep:  # nothing copied: the rows past the cursor are as they were
-            assert torch.equal(cap.bufs.chan, buffers[0]) and torch.equal(cap.bufs.stream, buffers[1])
+            assert _same(_buffers(cap), buffers)
         if keep:  # a CPU's rows wait in the buffers until fold_rows of them are there
             rows = 0 if rows + sum(queries) >= cap.bufs.fold_rows else rows + sum(queries)
         assert int(cap.bufs.cursor[0]) == rows, f"step {k} (drawn: {keep})"
-    before = int(cap.bufs.cursor[0]), cap.bufs.chan.clone(), cap.bufs.stream.clone()
+    cursor, before = int(cap.bufs.cursor[0]), _buffers(cap)
     cap.pause()
     for k, queries in enumerate(STEPS[6:10]):
         _step(model, queries, seed=100 + k)
-    assert int(cap.bufs.cursor[0]) == before[0]
-    assert torch.equal(cap.bufs.chan, before[1]) and torch.equal(cap.bufs.stream, before[2])
+    assert int(cap.bufs.cursor[0]) == cursor and _same(_buffers(cap), before)
     st = cap.status()
     assert st["tokens_unsampled"] == sum(sum(q) for q in STEPS[:6]) - st["tokens_prefill"] - st["tokens_decode"]
 
