@@ -28,8 +28,8 @@ The channel accumulators of all layers are packed side by side (``new_packed_cha
 ``groups`` maps each stats-file group to its state dict of views into them.
 
 ``snapshot()`` folds the rows still buffered and returns this rank's shard as safetensors
-bytes; the API process assembles the shards of all ranks into one stats file
-(:mod:`actprune.server.snapshot`).
+bytes (:mod:`actprune.server.shard_io`); the API process assembles the shards of all ranks into
+one stats file (:mod:`actprune.server.snapshot`).
 """
 
 from __future__ import annotations
@@ -42,28 +42,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from actprune.core.archs import VllmLayout
-from actprune.core.tensor.accumulate import (
-    export_state,
-    merge_channels,
-    new_packed_channels,
-    new_packed_routers,
-    reset_state,
-)
+from actprune.core.tensor.accumulate import new_packed_channels, new_packed_routers, reset_state
 from actprune.core.tensor.hooks import HookRegistry
 from actprune.core.wire.schema import (
     BLOCK_KIND,
     CHANNEL_KINDS,
     DEFAULT_NEAR_ZERO,
     ROUTER_KIND,
-    SCALAR_FIELDS,
     group_name,
 )
-from actprune.core.wire.stats import from_file_arrays, read_metadata, to_file_arrays
-from safetensors.numpy import load as st_load_np
-from safetensors.numpy import save as st_save
 from torch import nn
 
 from .layout import decoder_layers, has_module, partition, router_width
@@ -74,6 +63,7 @@ from .ops import (  # importing ops registers torch.ops.actprune.*
     StepBuffers,
     step_tokens,
 )
+from .shard_io import merge_saved, read_slices, write_shard
 
 __all__ = ["Capture", "CaptureOptions", "Routing", "ShardInfo"]
 
@@ -394,64 +384,27 @@ class Capture:
         time they were read (``taken_at``: which of two saved states is newer) and ``extra``
         metadata."""
         self.bufs.flush()  # rows of the last steps not yet folded (a CPU's)
-        tensors: dict[str, np.ndarray] = {}
-        for name, st in self.groups.items():
-            for f, a in export_state(st).items():
-                tensors[f"{name}.{f}"] = a
-        tensors = to_file_arrays(tensors)  # the stats file's own layout and dtypes
-        meta = {
-            "shard": json.dumps(self.shard.__dict__),
-            "partitions": json.dumps(self.partitions),
-            "status": json.dumps(self.status()),
-            "taken_at": repr(time.time()),
-            **(extra or {}),
-        }
-        return st_save(tensors, metadata=meta)
+        meta = {"shard": json.dumps(self.shard.__dict__), "status": json.dumps(self.status()),
+                "taken_at": repr(time.time()), **(extra or {})}
+        return write_shard(self.groups, self.partitions, meta)
 
     def load(self, data: bytes) -> None:
         """Fold a saved stats file (the assembled, global layout) into this rank's
         accumulators, taking this rank's slice of each group: resume after a restart. The file
         is checked whole first (names, shapes, counts, metadata): a bad one raises ValueError
         and leaves the accumulators untouched."""
-        parts, meta = self._slices(data)
+        parts, meta = read_slices(data, self.groups, self.partitions)
         prefill, decode = int(meta.get("tokens_prefill", 0)), int(meta.get("tokens_decode", 0))
         unsampled = int(meta.get("tokens_unsampled", 0))
         window_start = float(meta["window_start"]) if "window_start" in meta else None
         if min(prefill, decode, unsampled) < 0:
             raise ValueError(f"saved token counts are negative ({prefill}, {decode}, {unsampled})")
-        for name, st in self.groups.items():
-            other = {f: t.to(st[f].device).reshape(st[f].shape) for f, t in parts[name].items()}
-            if name in self.partitions:
-                merge_channels(st, other)
-            else:
-                for f in st:
-                    st[f].add_(other[f])
+        merge_saved(self.groups, self.partitions, parts)
         self.tokens_prefill += prefill
         self.tokens_decode += decode
         self.tokens_unsampled += unsampled
         if window_start is not None:  # the counts now reach back to the saved window's start
             self.window_start = min(self.window_start, window_start)
-
-    def _slices(self, data: bytes) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, str]]:
-        """This rank's slice of every group of a saved file, checked, and the file's metadata."""
-        saved = {k: torch.from_numpy(v) for k, v in from_file_arrays(st_load_np(data)).items()}
-        parts: dict[str, dict[str, torch.Tensor]] = {}
-        for name, st in self.groups.items():
-            offset, local, total = self.partitions.get(name, (0, 0, 0))
-            parts[name] = {}
-            for f in st:
-                t = saved.get(f"{name}.{f}")
-                if t is None:
-                    raise ValueError(f"saved stats lack {name}.{f}")
-                # the file's shapes: scalars; a channel group's global width; a router's E
-                want = () if f in SCALAR_FIELDS else (total,) if name in self.partitions else tuple(st[f].shape)
-                if tuple(t.shape) != want or not t.is_floating_point():
-                    raise ValueError(f"saved {name}.{f} has shape {tuple(t.shape)} and dtype {t.dtype}, "
-                                     f"this rank needs shape {want} (floating point)")
-                if f == "count" and not (torch.isfinite(t).all() and (t >= 0).all()):
-                    raise ValueError(f"saved {name}.count is {t.tolist()}, not a count")
-                parts[name][f] = t[offset:offset + local] if name in self.partitions and want else t
-        return parts, read_metadata(data)
 
     def remove(self) -> None:
         self.registry.remove_all()
