@@ -13,14 +13,19 @@ by their ``.so``. Needs ``perf`` (Debian: ``apt-get install linux-perf``) and ro
 ``perf_event_paranoid`` ≤ 1.
 
     .venv/bin/python bench/capture_perf.py --workdir /tmp/perf16 [--batch 8] [--rounds 4] [--tokens 128]
+    # the MoE benchmark model, the on server sampling 2 % of the steps (what every step pays)
+    .venv/bin/python bench/capture_perf.py --workdir /tmp/pm --experts 8 --batch 1 --tokens 512 \
+        --rounds 6 --capture '{"step_sample": 0.02}'
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -107,15 +112,22 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=25, help="symbols listed, largest difference first")
     ap.add_argument("--settle-load", type=float, default=1.5)
     ap.add_argument("--settle-max", type=float, default=240)
+    ap.add_argument("--experts", type=int, default=0, help="a Qwen3-MoE with this many experts per layer "
+                    "(as capture_overhead.py); 0: the dense benchmark model")
+    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--moe-intermediate", type=int, default=256)
+    ap.add_argument("--capture", type=json.loads, default=None, metavar="JSON",
+                    help='the "on" server\'s capture options, e.g. \'{"step_sample": 0.02}\' (default: as shipped)')
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    args.hidden, args.layers, args.intermediate, args.dtype, args.experts = 768, 24, 2048, "float32", 0
+    args.hidden, args.layers, args.intermediate, args.dtype = 768, 24, 2048, "float32"
     # the rest of what capture_overhead.servers reads: one server per side, system malloc, 2 GiB KV
     args.preload, args.variant, args.instances, args.kv_gib = None, None, 1, 2
     os.environ["ONEDNN_JIT_PROFILE"] = "2"  # the servers inherit it: /tmp/perf-<pid>.map names JIT kernels
     model, _, vocab = build_model(args)
     prompts = [prompt_ids(args.prompt, 7000 + i, vocab) for i in range(args.batch)]
     shares = {"on": Counter(), "off": Counter()}  # (dso, sym) -> summed ms per token over the rounds
+    rounds: dict[str, list[Counter]] = {"on": [], "off": []}  # each round's group -> ms per token
     with ExitStack() as stack:
         srvs = servers(stack, model, "compiled", args, prefix=False)
         for srv in srvs.values():
@@ -139,6 +151,10 @@ def main() -> int:
         total = sum(counts.values())
         print(f"{name}: {total} samples in {t1 - t0:.1f} s ({total / (t1 - t0) / args.freq:.2f} cores)", flush=True)
         shares[name].update({k: ms * n / total for k, n in counts.items()})
+        mine = Counter()
+        for (dso, sym), n in counts.items():
+            mine[group_of(dso, sym)] += ms * n / total
+        rounds[name].append(mine)
     per = {k: {s: v / args.rounds for s, v in shares[k].items()} for k in shares}  # mean ms per token
     groups = {k: Counter() for k in per}
     for k in per:
@@ -148,10 +164,17 @@ def main() -> int:
     print(f"\nworker CPU ms per generated token (B={args.batch}, P={args.prompt}, {args.rounds} rounds of "
           f"{args.tokens} tokens, perf at {args.freq} Hz): on {tot_on:.2f}, off {tot_off:.2f}, "
           f"on - off {tot_on - tot_off:+.2f} ({args.batch * (tot_on - tot_off):+.2f} ms a step)")
-    print("\n| group | on ms/token | off ms/token | on − off | ms a step |\n|---|---|---|---|---|")
+    # medians over the rounds beside the means: one round slowed by the host moves a mean, not a median
+    med = {k: {g: statistics.median(r[g] for r in rounds[k]) for g in groups[k] | groups["on" if k == "off" else "off"]}
+           for k in rounds}
+    med_on, med_off = sum(med["on"].values()), sum(med["off"].values())
+    print(f"rounds' medians, summed over groups: on {med_on:.2f}, off {med_off:.2f}, on - off {med_on - med_off:+.2f}")
+    print("\n| group | on ms/token | off ms/token | on − off | ms a step | medians of rounds: on − off, ms a step |"
+          "\n|---|---|---|---|---|---|")
     for g in sorted(set(groups["on"]) | set(groups["off"]), key=lambda g: -(groups["on"][g] - groups["off"][g])):
-        d = groups["on"][g] - groups["off"][g]
-        print(f"| {g} | {groups['on'][g]:.3f} | {groups['off'][g]:.3f} | {d:+.3f} | {args.batch * d:+.2f} |")
+        d, dm = groups["on"][g] - groups["off"][g], med["on"][g] - med["off"][g]
+        print(f"| {g} | {groups['on'][g]:.3f} | {groups['off'][g]:.3f} | {d:+.3f} | {args.batch * d:+.2f} | "
+              f"{args.batch * dm:+.2f} |")
     keys = set(per["on"]) | set(per["off"])
     diff = sorted(keys, key=lambda s: -abs(per["on"].get(s, 0) - per["off"].get(s, 0)))
     print("\n| symbol | dso | on | off | on − off (ms/token) |\n|---|---|---|---|---|")
