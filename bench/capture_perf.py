@@ -12,6 +12,12 @@ of its JIT kernels (``ONEDNN_JIT_PROFILE=2``) so they are named; Inductor's kern
 by their ``.so``. Needs ``perf`` (Debian: ``apt-get install linux-perf``) and root or
 ``perf_event_paranoid`` ≤ 1.
 
+Read the groups with care: a worker busy-polls vLLM's shared-memory queue while it waits for
+the engine core (``shm_broadcast``: a ``sched_yield`` loop), so its CPU per token is its step
+time, and the polling lands in the Python and kernel groups — which shrink when the model's
+kernels take longer (BENCHMARKS.md, issue 15, "The floor, split with perf"). The total and the
+groups of real work (GEMMs, vLLM's ops, Inductor's kernels, libtorch) are what compare.
+
     .venv/bin/python bench/capture_perf.py --workdir /tmp/perf16 [--batch 8] [--rounds 4] [--tokens 128]
     # the MoE benchmark model, the on server sampling 2 % of the steps (what every step pays)
     .venv/bin/python bench/capture_perf.py --workdir /tmp/pm --experts 8 --batch 1 --tokens 512 \
