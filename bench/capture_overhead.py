@@ -224,6 +224,17 @@ def build_model(args: argparse.Namespace) -> tuple[Path, int, int]:
     return model, model_shape(cfg).params(), cfg["vocab_size"]
 
 
+def add_moe_and_capture_options(ap: argparse.ArgumentParser) -> None:
+    """The options ``build_model`` and ``servers`` read besides the shape: an MoE model, and the
+    "on" side's capture options (capture_perf.py takes them too)."""
+    ap.add_argument("--experts", type=int, default=0, help="a Qwen3-MoE with this many experts per layer "
+                    "(router statistics captured); 0: dense Qwen3")
+    ap.add_argument("--top-k", type=int, default=2, help="experts per token (with --experts)")
+    ap.add_argument("--moe-intermediate", type=int, default=256, help="neurons of one expert (with --experts)")
+    ap.add_argument("--capture", type=json.loads, default=None, metavar="JSON",
+                    help='the "on" side\'s capture options, e.g. \'{"step_sample": 0.25}\' (default: as shipped)')
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workdir", type=Path, default=None)
@@ -245,15 +256,10 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--intermediate", type=int, default=2048)
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--experts", type=int, default=0, help="a Qwen3-MoE with this many experts per layer "
-                    "(router statistics captured); 0: dense Qwen3")
-    ap.add_argument("--top-k", type=int, default=2, help="experts per token (with --experts)")
-    ap.add_argument("--moe-intermediate", type=int, default=256, help="neurons of one expert (with --experts)")
+    add_moe_and_capture_options(ap)
     ap.add_argument("--preload", default=None, metavar="LIB",
                     help="LD_PRELOAD this library into every server (vLLM's CPU guide preloads tcmalloc, e.g. "
                          "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4); default: the system allocator")
-    ap.add_argument("--capture", type=json.loads, default=None, metavar="JSON",
-                    help='the "on" side\'s capture options, e.g. \'{"step_sample": 0.25}\' (default: as shipped)')
     ap.add_argument("--variant", type=json.loads, default=None, metavar="JSON",
                     help="a third server: capture on with these capture options (the --model-loader-extra-config "
                          "'actprune' object, e.g. '{\"fold_rows\": 16}'), interleaved with the other two")

@@ -27,7 +27,6 @@ groups of real work (GEMMs, vLLM's ops, Inductor's kernels, libtorch) are what c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import signal
@@ -40,7 +39,14 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from capture_overhead import build_model, prompt_ids, run_load, servers, settle  # noqa: E402
+from capture_overhead import (  # noqa: E402
+    add_moe_and_capture_options,
+    build_model,
+    prompt_ids,
+    run_load,
+    servers,
+    settle,
+)
 from machine import others_frozen, worker_pid  # noqa: E402
 
 # a symbol's group, first match wins: what a reader asks of the difference
@@ -118,12 +124,7 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=25, help="symbols listed, largest difference first")
     ap.add_argument("--settle-load", type=float, default=1.5)
     ap.add_argument("--settle-max", type=float, default=240)
-    ap.add_argument("--experts", type=int, default=0, help="a Qwen3-MoE with this many experts per layer "
-                    "(as capture_overhead.py); 0: the dense benchmark model")
-    ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--moe-intermediate", type=int, default=256)
-    ap.add_argument("--capture", type=json.loads, default=None, metavar="JSON",
-                    help='the "on" server\'s capture options, e.g. \'{"step_sample": 0.02}\' (default: as shipped)')
+    add_moe_and_capture_options(ap)
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     args.hidden, args.layers, args.intermediate, args.dtype = 768, 24, 2048, "float32"
