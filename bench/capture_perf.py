@@ -163,22 +163,20 @@ def main() -> int:
             mine[group_of(dso, sym)] += ms * n / total
         rounds[name].append(mine)
     per = {k: {s: v / args.rounds for s, v in shares[k].items()} for k in shares}  # mean ms per token
-    groups = {k: Counter() for k in per}
-    for k in per:
-        for (dso, sym), ms in per[k].items():
-            groups[k][group_of(dso, sym)] += ms
+    groups = {k: Counter({g: sum(r[g] for r in rounds[k]) / args.rounds for g in set().union(*rounds[k])})
+              for k in rounds}  # group -> mean ms per token
     tot_on, tot_off = sum(per["on"].values()), sum(per["off"].values())
     print(f"\nworker CPU ms per generated token (B={args.batch}, P={args.prompt}, {args.rounds} rounds of "
           f"{args.tokens} tokens, perf at {args.freq} Hz): on {tot_on:.2f}, off {tot_off:.2f}, "
           f"on - off {tot_on - tot_off:+.2f} ({args.batch * (tot_on - tot_off):+.2f} ms a step)")
     # medians over the rounds beside the means: one round slowed by the host moves a mean, not a median
-    med = {k: {g: statistics.median(r[g] for r in rounds[k]) for g in groups[k] | groups["on" if k == "off" else "off"]}
-           for k in rounds}
+    names = set(groups["on"]) | set(groups["off"])
+    med = {k: {g: statistics.median(r[g] for r in rounds[k]) for g in names} for k in rounds}
     med_on, med_off = sum(med["on"].values()), sum(med["off"].values())
     print(f"rounds' medians, summed over groups: on {med_on:.2f}, off {med_off:.2f}, on - off {med_on - med_off:+.2f}")
     print("\n| group | on ms/token | off ms/token | on − off | ms a step | medians of rounds: on − off, ms a step |"
           "\n|---|---|---|---|---|---|")
-    for g in sorted(set(groups["on"]) | set(groups["off"]), key=lambda g: -(groups["on"][g] - groups["off"][g])):
+    for g in sorted(names, key=lambda g: -(groups["on"][g] - groups["off"][g])):
         d, dm = groups["on"][g] - groups["off"][g], med["on"][g] - med["off"][g]
         print(f"| {g} | {groups['on'][g]:.3f} | {groups['off'][g]:.3f} | {d:+.3f} | {args.batch * d:+.2f} | "
               f"{args.batch * dm:+.2f} |")
