@@ -141,7 +141,7 @@ def configs(s: Setup, budget: float, ridge: float, head_mode: str) -> dict[str, 
     out = {}
     uniform = s.plan(param_ratio=removed / total, head_mode=head_mode)
     d_mlp2, d_attn = s.sensitivity(uniform, ridge)
-    # MLP-only widths: p ∝ 1/Δ uses only the ratios of the Δ, so the MLP Δ of the uniform
+    # MLP-only widths: p ∝ Δ^-e uses only the ratios of the Δ, so the MLP Δ of the uniform
     # whole-model plan serve (measured at its MLP share, not at mlp_ratio) unless asked to measure
     d_mlp = s.sensitivity(s.plan(mlp_ratio=mlp_ratio), ridge)[0] if s.args.mlp_sens else d_mlp2
     out["mlp|sens"] = s.plan(mlp_ratio=mlp_ratio, per_layer=True, layer_sensitivity=[d_mlp[i] for i in sorted(d_mlp)])

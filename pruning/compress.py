@@ -15,9 +15,10 @@ one that validates best kept.
    and separately its heads, refitted (:mod:`.compensate.sensitivity`): Δ per layer and kind.
 3. ``plan.json`` (``budget``: ``param_ratio`` allocated across layers and kinds by least modelled
    loss per parameter, :mod:`actprune.core.planning.budget`), ``plan-heads-capped.json``,
-   ``plan-mlp.json`` and (16+ layers) ``plan-mlp-ends.json``: the candidates of :mod:`.candidates`,
-   all removing the same parameters; the last with its own MLP Δ, measured on its own uniform
-   layout (``uniform-ends.json`` → ``sensitivity-ends.json``: the layers it prunes lose more).
+   ``plan-mlp.json``, (16+ layers) ``plan-mlp-ends.json`` and ``plan-mlp-ends-even.json`` (else
+   ``plan-mlp-even.json``): the candidates of :mod:`.candidates`, all removing the same
+   parameters; the ends layouts with their own MLP Δ, measured on their own uniform layout
+   (``uniform-ends.json`` → ``sensitivity-ends.json``: the layers they prune lose more).
 4. each distinct candidate refitted (``down_proj`` and ``o_proj``, least squares with a bias,
    :mod:`.compensate.calibrate`), sliced into ``WORK/candidate-NAME`` and its loss measured on
    validation rows of ``--data`` that neither the sensitivity probe nor the refits read
@@ -58,7 +59,8 @@ __all__ = ["CANDIDATES_FILE", "CompressConfig", "CompressError", "compress"]
 CANDIDATES_FILE = "candidates.json"
 _CANDIDATES_FORMAT = "actprune.compress_candidates/2"  # /2: validation sets of --val-data ("extra")
 _PLAN_FILES = {"budget": "plan.json", "heads-capped": "plan-heads-capped.json", "mlp": "plan-mlp.json",
-               "mlp-ends": "plan-mlp-ends.json"}
+               "mlp-ends": "plan-mlp-ends.json", "mlp-even": "plan-mlp-even.json",
+               "mlp-ends-even": "plan-mlp-ends-even.json"}
 
 
 class CompressError(ActpruneError):
@@ -185,7 +187,7 @@ def _ends_fields(cfg: CompressConfig, fields: dict[str, Any], stats, config, nor
     better than when planned from the whole-model Δ (BENCHMARKS.md, issue 13)."""
     from actprune.pruning.compensate.sensitivity import request_fields
 
-    uniform = {k: v for k, v in fields.items() if k not in ("per_layer", "layer_sensitivity")}
+    uniform = {k: v for k, v in fields.items() if k not in ("per_layer", "layer_sensitivity", "sensitivity_exponent")}
     plan = _plan_step(cfg, "uniform-ends.json", _request(uniform), stats, config, norms)
     record = _sensitivity_step(cfg, plan, "sensitivity-ends.json")
     return {**fields, "layer_sensitivity": request_fields(record)["layer_sensitivity"]}
@@ -359,7 +361,7 @@ def compress(cfg: CompressConfig) -> Path:
     sens = request_fields(_sensitivity_step(cfg, uniform))
     plans: dict[str, Plan] = {}
     for name, fields in candidate_requests(base, sens, model_shape(config)).items():
-        if name == "mlp-ends":
+        if name in ("mlp-ends", "mlp-ends-even"):  # the same layout and Δ; only the exponent differs
             fields = _ends_fields(cfg, fields, stats, config, norms)
         plan = _plan_step(cfg, _PLAN_FILES[name], _request(fields), stats, config, norms)
         same = next((n for n, p in plans.items() if p.layers == plan.layers), None)

@@ -75,18 +75,21 @@ def _step_down(allowed: list[list[int]], step_cost: Callable[[int, int, int], fl
 
 
 def removed_fractions(deltas: list[float], ratio: float, sizes: list[int] | None = None,
-                      cap: float | None = None, floor: float = 1e-6) -> list[float]:
+                      cap: float | None = None, floor: float = 1e-6, exponent: float = 1.0) -> list[float]:
     """Removed MLP fraction per layer from measured sensitivities Δ (:mod:`.sensitivity`), so
-    that ``ratio`` of all units (layer i has ``sizes[i]``, default equal) go: ``p_i = c / Δ_i``
-    below ``cap`` (default ``min(2 · ratio, 0.9)``), ``cap`` above it (water-filling). With the
-    model ``Δ_i(p) = Δ_i · (p / ratio)²`` this minimises the summed loss increase at that total.
-    Δ below ``floor`` (zero or negative: noise) counts as ``floor``."""
+    that ``ratio`` of all units (layer i has ``sizes[i]``, default equal) go: ``p_i = c · Δ_i^-e``
+    (e = ``exponent``) below ``cap`` (default ``min(2 · ratio, 0.9)``), ``cap`` above it
+    (water-filling). With the model ``Δ_i(p) = Δ_i · (p / ratio)^α`` this minimises the summed
+    loss increase at that total for ``e = 1 / (α − 1)``: 1 for a quadratic model, 1/2 for a cubic
+    one, 0 (uniform) in the limit. Δ below ``floor`` (zero or negative: noise) counts as ``floor``."""
     if not 0 <= ratio < 1:
         raise ValueError(f"ratio must be in [0, 1), got {ratio}")
+    if not 0 <= exponent <= 4:
+        raise ValueError(f"exponent must be in [0, 4], got {exponent}")
     cap = min(2 * ratio, 0.9) if cap is None else cap
     if ratio == 0 or not deltas:
         return [0.0] * len(deltas)
-    inv = 1.0 / np.maximum(np.asarray(deltas, dtype=np.float64), floor)
+    inv = np.maximum(np.asarray(deltas, dtype=np.float64), floor) ** -exponent
     n = np.ones(len(inv)) if sizes is None else np.asarray(sizes, dtype=np.float64)
     free = np.ones(len(inv), dtype=bool)
     budget = ratio * n.sum()

@@ -202,7 +202,8 @@ def _mlp_choice(stats, shape, kept, request, ratio, norms, counts: list[int] | N
         if ratio > _SENSITIVITY_MAX:  # removed_fractions caps every layer there: it could not be met
             raise PlanError(f"mlp_ratio: with layer_sensitivity a layer loses at most {_SENSITIVITY_MAX:.0%} of its "
                             f"neurons; {ratio:.1%} of the layers it may prune cannot be met")
-        fractions = removed_fractions([request.layer_sensitivity[i] for i in kept], ratio, [full[i] for i in kept])
+        fractions = removed_fractions([request.layer_sensitivity[i] for i in kept], ratio, [full[i] for i in kept],
+                                      exponent=request.sensitivity_exponent)
         want = [(1 - p) * full[i] for i, p in zip(kept, fractions, strict=True)]
         counts = nearest_within(want, allowed, (1 - ratio) * sum(full[i] for i in kept))
     else:

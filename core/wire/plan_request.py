@@ -81,8 +81,14 @@ class PlanRequest(BaseModel):
         None,
         max_length=LIMITS.layers,
         description="per-layer loss increases from `actprune sensitivity` (CLI: the JSON file); "
-        "with per_layer and mlp_ratio, MLP widths come from them (removed fraction ∝ 1/Δ, at most 2× the ratio); "
+        "with per_layer and mlp_ratio, MLP widths come from them (removed fraction ∝ Δ^-sensitivity_exponent, "
+        "at most 2× the ratio); "
         "with param_ratio and head_sensitivity, the budget is allocated across layers and kinds",
+    )
+    sensitivity_exponent: float = Field(
+        1.0, ge=0, le=4,
+        description="with layer_sensitivity and per_layer: a layer's removed MLP fraction ∝ Δ^-e (0: uniform "
+        "widths; 1/2 spreads the cut more evenly than 1; docs/plan.md)",
     )
     head_sensitivity: list[float] | None = Field(
         None,

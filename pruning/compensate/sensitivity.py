@@ -18,10 +18,12 @@ calibration rows plus ``(L − i)`` layer forwards over the probe rows, i.e. abo
 forwards of the probe rows (8 × 512 tokens by default), and one (K+1)³ solve per layer. Memory as
 ``layerwise_refit``.
 
-:func:`actprune.core.planning.planner` turns Δ into widths (``PlanRequest.layer_sensitivity``): with
-the model ``Δ_i(p) = Δ_i · (p / ratio)²`` for removed fraction ``p``, the fractions minimising
-``Σ Δ_i(p_i)`` at a fixed total are ``p_i ∝ 1 / Δ_i``, capped at twice the mean ratio so that no
-layer is gutted on the strength of one noisy measurement (:func:`allocation.removed_fractions`).
+:func:`actprune.core.planning.planner` turns Δ into widths (``PlanRequest.layer_sensitivity``): a
+layer's removed fraction ``p_i ∝ Δ_i^-e`` (``sensitivity_exponent``), capped at twice the mean ratio
+so that no layer is gutted on the strength of one noisy measurement
+(:func:`allocation.removed_fractions`). ``e = 1`` (the default, ``1 / Δ_i``) is the optimum if each
+layer's loss grew as ``p²``; ``e = 1/2`` spreads the cut more evenly and validated better where the
+cuts are deep (``actprune compress`` builds both and keeps the better; docs/plan.md).
 """
 
 from __future__ import annotations

@@ -114,6 +114,7 @@ def test_compress_choice_follows_the_recorded_validation_losses(run, tmp_path, c
     assert "heads-capped" in cands, list(cands)
     worst = max(c["loss"] for c in cands.values())
     cands["budget"]["loss"] = worst + 1.0
+    cands["mlp-even"]["loss"] = worst + 0.75  # the other MLP-only candidate: behind mlp
     cands["mlp"]["loss"] = worst + 0.5
     cands["heads-capped"]["loss"] = worst + 0.5 - lead
     (work / "candidates.json").write_text(json.dumps(record))
@@ -277,11 +278,11 @@ def test_compress_val_data_scores_every_set_and_chooses_by_the_mean_excess(run, 
     assert set(record["validation"]["sets"]) == {"--data", str(other)}
     dense = {"--data": record["dense"]["loss"], **record["dense"]["extra"]}
     assert set(dense) == {"--data", str(other)}
-    from actprune.pruning.candidates import excess_loss
+    from actprune.pruning.candidates import MLP_ONLY, choose, excess_loss
 
     scores = {n: excess_loss({"--data": c["loss"], **c["extra"]}, dense) for n, c in record["candidates"].items()}
     chosen = json.loads((tmp_path / "out" / "actprune_plan.json").read_text())["slice"]["candidate"]
-    assert chosen == min(scores, key=scores.get)
+    assert chosen == choose(scores, prefer=MLP_ONLY)  # the lowest mean excess, MLP-only within the margin
     # OUT, loaded as a user would, scores the recorded losses: --data's held-out rows, the other
     # text's first VAL rows
     from actprune.pruning.checkpoint.hf_io import load_tokenizer
@@ -410,7 +411,10 @@ def test_compress_of_a_deep_model_builds_the_ends_candidate_and_keeps_the_lowest
     assert abs(1 - ends["params_after"] / ends["params_before"] - 0.1) < 0.005  # within a neuron a layer
     record = json.loads((tmp_path / "out.steps" / "candidates.json").read_text())
     loss = {n: r["loss"] for n, r in record["candidates"].items()}
-    assert {"mlp", "mlp-ends"} <= set(loss) and re.search(r"mlp-ends\s+\d", out)
+    assert {"mlp", "mlp-ends", "mlp-ends-even"} <= set(loss) and re.search(r"mlp-ends\s+\d", out)
+    # the even twin: the same layout and Δ, the cut spread by Δ^-1/2
+    even = json.loads((tmp_path / "out.steps" / "plan-mlp-ends-even.json").read_text())["provenance"]["request"]
+    assert even == {**ends["provenance"]["request"], "sensitivity_exponent": 0.5}
     chosen = json.loads((tmp_path / "out" / "actprune_plan.json").read_text())
-    mlp_only = min(("mlp", "mlp-ends"), key=loss.__getitem__)
+    mlp_only = min(("mlp", "mlp-ends", "mlp-ends-even"), key=loss.__getitem__)
     assert chosen["layers"] == json.loads((tmp_path / "out.steps" / f"plan-{mlp_only}.json").read_text())["layers"]

@@ -32,6 +32,11 @@ def test_removed_fractions_spend_the_budget_where_it_costs_least():
     sized = removed_fractions([1.0, 2.0], 0.3, sizes=[100, 300])
     assert np.dot(sized, [100, 300]) == pytest.approx(0.3 * 400)
     assert removed_fractions([1.0, 2.0], 0.0) == [0.0, 0.0]
+    root = removed_fractions([4.0, 1.0, 1.0, 1.0], 0.2, exponent=0.5)  # ∝ Δ^-1/2: flatter than 1/Δ
+    assert np.mean(root) == pytest.approx(0.2) and root[0] * 2 == pytest.approx(root[1])
+    assert removed_fractions([4.0, 1.0], 0.2, exponent=0.0) == pytest.approx([0.2, 0.2])  # uniform
+    with pytest.raises(ValueError, match="exponent"):
+        removed_fractions([1.0], 0.2, exponent=-1.0)
 
 
 @pytest.fixture(scope="module")
@@ -118,8 +123,13 @@ def test_cli_plan_sensitivity_plan_chain(llama, tmp_path, capsys):
     assert cli([*base, "--per-layer", "--layer-sensitivity", str(tmp_path / "sens.json"),
                 "-o", str(tmp_path / "plan.json")]) == 0
     plan = json.loads((tmp_path / "plan.json").read_text())
-    want = [round((1 - p) * 96) for p in removed_fractions(record["deltas"], 0.25)]
+    want = [round((1 - p) * 96) for p in removed_fractions(record["deltas"], 0.25)]  # ∝ 1/Δ: the default
     assert [len(lp["mlp_keep"]) for lp in plan["layers"]] == want
+    assert cli([*base, "--per-layer", "--layer-sensitivity", str(tmp_path / "sens.json"), "--sensitivity-exponent",
+                "0.5", "-o", str(tmp_path / "even.json")]) == 0
+    even = json.loads((tmp_path / "even.json").read_text())
+    want_even = [round((1 - p) * 96) for p in removed_fractions(record["deltas"], 0.25, exponent=0.5)]
+    assert [len(lp["mlp_keep"]) for lp in even["layers"]] == want_even != want
     capsys.readouterr()
     assert cli([*base, "--layer-sensitivity", str(tmp_path / "sens.json"), "-o", str(tmp_path / "x.json")]) == 2
     assert "needs per_layer" in capsys.readouterr().err
