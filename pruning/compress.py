@@ -187,7 +187,7 @@ def _ends_fields(cfg: CompressConfig, fields: dict[str, Any], stats, config, nor
     better than when planned from the whole-model Δ (BENCHMARKS.md, issue 13)."""
     from actprune.pruning.compensate.sensitivity import request_fields
 
-    uniform = {k: v for k, v in fields.items() if k not in ("per_layer", "layer_sensitivity", "sensitivity_exponent")}
+    uniform = {k: v for k, v in fields.items() if k not in ("per_layer", "layer_sensitivity")}
     plan = _plan_step(cfg, "uniform-ends.json", _request(uniform), stats, config, norms)
     record = _sensitivity_step(cfg, plan, "sensitivity-ends.json")
     return {**fields, "layer_sensitivity": request_fields(record)["layer_sensitivity"]}
@@ -360,9 +360,12 @@ def compress(cfg: CompressConfig) -> Path:
     uniform = _with_head_probe(cfg, uniform, base, stats, config, norms)
     sens = request_fields(_sensitivity_step(cfg, uniform))
     plans: dict[str, Plan] = {}
+    ends_delta: list[float] | None = None  # the ends layout's own Δ, measured once for mlp-ends and its twin
     for name, fields in candidate_requests(base, sens, model_shape(config)).items():
         if name in ("mlp-ends", "mlp-ends-even"):  # the same layout and Δ; only the exponent differs
-            fields = _ends_fields(cfg, fields, stats, config, norms)
+            if ends_delta is None:
+                ends_delta = _ends_fields(cfg, fields, stats, config, norms)["layer_sensitivity"]
+            fields = {**fields, "layer_sensitivity": ends_delta}
         plan = _plan_step(cfg, _PLAN_FILES[name], _request(fields), stats, config, norms)
         same = next((n for n, p in plans.items() if p.layers == plan.layers), None)
         if same is not None:
