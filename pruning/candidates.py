@@ -19,13 +19,14 @@ the same parameters on MLP neurons alone (BENCHMARKS.md, issue 13). So compress 
   SmolLM2-135M it validated better in domain and out of it, and held out it was 4–8 % better on
   every text at 10 % of the non-embedding parameters (BENCHMARKS.md, issue 13; ``heads-capped``
   with the same layers whole was tried too and never chosen: worse out of domain at 20 and 30 %),
-- ``mlp-ends-even`` (``mlp-even`` where there is no ``mlp-ends``): that layout again with the
-  cut spread more evenly across its layers (``sensitivity_exponent`` :data:`EVEN_EXPONENT`: a
-  layer's removed fraction ∝ Δ^-1/2 instead of 1/Δ). Deep cuts are where 1/Δ lost: on
-  SmolLM2-135M at 30 % of the non-embedding parameters it cut three layers to a tenth of their
-  neurons and validated 8 % worse, while at 10 and 20 % it validated 1.2 and 0.3 % better
-  (BENCHMARKS.md, issue 13, "Spreading the cut") — so neither exponent is right at every
-  budget, and validation chooses,
+- ``mlp-ends-even`` and ``mlp-ends-bold`` (``mlp-even`` / ``mlp-bold`` where there is no
+  ``mlp-ends``): that layout again with the cut spread more evenly across its layers, or less
+  (``sensitivity_exponent`` of :data:`TWINS`: a layer's removed fraction ∝ Δ^-1/2 or Δ^-2
+  instead of 1/Δ). Neither exponent is right at every budget: on SmolLM2-135M at 30 % of the
+  non-embedding parameters 1/Δ cut three layers to a tenth of their neurons and validated 8 %
+  worse than Δ^-1/2, while at 10 % Δ^-2 validated best and Δ^-1/2 worst (BENCHMARKS.md,
+  issue 13, "Spreading the cut": the shallower the cut, the bolder the widths that validate
+  best) — so validation chooses,
 
 refits each, and keeps the one whose loss on validation rows is lowest — on ``--data``'s held-out
 rows alone, or, with ``--val-data`` (text of other domains that the result must keep serving),
@@ -46,13 +47,14 @@ from typing import Any
 
 from actprune.core.archs import ModelShape
 
-__all__ = ["CANDIDATES", "DATA", "ENDS_MIN_LAYERS", "EVEN_EXPONENT", "MLP_ONLY", "HeadProbe", "Split", "candidate_requests", "choose",
+__all__ = ["CANDIDATES", "DATA", "ENDS_MIN_LAYERS", "MLP_ONLY", "TWINS", "HeadProbe", "Split", "candidate_requests", "choose",
            "end_layers", "excess_loss", "figures", "head_probe_requests", "scores", "set_losses", "split_rows", "table"]
 
-CANDIDATES = ("budget", "heads-capped", "mlp", "mlp-ends", "mlp-even", "mlp-ends-even")  # the table's order;
-# ties go to the earlier one
-MLP_ONLY = ("mlp", "mlp-ends", "mlp-even", "mlp-ends-even")  # they prune no head: preferred (PREFER_MARGIN)
-EVEN_EXPONENT = 0.5  # the "-even" candidate's sensitivity_exponent (module doc)
+# the twins of the deepest MLP-only layout: suffix -> sensitivity_exponent (1/Δ is the layout itself)
+TWINS = {"even": 0.5, "bold": 2.0}
+MLP_ONLY = ("mlp", "mlp-ends", "mlp-even", "mlp-ends-even", "mlp-bold", "mlp-ends-bold")  # they prune no
+# head: preferred (PREFER_MARGIN)
+CANDIDATES = ("budget", "heads-capped", *MLP_ONLY)  # the table's order; ties go to the earlier one
 ENDS_MIN_LAYERS = 16  # below, an eighth and a sixteenth of the layers are too coarse a share to keep whole
 DATA = "--data"  # a validation record's name for --data's held-out rows; --val-data sets by their source
 
@@ -120,7 +122,8 @@ def candidate_requests(base: dict[str, Any], sens: dict[str, Any], shape: ModelS
         out["mlp-ends"] = {**mlp, "keep_layers": ends}
     last = next((n for n in ("mlp-ends", "mlp") if n in out), None)  # the deepest-cut MLP-only layout
     if last is not None:
-        out[f"{last}-even"] = {**out[last], "sensitivity_exponent": EVEN_EXPONENT}
+        for suffix, exponent in TWINS.items():
+            out[f"{last}-{suffix}"] = {**out[last], "sensitivity_exponent": exponent}
     return out
 
 

@@ -15,8 +15,8 @@ one that validates best kept.
    and separately its heads, refitted (:mod:`.compensate.sensitivity`): Δ per layer and kind.
 3. ``plan.json`` (``budget``: ``param_ratio`` allocated across layers and kinds by least modelled
    loss per parameter, :mod:`actprune.core.planning.budget`), ``plan-heads-capped.json``,
-   ``plan-mlp.json``, (16+ layers) ``plan-mlp-ends.json`` and ``plan-mlp-ends-even.json`` (else
-   ``plan-mlp-even.json``): the candidates of :mod:`.candidates`, all removing the same
+   ``plan-mlp.json``, (16+ layers) ``plan-mlp-ends.json``, ``plan-mlp-ends-even.json`` and
+   ``plan-mlp-ends-bold.json`` (else ``plan-mlp-even.json``, ``plan-mlp-bold.json``): the candidates of :mod:`.candidates`, all removing the same
    parameters; the ends layouts with their own MLP Δ, measured on their own uniform layout
    (``uniform-ends.json`` → ``sensitivity-ends.json``: the layers they prune lose more).
 4. each distinct candidate refitted (``down_proj`` and ``o_proj``, least squares with a bias,
@@ -52,15 +52,13 @@ from typing import Any
 from actprune.core.errors import ActpruneError
 from actprune.core.wire.plan import Plan
 from actprune.core.wire.plan_request import PlanRequest
-from actprune.pruning.candidates import DATA, MLP_ONLY, figures, scores, table
+from actprune.pruning.candidates import CANDIDATES, DATA, MLP_ONLY, figures, scores, table
 
 __all__ = ["CANDIDATES_FILE", "CompressConfig", "CompressError", "compress"]
 
 CANDIDATES_FILE = "candidates.json"
 _CANDIDATES_FORMAT = "actprune.compress_candidates/2"  # /2: validation sets of --val-data ("extra")
-_PLAN_FILES = {"budget": "plan.json", "heads-capped": "plan-heads-capped.json", "mlp": "plan-mlp.json",
-               "mlp-ends": "plan-mlp-ends.json", "mlp-even": "plan-mlp-even.json",
-               "mlp-ends-even": "plan-mlp-ends-even.json"}
+_PLAN_FILES = {"budget": "plan.json", **{n: f"plan-{n}.json" for n in CANDIDATES if n != "budget"}}
 
 
 class CompressError(ActpruneError):
@@ -360,9 +358,9 @@ def compress(cfg: CompressConfig) -> Path:
     uniform = _with_head_probe(cfg, uniform, base, stats, config, norms)
     sens = request_fields(_sensitivity_step(cfg, uniform))
     plans: dict[str, Plan] = {}
-    ends_delta: list[float] | None = None  # the ends layout's own Δ, measured once for mlp-ends and its twin
+    ends_delta: list[float] | None = None  # the ends layout's own Δ, measured once for mlp-ends and its twins
     for name, fields in candidate_requests(base, sens, model_shape(config)).items():
-        if name in ("mlp-ends", "mlp-ends-even"):  # the same layout and Δ; only the exponent differs
+        if name.startswith("mlp-ends"):  # the same layout and Δ; only the exponent differs
             if ends_delta is None:
                 ends_delta = _ends_fields(cfg, fields, stats, config, norms)["layer_sensitivity"]
             fields = {**fields, "layer_sensitivity": ends_delta}

@@ -25,6 +25,7 @@ The same as, one by one (the files land in ``--work``, default ``OUT.steps``)::
         --layer-sensitivity sensitivity-ends.json -o plan-mlp-ends.json   # candidate "mlp-ends"
     actprune plan --stats stats.safetensors --model M/ --mlp-ratio R --per-layer --keep-layers 0-3,28,29 \\
         --layer-sensitivity sensitivity-ends.json --sensitivity-exponent 0.5 -o plan-mlp-ends-even.json
+    actprune plan ... the same with --sensitivity-exponent 2 -o plan-mlp-ends-bold.json
     actprune prune --model M/ --plan plan-mlp.json --refit traffic.jsonl -o M-compressed/  # each
     actprune eval --model M/ --model M-compressed/ --data validation.txt  # text the fit did not read
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from actprune.core.archs import LayerShape, ModelShape
 from actprune.pruning.candidates import (
-    EVEN_EXPONENT,
+    TWINS,
     Split,
     candidate_requests,
     choose,
@@ -131,19 +131,21 @@ def test_candidates_remove_the_same_budget_each_their_way():
             "sensitivity_at": {"mlp": 0.15, "attn": 0.25}}
     base = {"param_ratio": 0.2, "width_multiple": 8, "head_mode": "kv_groups"}
     req = candidate_requests(base, sens, SHAPE)
-    assert list(req) == ["budget", "heads-capped", "mlp", "mlp-even"]
+    assert list(req) == ["budget", "heads-capped", "mlp", "mlp-even", "mlp-bold"]
     assert req["budget"] == {**base, **sens}
     assert req["heads-capped"]["head_cap"] == 0.25
     mlp = req["mlp"]
     assert mlp["mlp_ratio"] == pytest.approx(0.2 * SHAPE.params() / mlp_params(SHAPE))
     assert mlp["per_layer"] and mlp["layer_sensitivity"] == sens["layer_sensitivity"] and mlp["width_multiple"] == 8
     assert "param_ratio" not in mlp and "head_sensitivity" not in mlp
-    # the same MLP-only layout again, its cut spread more evenly across the layers
-    assert req["mlp-even"] == {**mlp, "sensitivity_exponent": EVEN_EXPONENT} and "sensitivity_exponent" not in mlp
+    # the same MLP-only layout again, its cut spread more evenly across the layers, and less
+    assert TWINS == {"even": 0.5, "bold": 2.0} and "sensitivity_exponent" not in mlp
+    assert req["mlp-even"] == {**mlp, "sensitivity_exponent": 0.5}
+    assert req["mlp-bold"] == {**mlp, "sensitivity_exponent": 2.0}
     # the request's own head cap: no second capped candidate; no heads measured: MLP only
-    assert list(candidate_requests({**base, "head_cap": 0.0}, sens, SHAPE)) == ["budget", "mlp", "mlp-even"]
-    assert list(candidate_requests(base, {"layer_sensitivity": sens["layer_sensitivity"]}, SHAPE)) == ["mlp",
-                                                                                                      "mlp-even"]
+    twins = ["mlp-even", "mlp-bold"]
+    assert list(candidate_requests({**base, "head_cap": 0.0}, sens, SHAPE)) == ["budget", "mlp", *twins]
+    assert list(candidate_requests(base, {"layer_sensitivity": sens["layer_sensitivity"]}, SHAPE)) == ["mlp", *twins]
     # more than the MLPs can give (removed_fractions caps a layer at 0.9): no MLP-only candidate
     assert list(candidate_requests({**base, "param_ratio": 0.85}, sens, SHAPE)) == ["budget", "heads-capped"]
 
@@ -173,9 +175,11 @@ def test_the_ends_candidate_keeps_llm_pruners_layers_whole_on_deep_enough_models
     deep = ModelShape(hidden_size=64, vocab_size=100, head_dim=16, layers=(LayerShape(96, 8, 4),) * 16,
                       tie_word_embeddings=True, qkv_bias=False, qk_norm=False, dtype_bytes=4)
     req = candidate_requests({"param_ratio": 0.2, "width_multiple": 8}, sens, deep)
-    assert list(req) == ["mlp", "mlp-ends", "mlp-ends-even"]  # the even twin of the deeper-cut layout only
+    # the twins of the deeper-cut layout only
+    assert list(req) == ["mlp", "mlp-ends", "mlp-ends-even", "mlp-ends-bold"]
     assert req["mlp-ends"] == {**req["mlp"], "keep_layers": [0, 1, 15]}
-    assert req["mlp-ends-even"] == {**req["mlp-ends"], "sensitivity_exponent": EVEN_EXPONENT}
+    assert req["mlp-ends-even"] == {**req["mlp-ends"], "sensitivity_exponent": 0.5}
+    assert req["mlp-ends-bold"] == {**req["mlp-ends"], "sensitivity_exponent": 2.0}
     # the user's own keep_layers, or too few layers to keep an eighth of: no such candidate
     assert "mlp-ends" not in candidate_requests({"param_ratio": 0.2, "keep_layers": [5]}, sens, deep)
     assert "mlp-ends" not in candidate_requests({"param_ratio": 0.2}, {"layer_sensitivity": [0.1] * 4}, SHAPE)

@@ -114,7 +114,8 @@ def test_compress_choice_follows_the_recorded_validation_losses(run, tmp_path, c
     assert "heads-capped" in cands, list(cands)
     worst = max(c["loss"] for c in cands.values())
     cands["budget"]["loss"] = worst + 1.0
-    cands["mlp-even"]["loss"] = worst + 0.75  # the other MLP-only candidate: behind mlp
+    for twin in ("mlp-even", "mlp-bold"):  # the other MLP-only candidates: behind mlp
+        cands[twin]["loss"] = worst + 0.75
     cands["mlp"]["loss"] = worst + 0.5
     cands["heads-capped"]["loss"] = worst + 0.5 - lead
     (work / "candidates.json").write_text(json.dumps(record))
@@ -411,10 +412,12 @@ def test_compress_of_a_deep_model_builds_the_ends_candidate_and_keeps_the_lowest
     assert abs(1 - ends["params_after"] / ends["params_before"] - 0.1) < 0.005  # within a neuron a layer
     record = json.loads((tmp_path / "out.steps" / "candidates.json").read_text())
     loss = {n: r["loss"] for n, r in record["candidates"].items()}
-    assert {"mlp", "mlp-ends", "mlp-ends-even"} <= set(loss) and re.search(r"mlp-ends\s+\d", out)
-    # the even twin: the same layout and Δ, the cut spread by Δ^-1/2
-    even = json.loads((tmp_path / "out.steps" / "plan-mlp-ends-even.json").read_text())["provenance"]["request"]
-    assert even == {**ends["provenance"]["request"], "sensitivity_exponent": 0.5}
+    twins = ("mlp-ends-even", "mlp-ends-bold")
+    assert {"mlp", "mlp-ends", *twins} <= set(loss) and re.search(r"mlp-ends\s+\d", out)
+    # the twins: the same layout and Δ, the cut spread by Δ^-1/2 and by Δ^-2
+    for twin, exponent in zip(twins, (0.5, 2.0), strict=True):
+        req = json.loads((tmp_path / "out.steps" / f"plan-{twin}.json").read_text())["provenance"]["request"]
+        assert req == {**ends["provenance"]["request"], "sensitivity_exponent": exponent}, twin
     chosen = json.loads((tmp_path / "out" / "actprune_plan.json").read_text())
-    mlp_only = min(("mlp", "mlp-ends", "mlp-ends-even"), key=loss.__getitem__)
+    mlp_only = min(("mlp", "mlp-ends", *twins), key=loss.__getitem__)
     assert chosen["layers"] == json.loads((tmp_path / "out.steps" / f"plan-{mlp_only}.json").read_text())["layers"]
