@@ -22,7 +22,7 @@ the same parameters on MLP neurons alone (BENCHMARKS.md, issue 13). So compress 
 - ``mlp-ends-even`` and ``mlp-ends-bold`` (``mlp-even`` / ``mlp-bold`` where there is no
   ``mlp-ends``): that layout again with the cut spread more evenly across its layers, or less
   (``sensitivity_exponent`` of :data:`TWINS`: a layer's removed fraction ∝ Δ^-1/2 or Δ^-2
-  instead of 1/Δ). Neither exponent is right at every budget: on SmolLM2-135M at 30 % of the
+  instead of 1/Δ). No exponent is right at every budget: on SmolLM2-135M at 30 % of the
   non-embedding parameters 1/Δ cut three layers to a tenth of their neurons and validated 8 %
   worse than Δ^-1/2, while at 10 % Δ^-2 validated best and Δ^-1/2 worst (BENCHMARKS.md,
   issue 13, "Spreading the cut": the shallower the cut, the bolder the widths that validate
