@@ -50,10 +50,11 @@ from actprune.core.archs import ModelShape
 __all__ = ["CANDIDATES", "DATA", "ENDS_MIN_LAYERS", "MLP_ONLY", "TWINS", "HeadProbe", "Split", "candidate_requests", "choose",
            "end_layers", "excess_loss", "figures", "head_probe_requests", "scores", "set_losses", "split_rows", "table"]
 
+_MLP_LAYOUTS = ("mlp", "mlp-ends")  # the MLP-only layouts, shallowest cut first
 # the twins of the deepest MLP-only layout: suffix -> sensitivity_exponent (1/Δ is the layout itself)
 TWINS = {"even": 0.5, "bold": 2.0}
-MLP_ONLY = ("mlp", "mlp-ends", "mlp-even", "mlp-ends-even", "mlp-bold", "mlp-ends-bold")  # they prune no
-# head: preferred (PREFER_MARGIN)
+# they prune no head: preferred (PREFER_MARGIN); mlp, mlp-ends, mlp-even, mlp-ends-even, mlp-bold, ...
+MLP_ONLY = (*_MLP_LAYOUTS, *(f"{layout}-{suffix}" for suffix in TWINS for layout in _MLP_LAYOUTS))
 CANDIDATES = ("budget", "heads-capped", *MLP_ONLY)  # the table's order; ties go to the earlier one
 ENDS_MIN_LAYERS = 16  # below, an eighth and a sixteenth of the layers are too coarse a share to keep whole
 DATA = "--data"  # a validation record's name for --data's held-out rows; --val-data sets by their source
@@ -120,7 +121,7 @@ def candidate_requests(base: dict[str, Any], sens: dict[str, Any], shape: ModelS
     if (base.get("keep_layers") is None and shape.num_layers >= ENDS_MIN_LAYERS
             and removed <= _MLP_MAX * mlp_params(shape, ends)):
         out["mlp-ends"] = {**mlp, "keep_layers": ends}
-    last = next((n for n in ("mlp-ends", "mlp") if n in out), None)  # the deepest-cut MLP-only layout
+    last = next((n for n in reversed(_MLP_LAYOUTS) if n in out), None)  # the deepest-cut MLP-only layout
     if last is not None:
         for suffix, exponent in TWINS.items():
             out[f"{last}-{suffix}"] = {**out[last], "sensitivity_exponent": exponent}

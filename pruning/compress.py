@@ -16,8 +16,8 @@ one that validates best kept.
 3. ``plan.json`` (``budget``: ``param_ratio`` allocated across layers and kinds by least modelled
    loss per parameter, :mod:`actprune.core.planning.budget`), ``plan-heads-capped.json``,
    ``plan-mlp.json``, (16+ layers) ``plan-mlp-ends.json``, ``plan-mlp-ends-even.json`` and
-   ``plan-mlp-ends-bold.json`` (else ``plan-mlp-even.json``, ``plan-mlp-bold.json``): the candidates of :mod:`.candidates`, all removing the same
-   parameters; the ends layouts with their own MLP Δ, measured on their own uniform layout
+   ``plan-mlp-ends-bold.json`` (else ``plan-mlp-even.json``, ``plan-mlp-bold.json``): the
+   candidates of :mod:`.candidates`, all removing the same parameters; the ends layouts with their own MLP Δ, measured on their own uniform layout
    (``uniform-ends.json`` → ``sensitivity-ends.json``: the layers they prune lose more).
 4. each distinct candidate refitted (``down_proj`` and ``o_proj``, least squares with a bias,
    :mod:`.compensate.calibrate`), sliced into ``WORK/candidate-NAME`` and its loss measured on
@@ -177,18 +177,19 @@ def _sensitivity_step(cfg: CompressConfig, uniform: Plan, name: str = "sensitivi
     return record
 
 
-def _ends_fields(cfg: CompressConfig, fields: dict[str, Any], stats, config, norms) -> dict[str, Any]:
-    """The ``mlp-ends`` request with its MLP Δ measured on its own layout: ``uniform-ends.json``
-    (every layer outside ``keep_layers`` losing the same share, the share they lose on average,
-    larger than the whole-model uniform plan's) → ``sensitivity-ends.json``. Measured where the
+def _ends_delta(cfg: CompressConfig, fields: dict[str, Any], stats, config, norms) -> list[float]:
+    """The MLP Δ of the ``mlp-ends`` layout (``fields``: its request or a twin's), measured on its
+    own layout: ``uniform-ends.json`` (every layer outside ``keep_layers`` losing the same share,
+    the share they lose on average, larger than the whole-model uniform plan's) →
+    ``sensitivity-ends.json``. Measured where the
     cut is made, as for the other candidates; on SmolLM2 at 10 % this candidate validated 2.7 %
     better than when planned from the whole-model Δ (BENCHMARKS.md, issue 13)."""
     from actprune.pruning.compensate.sensitivity import request_fields
 
-    uniform = {k: v for k, v in fields.items() if k not in ("per_layer", "layer_sensitivity")}
+    # uniform widths: none of the per-layer fields (a twin's exponent too: the same uniform-ends.json)
+    uniform = {k: v for k, v in fields.items() if k not in ("per_layer", "layer_sensitivity", "sensitivity_exponent")}
     plan = _plan_step(cfg, "uniform-ends.json", _request(uniform), stats, config, norms)
-    record = _sensitivity_step(cfg, plan, "sensitivity-ends.json")
-    return {**fields, "layer_sensitivity": request_fields(record)["layer_sensitivity"]}
+    return request_fields(_sensitivity_step(cfg, plan, "sensitivity-ends.json"))["layer_sensitivity"]
 
 
 def _build(cfg: CompressConfig, plan: Plan, out: Path, name: str) -> bool:
@@ -362,7 +363,7 @@ def compress(cfg: CompressConfig) -> Path:
     for name, fields in candidate_requests(base, sens, model_shape(config)).items():
         if name.startswith("mlp-ends"):  # the same layout and Δ; only the exponent differs
             if ends_delta is None:
-                ends_delta = _ends_fields(cfg, fields, stats, config, norms)["layer_sensitivity"]
+                ends_delta = _ends_delta(cfg, fields, stats, config, norms)
             fields = {**fields, "layer_sensitivity": ends_delta}
         plan = _plan_step(cfg, _PLAN_FILES[name], _request(fields), stats, config, norms)
         same = next((n for n, p in plans.items() if p.layers == plan.layers), None)

@@ -88,7 +88,7 @@ class PlanRequest(BaseModel):
     sensitivity_exponent: float = Field(
         1.0, ge=0, le=4,
         description="with layer_sensitivity and per_layer: a layer's removed MLP fraction ∝ Δ^-e (0: uniform "
-        "widths; 1/2 spreads the cut more evenly than 1; docs/plan.md)",
+        "widths; 1/2 spreads the cut more evenly than 1, 2 less; docs/plan.md)",
     )
     head_sensitivity: list[float] | None = Field(
         None,

@@ -23,7 +23,8 @@ layer's removed fraction ``p_i ∝ Δ_i^-e`` (``sensitivity_exponent``), capped 
 so that no layer is gutted on the strength of one noisy measurement
 (:func:`allocation.removed_fractions`). ``e = 1`` (the default, ``1 / Δ_i``) is the optimum if each
 layer's loss grew as ``p²``; ``e = 1/2`` spreads the cut more evenly and validated better where the
-cuts are deep (``actprune compress`` builds both and keeps the better; docs/plan.md).
+cuts are deep, ``e = 2`` less evenly and better where they are shallow (``actprune compress``
+builds all three and keeps the best; docs/plan.md).
 """
 
 from __future__ import annotations
