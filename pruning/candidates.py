@@ -48,7 +48,8 @@ from typing import Any
 from actprune.core.archs import ModelShape
 
 __all__ = ["CANDIDATES", "DATA", "ENDS_MIN_LAYERS", "MLP_ONLY", "TWINS", "HeadProbe", "Split", "candidate_requests", "choose",
-           "end_layers", "excess_loss", "figures", "head_probe_requests", "scores", "set_losses", "split_rows", "table"]
+           "check_names", "end_layers", "excess_loss", "figures", "head_probe_requests", "needs_model_delta", "scores",
+           "select", "set_losses", "split_rows", "table"]
 
 _MLP_LAYOUTS = ("mlp", "mlp-ends")  # the MLP-only layouts, shallowest cut first
 # the twins of the deepest MLP-only layout: suffix -> sensitivity_exponent (1/Δ is the layout itself)
@@ -125,6 +126,38 @@ def candidate_requests(base: dict[str, Any], sens: dict[str, Any], shape: ModelS
     if last is not None:
         for suffix, exponent in TWINS.items():
             out[f"{last}-{suffix}"] = {**out[last], "sensitivity_exponent": exponent}
+    return out
+
+
+def check_names(wanted: tuple[str, ...]) -> tuple[str, ...]:
+    """``wanted`` (``compress --candidates``) checked: ValueError naming an unknown or repeated
+    name, or an empty choice."""
+    unknown = [n for n in wanted if n not in CANDIDATES]
+    if unknown or not wanted or len(set(wanted)) < len(wanted):
+        what = f"unknown candidate {', '.join(map(repr, unknown))}" if unknown else (
+            "a candidate named twice" if wanted else "no candidate named")
+        raise ValueError(f"{what}; the candidates: {', '.join(CANDIDATES)}")
+    return wanted
+
+
+def needs_model_delta(wanted: tuple[str, ...] | None) -> bool:
+    """Whether the candidates ``wanted`` (None: all) need the whole-model sensitivity pass: every
+    one but the ``mlp-ends`` layouts, which measure their own (``sensitivity-ends.json``) — so
+    ``--candidates mlp-ends,mlp-ends-even`` skips a sensitivity pass. ValueError for names
+    :func:`check_names` refuses."""
+    return wanted is None or any(not n.startswith("mlp-ends") for n in check_names(wanted))
+
+
+def select(requests: dict[str, dict[str, Any]], wanted: tuple[str, ...] | None) -> dict[str, dict[str, Any]]:
+    """``requests`` (:func:`candidate_requests`) restricted to the names ``wanted`` (None: all),
+    in :data:`CANDIDATES` order. ValueError naming what this model and budget offer when none of
+    ``wanted`` is among them."""
+    if wanted is None:
+        return requests
+    out = {n: r for n, r in requests.items() if n in wanted}
+    if not out:
+        raise ValueError(f"none of {', '.join(wanted)} is built for this model and budget (here: "
+                         f"{', '.join(requests) or 'none'}; docs/plan.md says when each candidate is built)")
     return out
 
 

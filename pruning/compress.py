@@ -31,6 +31,9 @@ one that validates best kept.
    (:data:`.candidates.PREFER_MARGIN`: closer than that, validation cannot tell them apart and
    MLP-only held up better out of domain); a table of all is printed.
 
+``candidates`` (``--candidates``) builds and chooses among the named ones only; when they are all
+``mlp-ends`` layouts, which measure their own Δ, steps 1 and 2 are skipped.
+
 The files go into ``WORK`` (default ``OUT.steps``, beside ``OUT``). Resumable: a step whose
 output exists and was made from the same inputs is skipped (the plans record their request and
 source model, the sensitivity file the plan and data it measured, ``candidates.json`` each
@@ -79,6 +82,7 @@ class CompressConfig:
     probe_rows: int = 8
     val_rows: int = 8
     val_data: tuple[str, ...] = ()  # other domains' text: validation only, first val_rows rows each
+    candidates: tuple[str, ...] | None = None  # the candidates built and chosen among (None: every one that applies)
     ridge: float = 1e-2
     anchor: str | None = None  # other domains' text mixed into the refits (refit_for_plan)
     anchor_weight: float | None = None  # None: refit_for_plan's default
@@ -258,18 +262,9 @@ def _rows_digest(rows: Any) -> str:
 
 
 def _validation_losses(cfg: CompressConfig, model_dir: Path, sets: dict[str, Any]) -> dict[str, float]:
-    """Mean next-token loss of the checkpoint at ``model_dir``, as loaded, on each validation
-    set's rows (V, T)."""
-    import torch
-    from actprune.pruning.checkpoint.hf_io import load_causal_lm
-    from actprune.pruning.evaluate.perplexity import nll_and_kl
+    from actprune.pruning.evaluate.perplexity import mean_losses
 
-    model = load_causal_lm(model_dir, torch.float32, trust_remote_code=cfg.trust_remote_code)
-    out = {}
-    for name, rows in sets.items():
-        nll, _, tokens = nll_and_kl([model], rows, batch_size=2, progress=cfg.progress, desc=f"validation {name}")
-        out[name] = nll[0] / tokens
-    return out
+    return mean_losses(model_dir, sets, trust_remote_code=cfg.trust_remote_code, progress=cfg.progress)
 
 
 def _candidate_dir(cfg: CompressConfig, name: str) -> Path:
@@ -339,7 +334,7 @@ def compress(cfg: CompressConfig) -> Path:
     from actprune.core.config import read_config
     from actprune.core.tensor.checkpoint import ColumnNorms
     from actprune.core.wire.stats import Stats
-    from actprune.pruning.candidates import candidate_requests, choose
+    from actprune.pruning.candidates import candidate_requests, choose, needs_model_delta, select
     from actprune.pruning.compensate.sensitivity import request_fields
 
     if cfg.request.get("param_ratio") is None:
@@ -355,12 +350,27 @@ def compress(cfg: CompressConfig) -> Path:
     norms = ColumnNorms(cfg.model, spec_for_config(config))
     cfg, sets, split = _split(cfg)
     base = {k: v for k, v in cfg.request.items() if v is not None}
-    uniform = _plan_step(cfg, "uniform.json", _request(base), stats, config, norms)
-    uniform = _with_head_probe(cfg, uniform, base, stats, config, norms)
-    sens = request_fields(_sensitivity_step(cfg, uniform))
+    try:
+        whole = needs_model_delta(cfg.candidates)  # checks the names too
+    except ValueError as e:
+        raise CompressError(f"--candidates: {e}") from None
+    if whole:
+        uniform = _plan_step(cfg, "uniform.json", _request(base), stats, config, norms)
+        uniform = _with_head_probe(cfg, uniform, base, stats, config, norms)
+        sens = request_fields(_sensitivity_step(cfg, uniform))
+    else:  # only the ends layouts, which measure their own Δ below
+        sens = {"layer_sensitivity": None}
+        cfg.log(f"sensitivity: only {', '.join(cfg.candidates or ())} asked for: the whole-model pass is skipped")
+    requests = candidate_requests(base, sens, model_shape(config))
+    try:
+        wanted = select(requests, cfg.candidates)
+    except ValueError as e:
+        raise CompressError(f"--candidates: {e}") from None
+    for name in (n for n in cfg.candidates or () if n not in wanted):
+        cfg.log(f"candidate {name}: not built for this model and budget (docs/plan.md says when each is)")
     plans: dict[str, Plan] = {}
     ends_delta: list[float] | None = None  # the ends layout's own Δ, measured once for mlp-ends and its twins
-    for name, fields in candidate_requests(base, sens, model_shape(config)).items():
+    for name, fields in wanted.items():
         if name.startswith("mlp-ends"):  # the same layout and Δ; only the exponent differs
             if ends_delta is None:
                 ends_delta = _ends_delta(cfg, fields, stats, config, norms)

@@ -40,6 +40,7 @@ import argparse
 from pathlib import Path
 
 from actprune.core.errors import UsageError
+from actprune.pruning.candidates import CANDIDATES, check_names
 from actprune.pruning.checkpoint.trust import add_trust_flag
 from actprune.pruning.cli import check_anchor
 from actprune.pruning.cli.plan import parse_layers
@@ -80,6 +81,10 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="text of another domain the result must keep serving (wiki:PART, FILE.txt, FILE.jsonl with a "
                         "'text' or 'messages' field; repeatable): candidates are chosen by their mean loss above the "
                         "dense model's over --data's held-out rows and the first --val-rows rows of each")
+    p.add_argument("--candidates", default=None, metavar="NAMES",
+                   help="comma-separated candidates to build and choose among (default: every one that applies: "
+                        + ", ".join(CANDIDATES) + "); e.g. mlp-ends,mlp-ends-even skips the whole-model "
+                        "sensitivity pass and four refits")
     p.add_argument("--ridge", type=float, default=1e-2, help="refit ridge towards the plain slice")
     p.add_argument("--refit-anchor", default=None, metavar="SOURCE",
                    help="text of other domains mixed into the refits, so that they hold up when traffic drifts "
@@ -98,13 +103,19 @@ def run(args: argparse.Namespace) -> int:
     if args.tokens < 1 or args.probe_rows < 1 or args.val_rows < 1 or args.seq_len < 2 or args.ridge < 0:
         raise UsageError("--tokens, --probe-rows and --val-rows must be >= 1, --seq-len >= 2, --ridge >= 0")
     check_anchor(args.refit_anchor, args.refit_anchor_weight, [args.data, *args.val_data])
+    candidates = None
+    if args.candidates is not None:
+        try:
+            candidates = check_names(tuple(n.strip() for n in args.candidates.split(",") if n.strip()))
+        except ValueError as e:
+            raise UsageError(f"--candidates: {e}") from None
     request = {name: getattr(args, name) for name in _PLAN_FLAGS}
     if request["keep_layers"] is not None:  # parsed here, not by argparse: its message names the part
         request["keep_layers"] = parse_layers(request["keep_layers"])
     out = compress(CompressConfig(
         model=args.model, stats=args.stats, data=args.data, output=args.output, request=request, work=args.work,
         text_field=args.text_field, tokens=args.tokens, seq_len=args.seq_len, probe_rows=args.probe_rows,
-        val_rows=args.val_rows, val_data=tuple(args.val_data), ridge=args.ridge, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
+        val_rows=args.val_rows, val_data=tuple(args.val_data), candidates=candidates, ridge=args.ridge, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
         anchor=args.refit_anchor, anchor_weight=args.refit_anchor_weight,
     ))
     print(f"compressed checkpoint: {out}")

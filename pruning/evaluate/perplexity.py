@@ -31,6 +31,7 @@ __all__ = [
     "evaluate_models",
     "generate_greedy",
     "load_prompts",
+    "mean_losses",
     "nll_and_kl",
 ]
 
@@ -84,6 +85,20 @@ def nll_and_kl(
                 kl[j] += (ref_logp.exp() * (ref_logp - logp)).sum().item()
         tokens += target.numel()
     return nll, kl, tokens
+
+
+def mean_losses(model_dir: Path, sets: dict[str, torch.Tensor], trust_remote_code: bool = False,
+                progress: bool = True) -> dict[str, float]:
+    """Mean next-token loss of the checkpoint at ``model_dir``, loaded as a user would (fp32), on
+    each named set of token rows (N, L) — compress's validation."""
+    from actprune.pruning.checkpoint.hf_io import load_causal_lm
+
+    model = load_causal_lm(model_dir, torch.float32, trust_remote_code=trust_remote_code)
+    out = {}
+    for name, rows in sets.items():
+        nll, _, tokens = nll_and_kl([model], rows, batch_size=2, progress=progress, desc=f"validation {name}")
+        out[name] = nll[0] / tokens
+    return out
 
 
 @torch.no_grad()

@@ -8,16 +8,20 @@ from __future__ import annotations
 import pytest
 from actprune.core.archs import LayerShape, ModelShape
 from actprune.pruning.candidates import (
+    CANDIDATES,
     TWINS,
     Split,
     candidate_requests,
+    check_names,
     choose,
     end_layers,
     excess_loss,
     figures,
     head_probe_requests,
     mlp_params,
+    needs_model_delta,
     scores,
+    select,
     split_rows,
     table,
 )
@@ -148,6 +152,28 @@ def test_candidates_remove_the_same_budget_each_their_way():
     assert list(candidate_requests(base, {"layer_sensitivity": sens["layer_sensitivity"]}, SHAPE)) == ["mlp", *twins]
     # more than the MLPs can give (removed_fractions caps a layer at 0.9): no MLP-only candidate
     assert list(candidate_requests({**base, "param_ratio": 0.85}, sens, SHAPE)) == ["budget", "heads-capped"]
+
+
+def test_a_subset_of_candidates_is_checked_kept_in_order_and_refused_when_none_applies():
+    assert check_names(("mlp-ends", "budget")) == ("mlp-ends", "budget")
+    for wanted, why in ((("mlp", "mlp-end"), "unknown candidate 'mlp-end'"), (("mlp", "mlp"), "named twice"),
+                        ((), "no candidate named")):
+        with pytest.raises(ValueError, match=why) as e:
+            check_names(wanted)
+        assert ", ".join(CANDIDATES) in str(e.value)
+    # only the ends layouts measure their own Δ: the whole-model pass is needed by every other one
+    assert not needs_model_delta(("mlp-ends", "mlp-ends-even", "mlp-ends-bold"))
+    assert needs_model_delta(None) and needs_model_delta(("mlp-ends", "mlp")) and needs_model_delta(("mlp-even",))
+    with pytest.raises(ValueError, match="unknown candidate 'mlp-end'"):
+        needs_model_delta(("mlp-end",))  # checked before anything is measured
+    sens = {"layer_sensitivity": [0.1, 0.2, 0.3, 0.4], "head_sensitivity": [0.5] * 4,
+            "sensitivity_at": {"mlp": 0.15, "attn": 0.25}}
+    req = candidate_requests({"param_ratio": 0.2}, sens, SHAPE)
+    assert select(req, None) == req
+    assert list(select(req, ("mlp-bold", "budget", "mlp-ends"))) == ["budget", "mlp-bold"]  # CANDIDATES order
+    assert select(req, ("mlp",)) == {"mlp": req["mlp"]}
+    with pytest.raises(ValueError, match="none of mlp-ends, mlp-ends-even is built .*here: budget, heads-capped, mlp,"):
+        select(req, ("mlp-ends", "mlp-ends-even"))  # 4 layers: no ends layout
 
 
 def test_kept_layers_reach_every_candidate_and_the_mlp_budget_counts_only_the_other_layers():

@@ -100,25 +100,36 @@ def test_compress_keeps_the_candidate_with_the_lowest_validation_loss(run, capsy
     assert math.isclose(loss, losses[chosen["slice"]["candidate"]], rel_tol=1e-4)
 
 
-@pytest.mark.parametrize("lead, want", [(0.05, "heads-capped"), (0.005, "mlp")],
-                         ids=["heads win by 5 %", "heads within 1 %: mlp kept"])
-def test_compress_choice_follows_the_recorded_validation_losses(run, tmp_path, capsys, lead, want):
-    """Whichever candidate the data favours, by more than the margin a head-pruning candidate
-    must win by (and rebuilt: its checkpoint is gone): the recorded losses are set so."""
+def _steps_with_losses(run, tmp_path, edit):
+    """A copy of the shared run's step files whose recorded validation losses ``edit`` (called
+    with {name: record}) has set: the choice a rerun makes is then the test's."""
     tmp, _, argv = run
     _ran(tmp, argv)
     work = tmp_path / "steps"
     shutil.copytree(tmp / "out.steps", work)
     record = json.loads((work / "candidates.json").read_text())
-    cands = record["candidates"]
-    assert "heads-capped" in cands, list(cands)
-    worst = max(c["loss"] for c in cands.values())
-    cands["budget"]["loss"] = worst + 1.0
-    for twin in ("mlp-even", "mlp-bold"):  # the other MLP-only candidates: behind mlp
-        cands[twin]["loss"] = worst + 0.75
-    cands["mlp"]["loss"] = worst + 0.5
-    cands["heads-capped"]["loss"] = worst + 0.5 - lead
+    edit(record["candidates"])
     (work / "candidates.json").write_text(json.dumps(record))
+    return work
+
+
+@pytest.mark.parametrize("lead, want", [(0.05, "heads-capped"), (0.005, "mlp")],
+                         ids=["heads win by 5 %", "heads within 1 %: mlp kept"])
+def test_compress_choice_follows_the_recorded_validation_losses(run, tmp_path, capsys, lead, want):
+    """Whichever candidate the data favours, by more than the margin a head-pruning candidate
+    must win by (and rebuilt: its checkpoint is gone): the recorded losses are set so."""
+    _, _, argv = run
+
+    def edit(cands):
+        assert "heads-capped" in cands, list(cands)
+        worst = max(c["loss"] for c in cands.values())
+        cands["budget"]["loss"] = worst + 1.0
+        for twin in ("mlp-even", "mlp-bold"):  # the other MLP-only candidates: behind mlp
+            cands[twin]["loss"] = worst + 0.75
+        cands["mlp"]["loss"] = worst + 0.5
+        cands["heads-capped"]["loss"] = worst + 0.5 - lead
+
+    work = _steps_with_losses(run, tmp_path, edit)
     capsys.readouterr()
     assert main([*argv[:-1], str(tmp_path / "out"), "--work", str(work)]) == 0
     out = capsys.readouterr().out
@@ -128,6 +139,48 @@ def test_compress_choice_follows_the_recorded_validation_losses(run, tmp_path, c
     plan_file = {"heads-capped": "plan-heads-capped.json", "mlp": "plan-mlp.json"}[want]
     assert chosen["slice"]["candidate"] == want
     assert chosen["layers"] == json.loads((work / plan_file).read_text())["layers"]
+
+
+def test_compress_candidates_builds_and_chooses_among_those_named_only(run, tmp_path, capsys):
+    """--candidates: a subset is chosen among (the others neither built nor in the table), the
+    finished ones of an earlier run reused; the losses are set so that the best of all is left out."""
+    _, _, argv = run
+
+    def edit(cands):  # every candidate behind budget, mlp-bold the best of the two named
+        for name in cands:
+            cands[name]["loss"] = 5.0
+        cands["budget"]["loss"], cands["mlp"]["loss"], cands["mlp-bold"]["loss"] = 1.0, 3.0, 2.0
+
+    work = _steps_with_losses(run, tmp_path, edit)
+    capsys.readouterr()
+    assert main([*argv[:-1], str(tmp_path / "out"), "--work", str(work), "--candidates", "mlp-bold, mlp"]) == 0
+    out = capsys.readouterr().out
+    assert "candidate mlp: kept" in out and "candidate mlp-bold: kept" in out and "chosen: mlp-bold: rebuilt" in out
+    assert not re.search(r"^\s*\*?\s*(budget|heads-capped|mlp-even) ", out, re.M), out  # not in the table
+    assert json.loads((tmp_path / "out" / "actprune_plan.json").read_text())["slice"]["candidate"] == "mlp-bold"
+
+
+def test_compress_candidates_mistakes_are_one_line(run, tmp_path, capsys):
+    tmp, d, argv = run
+    for names, why in (("mlp,mlp-end", "unknown candidate 'mlp-end'"), ("mlp,mlp", "named twice"),
+                       (",", "no candidate named")):
+        assert main([*argv[:-1], str(tmp_path / "o"), "--candidates", names]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and why in err[0] and "mlp-ends-bold" in err[0], err  # the list of candidates
+    # a known candidate that this model (4 layers) does not build: refused, naming those it does
+    assert main([*argv[:-1], str(tmp_path / "o"), "--work", str(tmp_path / "w"), "--candidates", "mlp-ends"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "none of mlp-ends is built" in err[0] and "here: mlp, mlp-even, mlp-bold" in err[0], err
+    assert not (tmp_path / "w" / "sensitivity.json").exists()  # the ends layouts do not need it
+    # the Python API checks the names too, before measuring anything
+    from actprune.pruning.compress import CompressConfig, CompressError, compress
+
+    cfg = CompressConfig(model=d, stats=tmp / "stats.safetensors", data=argv[argv.index("--data") + 1],
+                         output=tmp_path / "api", request={"param_ratio": RATIO}, seq_len=SEQ, tokens=TOKENS,
+                         probe_rows=2, val_rows=VAL, candidates=("mlp", "mlp-end"), progress=False)
+    with pytest.raises(CompressError, match="--candidates: unknown candidate 'mlp-end'"):
+        compress(cfg)
+    assert not (tmp_path / "api.steps" / "uniform.json").exists()
 
 
 def test_compress_plans_equal_the_steps_run_one_by_one(run, capsys):
@@ -421,3 +474,20 @@ def test_compress_of_a_deep_model_builds_the_ends_candidate_and_keeps_the_lowest
     chosen = json.loads((tmp_path / "out" / "actprune_plan.json").read_text())
     mlp_only = min(("mlp", "mlp-ends", *twins), key=loss.__getitem__)
     assert chosen["layers"] == json.loads((tmp_path / "out.steps" / f"plan-{mlp_only}.json").read_text())["layers"]
+    # --candidates of the ends layouts alone: no whole-model sensitivity pass; the same plans and losses
+    capsys.readouterr()
+    assert main(["compress", "--model", str(d), "--stats", str(tmp_path / "stats.safetensors"), "--data", str(data),
+                 "--param-ratio", "0.1", "--seq-len", str(SEQ), "--tokens", str(TOKENS), "--probe-rows", "2",
+                 "--val-rows", str(VAL), "--head-cap", "0", "--candidates", "mlp-ends-bold,mlp-ends",
+                 "-o", str(tmp_path / "sub")]) == 0
+    assert "whole-model pass is skipped" in capsys.readouterr().out
+    steps = tmp_path / "sub.steps"
+    assert not (steps / "sensitivity.json").exists() and not (steps / "uniform.json").exists()
+    sub = json.loads((steps / "candidates.json").read_text())["candidates"]
+    assert list(sub) == ["mlp-ends", "mlp-ends-bold"]  # CANDIDATES order, the others not built
+    for name in sub:
+        assert sub[name]["loss"] == pytest.approx(loss[name], rel=1e-6), name
+        ours = json.loads((steps / f"plan-{name}.json").read_text())["layers"]
+        assert ours == json.loads((tmp_path / "out.steps" / f"plan-{name}.json").read_text())["layers"], name
+    chosen = json.loads((tmp_path / "sub" / "actprune_plan.json").read_text())["slice"]["candidate"]
+    assert chosen == min(sub, key=loss.__getitem__)
