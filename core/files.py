@@ -27,7 +27,7 @@ from typing import Any
 from .errors import ActpruneError
 
 __all__ = ["RETIRED_MARK", "STAGING_MARK", "JsonlError", "atomic_temporaries", "atomic_write", "fsync_dir",
-           "package_data_file", "read_jsonl", "remove_orphaned_staging", "staged_directory"]
+           "package_data_file", "read_json_record", "read_jsonl", "remove_orphaned_staging", "staged_directory"]
 
 
 class JsonlError(ActpruneError):
@@ -60,6 +60,16 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[tuple[int, dict[str, Any]]]
             raise JsonlError(f"{path}:{n}: expected a JSON object per line, got {type(obj).__name__}")
         out.append((n, obj))
     return out
+
+
+def read_json_record(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The JSON object in ``path``, or {} when it is missing, unreadable or not an object: for the
+    records a resumable step writes beside its outputs, where a bad one means "measure again"."""
+    try:
+        record = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | str) -> Path:

@@ -47,7 +47,7 @@ from typing import Any
 
 from actprune.core.archs import ModelShape
 
-__all__ = ["CANDIDATES", "DATA", "ENDS_MIN_LAYERS", "MLP_ONLY", "TWINS", "HeadProbe", "Split", "candidate_requests", "choose",
+__all__ = ["CANDIDATES", "DATA", "ENDS_MIN_LAYERS", "MLP_ONLY", "OWN_DELTA", "TWINS", "HeadProbe", "Split", "candidate_requests", "choose",
            "check_names", "end_layers", "excess_loss", "figures", "head_probe_requests", "needs_model_delta", "scores",
            "select", "set_losses", "split_rows", "table"]
 
@@ -57,6 +57,8 @@ TWINS = {"even": 0.5, "bold": 2.0}
 # they prune no head: preferred (PREFER_MARGIN); mlp, mlp-ends, mlp-even, mlp-ends-even, mlp-bold, ...
 MLP_ONLY = (*_MLP_LAYOUTS, *(f"{layout}-{suffix}" for suffix in TWINS for layout in _MLP_LAYOUTS))
 CANDIDATES = ("budget", "heads-capped", *MLP_ONLY)  # the table's order; ties go to the earlier one
+# the ends layout and its twins: they measure their own Δ (sensitivity-ends.json), not the whole model's
+OWN_DELTA = tuple(n for n in MLP_ONLY if n.startswith("mlp-ends"))
 ENDS_MIN_LAYERS = 16  # below, an eighth and a sixteenth of the layers are too coarse a share to keep whole
 DATA = "--data"  # a validation record's name for --data's held-out rows; --val-data sets by their source
 
@@ -142,10 +144,10 @@ def check_names(wanted: tuple[str, ...]) -> tuple[str, ...]:
 
 def needs_model_delta(wanted: tuple[str, ...] | None) -> bool:
     """Whether the candidates ``wanted`` (None: all) need the whole-model sensitivity pass: every
-    one but the ``mlp-ends`` layouts, which measure their own (``sensitivity-ends.json``) — so
+    one but the :data:`OWN_DELTA` layouts, which measure their own (``sensitivity-ends.json``) — so
     ``--candidates mlp-ends,mlp-ends-even`` skips a sensitivity pass. ValueError for names
     :func:`check_names` refuses."""
-    return wanted is None or any(not n.startswith("mlp-ends") for n in check_names(wanted))
+    return wanted is None or any(n not in OWN_DELTA for n in check_names(wanted))
 
 
 def select(requests: dict[str, dict[str, Any]], wanted: tuple[str, ...] | None) -> dict[str, dict[str, Any]]:

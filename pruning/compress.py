@@ -53,9 +53,10 @@ from pathlib import Path
 from typing import Any
 
 from actprune.core.errors import ActpruneError
+from actprune.core.files import atomic_write, read_json_record
 from actprune.core.wire.plan import Plan
 from actprune.core.wire.plan_request import PlanRequest
-from actprune.pruning.candidates import CANDIDATES, DATA, MLP_ONLY, figures, scores, table
+from actprune.pruning.candidates import CANDIDATES, DATA, MLP_ONLY, choose, figures, scores, table
 
 __all__ = ["CANDIDATES_FILE", "CompressConfig", "CompressError", "compress"]
 
@@ -162,7 +163,7 @@ def _sensitivity_step(cfg: CompressConfig, uniform: Plan, name: str = "sensitivi
     path = cfg.work_dir / name
     inputs = {"plan": _digest(uniform), "data": cfg.data, "text_field": cfg.text_field, "tokens": cfg.tokens,
               "seq_len": cfg.seq_len, "probe_rows": cfg.probe_rows, "ridge": cfg.ridge, "rows": cfg.fit_digest}
-    record = _read_json(path)
+    record = read_json_record(path)
     verb = "kept"
     if not (record.get("format") == sens.SENSITIVITY_FORMAT and record.get("inputs") == inputs and "deltas" in record):
         sens.sensitivity_for_plan(cfg.model, uniform, cfg.data, path, tokens=cfg.tokens, seq_len=cfg.seq_len,
@@ -274,14 +275,11 @@ def _candidate_dir(cfg: CompressConfig, name: str) -> Path:
 def _candidates_step(cfg: CompressConfig, plans: dict[str, Plan], sets, split) -> dict[str, Any]:
     """Build and validate every candidate not yet in ``candidates.json`` (module doc, step 4);
     returns the record: ``dense`` and ``candidates`` (name -> loss, perplexity, parameters)."""
-    from actprune.core.files import atomic_write
-    from actprune.pruning.candidates import choose
-
     path = cfg.work_dir / CANDIDATES_FILE
     validation = {"model": str(Path(cfg.model).resolve()), "data": cfg.data, "text_field": cfg.text_field,
                   "seq_len": cfg.seq_len, "rows": list(split.val),  # what the dense figures depend on
                   "sets": {k: _rows_digest(v) for k, v in sets.items()}}
-    record = _read_json(path)
+    record = read_json_record(path)
     if record.get("format") != _CANDIDATES_FORMAT or record.get("validation") != validation:
         record = {"format": _CANDIDATES_FORMAT, "validation": validation, "candidates": {}}
     if not isinstance(record.get("dense"), dict):
@@ -334,7 +332,7 @@ def compress(cfg: CompressConfig) -> Path:
     from actprune.core.config import read_config
     from actprune.core.tensor.checkpoint import ColumnNorms
     from actprune.core.wire.stats import Stats
-    from actprune.pruning.candidates import candidate_requests, choose, needs_model_delta, select
+    from actprune.pruning.candidates import OWN_DELTA, candidate_requests, needs_model_delta, select
     from actprune.pruning.compensate.sensitivity import request_fields
 
     if cfg.request.get("param_ratio") is None:
@@ -371,7 +369,7 @@ def compress(cfg: CompressConfig) -> Path:
     plans: dict[str, Plan] = {}
     ends_delta: list[float] | None = None  # the ends layout's own Δ, measured once for mlp-ends and its twins
     for name, fields in wanted.items():
-        if name.startswith("mlp-ends"):  # the same layout and Δ; only the exponent differs
+        if name in OWN_DELTA:  # mlp-ends and its twins: the same layout and Δ; only the exponent differs
             if ends_delta is None:
                 ends_delta = _ends_delta(cfg, fields, stats, config, norms)
             fields = {**fields, "layer_sensitivity": ends_delta}
@@ -390,20 +388,11 @@ def compress(cfg: CompressConfig) -> Path:
     return _final_step(cfg, best, plans[best])
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path`` ({} if missing, unreadable or not an object)."""
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
 def _plan_record(out: Path) -> dict[str, Any]:
     """The plan record of a checkpoint directory ({} if none or unreadable)."""
     from actprune.pruning.checkpoint.slicer import PLAN_RECORD
 
-    return _read_json(out / PLAN_RECORD)
+    return read_json_record(out / PLAN_RECORD)
 
 
 def _slice_record(out: Path) -> dict[str, Any]:

@@ -20,13 +20,13 @@ The teacher must be live (its hidden states are too large to cache: layers × to
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from actprune.core.files import read_json_record
 from actprune.core.tensor.hf_model import HfModel
 from actprune.core.tensor.hooks import HookRegistry
 from actprune.pruning.checkpoint.slicer import PLAN_RECORD
@@ -43,10 +43,9 @@ def layer_pairs(student_dir: str | Path, n_student: int, n_teacher: int) -> list
         return [(i, i) for i in range(n_student)]
     path = Path(student_dir) / PLAN_RECORD
     kept: list[int] = []
-    if path.is_file():
-        layers = json.loads(path.read_text()).get("layers") or []
-        if len(layers) == n_teacher:
-            kept = [int(lp["index"]) for lp in layers if not lp.get("drop")]
+    layers = read_json_record(path).get("layers")  # {} for a missing or torn record: said below
+    if isinstance(layers, list) and len(layers) == n_teacher:
+        kept = [int(lp["index"]) for lp in layers if not lp.get("drop")]
     if len(kept) != n_student:
         raise DataError(f"--kd-hidden pairs the student's layers with the teacher's: the student has {n_student}, the "
                         f"teacher {n_teacher}, and {path} does not say which teacher layers the student kept "

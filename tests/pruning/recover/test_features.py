@@ -71,6 +71,9 @@ def test_layer_pairs_follow_the_plan_of_a_student_with_dropped_layers(tiny, tmp_
         layer_pairs(dropped, n - 1, n + 1)  # another teacher than the plan's source
     with pytest.raises(DataError, match="does not say which teacher layers"):
         layer_pairs(tiny, n - 1, n)  # no plan at all
+    (dropped / "actprune_plan.json").write_text(json.dumps(plan)[:100])  # a torn record: said, not a JSON traceback
+    with pytest.raises(DataError, match="does not say which teacher layers"):
+        layer_pairs(dropped, n - 1, n)
 
 
 def test_first_step_losses_equal_transformers_hidden_states(tiny, teacher, pr_jsonl, tmp_path):
