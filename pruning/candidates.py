@@ -47,9 +47,9 @@ from typing import Any
 
 from actprune.core.archs import ModelShape
 
-__all__ = ["CANDIDATES", "DATA", "ENDS_MIN_LAYERS", "MLP_ONLY", "OWN_DELTA", "TWINS", "HeadProbe", "Split", "candidate_requests", "choose",
-           "check_names", "end_layers", "excess_loss", "figures", "head_probe_requests", "needs_model_delta", "scores",
-           "select", "set_losses", "split_rows", "table"]
+__all__ = ["CANDIDATES", "DATA", "ENDS_MIN_LAYERS", "MLP_ONLY", "OWN_DELTA", "TWINS", "HeadProbe", "Split",
+           "candidate_requests", "choose", "check_names", "end_layers", "excess_loss", "figures", "head_probe_requests",
+           "needs_model_delta", "scores", "select", "set_losses", "split_rows", "table"]
 
 _MLP_LAYOUTS = ("mlp", "mlp-ends")  # the MLP-only layouts, shallowest cut first
 # the twins of the deepest MLP-only layout: suffix -> sensitivity_exponent (1/Δ is the layout itself)
