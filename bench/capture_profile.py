@@ -175,7 +175,7 @@ def _fold_variants(rev: str, tokens: int):
     own accumulators. Before: commit ``rev``'s maths in one compiled call over all rows, as its
     ``fold_step`` made it. After: today's fold of the rows (``end_step`` calls it when they are due)."""
     from actprune.core.tensor import accumulate
-    from actprune.server import ops
+    from actprune.server import forward, ops
 
     old = _module_at(rev, "core/tensor/accumulate.py", "accumulate_before")
     widths = [MLP, HEADS * HEAD_DIM] * LAYERS
@@ -183,7 +183,7 @@ def _fold_variants(rev: str, tokens: int):
     streams = torch.randn(tokens, LAYERS + 1, HIDDEN)  # (T, L + 1, H): today's, one slot a boundary
     pairs = torch.stack([streams[:, :-1], streams[:, 1:]], 1)  # (T, in/out, L, H): before, a copy each
     armed, thr = torch.ones(()), torch.tensor(1e-3)
-    valid = ops.valid_rows(tokens, armed)
+    valid = forward.valid_rows(tokens, armed)
 
     def math_before(chan, streams, fields, counts, gid, blocks, valid, thr):
         old.fold_packed(fields, counts, gid, chan, valid, thr)
@@ -196,7 +196,7 @@ def _fold_variants(rev: str, tokens: int):
     routers = torch.zeros(tokens, 0, 1)  # (T, R, E'): a dense model has no router
     router_fields = [torch.zeros(0, dtype=torch.float64)] + [torch.zeros(0, 1, dtype=torch.float64)] * 3
     return {
-        "before": lambda: before(chan, pairs, fb, cb, gb, blocks_b, ops.valid_rows(tokens, armed), thr),
+        "before": lambda: before(chan, pairs, fb, cb, gb, blocks_b, forward.valid_rows(tokens, armed), thr),
         "after": lambda: ops._fold_rows(tokens, chan, streams, routers, valid, fa, ca, router_fields, ga, blocks_a,
                                         thr, 0, False),
     }

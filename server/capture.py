@@ -55,13 +55,13 @@ from actprune.core.wire.schema import (
 )
 from torch import nn
 
+from .forward import step_tokens
 from .layout import decoder_layers, has_module, partition, router_width
 from .ops import (  # importing ops registers torch.ops.actprune.*
     FOLD_ROWS,
     STEP_FOLDING,
     STEP_OPEN,
     StepBuffers,
-    step_tokens,
 )
 from .shard_io import merge_saved, read_slices, write_shard
 

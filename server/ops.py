@@ -57,7 +57,9 @@ import torch
 from actprune.core.tensor.accumulate import fold_blocks, fold_packed, fold_routers
 from torch import Tensor
 
-__all__ = ["FOLD_ROWS", "STEP_DONE", "STEP_FOLDING", "STEP_OPEN", "StepBuffers", "step_tokens", "valid_rows"]
+from .forward import valid_rows
+
+__all__ = ["FOLD_ROWS", "STEP_DONE", "STEP_FOLDING", "STEP_OPEN", "StepBuffers"]
 
 _LIB = torch.library.Library("actprune", "FRAGMENT")  # the stash ops below
 
@@ -73,56 +75,6 @@ FOLD_ROWS = 16
 _VIEW_TOKENS = 16
 _VIEWS_MAX = 4096  # kept views at most: the cache is emptied past this (mixed step sizes)
 STEP_OPEN, STEP_FOLDING, STEP_DONE = 0, 1, 2  # StepBuffers.phase
-
-
-def valid_rows(num_tokens: int, armed: Tensor) -> Tensor:
-    """(T,) bool: the rows of this step that are real tokens of a real request.
-
-    ``armed`` is a device scalar (1 = capturing): it stays 0 through vLLM's profile and
-    warm-up passes and while paused. vLLM marks padding rows in ``is_padding``; that tensor is
-    a view of a persistent buffer, so a CUDA graph captured with it reads each replay's mask.
-    """
-    pad = None
-    try:
-        from vllm.forward_context import get_forward_context, is_forward_context_available
-
-        if is_forward_context_available():
-            pad = get_forward_context().is_padding
-    except ImportError:  # the offline recorder has no forward context
-        pass
-    on = armed.to(torch.bool)
-    if pad is None:
-        return on.expand(num_tokens)
-    return torch.logical_and(torch.logical_not(pad[:num_tokens]), on)
-
-
-def step_tokens() -> tuple[int, int] | None:
-    """(prefill, decode) real tokens of the current forward step, or None for a dummy run.
-
-    A request whose query in this step is one token long is counted as decode (a one-token
-    prompt chunk is indistinguishable here and rare)."""
-    try:
-        from vllm.forward_context import get_forward_context, is_forward_context_available
-    except ImportError:
-        return None
-    if not is_forward_context_available():
-        return None
-    md = get_forward_context().attn_metadata
-    if isinstance(md, list):  # dual-batch overlap: one dict per micro-batch
-        md = md[0] if md else None
-    if not md:
-        return None
-    m = next(iter(md.values()))
-    qsl = getattr(m, "query_start_loc_cpu", None)
-    if qsl is None:
-        qsl = getattr(m, "query_start_loc", None)
-    if qsl is None:
-        n = int(getattr(m, "num_actual_tokens", 0))
-        return (n, 0) if n else None
-    q = torch.diff(qsl.to("cpu")).tolist()
-    q = [x for x in q if x > 0]
-    decode = sum(1 for x in q if x == 1)
-    return sum(q) - decode, decode
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import pytest
 import torch
 import vllm.forward_context as fc
 from actprune.core.tensor.accumulate import export_state, new_packed_channels
-from actprune.server import ops
+from actprune.server import forward, ops
 
 
 def _observe(x: torch.Tensor, armed: float, buffer_rows: int) -> dict:
@@ -37,5 +37,5 @@ def test_padding_rows_and_disarmed_steps_are_not_counted(monkeypatch, buffer_row
     out = _observe(x, 1.0, buffer_rows)
     assert out["count"] == 2 and out["sum"][0] == 4.0 and out["max_abs"][0] == 3.0
     assert out["m2"][0] == 2.0 and out["sum_sq"][0] == 10.0
-    assert ops.valid_rows(6, torch.tensor([1.0])).tolist() == [True, True, False, False, False, False]
+    assert forward.valid_rows(6, torch.tensor([1.0])).tolist() == [True, True, False, False, False, False]
     assert _observe(x, 0.0, buffer_rows)["count"] == 0  # warm-up / paused: nothing counted

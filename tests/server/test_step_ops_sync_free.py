@@ -14,7 +14,7 @@ import pytest
 import torch
 import vllm.forward_context as fc
 from actprune.core.tensor.accumulate import new_packed_channels, new_packed_routers
-from actprune.server import ops
+from actprune.server import forward, ops
 from torch.utils._python_dispatch import TorchDispatchMode
 
 SYNCING = ("_local_scalar_dense", "nonzero", "masked_select", "unique", "_assert_async")
@@ -65,7 +65,7 @@ def test_step_path_source_has_no_host_reads():
     from actprune.core.tensor import accumulate
     from actprune.server import stash_kernel
 
-    bodies = [ops.stash_layer, ops.end_step, ops._fold_rows, ops._fold_math, ops.valid_rows,
+    bodies = [ops.stash_layer, ops.end_step, ops._fold_rows, ops._fold_math, forward.valid_rows,
               stash_kernel.usable, stash_kernel.stash_rows, accumulate.fold_channels, accumulate.merge_channels, accumulate.fold_packed,
               accumulate.fold_blocks, accumulate.fold_routers, accumulate.route]
     for fn in bodies:
