@@ -216,9 +216,8 @@ def _build(cfg: CompressConfig, plan: Plan, out: Path, name: str) -> bool:
 
 
 def _made_from(cfg: CompressConfig, plan: Plan, out: Path) -> bool:
-    done = _plan_record(out)
-    return (done.get("layers") == json.loads(plan.to_json())["layers"]
-            and done.get("slice", {}).get("compress") == cfg.fit_inputs())
+    return (_plan_record(out).get("layers") == json.loads(plan.to_json())["layers"]
+            and _slice_record(out).get("compress") == cfg.fit_inputs())
 
 
 # ---- validation rows and candidates ------------------------------------------------------------

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from actprune.core.errors import ActpruneError
-from actprune.core.files import atomic_write
+from actprune.core.files import atomic_write, read_json_record
 from actprune.pruning.recover.recipe_config import loop_recovery
 
 __all__ = ["IterateConfig", "IterateError", "StepResult", "local_ratio", "run_iterate", "table"]
@@ -133,12 +133,13 @@ def _perplexity(model_dir: Path, rows: Any, progress: bool, trust_remote_code: b
 def _load_state(work: Path, cfg: IterateConfig) -> dict[str, Any]:
     path = work / "iterate.json"
     if path.is_file():
-        state = json.loads(path.read_text())
+        state = read_json_record(path)  # {}: torn or edited by hand (it is written atomically)
         if state.get("key") == cfg.key():
             return state
         if not cfg.overwrite:
-            raise IterateError(f"{work} holds a run with another configuration; choose a new "
-                               "directory or pass --overwrite to start over")
+            what = "a run with another configuration" if state else f"an unreadable {path.name}"
+            raise IterateError(f"{work} holds {what}; choose a new directory or pass --overwrite "
+                               "to start over")
         for old in work.glob("step-*"):
             shutil.rmtree(old)
     return {"key": cfg.key(), "config": asdict(cfg), "original": None, "steps": []}

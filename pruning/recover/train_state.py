@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from actprune.core.files import STAGING_MARK, staged_directory
+from actprune.core.errors import ActpruneError
+from actprune.core.files import STAGING_MARK, read_json_record, staged_directory
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -160,12 +161,15 @@ def load_checkpoint(path: Path, model: nn.Module, opt: torch.optim.Optimizer) ->
     weights = load_file(str(path / "weights.safetensors"))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(weights) != trainable:
-        raise ValueError(
+        raise ActpruneError(
             f"{path}: checkpoint parameters do not match the model "
             f"({len(set(weights) ^ trainable)} differ); was it made with other options (--lora)?"
         )
     copy_into(model, weights)
-    state = json.loads((path / "state.json").read_text())
+    state = read_json_record(path / "state.json")
+    if "optimizer" not in state:
+        raise ActpruneError(f"{path / 'state.json'} cannot be read (torn or edited); resume from an earlier "
+                         "checkpoint (remove this one) or rerun without --resume")
     opt.load_state_dict(_optimizer_join(load_file(str(path / "optimizer.safetensors")), state.pop("optimizer")))
     rng = load_file(str(path / "rng.safetensors"))
     torch.set_rng_state(rng["cpu"])
@@ -203,7 +207,8 @@ def delete_stale_best(root: Path, ckpt_root: Path, current: int | None) -> None:
     and the ``best_step`` of each kept checkpoint, which a resume from it will load."""
     keep = {current}
     for p in ckpt_root.glob(f"{_PREFIX}*/state.json"):
-        keep.add(json.loads(p.read_text()).get("best_step"))
+        # a checkpoint whose state cannot be read cannot be resumed: its best need not be kept
+        keep.add(read_json_record(p).get("best_step"))
     for p in root.glob(f"{_PREFIX}*"):
         if int(p.name[len(_PREFIX):]) not in keep:
             shutil.rmtree(p, ignore_errors=True)

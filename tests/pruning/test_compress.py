@@ -238,7 +238,9 @@ def test_compress_rerun_after_the_data_file_was_edited_in_place_measures_again(r
     assert "sensitivity: wrote" in out and "candidate mlp: wrote" in out, out
 
 
-def test_compress_killed_midway_resumes_without_rebuilding_finished_candidates(run, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("edited", [False, True], ids=["as-left", "record-edited"])
+def test_compress_killed_midway_resumes_without_rebuilding_finished_candidates(run, tmp_path, capsys, monkeypatch,
+                                                                               edited):
     tmp, _, argv = run
     _ran(tmp, argv)
     work = tmp_path / "steps"
@@ -262,15 +264,18 @@ def test_compress_killed_midway_resumes_without_rebuilding_finished_candidates(r
     record = json.loads((work / "candidates.json").read_text())
     assert list(record["candidates"]) == ["budget"]  # the first candidate finished, its figures kept
     first = built[0]
+    if edited:  # a finished candidate whose record no longer says what made it: built again, no traceback
+        (kept,) = work.glob("candidate-budget*/actprune_plan.json")
+        kept.write_text(json.dumps({**json.loads(kept.read_text()), "slice": None}))
     capsys.readouterr()
     built.clear()
     kill_at = None
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "candidate budget: kept" in out, out
-    assert first not in built  # not refitted again (its checkpoint, if chosen, is moved to OUT)
+    assert (first in built) is edited  # else not refitted again (its checkpoint, if chosen, is moved to OUT)
     n = len(json.loads((work / "candidates.json").read_text())["candidates"])
-    assert len(built) == n - 1 and (tmp_path / "out" / "actprune_plan.json").is_file()
+    assert len(built) == n - 1 + edited and (tmp_path / "out" / "actprune_plan.json").is_file()
 
 
 def test_compress_mistakes_are_one_line(run, tmp_path, capsys):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from actprune.core.errors import ActpruneError
 from actprune.pruning.recover.finetune import FinetuneConfig, main
 from actprune.pruning.recover.train_state import EarlyStop, delete_stale_best, load_best, save_best
 from safetensors.torch import load_file
@@ -61,6 +62,16 @@ def test_best_weights_survive_a_kill_and_resume(tiny, pr_jsonl, tmp_path, capsys
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_torn_checkpoint_state_is_named_on_resume(tiny, pr_jsonl, tmp_path):
+    out = tmp_path / "torn"
+    assert main(_cfg(tiny, pr_jsonl, out, save_every=1, stop_after_steps=2)) is None
+    states = sorted(out.rglob("step-*/state.json"))
+    assert states, "the killed run saved no checkpoint"
+    states[-1].write_text('{"step": 2, "optim')  # what an edit or a bad disk leaves
+    with pytest.raises(ActpruneError, match="state.json cannot be read"):
+        main(_cfg(tiny, pr_jsonl, out, save_every=1, resume=True))
+
+
 def test_prune_best_keeps_the_current_best_and_those_kept_checkpoints_refer_to(tmp_path):
     best, ckpts = tmp_path / "best", tmp_path / "checkpoints"
     for step, best_step in ((3, 2), (5, 4)):  # checkpoint step-3 was saved when 2 was the best
@@ -74,6 +85,8 @@ def test_prune_best_keeps_the_current_best_and_those_kept_checkpoints_refer_to(t
     assert json.loads((best / "step-000004" / "best.json").read_text()) == {"step": 4, "val_loss": 0.25}
     shutil.rmtree(ckpts / "step-000003")  # rotated out: nothing resumes to best 2 any more
     (best / ".step-000005.partial-x1y2").mkdir()  # what a kill while staging best 5 leaves
+    (ckpts / "step-000007").mkdir()
+    (ckpts / "step-000007" / "state.json").write_text('{"best_step": 3')  # torn: it cannot be resumed
     delete_stale_best(best, ckpts, current=4)
     assert [p.name for p in best.iterdir()] == ["step-000004"]
     assert torch.equal(load_best(best, 4)["w"], torch.full((2,), 4.0))

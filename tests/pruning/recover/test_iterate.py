@@ -80,6 +80,15 @@ def test_iterate_steps_resume_and_threshold(tiny: Path, text: Path, tmp_path: Pa
     assert "another domain" in capsys.readouterr().err
 
 
+def test_iterate_refuses_an_unreadable_record(tiny: Path, text: Path, tmp_path: Path, capsys) -> None:
+    # iterate.json is written atomically; one torn or edited by hand is named, not a JSON traceback
+    work = tmp_path / "torn"
+    work.mkdir()
+    (work / "iterate.json").write_text('{"key": "ab')
+    assert cli(_args(tiny, work, text, 1000.0)) == 2
+    assert "unreadable iterate.json" in capsys.readouterr().err
+
+
 def test_iterate_refuses_bad_schedules(tiny: Path, text: Path, tmp_path: Path, capsys) -> None:
     args = _args(tiny, tmp_path / "w", text, 1.3)
     args[args.index("0.4")] = "0.1"
