@@ -205,6 +205,9 @@ class Recorder:
             "model": model_name,
             "architecture": arch,
             "config_hash": config_hash(config),
+            # as a server's snapshot: `stats show` needs head_dim to show heads
+            "num_layers": int(config.get("num_hidden_layers", len(self.taps))),
+            "head_dim": int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]),
             "tensor_parallel_size": 1,
             "near_zero_threshold": self.threshold,
             "tokens_prefill": self.tokens,

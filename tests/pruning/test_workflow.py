@@ -38,6 +38,15 @@ def stats(model, texts, tmp_path_factory) -> Stats:
     return s
 
 
+def test_recorded_stats_say_their_head_dim_so_a_summary_shows_heads(stats):
+    # as a server's snapshot does: `actprune stats show` of an offline file lists heads too
+    from actprune.core.summary import summarize
+
+    assert int(stats.meta["head_dim"]) == 32 and int(stats.meta["num_layers"]) == SHAPE["num_hidden_layers"]
+    heads = summarize(stats).layers[0].heads
+    assert heads is not None and heads.num_heads == SHAPE["num_attention_heads"]
+
+
 def _config(d: Path) -> dict:
     return json.loads((d / "config.json").read_text())
 
