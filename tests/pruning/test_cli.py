@@ -35,6 +35,8 @@ def test_plan_then_prune_writes_a_loadable_checkpoint(checkpoints, stats_file, t
         (["--strategy", "nope", "--mlp-ratio", "0.1"], "choose one of"),
         (["--weights", "1,2"], "--weights"),
         (["--drop-layers", "1", "--drop-layer-ratio", "0.5"], "not both"),
+        ([], "nothing to remove: give --param-ratio"),  # a forgotten flag, not a plan that removes nothing
+        (["--mlp-ratio", "0"], "nothing to remove"),
     ],
 )
 def test_plan_mistakes_exit_2_with_one_line_naming_the_problem(checkpoints, stats_file, tmp_path, capsys, extra, message):
