@@ -109,6 +109,13 @@ class PlanRequest(BaseModel):
         "budget may take (0 keeps every head: the budget goes to MLP neurons); default twice the measured share",
     )
 
+    @property
+    def removes_nothing(self) -> bool:
+        """No field asks for anything to be removed (all absent or 0): a plan of it is the model
+        itself, which a user never means to ask for (the CLI and the route refuse it)."""
+        return not any((self.param_ratio, self.mlp_ratio, self.head_ratio, self.expert_ratio, self.drop_layers,
+                        self.drop_layer_ratio))
+
     @model_validator(mode="after")
     def _consistent(self) -> PlanRequest:
         if self.drop_layers is not None and self.drop_layer_ratio is not None:

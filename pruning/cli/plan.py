@@ -137,10 +137,6 @@ def request_from_args(args: argparse.Namespace):
         raise UsageError(format_validation_error(e)) from e
 
 
-# the request fields that remove something; 0 or absent in all of them: nothing would be removed
-_ASKS = ("param_ratio", "mlp_ratio", "head_ratio", "expert_ratio", "drop_layers", "drop_layer_ratio")
-
-
 def run(args: argparse.Namespace) -> int:
     from actprune.core.archs import spec_for_config
     from actprune.core.config import read_config
@@ -149,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     from actprune.core.wire.stats import Stats
 
     request = request_from_args(args)
-    if not any(getattr(request, f) for f in _ASKS):  # a plan that removes nothing is a forgotten flag
+    if request.removes_nothing:  # a forgotten flag, not a wish for the model itself
         raise UsageError("nothing to remove: give --param-ratio R (a share of all parameters), or --mlp-ratio, "
                          "--head-ratio, --expert-ratio, --drop-layers or --drop-layer-ratio")
     config = read_config(args.model)

@@ -74,6 +74,9 @@ async def plan(request: Request, svc: Service) -> Response:
         req = PlanRequest.model_validate(await read_json_object(request))
     except ValidationError as e:
         raise ApiError(422, format_validation_error(e)) from None
+    if req.removes_nothing:
+        raise ApiError(422, "nothing to remove: give param_ratio (a share of all parameters), or mlp_ratio, "
+                            "head_ratio, expert_ratio, drop_layers or drop_layer_ratio")
     if svc.plan_lock.locked():
         retry = max(1, math.ceil(svc.last_plan_seconds))
         raise ApiError(429, f"another plan is being computed or waiting for its turn; retry in {retry} s",

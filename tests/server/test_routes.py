@@ -235,6 +235,9 @@ def test_plan_route_spends_a_parameter_budget_like_the_planner(raw_a, tmp_path, 
         assert mlp[0] < mlp[1] <= mlp[2], mlp  # (steps are discrete: equal widths can tie)
     r = call(app, "POST", "/prune/plan", json={**body, "mlp_ratio": 0.1})
     assert r.status_code == 422 and "param_ratio" in r.text
+    for nothing in ({}, {"strategy": "importance", "mlp_ratio": 0}):  # a forgotten field: not the model itself
+        r = call(app, "POST", "/prune/plan", json=nothing)
+        assert r.status_code == 422 and "nothing to remove" in r.json()["detail"], r.text
 
 
 @pytest.mark.parametrize("body", [
