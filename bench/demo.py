@@ -3,8 +3,9 @@
 The recipe is the one that measured best on SmolLM2-135M (BENCHMARKS.md, issues 7, 13 and 14):
 
     capture (vLLM + actprune serve) -> replay prompts (actprune collect) -> pull stats
-    -> plan (20 % of MLP neurons, per-layer widths) -> prune (refit down_proj + bias on
-    calibration text, with text of another domain mixed in: scikit-learn's dataset descriptions)
+    -> compress (20 % of the MLP neurons; per-layer widths from each layer's measured loss, the
+    first and last layers whole; refit down_proj + bias on calibration text, with text of another
+    domain mixed in: scikit-learn's dataset descriptions)
     -> recover (distil from the original on its cached top-64 logits; a quarter of the training
        tokens from the same other-domain text, so that recovery does not only adapt to Wikipedia)
     -> evaluate on held-out Wikipedia and an out-of-domain text (perplexity, KL to the original)
@@ -17,8 +18,8 @@ The recipe is the one that measured best on SmolLM2-135M (BENCHMARKS.md, issues 
 Every step prints the ``actprune`` command it runs; outputs go to ``--out`` (demo_report.md with
 the commands, the stats, plan, checkpoints, train/validation data, eval*/report.md with plots,
 server logs). Servers run in their own process group and are killed on exit, Ctrl-C included.
-MLP only: the whole-model budget (``actprune compress``: heads too) measured worse than MLP-only
-on SmolLM2 at the same parameter count (BENCHMARKS.md, issue 13).
+MLP only: at this budget ``actprune compress``'s validation chose an MLP-only layout over those
+taking heads too (BENCHMARKS.md, issue 13), so the demo builds that candidate alone.
 """
 
 from __future__ import annotations
@@ -54,8 +55,24 @@ EVAL_PROMPTS = ["The best time to visit the old town is", "Question: where is th
 QUESTION = "What should I see on a first afternoon in Bruges?"
 SEQ_LEN, BATCH = 256, 4  # training rows: one optimizer step = 1,024 tokens
 VAL_DOCS = slice(256, 320)  # calibration-part summaries the refit's first tokens never reach
-WHY_MLP_ONLY = ("MLP neurons only: removing attention heads as well (`actprune compress`, the whole-model "
-                "budget) measured worse than MLP-only at the same parameter count on SmolLM2 (BENCHMARKS.md, issue 13).")
+WHY_MLP_ONLY = ("MLP neurons only (`compress --candidates`): at this budget `actprune compress`'s own validation "
+                "chose an MLP-only layout over those that take attention heads too (SmolLM2, BENCHMARKS.md, issue 13); "
+                "the demo builds that one candidate and spares the others' time.")
+
+
+def compress_args(model: Path, mlp_ratio: float) -> tuple[float, str]:
+    """(``compress --param-ratio``, ``--candidates``) that remove ``mlp_ratio`` of the MLP neurons
+    and nothing else: the share of all parameters those neurons hold (docs/plan.md, "MLP neurons
+    only, at a share of them"), and the MLP-only layout with the first and last layers kept whole
+    where the model is deep enough for one."""
+    from actprune.core.archs.shape import model_shape
+    from actprune.core.config import read_config
+    from actprune.pruning.candidates import ENDS_MIN_LAYERS
+
+    shape = model_shape(read_config(model))
+    mlp = sum(3 * shape.hidden_size * w for w in shape.mlp_widths)  # gate, up, down: (H, I) each
+    layout = "mlp-ends" if shape.num_layers >= ENDS_MIN_LAYERS else "mlp"
+    return mlp_ratio * mlp / shape.params(), layout  # unrounded: the plan removes exactly those neurons
 
 
 class StepFailed(RuntimeError):
@@ -209,23 +226,24 @@ class Demo:
         stats = self.out / "stats.safetensors"
         self.cli("stats", "show", str(stats), "--k", "3")
         self.done()
-        self.step(f"plan: remove {self.args.mlp_ratio:.0%} of MLP neurons (per-layer widths), slice + refit")
-        plan = self.out / "plan.json"
-        self.cli("plan", "--stats", str(stats), "--model", str(model), "--mlp-ratio", str(self.args.mlp_ratio),
-                 "--per-layer", "-o", str(plan))
+        ratio, layout = compress_args(model, self.args.mlp_ratio)
+        whole = ", first and last layers whole" if layout == "mlp-ends" else ""
+        self.step(f"compress: {ratio:.1%} of the parameters = {self.args.mlp_ratio:.0%} of the MLP neurons{whole}, "
+                  "widths by measured loss, slice + refit")
         pruned = self.out / "pruned"
-        # Refit: each kept down_proj column and a bias, by least squares on calibration text, so
-        # the sliced MLP reproduces the dense one's output (BENCHMARKS.md, issue 7); a quarter of
-        # the fit's weight on text of another domain (statistics prose: neither the calibration
-        # domain nor the out-of-domain evaluation text), so that it holds up off its domain
-        # (BENCHMARKS.md, issue 13, "A refit that holds up out of domain").
+        # compress: per-layer widths from each layer's measured loss on calibration text, the
+        # units chosen from the captured statistics, then each kept down_proj column and a bias
+        # refitted by least squares, a quarter of the fit's weight on text of another domain
+        # (statistics prose: neither the calibration domain nor the out-of-domain evaluation
+        # text), so that it holds up off its domain (BENCHMARKS.md, issue 13). One candidate
+        # layout, the one compress's validation chose at this budget, to spare the others' time.
         anchor = self.out / "anchor.txt"
         anchor.write_text(dataset_descriptions())
-        self.cli("prune", "--model", str(model), "--plan", str(plan), "-o", str(pruned),
-                 "--refit", "wiki:calibration", "--refit-tokens", str(self.args.refit_tokens),
-                 "--refit-anchor", str(anchor))
+        self.cli("compress", "--model", str(model), "--stats", str(stats), "--data", "wiki:calibration",
+                 "--param-ratio", str(ratio), "--tokens", str(self.args.refit_tokens), "--candidates", layout,
+                 "--refit-anchor", str(anchor), "-o", str(pruned))
         self.done()
-        return stats, plan, pruned
+        return stats, pruned / "actprune_plan.json", pruned
 
     def write_data(self, model: Path) -> tuple[Path, Path]:
         """train.jsonl: the first wiki:train summaries filling --train-tokens (each + EOS, as
@@ -319,8 +337,9 @@ class Demo:
         md = [
             "# actprune demo", "",
             f"Model `{a.model}` ({model}); total {total / 60:.1f} min. Recipe (what measured best on "
-            f"SmolLM2-135M, BENCHMARKS.md): {a.mlp_ratio:.0%} of MLP neurons removed with per-layer widths, the kept "
-            f"`down_proj` columns and a bias refitted by least squares on {a.refit_tokens:,} calibration tokens, then "
+            f"SmolLM2-135M, BENCHMARKS.md): `actprune compress` removing {a.mlp_ratio:.0%} of the MLP neurons, per-layer "
+            f"widths from each layer's measured loss, the kept `down_proj` columns and a bias refitted by least squares "
+            f"on {a.refit_tokens:,} calibration tokens, then "
             f"distillation from the original on its cached top-64 logits over {a.train_tokens:,} tokens, three "
             "quarters `wiki:train` and a quarter the refit's other-domain text.",
             "", WHY_MLP_ONLY, "",
@@ -331,7 +350,7 @@ class Demo:
             *self.validation_line(),
             f"The last row was served by vLLM after the restart; it answered `{QUESTION}` with:", "",
             "> " + after["answer"].strip().replace("\n", "\n> "), "",
-            f"Files: [stats]({stats.name}), [plan]({plan.name}), [Wikipedia evaluation with plots](eval/report.md), "
+            f"Files: [stats]({stats.name}), [plan]({plan.relative_to(self.out)}), [Wikipedia evaluation with plots](eval/report.md), "
             f"[{ood} evaluation](eval-{ood}/report.md).", "",
             "Commands:", "", "```bash", *self.commands, "```", "",
             "| step | seconds |", "| --- | ---: |",
@@ -369,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mlp-ratio", type=float, default=0.2)
     p.add_argument("--train-tokens", type=int, default=None,
                    help="distillation tokens (default 16384; tiny: 4096; below 1024: no recovery)")
-    p.add_argument("--refit-tokens", type=int, default=None, help="calibration tokens for the refit "
-                   "(default 16384; tiny: 4096)")
+    p.add_argument("--refit-tokens", type=int, default=None, help="calibration tokens for compress's "
+                   "sensitivity pass and refit (default 16384; tiny: 4096)")
     p.add_argument("--ood", choices=sorted(OOD_TEXTS), default="pydoc", help="out-of-domain evaluation text")
     p.add_argument("--max-tokens", type=int, default=24, help="tokens generated per replayed prompt")
     p.add_argument("--eval-tokens", type=int, default=2048, help="tokens scored per evaluation text")

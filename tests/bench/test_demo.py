@@ -1,5 +1,5 @@
 """bench/demo.py (`make demo`) end to end on the tiny model, with a real vLLM server: it runs the
-recipe that measured best (per-layer plan, refit, distillation from the cached top-64) through
+recipe that measured best (compress to 20 % of the MLP neurons, refit, distillation from the cached top-64) through
 the real commands, and its report shows perplexity ÷ the original's on held-out Wikipedia and
 on an out-of-domain text, the KL to the original on both, and decode speed before and after."""
 
@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 
 DEMO = Path(__file__).resolve().parents[2] / "bench" / "demo.py"
+sys.path.insert(0, str(DEMO.parent))
+from demo import compress_args  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 
@@ -32,15 +35,20 @@ def test_the_demo_runs_the_best_recipe_and_reports_in_and_out_of_domain(tmp_path
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     report = (out / "demo_report.md").read_text()
     commands = report[report.index("```bash"):]
-    plan = next(c for c in commands.splitlines() if c.startswith("actprune plan "))
-    prune = next(c for c in commands.splitlines() if c.startswith("actprune prune "))
+    compress = next(c for c in commands.splitlines() if c.startswith("actprune compress "))
     distil = next(c for c in commands.splitlines() if c.startswith("actprune finetune "))
-    assert "--mlp-ratio 0.2" in plan and "--per-layer" in plan
-    assert "--refit wiki:calibration" in prune and "--refit-anchor" in prune
+    ratio, layout = compress_args(out / "tiny-qwen3", 0.2)  # 2 layers: too few to keep the ends whole
+    assert f"--param-ratio {ratio}" in compress and "--candidates mlp " in compress and layout == "mlp"
+    assert "--data wiki:calibration" in compress and "--refit-anchor" in compress
+    plan = json.loads((out / "pruned" / "actprune_plan.json").read_text())
+    shape = json.loads((out / "tiny-qwen3" / "config.json").read_text())
+    kept = sum(len(lp["mlp_keep"]) for lp in plan["layers"])
+    assert all(len(lp["heads_keep"]) == shape["num_attention_heads"] for lp in plan["layers"])  # MLP only
+    assert abs(kept / (shape["intermediate_size"] * shape["num_hidden_layers"]) - 0.8) < 0.01  # 20 % of neurons
     assert all(f in distil for f in ("--teacher ", "--teacher-topk 64", "--kd-alpha 1", "--lr 1e-4",
                                      "--mix-data ", "--mix-share 0.25"))
     assert len([c for c in commands.splitlines() if c.startswith("actprune eval ")]) == 2
-    assert "actprune compress" in report  # the one line on why the demo stays MLP-only
+    assert "chose an MLP-only layout" in report  # the one line on why the demo stays MLP-only
 
     # The table: three models, perplexity (× the original's) on wiki and pydoc, KL on both, speed.
     rows = {ln.split()[0]: ln.split() for ln in report.splitlines() if ln.split()[:1] in (["original"], ["pruned"],
