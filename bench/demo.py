@@ -55,24 +55,20 @@ EVAL_PROMPTS = ["The best time to visit the old town is", "Question: where is th
 QUESTION = "What should I see on a first afternoon in Bruges?"
 SEQ_LEN, BATCH = 256, 4  # training rows: one optimizer step = 1,024 tokens
 VAL_DOCS = slice(256, 320)  # calibration-part summaries the refit's first tokens never reach
-WHY_MLP_ONLY = ("MLP neurons only (`compress --candidates`): at this budget `actprune compress`'s own validation "
+WHY_MLP_ONLY = ("MLP neurons only (`compress --mlp-ratio`): at this budget `actprune compress`'s own validation "
                 "chose an MLP-only layout over those that take attention heads too (SmolLM2, BENCHMARKS.md, issue 13); "
                 "the demo builds that one candidate and spares the others' time.")
 
 
-def compress_args(model: Path, mlp_ratio: float) -> tuple[float, str]:
-    """(``compress --param-ratio``, ``--candidates``) that remove ``mlp_ratio`` of the MLP neurons
-    and nothing else: the share of all parameters those neurons hold (docs/plan.md, "MLP neurons
-    only, at a share of them"), and the MLP-only layout with the first and last layers kept whole
-    where the model is deep enough for one."""
+def mlp_layout(model: Path) -> str:
+    """The one ``compress --candidates`` the demo builds: the MLP-only layout with the first and
+    last layers kept whole where the model is deep enough for one (what compress's validation
+    chose on SmolLM2 at this budget), else the whole-depth MLP-only layout."""
     from actprune.core.archs.shape import model_shape
     from actprune.core.config import read_config
     from actprune.pruning.candidates import ENDS_MIN_LAYERS
 
-    shape = model_shape(read_config(model))
-    mlp = sum(3 * shape.hidden_size * w for w in shape.mlp_widths)  # gate, up, down: (H, I) each
-    layout = "mlp-ends" if shape.num_layers >= ENDS_MIN_LAYERS else "mlp"
-    return mlp_ratio * mlp / shape.params(), layout  # unrounded: the plan removes exactly those neurons
+    return "mlp-ends" if model_shape(read_config(model)).num_layers >= ENDS_MIN_LAYERS else "mlp"
 
 
 class StepFailed(RuntimeError):
@@ -226,10 +222,10 @@ class Demo:
         stats = self.out / "stats.safetensors"
         self.cli("stats", "show", str(stats), "--k", "3")
         self.done()
-        ratio, layout = compress_args(model, self.args.mlp_ratio)
+        layout = mlp_layout(model)
         whole = ", first and last layers whole" if layout == "mlp-ends" else ""
-        self.step(f"compress: {ratio:.1%} of the parameters = {self.args.mlp_ratio:.0%} of the MLP neurons{whole}, "
-                  "widths by measured loss, slice + refit")
+        self.step(f"compress: {self.args.mlp_ratio:.0%} of the MLP neurons{whole}, widths by measured loss, "
+                  "slice + refit")
         pruned = self.out / "pruned"
         # compress: per-layer widths from each layer's measured loss on calibration text, the
         # units chosen from the captured statistics, then each kept down_proj column and a bias
@@ -240,7 +236,7 @@ class Demo:
         anchor = self.out / "anchor.txt"
         anchor.write_text(dataset_descriptions())
         self.cli("compress", "--model", str(model), "--stats", str(stats), "--data", "wiki:calibration",
-                 "--param-ratio", str(ratio), "--tokens", str(self.args.refit_tokens), "--candidates", layout,
+                 "--mlp-ratio", str(self.args.mlp_ratio), "--tokens", str(self.args.refit_tokens), "--candidates", layout,
                  "--refit-anchor", str(anchor), "-o", str(pruned))
         self.done()
         return stats, pruned / "actprune_plan.json", pruned

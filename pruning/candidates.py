@@ -49,7 +49,7 @@ from actprune.core.archs import ModelShape
 
 __all__ = ["CANDIDATES", "DATA", "ENDS_MIN_LAYERS", "MLP_ONLY", "OWN_DELTA", "TWINS", "HeadProbe", "Split",
            "candidate_requests", "choose", "check_names", "end_layers", "excess_loss", "figures", "head_probe_requests",
-           "needs_model_delta", "scores", "select", "set_losses", "split_rows", "table"]
+           "mlp_share", "needs_model_delta", "scores", "select", "set_losses", "split_rows", "table"]
 
 _MLP_LAYOUTS = ("mlp", "mlp-ends")  # the MLP-only layouts, shallowest cut first
 # the twins of the deepest MLP-only layout: suffix -> sensitivity_exponent (1/Δ is the layout itself)
@@ -101,6 +101,16 @@ def mlp_params(shape: ModelShape, keep_layers: list[int] | None = None) -> int:
     whole = {i % shape.num_layers for i in keep_layers or ()}
     return sum(3 * shape.hidden_size * ly.intermediate_size for i, ly in enumerate(shape.layers)
                if ly.num_experts is None and i not in whole)
+
+
+def mlp_share(shape: ModelShape, mlp_ratio: float) -> float:
+    """The ``param_ratio`` that ``mlp_ratio`` of every dense MLP neuron holds (``compress
+    --mlp-ratio``): gate, up and down are 3 × hidden parameters a neuron. ValueError for a model
+    with no dense MLP (an MoE model's MLPs are experts)."""
+    mlp = mlp_params(shape)
+    if not mlp:
+        raise ValueError("this model has no dense MLP neurons (its MLPs are experts): use --param-ratio")
+    return mlp_ratio * mlp / shape.params()
 
 
 def candidate_requests(base: dict[str, Any], sens: dict[str, Any], shape: ModelShape) -> dict[str, dict[str, Any]]:

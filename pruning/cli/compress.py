@@ -49,7 +49,7 @@ __all__ = ["configure", "run"]
 
 # PlanRequest fields compress passes through (the budget and its constraints)
 _PLAN_FLAGS = {
-    "param_ratio": (float, "fraction of all parameters removed (required)"),
+    "param_ratio": (float, "fraction of all parameters removed (this or --mlp-ratio)"),
     "strategy": (str, "unit score inside a layer (default wifv)"),
     "head_mode": (str, "kv_groups (default) or query_heads"),
     "width_multiple": (int, "kept MLP widths are multiples of this"),
@@ -72,6 +72,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--work", type=Path, default=None, help="where the step files go (default OUT.steps)")
     for name, (typ, help_text) in _PLAN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), dest=name, type=typ, default=None, help=help_text)
+    p.add_argument("--mlp-ratio", type=float, default=None,
+                   help="instead of --param-ratio: fraction of the MLP neurons removed, and nothing else (the "
+                        "parameters they hold, among the MLP-only candidates)")
     p.add_argument("--tokens", type=int, default=32768, help="calibration tokens for sensitivity and refit")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per packed row")
     p.add_argument("--probe-rows", type=int, default=8, help="rows of --data the sensitivity loss is measured on")
@@ -98,8 +101,9 @@ def configure(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from actprune.pruning.compress import CompressConfig, compress
 
-    if args.param_ratio is None:
-        raise UsageError("--param-ratio is required: the fraction of all parameters to remove")
+    if (args.param_ratio is None) == (args.mlp_ratio is None):
+        raise UsageError("give --param-ratio (the fraction of all parameters to remove) or --mlp-ratio (of the MLP "
+                         "neurons), one of them")
     if args.tokens < 1 or args.probe_rows < 1 or args.val_rows < 1 or args.seq_len < 2 or args.ridge < 0:
         raise UsageError("--tokens, --probe-rows and --val-rows must be >= 1, --seq-len >= 2, --ridge >= 0")
     check_anchor(args.refit_anchor, args.refit_anchor_weight, [args.data, *args.val_data])
@@ -110,6 +114,8 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             raise UsageError(f"--candidates: {e}") from None
     request = {name: getattr(args, name) for name in _PLAN_FLAGS}
+    if args.mlp_ratio is not None:
+        request["param_ratio"], candidates = _mlp_only(args, candidates)
     if request["keep_layers"] is not None:  # parsed here, not by argparse: its message names the part
         request["keep_layers"] = parse_layers(request["keep_layers"])
     out = compress(CompressConfig(
@@ -120,3 +126,34 @@ def run(args: argparse.Namespace) -> int:
     ))
     print(f"compressed checkpoint: {out}")
     return 0
+
+
+def _mlp_only(args: argparse.Namespace, candidates: tuple[str, ...] | None) -> tuple[float, tuple[str, ...]]:
+    """--mlp-ratio as compress's budget: (the param_ratio those neurons hold, the MLP-only
+    candidates asked for; by default the ends layout and its twins where the model has one — the
+    MLP-only layouts compress chose on SmolLM2 at every budget since they exist, BENCHMARKS.md —
+    else the whole-depth layout and its twins)."""
+    from actprune.core.archs.shape import model_shape
+    from actprune.core.config import read_config
+    from actprune.pruning.candidates import ENDS_MIN_LAYERS, MLP_ONLY, OWN_DELTA, mlp_share
+
+    if not 0 < args.mlp_ratio < 1:
+        raise UsageError(f"--mlp-ratio must be in (0, 1), got {args.mlp_ratio}")
+    other = [n for n in candidates or () if n not in MLP_ONLY]
+    if other:
+        raise UsageError(f"--candidates {','.join(other)}: they take attention heads too, not with --mlp-ratio "
+                         f"(its candidates: {', '.join(MLP_ONLY)})")
+    if args.head_cap is not None:
+        raise UsageError("--head-cap is for --param-ratio: --mlp-ratio takes no head")
+    try:
+        shape = model_shape(read_config(args.model))
+        ratio = mlp_share(shape, args.mlp_ratio)
+    except ValueError as e:
+        raise UsageError(f"--mlp-ratio: {e}") from None
+    if candidates is None:
+        ends = shape.num_layers >= ENDS_MIN_LAYERS and args.keep_layers is None
+        candidates = OWN_DELTA if ends else tuple(n for n in MLP_ONLY if n not in OWN_DELTA)
+    print(f"--mlp-ratio {args.mlp_ratio:g}: --param-ratio {ratio!r} (those neurons' share of the parameters), "
+          f"candidates {','.join(candidates)}", flush=True)
+    return ratio, candidates
+

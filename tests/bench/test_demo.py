@@ -15,7 +15,7 @@ import pytest
 
 DEMO = Path(__file__).resolve().parents[2] / "bench" / "demo.py"
 sys.path.insert(0, str(DEMO.parent))
-from demo import compress_args  # noqa: E402
+from demo import mlp_layout  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +37,8 @@ def test_the_demo_runs_the_best_recipe_and_reports_in_and_out_of_domain(tmp_path
     commands = report[report.index("```bash"):]
     compress = next(c for c in commands.splitlines() if c.startswith("actprune compress "))
     distil = next(c for c in commands.splitlines() if c.startswith("actprune finetune "))
-    ratio, layout = compress_args(out / "tiny-qwen3", 0.2)  # 2 layers: too few to keep the ends whole
-    assert f"--param-ratio {ratio}" in compress and "--candidates mlp " in compress and layout == "mlp"
+    assert mlp_layout(out / "tiny-qwen3") == "mlp"  # 2 layers: too few to keep the ends whole
+    assert "--mlp-ratio 0.2" in compress and "--candidates mlp " in compress
     assert "--data wiki:calibration" in compress and "--refit-anchor" in compress
     plan = json.loads((out / "pruned" / "actprune_plan.json").read_text())
     shape = json.loads((out / "tiny-qwen3" / "config.json").read_text())

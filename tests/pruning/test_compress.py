@@ -283,7 +283,7 @@ def test_compress_mistakes_are_one_line(run, tmp_path, capsys):
     no_ratio = [a for a in argv if a not in ("--param-ratio", str(RATIO))]
     assert main(no_ratio) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--param-ratio" in err[0]
+    assert len(err) == 1 and "--param-ratio" in err[0] and "--mlp-ratio" in err[0]
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("not ours")
     other = [*argv[:-1], str(tmp_path / "taken"), "--work", str(tmp / "out.steps")]
@@ -295,6 +295,30 @@ def test_compress_mistakes_are_one_line(run, tmp_path, capsys):
     assert main(argv_small) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--val-rows" in err[0] and "rows" in err[0], err
+
+
+def test_compress_mlp_ratio_removes_that_share_of_the_neurons_and_no_head(run, tmp_path, capsys):
+    tmp, d, argv = run
+    i = argv.index("--param-ratio")
+    argv_m = [*argv[:i], "--mlp-ratio", "0.25", *argv[i + 2:-1], str(tmp_path / "out")]
+    assert main(argv_m) == 0
+    out = capsys.readouterr().out
+    assert "candidates mlp,mlp-even,mlp-bold" in out, out  # 4 layers: no ends layout
+    plan = json.loads((tmp_path / "out" / "actprune_plan.json").read_text())
+    assert plan["slice"]["candidate"] in ("mlp", "mlp-even", "mlp-bold")
+    assert all(len(lp["heads_keep"]) == MODEL["num_attention_heads"] for lp in plan["layers"])
+    kept = sum(len(lp["mlp_keep"]) for lp in plan["layers"])
+    assert kept == round(0.75 * MODEL["intermediate_size"] * MODEL["num_hidden_layers"]), kept
+    for extra, message in ((["--param-ratio", "0.1"], "one of them"),
+                           (["--candidates", "mlp,heads-capped"], "heads-capped: they take attention heads"),
+                           (["--head-cap", "0.5"], "--head-cap is for --param-ratio")):
+        assert main([*argv_m[:-1], str(tmp_path / "o3"), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err
+    argv_bad = [*argv_m[:-1], str(tmp_path / "o3")]
+    argv_bad[argv_bad.index("--mlp-ratio") + 1] = "1.5"
+    assert main(argv_bad) == 2
+    assert "--mlp-ratio must be in (0, 1)" in capsys.readouterr().err
 
 
 def test_compress_head_cap_zero_spends_the_budget_on_mlp_neurons_only(run, tmp_path, capsys):
