@@ -130,9 +130,9 @@ def run(args: argparse.Namespace) -> int:
 
 def _mlp_only(args: argparse.Namespace, candidates: tuple[str, ...] | None) -> tuple[float, tuple[str, ...]]:
     """--mlp-ratio as compress's budget: (the param_ratio those neurons hold, the MLP-only
-    candidates asked for; by default the ends layout and its twins where the model has one — the
-    MLP-only layouts compress chose on SmolLM2 at every budget since they exist, BENCHMARKS.md —
-    else the whole-depth layout and its twins)."""
+    candidates asked for; by default the ends layout and its twins where the model has one —
+    whenever compress chose an MLP-only layout on SmolLM2 since they exist, it was one of them
+    (BENCHMARKS.md) — else the whole-depth layout and its twins)."""
     from actprune.core.archs.shape import model_shape
     from actprune.core.config import read_config
     from actprune.pruning.candidates import ENDS_MIN_LAYERS, MLP_ONLY, OWN_DELTA, mlp_share
