@@ -104,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
     if (args.param_ratio is None) == (args.mlp_ratio is None):
         raise UsageError("give --param-ratio (the fraction of all parameters to remove) or --mlp-ratio (of the MLP "
                          "neurons), one of them")
+    if args.param_ratio is not None and not 0 < args.param_ratio < 1:  # before --data is packed
+        raise UsageError(f"--param-ratio must be in (0, 1), got {args.param_ratio}")
     if args.tokens < 1 or args.probe_rows < 1 or args.val_rows < 1 or args.seq_len < 2 or args.ridge < 0:
         raise UsageError("--tokens, --probe-rows and --val-rows must be >= 1, --seq-len >= 2, --ridge >= 0")
     check_anchor(args.refit_anchor, args.refit_anchor_weight, [args.data, *args.val_data])

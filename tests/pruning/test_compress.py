@@ -284,6 +284,11 @@ def test_compress_mistakes_are_one_line(run, tmp_path, capsys):
     assert main(no_ratio) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--param-ratio" in err[0] and "--mlp-ratio" in err[0]
+    too_much = [*argv[:-1], str(tmp_path / "o1")]
+    too_much[too_much.index("--param-ratio") + 1] = "1.5"
+    assert main(too_much) == 2
+    out, err = capsys.readouterr()
+    assert "--param-ratio must be in (0, 1)" in err and "split:" not in out  # refused before --data is packed
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("not ours")
     other = [*argv[:-1], str(tmp_path / "taken"), "--work", str(tmp / "out.steps")]
