@@ -216,8 +216,9 @@ def _build(cfg: CompressConfig, plan: Plan, out: Path, name: str) -> bool:
 
 
 def _made_from(cfg: CompressConfig, plan: Plan, out: Path) -> bool:
-    return (_plan_record(out).get("layers") == json.loads(plan.to_json())["layers"]
-            and _slice_record(out).get("compress") == cfg.fit_inputs())
+    record = _plan_record(out)
+    return (record.get("layers") == json.loads(plan.to_json())["layers"]
+            and _slice_of(record).get("compress") == cfg.fit_inputs())
 
 
 # ---- validation rows and candidates ------------------------------------------------------------
@@ -339,7 +340,7 @@ def compress(cfg: CompressConfig) -> Path:
     out, model = cfg.output.resolve(), Path(cfg.model).resolve()
     if out == model or model in out.parents or out in model.parents:
         raise CompressError(f"output {out} would overwrite or sit inside the input checkpoint {model}")
-    if out.exists() and not cfg.overwrite and "compress" not in _slice_record(out):
+    if out.exists() and not cfg.overwrite and "compress" not in _slice_of(_plan_record(out)):
         raise CompressError(f"output {out} exists and is not from actprune compress; remove it or pass --overwrite")
     cfg.work_dir.mkdir(parents=True, exist_ok=True)
     config = read_config(cfg.model)
@@ -394,8 +395,9 @@ def _plan_record(out: Path) -> dict[str, Any]:
     return read_json_record(out / PLAN_RECORD)
 
 
-def _slice_record(out: Path) -> dict[str, Any]:
-    s = _plan_record(out).get("slice")
+def _slice_of(record: dict[str, Any]) -> dict[str, Any]:
+    """A plan record's ``slice`` entry ({} when absent or not an object)."""
+    s = record.get("slice")
     return s if isinstance(s, dict) else {}
 
 
