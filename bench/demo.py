@@ -66,9 +66,9 @@ def mlp_layout(model: Path) -> str:
     chose on SmolLM2 at this budget), else the whole-depth MLP-only layout."""
     from actprune.core.archs.shape import model_shape
     from actprune.core.config import read_config
-    from actprune.pruning.candidates import ENDS_MIN_LAYERS
+    from actprune.pruning.candidates import ends_offered
 
-    return "mlp-ends" if model_shape(read_config(model)).num_layers >= ENDS_MIN_LAYERS else "mlp"
+    return "mlp-ends" if ends_offered(model_shape(read_config(model)), None) else "mlp"
 
 
 class StepFailed(RuntimeError):

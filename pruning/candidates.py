@@ -48,8 +48,9 @@ from typing import Any
 from actprune.core.archs import ModelShape
 
 __all__ = ["CANDIDATES", "DATA", "ENDS_MIN_LAYERS", "MLP_ONLY", "OWN_DELTA", "TWINS", "HeadProbe", "Split",
-           "candidate_requests", "choose", "check_names", "end_layers", "excess_loss", "figures", "head_probe_requests",
-           "mlp_share", "needs_model_delta", "scores", "select", "set_losses", "split_rows", "table"]
+           "candidate_requests", "choose", "check_names", "end_layers", "ends_offered", "excess_loss", "figures",
+           "head_probe_requests", "mlp_share", "needs_model_delta", "scores", "select", "set_losses", "split_rows",
+           "table"]
 
 _MLP_LAYOUTS = ("mlp", "mlp-ends")  # the MLP-only layouts, shallowest cut first
 # the twins of the deepest MLP-only layout: suffix -> sensitivity_exponent (1/Δ is the layout itself)
@@ -103,6 +104,12 @@ def mlp_params(shape: ModelShape, keep_layers: list[int] | None = None) -> int:
                if ly.num_experts is None and i not in whole)
 
 
+def ends_offered(shape: ModelShape, keep_layers: Any) -> bool:
+    """Whether ``mlp-ends`` (and its twins) apply: a model of :data:`ENDS_MIN_LAYERS` layers or
+    more, and a request that keeps no layers of its own (the budget may still rule it out)."""
+    return keep_layers is None and shape.num_layers >= ENDS_MIN_LAYERS
+
+
 def mlp_share(shape: ModelShape, mlp_ratio: float) -> float:
     """The ``param_ratio`` that ``mlp_ratio`` of every dense MLP neuron holds (``compress
     --mlp-ratio``): gate, up and down are 3 × hidden parameters a neuron. ValueError for a model
@@ -131,8 +138,7 @@ def candidate_requests(base: dict[str, Any], sens: dict[str, Any], shape: ModelS
     if removed <= _MLP_MAX * mlp_params(shape, base.get("keep_layers")):  # the layers it may prune can hold it
         out["mlp"] = mlp
     ends = end_layers(shape.num_layers)
-    if (base.get("keep_layers") is None and shape.num_layers >= ENDS_MIN_LAYERS
-            and removed <= _MLP_MAX * mlp_params(shape, ends)):
+    if ends_offered(shape, base.get("keep_layers")) and removed <= _MLP_MAX * mlp_params(shape, ends):
         out["mlp-ends"] = {**mlp, "keep_layers": ends}
     last = next((n for n in reversed(_MLP_LAYOUTS) if n in out), None)  # the deepest-cut MLP-only layout
     if last is not None:

@@ -137,7 +137,7 @@ def _mlp_only(args: argparse.Namespace, candidates: tuple[str, ...] | None) -> t
     (BENCHMARKS.md) — else the whole-depth layout and its twins)."""
     from actprune.core.archs.shape import model_shape
     from actprune.core.config import read_config
-    from actprune.pruning.candidates import ENDS_MIN_LAYERS, MLP_ONLY, OWN_DELTA, mlp_share
+    from actprune.pruning.candidates import MLP_ONLY, OWN_DELTA, ends_offered, mlp_share
 
     if not 0 < args.mlp_ratio < 1:
         raise UsageError(f"--mlp-ratio must be in (0, 1), got {args.mlp_ratio}")
@@ -153,7 +153,7 @@ def _mlp_only(args: argparse.Namespace, candidates: tuple[str, ...] | None) -> t
     except ValueError as e:
         raise UsageError(f"--mlp-ratio: {e}") from None
     if candidates is None:
-        ends = shape.num_layers >= ENDS_MIN_LAYERS and args.keep_layers is None
+        ends = ends_offered(shape, args.keep_layers)
         candidates = OWN_DELTA if ends else tuple(n for n in MLP_ONLY if n not in OWN_DELTA)
     print(f"--mlp-ratio {args.mlp_ratio:g}: --param-ratio {ratio!r} (those neurons' share of the parameters), "
           f"candidates {','.join(candidates)}", flush=True)
