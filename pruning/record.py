@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from actprune.core.archs import model_shape
 from actprune.core.tensor.accumulate import (
     export_state,
     new_block_state,
@@ -199,6 +200,7 @@ class Recorder:
                 for f, a in (export_state(state) if state is not None else {}).items():
                     tensors[key(i, kind, f)] = a
         arch = (config.get("architectures") or [config.get("model_type", "unknown")])[0]
+        shape = model_shape(config)  # the one place a config's geometry is derived
         meta = {
             "format": FORMAT_NAME,
             "format_version": FORMAT_VERSION,
@@ -206,8 +208,8 @@ class Recorder:
             "architecture": arch,
             "config_hash": config_hash(config),
             # as a server's snapshot: `stats show` needs head_dim to show heads
-            "num_layers": int(config.get("num_hidden_layers", len(self.taps))),
-            "head_dim": int(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]),
+            "num_layers": shape.num_layers,
+            "head_dim": shape.head_dim,
             "tensor_parallel_size": 1,
             "near_zero_threshold": self.threshold,
             "tokens_prefill": self.tokens,
