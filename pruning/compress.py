@@ -90,6 +90,7 @@ class CompressConfig:
     overwrite: bool = False
     progress: bool = True
     trust_remote_code: bool = False
+    device: str | None = None  # where the model runs in every pass (None: a GPU when one is visible)
     log: Any = field(default=print)
     fit_digest: str | None = None  # set from the rows the fit reads (_split): an edited --data is seen
 
@@ -169,7 +170,7 @@ def _sensitivity_step(cfg: CompressConfig, uniform: Plan, name: str = "sensitivi
         sens.sensitivity_for_plan(cfg.model, uniform, cfg.data, path, tokens=cfg.tokens, seq_len=cfg.seq_len,
                                   ridge=cfg.ridge, probe_rows=cfg.probe_rows, text_field=cfg.text_field,
                                   progress=cfg.progress, trust_remote_code=cfg.trust_remote_code,
-                                  extra={"inputs": inputs})
+                                  extra={"inputs": inputs}, device=cfg.device)
         record, verb = json.loads(path.read_text()), "wrote"
     for kind, key, se_key in (("MLP", "deltas", "delta_se"), ("heads", "attn_deltas", "attn_delta_se")):
         d = sorted(record.get(key) or [])
@@ -207,7 +208,7 @@ def _build(cfg: CompressConfig, plan: Plan, out: Path, name: str) -> bool:
     plan, mlp, attn = refit_for_plan(cfg.model, plan, cfg.data, tokens=cfg.tokens, seq_len=cfg.seq_len,
                                      ridge=cfg.ridge, text_field=cfg.text_field, progress=cfg.progress,
                                      trust_remote_code=cfg.trust_remote_code, anchor=cfg.anchor,
-                                     anchor_weight=cfg.anchor_weight)
+                                     anchor_weight=cfg.anchor_weight, device=cfg.device)
     slice_checkpoint(cfg.model, plan, out, overwrite=True, progress=cfg.progress, mlp_refit=mlp, attn_refit=attn,
                      slice_record={"compress": cfg.fit_inputs(), "candidate": name})
     cfg.log(f"refit + slice ({name}): wrote {out}: {len(mlp)} MLPs and {len(attn)} attention blocks refitted, "
@@ -265,7 +266,8 @@ def _rows_digest(rows: Any) -> str:
 def _validation_losses(cfg: CompressConfig, model_dir: Path, sets: dict[str, Any]) -> dict[str, float]:
     from actprune.pruning.evaluate.perplexity import mean_losses
 
-    return mean_losses(model_dir, sets, trust_remote_code=cfg.trust_remote_code, progress=cfg.progress)
+    return mean_losses(model_dir, sets, trust_remote_code=cfg.trust_remote_code, progress=cfg.progress,
+                       device=cfg.device)
 
 
 def _candidate_dir(cfg: CompressConfig, name: str) -> Path:

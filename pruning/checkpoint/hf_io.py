@@ -9,26 +9,58 @@ classes without running the copy (:mod:`.trust`). Outputs never carry foreign co
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 from actprune.core.config import CheckpointError, read_config
+from actprune.core.errors import ActpruneError
 
 from .trust import copy_side_file, resolve_trust, write_own_code
 
-__all__ = ["finish_output_dir", "load_causal_lm", "load_config", "load_tokenizer", "publish_model_files"]
+__all__ = ["DeviceError", "compute_device", "finish_output_dir", "load_causal_lm", "load_config", "load_tokenizer",
+           "publish_model_files"]
+
+
+class DeviceError(ActpruneError):
+    """A device that is not there, or a model that does not fit on it."""
+
+
+def compute_device(name: str | None = None) -> torch.device:
+    """The device an offline pass (sensitivity, refit, validation) runs its model on: ``name``
+    ("cpu", "cuda", "cuda:1", …), or with None / "auto" the first GPU when one is visible, else
+    the CPU. DeviceError when the device named is not there, before anything loads."""
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise DeviceError(f"--device {name!r}: not a device name (auto, cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise DeviceError(f"--device {name}: no CUDA GPU is visible here; use --device cpu (or auto)")
+        if dev.index is not None and dev.index >= n:
+            raise DeviceError(f"--device {name}: only {n} CUDA GPU(s) are visible (cuda:0..cuda:{n - 1})")
+    elif dev.type != "cpu":
+        raise DeviceError(f"--device {name}: only cpu and cuda devices are supported")
+    return dev
 
 
 def load_causal_lm(
     model_dir: str | Path, dtype: torch.dtype | None = None, device_map: str | None = None,
-    *, trust_remote_code: bool = False,
+    *, trust_remote_code: bool = False, device: str | None = None,
 ) -> Any:
     """The model in ``dtype`` (default: as stored), in eval mode, on CPU unless a
-    ``device_map`` (e.g. "auto": layers spread over the visible GPUs) is given. CheckpointError
-    when the checkpoint names foreign code and ``trust_remote_code`` is False."""
+    ``device_map`` (e.g. "auto": layers spread over the visible GPUs) or a ``device`` (a name
+    for :func:`compute_device`: the whole model moves there) is given. A model that does not
+    fit on the GPU: with "auto" it stays on the CPU (a warning says so), with a GPU named a
+    DeviceError gives its size. CheckpointError when the checkpoint names foreign code and
+    ``trust_remote_code`` is False."""
     from transformers import AutoModelForCausalLM
 
+    dev = None if device is None else compute_device(device)  # a bad name fails before the load
     cfg = read_config(model_dir)
     stored = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
     model = AutoModelForCausalLM.from_pretrained(
@@ -37,6 +69,18 @@ def load_causal_lm(
         trust_remote_code=resolve_trust(model_dir, trust_remote_code),
         **({"device_map": device_map} if device_map else {}),
     )
+    if dev is not None and dev.type != "cpu":
+        try:
+            model.to(dev)
+        except torch.OutOfMemoryError:
+            model.to("cpu")  # the parameters that had moved come back
+            torch.cuda.empty_cache()
+            size = sum(p.numel() * p.element_size() for p in model.parameters())
+            dt = str(dtype or stored).removeprefix("torch.")
+            msg = f"{model_dir}: the model ({size / 2**30:.2f} GiB in {dt}) does not fit on {dev}"
+            if device != "auto":
+                raise DeviceError(f"{msg}; use --device cpu, or a GPU with more memory") from None
+            logging.getLogger(__name__).warning("%s; running on the CPU (slow; --device cpu skips the try)", msg)
     return model.eval()
 
 

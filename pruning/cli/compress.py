@@ -42,7 +42,7 @@ from pathlib import Path
 from actprune.core.errors import UsageError
 from actprune.pruning.candidates import CANDIDATES, check_names
 from actprune.pruning.checkpoint.trust import add_trust_flag
-from actprune.pruning.cli import check_anchor
+from actprune.pruning.cli import add_device_flag, check_anchor, check_device
 from actprune.pruning.cli.plan import parse_layers
 
 __all__ = ["configure", "run"]
@@ -95,6 +95,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refit-anchor-weight", type=float, default=None,
                    help="share of the refits' least-squares weight on --refit-anchor text (default 0.25)")
     p.add_argument("--overwrite", action="store_true", help="replace an output directory this run did not make")
+    add_device_flag(p)
     add_trust_flag(p)
 
 
@@ -109,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tokens < 1 or args.probe_rows < 1 or args.val_rows < 1 or args.seq_len < 2 or args.ridge < 0:
         raise UsageError("--tokens, --probe-rows and --val-rows must be >= 1, --seq-len >= 2, --ridge >= 0")
     check_anchor(args.refit_anchor, args.refit_anchor_weight, [args.data, *args.val_data])
+    device = check_device(args.device)
     candidates = None
     if args.candidates is not None:
         try:
@@ -124,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, stats=args.stats, data=args.data, output=args.output, request=request, work=args.work,
         text_field=args.text_field, tokens=args.tokens, seq_len=args.seq_len, probe_rows=args.probe_rows,
         val_rows=args.val_rows, val_data=tuple(args.val_data), candidates=candidates, ridge=args.ridge, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
-        anchor=args.refit_anchor, anchor_weight=args.refit_anchor_weight,
+        anchor=args.refit_anchor, anchor_weight=args.refit_anchor_weight, device=device,
     ))
     print(f"compressed checkpoint: {out}")
     return 0

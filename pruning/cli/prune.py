@@ -19,7 +19,7 @@ from pathlib import Path
 
 from actprune.core.errors import UsageError
 from actprune.pruning.checkpoint.trust import add_trust_flag
-from actprune.pruning.cli import check_anchor
+from actprune.pruning.cli import add_device_flag, check_anchor, check_device
 
 __all__ = ["configure", "run"]
 
@@ -52,6 +52,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "(wiki:PART, FILE.txt, FILE.jsonl); see docs/plan.md")
     g.add_argument("--refit-anchor-weight", type=float, default=None,
                    help="share of the refit's least-squares weight on --refit-anchor text (default 0.25)")
+    add_device_flag(g)
     add_trust_flag(g)
 
 
@@ -73,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     check_anchor(args.refit_anchor, args.refit_anchor_weight, [args.refit] if args.refit else [])
     if args.refit_tokens < 1 or (isinstance(args.refit_ridge, float) and args.refit_ridge < 0):
         raise UsageError("--refit-tokens must be >= 1 and --refit-ridge >= 0")
+    if args.refit:
+        check_device(args.device)
     plan = Plan.load(args.plan)
     stats = Stats.load(args.stats) if args.bias_compensation else None
     refit = attn = None
@@ -104,5 +107,5 @@ def _refit(args: argparse.Namespace, plan):
                           seq_len=args.refit_seq_len, sequential=seq, text_field=args.text_field,
                           reselect=args.refit_reselect, trust_remote_code=args.trust_remote_code,
                           attention=args.refit_attention, anchor=args.refit_anchor,
-                          anchor_weight=args.refit_anchor_weight,
+                          anchor_weight=args.refit_anchor_weight, device=args.device,
                           ridge=DEFAULT_RIDGE if args.refit_ridge is None else args.refit_ridge)

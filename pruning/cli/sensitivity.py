@@ -21,6 +21,7 @@ from pathlib import Path
 
 from actprune.core.errors import UsageError
 from actprune.pruning.checkpoint.trust import add_trust_flag
+from actprune.pruning.cli import add_device_flag, check_device
 
 __all__ = ["configure", "run"]
 
@@ -35,6 +36,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-rows", type=int, default=8, help="rows (of --data) the loss is measured on")
     p.add_argument("--ridge", type=float, default=None, help="refit ridge (default 1e-2; see actprune prune)")
     p.add_argument("-o", "--output", required=True, type=Path, help="sensitivity JSON to write")
+    add_device_flag(p)
     add_trust_flag(p)
 
 
@@ -45,12 +47,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.tokens < 1 or args.probe_rows < 1 or (args.ridge is not None and args.ridge < 0):
         raise UsageError("--tokens and --probe-rows must be >= 1, --ridge >= 0")
+    device = check_device(args.device)
     plan = Plan.load(args.plan)
     if plan.dropped_layers:
         raise UsageError("the plan drops layers; measure sensitivity on an MLP-only plan")
     out = sensitivity_for_plan(args.model, plan, args.data, args.output, tokens=args.tokens,
                                seq_len=args.seq_len, probe_rows=args.probe_rows, text_field=args.text_field,
-                               trust_remote_code=args.trust_remote_code,
+                               trust_remote_code=args.trust_remote_code, device=device,
                                ridge=DEFAULT_RIDGE if args.ridge is None else args.ridge)
     heads = any(len(lp.heads_keep) < w.num_attention_heads for lp, w in zip(plan.layers, plan.source.widths, strict=True))
     how = "--param-ratio" if heads else "--mlp-ratio R --per-layer"

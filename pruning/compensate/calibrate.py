@@ -292,25 +292,26 @@ class _LayerPass:
 
 def _solve(m: LayerMoments, keep: dict[int, list[int]], i: int, ridge: float | str, reselect: bool,
            obs_step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """(W' (H, K), bias (H,), ridge used) from one layer's moments; with ``reselect`` the kept
-    units are chosen first (OBS on all units) and written into ``keep[i]``."""
-    a, b = m.a.cpu(), m.b.cpu()
-    a_h, b_h, e_h = m.a_held.cpu(), m.b_held.cpu(), float(m.energy_held)
-    kept = m.kept.cpu()
+    """(W' (H, K), bias (H,), ridge used) from one layer's moments, returned on the CPU but
+    solved where the moments are (the model's device: a GPU solves a (K+1)³ system in well under
+    a second); with ``reselect`` the kept units are chosen first (OBS on all units) and written
+    into ``keep[i]``."""
+    a, b, a_h, b_h, kept = m.a, m.b, m.a_held, m.b_held, m.kept
+    e_h = float(m.energy_held)
     if reselect:
         r0 = DEFAULT_RIDGE if ridge == "auto" else ridge
         keep[i] = obs_select(a + a_h, b + b_h, len(keep[i]), r0, obs_step)
-        kb = torch.tensor([*keep[i], len(kept)])  # (K+1,) the constant stays last
+        kb = torch.tensor([*keep[i], len(kept)], device=a.device)  # (K+1,) the constant stays last
         a, b, a_h, b_h = a[kb][:, kb], b[kb], a_h[kb][:, kb], b_h[kb]
-        kept = torch.as_tensor(keep[i])
-    w_k = m.w.cpu().index_select(1, kept)  # (H, K) the plain slice
+        kept = torch.as_tensor(keep[i], device=a.device)
+    w_k = m.w.index_select(1, kept)  # (H, K) the plain slice
     r = ridge
     if ridge == "auto":
         # Too few batches to hold any out: the default, rather than a choice from nothing.
         r = choose_ridge((a, b), (a_h, b_h, e_h), w_k)[0] if e_h > 0 else DEFAULT_RIDGE
         a, b = a + a_h, b + b_h
     w_new, bias = refit(a, b, w_k, float(r))
-    return w_new, bias, float(r)
+    return w_new.cpu(), bias.cpu(), float(r)
 
 
 def refit_for_plan(
@@ -329,6 +330,7 @@ def refit_for_plan(
     trust_remote_code: bool = False,
     anchor: str | None = None,
     anchor_weight: float | None = None,
+    device: str | None = None,
 ) -> tuple[Plan, Refits, Refits]:
     """:func:`layerwise_refit` of the kept MLP neurons of ``plan`` (and, with ``attention``, of
     the kept heads' ``o_proj`` columns in layers that lose heads) over ``tokens`` tokens of
@@ -341,7 +343,10 @@ def refit_for_plan(
     ``anchor_weight`` of its weight (None: ``DEFAULT_ANCHOR_WEIGHT``): the refit then also
     reproduces the dense layers on text unlike ``data``, and holds up better when the traffic
     drifts (docs/plan.md). Its rows: as many as give its tokens that share unweighted (at least
-    one; fewer when the anchor is shorter, the weights keep its share)."""
+    one; fewer when the anchor is shorter, the weights keep its share). ``device``: where the
+    float32 model, the hidden states and the moments live and the solves run
+    (:func:`~actprune.pruning.checkpoint.hf_io.compute_device`; None: a GPU when one is
+    visible); the refits come back on the CPU."""
     from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
     from actprune.pruning.data import DataError, load_texts, pack, tokenize
 
@@ -361,7 +366,8 @@ def refit_for_plan(
             raise DataError(f"refit anchor {anchor}: {e}") from None
         weights = mixture_weights(rows.shape[0], extra.shape[0], anchor_weight)  # (N + M,)
         rows = torch.cat([rows, extra])
-    model = load_causal_lm(model_dir, torch.float32, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(model_dir, torch.float32, trust_remote_code=trust_remote_code,
+                           device=device or "auto")
     view = HfModel.of(model)
     full = [view.mlp(ly)[2].in_features for ly in view.layers]
     keep = {lp.index: lp.mlp_keep for lp in plan.layers if len(lp.mlp_keep) < full[lp.index]}

@@ -104,20 +104,22 @@ def refit(
     a: torch.Tensor, b: torch.Tensor, w_kept: torch.Tensor, ridge: float = DEFAULT_RIDGE
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge least-squares ``down_proj`` for the kept units: returns (W' (H, K), bias (H,)),
-    float32. a: (K+1, K+1), b: (K+1, H) moments; w_kept: (H, K) the plainly sliced weight."""
+    float32, on ``a``'s device. a: (K+1, K+1), b: (K+1, H) moments; w_kept: (H, K) the plainly
+    sliced weight."""
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
-    k = w_kept.shape[1]
-    a, b = a.double(), b.double()
+    k, dev = w_kept.shape[1], a.device  # solved where the moments are (a GPU solves in seconds)
+    a, b = a.double(), b.double().to(dev)
     lam = ridge * float(torch.diagonal(a)[:k].mean().clamp_min(1e-12))
-    d = torch.ones(k + 1, dtype=torch.float64)
+    d = torch.ones(k + 1, dtype=torch.float64, device=dev)
     d[k] = 0.0  # the bias is not pulled towards anything
-    theta0 = torch.cat([w_kept.double().T, torch.zeros(1, w_kept.shape[0], dtype=torch.float64)])  # (K+1, H)
+    theta0 = torch.cat([w_kept.double().T.to(dev),
+                        torch.zeros(1, w_kept.shape[0], dtype=torch.float64, device=dev)])  # (K+1, H)
     lhs = a + lam * torch.diag(d)
     rhs = b + lam * d[:, None] * theta0
     # A tiny jitter keeps the solve defined when a unit never fired on the calibration text.
     jitter = 1e-10 * float(torch.diagonal(a).abs().max().clamp_min(1e-12))
-    theta = torch.linalg.solve(lhs + jitter * torch.eye(k + 1, dtype=torch.float64), rhs)  # (K+1, H)
+    theta = torch.linalg.solve(lhs + jitter * torch.eye(k + 1, dtype=torch.float64, device=dev), rhs)  # (K+1, H)
     return theta[:k].T.float().contiguous(), theta[k].float().contiguous()
 
 
@@ -169,15 +171,15 @@ def obs_select(a: torch.Tensor, b: torch.Tensor, n_keep: int, ridge: float = DEF
     ``‖Θ[j]‖² / P_jj`` and changes ``Θ -= P[:, j] Θ[j] / P_jj``; ``P`` is downdated the same
     way (Schur complement). ``step`` units go per round: each costed alone, removed together
     exactly (block downdate). Refit the kept units afterwards with :func:`refit`."""
-    i = a.shape[0] - 1
+    i, dev = a.shape[0] - 1, a.device  # on the moments' device
     a = a.double()
     lam = ridge * float(torch.diagonal(a)[:i].mean().clamp_min(1e-12))
-    d = torch.ones(i + 1, dtype=torch.float64)
+    d = torch.ones(i + 1, dtype=torch.float64, device=dev)
     d[i] = 0.0
     jitter = 1e-10 * float(a.diagonal().abs().max().clamp_min(1e-12))
-    p = torch.linalg.inv(a + lam * torch.diag(d) + jitter * torch.eye(i + 1, dtype=torch.float64))
-    theta = p @ b.double()  # (I+1, H)
-    alive = torch.ones(i + 1, dtype=torch.bool)
+    p = torch.linalg.inv(a + lam * torch.diag(d) + jitter * torch.eye(i + 1, dtype=torch.float64, device=dev))
+    theta = p @ b.double().to(dev)  # (I+1, H)
+    alive = torch.ones(i + 1, dtype=torch.bool, device=dev)
     while int(alive[:i].sum()) > n_keep:
         cost = (theta**2).sum(1) / torch.diagonal(p).clamp_min(1e-30)  # (I+1,)
         cost[~alive] = float("inf")

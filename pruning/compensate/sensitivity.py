@@ -156,13 +156,16 @@ class _Moments:
 def sensitivity_for_plan(model_dir: str | Path, plan: Plan, data: str, output: str | Path, *,
                          tokens: int = 32768, seq_len: int = 512, ridge: float = DEFAULT_RIDGE,
                          probe_rows: int = 8, text_field: str | None = None, progress: bool = True,
-                         trust_remote_code: bool = False, extra: dict[str, Any] | None = None) -> Path:
+                         trust_remote_code: bool = False, extra: dict[str, Any] | None = None,
+                         device: str | None = None) -> Path:
     """Measure Δ for the MLP keep lists of ``plan`` (and, where the plan removes heads, for its
     head lists: ``attn_deltas``) over ``tokens`` tokens of ``data`` and write ``{"format",
     "deltas": [per layer], "attn_deltas", "mlp_removed" / "attn_removed" (the fraction of
     neurons / query heads each layer lost in the measurement), ...}`` to ``output`` (JSON).
     ``trust_remote_code``: run code the checkpoint's ``auto_map`` names (see
-    :mod:`actprune.pruning.checkpoint.trust`); ``extra``: more keys for the record."""
+    :mod:`actprune.pruning.checkpoint.trust`); ``extra``: more keys for the record; ``device``:
+    where the float32 model runs (:func:`~actprune.pruning.checkpoint.hf_io.compute_device`;
+    None: a GPU when one is visible)."""
     from actprune.core.files import atomic_write
     from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
     from actprune.pruning.data import packed_rows
@@ -171,7 +174,8 @@ def sensitivity_for_plan(model_dir: str | Path, plan: Plan, data: str, output: s
     tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
     rows = packed_rows(tok, data, text_field, seq_len)
     rows = rows[: max(tokens // seq_len, probe_rows)]  # (N, T)
-    model = load_causal_lm(model_dir, torch.float32, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(model_dir, torch.float32, trust_remote_code=trust_remote_code,
+                           device=device or "auto")
     src = plan.source.widths
     mlp_removed = [1 - len(lp.mlp_keep) / src[lp.index].intermediate_size for lp in plan.layers]
     attn_removed = [1 - len(lp.heads_keep) / src[lp.index].num_attention_heads for lp in plan.layers]

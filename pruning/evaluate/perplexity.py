@@ -88,12 +88,14 @@ def nll_and_kl(
 
 
 def mean_losses(model_dir: Path, sets: dict[str, torch.Tensor], trust_remote_code: bool = False,
-                progress: bool = True) -> dict[str, float]:
+                progress: bool = True, device: str | None = None) -> dict[str, float]:
     """Mean next-token loss of the checkpoint at ``model_dir``, loaded as a user would (fp32), on
-    each named set of token rows (N, L) — compress's validation."""
+    each named set of token rows (N, L) — compress's validation — on ``device`` (None: a GPU
+    when one is visible)."""
     from actprune.pruning.checkpoint.hf_io import load_causal_lm
 
-    model = load_causal_lm(model_dir, torch.float32, trust_remote_code=trust_remote_code)
+    model = load_causal_lm(model_dir, torch.float32, trust_remote_code=trust_remote_code,
+                           device=device or "auto")
     out = {}
     for name, rows in sets.items():
         nll, _, tokens = nll_and_kl([model], rows, batch_size=2, progress=progress, desc=f"validation {name}")
@@ -158,7 +160,7 @@ def evaluate_models(
     accuracy through lm-eval (``trust_remote_code``: run code their ``auto_map`` names, see
     checkpoint.trust)."""
     from actprune.core.config import read_config
-    from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
+    from actprune.pruning.checkpoint.hf_io import compute_device, load_causal_lm, load_tokenizer
 
     configs = [read_config(d) for d in model_dirs]
     vocab = {c.get("vocab_size") for c in configs}
@@ -166,7 +168,7 @@ def evaluate_models(
         from actprune.core.config import CheckpointError
 
         raise CheckpointError(f"the models have different vocabularies {sorted(vocab)}; KL needs one")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = compute_device()
     tok = load_tokenizer(model_dirs[0], trust_remote_code=trust_remote_code)
     ref = load_causal_lm(model_dirs[0], trust_remote_code=trust_remote_code).to(device)
     results = []
