@@ -91,6 +91,7 @@ class CompressConfig:
     progress: bool = True
     trust_remote_code: bool = False
     device: str | None = None  # where the model runs in every pass (None: a GPU when one is visible)
+    reconstruct: int = 0  # passes of local reconstruction after each MLP refit (refit_plan.refit_for_plan)
     log: Any = field(default=print)
     fit_digest: str | None = None  # set from the rows the fit reads (_split): an edited --data is seen
 
@@ -102,7 +103,8 @@ class CompressConfig:
         """What a refit depends on besides the plan (recorded with each checkpoint)."""
         return {"data": self.data, "text_field": self.text_field, "tokens": self.tokens, "seq_len": self.seq_len,
                 "ridge": self.ridge, "rows": self.fit_digest,
-                **({"anchor": self.anchor, "anchor_weight": self.anchor_weight} if self.anchor else {})}
+                **({"anchor": self.anchor, "anchor_weight": self.anchor_weight} if self.anchor else {}),
+                **({"reconstruct": self.reconstruct} if self.reconstruct else {})}
 
 
 def _digest(plan: Plan) -> str:
@@ -201,16 +203,18 @@ def _ends_delta(cfg: CompressConfig, fields: dict[str, Any], stats, config, norm
 def _build(cfg: CompressConfig, plan: Plan, out: Path, name: str) -> bool:
     """Refit + slice ``plan`` into ``out`` unless ``out`` was made from it; True when built."""
     from actprune.pruning.checkpoint.slicer import slice_checkpoint
-    from actprune.pruning.compensate.calibrate import refit_for_plan
+    from actprune.pruning.compensate.refit_plan import refit_for_plan
 
     if _made_from(cfg, plan, out):
         return False
+    rows: dict = {}  # gate/up rows of the reconstruction
     plan, mlp, attn = refit_for_plan(cfg.model, plan, cfg.data, tokens=cfg.tokens, seq_len=cfg.seq_len,
                                      ridge=cfg.ridge, text_field=cfg.text_field, progress=cfg.progress,
                                      trust_remote_code=cfg.trust_remote_code, anchor=cfg.anchor,
-                                     anchor_weight=cfg.anchor_weight, device=cfg.device)
+                                     anchor_weight=cfg.anchor_weight, device=cfg.device,
+                                     reconstruct=cfg.reconstruct, mlp_rows=rows)
     slice_checkpoint(cfg.model, plan, out, overwrite=True, progress=cfg.progress, mlp_refit=mlp, attn_refit=attn,
-                     slice_record={"compress": cfg.fit_inputs(), "candidate": name})
+                     mlp_rows=rows, slice_record={"compress": cfg.fit_inputs(), "candidate": name})
     cfg.log(f"refit + slice ({name}): wrote {out}: {len(mlp)} MLPs and {len(attn)} attention blocks refitted, "
             f"{plan.params_after:,} parameters")
     return True

@@ -50,6 +50,11 @@ class HfModel:
         h = self.spec.hf
         return layer.get_submodule(h.gate_proj), layer.get_submodule(h.up_proj), layer.get_submodule(h.down_proj)
 
+    def mlp_block(self, layer: nn.Module) -> nn.Module:
+        """The module holding one layer's (gate_proj, up_proj, down_proj): its forward is the
+        MLP, ``down(act(gate(x)) * up(x))``, whatever the family's activation."""
+        return layer.get_submodule(self.spec.hf.gate_proj.rpartition(".")[0])
+
     def router(self, layer: nn.Module) -> nn.Module | None:
         """The router of an MoE layer (its output, or the output's first element, is the (T, E)
         router logits); None for a dense layer, also in an MoE model (``mlp_only_layers``)."""

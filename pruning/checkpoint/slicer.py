@@ -148,14 +148,18 @@ def slice_checkpoint(
     mlp_refit: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     attn_refit: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
     slice_record: dict[str, Any] | None = None,
+    mlp_rows: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> Path:
     """Write the checkpoint ``plan`` describes to ``out``; returns ``out``. With ``stats``,
     fold the removed units' mean contribution into output biases (FLAP). With ``mlp_refit``
     (source layer -> (down_proj weight (H, K), bias (H,))) and ``attn_refit`` (source layer ->
     (o_proj weight (H, h·D), bias (H,))), write those instead (refit). When an output bias is
     written for some layers, every kept layer gets one (zeros where there is nothing to add),
-    so that transformers finds every weight its model declares. ``slice_record``: more keys for the
-    ``slice`` record of ``actprune_plan.json`` (e.g. what made the refit, to resume by)."""
+    so that transformers finds every weight its model declares. ``mlp_rows`` (source layer ->
+    (gate_proj weight (K, H), up_proj weight (K, H)), for layers of ``mlp_refit``: a local
+    reconstruction, :mod:`actprune.pruning.compensate.reconstruct`) replaces the sliced rows.
+    ``slice_record``: more keys for the ``slice`` record of ``actprune_plan.json`` (e.g. what made
+    the refit, to resume by)."""
     model_dir, out = Path(model_dir).resolve(), Path(out).resolve()
     config = read_config(model_dir)
     _check_paths(model_dir, out, overwrite)
@@ -170,6 +174,7 @@ def slice_checkpoint(
         raise SliceError("stats for bias compensation were recorded on a different model than the plan's")
     refit = _check_refit(plan, mlp_refit, stats)
     attn = _check_refit(plan, attn_refit, stats, attention=True)
+    rows = _check_rows(plan, mlp_rows, refit)
     index = ShardIndex(model_dir)
     old_bias = config.get("actprune_bias") or {}
     bias = {k: bool(stats is not None or old_bias.get(k)) for k in ("down_proj", "o_proj")}
@@ -177,7 +182,7 @@ def slice_checkpoint(
     bias["o_proj"] = bias["o_proj"] or bool(attn)
     shard_entries = _plan_entries(index, spec, plan, bias)
     with staged_directory(out) as tmp:
-        _write_all(index, spec, plan, stats, shard_entries, tmp, progress, refit, attn)
+        _write_all(index, spec, plan, stats, shard_entries, tmp, progress, refit, attn, rows)
         new_config = output_config(config, spec, plan, bias)
         (tmp / "config.json").write_text(json.dumps(new_config, indent=2, sort_keys=True) + "\n")
         if new_config["architectures"] == [ACTPRUNE_ARCHITECTURE]:
@@ -188,6 +193,7 @@ def slice_checkpoint(
         record["slice"] = {
             "source": str(model_dir), "bias_compensation": stats is not None,
             "mlp_refit_layers": sorted(refit), "attn_refit_layers": sorted(attn),
+            **({"mlp_reconstructed_layers": sorted(rows)} if rows else {}),
             "bias_stats_tokens": stats.tokens if stats is not None else None,
             "output_config_hash": config_hash(new_config),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), **(slice_record or {}),
@@ -217,6 +223,18 @@ def _check_refit(plan: Plan, refit, stats, attention: bool = False) -> dict[int,
         if lp is None or lp.drop or w.ndim != 2 or w.shape[1] != width or b.shape != (w.shape[0],):
             raise SliceError(f"{what} refit of layer {i} does not fit the plan (weight {tuple(w.shape)}, bias {tuple(b.shape)})")
     return refit
+
+
+def _check_rows(plan: Plan, rows, refit: dict) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    rows = dict(rows or {})
+    for i, (gate, up) in rows.items():
+        if i not in refit:
+            raise SliceError(f"MLP rows of layer {i} come without its down_proj refit (a reconstruction trains both)")
+        want = (len(plan.layers[i].mlp_keep), refit[i][0].shape[0])  # (K, H)
+        if tuple(gate.shape) != want or tuple(up.shape) != want:
+            raise SliceError(f"MLP rows of layer {i} do not fit the plan (gate {tuple(gate.shape)}, "
+                             f"up {tuple(up.shape)}, want {want})")
+    return rows
 
 
 def _plan_entries(index: ShardIndex, spec: ArchSpec, plan: Plan, bias: dict[str, bool]):
@@ -315,7 +333,8 @@ def _sliced_shape(shape: list[int], role: Role, lp: LayerPlan, d: int) -> list[i
     return [*shape[:dim], n, *shape[dim + 1:]]
 
 
-def _write_all(index, spec, plan, stats, shard_entries, tmp: Path, progress: bool, refit=None, attn=None) -> None:
+def _write_all(index, spec, plan, stats, shard_entries, tmp: Path, progress: bool, refit=None, attn=None,
+               rows=None) -> None:
     d = plan.source.head_dim
     n = len(shard_entries)
     files = [f"model-{k + 1:05d}-of-{n:05d}.safetensors" for k in range(n)]
@@ -328,6 +347,9 @@ def _write_all(index, spec, plan, stats, shard_entries, tmp: Path, progress: boo
     inbuf = np.empty(largest_in, dtype=np.uint8)
     refitted = {(spec.layer_name(i, spec.down_weight), i): w for i, (w, _) in (refit or {}).items()}
     refitted |= {(spec.layer_name(i, spec.o_weight), i): w for i, (w, _) in (attn or {}).items()}
+    for i, (gate, up) in (rows or {}).items():
+        refitted |= {(spec.layer_name(i, f"{spec.hf.gate_proj}.weight"), i): gate,
+                     (spec.layer_name(i, f"{spec.hf.up_proj}.weight"), i): up}
     outbufs = [np.empty(largest_out, dtype=np.uint8) for _ in range(2)]
 
     def produce(e: Entry, slot: int) -> np.ndarray:

@@ -94,6 +94,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                         "(wiki:PART, FILE.txt, FILE.jsonl; not a --val-data source); see docs/plan.md")
     p.add_argument("--refit-anchor-weight", type=float, default=None,
                    help="share of the refits' least-squares weight on --refit-anchor text (default 0.25)")
+    p.add_argument("--reconstruct", type=int, default=0, metavar="PASSES",
+                   help="after each MLP refit, train its kept gate/up rows and down_proj towards the dense output "
+                        "on the fit rows for this many passes (local reconstruction, docs/plan.md; 0: off)")
     p.add_argument("--overwrite", action="store_true", help="replace an output directory this run did not make")
     add_device_flag(p)
     add_trust_flag(p)
@@ -107,8 +110,10 @@ def run(args: argparse.Namespace) -> int:
                          "neurons), one of them")
     if args.param_ratio is not None and not 0 < args.param_ratio < 1:  # before --data is packed
         raise UsageError(f"--param-ratio must be in (0, 1), got {args.param_ratio}")
-    if args.tokens < 1 or args.probe_rows < 1 or args.val_rows < 1 or args.seq_len < 2 or args.ridge < 0:
-        raise UsageError("--tokens, --probe-rows and --val-rows must be >= 1, --seq-len >= 2, --ridge >= 0")
+    if args.tokens < 1 or args.probe_rows < 1 or args.val_rows < 1 or args.seq_len < 2 or args.ridge < 0 \
+            or args.reconstruct < 0:
+        raise UsageError("--tokens, --probe-rows and --val-rows must be >= 1, --seq-len >= 2, --ridge and "
+                         "--reconstruct >= 0")
     check_anchor(args.refit_anchor, args.refit_anchor_weight, [args.data, *args.val_data])
     device = check_device(args.device)
     candidates = None
@@ -126,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, stats=args.stats, data=args.data, output=args.output, request=request, work=args.work,
         text_field=args.text_field, tokens=args.tokens, seq_len=args.seq_len, probe_rows=args.probe_rows,
         val_rows=args.val_rows, val_data=tuple(args.val_data), candidates=candidates, ridge=args.ridge, overwrite=args.overwrite, trust_remote_code=args.trust_remote_code,
-        anchor=args.refit_anchor, anchor_weight=args.refit_anchor_weight, device=device,
+        anchor=args.refit_anchor, anchor_weight=args.refit_anchor_weight, device=device, reconstruct=args.reconstruct,
     ))
     print(f"compressed checkpoint: {out}")
     return 0

@@ -52,6 +52,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "(wiki:PART, FILE.txt, FILE.jsonl); see docs/plan.md")
     g.add_argument("--refit-anchor-weight", type=float, default=None,
                    help="share of the refit's least-squares weight on --refit-anchor text (default 0.25)")
+    g.add_argument("--refit-reconstruct", type=int, default=0, metavar="PASSES",
+                   help="after each MLP refit, train its kept gate/up rows and down_proj towards the dense "
+                        "output on the --refit data for this many passes (local reconstruction; 0: off)")
     add_device_flag(g)
     add_trust_flag(g)
 
@@ -67,8 +70,14 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--stats is only used with --bias-compensation")
     if args.refit and args.bias_compensation:
         raise UsageError("--refit fits the bias itself; drop --bias-compensation")
-    if args.refit is None and (args.refit_ridge is not None or args.refit_sequential != "off" or args.refit_reselect):
-        raise UsageError("--refit-ridge / --refit-sequential / --refit-reselect need --refit DATA")
+    if args.refit is None and (args.refit_ridge is not None or args.refit_sequential != "off" or args.refit_reselect
+                               or args.refit_reconstruct):
+        raise UsageError("--refit-ridge / --refit-sequential / --refit-reselect / --refit-reconstruct need --refit DATA")
+    if args.refit_reconstruct < 0:
+        raise UsageError(f"--refit-reconstruct must be >= 0 passes, got {args.refit_reconstruct}")
+    if args.refit_reconstruct and (args.refit_sequential != "off" or args.refit_reselect):
+        raise UsageError("--refit-reconstruct starts from the one-pass refit: not with --refit-sequential or "
+                         "--refit-reselect")
     if args.refit_anchor is not None and args.refit is None:
         raise UsageError("--refit-anchor needs --refit DATA")
     check_anchor(args.refit_anchor, args.refit_anchor_weight, [args.refit] if args.refit else [])
@@ -79,10 +88,11 @@ def run(args: argparse.Namespace) -> int:
     plan = Plan.load(args.plan)
     stats = Stats.load(args.stats) if args.bias_compensation else None
     refit = attn = None
+    rows: dict = {}  # gate/up rows of --refit-reconstruct
     if args.refit:
-        plan, refit, attn = _refit(args, plan)
+        plan, refit, attn = _refit(args, plan, rows)
     out = slice_checkpoint(args.model, plan, args.output, stats=stats, overwrite=args.overwrite,
-                           mlp_refit=refit, attn_refit=attn)
+                           mlp_refit=refit, attn_refit=attn, mlp_rows=rows)
     print(f"pruned checkpoint: {out} ({plan.params_after:,} parameters, was {plan.params_before:,})")
     return 0
 
@@ -96,9 +106,9 @@ def _ridge(text: str) -> float | str:
         raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {text!r}") from None
 
 
-def _refit(args: argparse.Namespace, plan):
-    from actprune.pruning.compensate.calibrate import refit_for_plan
+def _refit(args: argparse.Namespace, plan, rows: dict):
     from actprune.pruning.compensate.maths import DEFAULT_RIDGE
+    from actprune.pruning.compensate.refit_plan import refit_for_plan
 
     if args.output.exists() and not args.overwrite:  # fail before the calibration pass, not after
         raise UsageError(f"output {args.output} exists; remove it or pass --overwrite")
@@ -108,4 +118,5 @@ def _refit(args: argparse.Namespace, plan):
                           reselect=args.refit_reselect, trust_remote_code=args.trust_remote_code,
                           attention=args.refit_attention, anchor=args.refit_anchor,
                           anchor_weight=args.refit_anchor_weight, device=args.device,
+                          reconstruct=args.refit_reconstruct, mlp_rows=rows,
                           ridge=DEFAULT_RIDGE if args.refit_ridge is None else args.refit_ridge)

@@ -28,24 +28,21 @@ gives. Modules are found through the architecture registry (:class:`HfModel`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 from actprune.core.tensor.hf_model import HfModel
 from actprune.core.tensor.hooks import HookRegistry
-from actprune.core.wire.plan import Plan
 from actprune.pruning.compensate.layers import apply_attention, apply_mlp, head_channels
 from actprune.pruning.compensate.maths import (
-    DEFAULT_ANCHOR_WEIGHT,
     DEFAULT_RIDGE,
     choose_ridge,
-    mixture_weights,
     obs_select,
     refit,
     update_gram,
     update_moments,
 )
+from actprune.pruning.compensate.reconstruct import MlpSamples, Reconstruction, reconstruct_layer
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -56,7 +53,6 @@ __all__ = [
     "apply_mlp",
     "embed_rows",
     "layerwise_refit",
-    "refit_for_plan",
     "run_layer",
 ]
 
@@ -182,6 +178,8 @@ def layerwise_refit(
     progress: bool = True,
     chosen: dict[int, float] | None = None,
     row_weights: torch.Tensor | None = None,
+    reconstruct: int = 0,
+    mlp_rows: Refits | None = None,
 ) -> Refits:
     """Refitted ``(down_proj weight (H, K), bias (H,))`` per pruned layer; ``model`` is left
     pruned and refitted in place. rows: (N, T) packed token ids; keep: layer -> kept neurons
@@ -199,9 +197,16 @@ def layerwise_refit(
     batches leaves the least output error on the held-out ones (:func:`maths.choose_ridge`),
     then refits on all rows with it; the MLP choices go into ``chosen`` (layer -> ridge).
     ``row_weights``: (N,) each row's weight in every least-squares fit (its tokens'), e.g. to mix
-    text of several domains in fixed shares (:func:`mixture_weights`); None: all equal."""
+    text of several domains in fixed shares (:func:`mixture_weights`); None: all equal.
+    ``reconstruct``: after each MLP's refit, that many passes of local reconstruction
+    (:func:`.reconstruct.reconstruct_mlp`: the kept gate/up rows and the refitted down_proj
+    trained towards the dense MLP output on the rows); the trained (gate (K, H), up (K, H)) go
+    into ``mlp_rows``, the down_proj and its bias into the refits as before. Not with
+    ``sequential`` or ``reselect``."""
     if sequential not in (False, "local", "dense"):
         raise ValueError(f"sequential must be False, 'local' or 'dense', got {sequential!r}")
+    if reconstruct and (sequential or reselect):
+        raise ValueError("reconstruct works on the one-pass refit: not with sequential or reselect")
     if isinstance(ridge, str) and ridge != "auto":
         raise ValueError(f"ridge must be a number >= 0 or 'auto', got {ridge!r}")
     view = HfModel.of(model)
@@ -211,7 +216,8 @@ def layerwise_refit(
     out: Refits = {}
     weights = None if row_weights is None else [  # one (batch · T,) per batch of rows, as run_layer cuts them
         w.repeat_interleave(rows.shape[1]) for w in row_weights.double().split(batch)]
-    pass_ = _LayerPass(view, pe, pos, batch, ridge, sequential, reselect, obs_step, weights)
+    pass_ = _LayerPass(view, pe, pos, batch, ridge, sequential, reselect, obs_step, weights,
+                       (reconstruct, row_weights, {} if mlp_rows is None else mlp_rows))
     for i, layer in enumerate(tqdm(view.layers, desc="refit", unit="layer", disable=not progress)):
         if i not in keep and i not in attention:
             h = run_layer(layer, h, pe, pos, batch)
@@ -219,6 +225,10 @@ def layerwise_refit(
                 h_dense = run_layer(layer, h_dense, pe, pos, batch)
             continue
         h, h_dense = pass_.layer(i, layer, h, h_dense, keep, attention.get(i), out, attn_out, chosen)
+    gains = sorted(1 - r.after / r.before for r in pass_.reconstructed.values() if r.before > 0)
+    if gains and progress:
+        tqdm.write(f"reconstruct: {len(gains)} MLPs, held-out error {gains[len(gains) // 2]:.1%} below the refit's "
+                   f"(median; {gains[0]:.1%} to {gains[-1]:.1%})")
     return out
 
 
@@ -227,9 +237,13 @@ class _LayerPass:
     install the sliced and refitted projections, return the next hidden states."""
 
     def __init__(self, view: HfModel, pe: Any, pos: torch.Tensor, batch: int, ridge: float | str,
-                 sequential: bool | str, reselect: bool, obs_step: int, weights: list[torch.Tensor] | None) -> None:
+                 sequential: bool | str, reselect: bool, obs_step: int, weights: list[torch.Tensor] | None,
+                 reconstruct: tuple[int, torch.Tensor | None, Refits]) -> None:
         self.view, self.pe, self.pos, self.batch, self.weights = view, pe, pos, batch, weights
         self.ridge, self.sequential, self.reselect, self.obs_step = ridge, sequential, reselect, obs_step
+        # (passes, (N,) row weights, layer -> trained (gate, up)): see reconstruct.reconstruct_layer
+        self.epochs, self.row_weights, self.mlp_rows = reconstruct
+        self.reconstructed: dict[int, Reconstruction] = {}
 
     def _run(self, layer: nn.Module, h: torch.Tensor) -> torch.Tensor:
         return run_layer(layer, h, self.pe, self.pos, self.batch)
@@ -261,11 +275,16 @@ class _LayerPass:
                 m_d = LayerMoments(down.weight.detach(), torch.as_tensor(list(units), device=down.weight.device),
                                    hold_out=hold, targets=t_d, weights=self.weights)
             h_out = None
+            samples = MlpSamples(view, layer, hooks, HOOK_GROUP) if self.epochs and i in keep else None
             if not self.sequential:  # one pass: both taps on the dense layer
                 tap_o.sink = m_o.add if m_o else None
                 tap_d.sink = m_d.add if m_d else None
+                if samples is not None:
+                    samples.on = True
                 h_out = self._run(layer, h)
                 tap_o.sink = tap_d.sink = None
+                if samples is not None:
+                    samples.on = False
             if m_o is not None:
                 if self.sequential:
                     tap_o.sink = m_o.add
@@ -285,6 +304,9 @@ class _LayerPass:
                     chosen[i] = float(r)
                 out[i] = (w_d, b_d)
                 apply_mlp(view, layer, keep[i], w_d, b_d)
+                if samples is not None:  # the refit is the start of the local reconstruction
+                    out[i], self.mlp_rows[i], self.reconstructed[i] = reconstruct_layer(
+                        view, layer, samples, h.shape[0], down.bias, self.row_weights, self.epochs)
         finally:
             hooks.remove(HOOK_GROUP)
         return (self._run(layer, h) if h_out is None else h_out), h_dense
@@ -312,73 +334,3 @@ def _solve(m: LayerMoments, keep: dict[int, list[int]], i: int, ridge: float | s
         a, b = a + a_h, b + b_h
     w_new, bias = refit(a, b, w_k, float(r))
     return w_new.cpu(), bias.cpu(), float(r)
-
-
-def refit_for_plan(
-    model_dir: str | Path,
-    plan: Plan,
-    data: str,
-    *,
-    tokens: int = 32768,
-    seq_len: int = 512,
-    ridge: float | str = DEFAULT_RIDGE,
-    sequential: bool | str = False,
-    text_field: str | None = None,
-    reselect: bool = False,
-    attention: bool = True,
-    progress: bool = True,
-    trust_remote_code: bool = False,
-    anchor: str | None = None,
-    anchor_weight: float | None = None,
-    device: str | None = None,
-) -> tuple[Plan, Refits, Refits]:
-    """:func:`layerwise_refit` of the kept MLP neurons of ``plan`` (and, with ``attention``, of
-    the kept heads' ``o_proj`` columns in layers that lose heads) over ``tokens`` tokens of
-    ``data`` (a ``wiki:PART`` name or a .txt/.jsonl file), for ``slice_checkpoint(mlp_refit=,
-    attn_refit=)``. Returns the plan (with ``reselect``, the same widths but the OBS-chosen
-    neurons), the MLP refits and the attention refits. A plan that drops layers is refused (the
-    refit is computed on the model with its layers in place). ``trust_remote_code``: run code
-    the checkpoint's ``auto_map`` names (see :mod:`actprune.pruning.checkpoint.trust`).
-    ``anchor``: text of other domains (a source like ``data``) mixed into every fit with
-    ``anchor_weight`` of its weight (None: ``DEFAULT_ANCHOR_WEIGHT``): the refit then also
-    reproduces the dense layers on text unlike ``data``, and holds up better when the traffic
-    drifts (docs/plan.md). Its rows: as many as give its tokens that share unweighted (at least
-    one; fewer when the anchor is shorter, the weights keep its share). ``device``: where the
-    float32 model, the hidden states and the moments live and the solves run
-    (:func:`~actprune.pruning.checkpoint.hf_io.compute_device`; None: a GPU when one is
-    visible); the refits come back on the CPU."""
-    from actprune.pruning.checkpoint.hf_io import load_causal_lm, load_tokenizer
-    from actprune.pruning.data import DataError, load_texts, pack, tokenize
-
-    if plan.dropped_layers:
-        raise DataError("refit does not support plans that drop layers; plan without --drop-layers")
-    plan.refuse_experts("refit")  # before the calibration pass, not after
-    tok = load_tokenizer(model_dir, trust_remote_code=trust_remote_code)
-    texts = load_texts(data, text_field, tok)
-    rows = pack(tokenize(tok, texts), seq_len, tok.eos_token_id)[: max(tokens // seq_len, 1)]  # (N, L)
-    weights = None
-    anchor_weight = DEFAULT_ANCHOR_WEIGHT if anchor_weight is None else anchor_weight
-    if anchor is not None and anchor_weight > 0:
-        want = max(1, round(rows.shape[0] * anchor_weight / (1.0 - anchor_weight)))
-        try:
-            extra = pack(tokenize(tok, load_texts(anchor, None, tok)), seq_len, tok.eos_token_id)[:want]
-        except DataError as e:
-            raise DataError(f"refit anchor {anchor}: {e}") from None
-        weights = mixture_weights(rows.shape[0], extra.shape[0], anchor_weight)  # (N + M,)
-        rows = torch.cat([rows, extra])
-    model = load_causal_lm(model_dir, torch.float32, trust_remote_code=trust_remote_code,
-                           device=device or "auto")
-    view = HfModel.of(model)
-    full = [view.mlp(ly)[2].in_features for ly in view.layers]
-    keep = {lp.index: lp.mlp_keep for lp in plan.layers if len(lp.mlp_keep) < full[lp.index]}
-    heads = {lp.index: (lp.heads_keep, lp.kv_heads_keep) for lp in plan.layers
-             if attention and len(lp.heads_keep) < plan.source.widths[lp.index].num_attention_heads}
-    attn: Refits = {}
-    refits = layerwise_refit(model, rows, keep, attention=heads, attn_out=attn, ridge=ridge,
-                             sequential=sequential, reselect=reselect, progress=progress, row_weights=weights)
-    if reselect:
-        layers = [lp.model_copy(update={"mlp_keep": sorted(keep[lp.index])}) if lp.index in keep else lp
-                  for lp in plan.layers]
-        plan = plan.model_copy(update={"layers": layers})
-        plan.check(source="refit")
-    return plan, refits, attn

@@ -164,7 +164,7 @@ def _step(cfg: IterateConfig, n: int, ratio: float, current: Path, original_tota
     plan = api.make_plan(stats_in, current, output=work / "plan.json", **{**cfg.plan, "mlp_ratio": local})
     refit = attn = None
     if cfg.refit:
-        from actprune.pruning.compensate.calibrate import refit_for_plan
+        from actprune.pruning.compensate.refit_plan import refit_for_plan
 
         plan, refit, attn = refit_for_plan(current, plan, cfg.calibration, tokens=cfg.calibration_tokens,
                                      text_field=cfg.calibration_text_field, progress=cfg.progress,

@@ -248,9 +248,9 @@ def test_compress_killed_midway_resumes_without_rebuilding_finished_candidates(r
     for f in ("uniform.json", "sensitivity.json"):  # reused: their inputs match
         shutil.copy(tmp / "out.steps" / f, work)
     argv = [*argv[:-1], str(tmp_path / "out"), "--work", str(work)]
-    from actprune.pruning.compensate import calibrate
+    from actprune.pruning.compensate import refit_plan
 
-    real, built = calibrate.refit_for_plan, []
+    real, built = refit_plan.refit_for_plan, []
 
     def refit(model_dir, plan, *a, **kw):
         built.append(plan.layers)
@@ -258,7 +258,7 @@ def test_compress_killed_midway_resumes_without_rebuilding_finished_candidates(r
             raise KeyboardInterrupt  # a kill while the second candidate is refitted
         return real(model_dir, plan, *a, **kw)
 
-    monkeypatch.setattr(calibrate, "refit_for_plan", refit)
+    monkeypatch.setattr(refit_plan, "refit_for_plan", refit)
     kill_at = 2
     assert main(argv) == 130 and not (tmp_path / "out").exists()
     record = json.loads((work / "candidates.json").read_text())
@@ -525,3 +525,20 @@ def test_compress_of_a_deep_model_builds_the_ends_candidate_and_keeps_the_lowest
         assert ours == json.loads((tmp_path / "out.steps" / f"plan-{name}.json").read_text())["layers"], name
     chosen = json.loads((tmp_path / "sub" / "actprune_plan.json").read_text())["slice"]["candidate"]
     assert chosen == min(sub, key=loss.__getitem__)
+
+
+def test_compress_reconstruct_trains_the_kept_mlps_and_is_part_of_what_a_rerun_checks(run, tmp_path, capsys):
+    tmp, _, argv = run
+    out = tmp_path / "out"
+    argv_r = [*argv[:-1], str(out), "--candidates", "mlp", "--reconstruct", "2"]
+    assert main(argv_r) == 0
+    printed = capsys.readouterr().out
+    record = json.loads((out / "actprune_plan.json").read_text())["slice"]
+    assert record["mlp_reconstructed_layers"] == record["mlp_refit_layers"] and record["mlp_refit_layers"]
+    assert f"reconstruct: {len(record['mlp_refit_layers'])} MLPs, held-out error" in printed, printed
+    assert record["compress"]["reconstruct"] == 2
+    assert main([*argv_r[:-2], "--overwrite"]) == 0  # without --reconstruct: built again, plainly refitted
+    assert "refit + slice (mlp): wrote" in capsys.readouterr().out
+    assert "mlp_reconstructed_layers" not in json.loads((out / "actprune_plan.json").read_text())["slice"]
+    assert main([*argv_r[:-1], "-1"]) == 2
+    assert "--reconstruct >= 0" in capsys.readouterr().err

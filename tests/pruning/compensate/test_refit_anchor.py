@@ -5,27 +5,14 @@ weights equals the refit from the second moments of the rows repeated, an anchor
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
-from actprune.core.planning.planner import make_plan
-from actprune.core.wire.plan_request import PlanRequest
 from actprune.pruning.compensate import calibrate
 from actprune.pruning.compensate import maths as compensate
-from actprune.pruning.fixtures.synthetic import build_checkpoint
-from pruning_helpers import SHAPE, VIEW, load, record_stats, write_calibration_text
+from pruning_helpers import VIEW, load, write_calibration_text
 from safetensors.torch import load_file
 
 torch.set_num_threads(2)
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    d = build_checkpoint(tmp_path_factory.mktemp("anchor") / "llama", arch="llama", **SHAPE)
-    plan = make_plan(record_stats(d), json.loads((d / "config.json").read_text()),
-                     PlanRequest(strategy="magnitude", mlp_ratio=0.25), d)
-    return d, plan
 
 
 def _rows(lo: int, hi: int, n: int, seed: int, t: int = 32) -> torch.Tensor:
@@ -56,8 +43,8 @@ def test_mixture_weights_give_each_text_its_share():
             compensate.mixture_weights(*bad)
 
 
-def test_layerwise_refit_with_row_weights_is_the_refit_of_the_rows_repeated(llama):
-    d, plan = llama
+def test_layerwise_refit_with_row_weights_is_the_refit_of_the_rows_repeated(llama_quarter):
+    d, plan = llama_quarter
     rows = _rows(3, 100, 4, 1)
     keep = {lp.index: lp.mlp_keep for lp in plan.layers}
     got = calibrate.layerwise_refit(load(d), rows, keep, progress=False, batch=3,  # batches cut across weights
@@ -86,8 +73,8 @@ def _layer0_error(d, keep: list[int], refit: tuple[torch.Tensor, torch.Tensor], 
     return float(((x[:, keep] @ w_new.T + bias - x @ down.weight.detach().T) ** 2).sum())
 
 
-def test_an_anchor_of_another_domain_lowers_the_refit_error_there(llama):
-    d, plan = llama
+def test_an_anchor_of_another_domain_lowers_the_refit_error_there(llama_quarter):
+    d, plan = llama_quarter
     keep = {0: plan.layers[0].mlp_keep}
     traffic, anchor, held_out = _rows(3, 50, 6, 2), _rows(50, 100, 2, 3), _rows(50, 100, 4, 4)
     alone = calibrate.layerwise_refit(load(d), traffic, keep, progress=False)[0]
@@ -96,10 +83,10 @@ def test_an_anchor_of_another_domain_lowers_the_refit_error_there(llama):
     assert _layer0_error(d, keep[0], mixed, held_out) < 0.8 * _layer0_error(d, keep[0], alone, held_out)
 
 
-def test_cli_prune_mixes_the_anchor_and_refuses_what_makes_no_sense(llama, tmp_path, capsys):
+def test_cli_prune_mixes_the_anchor_and_refuses_what_makes_no_sense(llama_quarter, tmp_path, capsys):
     from actprune.client.cli import main
 
-    d, plan = llama
+    d, plan = llama_quarter
     plan.save(tmp_path / "plan.json")
     data = write_calibration_text(tmp_path / "calib.txt", 40)
     other = tmp_path / "other.txt"
@@ -126,11 +113,11 @@ def test_cli_prune_mixes_the_anchor_and_refuses_what_makes_no_sense(llama, tmp_p
     assert "needs --refit" in capsys.readouterr().err
 
 
-def test_compress_records_the_anchor_with_its_refits_and_refuses_it_as_validation(llama, tmp_path, capsys):
+def test_compress_records_the_anchor_with_its_refits_and_refuses_it_as_validation(llama_quarter, tmp_path, capsys):
     from actprune.client.cli import main
     from actprune.pruning.compress import CompressConfig
 
-    d, _ = llama
+    d, _ = llama_quarter
     cfg = CompressConfig(model=d, stats=tmp_path / "s", data="a.txt", output=tmp_path / "o", request={})
     assert "anchor" not in cfg.fit_inputs()  # checkpoints built before the flag stay "made from" it
     cfg.anchor, cfg.anchor_weight = "b.txt", 0.3
@@ -140,10 +127,10 @@ def test_compress_records_the_anchor_with_its_refits_and_refuses_it_as_validatio
     assert rc == 2 and "another domain" in capsys.readouterr().err
 
 
-def test_an_anchor_too_short_for_one_row_is_named_in_the_error(llama, tmp_path, capsys):
+def test_an_anchor_too_short_for_one_row_is_named_in_the_error(llama_quarter, tmp_path, capsys):
     from actprune.client.cli import main
 
-    d, plan = llama
+    d, plan = llama_quarter
     plan.save(tmp_path / "plan.json")
     short = tmp_path / "short.txt"
     short.write_text("too short")
