@@ -52,7 +52,8 @@ def test_reconstruction_lowers_the_error_on_rows_it_did_not_train_on(llama_quart
     layer, u, y = _one_layer(d, plan)
     block = VIEW.mlp_block(layer)
     refit_error = _held_error(block, u, y)
-    rec = reconstruct_mlp(block, u, y, epochs=4, batch_tokens=256)
+    with torch.no_grad():  # as layerwise_refit calls it
+        rec = reconstruct_mlp(block, u, y, epochs=4, batch_tokens=256)
     assert rec.before == pytest.approx(refit_error, rel=1e-5)
     # a random MLP's neurons are independent, so the kept ones can take over little of the removed
     # ones' work (SmolLM2's layers: 4-8 %); here ~0.3 %, every pass a little better than the last
