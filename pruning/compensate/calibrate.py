@@ -229,6 +229,8 @@ def layerwise_refit(
     if gains and progress:
         tqdm.write(f"reconstruct: {len(gains)} MLPs, held-out error {gains[len(gains) // 2]:.1%} below the refit's "
                    f"(median; {gains[0]:.1%} to {gains[-1]:.1%})")
+    elif pass_.reconstructed and progress:  # NaN: fewer rows than reconstruct.HOLD_OUT
+        tqdm.write(f"reconstruct: {rows.shape[0]} calibration rows, too few to hold any out: the refits stand")
     return out
 
 
@@ -315,9 +317,9 @@ class _LayerPass:
 def _solve(m: LayerMoments, keep: dict[int, list[int]], i: int, ridge: float | str, reselect: bool,
            obs_step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(W' (H, K), bias (H,), ridge used) from one layer's moments, returned on the CPU but
-    solved where the moments are (the model's device: a GPU solves a (K+1)³ system in well under
-    a second); with ``reselect`` the kept units are chosen first (OBS on all units) and written
-    into ``keep[i]``."""
+    solved where the moments are (the model's device, a GPU's when ``--device`` put it there);
+    with ``reselect`` the kept units are chosen first (OBS on all units) and written into
+    ``keep[i]``."""
     a, b, a_h, b_h, kept = m.a, m.b, m.a_held, m.b_held, m.kept
     e_h = float(m.energy_held)
     if reselect:

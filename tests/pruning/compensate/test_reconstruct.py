@@ -114,3 +114,16 @@ def test_cli_prune_refit_reconstruct(llama_quarter, tmp_path, capsys):
         assert main([*base, "-o", str(tmp_path / "bad"), *extra]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and says in err[0], err
+
+
+def test_too_few_rows_to_hold_any_out_leave_the_refit_and_say_so(llama_quarter, capsys):
+    d, plan = llama_quarter
+    keep = {lp.index: lp.mlp_keep for lp in plan.layers}
+    model, refitted = load(d), load(d)
+    rows = _rows(model.config.vocab_size, HOLD_OUT - 1, 5)
+    mlp_rows: dict = {}
+    calibrate.layerwise_refit(model, rows, keep, reconstruct=3, mlp_rows=mlp_rows)
+    assert f"reconstruct: {HOLD_OUT - 1} calibration rows, too few to hold any out" in capsys.readouterr().out
+    calibrate.layerwise_refit(refitted, rows, keep, progress=False)
+    ids = _rows(model.config.vocab_size, 2, 4)
+    assert torch.equal(logits(model, ids), logits(refitted, ids))  # the refit alone
