@@ -26,7 +26,7 @@ from actprune.core.tensor.hf_model import HfModel
 from actprune.core.tensor.hooks import HookRegistry
 from torch import nn
 
-__all__ = ["DEFAULT_LR", "HOLD_OUT", "MlpSamples", "Reconstruction", "reconstruct_mlp"]
+__all__ = ["DEFAULT_LR", "HOLD_OUT", "MlpSamples", "Reconstruction", "reconstruct_layer", "reconstruct_mlp"]
 
 HOLD_OUT = 5  # every 5th calibration row is held out to choose the pass kept
 # Adam's step relative to each weight's RMS: 3e-4 on SmolLM2-135M's MLPs (RMS ~0.19), the rate

@@ -114,7 +114,9 @@ class FinetuneRecipe(RecipeData):
             self._resume()
 
     def _init_device(self) -> torch.device:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from actprune.pruning.checkpoint.hf_io import compute_device
+
+        return compute_device()
 
     @property
     def train_dtype(self) -> torch.dtype:

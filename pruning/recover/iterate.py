@@ -119,12 +119,10 @@ def _mlp_total(model_dir: Path) -> int:
 
 
 def _perplexity(model_dir: Path, rows: Any, progress: bool, trust_remote_code: bool = False) -> float:
-    import torch
-    from actprune.pruning.checkpoint.hf_io import load_causal_lm
+    from actprune.pruning.checkpoint.hf_io import compute_device, load_causal_lm
     from actprune.pruning.evaluate.perplexity import nll_and_kl
 
-    model = load_causal_lm(model_dir, trust_remote_code=trust_remote_code)
-    model = model.to("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_causal_lm(model_dir, trust_remote_code=trust_remote_code).to(compute_device())
     nll, _, tokens = nll_and_kl([model], rows, batch_size=4, progress=progress,
                                 desc=f"eval {model_dir.parent.name}/{model_dir.name}")
     return math.exp(nll[0] / tokens)
